@@ -1,0 +1,143 @@
+"""What the built-in architecture plugins share: a timm model family described by its module names.
+
+Each built-in adapter (``vit``, ``convnext``, ``resnet``) is a declaration: the timm names it
+covers, the timm source modules those models come from, the regular expressions that pick its
+prunable layers out of ``named_modules()``, and the children every repeated block must have.
+Keeping the logic here means the three adapters read the same way and cannot drift apart.
+
+Why the timm *source module* matters: name globs alone are too coarse. ``vit_*`` also names Eva
+models (``vit_base_patch16_dinov3``), parallel-block models (``vit_base_patch16_xp_224``) and
+others whose layers are named or wired differently; an adapter that claimed them would list the
+wrong layers or none.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+from rmtp.architecture import Architecture, ModelSpec, PrunableLayer
+from rmtp.errors import PluginError
+
+#: Module types a pruner can treat as one weight matrix. Anything else at a matching name (an
+#: ``nn.Identity`` head when ``num_classes=0``, a pruner's replacement module) is not a candidate.
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+
+
+@dataclass(frozen=True)
+class LayerRule:
+    """Module names fully matching ``pattern`` (a regular expression) are prunable with ``role``."""
+
+    pattern: str
+    role: str
+    optional: bool = False
+
+    def matches(self, name: str) -> bool:
+        return re.fullmatch(self.pattern, name) is not None
+
+
+def is_grouped_conv(module: nn.Module) -> bool:
+    """A grouped or depthwise convolution: its weight is ``groups`` separate matrices, not one."""
+    return isinstance(module, nn.Conv2d) and module.groups > 1
+
+
+class TimmFamily(Architecture):
+    """An :class:`Architecture` for one timm model family, driven by the class attributes below."""
+
+    #: timm source modules (``timm.models.<module>``) whose models use this family's layer names.
+    timm_modules: ClassVar[tuple[str, ...]]
+    #: Model names inside those modules that are built from other block types (fnmatch globs).
+    unsupported_patterns: ClassVar[tuple[str, ...]] = ()
+    #: Regular expression of the repeated blocks' names, e.g. ``blocks\.\d+``.
+    block_pattern: ClassVar[str]
+    #: Children (dotted, relative to a block) every block must have for the rules to make sense.
+    block_children: ClassVar[tuple[str, ...]]
+    #: The prunable layers, tried in order; the first rule matching a module's name decides its role.
+    layer_rules: ClassVar[tuple[LayerRule, ...]]
+
+    def matches(self, model_name: str) -> bool:
+        """Name globs, narrowed to the timm source modules whose models this family really fits.
+
+        A name timm does not know is judged by the globs alone, so that :meth:`create` gets to
+        answer it with timm's similar names instead of "no plugin covers it".
+        """
+        if not super().matches(model_name):
+            return False
+        import timm
+        from timm.models import is_model_in_modules
+
+        base = model_name.split(".")[0]
+        if not timm.is_model(base):
+            return True
+        if any(fnmatch.fnmatchcase(base, pattern) for pattern in self.unsupported_patterns):
+            return False
+        return is_model_in_modules(base, self.timm_modules)
+
+    def create(self, spec: ModelSpec) -> nn.Module:
+        """Build the model, then refuse it if its layout is not this family's (see :meth:`check_structure`)."""
+        model = super().create(spec)
+        self.check_structure(model, spec.name)
+        return model
+
+    def check_structure(self, model: nn.Module, model_name: str = "the model") -> None:
+        """Raise :class:`PluginError` unless every block of ``model`` has the children this family expects.
+
+        Run on the freshly built model rather than in :meth:`prunable_layers`, which is also called
+        on pruned models whose layers may have been replaced.
+        """
+        blocks = self._blocks(model)
+        if not blocks:
+            raise self._not_this_family(model_name, f"it has no blocks named like {self.block_pattern!r}")
+        for block_name, block in blocks:
+            for child in self.block_children:
+                if not _has_submodule(block, child):
+                    raise self._not_this_family(model_name, f"block {block_name} has no {child!r}")
+            problem = self.block_problem(block)
+            if problem:
+                raise self._not_this_family(model_name, f"block {block_name}: {problem}")
+
+    def block_problem(self, block: nn.Module) -> str | None:
+        """A family-specific reason why ``block`` cannot be pruned by layer, or ``None``."""
+        return None
+
+    def prunable_layers(self, model: nn.Module) -> list[PrunableLayer]:
+        """The modules matching :attr:`layer_rules`, in ``named_modules`` (forward) order.
+
+        Only plain ``nn.Linear`` / dense ``nn.Conv2d`` modules are listed: grouped and depthwise
+        convolutions never are (their weight is not one matrix), nor are layers a pruner has
+        already replaced.
+        """
+        if not self._blocks(model):
+            raise self._not_this_family("the model", f"it has no blocks named like {self.block_pattern!r}")
+        layers = []
+        for name, module in model.named_modules():
+            rule = self._rule_for(name)
+            if rule is None or not isinstance(module, PRUNABLE_TYPES) or is_grouped_conv(module):
+                continue
+            layers.append(PrunableLayer(name=name, role=rule.role, optional=rule.optional))
+        return layers
+
+    def _rule_for(self, name: str) -> LayerRule | None:
+        return next((rule for rule in self.layer_rules if rule.matches(name)), None)
+
+    def _blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
+        return [(name, module) for name, module in model.named_modules() if re.fullmatch(self.block_pattern, name)]
+
+    def _not_this_family(self, model_name: str, why: str) -> PluginError:
+        return PluginError(
+            f"architecture {self.name!r} cannot handle {model_name}: {why}; it covers timm models "
+            f"{', '.join(self.model_patterns)} from timm.models.{{{', '.join(self.timm_modules)}}} "
+            f"built with their default block types"
+        )
+
+
+def _has_submodule(module: nn.Module, dotted: str) -> bool:
+    try:
+        module.get_submodule(dotted)
+    except AttributeError:
+        return False
+    return True

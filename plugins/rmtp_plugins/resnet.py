@@ -1,0 +1,39 @@
+"""``resnet``: timm ResNet models (ResNet, ResNet-D, Wide ResNet, ResNeXt, SE/ECA-ResNet, ResNet-RS).
+
+Every block ``layer{i}.{j}`` has ``conv1`` and ``conv2`` (basic blocks) or ``conv1``, ``conv2``
+and ``conv3`` (bottlenecks); the first block of a stage may have a projection shortcut whose
+convolution is ``downsample.0`` (``downsample.1`` after the average pool of ``*d`` models). The
+stem ``conv1`` (``conv1.{k}`` for deep stems) and the classifier ``fc`` are optional.
+ResNeXt's grouped ``conv2`` is never listed: its weight is ``groups`` separate matrices.
+``resnetv2_*`` and the ByobNet-built ``resnet*ts`` / ``*_clip`` models use other names and are
+not covered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from rmtp.hookspecs import hookimpl
+from rmtp_plugins._timm_family import LayerRule, TimmFamily
+
+
+class ResNetArchitecture(TimmFamily):
+    name = "resnet"
+    description = "timm ResNet family (ResNet, -D, Wide, ResNeXt, SE/ECA, RS): block convs and shortcut projections."
+    model_patterns = ("resnet*", "wide_resnet*", "resnext*", "seresnet*", "seresnext*", "ecaresnet*")
+    timm_modules = ("resnet",)
+    block_pattern = r"layer\d+\.\d+"
+    block_children = ("conv1", "conv2")
+    layer_rules = (
+        LayerRule(r"conv1(\.\d+)?", "stem", optional=True),
+        LayerRule(r"layer\d+\.\d+\.conv1", "conv1"),
+        LayerRule(r"layer\d+\.\d+\.conv2", "conv2"),
+        LayerRule(r"layer\d+\.\d+\.conv3", "conv3"),
+        LayerRule(r"layer\d+\.\d+\.downsample\.\d+", "downsample"),
+        LayerRule(r"fc", "head", optional=True),
+    )
+
+
+@hookimpl
+def register_architectures(register: Callable[[type], None]) -> None:
+    register(ResNetArchitecture)

@@ -1,0 +1,105 @@
+"""The architecture-plugin contract: build a timm model of one family and name its prunable layers.
+
+An architecture plugin answers three questions for the pruners, so that no pruner needs to know
+timm's module names: how to create a model (by timm name and kwargs, pretrained or from a local
+checkpoint), which layers are candidates for pruning (in forward order), and how a fused qkv
+projection splits into q, k and v.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from torch import nn
+
+from rmtp.errors import CheckpointError, PluginError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild the *unpruned* model: saved next to every pruned model."""
+
+    name: str
+    arch: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    pretrained: bool = False
+    checkpoint: Path | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "arch": self.arch,
+            "kwargs": dict(self.kwargs),
+            "pretrained": self.pretrained,
+            "checkpoint": str(self.checkpoint) if self.checkpoint else None,
+        }
+
+
+@dataclass(frozen=True)
+class PrunableLayer:
+    """One prunable weight layer of a model.
+
+    ``optional`` layers (a classifier head, a patch embedding) are left alone unless a step's
+    ``layers`` filter names them explicitly: pruning them costs accuracy out of proportion to the
+    parameters saved, so they are opt-in.
+    """
+
+    name: str
+    role: str
+    optional: bool = False
+
+
+class Architecture(ABC):
+    """Base class of architecture plugins (``vit``, ``convnext``, ``resnet`` and third-party ones)."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    #: fnmatch patterns of the timm model names this family covers, e.g. ``("vit_*", "deit_*")``.
+    model_patterns: ClassVar[tuple[str, ...]]
+
+    def matches(self, model_name: str) -> bool:
+        """Whether this family covers the timm model ``model_name``."""
+        base = model_name.split(".")[0]  # drop a pretrained tag such as ".augreg_in21k"
+        return any(fnmatch.fnmatchcase(base, p) for p in self.model_patterns)
+
+    def create(self, spec: ModelSpec) -> nn.Module:
+        """Build the model ``spec`` describes: random init, timm pretrained weights, or a local checkpoint."""
+        import timm
+
+        from rmtp.checkpoint import load_state_dict_into, read_state_dict
+
+        if not timm.is_model(spec.name.split(".")[0]):
+            close = timm.list_models(f"*{spec.name.split('_')[0]}*")[:8]
+            raise PluginError(
+                f"model.name: timm has no model {spec.name!r}"
+                + (f"; similar: {', '.join(close)}" if close else "")
+            )
+        if spec.pretrained and spec.checkpoint:
+            raise CheckpointError("model: give either pretrained: true or checkpoint, not both")
+        try:
+            model = timm.create_model(spec.name, pretrained=spec.pretrained, **spec.kwargs)
+        except TypeError as exc:
+            raise PluginError(f"model.kwargs: timm rejected the kwargs for {spec.name!r}: {exc}") from exc
+        except (OSError, RuntimeError) as exc:
+            if spec.pretrained:
+                raise CheckpointError(
+                    f"model.pretrained: could not fetch pretrained weights for {spec.name!r} "
+                    f"(timm needs network access to the Hugging Face hub; offline, download the "
+                    f"weights elsewhere and pass model.checkpoint): {exc.__class__.__name__}: {exc}"
+                ) from exc
+            raise
+        if spec.checkpoint is not None:
+            load_state_dict_into(model, read_state_dict(spec.checkpoint), source=str(spec.checkpoint))
+        return model.eval()
+
+    @abstractmethod
+    def prunable_layers(self, model: nn.Module) -> list[PrunableLayer]:
+        """The candidate layers of ``model`` in forward order, optional ones flagged."""
+
+    def qkv_split(self, layer_name: str, module: nn.Module) -> dict[str, slice] | None:
+        """For a fused qkv projection, the output-row slices of q, k and v; ``None`` otherwise."""
+        return None

@@ -1,0 +1,141 @@
+"""The ``rmtp`` command line: thin commands over the library API.
+
+Each command parses its options, makes one library call and renders the result. User errors
+(bad recipe, missing file, unknown plugin, no GPU) arrive as :class:`rmtp.errors.RmtpError` and
+leave as red lines on stderr with exit code 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Optional
+
+import typer
+from rich.markup import escape
+
+from rmtp import __version__
+from rmtp.errors import RecipeError, RmtpError
+
+if TYPE_CHECKING:
+    from rmtp.plugins import Plugins
+
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn library errors into red lines on stderr and exit code 1."""
+    from rmtp.render import stderr
+
+    try:
+        yield
+    except RecipeError as exc:
+        for problem in exc.problems:
+            stderr.print(f"[red]error:[/] {escape(problem)}")
+        raise typer.Exit(1) from None
+    except RmtpError as exc:
+        stderr.print(f"[red]error:[/] {escape(str(exc))}")
+        raise typer.Exit(1) from None
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON via a temp file + rename, so a reader never sees half a report."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=2)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"rmtp {__version__}")
+        raise typer.Exit()
+
+
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print rmtp's version and exit.")] = False,
+) -> None:
+    """Make timm vision models smaller and faster, guided by random matrix theory."""
+
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file (model, data, steps, output).", show_default=False)]
+
+
+def prune(
+    recipe: RecipeArg,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the summary, not the per-layer tables.")] = False,
+) -> None:
+    """Run a recipe: build the model, apply its steps in order, print reports, save the result."""
+    from rmtp.pipeline import run_recipe
+    from rmtp.recipe import load_recipe
+    from rmtp.render import RichProgress, render_report, render_step
+
+    with user_errors():
+        loaded = load_recipe(recipe)
+        result = run_recipe(loaded, progress=RichProgress(), on_step=None if quiet else render_step)
+    render_report(result.report)
+    if json_path is not None:
+        write_json_atomic(json_path, result.report.to_dict())
+
+
+def validate(recipe: RecipeArg) -> None:
+    """Check a recipe completely (structure, plugin names, params, paths) without running it."""
+    from rmtp.recipe import load_recipe, step_label
+    from rmtp.render import stdout
+
+    with user_errors():
+        loaded = load_recipe(recipe)
+    kinds = ", ".join(step_label(step) for step in loaded.steps)
+    stdout.print(f"[green]ok[/] {escape(str(recipe))}: {loaded.model.name}, {len(loaded.steps)} steps ({escape(kinds)})")
+
+
+def list_plugins() -> None:
+    """List the installed pruners and architectures with their descriptions and params."""
+    from rmtp.plugins import get_plugins
+    from rmtp.render import plugins_table, stdout
+
+    with user_errors():
+        stdout.print(plugins_table(get_plugins()))
+
+
+def build_app(plugins: Plugins | None = None) -> typer.Typer:
+    """The ``rmtp`` Typer app: built-in commands, then the commands plugins add (``register_commands``)."""
+    from rmtp.plugins import get_plugins
+
+    app = typer.Typer(
+        name="rmtp",
+        help="Make timm vision models (ViT, ConvNeXt, ResNet) smaller and faster, guided by random matrix theory.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+    app.callback()(_main)
+    app.command()(prune)
+    app.command()(validate)
+    app.command("list")(list_plugins)
+    (plugins or get_plugins()).manager.hook.register_commands(app=app)
+    return app
+
+
+def main() -> None:
+    """Entry point of the ``rmtp`` script."""
+    from rmtp.render import stderr
+
+    try:
+        app = build_app()
+    except RmtpError as exc:  # a broken plugin: say which, do not crash with a traceback
+        stderr.print(f"[red]error:[/] {escape(str(exc))}")
+        raise SystemExit(1) from None
+    app()

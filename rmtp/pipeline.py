@@ -1,0 +1,216 @@
+"""Running a recipe: build the model, then apply its steps strictly in the listed order.
+
+The path of one run: validated :class:`~rmtp.recipe.Recipe` → architecture plugin builds the model
+→ a frozen copy of the dense model is kept (baseline and distillation teacher) → each step
+(prune / finetune / evaluate) runs and yields a :class:`~rmtp.report.StepReport` → the model,
+resolved recipe and report are saved atomically.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from rmtp import metrics, saving
+from rmtp.architecture import Architecture, ModelSpec
+from rmtp.data import DataBundle, build_data
+from rmtp.errors import DeviceError
+from rmtp.layers import select_layers
+from rmtp.plugins import Plugins, get_plugins
+from rmtp.progress import NULL_PROGRESS, Progress
+from rmtp.pruner import PruneContext
+from rmtp.recipe import EvaluateStep, FinetuneStep, PruneStep, Recipe, step_label
+from rmtp.report import ModelStats, RunReport, StepReport, environment
+from rmtp.training import train
+
+
+@dataclass
+class RunResult:
+    model: nn.Module
+    dense_model: nn.Module
+    report: RunReport
+    output_dir: Path | None
+
+
+@dataclass
+class _Run:
+    """State shared by the steps of one run."""
+
+    recipe: Recipe
+    plugins: Plugins
+    arch: Architecture
+    model: nn.Module
+    dense: nn.Module
+    data: DataBundle
+    device: torch.device
+    input_shape: tuple[int, ...]
+    progress: Progress
+    dense_top1: float | None = None
+
+
+def resolve_device(name: str) -> torch.device:
+    """``cpu``, ``cuda`` (refused clearly when there is no GPU) or ``auto``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(f"device {name!r} requested but torch sees no CUDA GPU on this machine; use device: cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build_model(recipe: Recipe, plugins: Plugins) -> tuple[nn.Module, ModelSpec, ModelSpec, Architecture]:
+    """(model, its spec, the dense baseline's spec, architecture) for the recipe's ``model:``."""
+    section = recipe.model
+    if section.checkpoint is not None and saving.is_saved_model(section.checkpoint):
+        loaded = saving.load(section.checkpoint)
+        return loaded.model, loaded.spec, loaded.baseline or loaded.spec, plugins.architecture(loaded.arch)
+    spec = ModelSpec(name=section.name, arch=section.arch, kwargs=dict(section.kwargs),
+                     pretrained=section.pretrained, checkpoint=section.checkpoint)
+    arch = plugins.architecture_for(spec.name, spec.arch)
+    return arch.create(spec), spec, spec, arch
+
+
+def run_recipe(recipe: Recipe, *, progress: Progress = NULL_PROGRESS,
+               on_step: Callable[[StepReport], None] | None = None) -> RunResult:
+    """Run every step of ``recipe`` in order; save the result when the recipe has ``output``."""
+    started = time.perf_counter()
+    plugins = get_plugins()
+    device = resolve_device(recipe.device)
+    seed_everything(recipe.seed)
+    model, spec, baseline, arch = build_model(recipe, plugins)
+    model = model.to(device).eval()
+    data = build_data(recipe.data, model, seed=recipe.seed)
+    input_shape = tuple(data.val[0][0].shape)  # per sample, no batch dimension
+    dense = copy.deepcopy(model).eval().requires_grad_(False)
+    run = _Run(recipe, plugins, arch, model, dense, data, device, input_shape, progress)
+
+    if any(isinstance(step, (EvaluateStep, FinetuneStep)) for step in recipe.steps):
+        run.dense_top1 = _top1(run, dense, "evaluating dense model")
+    report = RunReport(recipe=str(recipe.path) if recipe.path else None, model=spec.name, arch=arch.name,
+                       seed=recipe.seed, device=str(device), dense=_stats(run, dense, run.dense_top1),
+                       environment=environment())
+    for index, step in enumerate(recipe.steps):
+        step_started = time.perf_counter()
+        seed_everything(recipe.seed + index)
+        if isinstance(step, PruneStep):
+            step_report = _prune(run, index, step)
+        elif isinstance(step, FinetuneStep):
+            step_report = _finetune(run, index, step)
+        else:
+            step_report = _evaluate(run, index, step)
+        step_report.seconds = time.perf_counter() - step_started
+        report.steps.append(step_report)
+        if on_step is not None:
+            on_step(step_report)
+
+    output_dir = None
+    if recipe.output is not None:
+        report.seconds = time.perf_counter() - started
+        report.output_dir = str(recipe.output.dir)
+        output_dir = saving.save(run.model, recipe.output.dir, spec=spec, arch=arch, baseline=baseline,
+                                 recipe=recipe.to_dict(), report=report.to_dict(),
+                                 save_weights=recipe.output.save_model, overwrite=recipe.output.overwrite)
+    report.seconds = time.perf_counter() - started
+    return RunResult(model=run.model, dense_model=dense, report=report, output_dir=output_dir)
+
+
+def _stats(run: _Run, model: nn.Module, top1: float | None = None) -> ModelStats:
+    summary = metrics.model_summary(model, run.input_shape, device=run.device)
+    return ModelStats(params=summary["params"], nonzeros=summary["nonzeros"], macs=summary["macs"],
+                      attention_macs=summary["attention_macs"], top1=top1)
+
+
+def _top1(run: _Run, model: nn.Module, description: str) -> float:
+    loader = run.data.loader("val")
+    with run.progress.task(description, total=len(loader)) as advance:
+        return metrics.top1(model, loader, device=run.device, progress=lambda done, total: advance())
+
+
+def _prune(run: _Run, index: int, step: PruneStep) -> StepReport:
+    pruner_cls = run.plugins.pruners.get(step.prune)
+    layers = select_layers(run.arch.prunable_layers(run.model), step.layers)
+    calibration = run.data.loader("calibration") if pruner_cls.needs_calibration else None
+    ctx = PruneContext(model=run.model, arch=run.arch, layers=layers, device=run.device, seed=run.recipe.seed + index,
+                       dense_model=run.dense, calibration=calibration, progress=run.progress)
+    rows = pruner_cls().prune(ctx, run.recipe.pruner_params[index])
+    run.model.eval()
+    notes = [] if layers else ["the step's layer filter selected no layers; nothing was pruned"]
+    return StepReport(index=index, kind="prune", name=step_label(step), rows=rows,
+                      stats=_stats(run, run.model), seconds=0.0, notes=notes)
+
+
+def _finetune(run: _Run, index: int, step: FinetuneStep) -> StepReport:
+    config = step.finetune
+    if config.seed is None:
+        config = config.model_copy(update={"seed": run.recipe.seed + index})
+    epochs_total = config.epochs
+    keep_zeros = _masked_layers(run)
+    history: list[dict] = []
+    with run.progress.task(f"fine-tuning ({epochs_total} epochs)", total=epochs_total) as advance:
+        def on_epoch(stats) -> None:  # noqa: ANN001 - EpochStats
+            history.append(stats.__dict__.copy())
+            advance(loss=f"{stats.train_loss:.3f}", top1=f"{stats.val_top1:.2f}")
+
+        result = train(run.model, run.data, config, device=run.device,
+                       teacher=run.dense if config.distill is not None else None,
+                       keep_zeros=keep_zeros, on_epoch=on_epoch)
+    run.model.eval()
+    return StepReport(index=index, kind="finetune", name=step_label(step), rows=[],
+                      stats=_stats(run, run.model, result.final_val_top1), seconds=0.0, history=history)
+
+
+def _masked_layers(run: _Run) -> list[str]:
+    """Prunable layers whose weight has exact zeros: their zero pattern is a mask to keep fixed.
+
+    Derived from the weights rather than remembered from earlier steps, so it also holds for a
+    model loaded from a saved folder.
+    """
+    names = []
+    for layer in run.arch.prunable_layers(run.model):
+        weight = getattr(run.model.get_submodule(layer.name), "weight", None)
+        if isinstance(weight, nn.Parameter) and bool((weight == 0).any()):
+            names.append(layer.name)
+    return names
+
+
+def _evaluate(run: _Run, index: int, step: EvaluateStep) -> StepReport:
+    top1 = _top1(run, run.model, "evaluating")
+    stats = _stats(run, run.model, top1)
+    notes = []
+    if run.dense_top1 is not None:
+        notes.append(f"top-1 {top1:.2f}% vs dense {run.dense_top1:.2f}% ({top1 - run.dense_top1:+.2f} points)")
+    if step.evaluate.latency:
+        batch = step.evaluate.latency_batch
+        stats.dense_latency_ms, stats.latency_ms = _interleaved_latency(run, run.dense, run.model, batch)
+        notes.append(f"latency {stats.latency_ms:.2f} ms vs dense {stats.dense_latency_ms:.2f} ms "
+                     f"(×{stats.dense_latency_ms / stats.latency_ms:.2f} speed-up, batch {batch}, interleaved medians)")
+    return StepReport(index=index, kind="evaluate", name=step_label(step), rows=[], stats=stats,
+                      seconds=0.0, notes=notes)
+
+
+def _interleaved_latency(run: _Run, dense: nn.Module, pruned: nn.Module, batch: int,
+                         rounds: int = 5) -> tuple[float, float]:
+    """Median latency (ms) of dense and pruned, measured A B A B … so machine drift cancels."""
+    dense_ms, pruned_ms = [], []
+    with run.progress.task("timing dense vs pruned", total=rounds) as advance:
+        for _ in range(rounds):
+            for model, times in ((dense, dense_ms), (pruned, pruned_ms)):
+                result = metrics.measure_latency(model, run.input_shape, device=run.device, batch_size=batch,
+                                                 min_run_time=0.2)
+                times.append(result.median_s * 1e3)
+            advance()
+    return statistics.median(dense_ms), statistics.median(pruned_ms)

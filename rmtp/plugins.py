@@ -1,0 +1,151 @@
+"""The plugin manager and the registries of pruners and architectures.
+
+Plugins are found through entry points of group ``rmtp`` (built-ins included, so they get no
+special path). ``RMTP_DISABLE_PLUGINS=name1,name2`` blocks entry points by name before they are
+imported. Registries are strict: a class without a name, or a second class under a name already
+taken, is an error naming both; an unknown name is answered with the known ones, closest first.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.metadata
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+import pluggy
+
+from rmtp import hookspecs
+from rmtp.architecture import Architecture
+from rmtp.errors import PluginError
+from rmtp.pruner import Pruner
+
+ENTRY_POINT_GROUP = "rmtp"
+DISABLE_ENV = "RMTP_DISABLE_PLUGINS"
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Name → class map for one kind of plugin (pruner or architecture)."""
+
+    def __init__(self, kind: str, base: type):
+        self.kind = kind
+        self.base = base
+        self._classes: dict[str, type[T]] = {}
+
+    def add(self, cls: type[T]) -> None:
+        where = f"{cls.__module__}.{cls.__qualname__}"
+        if not (isinstance(cls, type) and issubclass(cls, self.base)):
+            raise PluginError(f"{where} was registered as a {self.kind} but is not a subclass of {self.base.__name__}")
+        name = getattr(cls, "name", None)
+        if not isinstance(name, str) or not name:
+            raise PluginError(f"{self.kind} class {where} has no `name` class attribute")
+        if not getattr(cls, "description", ""):
+            raise PluginError(f"{self.kind} {name!r} ({where}) has no one-line `description`")
+        if name in self._classes:
+            other = self._classes[name]
+            raise PluginError(
+                f"two {self.kind}s are registered as {name!r}: {other.__module__}.{other.__qualname__} "
+                f"and {where}; block one with {DISABLE_ENV}=<entry point name>"
+            )
+        self._classes[name] = cls
+
+    def get(self, name: str) -> type[T]:
+        try:
+            return self._classes[name]
+        except KeyError:
+            raise PluginError(f"unknown {self.kind} {name!r}; {self.known_hint(name)}") from None
+
+    def known_hint(self, name: str) -> str:
+        """'known: a, b, c' with the closest matches to ``name`` first."""
+        close = difflib.get_close_matches(name, self._classes, n=max(1, len(self._classes)), cutoff=0.4)
+        rest = sorted(n for n in self._classes if n not in close)
+        known = close + rest
+        return f"known: {', '.join(known)}" if known else f"no {self.kind}s are registered"
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._classes
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._classes))
+
+    def items(self) -> list[tuple[str, type[T]]]:
+        return sorted(self._classes.items())
+
+
+@dataclass
+class Plugins:
+    """The loaded plugins of one process."""
+
+    manager: pluggy.PluginManager
+    pruners: Registry[Pruner] = field(default_factory=lambda: Registry("pruner", Pruner))
+    architectures: Registry[Architecture] = field(default_factory=lambda: Registry("architecture", Architecture))
+
+    def architecture(self, name: str) -> Architecture:
+        return self.architectures.get(name)()
+
+    def architecture_for(self, model_name: str, arch: str | None = None) -> Architecture:
+        """The adapter named ``arch``, or the one whose timm name patterns match ``model_name``."""
+        if arch is not None:
+            return self.architecture(arch)
+        matching = [cls for _, cls in self.architectures.items() if cls().matches(model_name)]
+        if len(matching) == 1:
+            return matching[0]()
+        if not matching:
+            raise PluginError(
+                f"no architecture plugin covers timm model {model_name!r}; set model.arch "
+                f"({self.architectures.known_hint('')})"
+            )
+        names = ", ".join(cls.name for cls in matching)
+        raise PluginError(f"several architecture plugins cover {model_name!r} ({names}); set model.arch")
+
+
+def disabled_from_env() -> set[str]:
+    return {name.strip() for name in os.environ.get(DISABLE_ENV, "").split(",") if name.strip()}
+
+
+def load_plugins(disabled: Iterable[str] | None = None) -> Plugins:
+    """Build a plugin manager, load the ``rmtp`` entry points not blocked, and fill the registries."""
+    manager = pluggy.PluginManager("rmtp")
+    manager.add_hookspecs(hookspecs)
+    for name in disabled_from_env() if disabled is None else set(disabled):
+        manager.set_blocked(name)
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if manager.is_blocked(entry_point.name) or manager.get_plugin(entry_point.name) is not None:
+            continue
+        try:
+            plugin = entry_point.load()
+        except Exception as exc:  # a broken third-party plugin must not look like an rmtp bug
+            raise PluginError(
+                f"plugin {entry_point.name!r} ({entry_point.value}) failed to load: {exc.__class__.__name__}: {exc}; "
+                f"block it with {DISABLE_ENV}={entry_point.name}"
+            ) from exc
+        manager.register(plugin, name=entry_point.name)
+    try:
+        manager.check_pending()  # a misspelt hook name would otherwise be ignored silently
+    except pluggy.PluginValidationError as exc:
+        raise PluginError(f"an rmtp plugin implements an unknown hook: {exc}") from exc
+    plugins = Plugins(manager=manager)
+    manager.hook.register_pruners(register=plugins.pruners.add)
+    manager.hook.register_architectures(register=plugins.architectures.add)
+    return plugins
+
+
+_loaded: Plugins | None = None
+
+
+def get_plugins() -> Plugins:
+    """The process-wide plugins, loaded on first use (never at import time)."""
+    global _loaded
+    if _loaded is None:
+        _loaded = load_plugins()
+    return _loaded
+
+
+def reset_plugins() -> None:
+    """Forget the loaded plugins so the next :func:`get_plugins` reloads them (tests, notebooks)."""
+    global _loaded
+    _loaded = None

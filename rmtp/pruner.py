@@ -1,0 +1,113 @@
+"""The pruner contract: what every pruner plugin receives and what it must return.
+
+One contract serves three kinds of pruners:
+
+* **weight** pruners replace layers (e.g. a Linear by two thin Linears for a low-rank split);
+* **mask** pruners zero weights in place (unstructured magnitude, N:M);
+* **token** pruners change the forward pass of attention blocks.
+
+Each gets a :class:`PruneContext` (the model, its architecture adapter, the layers the recipe
+step selected, calibration data when ``needs_calibration`` is set, the frozen dense model) and its
+params, already validated against its ``Params`` pydantic model. It mutates ``ctx.model`` and
+returns one :class:`LayerRow` per layer (or block) it touched. A pruner never prints: the
+pipeline renders the rows.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+from torch.utils.data import DataLoader
+
+from rmtp.architecture import Architecture, PrunableLayer
+from rmtp.progress import NULL_PROGRESS, Progress
+
+PrunerKind = Literal["weight", "mask", "token"]
+
+
+class PrunerParams(BaseModel):
+    """Base of every pruner's params: unknown keys are errors, so typos never pass silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class LayerRow:
+    """What a pruner did to one layer (or one block, for token pruners)."""
+
+    layer: str
+    shape_before: tuple[int, ...]
+    shape_after: tuple[int, ...]
+    params_before: int
+    params_after: int
+    nonzeros_before: int
+    nonzeros_after: int
+    #: The share of the layer the pruner's budget allowed to keep (fraction of params, rank or tokens).
+    budget: float | None = None
+    kept_rank: int | None = None
+    kept_fraction: float | None = None
+    note: str = ""
+    #: Pruner-specific figures (edge, tokens in/out, ...), rendered as extra columns.
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the layer's original weights that are now zero or gone."""
+        return 1.0 - self.nonzeros_after / self.params_before if self.params_before else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["sparsity"] = self.sparsity
+        return out
+
+
+@dataclass
+class PruneContext:
+    """Everything a pruner may use. Pruners mutate ``model``; nothing else is theirs to change."""
+
+    model: nn.Module
+    arch: Architecture
+    layers: list[PrunableLayer]
+    device: torch.device
+    seed: int
+    dense_model: nn.Module | None = None
+    calibration: DataLoader | None = None
+    progress: Progress = NULL_PROGRESS
+
+    def module(self, layer: PrunableLayer | str) -> nn.Module:
+        return self.model.get_submodule(layer if isinstance(layer, str) else layer.name)
+
+
+class Pruner(ABC):
+    """Base class of pruner plugins."""
+
+    name: ClassVar[str]
+    description: ClassVar[str]
+    kind: ClassVar[PrunerKind]
+    Params: ClassVar[type[PrunerParams]]
+    needs_calibration: ClassVar[bool] = False
+
+    @abstractmethod
+    def prune(self, ctx: PruneContext, params: PrunerParams) -> list[LayerRow]:
+        """Prune ``ctx.model`` in place (or by replacing submodules); return one row per layer."""
+
+
+def weight_footprint(module: nn.Module) -> tuple[tuple[int, ...], int, int]:
+    """(weight shape, params, nonzeros) of a layer, counting every parameter it owns.
+
+    For a replaced layer (e.g. a low-rank pair) the shape is that of its effective weight when
+    the module exposes ``effective_shape``, so before/after shapes read the same way.
+    """
+    params = list(module.parameters())
+    n_params = sum(p.numel() for p in params)
+    nonzeros = sum(int(torch.count_nonzero(p)) for p in params)
+    shape = getattr(module, "effective_shape", None)
+    if shape is None:
+        weight = getattr(module, "weight", None)
+        shape = tuple(weight.shape) if weight is not None else ()
+    return tuple(shape), n_params, nonzeros

@@ -1,0 +1,317 @@
+"""Recipes: YAML files that say which model to prune, on which data, with which steps, in order.
+
+A recipe is validated completely before any model is built: structure (pydantic models with
+unknown keys forbidden), every pruner name against the registry, every pruner's params against
+that pruner's own schema, file paths, layer-filter patterns, the output folder. Every problem is
+reported as ``file: key.path: message (got value)``, all at once.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from rmtp.data import DataSpec
+from rmtp.errors import PluginError, RecipeError
+from rmtp.layers import LayerFilter
+from rmtp.plugins import Plugins, get_plugins
+from rmtp.pruner import PrunerParams
+from rmtp.training import TrainConfig
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSection(_Strict):
+    """``model:``: a timm model by name, built by an architecture plugin."""
+
+    name: str = Field(description="timm model name, e.g. vit_base_patch16_224")
+    arch: str | None = Field(None, description="architecture plugin; inferred from the name when omitted")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to timm.create_model (img_size, depth, num_classes, ...)")
+    pretrained: bool = Field(False, description="load timm's pretrained weights (needs network access)")
+    checkpoint: Path | None = Field(None, description=".safetensors/.pth file, relative to the recipe")
+
+
+class EvaluateParams(_Strict):
+    """``evaluate:`` step: top-1 on the val split, params, MACs, optionally latency."""
+
+    latency: bool = Field(False, description="also time the model (torch.utils.benchmark) next to the dense one")
+    latency_batch: int = Field(1, ge=1, le=1024, description="batch size for the latency measurement")
+
+
+class OutputSection(_Strict):
+    """``output:``: where the pruned model, resolved recipe and report are written."""
+
+    dir: Path = Field(description="output folder, relative to the recipe")
+    overwrite: bool = Field(False, description="replace an existing folder (atomically)")
+    save_model: bool = Field(True, description="write model.safetensors (off: report only)")
+
+
+class PruneStep(_Strict):
+    prune: str = Field(description="registered pruner name (see `rmtp list`)")
+    params: dict[str, Any] = Field(default_factory=dict)
+    layers: LayerFilter | None = None
+    name: str | None = None
+
+
+class FinetuneStep(_Strict):
+    finetune: TrainConfig = Field(default_factory=TrainConfig)
+    name: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_means_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("finetune") is None:
+            data = {**data, "finetune": {}}
+        return data
+
+
+class EvaluateStep(_Strict):
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    name: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_means_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("evaluate") is None:
+            data = {**data, "evaluate": {}}
+        return data
+
+
+Step = PruneStep | FinetuneStep | EvaluateStep
+STEP_KINDS: dict[str, type[_Strict]] = {"prune": PruneStep, "finetune": FinetuneStep, "evaluate": EvaluateStep}
+
+
+def step_label(step: Step) -> str:
+    """'svd-mp', 'finetune' or 'evaluate' (or the step's own ``name``): how reports name a step."""
+    if step.name:
+        return step.name
+    return step.prune if isinstance(step, PruneStep) else ("finetune" if isinstance(step, FinetuneStep) else "evaluate")
+
+
+class _RecipeShape(_Strict):
+    model: ModelSection
+    data: DataSpec = Field(default_factory=DataSpec)
+    steps: list[dict[str, Any]] = Field(min_length=1)
+    output: OutputSection | None = None
+    seed: int = Field(0, ge=0)
+    device: Literal["cpu", "cuda", "auto"] = "cpu"
+
+
+@dataclass
+class Recipe:
+    """A validated recipe. Paths are resolved against the recipe's folder."""
+
+    path: Path | None
+    model: ModelSection
+    data: DataSpec
+    steps: list[Step]
+    output: OutputSection | None
+    seed: int
+    device: Literal["cpu", "cuda", "auto"]
+    pruner_params: dict[int, PrunerParams] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved recipe (defaults filled in, absolute paths), as saved next to the model."""
+        steps = []
+        for index, step in enumerate(self.steps):
+            dumped = step.model_dump(mode="json", exclude_none=True)
+            if isinstance(step, PruneStep):
+                dumped["params"] = self.pruner_params[index].model_dump(mode="json")
+            steps.append(dumped)
+        return {
+            "model": self.model.model_dump(mode="json"),
+            "data": self.data.model_dump(mode="json"),
+            "steps": steps,
+            "output": self.output.model_dump(mode="json") if self.output else None,
+            "seed": self.seed,
+            "device": self.device,
+        }
+
+
+def load_recipe(path: str | Path, *, plugins: Plugins | None = None) -> Recipe:
+    """Read and fully validate a recipe file; raise :class:`RecipeError` listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError([f"{path}: no such recipe file"])
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise RecipeError([f"{path}{where}: not valid YAML (safe loader; tags are refused): {problem}"]) from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError([f"{path}: not a UTF-8 text file ({exc.reason})"]) from None
+    return parse_recipe(raw, source=path, plugins=plugins)
+
+
+def parse_recipe(raw: Any, *, source: Path | None = None, plugins: Plugins | None = None) -> Recipe:
+    """Validate an already-parsed recipe mapping (``source`` names it in errors, anchors paths)."""
+    label = str(source) if source else "<recipe>"
+    base = source.parent if source else Path.cwd()
+    if not isinstance(raw, dict):
+        raise RecipeError([f"{label}: a recipe must be a mapping with model, steps (and data, output), got {type(raw).__name__}"])
+    problems: list[str] = []
+    try:
+        shape = _RecipeShape.model_validate(raw)
+    except ValidationError as exc:
+        # Keep going into the steps, so one run of `rmtp validate` lists every problem.
+        problems.extend(_format_errors(label, exc, _RecipeShape))
+        shape = None
+
+    plugins = plugins or get_plugins()
+    raw_steps = shape.steps if shape else raw.get("steps")
+    raw_steps = raw_steps if isinstance(raw_steps, list) else []
+    steps: list[Step] = []
+    pruner_params: dict[int, PrunerParams] = {}
+    for index, raw_step in enumerate(raw_steps):
+        where = f"steps[{index}]"
+        if not isinstance(raw_step, dict):
+            continue  # already reported by the shape check
+        step = _validate_step(label, where, raw_step, problems)
+        if step is None:
+            continue
+        steps.append(step)
+        if isinstance(step, PruneStep):
+            params = _validate_pruner(label, where, step, plugins, problems)
+            if params is not None:
+                pruner_params[len(steps) - 1] = params
+            if step.layers is not None:
+                problems.extend(f"{label}: {where}.layers.{p}" for p in step.layers.problems())
+    if shape is None:
+        raise RecipeError(problems)
+
+    model = shape.model
+    if model.checkpoint is not None:
+        model = model.model_copy(update={"checkpoint": (base / model.checkpoint).resolve()})
+        if not model.checkpoint.exists():
+            problems.append(f"{label}: model.checkpoint: {model.checkpoint} does not exist")
+    if model.arch is not None and model.arch not in plugins.architectures:
+        problems.append(f"{label}: model.arch: unknown architecture {model.arch!r}; {plugins.architectures.known_hint(model.arch)}")
+    else:
+        try:
+            plugins.architecture_for(model.name, model.arch)
+        except PluginError as exc:
+            problems.append(f"{label}: model.name: {exc}")
+    _check_timm_name(label, model.name, problems)
+
+    data = shape.data
+    if data.root is not None:
+        data = data.model_copy(update={"root": (base / data.root).resolve()})
+    if data.name == "imagefolder" and (data.root is None or not data.root.is_dir()):
+        problems.append(f"{label}: data.root: imagefolder needs an existing folder, got {data.root}")
+
+    output = shape.output
+    if output is not None:
+        output = output.model_copy(update={"dir": (base / output.dir).resolve()})
+        if output.dir.exists() and not output.overwrite:
+            problems.append(f"{label}: output.dir: {output.dir} already exists; set output.overwrite: true or choose another folder")
+    if problems:
+        raise RecipeError(problems)
+    return Recipe(path=source, model=model, data=data, steps=steps, output=output, seed=shape.seed,
+                  device=shape.device, pruner_params=pruner_params)
+
+
+def _validate_step(label: str, where: str, raw_step: dict[str, Any], problems: list[str]) -> Step | None:
+    kinds = [k for k in STEP_KINDS if k in raw_step]
+    if len(kinds) != 1:
+        found = ", ".join(sorted(raw_step)) or "nothing"
+        problems.append(f"{label}: {where}: a step needs exactly one of prune, finetune, evaluate (found keys: {found})")
+        return None
+    model_cls = STEP_KINDS[kinds[0]]
+    try:
+        return model_cls.model_validate(raw_step)
+    except ValidationError as exc:
+        problems.extend(_format_errors(label, exc, model_cls, prefix=where))
+        return None
+
+
+def _validate_pruner(label: str, where: str, step: PruneStep, plugins: Plugins,
+                     problems: list[str]) -> PrunerParams | None:
+    if step.prune not in plugins.pruners:
+        problems.append(f"{label}: {where}.prune: unknown pruner {step.prune!r}; {plugins.pruners.known_hint(step.prune)}")
+        return None
+    params_cls = plugins.pruners.get(step.prune).Params
+    try:
+        return params_cls.model_validate(step.params)
+    except ValidationError as exc:
+        problems.extend(_format_errors(label, exc, params_cls, prefix=f"{where}.params"))
+        return None
+
+
+def _check_timm_name(label: str, name: str, problems: list[str]) -> None:
+    import timm
+
+    base = name.split(".")[0]
+    if not timm.is_model(base):
+        stem = re.split(r"[_\d]", base)[0] or base
+        close = sorted(timm.list_models(f"{stem}*"), key=lambda n: -_similarity(n, base))[:5]
+        hint = f"; close: {', '.join(close)}" if close else ""
+        problems.append(f"{label}: model.name: timm has no model {name!r}{hint}")
+
+
+def _similarity(a: str, b: str) -> float:
+    import difflib
+
+    return difflib.SequenceMatcher(None, a, b).ratio()
+
+
+def _format_errors(label: str, exc: ValidationError, model_cls: type[BaseModel], prefix: str = "") -> list[str]:
+    """One line per pydantic error: file, key path, what is wrong, what was given."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        loc = [part for part in error["loc"] if not (isinstance(part, str) and part.startswith("function-"))]
+        path = _loc_to_path(loc, prefix)
+        if error["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model_cls, loc[:-1])
+            message = f"unknown key {loc[-1]!r}" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+        elif error["type"] == "missing":
+            message = "required key is missing"
+        else:
+            message = f"{error['msg']} (got {error['input']!r})"
+        lines.append(f"{label}: {path}: {message}" if path else f"{label}: {message}")
+    return lines
+
+
+def _loc_to_path(loc: list[Any], prefix: str) -> str:
+    path = prefix
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def _allowed_keys(model_cls: type[BaseModel], loc: list[Any]) -> list[str]:
+    """The field names of the (possibly nested) pydantic model at ``loc``."""
+    current: Any = model_cls
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        field_info = getattr(current, "model_fields", {}).get(part)
+        if field_info is None:
+            return []
+        current = _model_in_annotation(field_info.annotation)
+        if current is None:
+            return []
+    return list(getattr(current, "model_fields", {}))
+
+
+def _model_in_annotation(annotation: Any) -> type[BaseModel] | None:
+    import typing
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in_annotation(arg)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,104 @@
+"""Reports: plain dataclasses that the terminal renderer and ``--json`` both read.
+
+Nothing here prints; :mod:`rmtp.render` draws these with rich, ``to_dict`` feeds JSON.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from rmtp.pruner import LayerRow
+
+
+@dataclass
+class ModelStats:
+    """Whole-model figures after a step (``top1`` only where the step evaluated)."""
+
+    params: int
+    nonzeros: int
+    macs: int
+    attention_macs: int = 0
+    top1: float | None = None
+    latency_ms: float | None = None
+    dense_latency_ms: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class StepReport:
+    index: int
+    kind: str  # "prune", "finetune", "evaluate"
+    name: str  # pruner name, or the step's own label
+    rows: list[LayerRow]
+    stats: ModelStats
+    seconds: float
+    notes: list[str] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)  # per-epoch figures of a finetune step
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "kind": self.kind,
+            "name": self.name,
+            "seconds": self.seconds,
+            "stats": self.stats.to_dict(),
+            "layers": [row.to_dict() for row in self.rows],
+            "notes": list(self.notes),
+            "history": list(self.history),
+        }
+
+
+@dataclass
+class RunReport:
+    recipe: str | None
+    model: str
+    arch: str
+    seed: int
+    device: str
+    dense: ModelStats
+    steps: list[StepReport] = field(default_factory=list)
+    output_dir: str | None = None
+    seconds: float = 0.0
+    environment: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def final(self) -> ModelStats:
+        return self.steps[-1].stats if self.steps else self.dense
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": "rmtp-run-report/1",
+            "recipe": self.recipe,
+            "model": self.model,
+            "arch": self.arch,
+            "seed": self.seed,
+            "device": self.device,
+            "seconds": self.seconds,
+            "output_dir": self.output_dir,
+            "environment": dict(self.environment),
+            "dense": self.dense.to_dict(),
+            "final": self.final.to_dict(),
+            "steps": [step.to_dict() for step in self.steps],
+        }
+
+
+def environment() -> dict[str, str]:
+    """Versions and machine, so a report says where its numbers come from."""
+    import timm
+    import torch
+
+    from rmtp import __version__
+
+    return {
+        "rmtp": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "python": platform.python_version(),
+        "machine": f"{platform.system()} {platform.machine()}",
+        "threads": str(torch.get_num_threads()),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+    }

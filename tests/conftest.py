@@ -1,0 +1,44 @@
+"""Shared fixtures: tiny models and recipe files, so every test runs in seconds on a CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from rmtp.plugins import reset_plugins
+
+REPO = Path(__file__).resolve().parents[1]
+
+#: A ViT small enough for unit tests, with the digits input (16×16 greyscale, 10 classes).
+TINY_VIT = {"img_size": 16, "patch_size": 4, "depth": 2, "embed_dim": 32, "num_heads": 2,
+            "num_classes": 10, "in_chans": 1}
+
+
+def tiny_recipe(steps: list[dict[str, Any]], output: Path | None = None, **extra: Any) -> dict[str, Any]:
+    """A recipe dict on the tiny ViT and digits (val capped for speed)."""
+    recipe: dict[str, Any] = {
+        "model": {"name": "vit_tiny_patch16_224", "kwargs": dict(TINY_VIT)},
+        "data": {"name": "digits", "batch_size": 128, "calibration_size": 64},
+        "steps": steps,
+        **extra,
+    }
+    if output is not None:
+        recipe["output"] = {"dir": str(output)}
+    return recipe
+
+
+def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _fresh_plugins(monkeypatch: pytest.MonkeyPatch):
+    """Each test sees the plugins its own environment allows (RMTP_DISABLE_PLUGINS, sys.path)."""
+    monkeypatch.delenv("RMTP_DISABLE_PLUGINS", raising=False)
+    reset_plugins()
+    yield
+    reset_plugins()

@@ -1,0 +1,269 @@
+"""rmtp.metrics: parameter counts, MACs (closed forms), top-1 and latency, on tiny CPU models."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import timm
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from rmtp.errors import DataError, DeviceError
+from rmtp.metrics import (
+    ATTENTION,
+    LatencyResult,
+    count_macs,
+    count_nonzeros,
+    count_params,
+    mac_breakdown,
+    measure_latency,
+    model_summary,
+    top1,
+)
+
+IMG = 32
+PATCH = 8
+DEPTH = 2
+DIM = 32
+HEADS = 2
+CLASSES = 10
+
+
+def tiny_vit(fused: bool = True) -> nn.Module:
+    model = timm.create_model("vit_tiny_patch16_224", img_size=IMG, patch_size=PATCH, depth=DEPTH,
+                              embed_dim=DIM, num_heads=HEADS, num_classes=CLASSES)
+    for blk in model.blocks:
+        blk.attn.fused_attn = fused
+    return model
+
+
+def vit_tokens(model: nn.Module) -> int:
+    """Tokens per image, CLS included: (32/8)² patches + 1."""
+    tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    assert tokens == (IMG // PATCH) ** 2 + 1
+    return tokens
+
+
+def vit_attention_macs(tokens: int) -> int:
+    head_dim = DIM // HEADS
+    return DEPTH * 2 * HEADS * tokens**2 * head_dim  # QKᵀ and AV per head per block
+
+
+# --------------------------------------------------------------------------- params
+
+
+class Tied(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(6, 6)
+        self.b = nn.Linear(6, 6)
+        self.b.weight = self.a.weight  # tied: one tensor, two modules
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+def test_count_params_is_the_hand_count() -> None:
+    model = tiny_vit()
+    assert count_params(model) == sum(p.numel() for _, p in model.named_parameters())
+    linear = nn.Linear(7, 5)
+    assert count_params(linear) == 7 * 5 + 5
+
+
+def test_tied_weights_count_once() -> None:
+    model = Tied()
+    assert count_params(model) == 36 + 6 + 6
+    assert count_nonzeros(model) <= 48
+    # Distinct Parameter objects over the same memory are tied too.
+    model.b.weight = nn.Parameter(model.a.weight.data)
+    assert model.b.weight is not model.a.weight
+    assert count_params(model) == 36 + 6 + 6
+
+
+def test_count_nonzeros_drops_by_the_zeroed_count() -> None:
+    model = tiny_vit()
+    weight = model.blocks[0].mlp.fc1.weight
+    with torch.no_grad():
+        weight.fill_(1.0)
+        before = count_nonzeros(model)
+        weight[: weight.shape[0] // 2].zero_()
+    assert count_nonzeros(model) == before - weight.numel() // 2
+    assert count_params(model) == sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- MACs
+
+
+@pytest.mark.parametrize("bias, op", [(True, "aten.addmm"), (False, "aten.mm")])
+def test_linear_macs_are_in_times_out_bias_ignored(bias: bool, op: str) -> None:
+    n, m = 12, 7
+    # FlopCounterMode counts addmm as its matrix product only: the bias adds nothing.
+    assert mac_breakdown(nn.Linear(n, m, bias=bias), (n,)) == {op: m * n}
+
+
+def test_conv_macs_match_the_closed_form() -> None:
+    conv = nn.Conv2d(3, 8, kernel_size=3, stride=2, padding=1)  # bias ignored as for linear
+    h_out, w_out = (15 + 2 - 3) // 2 + 1, (17 + 2 - 3) // 2 + 1
+    assert count_macs(conv, (3, 15, 17)) == 8 * 3 * 3 * 3 * h_out * w_out
+    depthwise = nn.Conv2d(8, 8, kernel_size=3, padding=1, groups=8)  # ConvNeXt-style
+    assert count_macs(depthwise, (8, 10, 10)) == 8 * 1 * 3 * 3 * 10 * 10
+
+
+def test_norm_activation_softmax_count_zero() -> None:
+    model = nn.Sequential(nn.LayerNorm(16), nn.GELU(), nn.Softmax(dim=-1))
+    assert mac_breakdown(model, (5, 16)) == {}
+    assert count_macs(model, (5, 16)) == 0
+
+
+def test_vit_attention_macs_closed_form() -> None:
+    model = tiny_vit(fused=True)
+    tokens = vit_tokens(model)
+    breakdown = mac_breakdown(model, (3, IMG, IMG))
+    assert breakdown[ATTENTION] > 0  # the CPU flash kernel used to count zero
+    assert breakdown[ATTENTION] == vit_attention_macs(tokens)
+
+
+def test_vit_total_macs_closed_form() -> None:
+    model = tiny_vit(fused=True)
+    tokens = vit_tokens(model)
+    linear = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            rows = 1 if name == "head" else tokens  # the head sees the pooled CLS token only
+            linear += rows * module.in_features * module.out_features
+    patches = (IMG // PATCH) ** 2
+    conv = DIM * 3 * PATCH * PATCH * patches
+    attention = vit_attention_macs(tokens)
+    assert mac_breakdown(model, (3, IMG, IMG)) == {
+        "aten.addmm": linear, "aten.convolution": conv, ATTENTION: attention}
+    assert count_macs(model, (3, IMG, IMG)) == linear + conv + attention
+
+
+def test_macs_do_not_depend_on_fused_attention() -> None:
+    fused, explicit = tiny_vit(fused=True), tiny_vit(fused=False)
+    assert all(blk.attn.fused_attn for blk in fused.blocks)
+    assert mac_breakdown(fused, (3, IMG, IMG)) == mac_breakdown(explicit, (3, IMG, IMG))
+    assert count_macs(fused, (3, IMG, IMG)) == count_macs(explicit, (3, IMG, IMG))
+
+
+def test_multihead_attention_fast_path_is_counted() -> None:
+    class SelfAttention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mha = nn.MultiheadAttention(DIM, HEADS, batch_first=True)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.mha(x, x, x, need_weights=False)[0]
+
+    tokens = 17
+    expected = tokens * DIM * 3 * DIM + tokens * DIM * DIM + 2 * HEADS * tokens**2 * (DIM // HEADS)
+    assert count_macs(SelfAttention(), (tokens, DIM)) == expected
+    assert torch.backends.mha.get_fastpath_enabled()  # switched back on
+
+
+def test_counting_keeps_the_model_mode() -> None:
+    model = tiny_vit()
+    model.train()
+    model.blocks[0].eval()
+    count_macs(model, (3, IMG, IMG))
+    assert model.training and model.blocks[1].training and not model.blocks[0].training
+
+
+def test_model_summary() -> None:
+    model = tiny_vit()
+    summary = model_summary(model, (3, IMG, IMG))
+    assert summary == {
+        "params": count_params(model),
+        "nonzeros": count_nonzeros(model),
+        "macs": count_macs(model, (3, IMG, IMG)),
+        "attention_macs": vit_attention_macs(vit_tokens(model)),
+    }
+
+
+# --------------------------------------------------------------------------- top-1
+
+
+class Lookup(nn.Module):
+    """Reads the label stored in the image: always right."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.one_hot(x[:, 0].long(), CLASSES).float()
+
+
+class Constant(nn.Module):
+    """Always predicts ``cls`` (has a parameter, like a real model)."""
+
+    def __init__(self, cls: int) -> None:
+        super().__init__()
+        self.cls = cls
+        self.scale = nn.Parameter(torch.ones(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(x.shape[0], CLASSES)
+        logits[:, self.cls] = self.scale
+        return logits
+
+
+def labelled_loader(labels: list[int], batch_size: int = 4) -> DataLoader:
+    y = torch.tensor(labels)
+    return DataLoader(TensorDataset(y.float().unsqueeze(1), y), batch_size=batch_size)
+
+
+LABELS = [3, 1, 3, 0, 2, 3, 5, 3, 9, 1]  # ten images, class 3 four times
+
+
+def test_top1_perfect_and_constant_models() -> None:
+    loader = labelled_loader(LABELS)
+    assert top1(Lookup(), loader, device="cpu") == 100.0
+    assert top1(Constant(3), loader, device="cpu") == pytest.approx(100.0 * 4 / 10)
+    assert top1(Constant(7), loader, device="cpu") == 0.0
+
+
+def test_top1_progress_once_per_batch() -> None:
+    calls: list[tuple[int, int | None]] = []
+    top1(Lookup(), labelled_loader(LABELS, batch_size=4), device="cpu",
+         progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_top1_limit_counts_images() -> None:
+    calls: list[tuple[int, int | None]] = []
+    # First five labels hold class 3 twice.
+    accuracy = top1(Constant(3), labelled_loader(LABELS, batch_size=4), device="cpu", limit=5,
+                    progress=lambda done, total: calls.append((done, total)))
+    assert accuracy == pytest.approx(100.0 * 2 / 5)
+    assert calls == [(1, 2), (2, 2)]
+
+
+def test_top1_empty_loader_is_an_error() -> None:
+    with pytest.raises(DataError):
+        top1(Lookup(), labelled_loader([]), device="cpu")
+
+
+# --------------------------------------------------------------------------- latency and devices
+
+
+def test_measure_latency_positive() -> None:
+    result = measure_latency(nn.Linear(16, 4), (16,), batch_size=8, min_run_time=0.05, threads=1)
+    assert isinstance(result, LatencyResult)
+    assert result.median_s > 0 and result.iqr_s >= 0 and result.measurements >= 1
+    assert result.batch_size == 8 and result.threads == 1 and result.device == "cpu"
+    assert math.isclose(result.throughput, 8 / result.median_s)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+@pytest.mark.parametrize("call", [
+    lambda m: measure_latency(m, (16,), device="cuda", min_run_time=0.01),
+    lambda m: count_macs(m, (16,), device="cuda"),
+    lambda m: top1(m, labelled_loader(LABELS), device="cuda"),
+])
+def test_cuda_without_gpu_is_a_device_error(call) -> None:
+    with pytest.raises(DeviceError, match="CUDA is not available"):
+        call(nn.Linear(16, 4))
+
+
+def test_bad_device_string_is_a_device_error() -> None:
+    with pytest.raises(DeviceError):
+        count_macs(nn.Linear(4, 4), (4,), device="nonsense")

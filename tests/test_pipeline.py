@@ -1,0 +1,88 @@
+"""Running recipes end to end on the tiny ViT: order, reports, fine-tune masks, output folder."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import rmtp
+from rmtp.errors import DeviceError
+from rmtp.pipeline import resolve_device, run_recipe
+from rmtp.recipe import load_recipe
+
+from conftest import tiny_recipe, write_recipe
+
+
+def test_steps_run_in_recipe_order_and_save(tmp_path: Path) -> None:
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_recipe(
+        [
+            {"prune": "magnitude", "params": {"sparsity": 0.5}, "layers": {"include": ["blocks.*.mlp.*"]}},
+            {"evaluate": {}},
+            {"prune": "magnitude", "params": {"sparsity": 0.3, "scope": "layer"}, "name": "attention",
+             "layers": {"include": ["re:blocks\\.\\d+\\.attn\\..*"], "exclude": ["*.proj"]}},
+            {"finetune": {"epochs": 1, "lr": 1e-3, "distill": {"weight": 0.5}}},
+            {"evaluate": {}},
+        ],
+        output=tmp_path / "out")))
+    result = run_recipe(recipe)
+    report = result.report
+    assert [(s.kind, s.name) for s in report.steps] == [
+        ("prune", "magnitude"), ("evaluate", "evaluate"), ("prune", "attention"), ("finetune", "finetune"),
+        ("evaluate", "evaluate")]
+    assert [r.layer for r in report.steps[0].rows] == [
+        "blocks.0.mlp.fc1", "blocks.0.mlp.fc2", "blocks.1.mlp.fc1", "blocks.1.mlp.fc2"]
+    assert [r.layer for r in report.steps[2].rows] == ["blocks.0.attn.qkv", "blocks.1.attn.qkv"]
+    # whole-model nonzeros fall by exactly what the rows say
+    zeroed = sum(r.nonzeros_before - r.nonzeros_after for r in report.steps[0].rows)
+    assert report.dense.nonzeros - report.steps[0].stats.nonzeros == zeroed
+    assert report.steps[0].stats.params == report.dense.params  # masks do not change shapes
+    assert 0 <= report.steps[-1].stats.top1 <= 100 and report.dense.top1 is not None
+    # finetune kept every pruned weight at zero
+    for row in report.steps[0].rows + report.steps[2].rows:
+        weight = result.model.get_submodule(row.layer).weight
+        assert int(torch.count_nonzero(weight)) <= row.nonzeros_after
+    # the output folder reloads to the same function, and carries recipe + report
+    loaded = rmtp.load(tmp_path / "out")
+    x = torch.randn(3, 1, 16, 16)
+    torch.testing.assert_close(loaded.model(x), result.model(x), rtol=0, atol=0)
+    saved_report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [s["kind"] for s in saved_report["steps"]] == ["prune", "evaluate", "prune", "finetune", "evaluate"]
+    assert saved_report["steps"][0]["layers"][0]["layer"] == "blocks.0.mlp.fc1"
+    saved_recipe = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())
+    assert saved_recipe["steps"][0] == {"prune": "magnitude", "params": {"sparsity": 0.5, "scope": "global"},
+                                        "layers": {"include": ["blocks.*.mlp.*"], "exclude": []}}
+
+
+def test_saved_folder_can_be_the_next_recipe_model(tmp_path: Path) -> None:
+    first = run_recipe(load_recipe(write_recipe(tmp_path / "a.yaml", tiny_recipe(
+        [{"prune": "magnitude", "params": {"sparsity": 0.5}}], output=tmp_path / "a"))))
+    second_recipe = tiny_recipe([{"prune": "magnitude", "params": {"sparsity": 0.7}}])
+    second_recipe["model"]["checkpoint"] = str(tmp_path / "a")
+    second = run_recipe(load_recipe(write_recipe(tmp_path / "b.yaml", second_recipe)))
+    assert second.report.dense.nonzeros == first.report.steps[0].stats.nonzeros  # starts where the first ended
+    assert second.report.steps[0].stats.nonzeros < second.report.dense.nonzeros
+
+
+def test_evaluate_latency_is_measured_side_by_side(tmp_path: Path) -> None:
+    result = run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", tiny_recipe(
+        [{"evaluate": {"latency": True, "latency_batch": 2}}]))))
+    stats = result.report.steps[0].stats
+    assert stats.latency_ms > 0 and stats.dense_latency_ms > 0
+    assert any("interleaved" in note for note in result.report.steps[0].notes)
+
+
+def test_mac_counts_include_attention(tmp_path: Path) -> None:
+    result = run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", tiny_recipe([{"evaluate": {}}]))))
+    tokens, dim, depth = 17, 32, 2  # 16 patches + CLS
+    assert result.report.dense.attention_macs == depth * 2 * tokens * tokens * dim
+
+
+def test_cuda_without_gpu_is_refused() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(DeviceError, match="no CUDA GPU"):
+        resolve_device("cuda")

@@ -1,0 +1,74 @@
+"""Recipe validation: every bad recipe in tests/bad_recipes fails with exactly the errors it expects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from rmtp.errors import RecipeError
+from rmtp.recipe import FinetuneStep, PruneStep, load_recipe, parse_recipe
+
+from conftest import tiny_recipe, write_recipe
+
+BAD = Path(__file__).parent / "bad_recipes"
+
+
+def _expected(path: Path) -> list[str]:
+    return [line.removeprefix("# expect:").strip() for line in path.read_text().splitlines()
+            if line.startswith("# expect:")]
+
+
+@pytest.mark.parametrize("path", sorted(BAD.glob("*.yaml")), ids=lambda p: p.stem)
+def test_bad_recipe_reports_expected_error(path: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)  # a YAML exploit would write its marker here
+    expected = _expected(path)
+    assert expected, f"{path.name} has no '# expect:' line"
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    text = "\n".join(info.value.problems)
+    for fragment in expected:
+        assert fragment in text, f"{path.name}: expected {fragment!r} in:\n{text}"
+    for problem in info.value.problems:  # every problem names the file
+        assert str(path) in problem
+        assert "\n" not in problem
+    assert not list(tmp_path.iterdir()), "validation must not run code or write files"
+
+
+def test_python_yaml_tag_runs_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    marker = tmp_path / "pwned"
+    recipe = tmp_path / "evil.yaml"
+    recipe.write_text(f'model: !!python/object/apply:os.system ["touch {marker}"]\nsteps: [{{evaluate: {{}}}}]\n')
+    with pytest.raises(RecipeError, match="tags are refused"):
+        load_recipe(recipe)
+    assert not marker.exists()
+
+
+def test_missing_file_is_a_recipe_error(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match="no such recipe file"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_good_recipe_resolves_defaults_and_paths(tmp_path: Path) -> None:
+    recipe_path = write_recipe(tmp_path / "r.yaml", tiny_recipe(
+        [{"prune": "magnitude", "params": {"sparsity": 0.3}, "layers": ["blocks.0.*"]},
+         {"finetune": None}, {"evaluate": {}}],
+        output=Path("out")))
+    recipe = load_recipe(recipe_path)
+    assert [type(s) for s in recipe.steps][:2] == [PruneStep, FinetuneStep]
+    assert recipe.pruner_params[0].sparsity == 0.3 and recipe.pruner_params[0].scope == "global"
+    assert recipe.steps[0].layers.include == ["blocks.0.*"]  # a bare list means include
+    assert recipe.steps[1].finetune.epochs == 1  # `finetune:` with no body takes the defaults
+    assert recipe.output.dir == (tmp_path / "out").resolve()  # relative to the recipe, not the cwd
+    resolved = recipe.to_dict()
+    assert resolved["steps"][0]["params"] == {"sparsity": 0.3, "scope": "global"}
+    assert parse_recipe(resolved, source=recipe_path).to_dict() == resolved  # the resolved form re-validates
+
+
+def test_existing_output_dir_needs_overwrite(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    recipe = tiny_recipe([{"evaluate": {}}], output=tmp_path / "out")
+    with pytest.raises(RecipeError, match=r"output.dir: .* already exists; set output.overwrite: true"):
+        parse_recipe(recipe, source=tmp_path / "r.yaml")
+    recipe["output"]["overwrite"] = True
+    assert parse_recipe(recipe, source=tmp_path / "r.yaml").output.overwrite
