@@ -163,8 +163,8 @@ def load_state_dict_into(model: nn.Module, state_dict: Mapping[str, torch.Tensor
     ]
     if problems:
         raise CheckpointError(
-            f"checkpoint {source} does not fit the model: {'; '.join(problems)}; model.kwargs "
-            f"(num_classes, img_size, depth, embed_dim, ...) must describe the architecture the checkpoint was trained with"
+            f"checkpoint {source} does not fit the model: {'; '.join(problems)}; model.kwargs (num_classes, "
+            f"img_size, depth, embed_dim, ...) must describe the architecture the checkpoint was trained with"
         )
     try:
         model.load_state_dict(dict(state_dict), strict=True)

@@ -123,7 +123,9 @@ def _imagefolder_splits(spec: DataSpec, model: nn.Module, seed: int) -> tuple[Da
     root = spec.root
     if root is None or not root.is_dir():
         raise DataError(f"data.root: {root} is not a folder (imagefolder needs class subfolders)")
-    config = timm.data.resolve_data_config({}, model=model)
+    # The model's own input size wins over its pretrained config (a ViT built with img_size=384
+    # keeps a 224 pretrained_cfg).
+    config = timm.data.resolve_data_config({"input_size": model_input_size(model)}, model=model)
     transform = timm.data.create_transform(**config, is_training=False)
     try:
         if (root / "train").is_dir() and (root / "val").is_dir():
@@ -134,6 +136,6 @@ def _imagefolder_splits(spec: DataSpec, model: nn.Module, seed: int) -> tuple[Da
             return train, val, len(train.classes)
         full = ImageFolder(str(root), transform=transform)
     except FileNotFoundError as exc:
-        raise DataError(f"data.root: {root}: {exc}") from exc
+        raise DataError(f"data.root: {root} is empty or has no class subfolders with images ({exc})") from exc
     train_idx, val_idx = _split_indices(len(full), spec.val_fraction, seed)
     return Subset(full, train_idx), Subset(full, val_idx), len(full.classes)

@@ -107,7 +107,7 @@ def render_step(step: StepReport, console: Console = stdout) -> None:
         console.print(step_table(step))
     elif step.kind == "finetune" and step.history:
         last = step.history[-1]
-        console.print(f"[bold]step {step.index} · finetune[/] {len(step.history)} epochs, "
+        console.print(f"[bold]step {step.index} · finetune[/] {len(step.history)} epoch(s), "
                       f"last loss {last['train_loss']:.4f}, val top-1 {last['val_top1']:.2f}%")
     for note in step.notes:
         console.print(f"  [dim]{escape(note)}[/]")

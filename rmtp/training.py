@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-from torch.utils.data import DataLoader
 
 from rmtp.data import DataBundle
 from rmtp.errors import RmtpError

@@ -35,6 +35,17 @@ def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from threads, and on a busy machine thread hand-offs cost 100× the math."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_plugins(monkeypatch: pytest.MonkeyPatch):
     """Each test sees the plugins its own environment allows (RMTP_DISABLE_PLUGINS, sys.path)."""
