@@ -363,6 +363,11 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...], *, device: D
     torch's current thread count (the Timer's own default of 1 would understate CPU speed).
     The model must already be on ``device``.
     """
+    import logging
+
+    # torch.utils.benchmark imports cpp_extension, which warns about a missing CUDA toolkit on
+    # CPU-only machines: noise in a report, not a problem.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     from torch.utils import benchmark
 
     if batch_size < 1:

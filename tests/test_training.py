@@ -23,7 +23,7 @@ from rmtp.training import (
     training_loss,
 )
 
-FAST = dict(lr=1e-2, warmup_epochs=0.2, batch_size=32)
+FAST = {"lr": 1e-2, "warmup_epochs": 0.2, "batch_size": 32}
 
 
 def tiny_vit(seed: int = 0) -> torch.nn.Module:
