@@ -78,6 +78,7 @@ def prune(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the summary, not the per-layer tables.")] = False,
 ) -> None:
     """Run a recipe: build the model, apply its steps in order, print reports, save the result."""
+    from rmtp.distributed import is_main_process
     from rmtp.pipeline import run_recipe
     from rmtp.recipe import load_recipe
     from rmtp.render import RichProgress, render_report, render_step
@@ -85,6 +86,8 @@ def prune(
     with user_errors():
         loaded = load_recipe(recipe)
         result = run_recipe(loaded, progress=RichProgress(), on_step=None if quiet else render_step)
+    if not is_main_process():  # under torchrun only rank 0 reports
+        return
     render_report(result.report)
     if json_path is not None:
         write_json_atomic(json_path, result.report.to_dict())

@@ -13,14 +13,14 @@ import random
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from rmtp import metrics, saving
+from rmtp import distributed, metrics, saving
 from rmtp.architecture import Architecture, ModelSpec
 from rmtp.data import DataBundle, build_data
 from rmtp.errors import DeviceError
@@ -55,6 +55,7 @@ class _Run:
     input_shape: tuple[int, ...]
     progress: Progress
     dense_top1: float | None = None
+    pruned_layers: set[str] = field(default_factory=set)  # what the finetune penalties act on
 
 
 def resolve_device(name: str) -> torch.device:
@@ -86,10 +87,21 @@ def build_model(recipe: Recipe, plugins: Plugins) -> tuple[nn.Module, ModelSpec,
 
 def run_recipe(recipe: Recipe, *, progress: Progress = NULL_PROGRESS,
                on_step: Callable[[StepReport], None] | None = None) -> RunResult:
-    """Run every step of ``recipe`` in order; save the result when the recipe has ``output``."""
+    """Run every step of ``recipe`` in order; save the result when the recipe has ``output``.
+
+    Under ``torchrun`` every process runs the recipe (fine-tuning is data-parallel) and only rank 0
+    reports progress, calls ``on_step`` and saves.
+    """
+    device = distributed.local_device(resolve_device(recipe.device))
+    with distributed.process_group(device):
+        return _run(recipe, device, progress if distributed.is_main_process() else NULL_PROGRESS,
+                    on_step if distributed.is_main_process() else None)
+
+
+def _run(recipe: Recipe, device: torch.device, progress: Progress,
+         on_step: Callable[[StepReport], None] | None) -> RunResult:
     started = time.perf_counter()
     plugins = get_plugins()
-    device = resolve_device(recipe.device)
     seed_everything(recipe.seed)
     model, spec, baseline, arch = build_model(recipe, plugins)
     model = model.to(device).eval()
@@ -118,7 +130,7 @@ def run_recipe(recipe: Recipe, *, progress: Progress = NULL_PROGRESS,
             on_step(step_report)
 
     output_dir = None
-    if recipe.output is not None:
+    if recipe.output is not None and distributed.is_main_process():
         report.seconds = time.perf_counter() - started
         report.output_dir = str(recipe.output.dir)
         output_dir = saving.save(run.model, recipe.output.dir, spec=spec, arch=arch, baseline=baseline,
@@ -148,6 +160,7 @@ def _prune(run: _Run, index: int, step: PruneStep) -> StepReport:
                        dense_model=run.dense, calibration=calibration, progress=run.progress)
     rows = pruner_cls().prune(ctx, run.recipe.pruner_params[index])
     run.model.eval()
+    run.pruned_layers.update(row.layer for row in rows if row.skipped is None)
     notes = [] if layers else ["the step's layer filter selected no layers; nothing was pruned"]
     return StepReport(index=index, kind="prune", name=step_label(step), rows=rows,
                       stats=_stats(run, run.model), seconds=0.0, notes=notes)
@@ -158,7 +171,7 @@ def _finetune(run: _Run, index: int, step: FinetuneStep) -> StepReport:
     if config.seed is None:
         config = config.model_copy(update={"seed": run.recipe.seed + index})
     epochs_total = config.epochs
-    keep_zeros = _masked_layers(run)
+    keep_zeros = _masked_layers(run.model)
     history: list[dict] = []
     with run.progress.task(f"fine-tuning ({epochs_total} epochs)", total=epochs_total) as advance:
         def on_epoch(stats) -> None:  # noqa: ANN001 - EpochStats
@@ -167,24 +180,21 @@ def _finetune(run: _Run, index: int, step: FinetuneStep) -> StepReport:
 
         result = train(run.model, run.data, config, device=run.device,
                        teacher=run.dense if config.distill is not None else None,
-                       keep_zeros=keep_zeros, on_epoch=on_epoch)
+                       keep_zeros=keep_zeros, penalize=sorted(run.pruned_layers), on_epoch=on_epoch)
     run.model.eval()
     return StepReport(index=index, kind="finetune", name=step_label(step), rows=[],
                       stats=_stats(run, run.model, result.final_val_top1), seconds=0.0, history=history)
 
 
-def _masked_layers(run: _Run) -> list[str]:
-    """Prunable layers whose weight has exact zeros: their zero pattern is a mask to keep fixed.
+def _masked_layers(model: nn.Module) -> list[str]:
+    """Linear/Conv layers whose weight has exact zeros: their zero pattern is a mask to keep fixed.
 
     Derived from the weights rather than remembered from earlier steps, so it also holds for a
-    model loaded from a saved folder.
+    model loaded from a saved folder, and for the factors of split layers. Norm weights are not
+    masks (timm zero-initialises some BatchNorm scales) and are left free.
     """
-    names = []
-    for layer in run.arch.prunable_layers(run.model):
-        weight = getattr(run.model.get_submodule(layer.name), "weight", None)
-        if isinstance(weight, nn.Parameter) and bool((weight == 0).any()):
-            names.append(layer.name)
-    return names
+    return [name for name, module in model.named_modules()
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) and bool((module.weight == 0).any())]
 
 
 def _evaluate(run: _Run, index: int, step: EvaluateStep) -> StepReport:

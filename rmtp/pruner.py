@@ -52,6 +52,8 @@ class LayerRow:
     kept_rank: int | None = None
     kept_fraction: float | None = None
     note: str = ""
+    #: Why the pruner left this layer alone (too small, unsupported type...), or None if it acted.
+    skipped: str | None = None
     #: Pruner-specific figures (edge, tokens in/out, ...), rendered as extra columns.
     detail: dict[str, Any] = field(default_factory=dict)
 

@@ -50,7 +50,8 @@ def step_table(step: StepReport) -> Table:
     for row in step.rows:
         detail_keys.extend(k for k in row.detail if k not in detail_keys)
     table = Table(title=f"step {step.index} · {escape(step.kind)} · {escape(step.name)}", title_justify="left")
-    for column in ("layer", "shape", "budget", "kept", "sparsity", "params", "nonzeros", *detail_keys):
+    notes = ["note"] if any(row.note for row in step.rows) else []
+    for column in ("layer", "shape", "budget", "kept", "sparsity", "params", "nonzeros", *detail_keys, *notes):
         table.add_column(column, justify="left" if column in ("layer", "shape") else "right",
                          no_wrap=column in ("layer", "shape", "params"))
     for row in step.rows:
@@ -62,6 +63,7 @@ def step_table(step: StepReport) -> Table:
             escape(row.layer), shape, _fraction(row.budget), kept, _fraction(row.sparsity),
             _change(row.params_before, row.params_after), human(row.nonzeros_after),
             *(_cell(row.detail.get(k)) for k in detail_keys),
+            *([escape(row.note)] if notes else []),
         )
     return table
 

@@ -23,6 +23,10 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader, DistributedSampler
+
+from rmtp import distributed
 from rmtp.data import DataBundle
 from rmtp.errors import RmtpError
 from rmtp.metrics import top1
@@ -68,6 +72,10 @@ class TrainConfig(BaseModel):
                                    description="label smoothing of the cross-entropy term")
     distill: DistillConfig | None = Field(None,
                                           description="distil from a teacher (needs a teacher model)")
+    l1: float = Field(0.0, ge=0.0, le=1.0,
+                      description="elastic-net L1 penalty λ₁·Σ|w| on the pruned layers' weights")
+    l2: float = Field(0.0, ge=0.0, le=1.0,
+                      description="elastic-net L2 penalty λ₂·Σw² on the pruned layers' weights")
     augment: bool = Field(False, description=f"random translation by up to ±{AUGMENT_SHIFT} px "
                                              "(pad + random crop of each batch), seeded")
     seed: int | None = Field(None, ge=0, description="seed of init-independent randomness: shuffle, "
@@ -185,6 +193,37 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return groups
 
 
+def elastic_net(weights: Sequence[torch.Tensor], l1: float, l2: float) -> torch.Tensor | None:
+    """λ₁·Σ|w| + λ₂·Σw² over ``weights`` (the seeds' regularised fine-tune), ``None`` when both are 0.
+
+    Sums, not means, as in the elastic-net objective the seeds analyse: λ is per weight entry, so a
+    value tuned on one model size means the same pull on each weight of another.
+    """
+    if not weights or (l1 == 0.0 and l2 == 0.0):
+        return None
+    total = weights[0].new_zeros(())
+    for w in weights:
+        if l1:
+            total = total + l1 * w.abs().sum()
+        if l2:
+            total = total + l2 * w.pow(2).sum()
+    return total
+
+
+def penalized_weights(model: nn.Module, names: Iterable[str]) -> list[nn.Parameter]:
+    """The Linear/Conv weights inside the named submodules (a split layer's two factors included)."""
+    weights: dict[int, nn.Parameter] = {}
+    for name in names:
+        try:
+            root = model.get_submodule(name)
+        except AttributeError as exc:
+            raise RmtpError(f"penalize: the model has no submodule {name!r}") from exc
+        for module in root.modules():
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+                weights[id(module.weight)] = module.weight
+    return list(weights.values())
+
+
 def zero_masks(model: nn.Module, names: Iterable[str]) -> list[tuple[nn.Parameter, torch.Tensor]]:
     """(weight, keep-mask) of each named submodule: the mask is 1 where the weight is non-zero now."""
     masks = []
@@ -213,6 +252,7 @@ def train(
     device: torch.device | str,
     teacher: nn.Module | None = None,
     keep_zeros: Sequence[str] = (),
+    penalize: Sequence[str] = (),
     on_epoch: Callable[[EpochStats], None] | None = None,
     on_batch: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
@@ -233,6 +273,15 @@ def train(
       guarantee rather than a consequence of AdamW's arithmetic (``eps``, decoupled decay, a
       different optimizer or tied parameters could otherwise move a masked entry off zero).
 
+    ``penalize`` names submodules (the pruned layers) whose Linear/Conv weights get the
+    ``l1``/``l2`` elastic-net penalty of the config.
+
+    Under ``torchrun`` (a process group is initialised, see :mod:`rmtp.distributed`) the model is
+    wrapped in DistributedDataParallel and each process sees its share of every epoch through a
+    DistributedSampler; ``batch_size`` stays the *global* batch (split evenly over processes),
+    so a recipe means the same optimisation on 1 or N processes. Reported losses are averaged
+    over all processes.
+
     ``on_batch(batch, batches)`` is called after every optimizer step (``batch`` 1-based, within
     the epoch); ``on_epoch(stats)`` after every epoch's evaluation.
 
@@ -246,7 +295,18 @@ def train(
     if config.seed is not None:
         torch.manual_seed(config.seed)
     seed = config.seed if config.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)))
-    loader = bundle.loader("train", shuffle=True, seed=seed, batch_size=config.batch_size)
+    world = distributed.world_size()
+    global_batch = config.batch_size or bundle.batch_size
+    if global_batch % world:
+        raise RmtpError(f"finetune.batch_size {global_batch} does not split evenly over {world} processes")
+    sampler = None
+    if world > 1:
+        sampler = DistributedSampler(bundle.train, num_replicas=world, rank=distributed.rank(), shuffle=True,
+                                     seed=seed)
+        loader = DataLoader(bundle.train, batch_size=global_batch // world, sampler=sampler,
+                            num_workers=bundle.num_workers)
+    else:
+        loader = bundle.loader("train", shuffle=True, seed=seed, batch_size=global_batch)
     val_loader = bundle.loader("val")
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
@@ -264,6 +324,8 @@ def train(
         teacher = None  # distill unset: a teacher passed anyway is not used
 
     masks = [(p, m.to(device)) for p, m in zero_masks(model, keep_zeros)]
+    penalized = penalized_weights(model, penalize)
+    forward = DistributedDataParallel(model) if world > 1 else model
     groups = param_groups(model, config.weight_decay)
     if not groups:
         raise RmtpError("training: the model has no trainable parameters")
@@ -278,6 +340,8 @@ def train(
         for epoch in range(1, config.epochs + 1):
             epoch_start = time.perf_counter()
             model.train()
+            if sampler is not None:
+                sampler.set_epoch(epoch)
             loss_sum, seen = 0.0, 0
             for batch_index, (images, targets) in enumerate(loader, start=1):
                 lr = lr_at(step, total_steps=total_steps, warmup_steps=warmup_steps,
@@ -291,8 +355,11 @@ def train(
                 if teacher is not None:
                     with torch.no_grad():
                         teacher_logits = teacher(images)
-                logits = model(images)
+                logits = forward(images)
                 loss = training_loss(logits, targets, teacher_logits, config)
+                penalty = elastic_net(penalized, config.l1, config.l2)
+                if penalty is not None:
+                    loss = loss + penalty
                 if not torch.isfinite(loss):
                     raise RmtpError(f"training diverged: loss is {loss.item()} at epoch {epoch}, "
                                     f"step {batch_index} (lower lr or set grad_clip)")
@@ -312,6 +379,7 @@ def train(
                 seen += targets.numel()
                 if on_batch is not None:
                     on_batch(batch_index, steps_per_epoch)
+            loss_sum, seen = distributed.all_reduce_sum([loss_sum, float(seen)], device)
             val_top1 = top1(model, val_loader, device=device)
             stats = EpochStats(epoch=epoch, train_loss=loss_sum / max(1, seen), val_top1=val_top1,
                                lr=lr, seconds=time.perf_counter() - epoch_start)

@@ -1,0 +1,243 @@
+"""``svd-mp``: drop the singular directions inside the Marchenko–Pastur bulk, split layers in two.
+
+For every selected layer the 2-D weight W (M×N; a conv as out × in·k_h·k_w; a fused qkv as its
+q, k, v blocks when ``split_qkv``) is decomposed, W = U·S·Vᵀ, and the MP law is fitted to its
+spectrum (:func:`rmtp.spectral.mp.fit_mp`). Directions whose singular value lies above the
+bulk's edge s₊ (times ``margin``) carry signal; the rest is treated as noise and dropped.
+
+* Rank per matrix: k = #{s > margin·s₊}, clamped to [``min_rank``, ``max_rank_fraction``·min(M,N)].
+* With ``target_params`` the ranks are instead allocated across all selected layers at once: every
+  singular direction is scored by how far it stands above its own layer's edge (s / s₊), and the
+  best-scored directions are kept until the selected layers hold ``target_params`` of their
+  original weight count. Layers whose split would not pay count at their dense size.
+* When k·(M+N) < M·N the layer is replaced by two thin layers (:mod:`rmtp.lowrank`), so params and
+  MACs really drop; otherwise it stays dense and, by default, the rank-k reconstruction is written
+  back (``when_split_does_not_pay: keep`` leaves it untouched). The report says which.
+* ``coefficient_pruning`` then zeroes that fraction of the smallest entries of each layer's new
+  weights (the factors, or the dense reconstruction): the seeds' direct coefficient pruning. The
+  zeros are reported as nonzeros and stay zero through a later ``finetune`` step.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from rmtp.hookspecs import hookimpl
+from rmtp.lowrank import factorize, factorize_blocks
+from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams, weight_footprint
+from rmtp.spectral.mp import MPFit, fit_mp, weight_matrix
+
+
+class SvdMpParams(PrunerParams):
+    margin: float = Field(1.0, gt=0.0, le=100.0,
+                          description="scale on the MP singular-value threshold s₊ (above 1 keeps fewer directions)")
+    min_rank: int = Field(1, ge=1, description="never keep fewer directions per matrix")
+    max_rank_fraction: float = Field(1.0, gt=0.0, le=1.0, description="never keep more than this share of min(M,N)")
+    target_params: float | None = Field(None, gt=0.0, lt=1.0,
+                                        description="keep this share of the selected layers' weights, ranks "
+                                                    "allocated globally by s/s₊ (default: each layer's own edge)")
+    split_qkv: bool = Field(True, description="fit and factor a fused qkv as separate q, k, v blocks")
+    coefficient_pruning: float = Field(0.0, ge=0.0, lt=1.0,
+                                       description="then zero this share of the smallest entries of the new weights")
+    when_split_does_not_pay: Literal["reconstruct", "keep"] = Field(
+        "reconstruct", description="a layer whose split would not save params: write back its rank-k "
+                                   "reconstruction, or keep it unchanged")
+    alpha: float = Field(0.25, gt=0.0, lt=0.5, description="BEMA fit on the [alpha, 1-alpha] quantile band")
+    tw_confidence: float | None = Field(None, gt=0.0, lt=1.0,
+                                        description="add a Tracy–Widom margin to the edge at this confidence")
+    min_dim: int = Field(32, ge=2, description="matrices with min(M,N) below this are skipped (too few "
+                                                "singular values for statistics)")
+
+
+@dataclass
+class _Matrix:
+    """One matrix to factor: a whole layer, or one block (q, k or v) of a fused projection."""
+
+    label: str
+    rows: slice
+    u: torch.Tensor
+    s: torch.Tensor
+    vh: torch.Tensor
+    fit: MPFit | None
+    rank: int = 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.u.shape[0], self.vh.shape[1])
+
+
+@dataclass
+class _Plan:
+    """What svd-mp will do to one layer."""
+
+    name: str
+    module: nn.Module
+    matrices: list[_Matrix] = field(default_factory=list)
+    skipped: str | None = None
+
+    @property
+    def rows_cols(self) -> tuple[int, int]:
+        weight = weight_matrix(self.module.weight)
+        return weight.shape[0], weight.shape[1]
+
+    def split_cost(self) -> int:
+        _, cols = self.rows_cols
+        return sum(m.rank * (cols + m.shape[0]) for m in self.matrices)
+
+    def dense_cost(self) -> int:
+        rows, cols = self.rows_cols
+        return rows * cols
+
+    def cost(self) -> int:
+        """Weight entries this layer holds after pruning (a split that does not pay stays dense)."""
+        return min(self.split_cost(), self.dense_cost())
+
+
+class SvdMpPruner(Pruner):
+    name = "svd-mp"
+    description = "Keep singular directions above the Marchenko–Pastur edge; split layers into two thin ones."
+    kind = "weight"
+    Params = SvdMpParams
+
+    def prune(self, ctx: PruneContext, params: SvdMpParams) -> list[LayerRow]:
+        plans = self._plan(ctx, params)
+        if params.target_params is not None:
+            _allocate_globally(plans, params)
+        rows = []
+        with ctx.progress.task("svd-mp: replacing layers", total=len(plans)) as advance:
+            for plan in plans:
+                rows.append(self._apply(ctx, plan, params))
+                advance()
+        return rows
+
+    def _plan(self, ctx: PruneContext, params: SvdMpParams) -> list[_Plan]:
+        plans = []
+        with ctx.progress.task("svd-mp: SVD + MP fit", total=len(ctx.layers)) as advance:
+            for layer in ctx.layers:
+                plans.append(self._plan_layer(ctx, layer.name, ctx.module(layer), params))
+                advance()
+        return plans
+
+    def _plan_layer(self, ctx: PruneContext, name: str, module: nn.Module, params: SvdMpParams) -> _Plan:
+        plan = _Plan(name=name, module=module)
+        if not isinstance(module, (nn.Linear, nn.Conv2d)):
+            plan.skipped = f"not a Linear/Conv2d ({type(module).__name__})"
+            return plan
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            plan.skipped = f"grouped conv (groups={module.groups}) is not one matrix"
+            return plan
+        matrix = weight_matrix(module.weight.detach()).to("cpu", torch.float64)
+        blocks = ctx.arch.qkv_split(name, module) if params.split_qkv and isinstance(module, nn.Linear) else None
+        for label, rows in (blocks or {"": slice(0, matrix.shape[0])}).items():
+            part = matrix[rows]
+            if min(part.shape) < params.min_dim:
+                plan.skipped = f"min(M,N)={min(part.shape)} < min_dim={params.min_dim}: too few singular values"
+                plan.matrices = []
+                return plan
+            u, s, vh = torch.linalg.svd(part, full_matrices=False)
+            fit = fit_mp(s, tuple(part.shape), alpha=params.alpha, tw_confidence=params.tw_confidence)
+            m = _Matrix(label=label, rows=rows, u=u, s=s, vh=vh, fit=fit)
+            m.rank = _clamp(int((s > params.margin * fit.s_plus).sum()), m, params)
+            plan.matrices.append(m)
+        return plan
+
+    def _apply(self, ctx: PruneContext, plan: _Plan, params: SvdMpParams) -> LayerRow:
+        shape, params_before, nonzeros_before = weight_footprint(plan.module)
+        if plan.skipped:
+            return LayerRow(plan.name, shape, shape, params_before, params_before, nonzeros_before, nonzeros_before,
+                            skipped=plan.skipped, note=f"skipped: {plan.skipped}")
+        rows, cols = plan.rows_cols
+        pays = plan.split_cost() < plan.dense_cost()
+        if pays:
+            if len(plan.matrices) == 1:
+                m = plan.matrices[0]
+                new = factorize(plan.module, m.u, m.s, m.vh, m.rank)
+            else:
+                new = factorize_blocks(plan.module, [(m.rows, m.u, m.s, m.vh, m.rank) for m in plan.matrices])
+            ctx.model.set_submodule(plan.name, new)
+            mode = "split"
+        elif params.when_split_does_not_pay == "reconstruct":
+            with torch.no_grad():
+                weight = weight_matrix(plan.module.weight)
+                for m in plan.matrices:
+                    approx = (m.u[:, :m.rank] * m.s[:m.rank]) @ m.vh[:m.rank]
+                    weight[m.rows] = approx.to(weight.dtype)
+            new, mode = plan.module, "dense, rank-k reconstruction"
+        else:
+            new, mode = plan.module, "dense, unchanged (split would not pay)"
+        if params.coefficient_pruning > 0:
+            _prune_coefficients(new, params.coefficient_pruning)
+        shape_after, params_after, nonzeros_after = weight_footprint(new)
+        ranks = [m.rank for m in plan.matrices]
+        rank_text = "/".join(map(str, ranks)) if len(ranks) > 1 else str(ranks[0])
+        edges = [m.fit.s_plus for m in plan.matrices]
+        heavy = [m.label or "W" for m in plan.matrices if not m.fit.bulk_is_mp]
+        macs_after = plan.split_cost() if pays else rows * cols
+        return LayerRow(
+            plan.name, shape, shape_after, params_before, params_after, nonzeros_before, nonzeros_after,
+            budget=params_after / params_before, kept_rank=sum(ranks),
+            note=mode + (f"; bulk not MP-like in {', '.join(heavy)}" if heavy else ""),
+            detail={"mode": mode.split(",")[0], "rank": f"{rank_text} of {min(rows, cols)}",
+                    "edge s₊": edges[0] if len(edges) == 1 else "/".join(f"{e:.3g}" for e in edges),
+                    "MACs/pos": f"{rows * cols} → {macs_after}"},
+        )
+
+
+def _clamp(rank: int, matrix: _Matrix, params: SvdMpParams) -> int:
+    full = min(matrix.shape)
+    ceiling = max(params.min_rank, math.floor(params.max_rank_fraction * full))
+    return max(params.min_rank, min(rank, ceiling, full))
+
+
+def _allocate_globally(plans: list[_Plan], params: SvdMpParams) -> None:
+    """Set ranks so the selected layers keep ``target_params`` of their weights, best s/s₊ first.
+
+    Lowering the score threshold τ only ever adds directions, so the cost is monotone in τ and
+    the loosest τ that fits the budget is found by bisection over the observed scores.
+    """
+    active = [p for p in plans if not p.skipped]
+    budget = params.target_params * sum(p.dense_cost() for p in plans) - sum(p.dense_cost() for p in plans if p.skipped)
+    scores = {id(m): (m.s / m.fit.s_plus) for p in active for m in p.matrices}
+
+    def set_threshold(tau: float) -> int:
+        for plan in active:
+            for m in plan.matrices:
+                m.rank = _clamp(int((scores[id(m)] > tau).sum()), m, params)
+        return sum(p.cost() for p in active)
+
+    candidates = torch.cat([s for s in scores.values()]).unique().sort().values.tolist() if scores else []
+    lo, hi = 0, len(candidates)  # answer index in [lo, hi]; hi means "above every score" (min ranks)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if set_threshold(candidates[mid]) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    set_threshold(candidates[lo] if lo < len(candidates) else math.inf)
+
+
+def _prune_coefficients(module: nn.Module, fraction: float) -> None:
+    """Zero the ``fraction`` smallest-magnitude entries over the module's Linear/Conv weights."""
+    weights = [m.weight for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    scores = torch.cat([w.detach().abs().flatten() for w in weights])
+    n_zero = round(fraction * scores.numel())
+    if n_zero == 0:
+        return
+    drop = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    drop[torch.sort(scores, stable=True).indices[:n_zero]] = True
+    offset = 0
+    with torch.no_grad():
+        for w in weights:
+            w.masked_fill_(drop[offset:offset + w.numel()].view_as(w), 0.0)
+            offset += w.numel()
+
+
+@hookimpl
+def register_pruners(register) -> None:  # noqa: ANN001 - pluggy passes the registry's callback
+    register(SvdMpPruner)

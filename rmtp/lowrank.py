@@ -1,0 +1,165 @@
+"""Low-rank layers: a Linear or Conv2d split into two thinner ones, W ≈ B·A.
+
+A rank-k factorisation of an M×N weight stores k·(M+N) numbers instead of M·N and costs k·(M+N)
+multiply-accumulates per output position instead of M·N, so it pays exactly when
+k·(M+N) < M·N. :func:`factorize` builds the factors from a truncated SVD with the singular
+values split evenly (B = U·√S, A = √S·Vᵀ), which keeps the two factors on the same scale for
+fine-tuning and for coefficient pruning.
+
+The modules are :func:`~rmtp.modules.rebuildable`, so a saved model reloads with them in place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from rmtp.modules import rebuildable
+
+
+@rebuildable
+class LowRankLinear(nn.Module):
+    """``Linear(N → M)`` as ``first: Linear(N → k, no bias)`` then ``second: Linear(k → M, bias)``."""
+
+    def __init__(self, in_features: int, rank: int, out_features: int, bias: bool = True):
+        super().__init__()
+        self.first = nn.Linear(in_features, rank, bias=False)
+        self.second = nn.Linear(rank, out_features, bias=bias)
+
+    @property
+    def rank(self) -> int:
+        return self.first.out_features
+
+    @property
+    def effective_shape(self) -> tuple[int, int]:
+        return (self.second.out_features, self.first.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+    def rmtp_config(self) -> dict[str, Any]:
+        return {"in_features": self.first.in_features, "rank": self.rank,
+                "out_features": self.second.out_features, "bias": self.second.bias is not None}
+
+    def extra_repr(self) -> str:
+        return f"{self.first.in_features} → {self.rank} → {self.second.out_features}"
+
+
+@rebuildable
+class LowRankConv2d(nn.Module):
+    """``Conv2d(C_in → C_out, k_h×k_w)`` as a k-channel conv with the original kernel, then a 1×1 conv."""
+
+    def __init__(self, in_channels: int, rank: int, out_channels: int, kernel_size: tuple[int, int],
+                 stride: tuple[int, int] = (1, 1), padding: tuple[int, int] | str = (0, 0),
+                 dilation: tuple[int, int] = (1, 1), bias: bool = True, padding_mode: str = "zeros"):
+        super().__init__()
+        padding = padding if isinstance(padding, str) else tuple(padding)
+        self.first = nn.Conv2d(in_channels, rank, tuple(kernel_size), stride=tuple(stride), padding=padding,
+                               dilation=tuple(dilation), bias=False, padding_mode=padding_mode)
+        self.second = nn.Conv2d(rank, out_channels, 1, bias=bias)
+
+    @property
+    def rank(self) -> int:
+        return self.first.out_channels
+
+    @property
+    def effective_shape(self) -> tuple[int, ...]:
+        return (self.second.out_channels, self.first.in_channels, *self.first.kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.second(self.first(x))
+
+    def rmtp_config(self) -> dict[str, Any]:
+        first = self.first
+        return {"in_channels": first.in_channels, "rank": self.rank, "out_channels": self.second.out_channels,
+                "kernel_size": list(first.kernel_size), "stride": list(first.stride),
+                "padding": first.padding if isinstance(first.padding, str) else list(first.padding),
+                "dilation": list(first.dilation), "bias": self.second.bias is not None,
+                "padding_mode": first.padding_mode}
+
+
+def factorize(module: nn.Linear | nn.Conv2d, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor,
+              rank: int) -> LowRankLinear | LowRankConv2d:
+    """The low-rank replacement of ``module`` keeping the top ``rank`` singular triplets.
+
+    ``u, s, vh`` are the SVD of the layer's 2-D weight (``out × in·k_h·k_w`` for a conv).
+    """
+    root = s[:rank].sqrt()
+    second_w = (u[:, :rank] * root).to(module.weight.dtype)           # M × k
+    first_w = (root[:, None] * vh[:rank]).to(module.weight.dtype)     # k × N
+    bias = module.bias is not None
+    if isinstance(module, nn.Linear):
+        low = LowRankLinear(module.in_features, rank, module.out_features, bias=bias)
+        low.first.weight.data.copy_(first_w)
+        low.second.weight.data.copy_(second_w)
+    elif isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            raise ValueError(f"cannot factorize a grouped conv (groups={module.groups})")
+        low = LowRankConv2d(module.in_channels, rank, module.out_channels, module.kernel_size, module.stride,
+                            module.padding, module.dilation, bias=bias, padding_mode=module.padding_mode)
+        low.first.weight.data.copy_(first_w.reshape(rank, *module.weight.shape[1:]))
+        low.second.weight.data.copy_(second_w.reshape(module.out_channels, rank, 1, 1))
+    else:
+        raise TypeError(f"cannot factorize {type(module).__name__}: only nn.Linear and nn.Conv2d")
+    if bias:
+        low.second.bias.data.copy_(module.bias.detach())
+    return low.to(module.weight.device)
+
+
+@rebuildable
+class BlockLowRankLinear(nn.Module):
+    """A fused projection (e.g. timm's qkv) whose output blocks each have their own rank.
+
+    ``first`` stacks every block's right factor (N → Σkᵢ, one matmul); ``seconds[i]`` maps block
+    i's kᵢ channels to its Mᵢ outputs; the outputs are concatenated. q, k and v have different
+    spectra, so one rank for the fused 3D×D matrix would either keep noise in one block or cut
+    signal in another.
+    """
+
+    def __init__(self, in_features: int, ranks: list[int], out_features: list[int], bias: bool = True):
+        super().__init__()
+        if len(ranks) != len(out_features) or not ranks:
+            raise ValueError("ranks and out_features must be non-empty lists of the same length")
+        self.ranks = [int(k) for k in ranks]
+        self.first = nn.Linear(in_features, sum(self.ranks), bias=False)
+        self.seconds = nn.ModuleList(nn.Linear(k, m, bias=bias) for k, m in zip(self.ranks, out_features))
+
+    @property
+    def rank(self) -> int:
+        return sum(self.ranks)
+
+    @property
+    def effective_shape(self) -> tuple[int, int]:
+        return (sum(s.out_features for s in self.seconds), self.first.in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.first(x).split(self.ranks, dim=-1)
+        return torch.cat([second(h) for second, h in zip(self.seconds, hidden)], dim=-1)
+
+    def rmtp_config(self) -> dict[str, Any]:
+        return {"in_features": self.first.in_features, "ranks": list(self.ranks),
+                "out_features": [s.out_features for s in self.seconds], "bias": self.seconds[0].bias is not None}
+
+    def extra_repr(self) -> str:
+        return f"{self.first.in_features} → {'+'.join(map(str, self.ranks))} → " \
+               f"{'+'.join(str(s.out_features) for s in self.seconds)}"
+
+
+def factorize_blocks(module: nn.Linear, blocks: list[tuple[slice, torch.Tensor, torch.Tensor, torch.Tensor, int]]
+                     ) -> BlockLowRankLinear:
+    """A :class:`BlockLowRankLinear` from per-block SVDs ``(rows, u, s, vh, rank)`` of ``module.weight``."""
+    ranks = [rank for *_, rank in blocks]
+    outs = [rows.stop - rows.start for rows, *_ in blocks]
+    bias = module.bias is not None
+    low = BlockLowRankLinear(module.in_features, ranks, outs, bias=bias).to(module.weight.device)
+    firsts = []
+    for (rows, u, s, vh, rank), second in zip(blocks, low.seconds):
+        root = s[:rank].sqrt()
+        firsts.append(root[:, None] * vh[:rank])
+        second.weight.data.copy_((u[:, :rank] * root).to(module.weight.dtype))
+        if bias:
+            second.bias.data.copy_(module.bias.detach()[rows])
+    low.first.weight.data.copy_(torch.cat(firsts).to(module.weight.dtype))
+    return low
