@@ -135,8 +135,12 @@ class BlockLowRankLinear(nn.Module):
         return (sum(s.out_features for s in self.seconds), self.first.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.first(x).split(self.ranks, dim=-1)
-        return torch.cat([second(h) for second, h in zip(self.seconds, hidden)], dim=-1)
+        # Flatten to 2-D first: the column blocks of a 2-D activation are strided views that
+        # addmm takes as they are, where 3-D ones would be copied or sent through batched matmul.
+        flat = self.first(x.reshape(-1, x.shape[-1]))
+        blocks = flat.split(self.ranks, dim=-1)
+        out = torch.cat([second(h) for second, h in zip(self.seconds, blocks)], dim=-1)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def rmtp_config(self) -> dict[str, Any]:
         return {"in_features": self.first.in_features, "ranks": list(self.ranks),
