@@ -1,0 +1,222 @@
+"""svd-mp: low-rank layers against dense references, MP ranks on planted spikes, budgets, save/load."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import rmtp
+from rmtp.layers import select_layers
+from rmtp.lowrank import BlockLowRankLinear, LowRankConv2d, LowRankLinear, factorize, factorize_blocks
+from rmtp.pipeline import run_recipe
+from rmtp.plugins import get_plugins
+from rmtp.pruner import PruneContext
+from rmtp.recipe import load_recipe
+from rmtp.spectral.mp import weight_matrix
+from rmtp_plugins.svd_mp import SvdMpParams, SvdMpPruner
+
+from conftest import TINY_VIT, tiny_recipe, write_recipe
+
+
+def _svd(weight: torch.Tensor):
+    return torch.linalg.svd(weight_matrix(weight.detach()).double(), full_matrices=False)
+
+
+def _truncated(weight: torch.Tensor, rank: int) -> torch.Tensor:
+    u, s, vh = _svd(weight)
+    return ((u[:, :rank] * s[:rank]) @ vh[:rank]).float().reshape(weight.shape)
+
+
+# ---------------------------------------------------------------------------------- low-rank modules
+
+def test_full_rank_linear_split_is_the_dense_layer() -> None:
+    torch.manual_seed(0)
+    dense = nn.Linear(24, 40)
+    low = factorize(dense, *_svd(dense.weight), rank=24)
+    x = torch.randn(5, 7, 24)
+    torch.testing.assert_close(low(x), dense(x), atol=1e-5, rtol=1e-5)
+    assert low.first.weight.shape == (24, 24) and low.second.bias is not None
+
+
+@pytest.mark.parametrize("kwargs", [dict(kernel_size=3, padding=1), dict(kernel_size=3, stride=2),
+                                    dict(kernel_size=(1, 3), padding=(0, 1), dilation=2, bias=False),
+                                    dict(kernel_size=3, padding="same", padding_mode="reflect")])
+def test_conv_split_equals_truncated_svd_conv(kwargs) -> None:
+    torch.manual_seed(0)
+    dense = nn.Conv2d(8, 12, **kwargs)
+    low = factorize(dense, *_svd(dense.weight), rank=5)
+    reference = nn.Conv2d(8, 12, **kwargs)
+    reference.load_state_dict(dense.state_dict())
+    with torch.no_grad():
+        reference.weight.copy_(_truncated(dense.weight, 5))
+    x = torch.randn(2, 8, 11, 13)
+    torch.testing.assert_close(low(x), reference(x), atol=1e-5, rtol=1e-5)
+    assert isinstance(low, LowRankConv2d) and low.rank == 5
+    assert sum(p.numel() for p in low.parameters()) == 5 * (8 * dense.weight[0, 0].numel() + 12) + (12 if dense.bias is not None else 0)
+
+
+def test_block_split_matches_per_block_truncation() -> None:
+    torch.manual_seed(0)
+    dense = nn.Linear(16, 3 * 10)
+    blocks, reference = [], dense.weight.detach().clone()
+    for rows, rank in zip((slice(0, 10), slice(10, 20), slice(20, 30)), (2, 5, 3)):
+        u, s, vh = _svd(dense.weight[rows])
+        blocks.append((rows, u, s, vh, rank))
+        reference[rows] = _truncated(dense.weight[rows], rank)
+    low = factorize_blocks(dense, blocks)
+    x = torch.randn(4, 9, 16)
+    torch.testing.assert_close(low(x), nn.functional.linear(x, reference, dense.bias), atol=1e-5, rtol=1e-5)
+    assert low.ranks == [2, 5, 3] and low.effective_shape == (30, 16)
+
+
+# ---------------------------------------------------------------------------------- the pruner
+
+def _planted(rows: int, cols: int, spikes: list[float], sigma: float = 0.02, seed: int = 0) -> torch.Tensor:
+    """Signal directions of strength θ (in units of the BBP threshold) plus Gaussian noise."""
+    g = torch.Generator().manual_seed(seed)
+    threshold = sigma * (rows * cols) ** 0.25
+    u = torch.linalg.qr(torch.randn(rows, len(spikes), generator=g))[0]
+    v = torch.linalg.qr(torch.randn(cols, len(spikes), generator=g))[0]
+    signal = (u * torch.tensor(spikes) * threshold) @ v.T
+    return signal + sigma * torch.randn(rows, cols, generator=g)
+
+
+class _TwoLayers(nn.Module):
+    def __init__(self, first: torch.Tensor, second: torch.Tensor):
+        super().__init__()
+        self.a = nn.Linear(first.shape[1], first.shape[0])
+        self.b = nn.Linear(second.shape[1], second.shape[0])
+        with torch.no_grad():
+            self.a.weight.copy_(first)
+            self.b.weight.copy_(second)
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def _context(model: nn.Module, names: list[str]) -> PruneContext:
+    from rmtp.architecture import PrunableLayer
+
+    arch = get_plugins().architecture("vit")  # only its qkv_split is consulted, and these are not qkv
+    return PruneContext(model=model, arch=arch, layers=[PrunableLayer(n, "fc1") for n in names],
+                        device=torch.device("cpu"), seed=0)
+
+
+def test_mp_edge_keeps_exactly_the_planted_spikes() -> None:
+    first = _planted(200, 120, [4.0, 3.0, 2.5])            # 3 spikes well above the BBP threshold
+    second = _planted(60, 200, [5.0, 0.3], seed=1)         # 1 above, 1 far below: invisible
+    model = _TwoLayers(first, second)
+    expected = {"a": _truncated(first, 3), "b": _truncated(second, 1)}
+    rows = SvdMpPruner().prune(_context(model, ["a", "b"]), SvdMpParams())
+    assert [r.kept_rank for r in rows] == [3, 1]
+    for row, name in zip(rows, ("a", "b")):
+        layer = model.get_submodule(name)
+        assert isinstance(layer, LowRankLinear)
+        m, n = row.shape_before
+        assert row.params_after == row.kept_rank * (m + n) + m  # factors + bias
+        product = layer.second.weight @ layer.first.weight
+        torch.testing.assert_close(product, expected[name], atol=1e-5, rtol=1e-5)
+
+
+def test_split_that_does_not_pay_is_reconstructed_or_kept() -> None:
+    weight = _planted(40, 40, [], seed=2)
+    model = _TwoLayers(weight, torch.randn(8, 40))
+    loose = SvdMpParams(min_dim=8, margin=0.2)  # a fifth of the edge: keeps most of the bulk, k·(M+N) ≥ M·N
+    rows = SvdMpPruner().prune(_context(model, ["a"]), loose)
+    assert rows[0].kept_rank * 80 >= 1600
+    assert isinstance(model.a, nn.Linear) and rows[0].note.startswith("dense, rank-k reconstruction")
+    torch.testing.assert_close(model.a.weight, _truncated(weight, rows[0].kept_rank), atol=1e-5, rtol=1e-5)
+    model = _TwoLayers(weight, torch.randn(8, 40))
+    SvdMpPruner().prune(_context(model, ["a"]), loose.model_copy(update={"when_split_does_not_pay": "keep"}))
+    torch.testing.assert_close(model.a.weight, weight)
+
+
+def test_small_layers_are_skipped_with_a_reason() -> None:
+    model = _TwoLayers(torch.randn(20, 10), torch.randn(5, 20))
+    before = model.a.weight.clone()
+    rows = SvdMpPruner().prune(_context(model, ["a"]), SvdMpParams())
+    assert rows[0].skipped and "min(M,N)=10 < min_dim=32" in rows[0].note
+    assert torch.equal(model.a.weight, before)
+
+
+def test_global_budget_meets_target_and_favours_signal() -> None:
+    strong = _planted(128, 128, [8, 7, 6, 5, 4, 3, 2.5, 2], seed=3)
+    noise = _planted(128, 128, [], seed=4)
+    model = _TwoLayers(strong, noise)
+    total = 2 * 128 * 128
+    rows = SvdMpPruner().prune(_context(model, ["a", "b"]), SvdMpParams(target_params=0.15))
+    kept_weights = sum(r.kept_rank * 256 for r in rows)
+    assert kept_weights <= 0.15 * total
+    assert kept_weights > 0.15 * total - 2 * 256  # tight: at most one direction per layer short
+    assert rows[0].kept_rank > rows[1].kept_rank  # the spiked layer gets the budget
+
+
+def test_coefficient_pruning_zeroes_the_stated_share() -> None:
+    model = _TwoLayers(_planted(100, 80, [4, 3]), torch.randn(8, 100))
+    rows = SvdMpPruner().prune(_context(model, ["a"]), SvdMpParams(coefficient_pruning=0.3))
+    factors = model.a.first.weight.numel() + model.a.second.weight.numel()
+    zeros = int((model.a.first.weight == 0).sum() + (model.a.second.weight == 0).sum())
+    assert zeros == round(0.3 * factors)
+    assert rows[0].params_after - rows[0].nonzeros_after == zeros + int((model.a.second.bias == 0).sum())
+
+
+def test_vit_qkv_is_fitted_per_block() -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", **{**TINY_VIT, "embed_dim": 64, "num_heads": 2})
+    arch = get_plugins().architecture("vit")
+    layers = [l for l in select_layers(arch.prunable_layers(model), None) if l.role == "qkv"]
+    ctx = PruneContext(model=model, arch=arch, layers=layers, device=torch.device("cpu"), seed=0)
+    rows = SvdMpPruner().prune(ctx, SvdMpParams(max_rank_fraction=0.25))
+    for row in rows:
+        module = model.get_submodule(row.layer)
+        assert isinstance(module, BlockLowRankLinear) and len(module.ranks) == 3
+        assert all(1 <= k <= 16 for k in module.ranks)
+
+
+# ---------------------------------------------------------------------------------- end to end
+
+def test_recipe_prune_finetune_save_load(tmp_path: Path) -> None:
+    recipe = tiny_recipe(
+        [{"prune": "svd-mp", "params": {"min_dim": 16, "max_rank_fraction": 0.25, "coefficient_pruning": 0.2}},
+         {"finetune": {"epochs": 1, "lr": 1e-3, "l1": 1e-5, "l2": 1e-5}}, {"evaluate": {}}],
+        output=tmp_path / "out")
+    recipe["model"]["kwargs"] = {**TINY_VIT, "embed_dim": 64, "num_heads": 2}
+    result = run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)))
+    pruned = result.report.steps[0]
+    assert result.report.steps[0].stats.params < result.report.dense.params
+    assert result.report.steps[0].stats.macs < result.report.dense.macs  # MACs really drop
+    for row in pruned.rows:
+        module = result.model.get_submodule(row.layer)
+        for factor in (m for m in module.modules() if isinstance(m, nn.Linear)):
+            assert (factor.weight == 0).any()  # coefficient-pruning zeros survived fine-tuning
+    loaded = rmtp.load(tmp_path / "out").model
+    x = torch.randn(3, 1, 16, 16)
+    torch.testing.assert_close(loaded(x), result.model(x), rtol=0, atol=0)
+    assert isinstance(loaded.blocks[0].mlp.fc1, LowRankLinear)
+    assert isinstance(loaded.blocks[0].attn.qkv, BlockLowRankLinear)
+
+
+def test_convnext_and_resnet_layers_split(tmp_path: Path) -> None:
+    for name, kwargs in (("convnext_atto", {"depths": [1, 1, 1, 1], "dims": [16, 32, 48, 64]}),
+                         ("resnet18", {"channels": [16, 32, 64, 128]})):
+        torch.manual_seed(0)
+        model = timm.create_model(name, num_classes=10, in_chans=1, **kwargs).eval()
+        arch = get_plugins().architecture_for(name)
+        layers = select_layers(arch.prunable_layers(model), None)
+        ctx = PruneContext(model=model, arch=arch, layers=layers, device=torch.device("cpu"), seed=0)
+        originals = {l.name: ctx.module(l).weight.detach().clone() for l in layers}
+        rows = SvdMpPruner().prune(ctx, SvdMpParams(min_dim=8, max_rank_fraction=0.25))
+        split = [r for r in rows if r.detail.get("mode") == "split"]
+        assert split, f"{name}: nothing was split"
+        for row in split:
+            module = model.get_submodule(row.layer)
+            effective = weight_matrix(module.second.weight) @ weight_matrix(module.first.weight)
+            truncated = weight_matrix(_truncated(originals[row.layer], row.kept_rank))
+            torch.testing.assert_close(effective, truncated, atol=1e-5, rtol=1e-5)
+        model(torch.randn(2, 1, 32, 32))  # still runs
+        assert math.isfinite(float(model(torch.randn(1, 1, 32, 32)).detach().sum()))
