@@ -50,10 +50,17 @@ def write_json_atomic(path: Path, data: Any) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             json.dump(data, handle, indent=2)
             handle.write("\n")
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a report is as readable as any file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _version(value: bool) -> None:
@@ -128,6 +135,8 @@ def build_app(plugins: Plugins | None = None) -> typer.Typer:
     app.command()(prune)
     app.command()(validate)
     app.command("list")(list_plugins)
+    from rmtp.cli_spectrum import analyze_spectrum; app.command("analyze-spectrum")(analyze_spectrum)  # noqa: E702
+    from rmtp.cli_bench import bench; app.command()(bench)  # noqa: E702
     (plugins or get_plugins()).manager.hook.register_commands(app=app)
     return app
 

@@ -4,6 +4,10 @@ Pruning is judged by what it saves (parameters, nonzeros, multiply-accumulates, 
 what it costs (top-1 accuracy), so all of these are measured here, the same way for the dense
 and the pruned model. Nothing here prints; long loops take an optional ``progress`` callback.
 
+The benchmarking primitives at the end (:func:`interleaved_timing`, :func:`time_calls`,
+:func:`peak_memory_delta`, :func:`peak_rss_delta`, :class:`Spread`) are what ``rmtp bench`` measures with; their
+method and its limits are described in ``docs/bench.md``.
+
 MACs come from :class:`torch.utils.flop_counter.FlopCounterMode`, which counts only matrix
 products: ``mm``/``addmm`` (linear layers, bias ignored), ``bmm``/``baddbmm``, convolutions
 (bias ignored) and the fused attention kernels. Norms, activations, softmax, residual adds and
@@ -24,9 +28,12 @@ do not depend on which kernel happened to run:
 
 from __future__ import annotations
 
+import gc
 import math
+import statistics
+import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -40,13 +47,23 @@ from rmtp.errors import DataError, DeviceError
 
 __all__ = [
     "ATTENTION",
+    "MEMORY_METHODS",
+    "InterleavedTiming",
     "LatencyResult",
+    "Spread",
     "count_macs",
     "count_nonzeros",
     "count_params",
+    "interleaved_timing",
     "mac_breakdown",
     "measure_latency",
+    "model_bytes",
     "model_summary",
+    "peak_memory_delta",
+    "peak_rss_delta",
+    "peak_rss_supported",
+    "synchronize",
+    "time_calls",
     "top1",
 ]
 
@@ -389,3 +406,297 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...], *, device: D
     return LatencyResult(median_s=m.median, iqr_s=m.iqr, batch_size=batch_size,
                          throughput=batch_size / m.median, measurements=len(m.times),
                          threads=n_threads, device=str(dev))
+
+
+# --------------------------------------------------------------------------- benchmarking
+#
+# The primitives `rmtp bench` is built on, kept here so that any report times and measures models
+# the same way. They take plain callables (``lambda: model(x)``), so they know nothing about where
+# a model came from; the caller enters ``torch.inference_mode`` and makes the inputs beforehand.
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Median and spread of repeated measurements: quartiles (inclusive method) and extremes."""
+
+    median: float
+    q1: float
+    q3: float
+    min: float
+    max: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread:
+        values = [float(v) for v in values]
+        if not values:
+            raise ValueError("Spread.of needs at least one value")
+        if len(values) == 1:
+            v = values[0]
+            return cls(v, v, v, v, v, 1)
+        q1, median, q3 = statistics.quantiles(values, n=4, method="inclusive")
+        return cls(median=median, q1=q1, q3=q3, min=min(values), max=max(values), n=len(values))
+
+    @property
+    def iqr(self) -> float:
+        return self.q3 - self.q1
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {"median": self.median, "q1": self.q1, "q3": self.q3, "min": self.min, "max": self.max,
+                "n": self.n}
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes the weights occupy: unique parameters (tied once, as :func:`count_params`) plus
+    buffers, at their current dtype. Zeros of a mask pruner still occupy their bytes."""
+    seen = {_storage_key(p) for p in _unique_parameters(model)}
+    total = sum(p.numel() * p.element_size() for p in _unique_parameters(model))
+    for b in model.buffers():
+        key = _storage_key(b)
+        if key not in seen:
+            seen.add(key)
+            total += b.numel() * b.element_size()
+    return total
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels on ``device`` (no-op on the CPU, where calls are synchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn: Callable[[], object], iters: int, device: torch.device) -> float:
+    """Seconds per call of ``fn``, averaged over one block of ``iters`` back-to-back calls.
+
+    CPU: ``time.perf_counter`` around the block. CUDA: the device is synchronized first (nothing
+    earlier can leak into the block), then CUDA events are recorded on the current stream around
+    the block and read after the end event completes: GPU time from the first kernel's start to
+    the last one's end, launch gaps included (a launch-bound model is slow, and shows it).
+    """
+    if iters < 1:
+        raise ValueError(f"iters must be at least 1, got {iters}")
+    if device.type == "cuda":
+        stream = torch.cuda.current_stream(device)
+        start = torch.cuda.Event(enable_timing=True)
+        end = torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize(device)
+        start.record(stream)
+        for _ in range(iters):
+            fn()
+        end.record(stream)
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3 / iters
+    started = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    return (time.perf_counter() - started) / iters
+
+
+@dataclass
+class InterleavedTiming:
+    """Per-call seconds of one callable, one value per round (see :func:`interleaved_timing`)."""
+
+    seconds: list[float]
+    #: Calls per timed block, calibrated during warm-up so a block lasts about ``block_s``.
+    iters: int
+    warmup_calls: int
+
+
+def interleaved_timing(fns: Sequence[Callable[[], object]], *, device: DeviceLike = "cpu", rounds: int = 15,
+                       warmup_s: float = 0.3, block_s: float = 0.1, min_warmup_calls: int = 3,
+                       on_round: Callable[[int], None] | None = None) -> list[InterleavedTiming]:
+    """Time several callables against each other so that drift of a shared machine cancels.
+
+    1. Warm-up, each callable in turn: at least ``min_warmup_calls`` calls and at least
+       ``warmup_s`` seconds (allocator, caches, kernel selection, autotuning settle), timing
+       each call to calibrate ``iters``, the number of calls in a block of about ``block_s``.
+    2. ``rounds`` rounds; each round times one block of every callable, so the figures of one
+       round share the machine's state. The order rotates every round (A B, B A, A B … for two),
+       so no callable always runs first or always follows the same neighbour.
+
+    Each round gives one per-call time per callable (block time / iters); report their median
+    and spread, and compare two callables by the per-round ratio (paired), which cancels drift
+    slower than a round. Python's garbage collector is off during the rounds, as in ``timeit``.
+    """
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    if block_s <= 0 or warmup_s < 0:
+        raise ValueError(f"block_s must be positive and warmup_s not negative, got {block_s}, {warmup_s}")
+    dev = _resolve_device(device)
+    iters: list[int] = []
+    warmup_calls: list[int] = []
+    for fn in fns:
+        times: list[float] = []
+        started = time.perf_counter()
+        while len(times) < min_warmup_calls or time.perf_counter() - started < warmup_s:
+            times.append(time_calls(fn, 1, dev))
+            if len(times) >= 10_000:
+                break
+        per_call = max(statistics.median(times), 1e-9)
+        iters.append(max(1, math.ceil(block_s / per_call)))
+        warmup_calls.append(len(times))
+    seconds: list[list[float]] = [[] for _ in fns]
+    collecting = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        for r in range(rounds):
+            n = len(fns)
+            for i in [(r + k) % n for k in range(n)]:
+                seconds[i].append(time_calls(fns[i], iters[i], dev))
+            if on_round is not None:
+                on_round(r + 1)
+    finally:
+        if collecting:
+            gc.enable()
+    return [InterleavedTiming(seconds=s, iters=k, warmup_calls=w) for s, k, w in zip(seconds, iters, warmup_calls)]
+
+
+# --------------------------------------------------------------------------- peak memory
+
+#: How the peak-memory figures are measured (recorded in reports): tensor peak per device type,
+#: and the CPU process's resident-set peak.
+MEMORY_METHODS = {
+    "cuda": "tensor peak: torch.cuda.max_memory_allocated during one call (peak stats reset first) minus "
+            "memory_allocated before it",
+    "cpu": "tensor peak: the largest sum of live CPU tensor bytes during one call, from the allocation "
+           "events of torch.profiler (profile_memory=True), above what was allocated before it",
+    "rss": "peak RSS during one call minus RSS before it: Linux VmHWM reset through /proc/self/clear_refs, "
+           "after gc.collect() and glibc malloc_trim(0); 4 KiB pages",
+}
+
+
+def peak_memory_delta(fn: Callable[[], object], device: DeviceLike = "cpu") -> int | None:
+    """Bytes of tensors alive at the peak of one call of ``fn``, above those alive before it.
+
+    The same figure on both devices: what the call itself needs (activations, workspace, the
+    output), weights and input excluded, independent of allocator caching and history.
+
+    * CUDA: ``max_memory_allocated`` after ``reset_peak_memory_stats``, minus ``memory_allocated``
+      before the call (the caching allocator's reserve is not counted).
+    * CPU: PyTorch keeps no CPU allocator statistics, so the call runs once under
+      ``torch.profiler`` with ``profile_memory=True``, which reports every allocation and free of
+      PyTorch's CPU allocator (kernels' internal buffers, worker threads and compiled code
+      included); the peak of their running sum is the figure. Memory that libraries allocate
+      behind PyTorch's back (BLAS packing buffers, oneDNN's own caches) is not seen: see
+      :func:`peak_rss_delta` for what the operating system saw. None if the profiler fails.
+    """
+    dev = _resolve_device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        before = torch.cuda.memory_allocated(dev)
+        fn()
+        torch.cuda.synchronize(dev)
+        return max(0, torch.cuda.max_memory_allocated(dev) - before)
+    if dev.type != "cpu":
+        return None
+    return _profiled_cpu_peak(fn)
+
+
+def _profiled_cpu_peak(fn: Callable[[], object]) -> int | None:
+    import os
+
+    # Kineto prints start/stop lines on stderr at its default log level; 6 silences them (an
+    # explicit setting of the user's wins). Read when the profiler first starts in the process.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    from torch.profiler import ProfilerActivity, profile
+
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    except (AttributeError, RuntimeError):  # a torch without these profiler internals
+        return None
+    cpu = getattr(torch.autograd, "DeviceType", None)
+    if cpu is not None:
+        events = [e for e in events if e.device_type() == cpu.CPU]
+    live = peak = 0
+    for event in sorted(events, key=lambda e: e.start_ns()):  # stable: ties keep recorded order
+        live += event.nbytes()  # negative for a free
+        peak = max(peak, live)
+    return peak
+
+
+def _proc_status_bytes(field_name: str) -> int:
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024  # the kernel reports kB
+    raise OSError(f"/proc/self/status has no {field_name}")
+
+
+def _reset_peak_rss() -> None:
+    """Set this process's VmHWM back to its current RSS (Linux ≥ 4.0: ``echo 5 > clear_refs``)."""
+    with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
+        handle.write("5")
+
+
+_malloc_trim: Callable[[int], int] | None | bool = False  # False: not looked up yet
+
+
+def _trim_malloc() -> bool:
+    """Give free heap memory back to the OS (glibc ``malloc_trim(0)``, all arenas), so that the
+    next call must fault its pages in again and shows in RSS; False where there is no glibc."""
+    global _malloc_trim
+    if _malloc_trim is False:
+        _malloc_trim = None
+        try:
+            import ctypes
+            import ctypes.util
+
+            name = ctypes.util.find_library("c")
+            trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+            if trim is not None:
+                trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+                _malloc_trim = trim
+        except OSError:
+            _malloc_trim = None
+    if _malloc_trim is None:
+        return False
+    _malloc_trim(0)  # type: ignore[operator]
+    return True
+
+
+_rss_supported: bool | None = None
+
+
+def peak_rss_supported() -> bool:
+    """Whether :func:`peak_rss_delta` can measure here (Linux with a resettable VmHWM and glibc's
+    malloc_trim); elsewhere it returns None rather than a wrong number."""
+    global _rss_supported
+    if _rss_supported is None:
+        try:
+            _proc_status_bytes("VmHWM")
+            _reset_peak_rss()
+            _rss_supported = _trim_malloc()
+        except OSError:
+            _rss_supported = False
+    return _rss_supported
+
+
+def peak_rss_delta(fn: Callable[[], object]) -> int | None:
+    """Bytes by which this process's resident set peaked during one call of ``fn``, above its
+    level before it: the CPU memory the operating system saw the call take.
+
+    ``getrusage``'s ``ru_maxrss`` is a lifetime maximum that cannot be reset, so it cannot tell
+    one call's peak, and ``tracemalloc`` sees no tensor memory at all. Instead: collect garbage
+    and ``malloc_trim(0)`` so freed heap pages go back to the OS (without this, a call reuses the
+    pages its previous run left mapped and reads about zero), reset the kernel's peak-RSS mark
+    (VmHWM, Linux ≥ 4.0), call, read the mark.
+
+    Limits: 4 KiB page granularity; it counts allocator slack and memory PyTorch does not track
+    (BLAS, oneDNN) but not what kernels kept resident from earlier calls (caches, thread scratch);
+    other threads of the process allocating meanwhile are counted; and it depends on the
+    allocator's history: glibc raises its mmap threshold after large frees, so the same call can
+    read higher after a run at a larger batch. Use it next to :func:`peak_memory_delta`, not
+    instead of it. None where it cannot be measured (see :func:`peak_rss_supported`).
+    """
+    if not peak_rss_supported():
+        return None
+    gc.collect()
+    _trim_malloc()
+    _reset_peak_rss()
+    before = _proc_status_bytes("VmHWM")
+    fn()
+    return max(0, _proc_status_bytes("VmHWM") - before)

@@ -267,3 +267,118 @@ def test_cuda_without_gpu_is_a_device_error(call) -> None:
 def test_bad_device_string_is_a_device_error() -> None:
     with pytest.raises(DeviceError):
         count_macs(nn.Linear(4, 4), (4,), device="nonsense")
+
+
+# --------------------------------------------------------------------------- benchmarking primitives
+
+import time  # noqa: E402
+
+from rmtp.metrics import (  # noqa: E402
+    Spread,
+    interleaved_timing,
+    model_bytes,
+    peak_memory_delta,
+    peak_rss_delta,
+    peak_rss_supported,
+    time_calls,
+)
+
+
+def test_spread_is_the_closed_form() -> None:
+    s = Spread.of([5, 1, 4, 2, 3])
+    assert (s.median, s.q1, s.q3, s.min, s.max, s.n) == (3, 2, 4, 1, 5, 5)
+    assert s.iqr == 2
+    assert Spread.of([7.0]) == Spread(7.0, 7.0, 7.0, 7.0, 7.0, 1)
+    with pytest.raises(ValueError):
+        Spread.of([])
+
+
+def test_model_bytes_counts_params_and_buffers_at_their_dtype() -> None:
+    assert model_bytes(nn.Linear(7, 5)) == (35 + 5) * 4
+    assert model_bytes(nn.Linear(7, 5).to(torch.bfloat16)) == (35 + 5) * 2
+    bn = nn.BatchNorm1d(3)  # weight, bias + running_mean, running_var (fp32) + num_batches_tracked (int64)
+    assert model_bytes(bn) == 4 * 3 * 4 + 8
+    assert model_bytes(Tied()) == (36 + 6 + 6) * 4
+
+
+def test_time_calls_measures_a_known_sleep() -> None:
+    per_call = time_calls(lambda: time.sleep(0.004), 3, torch.device("cpu"))
+    assert 0.004 <= per_call < 0.05  # sleep never returns early; a busy machine can only add
+    with pytest.raises(ValueError):
+        time_calls(lambda: None, 0, torch.device("cpu"))
+
+
+def test_interleaved_rounds_rotate_the_order() -> None:
+    calls: list[str] = []
+    fns = [lambda name=name: calls.append(name) for name in "ABC"]
+    rounds = []
+    timings = interleaved_timing(fns, rounds=4, warmup_s=0, block_s=1e-9, min_warmup_calls=1,
+                                 on_round=rounds.append)
+    assert rounds == [1, 2, 3, 4]
+    assert all(t.iters == 1 and len(t.seconds) == 4 and t.warmup_calls == 1 for t in timings)
+    assert "".join(calls) == "ABC" + "ABC" + "BCA" + "CAB" + "ABC"  # warm-up, then rotated rounds
+
+
+def test_interleaved_timing_recovers_a_planted_ratio(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A fake clock that only the callables advance: 2 ms and 6 ms per call, exactly, so the
+    # calibration, the per-call division and the pairing are checked without machine noise.
+    clock = [0.0]
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+
+    def cost(seconds: float):
+        def call() -> None:
+            clock[0] += seconds
+        return call
+
+    timings = interleaved_timing([cost(0.002), cost(0.006)], rounds=5, warmup_s=0.05, block_s=0.012)
+    assert [t.iters for t in timings] == [6, 2]  # ceil(block / per call)
+    assert [t.warmup_calls for t in timings] == [25, 9]  # until 50 ms of warm-up have passed
+    assert timings[0].seconds == pytest.approx([0.002] * 5) and timings[1].seconds == pytest.approx([0.006] * 5)
+    ratios = [b / a for a, b in zip(timings[0].seconds, timings[1].seconds)]
+    assert Spread.of(ratios).median == pytest.approx(3.0)
+
+
+def test_peak_tensor_memory_is_the_planted_allocation() -> None:
+    def allocate() -> None:
+        a = torch.ones(2**20)  # 4 MiB
+        b = torch.ones(2**19)  # 2 MiB, while a is alive: peak 6 MiB
+        del a, b
+        torch.ones(2**21)  # 8 MiB once both are gone: the peak
+
+    assert peak_memory_delta(allocate, "cpu") == 8 * 2**20
+    x = torch.ones(2**20)
+    # Tensors alive before the call do not count; the output of the call does.
+    assert peak_memory_delta(lambda: x + x, "cpu") == 4 * 2**20
+
+
+def test_peak_tensor_memory_of_a_linear_layer_is_its_output() -> None:
+    layer, x = nn.Linear(64, 256), torch.randn(32, 64)
+    with torch.inference_mode():
+        assert peak_memory_delta(lambda: layer(x), "cpu") == 32 * 256 * 4
+
+
+needs_rss = pytest.mark.skipif(not peak_rss_supported(), reason="peak RSS needs Linux clear_refs and glibc")
+
+
+@needs_rss
+def test_peak_rss_delta_sees_a_planted_allocation() -> None:
+    size = 32 * 2**20
+
+    def allocate() -> None:
+        torch.ones(size // 4)  # 32 MiB, every page written
+
+    deltas = [peak_rss_delta(allocate) for _ in range(3)]
+    # Page tables and allocator headers may add a little; nothing may be missing.
+    assert all(size * 0.98 <= d <= size + 4 * 2**20 for d in deltas), deltas
+
+
+@needs_rss
+def test_peak_rss_delta_is_not_fooled_by_reused_heap_pages() -> None:
+    # 256 tensors of 16 KiB live at once: small allocations come from the malloc heap, whose freed
+    # pages glibc keeps mapped. Without malloc_trim the second measurement would read about zero.
+    def allocate() -> None:
+        keep = [torch.ones(4096) for _ in range(256)]
+        del keep
+
+    deltas = [peak_rss_delta(allocate) for _ in range(3)]
+    assert all(d >= 3 * 2**20 for d in deltas), deltas  # 4 MiB planted

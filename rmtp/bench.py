@@ -1,0 +1,864 @@
+"""Side-by-side speed, memory, size and accuracy of models: the library behind ``rmtp bench``.
+
+The numbers decide whether a pruned model is worth deploying, so they are measured the way a
+performance engineer would (``docs/bench.md`` has the method, its limits and the JSON schema):
+
+* every model is loaded, placed (device, dtype, memory format, optionally ``torch.compile``) and
+  given its input batch before anything is timed; all timing runs under ``torch.inference_mode``
+  with a fixed, reported number of threads;
+* per batch size: a first call (compile time with ``--compile``), a warm-up, then interleaved
+  rounds (A B, B A, A B …) so a shared machine's drift hits every model alike; each figure is the
+  median over rounds with its quartiles, and each ratio is the median of per-round ratios against
+  the first model (paired, so drift slower than one round cancels);
+* CUDA is timed with events after a synchronize; peak memory is the peak of live tensor bytes
+  during one call (CUDA's max-allocated delta; on the CPU from the profiler's allocation events),
+  and on the CPU also the process's peak-RSS delta (see :mod:`rmtp.metrics`).
+
+The first model is the baseline; one rmtp output folder alone is compared with the dense model it
+records. Results are plain dataclasses; :meth:`BenchReport.to_dict` is the versioned JSON
+(``"schema": "rmtp-bench/1"``) and :mod:`rmtp.bench_report` draws the tables and plots.
+
+    from rmtp.bench import benchmark_models
+    report = benchmark_models(["runs/quickstart"], batches=[1, 32])
+    report.batches[1].results[1].throughput_ratio.median   # speed-up of the pruned model at batch 32
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rmtp import metrics
+from rmtp.architecture import ModelSpec
+from rmtp.data import DataSpec, build_data, model_input_size
+from rmtp.errors import DeviceError, PluginError, RmtpError
+from rmtp.progress import NULL_PROGRESS, Progress
+
+__all__ = [
+    "DTYPES",
+    "SCHEMA",
+    "BatchResult",
+    "BatchRun",
+    "BenchError",
+    "BenchModel",
+    "BenchReport",
+    "BenchSettings",
+    "Candidate",
+    "EvalData",
+    "benchmark",
+    "benchmark_models",
+    "load_candidates",
+    "parse_batches",
+]
+
+#: Identifies the JSON layout of :meth:`BenchReport.to_dict`; bumped on any incompatible change.
+SCHEMA = "rmtp-bench/1"
+DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DEFAULT_BATCHES = (1, 32)
+DEFAULT_ROUNDS = 16
+MIN_ROUNDS = 3
+TIMM_PREFIX = "timm:"
+#: Name of the optional per-module hook through which a model says (and may switch) its kernels.
+KERNEL_HOOK = "rmtp_kernel"
+#: Share of exact zeros above which a model on dense kernels gets a note saying they save nothing.
+ZEROS_NOTE_SHARE = 0.05
+#: Peak-RSS measurements per model and batch on the CPU (the median is reported).
+RSS_REPEATS = 3
+
+_FP16_ON_CPU = (
+    "dtype fp16 is refused on cpu: most CPUs have no fp16 arithmetic and PyTorch emulates it "
+    "(the reference ViT ran ~20x slower than in fp32 here), so the figures would describe no real "
+    "deployment; use fp32 or bf16 on cpu, or fp16 on cuda"
+)
+
+
+class BenchError(RmtpError):
+    """A benchmark cannot run as asked (bad option, unknown model source, a model that fails)."""
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """The val split ``--eval`` measures top-1 on: a recipe's ``data:`` section and its seed."""
+
+    spec: DataSpec
+    seed: int = 0
+    #: Where it was read from (a recipe.yaml, a checkpoint card), for the report.
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "seed": self.seed, "data": self.spec.model_dump(mode="json")}
+
+
+@dataclass
+class Candidate:
+    """One model to benchmark, already built (on the CPU in fp32 unless the caller chose otherwise).
+
+    :func:`benchmark` moves ``model`` to the device and dtype in place and sets eval mode.
+    """
+
+    label: str
+    model: nn.Module
+    #: What was given on the command line, or where the model came from.
+    source: str = ""
+    #: ``folder`` (rmtp output), ``baseline`` (a folder's dense model), ``checkpoint``, ``timm``, ``module``.
+    kind: str = "module"
+    timm_name: str | None = None
+    arch: str | None = None
+    #: Per-sample input shape (C, H, W); default: what the model says (timm config, patch embed).
+    input_shape: tuple[int, ...] | None = None
+    #: The val data this model's origin names (a folder's recipe, a checkpoint card), if any.
+    eval_data: EvalData | None = None
+    #: An rmtp folder's record of the dense model it was pruned from.
+    baseline: ModelSpec | None = None
+    #: Remarks carried into the report (e.g. a baseline rebuilt with fresh random weights).
+    notes: list[str] = field(default_factory=list)
+
+
+def parse_batches(text: str) -> list[int]:
+    """``"1,32,256"`` → ``[1, 32, 256]`` (sorted, duplicates dropped); a clear error otherwise."""
+    allowed = "give positive integers separated by commas, e.g. --batch 1,32,256"
+    parts = [p.strip() for p in str(text).split(",")]
+    if not any(parts):
+        raise BenchError(f"--batch {text!r}: empty; {allowed}")
+    sizes = []
+    for part in parts:
+        try:
+            size = int(part)
+        except ValueError:
+            raise BenchError(f"--batch {text!r}: {part!r} is not an integer; {allowed}") from None
+        if size < 1:
+            raise BenchError(f"--batch {text!r}: batch sizes must be at least 1, got {size}; {allowed}")
+        sizes.append(size)
+    return sorted(set(sizes))
+
+
+def load_candidates(sources: Sequence[str], *, model_name: str | None = None,
+                    model_kwargs: dict[str, Any] | None = None) -> list[Candidate]:
+    """Build the models ``sources`` name, in order; one rmtp folder alone gets its dense baseline first.
+
+    A source is an rmtp output folder, a checkpoint file (``.safetensors``/``.pth``/``.pt``/``.bin``)
+    described by ``model_name`` + ``model_kwargs`` or by a card ``<stem>.json`` next to it (keys
+    ``timm_name``, ``kwargs``, optionally ``data``), or ``timm:NAME`` (random init, ``model_kwargs``
+    passed to ``timm.create_model``).
+    """
+    if not sources:
+        raise BenchError("give at least one model: an rmtp output folder, a checkpoint file or timm:NAME")
+    kwargs = dict(model_kwargs or {})
+    candidates: list[Candidate] = []
+    for text in sources:
+        candidates.append(_load_source(str(text), model_name, kwargs))
+    if len(candidates) == 1 and candidates[0].kind == "folder":
+        candidates.insert(0, _folder_baseline(candidates[0]))
+    _unique_labels(candidates)
+    return candidates
+
+
+def _load_source(text: str, model_name: str | None, kwargs: dict[str, Any]) -> Candidate:
+    from rmtp import saving
+
+    if text.startswith(TIMM_PREFIX):
+        name = text[len(TIMM_PREFIX):].strip()
+        if not name:
+            raise BenchError(f"model {text!r}: give a timm model name after 'timm:', e.g. timm:resnet18")
+        model = _build_timm(name, kwargs, None, where=f"model {text!r}")
+        return Candidate(label=text, model=model, source=text, kind="timm", timm_name=name, arch=_arch_of(name))
+    path = Path(text)
+    if path.is_dir():
+        if not saving.is_saved_model(path):
+            raise BenchError(f"model {text!r}: a folder but not an rmtp output folder (no {saving.META_FILE}); "
+                             f"give an rmtp output folder, a checkpoint file or timm:NAME")
+        loaded = saving.load(path)
+        return Candidate(label=text, model=loaded.model, source=text, kind="folder", timm_name=loaded.spec.name,
+                         arch=loaded.arch, eval_data=_folder_eval_data(path), baseline=loaded.baseline)
+    if path.is_file():
+        return _load_checkpoint(path, text, model_name, kwargs)
+    raise BenchError(f"model {text!r}: no such file or folder; give an rmtp output folder, a checkpoint file "
+                     f"or timm:NAME")
+
+
+def _load_checkpoint(path: Path, text: str, model_name: str | None, kwargs: dict[str, Any]) -> Candidate:
+    card_path = path.with_suffix(".json")
+    card: dict[str, Any] = {}
+    if model_name is None:
+        if not card_path.is_file():
+            raise BenchError(f"checkpoint {text}: which timm model is it? pass --model NAME (and --kwargs JSON), "
+                             f"or put a card {card_path.name} with timm_name and kwargs next to it")
+        card = _read_card(card_path)
+        name = card["timm_name"]
+        model_kwargs = {**card.get("kwargs", {}), **kwargs}
+    else:
+        name, model_kwargs = model_name, kwargs
+    model = _build_timm(name, model_kwargs, path, where=f"checkpoint {text}")
+    return Candidate(label=text, model=model, source=text, kind="checkpoint", timm_name=name, arch=_arch_of(name),
+                     eval_data=_card_eval_data(card, card_path) if card else None)
+
+
+def _read_card(path: Path) -> dict[str, Any]:
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BenchError(f"model card {path}: not readable JSON: {exc}") from None
+    if not isinstance(card, dict) or not isinstance(card.get("timm_name"), str):
+        raise BenchError(f"model card {path}: needs a string 'timm_name' (and a 'kwargs' object)")
+    if not isinstance(card.get("kwargs", {}), dict):
+        raise BenchError(f"model card {path}: 'kwargs' must be an object")
+    return card
+
+
+def _card_eval_data(card: dict[str, Any], path: Path) -> EvalData | None:
+    data = card.get("data")
+    if not isinstance(data, dict):
+        return None
+    fields = {k: v for k, v in data.items() if k in DataSpec.model_fields}
+    if fields.get("root"):
+        fields["root"] = (path.parent / fields["root"]).resolve()
+    seed = data.get("split_seed", card.get("seed", 0))
+    return _eval_data(fields, seed, str(path))
+
+
+def _folder_eval_data(folder: Path) -> EvalData | None:
+    import yaml
+
+    from rmtp.saving import RECIPE_FILE
+
+    recipe_path = folder / RECIPE_FILE
+    if not recipe_path.is_file():
+        return None
+    try:
+        recipe = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise BenchError(f"{recipe_path}: not readable YAML: {exc}") from None
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("data", {}), dict):
+        raise BenchError(f"{recipe_path}: not a resolved recipe (no data mapping)")
+    return _eval_data(recipe.get("data") or {}, recipe.get("seed", 0), str(recipe_path))
+
+
+def _eval_data(fields: dict[str, Any], seed: Any, source: str) -> EvalData:
+    from pydantic import ValidationError
+
+    try:
+        spec = DataSpec.model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise BenchError(f"{source}: data.{where}: {first['msg']}") from None
+    if not isinstance(seed, int) or seed < 0:
+        raise BenchError(f"{source}: seed must be a non-negative integer, got {seed!r}")
+    return EvalData(spec=spec, seed=seed, source=source)
+
+
+def _folder_baseline(pruned: Candidate) -> Candidate:
+    """The dense model an rmtp folder records, rebuilt by its architecture plugin."""
+    from rmtp.plugins import get_plugins
+
+    folder, baseline = pruned.source, pruned.baseline
+    if baseline is None or pruned.arch is None:
+        raise BenchError(f"{folder} records no dense baseline; name the baseline first: rmtp bench BASELINE {folder}")
+    try:
+        model = get_plugins().architecture(baseline.arch or pruned.arch).create(baseline)
+    except RmtpError as exc:
+        raise BenchError(f"{folder}: cannot rebuild its dense baseline ({exc}); name a baseline first: "
+                         f"rmtp bench BASELINE {folder}") from None
+    origin = str(baseline.checkpoint) if baseline.checkpoint else (
+        "timm pretrained" if baseline.pretrained else "random init")
+    notes = []
+    if baseline.checkpoint is None and not baseline.pretrained:
+        notes.append("the run started from random weights, so its dense model was rebuilt with new random weights: "
+                     "size and speed are comparable, top-1 is not the run's")
+    return Candidate(label=f"{folder} (dense)", model=model,
+                     source=f"dense baseline of {folder}: {baseline.name} ({origin})", kind="baseline",
+                     timm_name=baseline.name, arch=pruned.arch, eval_data=pruned.eval_data, notes=notes)
+
+
+def _build_timm(name: str, kwargs: dict[str, Any], checkpoint: Path | None, *, where: str) -> nn.Module:
+    import timm
+
+    from rmtp.checkpoint import load_state_dict_into, read_state_dict
+
+    if not timm.is_model(name.split(".")[0]):
+        close = timm.list_models(f"*{name.split('_')[0]}*")[:6]
+        raise BenchError(f"{where}: timm has no model {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
+    try:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+    except (TypeError, ValueError, AssertionError) as exc:
+        raise BenchError(f"{where}: timm rejected the kwargs {kwargs} for {name!r}: {exc}") from None
+    if checkpoint is not None:
+        load_state_dict_into(model, read_state_dict(checkpoint), source=str(checkpoint))
+    return model.eval()
+
+
+def _arch_of(name: str) -> str | None:
+    from rmtp.plugins import get_plugins
+
+    try:
+        return get_plugins().architecture_for(name).name
+    except PluginError:
+        return None  # bench does not need an architecture plugin; it is only reported
+
+
+def _unique_labels(candidates: list[Candidate]) -> None:
+    seen: dict[str, int] = {}
+    for c in candidates:
+        seen[c.label] = seen.get(c.label, 0) + 1
+        if seen[c.label] > 1:
+            c.label = f"{c.label} #{seen[c.label]}"
+
+
+# --------------------------------------------------------------------------- results
+
+
+@dataclass
+class BenchSettings:
+    """How the figures were measured (all of it goes into the JSON)."""
+
+    device: str
+    device_name: str
+    dtype: str
+    compile: bool
+    channels_last: bool
+    batches: list[int]
+    rounds: int
+    warmup_s: float
+    block_s: float
+    threads: int
+    interop_threads: int
+    timer: str
+    memory_method: str | None
+    rss_method: str | None = None
+    eval: EvalData | None = None
+    cudnn_benchmark: bool | None = None
+    matmul_tf32: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "device": self.device, "device_name": self.device_name, "dtype": self.dtype, "compile": self.compile,
+            "channels_last": self.channels_last, "batches": list(self.batches), "rounds": self.rounds,
+            "order": "interleaved, rotated each round", "warmup_s": self.warmup_s, "block_s": self.block_s,
+            "threads": self.threads, "interop_threads": self.interop_threads, "timer": self.timer,
+            "memory_method": self.memory_method, "rss_method": self.rss_method,
+            "eval": self.eval.to_dict() if self.eval else None,
+            "cudnn_benchmark": self.cudnn_benchmark, "matmul_tf32": self.matmul_tf32,
+        }
+
+
+@dataclass
+class BenchModel:
+    """Batch-independent figures of one model, with ratios to the baseline (the first model)."""
+
+    index: int
+    label: str
+    source: str
+    kind: str
+    timm_name: str | None
+    arch: str | None
+    input_shape: tuple[int, ...]
+    params: int
+    nonzeros: int
+    #: Multiply-accumulates of one image (batch of one), attention included.
+    macs: int
+    attention_macs: int
+    #: Bytes of parameters and buffers in the benchmarked dtype.
+    weights_bytes: int
+    #: Which kernels run the model: ``dense`` unless a module's ``rmtp_kernel`` hook says otherwise.
+    kernel: str
+    top1: float | None = None
+    eval_images: int | None = None
+    notes: list[str] = field(default_factory=list)
+    #: params, nonzeros, macs, attention_macs, weights_bytes: this model / the baseline.
+    ratios: dict[str, float | None] = field(default_factory=dict)
+    #: Top-1 minus the baseline's, in points (None without ``--eval``).
+    top1_delta: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index, "label": self.label, "source": self.source, "kind": self.kind,
+            "timm_name": self.timm_name, "arch": self.arch, "input_shape": list(self.input_shape),
+            "params": self.params, "nonzeros": self.nonzeros, "macs": self.macs,
+            "attention_macs": self.attention_macs, "weights_bytes": self.weights_bytes, "kernel": self.kernel,
+            "top1": self.top1, "eval_images": self.eval_images, "top1_delta": self.top1_delta,
+            "ratios": dict(self.ratios), "notes": list(self.notes),
+        }
+
+
+@dataclass
+class BatchResult:
+    """Timed figures of one model at one batch size."""
+
+    model: int
+    label: str
+    #: Per-call latency of the whole batch, over rounds (milliseconds).
+    latency_ms: metrics.Spread
+    #: Images per second, over rounds (batch / per-round latency).
+    throughput: metrics.Spread
+    #: Per-round latency / the baseline's latency in the same round (paired).
+    latency_ratio: metrics.Spread
+    #: Per-round throughput / the baseline's: the speed-up (> 1 is faster).
+    throughput_ratio: metrics.Spread
+    #: Bytes of tensors alive at the peak of one call, above those alive before it (activations,
+    #: workspace, output; weights and input excluded). Same meaning on CPU and CUDA.
+    peak_mem_bytes: int | None
+    peak_mem_ratio: float | None
+    #: CPU only: the process's resident-set peak during one call above its level before (what the
+    #: OS saw; allocator slack and non-PyTorch buffers included). None on CUDA or where unsupported.
+    peak_rss_bytes: int | None
+    #: Duration of the very first call at this batch size: with --compile, the compile time.
+    first_call_s: float
+    #: Calls per timed block and warm-up calls made.
+    iters: int
+    warmup_calls: int
+    samples_ms: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model, "label": self.label, "latency_ms": self.latency_ms.to_dict(),
+            "throughput": self.throughput.to_dict(), "latency_ratio": self.latency_ratio.to_dict(),
+            "throughput_ratio": self.throughput_ratio.to_dict(), "peak_mem_bytes": self.peak_mem_bytes,
+            "peak_mem_ratio": self.peak_mem_ratio, "peak_rss_bytes": self.peak_rss_bytes,
+            "first_call_s": self.first_call_s, "iters": self.iters,
+            "warmup_calls": self.warmup_calls, "samples_ms": list(self.samples_ms),
+        }
+
+
+@dataclass
+class BatchRun:
+    batch: int
+    results: list[BatchResult]
+    #: Graphs torch.compile built after the first calls (warm-up and timing): 0 means no recompiles.
+    recompiles: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"batch": self.batch, "recompiles": self.recompiles, "results": [r.to_dict() for r in self.results]}
+
+
+@dataclass
+class BenchReport:
+    settings: BenchSettings
+    environment: dict[str, Any]
+    models: list[BenchModel]
+    batches: list[BatchRun]
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    created: str = ""
+
+    @property
+    def baseline(self) -> BenchModel:
+        return self.models[0]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA,
+            "created": self.created,
+            "seconds": self.seconds,
+            "environment": dict(self.environment),
+            "settings": self.settings.to_dict(),
+            "baseline": 0,
+            "models": [m.to_dict() for m in self.models],
+            "batches": [b.to_dict() for b in self.batches],
+            "notes": list(self.notes),
+        }
+
+
+# --------------------------------------------------------------------------- benchmark
+
+
+def benchmark_models(sources: Sequence[str], *, device: str = "cpu", batches: Sequence[int] = DEFAULT_BATCHES,
+                     dtype: str = "fp32", compile: bool = False, channels_last: bool = False,
+                     rounds: int = DEFAULT_ROUNDS, threads: int | None = None, evaluate: bool = False,
+                     eval_data: EvalData | None = None, model_name: str | None = None,
+                     model_kwargs: dict[str, Any] | None = None, warmup_s: float = 0.3, block_s: float = 0.1,
+                     progress: Progress = NULL_PROGRESS) -> BenchReport:
+    """Load the models ``sources`` name (see :func:`load_candidates`) and :func:`benchmark` them.
+
+    Settings are checked before any model is loaded. With ``evaluate``, top-1 is measured on
+    ``eval_data``, or when it is None on the val data the first source that names one records
+    (a folder's recipe.yaml, a checkpoint card's ``data``).
+    """
+    _check_settings(device, batches, dtype, rounds, threads, warmup_s, block_s)
+    candidates = load_candidates(sources, model_name=model_name, model_kwargs=model_kwargs)
+    if evaluate and eval_data is None:
+        eval_data = next((c.eval_data for c in candidates if c.eval_data is not None), None)
+        if eval_data is None:
+            raise BenchError("--eval: none of the models names its val data; give an rmtp output folder "
+                             "(its recipe.yaml has the data section) or a checkpoint with a card naming its data")
+    return benchmark(candidates, device=device, batches=batches, dtype=dtype, compile=compile,
+                     channels_last=channels_last, rounds=rounds, threads=threads,
+                     eval_data=eval_data if evaluate else None, warmup_s=warmup_s, block_s=block_s,
+                     progress=progress)
+
+
+def benchmark(candidates: Sequence[Candidate], *, device: str = "cpu", batches: Sequence[int] = DEFAULT_BATCHES,
+              dtype: str = "fp32", compile: bool = False, channels_last: bool = False,
+              rounds: int = DEFAULT_ROUNDS, threads: int | None = None, eval_data: EvalData | None = None,
+              warmup_s: float = 0.3, block_s: float = 0.1, progress: Progress = NULL_PROGRESS) -> BenchReport:
+    """Measure ``candidates`` side by side; the first one is the baseline of every ratio.
+
+    The models are moved to ``device``/``dtype`` (and channels-last) in place. ``threads`` fixes
+    torch's intra-op threads for the duration (default: the current setting), restored after.
+    """
+    dev, torch_dtype, batch_list = _check_settings(device, batches, dtype, rounds, threads, warmup_s, block_s)
+    if not candidates:
+        raise BenchError("give at least one model to benchmark")
+    started = time.perf_counter()
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    load_before = _loadavg()
+    with _torch_threads(threads) as n_threads, _cuda_flags(dev) as cuda_flags, \
+            _compile_limits(compile, len(candidates) * len(batch_list)):
+        models = [_static_figures(i, c) for i, c in enumerate(candidates)]
+        runners = []
+        for c, m in zip(candidates, models):
+            runners.append(_place(c, m, dev, torch_dtype, channels_last, compile))
+        _add_ratios(models)
+        with torch.inference_mode():
+            if eval_data is not None:
+                _evaluate(candidates, models, eval_data, dev, torch_dtype, channels_last, progress)
+            runs = [_time_batch(b, candidates, models, runners, dev, torch_dtype, channels_last, compile, rounds,
+                                warmup_s, block_s, progress) for b in batch_list]
+    settings = BenchSettings(
+        device=str(dev), device_name=_device_name(dev), dtype=dtype, compile=compile, channels_last=channels_last,
+        batches=batch_list, rounds=rounds, warmup_s=warmup_s, block_s=block_s, threads=n_threads,
+        interop_threads=torch.get_num_interop_threads(),
+        timer="cuda events after synchronize" if dev.type == "cuda" else "time.perf_counter",
+        memory_method=metrics.MEMORY_METHODS[dev.type],
+        rss_method=metrics.MEMORY_METHODS["rss"] if dev.type == "cpu" and metrics.peak_rss_supported() else None,
+        eval=eval_data, **cuda_flags)
+    report = BenchReport(settings=settings, environment=_environment(load_before), models=models, batches=runs,
+                         seconds=time.perf_counter() - started, created=created)
+    report.notes.extend(_report_notes(report))
+    return report
+
+
+def _check_settings(device: str, batches: Sequence[int], dtype: str, rounds: int, threads: int | None,
+                    warmup_s: float, block_s: float) -> tuple[torch.device, torch.dtype, list[int]]:
+    """Every option checked before any model is loaded; one clear line per problem."""
+    try:
+        dev = torch.device(str(device))
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise BenchError(f"device {str(device)!r}: allowed: cpu, cuda, cuda:N")
+    try:
+        dev = metrics._resolve_device(dev)
+    except DeviceError as exc:
+        raise DeviceError(f"{exc}; run with --device cpu") from None
+    if dtype not in DTYPES:
+        raise BenchError(f"dtype {dtype!r}: allowed: {', '.join(DTYPES)}")
+    if dtype == "fp16" and dev.type == "cpu":
+        raise BenchError(_FP16_ON_CPU)
+    if dtype == "bf16" and dev.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise BenchError(f"dtype bf16: {torch.cuda.get_device_name(dev)} does not support bfloat16; use fp16 or fp32")
+    batches = list(batches)
+    valid = bool(batches) and all(isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in batches)
+    if not valid:
+        raise BenchError(f"batches {list(batches)!r}: give positive integer batch sizes, e.g. [1, 32, 256]")
+    if not isinstance(rounds, int) or rounds < MIN_ROUNDS:
+        raise BenchError(f"rounds must be at least {MIN_ROUNDS} (a median and quartiles need them), got {rounds}")
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise BenchError(f"threads must be at least 1, got {threads}")
+    if block_s <= 0 or warmup_s < 0:
+        raise BenchError(f"block_s must be positive and warmup_s not negative, got {block_s}, {warmup_s}")
+    return dev, DTYPES[dtype], sorted(set(batches))
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[int]:
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+@contextmanager
+def _cuda_flags(dev: torch.device) -> Iterator[dict[str, Any]]:
+    """On CUDA: cuDNN autotuning on (the warm-up absorbs it, as in any deployment); TF32 as set."""
+    if dev.type != "cuda":
+        yield {}
+        return
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True
+    try:
+        yield {"cudnn_benchmark": True, "matmul_tf32": bool(torch.backends.cuda.matmul.allow_tf32)}
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+@contextmanager
+def _compile_limits(enabled: bool, graphs: int) -> Iterator[None]:
+    """Room for one static-shape graph per model and batch size: past dynamo's recompile limit
+    (8) it would fall back to eager silently and the timings would be eager ones."""
+    if not enabled:
+        yield
+        return
+    # Inductor's import warns about a missing CUDA toolkit on CPU-only machines: noise here.
+    logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    with config.patch(**{name: max(getattr(config, name), graphs + 8)}):
+        yield
+
+
+def _compiled_frames() -> int | None:
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return None
+    return int(counters["frames"]["total"])
+
+
+def _static_figures(index: int, c: Candidate) -> BenchModel:
+    """Params, nonzeros and MACs where the model was built (fp32, before any dtype change)."""
+    c.model.eval()
+    first = next(iter(c.model.parameters()), None)
+    where = first.device if first is not None else torch.device("cpu")
+    shape = tuple(c.input_shape) if c.input_shape is not None else tuple(model_input_size(c.model))
+    try:
+        summary = metrics.model_summary(c.model, shape, device=where)
+    except RuntimeError as exc:
+        raise BenchError(f"{c.label}: forward pass on a {_shape(shape)} input failed: {_one_line(exc)}") from None
+    return BenchModel(index=index, label=c.label, source=c.source, kind=c.kind, timm_name=c.timm_name, arch=c.arch,
+                      input_shape=shape, params=summary["params"], nonzeros=summary["nonzeros"],
+                      macs=summary["macs"], attention_macs=summary["attention_macs"], weights_bytes=0, kernel="dense",
+                      notes=list(c.notes))
+
+
+def _place(c: Candidate, m: BenchModel, dev: torch.device, dtype: torch.dtype, channels_last: bool,
+           compile: bool) -> Callable[[torch.Tensor], Any]:
+    """Move the model to device and dtype, let its modules pick kernels, then compile if asked."""
+    model = c.model.to(device=dev, dtype=dtype)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.eval().requires_grad_(False)
+    m.weights_bytes = metrics.model_bytes(model)
+    m.kernel = _kernels(model, dev, dtype)
+    zeros = 1 - m.nonzeros / m.params if m.params else 0.0
+    if m.kernel == "dense" and zeros > ZEROS_NOTE_SHARE:
+        m.notes.append(f"{zeros:.0%} of the parameters are exact zeros run by dense kernels: "
+                       f"they save no time or memory here")
+    if not compile:
+        return model
+    return torch.compile(model, dynamic=False)
+
+
+def _kernels(model: nn.Module, dev: torch.device, dtype: torch.dtype) -> str:
+    """The extension point for special kernels (N:M semi-structured on CUDA, …).
+
+    A module may define ``rmtp_kernel``: a string, or a method ``rmtp_kernel(device, dtype)``
+    called once here, after the model is on its device and in its dtype and before compiling.
+    The method may switch the module to a special kernel (e.g. ``to_sparse_semi_structured`` on
+    CUDA when the shapes allow) and returns a label such as ``"2:4 semi-structured"``, or None
+    when it runs densely. The labels found form the model's ``kernel`` column; none: ``dense``.
+    """
+    labels: list[str] = []
+    for module in model.modules():
+        hook = getattr(module, KERNEL_HOOK, None)
+        if hook is None:
+            continue
+        label = hook(device=dev, dtype=dtype) if callable(hook) else hook
+        if label and str(label) not in labels:
+            labels.append(str(label))
+    return ", ".join(labels) if labels else "dense"
+
+
+def _add_ratios(models: list[BenchModel]) -> None:
+    base = models[0]
+    for m in models:
+        m.ratios = {key: _ratio(getattr(m, key), getattr(base, key))
+                    for key in ("params", "nonzeros", "macs", "attention_macs", "weights_bytes")}
+
+
+def _ratio(value: float | None, reference: float | None) -> float | None:
+    if value is None or not reference:
+        return None
+    return value / reference
+
+
+class _CastLoader:
+    """A val loader whose images arrive in the benchmarked dtype and memory format."""
+
+    def __init__(self, loader: Any, dtype: torch.dtype, channels_last: bool):
+        self.loader, self.dtype, self.channels_last = loader, dtype, channels_last
+        self.batch_size = loader.batch_size
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.loader:
+            images = images.to(self.dtype)
+            if self.channels_last and images.dim() == 4:
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield images, labels
+
+
+def _evaluate(candidates: Sequence[Candidate], models: list[BenchModel], eval_data: EvalData, dev: torch.device,
+              dtype: torch.dtype, channels_last: bool, progress: Progress) -> None:
+    """Top-1 of every model on the same seeded val split, in the benchmarked dtype, uncompiled."""
+    for c, m in zip(candidates, models):
+        data = build_data(eval_data.spec, c.model, seed=eval_data.seed)
+        loader = data.loader("val")
+        with progress.task(f"evaluating {c.label}", total=len(loader)) as advance:
+            m.top1 = metrics.top1(c.model, _CastLoader(loader, dtype, channels_last), device=dev,
+                                  progress=lambda done, total: advance())
+        m.eval_images = len(data.val)
+    base = models[0].top1
+    for m in models:
+        m.top1_delta = None if m.top1 is None or base is None else m.top1 - base
+
+
+def _time_batch(batch: int, candidates: Sequence[Candidate], models: list[BenchModel], runners: list[Callable],
+                dev: torch.device, dtype: torch.dtype, channels_last: bool, compile: bool, rounds: int,
+                warmup_s: float, block_s: float, progress: Progress) -> BatchRun:
+    inputs: dict[tuple[int, ...], torch.Tensor] = {}
+    fns = []
+    for m, runner in zip(models, runners):
+        if m.input_shape not in inputs:  # made once, outside any timed region; shared by equal shapes
+            generator = torch.Generator().manual_seed(batch)
+            x = torch.randn((batch, *m.input_shape), generator=generator).to(device=dev, dtype=dtype)
+            if channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            inputs[m.input_shape] = x
+        fns.append(partial(runner, inputs[m.input_shape]))
+    first_calls = []
+    with progress.task(f"batch {batch}: first calls" + (" (compiling)" if compile else ""), total=len(fns)) as advance:
+        for fn, m in zip(fns, models):
+            first_calls.append(_first_call(fn, m, batch, dev, dtype, compile))
+            advance()
+    frames_before = _compiled_frames() if compile else None
+    with progress.task(f"batch {batch}: warm-up, {rounds} interleaved rounds", total=rounds) as advance:
+        timings = metrics.interleaved_timing(fns, device=dev, rounds=rounds, warmup_s=warmup_s, block_s=block_s,
+                                             on_round=lambda r: advance())
+    recompiles = None
+    if compile and frames_before is not None:
+        recompiles = (_compiled_frames() or 0) - frames_before
+    memory = [metrics.peak_memory_delta(fn, dev) for fn in fns]
+    rss: list[int | None] = [None] * len(fns)
+    if dev.type == "cpu":
+        rss = [_median_or_none([metrics.peak_rss_delta(fn) for _ in range(RSS_REPEATS)]) for fn in fns]
+    base_s = timings[0].seconds
+    results = []
+    for i, (m, t) in enumerate(zip(models, timings)):
+        latency_ratio = [s / b for s, b in zip(t.seconds, base_s)]
+        results.append(BatchResult(
+            model=i, label=m.label,
+            latency_ms=metrics.Spread.of([s * 1e3 for s in t.seconds]),
+            throughput=metrics.Spread.of([batch / s for s in t.seconds]),
+            latency_ratio=metrics.Spread.of(latency_ratio),
+            throughput_ratio=metrics.Spread.of([1 / r for r in latency_ratio]),
+            peak_mem_bytes=memory[i], peak_mem_ratio=_ratio(memory[i], memory[0]), peak_rss_bytes=rss[i],
+            first_call_s=first_calls[i], iters=t.iters, warmup_calls=t.warmup_calls,
+            samples_ms=[s * 1e3 for s in t.seconds]))
+    return BatchRun(batch=batch, results=results, recompiles=recompiles)
+
+
+def _first_call(fn: Callable[[], Any], m: BenchModel, batch: int, dev: torch.device, dtype: torch.dtype,
+                compile: bool) -> float:
+    """Seconds of the first call at this batch size (compilation included); a failure is one line."""
+    started = time.perf_counter()
+    try:
+        fn()
+        metrics.synchronize(dev)
+    except Exception as exc:  # any failure of the model's forward is the user's to see, in one line
+        what = "torch.compile of" if compile else "forward pass of"
+        raise BenchError(f"{m.label}: {what} a batch of {batch} × {_shape(m.input_shape)} "
+                         f"{_dtype_name(dtype)} on {dev} failed: {_one_line(exc)}") from exc
+    return time.perf_counter() - started
+
+
+def _median_or_none(values: list[int | None]) -> int | None:
+    known = sorted(v for v in values if v is not None)
+    return known[len(known) // 2] if known else None
+
+
+def _report_notes(report: BenchReport) -> list[str]:
+    notes = []
+    if len(report.models) == 1:
+        notes.append("one model: nothing to compare it with (ratios are 1)")
+    for run in report.batches:
+        if run.recompiles:
+            notes.append(f"batch {run.batch}: torch.compile built {run.recompiles} more graph(s) after the first "
+                         f"calls, so some timed calls may have included compilation")
+    env, threads = report.environment, report.settings.threads
+    loads = [x for x in (env.get("loadavg_1min_start"), env.get("loadavg_1min_end")) if x is not None]
+    cores = env.get("cpu_cores") or 0
+    if loads and cores and max(loads) > cores:
+        advice = f"; {threads} threads on a busy machine wait for descheduled threads: try --threads 1" \
+            if report.settings.device == "cpu" and threads > 1 else ""
+        notes.append(f"the machine was busy (1-min load {max(loads)} on {cores} cores): timings are noisy; "
+                     f"trust a speed-up only outside the noise floor of a same-model run (rmtp bench X X){advice}")
+    if report.settings.device == "cpu" and report.settings.rss_method is None:
+        notes.append("peak RSS is not measured on this platform (needs Linux /proc/self/clear_refs and glibc)")
+    return notes
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return _cpu_name()
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def _environment(load_before: float | None) -> dict[str, Any]:
+    from rmtp.report import environment
+
+    env: dict[str, Any] = dict(environment())
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 0
+    env.update({"cpu": _cpu_name(), "cpu_cores": cores, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "loadavg_1min_start": load_before, "loadavg_1min_end": _loadavg()})
+    return env
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "×".join(str(s) for s in shape)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return next((k for k, v in DTYPES.items() if v == dtype), str(dtype))
+
+
+def _one_line(exc: BaseException, limit: int = 240) -> str:
+    text = " ".join(str(exc).split())
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{exc.__class__.__name__}: {text}" if text else exc.__class__.__name__

@@ -1,0 +1,92 @@
+"""``rmtp analyze-spectrum``: option parsing, one library call (:func:`rmtp.spectral.analysis.analyze`), rendering."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from rmtp.errors import RmtpError
+
+
+def parse_kwargs(values: list[str] | None) -> dict[str, Any] | None:
+    """``--kwargs`` values: each a JSON object, or ``key=value`` pairs separated by commas.
+
+    A value is read as JSON when it parses (``32``, ``4.0``, ``true``, ``[1, 2]``), else kept as a
+    string; later keys override earlier ones.
+    """
+    if not values:
+        return None
+    merged: dict[str, Any] = {}
+    for value in values:
+        text = value.strip()
+        if text.startswith("{"):
+            try:
+                parsed = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise RmtpError(f"--kwargs: not a valid JSON object ({exc.msg} at char {exc.pos}): {text}") from None
+            if not isinstance(parsed, dict):  # e.g. '{}' followed by more text never gets here; a list does not start with '{'
+                raise RmtpError(f"--kwargs: expected a JSON object, got {text}")
+            merged.update(parsed)
+            continue
+        for pair in filter(None, (p.strip() for p in text.split(","))):
+            key, sep, raw = pair.partition("=")
+            if not sep or not key.strip():
+                raise RmtpError(f"--kwargs: expected key=value, got {pair!r}")
+            try:
+                merged[key.strip()] = json.loads(raw)
+            except json.JSONDecodeError:
+                merged[key.strip()] = raw.strip()
+    return merged
+
+
+def analyze_spectrum(
+    checkpoint: Annotated[str, typer.Argument(
+        metavar="CKPT", show_default=False,
+        help="A .safetensors/.pth state dict, a saved rmtp output folder, or timm:NAME (random init unless "
+             "--pretrained).")],
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="timm name of a bare checkpoint. Without it, a model card <ckpt stem>.json beside the "
+                        "checkpoint (fields timm_name, kwargs; e.g. models/digits_vit.json) is used when present.")] = None,
+    arch: Annotated[Optional[str], typer.Option(
+        "--arch", help="Architecture plugin (vit, convnext, resnet, ...) when it cannot be inferred from the name.")] = None,
+    kwargs: Annotated[Optional[list[str]], typer.Option(
+        "--kwargs", help="timm.create_model kwargs: a JSON object ('{\"img_size\": 32}') or key=value[,key=value]; "
+                         "repeatable; overrides the model card's.")] = None,
+    pretrained: Annotated[bool, typer.Option(
+        "--pretrained", help="timm:NAME only: load timm's pretrained weights (needs network access).")] = False,
+    alpha: Annotated[float, typer.Option(
+        "--alpha", help="BEMA band: fit σ² on the eigenvalues between the alpha and 1-alpha quantiles.")] = 0.25,
+    tw_confidence: Annotated[Optional[float], typer.Option(
+        "--tw-confidence", help="Raise the edge by the Tracy–Widom quantile at this confidence (≥ 0.832, e.g. "
+                                "0.95); default: the asymptotic edge σ²(1+√γ)².")] = None,
+    min_dim: Annotated[int, typer.Option(
+        "--min-dim", help="Skip matrices with min(M, N) below this (too few eigenvalues to fit).")] = 32,
+    no_split_qkv: Annotated[bool, typer.Option(
+        "--no-split-qkv", help="Analyse a fused qkv projection as one matrix instead of its q, k, v blocks.")] = False,
+    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
+    csv_path: Annotated[Optional[Path], typer.Option("--csv", help="Also write the per-layer table as CSV to this file.")] = None,
+    plot_dir: Annotated[Optional[Path], typer.Option(
+        "--plot", help="Write per-layer ESD plots (histogram, fitted MP density, edge) and overview.png here.")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the summary, not the per-layer table.")] = False,
+) -> None:
+    """Fit the Marchenko–Pastur law to every prunable weight matrix of a model and report its signal rank."""
+    from rmtp.cli import user_errors, write_json_atomic
+    from rmtp.render import RichProgress, stderr
+    from rmtp.spectral.analysis import analyze
+    from rmtp.spectrum_report import render_spectrum, write_csv_atomic, write_plots
+
+    with user_errors():
+        report = analyze(checkpoint, model_name=model, arch=arch, kwargs=parse_kwargs(kwargs), pretrained=pretrained,
+                         split_qkv=not no_split_qkv, min_dim=min_dim, alpha=alpha, tw_confidence=tw_confidence,
+                         progress=RichProgress())
+        render_spectrum(report, layers=not quiet)
+        if json_path is not None:
+            write_json_atomic(json_path, report.to_dict())
+        if csv_path is not None:
+            write_csv_atomic(report, csv_path)
+        if plot_dir is not None:
+            written = write_plots(report, plot_dir, progress=RichProgress())
+            stderr.print(f"wrote {len(written)} plots to {plot_dir}")
