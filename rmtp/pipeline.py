@@ -160,7 +160,8 @@ def _prune(run: _Run, index: int, step: PruneStep) -> StepReport:
                        dense_model=run.dense, calibration=calibration, progress=run.progress)
     rows = pruner_cls().prune(ctx, run.recipe.pruner_params[index])
     run.model.eval()
-    run.pruned_layers.update(row.layer for row in rows if row.skipped is None)
+    if pruner_cls.kind != "token":  # token rows name whole blocks: no weights of theirs were pruned
+        run.pruned_layers.update(row.layer for row in rows if row.skipped is None)
     notes = [] if layers else ["the step's layer filter selected no layers; nothing was pruned"]
     return StepReport(index=index, kind="prune", name=step_label(step), rows=rows,
                       stats=_stats(run, run.model), seconds=0.0, notes=notes)

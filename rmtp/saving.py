@@ -4,7 +4,7 @@ A saved model is a folder::
 
     model.safetensors   the weights (replaced layers included)
     rmtp_model.json     how to rebuild it: timm name + kwargs, architecture, replaced layers,
-                        and the dense baseline it came from
+                        forward-pass patches (token reduction), and the dense baseline it came from
     recipe.yaml         the resolved recipe that produced it (when it came from a recipe)
     report.json         the run's report (when it came from a recipe)
 
@@ -29,10 +29,15 @@ from rmtp import __version__
 from rmtp.architecture import Architecture, ModelSpec
 from rmtp.checkpoint import load_state_dict_into, read_state_dict, write_safetensors_atomic
 from rmtp.errors import CheckpointError, RmtpError
-from rmtp.modules import apply_replacements, describe_replacements
+from rmtp.modules import apply_patches, apply_replacements, describe_patches, describe_replacements
 
 FORMAT = "rmtp-model"
-FORMAT_VERSION = 1
+#: Newest format this rmtp reads and writes. Version 2 adds ``patches`` (forward-pass patches such
+#: as token reduction). A model without patches is still written as version 1, which every rmtp
+#: reads; one with patches is version 2, which an rmtp that could not re-apply them refuses with
+#: "saved by a newer rmtp" instead of silently loading the unpatched model.
+FORMAT_VERSION = 2
+_FORMAT_VERSION_WITHOUT_PATCHES = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "rmtp_model.json"
 RECIPE_FILE = "recipe.yaml"
@@ -65,13 +70,15 @@ def save(model: nn.Module, out_dir: str | Path, *, spec: ModelSpec, arch: Archit
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
     try:
+        patches = describe_patches(model)
         meta = {
             "format": FORMAT,
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_VERSION if patches else _FORMAT_VERSION_WITHOUT_PATCHES,
             "rmtp_version": __version__,
             "arch": arch.name,
             "model": {**spec.to_dict(), "checkpoint": None, "pretrained": False},
             "replaced": describe_replacements(model),
+            "patches": patches,
             "baseline": baseline.to_dict() if baseline else None,
             "has_weights": save_weights,
         }
@@ -130,7 +137,8 @@ def _spec_from(data: dict[str, Any] | None) -> ModelSpec | None:
 
 
 def load(path: str | Path) -> LoadedModel:
-    """Rebuild a saved model: base timm model, replaced layers, then the saved weights (strict)."""
+    """Rebuild a saved model: base timm model, replaced layers, the saved weights (strict), then
+    the recorded forward-pass patches."""
     from rmtp.plugins import get_plugins
 
     path = Path(path)
@@ -145,5 +153,6 @@ def load(path: str | Path) -> LoadedModel:
     model = arch.create(spec)
     apply_replacements(model, meta.get("replaced") or [], source=str(path))
     load_state_dict_into(model, read_state_dict(path / WEIGHTS_FILE), source=str(path / WEIGHTS_FILE))
+    apply_patches(model, meta.get("patches") or [], source=str(path))
     return LoadedModel(model=model.eval(), spec=spec, arch=arch.name, baseline=_spec_from(meta.get("baseline")),
                        meta=meta)

@@ -1,0 +1,123 @@
+"""What the three token pruners share: schedule params, the patch step and the per-block rows."""
+
+from __future__ import annotations
+
+import re
+from abc import abstractmethod
+from typing import Annotated, ClassVar, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from rmtp.data import model_input_size
+from rmtp.errors import PluginError
+from rmtp.modules import apply_patch
+from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams, weight_footprint
+from rmtp_plugins.tokens.patch import Method, TokenPlan, TokenReduction
+from rmtp_plugins.tokens.schedule import keep_ratios, token_counts
+
+KeepRatio = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+class PruneScheduleParams(PrunerParams):
+    """Params of the attention-scored pruners: the seed's schedule, or an explicit per-block list."""
+
+    r_max: float = Field(0.6, ge=0.0, le=1.0,
+                         description="largest share pruned: keep(l) = 1 − r_max·((l+1)/L)^α")
+    alpha: float = Field(2.0, gt=0.0, le=100.0, description="sharpness of the schedule (larger: pruning later)")
+    start_layer: int = Field(0, ge=0, description="blocks before this one (0-based) keep every token")
+    keep: list[KeepRatio] | None = Field(None, description="explicit keep ratio per block, replacing "
+                                                           "r_max/alpha/start_layer")
+    relative_to: Literal["current", "original"] = Field(
+        "current", description="ratios apply to the tokens entering each block (compounding, as the seed) "
+                               "or to the tokens entering the first block")
+    fuse: bool = Field(False, description="fuse the pruned tokens into one token weighted by their scores (EViT)")
+    min_tokens: int = Field(1, ge=1, le=1_000_000, description="never keep fewer patch tokens than this")
+
+    @model_validator(mode="after")
+    def _list_or_curve(self) -> PruneScheduleParams:
+        if self.keep is not None and self.model_fields_set & {"r_max", "alpha", "start_layer"}:
+            raise ValueError("give either keep (one ratio per block) or r_max/alpha/start_layer, not both")
+        return self
+
+    def keep_list(self, depth: int) -> list[float]:
+        if self.keep is None:
+            return keep_ratios(depth, self.r_max, self.alpha, self.start_layer)
+        if len(self.keep) != depth:
+            raise PluginError(f"keep lists {len(self.keep)} ratios but the model has {depth} blocks")
+        return list(self.keep)
+
+
+class TokenPruner(Pruner):
+    """Base of ``token-cls``, ``token-mean`` and ``tome``: build a :class:`TokenPlan`, patch, report."""
+
+    kind = "token"
+    method: ClassVar[Method]
+
+    @abstractmethod
+    def plan(self, params: PrunerParams, depth: int) -> TokenPlan:
+        """The patch config for a model of ``depth`` blocks."""
+
+    def prune(self, ctx: PruneContext, params: PrunerParams) -> list[LayerRow]:
+        model = ctx.model
+        _refuse_layer_filter(ctx)
+        blocks = getattr(model, "blocks", None)
+        if not isinstance(blocks, nn.Sequential):
+            raise PluginError(f"{self.name} patches timm VisionTransformer models (their blocks); "
+                              f"{type(model).__qualname__} has no `blocks` sequence")
+        plan = self.plan(params, len(blocks))
+        patch = TokenReduction(**plan.model_dump())
+        input_shape = model_input_size(model)
+        macs_before = block_macs(model, input_shape, ctx.device)
+        apply_patch(model, patch)
+        macs_after = block_macs(model, input_shape, ctx.device)
+        npt = model.num_prefix_tokens
+        counts = token_counts(model.patch_embed.num_patches, keep=plan.keep, r=plan.r,
+                              relative_to=plan.relative_to, min_tokens=plan.min_tokens)
+        rows = []
+        for index, (block, (n_in, n_out)) in enumerate(zip(blocks, counts)):
+            shape, n_params, nonzeros = weight_footprint(block)
+            detail = {"tokens_in": npt + n_in, "tokens_out": npt + n_out}
+            if plan.r is not None:
+                detail["r"] = n_in - n_out
+            detail["macs_before"] = macs_before[index]
+            detail["macs_after"] = macs_after[index]
+            rows.append(LayerRow(layer=f"blocks.{index}", shape_before=shape, shape_after=shape,
+                                 params_before=n_params, params_after=n_params, nonzeros_before=nonzeros,
+                                 nonzeros_after=nonzeros,
+                                 budget=plan.keep[index] if plan.keep is not None else None,
+                                 kept_fraction=(npt + n_out) / (npt + n_in), detail=detail))
+        return rows
+
+
+def _refuse_layer_filter(ctx: PruneContext) -> None:
+    """Token pruners act on whole blocks: a step's ``layers:`` filter would be silently meaningless."""
+    default = [layer.name for layer in ctx.arch.prunable_layers(ctx.model) if not layer.optional]
+    if [layer.name for layer in ctx.layers] != default:
+        raise PluginError("token pruners act on whole blocks, so a step's `layers:` filter does not apply; "
+                          "choose the blocks with start_layer / keep (token-cls, token-mean) or r_list (tome)")
+
+
+def block_macs(model: nn.Module, input_shape: tuple[int, ...], device: torch.device | str = "cpu") -> list[int]:
+    """MACs of each ``blocks.{i}`` for one image of ``input_shape``, attention included (as
+    :mod:`rmtp.metrics` counts them: FlopCounterMode, CPU fused attention added)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from rmtp import metrics
+
+    counter = FlopCounterMode(display=False, custom_mapping=getattr(metrics, "_CUSTOM_MAPPING", None) or {})
+    x = torch.randn(1, *input_shape, device=device, dtype=next(model.parameters()).dtype)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode(), counter:
+            model(x)
+    finally:
+        model.train(was_training)
+    macs = [0] * len(model.blocks)
+    for key, ops in counter.get_flop_counts().items():
+        found = re.search(r"(?:^|\.)blocks\.(\d+)$", key)
+        if found and int(found.group(1)) < len(macs):
+            macs[int(found.group(1))] = sum(int(v) for v in ops.values()) // 2
+    return macs

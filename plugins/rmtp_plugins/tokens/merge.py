@@ -1,0 +1,156 @@
+"""The tensor math of token reduction: scores, pruning with optional fusion, bipartite merging.
+
+All functions work on whole batches with one static output length, per image (every image
+chooses its own tokens from its own scores; nothing is averaged over the batch). Sequences are
+``(B, N, C)`` with the ``npt`` prefix tokens (class, registers) first; prefix tokens are split
+off before any selection and put back in front unchanged, so they are never dropped or merged,
+and pooling still finds the class token at index 0.
+
+Besides the tokens, two optional per-token tensors travel with the sequence:
+
+* ``size`` ``(B, N, 1)``: how many original patches a token stands for (``None`` while every
+  token is one patch). Merged tokens are size-weighted means; proportional attention adds
+  ``log(size)`` to the attention logits; average pooling is size-weighted.
+* ``source`` ``(B, N, N_0)``: which original tokens a token covers (``None`` unless tracing, for
+  visualisation). Rows of dropped tokens disappear; merged or fused rows are unions.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def _gather(t: Tensor, index: Tensor) -> Tensor:
+    """Rows ``index`` ``(B, k)`` of ``t`` ``(B, n, c)``."""
+    return t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
+
+
+def _ones(x: Tensor) -> Tensor:
+    return x.new_ones(x.shape[0], x.shape[1], 1)
+
+
+# --------------------------------------------------------------------------------------- scores
+
+
+def prefix_attention(q: Tensor, k: Tensor, scale: float, rows: int, bias: Tensor | None = None) -> Tensor:
+    """Attention from the first ``rows`` queries to every key, averaged over heads and those rows.
+
+    ``q``, ``k``: ``(B, H, N, d)``. Computes only ``softmax(q[:rows]·Kᵀ·scale + bias)``, ``rows/N``
+    of the full QKᵀ, so it can run next to a fused attention kernel that never materialises the
+    attention matrix. Returns ``(B, N)`` (prefix keys included).
+    """
+    logits = (q[:, :, :rows] * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        logits = logits + bias
+    return logits.softmax(dim=-1).mean(dim=(1, 2))
+
+
+def received_attention(probs: Tensor, npt: int) -> Tensor:
+    """Mean attention each patch receives from the *other* patches (prefix queries and keys, and
+    each patch's attention to itself, excluded), averaged over heads and queries.
+
+    ``probs``: explicit attention ``(B, H, N, N)``. Returns ``(B, N − npt)``.
+    """
+    patches = probs[:, :, npt:, npt:].mean(dim=1)  # (B, n, n): query i → key j
+    n = patches.shape[-1]
+    received = patches.sum(dim=1) - patches.diagonal(dim1=1, dim2=2)
+    return received / max(n - 1, 1)
+
+
+# -------------------------------------------------------------------------------------- pruning
+
+
+def _with_prefix(index: Tensor, npt: int) -> Tensor:
+    """Patch indices ``(B, k)`` → sequence positions ``(B, npt + k)`` with the prefix positions first."""
+    prefix = torch.arange(npt, device=index.device).expand(index.shape[0], npt)
+    return torch.cat([prefix, index + npt], dim=1)
+
+
+def prune_tokens(x: Tensor, scores: Tensor, n_keep: int, npt: int, *, fuse: bool = False,
+                 size: Tensor | None = None, source: Tensor | None = None
+                 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Keep the ``n_keep`` patch tokens of highest ``scores`` ``(B, n)``, per image.
+
+    Kept tokens stay in their original order. With ``fuse`` (EViT), the top ``n_keep − 1`` are
+    kept and the rest are fused into one token appended last: their mean weighted by their scores
+    (EViT sums ``Σ aᵢxᵢ`` unnormalised; normalising keeps the fused token on the scale of the
+    others, which a model that never trained with fusion needs). The fused token's size is the
+    sum of the sizes it absorbed, so average pooling and later merges weigh it correctly.
+    Returns ``(x, size, source)`` with ``N = npt + n_keep`` tokens.
+    """
+    n = x.shape[1] - npt
+    n_top = n_keep - 1 if fuse else n_keep
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    keep_pos = _with_prefix(order[:, :n_top].sort(dim=-1).values, npt)
+    if not (fuse and n_top < n):
+        return (_gather(x, keep_pos), _gather(size, keep_pos) if size is not None else None,
+                _gather(source, keep_pos) if source is not None else None)
+    drop_idx = order[:, n_top:]
+    drop_pos = drop_idx + npt
+    weights = scores.gather(1, drop_idx).unsqueeze(-1).to(x.dtype)  # (B, n - n_top, 1)
+    weights = weights / weights.sum(dim=1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+    fused = (_gather(x, drop_pos) * weights).sum(dim=1, keepdim=True)
+    out = torch.cat([_gather(x, keep_pos), fused], dim=1)
+    size = _ones(x) if size is None else size
+    new_size = torch.cat([_gather(size, keep_pos), _gather(size, drop_pos).sum(dim=1, keepdim=True)], dim=1)
+    new_source = None
+    if source is not None:
+        new_source = torch.cat([_gather(source, keep_pos), _gather(source, drop_pos).amax(dim=1, keepdim=True)],
+                               dim=1)
+    return out, new_size, new_source
+
+
+# -------------------------------------------------------------------------------------- merging
+
+
+def bipartite_matching(metric: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
+    """ToMe's bipartite soft matching on patch tokens ``metric`` ``(B, n, d)``.
+
+    Tokens alternate between set A (even positions) and set B (odd). Each A token's edge goes to
+    its most similar B token (cosine similarity); the ``r`` A tokens with the strongest edges are
+    merged into their B partners. Ties are broken by position (stable sort), so results are
+    reproducible. Returns ``(unmerged A indices (B, |A|−r) in ascending order, merged A indices
+    (B, r), their B destinations (B, r))``, all indices into A or B.
+    """
+    metric = metric / metric.norm(dim=-1, keepdim=True)
+    a, b = metric[:, ::2], metric[:, 1::2]
+    similarity = a @ b.transpose(-1, -2)
+    best, partner = similarity.max(dim=-1)
+    order = torch.sort(best, dim=-1, descending=True, stable=True).indices
+    src_idx = order[:, :r]
+    unmerged_idx = order[:, r:].sort(dim=-1).values
+    dst_idx = partner.gather(1, src_idx)
+    return unmerged_idx, src_idx, dst_idx
+
+
+def merge_tokens(x: Tensor, metric: Tensor, r: int, npt: int, *, size: Tensor | None = None,
+                 source: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Merge ``r`` patch tokens into others by bipartite soft matching on ``metric`` ``(B, N, d)``
+    (only its patch rows are used).
+
+    Output order: prefix tokens, the A tokens left alone (ascending), then every B token, each
+    the size-weighted mean ``Σ sᵢxᵢ / Σ sᵢ`` of itself and the A tokens merged into it; sizes add
+    up. Computed as one gather of the kept rows, one per-row rescale and a scatter-add of the
+    ``r`` merged rows, so the full sequence is copied twice, not once per step.
+    Returns ``(x, size, source)`` with ``N − r`` tokens.
+    """
+    B, N, C = x.shape
+    n = N - npt
+    kept_a = (n + 1) // 2 - r
+    unmerged_idx, src_idx, dst_idx = bipartite_matching(metric[:, npt:], r)
+    b_pos = (npt + 1 + 2 * torch.arange(n // 2, device=x.device)).expand(B, -1)
+    keep_pos = torch.cat([_with_prefix(2 * unmerged_idx, npt), b_pos], dim=1)  # (B, N - r)
+    src_pos = npt + 2 * src_idx
+    dst_out = (npt + kept_a + dst_idx).unsqueeze(-1)  # where each merged A token lands, (B, r, 1)
+    size = _ones(x) if size is None else size
+    kept_size = _gather(size, keep_pos)
+    src_size = _gather(size, src_pos)
+    new_size = kept_size.scatter_add(1, dst_out, src_size)
+    out = _gather(x, keep_pos) * (kept_size / new_size)
+    out.scatter_add_(1, dst_out.expand(-1, -1, C), _gather(x, src_pos) * (src_size / new_size.gather(1, dst_out)))
+    new_source = None
+    if source is not None:
+        new_source = _gather(source, keep_pos).scatter_reduce_(
+            1, dst_out.expand(-1, -1, source.shape[-1]), _gather(source, src_pos), reduce="amax")
+    return out, new_size, new_source

@@ -1,0 +1,364 @@
+"""The one mechanism behind ``token-cls``, ``token-mean`` and ``tome``: a reversible patch of
+timm's ``VisionTransformer`` forward pass that reduces tokens between each block's attention and
+its MLP.
+
+:class:`TokenReduction` is an :class:`rmtp.modules.ModelPatch`. Applying it swaps the classes of
+the model and of its blocks for the subclasses below (:class:`TokenVisionTransformer`,
+:class:`TokenBlock`), the technique of ``torch.nn.utils.parametrize``: no module is replaced, no
+parameter or buffer is added or renamed, so the state dict, the architecture adapter's layer
+names, weight pruners and optimizers see the same model. Each block gets its per-layer plan
+(:class:`LayerSpec`) as a plain attribute. Removing the patch restores the original classes and
+deletes those attributes: the model is then exactly what it was.
+
+A patched block does what timm's ``Block`` and ``Attention`` do (pre-norm, fused
+``scaled_dot_product_attention`` or the explicit path when ``fused_attn`` is off, ``q_norm`` /
+``k_norm``, ``norm`` (scale-norm), the sigmoid ``gate``, ``attn_drop``/``proj_drop``, LayerScale
+``ls1``/``ls2``, ``drop_path``), plus, at a block whose plan reduces tokens::
+
+    x = x + drop_path1(ls1(attn(norm1(x))))        # attention, scores from this very pass
+    x, size = reduce(x, size, scores)              # prune (cls / mean scores) or merge (ToMe)
+    x = x + drop_path2(ls2(mlp(norm2(x))))
+
+Token counts come from the input's shape through :mod:`.schedule` (static per input size), the
+selection is per image, and gradients flow through everything except the discrete choice of
+tokens. The class and register tokens (``num_prefix_tokens``) are never reduced.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor, nn
+
+from rmtp.errors import PluginError
+from rmtp.modules import ModelPatch, model_patch, patches_of
+from rmtp_plugins.tokens.merge import merge_tokens, prefix_attention, prune_tokens, received_attention
+from rmtp_plugins.tokens.schedule import RelativeTo, merged_count, pruned_count
+
+Method = Literal["cls", "mean", "tome"]
+
+#: Children of timm's ``Block`` / ``Attention`` the patched forward reproduces. A block or attention
+#: with any other child (a newer timm feature) is refused rather than run without it.
+BLOCK_CHILDREN = frozenset({"norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"})
+ATTENTION_CHILDREN = frozenset({"qkv", "q_norm", "k_norm", "attn_drop", "norm", "gate", "proj", "proj_drop"})
+#: Global pools whose result the patch knows how to keep right ('avg'/'avgmax' become size-weighted).
+SUPPORTED_POOLS = ("token", "avg", "avgmax", "max")
+
+_SPEC_ATTR = "rmtp_tokens"
+_TRACE_ATTR = "_rmtp_token_trace"
+
+
+class TokenPlan(BaseModel):
+    """The JSON config of a :class:`TokenReduction` patch: everything the forward pass needs.
+
+    Saved in ``rmtp_model.json`` and validated again when a saved model is loaded (untrusted).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    method: Method
+    keep: list[Annotated[float, Field(gt=0.0, le=1.0)]] | None = Field(
+        None, description="cls/mean: keep ratio of each block (1.0: no pruning)")
+    r: list[Annotated[int, Field(ge=0)]] | None = Field(None, description="tome: tokens merged by each block")
+    relative_to: RelativeTo = Field("current", description="keep ratios apply to the current or the original count")
+    min_tokens: int = Field(1, ge=1, description="cls/mean: never keep fewer patch tokens than this")
+    fuse: bool = Field(False, description="cls/mean: fuse pruned tokens into one (EViT)")
+    score_from: Literal["cls", "prefix"] = Field("cls", description="cls: score rows from the class token or all prefix tokens")
+    prop_attn: bool = Field(False, description="add log(size) to attention logits (proportional attention)")
+
+    @model_validator(mode="after")
+    def _one_schedule(self) -> TokenPlan:
+        if self.method == "tome":
+            if self.r is None or self.keep is not None:
+                raise ValueError("method 'tome' needs r (per-block merge counts) and no keep")
+            if self.fuse:
+                raise ValueError("fuse applies to pruning (cls/mean), not to tome")
+        elif self.keep is None or self.r is not None:
+            raise ValueError(f"method {self.method!r} needs keep (per-block keep ratios) and no r")
+        return self
+
+    @property
+    def depth(self) -> int:
+        return len(self.keep if self.keep is not None else self.r)
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """What one patched block does: how many patch tokens it passes on, and how it picks them."""
+
+    index: int
+    method: Method
+    num_prefix: int
+    keep: float = 1.0
+    r: int = 0
+    relative_to: RelativeTo = "current"
+    min_tokens: int = 1
+    fuse: bool = False
+    score_rows: int = 1
+    prop_attn: bool = False
+
+    def patches_out(self, n: int, n0: int) -> int:
+        """Patch tokens after this block for ``n`` in (``n0`` entering the first block)."""
+        if self.method == "tome":
+            return merged_count(n, self.r)
+        return pruned_count(n, n0, self.keep, self.relative_to, self.min_tokens)
+
+
+class TokenState(NamedTuple):
+    """What travels with the token sequence from block to block."""
+
+    size: Tensor | None  # (B, N, 1) patches per token; None while all are 1
+    source: Tensor | None  # (B, N, N0) original tokens per token; None unless tracing
+    n0: int  # patch tokens entering the first block
+
+
+@dataclass
+class SourceTrace:
+    """Filled by :func:`trace_sources`: per forward call, the final ``source`` and ``size``."""
+
+    sources: list[Tensor] = field(default_factory=list)
+    sizes: list[Tensor | None] = field(default_factory=list)
+    num_prefix: int = 0
+
+
+# ---------------------------------------------------------------------------------- the forward
+
+
+def _attention(attn: Attention, x: Tensor, bias: Tensor | None, need: str | None, spec: LayerSpec
+               ) -> tuple[Tensor, Tensor | None]:
+    """timm ``Attention.forward`` (fused or explicit, as the module is set), plus what the
+    reduction ``need``s from this same pass: patch scores (cls/mean) or keys averaged over heads (tome)."""
+    B, N, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if bias is not None:
+        bias = bias.to(q.dtype)
+    npt = spec.num_prefix
+    aux = None
+    if need == "mean" or not attn.fused_attn:
+        logits = (q * attn.scale) @ k.transpose(-2, -1)
+        if bias is not None:
+            logits = logits + bias
+        probs = logits.softmax(dim=-1)
+        if need == "mean":
+            aux = received_attention(probs, npt)
+        elif need == "cls":
+            aux = probs[:, :, :spec.score_rows].mean(dim=(1, 2))[:, npt:]
+        out = attn.attn_drop(probs) @ v
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                             dropout_p=attn.attn_drop.p if attn.training else 0.0)
+        if need == "cls":
+            aux = prefix_attention(q, k, attn.scale, spec.score_rows, bias)[:, npt:]
+    if need == "tome":
+        aux = k.mean(dim=1)
+    out = out.transpose(1, 2).reshape(B, N, getattr(attn, "attn_dim", attn.num_heads * attn.head_dim))
+    norm = getattr(attn, "norm", None)
+    if norm is not None:
+        out = norm(out)
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), aux
+
+
+class TokenBlock(Block):
+    """timm ``Block`` whose forward reduces tokens; swapped in by :class:`TokenReduction`.
+
+    Called the timm way (no ``tokens``), it is exactly timm's block, so code outside the patched
+    model forward (``forward_intermediates``, a block used on its own) runs dense.
+    """
+
+    rmtp_tokens: LayerSpec
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False, *,
+                tokens: TokenState | None = None) -> Any:
+        if tokens is None:
+            if attn_mask is None and not is_causal:
+                return super().forward(x)
+            return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+        spec = self.rmtp_tokens
+        npt = spec.num_prefix
+        n = x.shape[1] - npt
+        n_out = spec.patches_out(n, tokens.n0)
+        need = spec.method if n_out < n else None
+        size, source = tokens.size, tokens.source
+        bias = size.log()[:, None, None, :, 0] if spec.prop_attn and size is not None else None
+        y, aux = _attention(self.attn, self.norm1(x), bias, need, spec)
+        x = x + self.drop_path1(self.ls1(y))
+        if need == "tome":
+            x, size, source = merge_tokens(x, aux, n - n_out, npt, size=size, source=source)
+        elif need is not None:
+            x, size, source = prune_tokens(x, aux, n_out, npt, fuse=spec.fuse, size=size, source=source)
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        return x, TokenState(size, source, tokens.n0)
+
+
+class TokenVisionTransformer(VisionTransformer):
+    """timm ``VisionTransformer`` whose blocks reduce tokens; swapped in by :class:`TokenReduction`.
+
+    ``forward`` carries token sizes to the pool, so ``avg`` pooling is size-weighted.
+    ``forward_features`` returns the reduced sequence; ``forward_head`` on its own cannot know the
+    sizes and pools unweighted unless given ``size`` (use ``forward_tokens`` to get them).
+    """
+
+    def forward_tokens(self, x: Tensor, attn_mask: Tensor | None = None,
+                       is_causal: bool = False) -> tuple[Tensor, TokenState]:
+        """Embeddings, the token-reducing blocks and the final norm: ``(tokens, state)``."""
+        if attn_mask is not None or is_causal:
+            raise ValueError("a token-reduced ViT takes no attn_mask or is_causal: the token count "
+                             "changes inside the model, so a mask cannot follow it")
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
+        trace: SourceTrace | None = self.__dict__.get(_TRACE_ATTR)
+        source = None
+        if trace is not None:
+            source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype).expand(x.shape[0], -1, -1)
+        state = TokenState(None, source, x.shape[1] - self.num_prefix_tokens)
+        for block in self.blocks:
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                x, state = torch.utils.checkpoint.checkpoint(block, x, tokens=state, use_reentrant=False)
+            else:
+                x, state = block(x, tokens=state)
+        x = self.norm(x)
+        if trace is not None:
+            trace.sources.append(state.source)
+            trace.sizes.append(state.size)
+        return x, state
+
+    def forward_features(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        return self.forward_tokens(x, attn_mask, is_causal)[0]
+
+    def pool(self, x: Tensor, pool_type: str | None = None, size: Tensor | None = None) -> Tensor:
+        pool_type = self.global_pool if pool_type is None else pool_type
+        if size is None or pool_type not in ("avg", "avgmax"):
+            return super().pool(x, pool_type)
+        if not self.pool_include_prefix:
+            x, size = x[:, self.num_prefix_tokens:], size[:, self.num_prefix_tokens:]
+        avg = (x * size).sum(dim=1) / size.sum(dim=1)
+        return avg if pool_type == "avg" else 0.5 * (x.amax(dim=1) + avg)
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False, size: Tensor | None = None) -> Tensor:
+        x = self.pool(x, size=size)
+        x = self.fc_norm(x)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+        x, state = self.forward_tokens(x, attn_mask, is_causal)
+        return self.forward_head(x, size=state.size)
+
+
+# ------------------------------------------------------------------------------------ the patch
+
+
+def model_problem(model: nn.Module, plan: TokenPlan) -> str | None:
+    """Why the token patch cannot handle ``model`` (``None`` if it can)."""
+    if any(isinstance(p, TokenReduction) for p in patches_of(model)):
+        return "it is already token-reduced (remove that patch first; token reducers do not stack)"
+    if type(model) is not VisionTransformer:
+        return (f"it is a {type(model).__module__}.{type(model).__qualname__}, not timm's VisionTransformer "
+                f"(subclasses such as distilled DeiT, and other families such as Eva, relative-position or "
+                f"hybrid-attention ViTs, compute their forward pass or positions differently)")
+    if getattr(model, "attn_pool", None) is not None:
+        return f"its global_pool {model.global_pool!r} is an attention pool, which would ignore token sizes"
+    if model.global_pool not in SUPPORTED_POOLS:
+        return (f"its global_pool {model.global_pool!r} returns the token sequence itself, whose length token "
+                f"reduction changes (supported: {', '.join(SUPPORTED_POOLS)})")
+    blocks = list(model.blocks)
+    if len(blocks) != plan.depth:
+        return f"the plan has {plan.depth} per-block entries but the model has {len(blocks)} blocks"
+    for index, block in enumerate(blocks):
+        if type(block) is not Block:
+            return (f"blocks.{index} is a {type(block).__qualname__}, not timm's plain Block (parallel, "
+                    f"post-norm and other block types are not supported)")
+        extra = set(block._modules) - BLOCK_CHILDREN
+        if extra:
+            return f"blocks.{index} has children the patch does not know: {', '.join(sorted(extra))}"
+        if type(block.attn) is not Attention:
+            return (f"blocks.{index}.attn is a {type(block.attn).__qualname__}, not timm's Attention (rotary, "
+                    f"differential and other attention types are not supported)")
+        extra = set(block.attn._modules) - ATTENTION_CHILDREN
+        if extra:
+            return f"blocks.{index}.attn has children the patch does not know: {', '.join(sorted(extra))}"
+    npt = model.num_prefix_tokens
+    if plan.method == "cls":
+        if plan.score_from == "cls" and not model.has_class_token:
+            return "token-cls scores patches by the class token's attention, and the model has no class token " \
+                   "(use score_from: prefix with register tokens, or token-mean / tome)"
+        if npt == 0:
+            return "token-cls scores patches by attention from prefix tokens, and the model has none"
+    return None
+
+
+@model_patch
+class TokenReduction(ModelPatch):
+    """Token reduction in a timm ViT's forward pass (``token-cls``, ``token-mean``, ``tome``)."""
+
+    def __init__(self, **config: Any):
+        self.plan = TokenPlan(**config)
+
+    def rmtp_config(self) -> dict[str, Any]:
+        return self.plan.model_dump(mode="json")
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.plan.model_dump(exclude_defaults=True).items())
+        return f"TokenReduction({fields})"
+
+    def layer_specs(self, model: VisionTransformer) -> list[LayerSpec]:
+        plan, npt = self.plan, model.num_prefix_tokens
+        rows = 1 if plan.score_from == "cls" else npt
+        return [LayerSpec(index=i, method=plan.method, num_prefix=npt,
+                          keep=plan.keep[i] if plan.keep is not None else 1.0,
+                          r=plan.r[i] if plan.r is not None else 0,
+                          relative_to=plan.relative_to, min_tokens=plan.min_tokens, fuse=plan.fuse,
+                          score_rows=rows, prop_attn=plan.prop_attn)
+                for i in range(plan.depth)]
+
+    def apply(self, model: nn.Module) -> None:
+        problem = model_problem(model, self.plan)
+        if problem:
+            raise PluginError(f"token reduction ({self.plan.method}) cannot patch this model: {problem}")
+        for block, spec in zip(model.blocks, self.layer_specs(model)):
+            block.__class__ = TokenBlock
+            block.__dict__[_SPEC_ATTR] = spec
+        model.__class__ = TokenVisionTransformer
+
+    def remove(self, model: nn.Module) -> None:
+        for block in model.blocks:
+            block.__dict__.pop(_SPEC_ATTR, None)
+            block.__class__ = Block
+        model.__class__ = VisionTransformer
+
+
+def token_reduction(model: nn.Module) -> TokenReduction | None:
+    """The token patch applied to ``model``, if any."""
+    return next((p for p in patches_of(model) if isinstance(p, TokenReduction)), None)
+
+
+@contextmanager
+def trace_sources(model: nn.Module) -> Iterator[SourceTrace]:
+    """Record, for each forward call inside the block, which original tokens each final token covers.
+
+    ``trace.sources[i]`` is ``(B, N_final, N_0)`` (prefix tokens included, first). Costs an extra
+    ``(B, N, N_0)`` tensor per block, so it is for visualisation, never on by default.
+    """
+    if not isinstance(model, TokenVisionTransformer):
+        raise PluginError("trace_sources needs a token-reduced ViT (run token-cls, token-mean or tome first)")
+    trace = SourceTrace(num_prefix=model.num_prefix_tokens)
+    model.__dict__[_TRACE_ATTR] = trace
+    try:
+        yield trace
+    finally:
+        model.__dict__.pop(_TRACE_ATTR, None)

@@ -1,0 +1,66 @@
+"""``tome``: Token Merging (Bolya et al., ICLR 2023) by bipartite soft matching.
+
+At each block, between attention and MLP, patch tokens alternate into sets A and B; each A
+token's edge goes to its most similar B token (cosine similarity of the keys averaged over
+heads, from this forward pass); the ``r`` strongest edges are merged as size-weighted means.
+Proportional attention adds ``log(size)`` to the attention logits (an additive SDPA mask in the
+query's dtype) so a merged token counts as the patches it stands for; average pooling is
+size-weighted. Class and register tokens never merge. ``rmtp token-map RUN_DIR`` draws which
+patches merged for a few val images.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, model_validator
+
+from rmtp.errors import PluginError
+from rmtp.hookspecs import hookimpl
+from rmtp.pruner import PrunerParams
+from rmtp_plugins.tokens.base import TokenPruner
+from rmtp_plugins.tokens.patch import TokenPlan
+from rmtp_plugins.tokens.schedule import tome_r_list
+
+
+class TomeParams(PrunerParams):
+    r: int = Field(8, ge=0, le=100_000, description="tokens merged per block")
+    ramp: float = Field(0.0, ge=-1.0, le=1.0, description="ToMe's inflection: r grows over the blocks (> 0) "
+                                                          "or shrinks (< 0) linearly, same total")
+    r_list: list[Annotated[int, Field(ge=0)]] | None = Field(None, description="explicit tokens merged per "
+                                                                               "block, replacing r/ramp")
+    prop_attn: bool = Field(True, description="proportional attention: add log(token size) to the logits")
+
+    @model_validator(mode="after")
+    def _list_or_ramp(self) -> TomeParams:
+        if self.r_list is not None and self.model_fields_set & {"r", "ramp"}:
+            raise ValueError("give either r_list (one count per block) or r/ramp, not both")
+        return self
+
+
+class TomePruner(TokenPruner):
+    name = "tome"
+    description = "ViT token merging (ToMe): bipartite soft matching, proportional attention, r per block."
+    method = "tome"
+    Params = TomeParams
+
+    def plan(self, params: TomeParams, depth: int) -> TokenPlan:
+        if params.r_list is None:
+            r = tome_r_list(depth, params.r, params.ramp)
+        elif len(params.r_list) != depth:
+            raise PluginError(f"r_list lists {len(params.r_list)} counts but the model has {depth} blocks")
+        else:
+            r = list(params.r_list)
+        return TokenPlan(method="tome", r=r, prop_attn=params.prop_attn)
+
+
+@hookimpl
+def register_pruners(register) -> None:  # noqa: ANN001 - pluggy passes the registry's callback
+    register(TomePruner)
+
+
+@hookimpl
+def register_commands(app) -> None:  # noqa: ANN001 - a typer.Typer
+    from rmtp_plugins.tokens.visualize import token_map_command
+
+    app.command("token-map")(token_map_command)
