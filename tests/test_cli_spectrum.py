@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -58,6 +59,9 @@ def test_reference_checkpoint_with_its_card_and_every_output(tmp_path: Path) -> 
     assert int(q["rank"]) == report["layers"][1]["fit"]["rank"] and q["bulk_is_mp"] == "True"
     assert rows[-1]["skipped"].startswith("too small")
     assert not list(out.glob(".*.tmp"))  # written atomically: no temporary left behind
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (out / "s.csv").stat().st_mode & 0o777 == 0o666 & ~mask
 
 
 def test_timm_name_with_kwargs_plots_and_options(tmp_path: Path) -> None:

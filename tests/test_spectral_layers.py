@@ -130,8 +130,29 @@ class Pair(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(self.first(x))
 
+    @property
+    def rank(self) -> int:
+        return self.first.out_features
+
+    @property
+    def effective_shape(self) -> tuple[int, int]:
+        return (self.second.out_features, self.first.in_features)
+
     def rmtp_config(self) -> dict:
         return {"n_in": self.first.in_features, "rank": self.first.out_features, "n_out": self.second.out_features}
+
+
+@rebuildable
+class Wrapped(nn.Module):
+    """A stand-in for a token pruner's patched module: a replacement that keeps the original's children."""
+
+    def __init__(self, original: nn.Module | None = None):
+        super().__init__()
+        for name, child in (original.named_children() if original is not None else []):
+            self.add_module(name, child)
+
+    def rmtp_config(self) -> dict:
+        return {}
 
 
 def test_replaced_and_non_finite_layers_are_skipped_with_reasons() -> None:
@@ -140,10 +161,22 @@ def test_replaced_and_non_finite_layers_are_skipped_with_reasons() -> None:
     with torch.no_grad():
         model.blocks[1].attn.proj.weight[3, 5] = float("nan")
     rows = by_name(analyze_model(model, arch))
-    assert rows["blocks.0.mlp.fc1"].skipped.startswith("replaced by Pair")
+    assert rows["blocks.0.mlp.fc1"].skipped == ("replaced by Pair (rank 4, 128×32): already pruned, not one dense "
+                                                "matrix; analyse the dense model")
+    assert rows["blocks.0.mlp.fc1"].params == rows["blocks.0.mlp.fc1"].params_kept_by_split == 4 * (32 + 128)
     assert not any(name.startswith("blocks.0.mlp.fc1.") for name in rows)
     assert rows["blocks.1.attn.proj"].skipped == "non-finite weights (NaN or inf)"
     assert rows["blocks.1.mlp.fc1"].fit is not None
+
+
+def test_a_replacement_around_listed_layers_is_not_a_row_and_its_layers_are_analysed() -> None:
+    model, arch = build("vit_tiny_patch16_224", **TINY_VIT)
+    model.blocks[1].attn = Wrapped(model.blocks[1].attn)  # qkv and proj keep their names: the adapter lists them
+    model.blocks[0].mlp = Wrapped()  # nothing listed inside any more: the replacement is a row, with its reason
+    rows = by_name(analyze_model(model, arch, min_dim=8))
+    assert "blocks.1.attn" not in rows and rows["blocks.1.attn.qkv[q]"].fit is not None
+    assert rows["blocks.0.mlp"].skipped.startswith("replaced by Wrapped: already pruned")
+    assert rows["blocks.0.mlp"].params == 0 and rows["blocks.1.mlp.fc1"].fit is not None
 
 
 def test_a_planted_signal_in_a_model_layer_is_found() -> None:
@@ -187,7 +220,7 @@ def test_progress_advances_once_per_row(digits) -> None:
     model, arch = digits
     recorder = Recorder()
     rows = analyze_model(model, arch, progress=recorder)
-    (description, total, seen), = recorder.calls
+    (_, total, seen), = recorder.calls
     assert total == len(rows) == len(seen) and seen == [row.name for row in rows]
 
 

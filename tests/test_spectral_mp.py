@@ -77,7 +77,7 @@ def test_gamma_to_zero_tends_to_the_semicircle() -> None:
     """For gamma -> 0, (x - 1) / (2 sqrt(gamma)) follows the semicircle law on [-1, 1]."""
     gamma = 1e-10
     p = np.array([0.01, 0.1, 0.3, 0.5, 0.7, 0.9, 0.99])
-    semicircle = [brentq(lambda y, p=p_: 0.5 + (y * math.sqrt(1 - y * y) + math.asin(y)) / math.pi - p_, -1, 1,
+    semicircle = [brentq(lambda y, p_=p_: 0.5 + (y * math.sqrt(1 - y * y) + math.asin(y)) / math.pi - p_, -1, 1,
                          xtol=1e-14) for p_ in p]
     scaled = (mp_quantile(p, gamma) - 1.0) / (2.0 * math.sqrt(gamma))
     # The first correction to the limit is O(sqrt(gamma)) = 1e-5; x itself is only known to ~1e-16 / 2e-5.

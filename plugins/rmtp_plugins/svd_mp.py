@@ -32,6 +32,7 @@ from rmtp.hookspecs import hookimpl
 from rmtp.lowrank import factorize, factorize_blocks
 from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams, weight_footprint
 from rmtp.spectral.mp import MPFit, fit_mp, weight_matrix
+from rmtp.spectral.options import TwConfidence
 
 
 class SvdMpParams(PrunerParams):
@@ -49,7 +50,7 @@ class SvdMpParams(PrunerParams):
         "reconstruct", description="a layer whose split would not save params: write back its rank-k "
                                    "reconstruction, or keep it unchanged")
     alpha: float = Field(0.25, gt=0.0, lt=0.5, description="BEMA fit on the [alpha, 1-alpha] quantile band")
-    tw_confidence: float | None = Field(None, gt=0.0, lt=1.0,
+    tw_confidence: TwConfidence = Field(None,
                                         description="add a Tracy–Widom margin to the edge at this confidence")
     min_dim: int = Field(32, ge=2, description="matrices with min(M,N) below this are skipped (too few "
                                                 "singular values for statistics)")

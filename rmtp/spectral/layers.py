@@ -16,7 +16,6 @@ parallel, each single-threaded (see :func:`analyze_model`).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -54,14 +53,15 @@ class LayerSpectrum:
     skipped: str | None = None
     optional: bool = False
     rows: tuple[int, int] | None = None
+    module_params: int = 0
     singular_values: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def params(self) -> int:
-        """Weights of this matrix (bias excluded)."""
+        """Weights of this row (biases excluded): M·N for a matrix, else what the module holds."""
         if self.shape is not None:
             return self.shape[0] * self.shape[1]
-        return math.prod(self.weight_shape)
+        return self.module_params
 
     @property
     def params_kept_by_split(self) -> int:
@@ -72,7 +72,7 @@ class LayerSpectrum:
         if self.fit is None or self.shape is None:
             return self.params
         split = self.fit.rank * (self.shape[0] + self.shape[1])
-        return split if split < self.params else self.params
+        return min(split, self.params)
 
     def to_dict(self) -> dict[str, Any]:
         row: dict[str, Any] = {
@@ -88,12 +88,12 @@ class LayerSpectrum:
         return row
 
 
-def _skip(name: str, role: str, module: nn.Module, reason: str, *, optional: bool = False,
-          shape: tuple[int, int] | None = None) -> LayerSpectrum:
+def _skip(name: str, role: str, module: nn.Module, reason: str, *, optional: bool = False) -> LayerSpectrum:
     weight = getattr(module, "weight", None)
     weight_shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else ()
-    return LayerSpectrum(name=name, module=name, role=role, weight_shape=weight_shape, shape=shape,
-                         skipped=reason, optional=optional)
+    held = sum(p.numel() for key, p in module.named_parameters() if not key.rsplit(".", 1)[-1].startswith("bias"))
+    return LayerSpectrum(name=name, module=name, role=role, weight_shape=weight_shape, shape=None,
+                         skipped=reason, optional=optional, module_params=held)
 
 
 def _is_replacement(module: nn.Module) -> bool:
@@ -102,12 +102,19 @@ def _is_replacement(module: nn.Module) -> bool:
 
 
 def _why_not_a_matrix(module: nn.Module) -> str | None:
-    if _is_replacement(module):
-        return f"replaced by {type(module).__name__} (a pruned layer, no longer one dense matrix)"
     if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
         kind = "depthwise" if module.groups == module.in_channels else "grouped"
         return f"{kind} conv (groups={module.groups}): one small filter per group, not one weight matrix"
     weight = getattr(module, "weight", None)
+    if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and isinstance(weight, torch.Tensor) \
+            and weight.ndim >= 2:
+        return None
+    if _is_replacement(module):
+        rank, shape = getattr(module, "rank", None), getattr(module, "effective_shape", None)
+        what = ", ".join(filter(None, [f"rank {rank}" if isinstance(rank, int) else None,
+                                       "×".join(map(str, shape)) if isinstance(shape, tuple) else None]))
+        return (f"replaced by {type(module).__name__}{f' ({what})' if what else ''}: already pruned, not one "
+                f"dense matrix; analyse the dense model")
     if not isinstance(weight, torch.Tensor) or weight.ndim < 2:
         return f"not a matrix layer ({type(module).__name__} has no 2-D weight)"
     return None
@@ -130,17 +137,15 @@ def _targets(model: nn.Module, arch: Architecture,
             chosen.append((name, role, optional))
         return chosen
     # Everything the adapter lists, plus what it leaves out on purpose but a reader would look for:
-    # grouped/depthwise convs and layers a pruner replaced, so that they appear as skipped rows.
+    # grouped/depthwise convs, and layers a pruner replaced (a replacement holding listed layers,
+    # such as a token-pruning attention block around its qkv and proj, is not a row itself).
     chosen = []
-    taken: list[str] = []
     for name, module in modules.items():
-        if any(name.startswith(prefix + ".") for prefix in taken):
-            continue  # inside a replaced module
         if name in listed:
             chosen.append((name, listed[name].role, listed[name].optional))
         elif _is_replacement(module):
-            chosen.append((name, "replaced", False))
-            taken.append(name)
+            if not any(other.startswith(name + ".") for other in listed):
+                chosen.append((name, "replaced", False))
         elif isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
             chosen.append((name, "depthwise" if module.groups == module.in_channels else "grouped", False))
     return chosen

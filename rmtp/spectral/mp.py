@@ -303,11 +303,14 @@ def fit_mp(
 
     sigma2 by BEMA: least squares through the origin of the sorted eigenvalues whose plotting
     positions lie in [alpha, 1 - alpha] against the MP(gamma, 1) quantiles at those positions
-    (the central band is untouched by spikes above and by the soft lower edge). The bulk edge is
-    ``sigma2 * (1 + sqrt(gamma))**2``, plus the Tracy–Widom margin (:func:`tw_edge_margin`) when
-    ``tw_confidence`` is given; the signal rank counts the singular values above
-    ``s_plus = sqrt(n * lambda_plus)``. ``ks`` is the Kolmogorov–Smirnov distance between the
-    eigenvalues at or below the edge and the fitted MP CDF.
+    (the central band is untouched by spikes above and by the soft lower edge), repeated on the
+    p - k bulk values of a (p-k)×(n-k) noise matrix once k spikes are found, until k is stable.
+    The bulk edge is ``sigma2 * (1 + sqrt(gamma))**2``, plus the Tracy–Widom margin
+    (:func:`tw_edge_margin`) when ``tw_confidence`` is given; the signal rank counts the singular
+    values above ``s_plus = sqrt(n * lambda_plus)``. ``ks`` is the Kolmogorov–Smirnov distance
+    between the bulk (the eigenvalues at or below the edge) and its fitted MP CDF; ``bulk_is_mp``
+    compares it with :data:`KS_LOG_SCALE`. The singular values may come in any order, as a tensor
+    or an array. See ``docs/spectral.md``.
     """
     m_rows, n_cols = (int(d) for d in shape)
     if m_rows < 1 or n_cols < 1:
