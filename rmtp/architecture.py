@@ -97,8 +97,13 @@ class Architecture(ABC):
         return model.eval()
 
     @abstractmethod
-    def prunable_layers(self, model: nn.Module) -> list[PrunableLayer]:
-        """The candidate layers of ``model`` in forward order, optional ones flagged."""
+    def prunable_layers(self, model: nn.Module, *, include_replaced: bool = False) -> list[PrunableLayer]:
+        """The candidate layers of ``model`` in forward order, optional ones flagged.
+
+        Plain layers only by default. ``include_replaced`` also lists, under the same names, layers a
+        pruner already replaced (e.g. a low-rank split); the pipeline asks for them only for pruners
+        that declare ``revisits_replaced_layers`` (svd-mp's second round in prune → finetune → prune).
+        """
 
     def qkv_split(self, layer_name: str, module: nn.Module) -> dict[str, slice] | None:
         """For a fused qkv projection, the output-row slices of q, k and v; ``None`` otherwise."""

@@ -37,6 +37,11 @@ def rebuildable(cls: type[nn.Module]) -> type[nn.Module]:
     return cls
 
 
+def is_replacement(module: nn.Module) -> bool:
+    """A module a pruner put in place of a layer (``@rebuildable`` classes define ``rmtp_config``)."""
+    return callable(getattr(type(module), "rmtp_config", None))
+
+
 def describe_replacements(model: nn.Module) -> list[dict[str, Any]]:
     """``[{path, type, config}]`` for every registered replacement module (outermost only)."""
     entries: list[dict[str, Any]] = []

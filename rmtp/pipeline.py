@@ -154,7 +154,9 @@ def _top1(run: _Run, model: nn.Module, description: str) -> float:
 
 def _prune(run: _Run, index: int, step: PruneStep) -> StepReport:
     pruner_cls = run.plugins.pruners.get(step.prune)
-    layers = select_layers(run.arch.prunable_layers(run.model), step.layers)
+    candidates = (run.arch.prunable_layers(run.model, include_replaced=True) if pruner_cls.revisits_replaced_layers
+                  else run.arch.prunable_layers(run.model))
+    layers = select_layers(candidates, step.layers)
     calibration = run.data.loader("calibration") if pruner_cls.needs_calibration else None
     ctx = PruneContext(model=run.model, arch=run.arch, layers=layers, device=run.device, seed=run.recipe.seed + index,
                        dense_model=run.dense, calibration=calibration, progress=run.progress)

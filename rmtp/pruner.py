@@ -93,6 +93,9 @@ class Pruner(ABC):
     kind: ClassVar[PrunerKind]
     Params: ClassVar[type[PrunerParams]]
     needs_calibration: ClassVar[bool] = False
+    #: Also offered the layers a pruner already replaced (under their original names), e.g. so a
+    #: second svd-mp round can cut the rank of a split layer further.
+    revisits_replaced_layers: ClassVar[bool] = False
 
     @abstractmethod
     def prune(self, ctx: PruneContext, params: PrunerParams) -> list[LayerRow]:

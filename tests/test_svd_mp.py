@@ -12,7 +12,16 @@ from torch import nn
 
 import rmtp
 from rmtp.layers import select_layers
-from rmtp.lowrank import BlockLowRankLinear, LowRankConv2d, LowRankLinear, factorize, factorize_blocks
+from rmtp.lowrank import (
+    BlockLowRankLinear,
+    LowRankConv2d,
+    LowRankLinear,
+    factor_svds,
+    factorize,
+    factorize_blocks,
+    product_svd,
+    refactorize,
+)
 from rmtp.pipeline import run_recipe
 from rmtp.plugins import get_plugins
 from rmtp.pruner import PruneContext
@@ -72,6 +81,38 @@ def test_block_split_matches_per_block_truncation() -> None:
     x = torch.randn(4, 9, 16)
     torch.testing.assert_close(low(x), nn.functional.linear(x, reference, dense.bias), atol=1e-5, rtol=1e-5)
     assert low.ranks == [2, 5, 3] and low.effective_shape == (30, 16)
+
+
+def test_product_svd_is_the_svd_of_the_product() -> None:
+    torch.manual_seed(0)
+    first, second = torch.randn(6, 50, dtype=torch.float64), torch.randn(30, 6, dtype=torch.float64)
+    u, s, vh = product_svd(first, second)
+    torch.testing.assert_close(s, torch.linalg.svdvals(second @ first)[:6])
+    torch.testing.assert_close((u * s) @ vh, second @ first)
+    torch.testing.assert_close(u.T @ u, torch.eye(6, dtype=torch.float64))
+    torch.testing.assert_close(vh @ vh.T, torch.eye(6, dtype=torch.float64))
+
+
+def test_refactorize_cuts_each_block_to_its_truncated_product() -> None:
+    torch.manual_seed(0)
+    dense = nn.Linear(16, 3 * 10)
+    low = factorize_blocks(dense, [(rows, *_svd(dense.weight[rows]), 6) for rows in
+                                   (slice(0, 10), slice(10, 20), slice(20, 30))], edges=[1.0, 2.0, 3.0])
+    parts = factor_svds(low)
+    thinner = refactorize(low, [(u, s, vh, rank) for (_, u, s, vh), rank in zip(parts, (1, 4, 2))])
+    reference = torch.cat([_truncated(dense.weight[rows], rank) for rows, rank in
+                           zip((slice(0, 10), slice(10, 20), slice(20, 30)), (1, 4, 2))])
+    x = torch.randn(4, 16)
+    torch.testing.assert_close(thinner(x), nn.functional.linear(x, reference, dense.bias), atol=1e-5, rtol=1e-5)
+    assert thinner.ranks == [1, 4, 2] and thinner.mp_edges == [1.0, 2.0, 3.0]
+    conv = nn.Conv2d(8, 12, 3, padding=1)
+    low = factorize(conv, *_svd(conv.weight), rank=6, edge=0.5)
+    ((_, u, s, vh),) = factor_svds(low)
+    thinner = refactorize(low, [(u, s, vh, 2)])
+    x = torch.randn(2, 8, 7, 7)
+    expected = nn.functional.conv2d(x, _truncated(conv.weight, 2), conv.bias, padding=1)
+    torch.testing.assert_close(thinner(x), expected, atol=1e-5, rtol=1e-5)
+    assert isinstance(thinner, LowRankConv2d) and thinner.rmtp_config()["edges"] == [0.5]
 
 
 # ---------------------------------------------------------------------------------- the pruner
@@ -165,6 +206,37 @@ def test_coefficient_pruning_zeroes_the_stated_share() -> None:
     assert rows[0].params_after - rows[0].nonzeros_after == zeros + int((model.a.second.bias == 0).sum())
 
 
+def test_second_round_truncates_split_layers_against_the_dense_edge() -> None:
+    """Round 1 at margin 1 then round 2 at margin 1.6 equals one round at 1.6 on the dense weights."""
+    first = _planted(200, 120, [6.0, 4.0, 2.5, 1.6])
+    second = _planted(60, 200, [5.0, 2.0], seed=1)
+    twice, once = _TwoLayers(first, second), _TwoLayers(first, second)
+    once.load_state_dict(twice.state_dict())  # same biases
+    SvdMpPruner().prune(_context(twice, ["a", "b"]), SvdMpParams())
+    rows = SvdMpPruner().prune(_context(twice, ["a", "b"]), SvdMpParams(margin=1.6))
+    reference = SvdMpPruner().prune(_context(once, ["a", "b"]), SvdMpParams(margin=1.6))
+    assert [r.kept_rank for r in rows] == [r.kept_rank for r in reference]
+    assert rows[0].kept_rank < 4  # something was cut
+    x = torch.randn(5, 120)
+    torch.testing.assert_close(twice(x), once(x), atol=1e-5, rtol=1e-5)
+    assert rows[0].note.startswith("split, rank cut") and rows[0].detail["edge s₊"] == reference[0].detail["edge s₊"]
+    again = SvdMpPruner().prune(_context(twice, ["a", "b"]), SvdMpParams(margin=1.6))
+    assert [r.note for r in again] == ["split, rank unchanged"] * 2
+
+
+def test_split_layer_without_a_recorded_edge_is_skipped() -> None:
+    model = _TwoLayers(torch.randn(40, 40), torch.randn(8, 40))
+    model.a = LowRankLinear(40, 5, 40)  # made by hand, not by svd-mp
+    rows = SvdMpPruner().prune(_context(model, ["a"]), SvdMpParams())
+    assert rows[0].skipped and "no recorded MP edge" in rows[0].note and model.a.rank == 5
+
+
+def test_tw_confidence_below_the_tw_median_is_refused_at_validation() -> None:
+    SvdMpParams(tw_confidence=0.95)
+    with pytest.raises(ValueError, match="at least 0.8319"):
+        SvdMpParams(tw_confidence=0.5)
+
+
 def test_vit_qkv_is_fitted_per_block() -> None:
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", **{**TINY_VIT, "embed_dim": 64, "num_heads": 2})
@@ -199,6 +271,29 @@ def test_recipe_prune_finetune_save_load(tmp_path: Path) -> None:
     torch.testing.assert_close(loaded(x), result.model(x), rtol=0, atol=0)
     assert isinstance(loaded.blocks[0].mlp.fc1, LowRankLinear)
     assert isinstance(loaded.blocks[0].attn.qkv, BlockLowRankLinear)
+
+
+def test_iterative_recipe_prunes_split_layers_again(tmp_path: Path) -> None:
+    """The seeds' Algorithm 3 as a recipe: svd-mp → finetune → svd-mp → finetune, saved and reloaded."""
+    recipe = tiny_recipe(
+        [{"prune": "svd-mp", "params": {"min_dim": 16, "margin": 0.8}},
+         {"finetune": {"epochs": 1, "lr": 1e-3, "l2": 1e-4}},
+         {"prune": "svd-mp", "params": {"min_dim": 16, "margin": 1.2}}, {"finetune": {"epochs": 1, "lr": 1e-3}}],
+        output=tmp_path / "out")
+    recipe["model"]["kwargs"] = {**TINY_VIT, "embed_dim": 64, "num_heads": 2}
+    result = run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)))
+    first, second = result.report.steps[0], result.report.steps[2]
+    split = {r.layer for r in first.rows if r.detail.get("mode") == "split"}
+    assert split and {r.layer for r in second.rows} == {r.layer for r in first.rows if r.skipped is None}
+    assert all(r.skipped is None for r in second.rows)
+    assert second.stats.params < first.stats.params
+    for row in (r for r in second.rows if r.layer in split):
+        assert row.note.startswith("split, rank")
+        assert row.kept_rank <= next(r.kept_rank for r in first.rows if r.layer == row.layer)
+    loaded = rmtp.load(tmp_path / "out").model
+    x = torch.randn(3, 1, 16, 16)
+    torch.testing.assert_close(loaded(x), result.model(x), rtol=0, atol=0)
+    assert loaded.blocks[0].mlp.fc1.mp_edges == result.model.blocks[0].mlp.fc1.mp_edges is not None
 
 
 def test_convnext_and_resnet_layers_split(tmp_path: Path) -> None:

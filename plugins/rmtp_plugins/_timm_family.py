@@ -22,6 +22,7 @@ from torch import nn
 
 from rmtp.architecture import Architecture, ModelSpec, PrunableLayer
 from rmtp.errors import PluginError
+from rmtp.modules import is_replacement
 
 #: Module types a pruner can treat as one weight matrix. Anything else at a matching name (an
 #: ``nn.Identity`` head when ``num_classes=0``, a pruner's replacement module) is not a candidate.
@@ -104,19 +105,22 @@ class TimmFamily(Architecture):
         """A family-specific reason why ``block`` cannot be pruned by layer, or ``None``."""
         return None
 
-    def prunable_layers(self, model: nn.Module) -> list[PrunableLayer]:
+    def prunable_layers(self, model: nn.Module, *, include_replaced: bool = False) -> list[PrunableLayer]:
         """The modules matching :attr:`layer_rules`, in ``named_modules`` (forward) order.
 
         Only plain ``nn.Linear`` / dense ``nn.Conv2d`` modules are listed: grouped and depthwise
-        convolutions never are (their weight is not one matrix), nor are layers a pruner has
-        already replaced.
+        convolutions never are (their weight is not one matrix), nor, unless ``include_replaced``,
+        are layers a pruner has already replaced.
         """
         if not self._blocks(model):
             raise self._not_this_family("the model", f"it has no blocks named like {self.block_pattern!r}")
         layers = []
         for name, module in model.named_modules():
             rule = self._rule_for(name)
-            if rule is None or not isinstance(module, PRUNABLE_TYPES) or is_grouped_conv(module):
+            if rule is None:
+                continue
+            plain = isinstance(module, PRUNABLE_TYPES) and not is_grouped_conv(module)
+            if not plain and not (include_replaced and is_replacement(module)):
                 continue
             layers.append(PrunableLayer(name=name, role=rule.role, optional=rule.optional))
         return layers

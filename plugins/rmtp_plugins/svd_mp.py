@@ -16,6 +16,11 @@ bulk's edge s₊ (times ``margin``) carry signal; the rest is treated as noise a
 * ``coefficient_pruning`` then zeroes that fraction of the smallest entries of each layer's new
   weights (the factors, or the dense reconstruction): the seeds' direct coefficient pruning. The
   zeros are reported as nonzeros and stay zero through a later ``finetune`` step.
+* A layer an earlier round already split (prune → finetune → prune, the seeds' Algorithm 3) holds
+  a rank-k matrix: no noise bulk is left to fit, so its directions are measured against the edge s₊
+  fitted on the dense weights, which the split layer carries (:mod:`rmtp.lowrank`). Fine-tuning
+  with the ``l2``/``l1`` penalties shrinks the directions the task does not need, and the second
+  round cuts those that fell under ``margin``·s₊ (the exact SVD of the factor product is cheap).
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ from pydantic import Field
 from torch import nn
 
 from rmtp.hookspecs import hookimpl
-from rmtp.lowrank import factorize, factorize_blocks
+from rmtp.lowrank import LOW_RANK_TYPES, factor_svds, factorize, factorize_blocks, refactorize
 from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams, weight_footprint
 from rmtp.spectral.mp import MPFit, fit_mp, weight_matrix
 from rmtp.spectral.options import TwConfidence
@@ -41,7 +46,8 @@ class SvdMpParams(PrunerParams):
     min_rank: int = Field(1, ge=1, description="never keep fewer directions per matrix")
     max_rank_fraction: float = Field(1.0, gt=0.0, le=1.0, description="never keep more than this share of min(M,N)")
     target_params: float | None = Field(None, gt=0.0, lt=1.0,
-                                        description="keep this share of the selected layers' weights, ranks "
+                                        description="keep this share of the selected layers' dense weights "
+                                                    "(split layers count at their original size), ranks "
                                                     "allocated globally by s/s₊ (default: each layer's own edge)")
     split_qkv: bool = Field(True, description="fit and factor a fused qkv as separate q, k, v blocks")
     coefficient_pruning: float = Field(0.0, ge=0.0, lt=1.0,
@@ -66,6 +72,7 @@ class _Matrix:
     s: torch.Tensor
     vh: torch.Tensor
     fit: MPFit | None
+    s_plus: float
     rank: int = 0
 
     @property
@@ -83,9 +90,21 @@ class _Plan:
     skipped: str | None = None
 
     @property
+    def already_split(self) -> bool:
+        return isinstance(self.module, LOW_RANK_TYPES)
+
+    @property
     def rows_cols(self) -> tuple[int, int]:
+        """(M, N) of the layer's effective matrix (a split layer's original dense shape)."""
+        if self.already_split:
+            rows, *cols = self.module.effective_shape
+            return rows, math.prod(cols)
         weight = weight_matrix(self.module.weight)
         return weight.shape[0], weight.shape[1]
+
+    def current_cost(self) -> int:
+        """Weight entries the layer holds now."""
+        return self.module.rank * sum(self.rows_cols) if self.already_split else self.dense_cost()
 
     def split_cost(self) -> int:
         _, cols = self.rows_cols
@@ -105,6 +124,7 @@ class SvdMpPruner(Pruner):
     description = "Keep singular directions above the Marchenko–Pastur edge; split layers into two thin ones."
     kind = "weight"
     Params = SvdMpParams
+    revisits_replaced_layers = True
 
     def prune(self, ctx: PruneContext, params: SvdMpParams) -> list[LayerRow]:
         plans = self._plan(ctx, params)
@@ -127,6 +147,8 @@ class SvdMpPruner(Pruner):
 
     def _plan_layer(self, ctx: PruneContext, name: str, module: nn.Module, params: SvdMpParams) -> _Plan:
         plan = _Plan(name=name, module=module)
+        if isinstance(module, LOW_RANK_TYPES):
+            return self._plan_split_layer(plan, params)
         if not isinstance(module, (nn.Linear, nn.Conv2d)):
             plan.skipped = f"not a Linear/Conv2d ({type(module).__name__})"
             return plan
@@ -143,8 +165,23 @@ class SvdMpPruner(Pruner):
                 return plan
             u, s, vh = torch.linalg.svd(part, full_matrices=False)
             fit = fit_mp(s, tuple(part.shape), alpha=params.alpha, tw_confidence=params.tw_confidence)
-            m = _Matrix(label=label, rows=rows, u=u, s=s, vh=vh, fit=fit)
+            m = _Matrix(label=label, rows=rows, u=u, s=s, vh=vh, fit=fit, s_plus=fit.s_plus)
             m.rank = _clamp(int((s > params.margin * fit.s_plus).sum()), m, params)
+            plan.matrices.append(m)
+        return plan
+
+    def _plan_split_layer(self, plan: _Plan, params: SvdMpParams) -> _Plan:
+        """A layer an earlier round split: truncate its factor product against the recorded dense edge."""
+        edges = plan.module.mp_edges
+        if edges is None:
+            plan.skipped = (f"already split ({type(plan.module).__name__}) with no recorded MP edge: "
+                            f"not made by svd-mp, nothing to measure its rank against")
+            return plan
+        parts = factor_svds(plan.module)
+        for index, ((rows, u, s, vh), edge) in enumerate(zip(parts, edges)):
+            m = _Matrix(label=f"[{index}]" if len(parts) > 1 else "", rows=rows, u=u, s=s, vh=vh, fit=None,
+                        s_plus=edge)
+            m.rank = _clamp(int((s > params.margin * edge).sum()), m, params)
             plan.matrices.append(m)
         return plan
 
@@ -154,13 +191,23 @@ class SvdMpPruner(Pruner):
             return LayerRow(plan.name, shape, shape, params_before, params_before, nonzeros_before, nonzeros_before,
                             skipped=plan.skipped, note=f"skipped: {plan.skipped}")
         rows, cols = plan.rows_cols
+        macs_before = plan.current_cost()
         pays = plan.split_cost() < plan.dense_cost()
-        if pays:
+        if plan.already_split:
+            if [m.rank for m in plan.matrices] == list(getattr(plan.module, "ranks", [plan.module.rank])):
+                new, mode = plan.module, "split, rank unchanged"
+            else:
+                new = refactorize(plan.module, [(m.u, m.s, m.vh, m.rank) for m in plan.matrices])
+                ctx.model.set_submodule(plan.name, new)
+                mode = "split, rank cut"
+            pays = True
+        elif pays:
             if len(plan.matrices) == 1:
                 m = plan.matrices[0]
-                new = factorize(plan.module, m.u, m.s, m.vh, m.rank)
+                new = factorize(plan.module, m.u, m.s, m.vh, m.rank, edge=m.s_plus)
             else:
-                new = factorize_blocks(plan.module, [(m.rows, m.u, m.s, m.vh, m.rank) for m in plan.matrices])
+                new = factorize_blocks(plan.module, [(m.rows, m.u, m.s, m.vh, m.rank) for m in plan.matrices],
+                                       edges=[m.s_plus for m in plan.matrices])
             ctx.model.set_submodule(plan.name, new)
             mode = "split"
         elif params.when_split_does_not_pay == "reconstruct":
@@ -177,8 +224,8 @@ class SvdMpPruner(Pruner):
         shape_after, params_after, nonzeros_after = weight_footprint(new)
         ranks = [m.rank for m in plan.matrices]
         rank_text = "/".join(map(str, ranks)) if len(ranks) > 1 else str(ranks[0])
-        edges = [m.fit.s_plus for m in plan.matrices]
-        heavy = [m.label or "W" for m in plan.matrices if not m.fit.bulk_is_mp]
+        edges = [m.s_plus for m in plan.matrices]
+        heavy = [m.label or "W" for m in plan.matrices if m.fit is not None and not m.fit.bulk_is_mp]
         macs_after = plan.split_cost() if pays else rows * cols
         return LayerRow(
             plan.name, shape, shape_after, params_before, params_after, nonzeros_before, nonzeros_after,
@@ -186,7 +233,7 @@ class SvdMpPruner(Pruner):
             note=mode + (f"; bulk not MP-like in {', '.join(heavy)}" if heavy else ""),
             detail={"mode": mode.split(",")[0], "rank": f"{rank_text} of {min(rows, cols)}",
                     "edge s₊": edges[0] if len(edges) == 1 else "/".join(f"{e:.3g}" for e in edges),
-                    "MACs/pos": f"{rows * cols} → {macs_after}"},
+                    "MACs/pos": f"{macs_before} → {macs_after}"},
         )
 
 
@@ -203,8 +250,8 @@ def _allocate_globally(plans: list[_Plan], params: SvdMpParams) -> None:
     the loosest τ that fits the budget is found by bisection over the observed scores.
     """
     active = [p for p in plans if not p.skipped]
-    budget = params.target_params * sum(p.dense_cost() for p in plans) - sum(p.dense_cost() for p in plans if p.skipped)
-    scores = {id(m): (m.s / m.fit.s_plus) for p in active for m in p.matrices}
+    budget = params.target_params * sum(p.dense_cost() for p in plans) - sum(p.current_cost() for p in plans if p.skipped)
+    scores = {id(m): (m.s / m.s_plus) for p in active for m in p.matrices}
 
     def set_threshold(tau: float) -> int:
         for plan in active:

@@ -27,6 +27,7 @@ from torch import nn
 
 from rmtp.architecture import Architecture, PrunableLayer
 from rmtp.errors import RmtpError
+from rmtp.modules import is_replacement
 from rmtp.progress import NULL_PROGRESS, Progress
 from rmtp.spectral.mp import MPFit, check_alpha, check_tw_confidence, fit_mp, weight_matrix
 
@@ -96,11 +97,6 @@ def _skip(name: str, role: str, module: nn.Module, reason: str, *, optional: boo
                          skipped=reason, optional=optional, module_params=held)
 
 
-def _is_replacement(module: nn.Module) -> bool:
-    """A module a pruner put in place of a layer (``@rmtp.rebuildable`` classes define ``rmtp_config``)."""
-    return callable(getattr(type(module), "rmtp_config", None))
-
-
 def _why_not_a_matrix(module: nn.Module) -> str | None:
     if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
         kind = "depthwise" if module.groups == module.in_channels else "grouped"
@@ -109,7 +105,7 @@ def _why_not_a_matrix(module: nn.Module) -> str | None:
     if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and isinstance(weight, torch.Tensor) \
             and weight.ndim >= 2:
         return None
-    if _is_replacement(module):
+    if is_replacement(module):
         rank, shape = getattr(module, "rank", None), getattr(module, "effective_shape", None)
         what = ", ".join(filter(None, [f"rank {rank}" if isinstance(rank, int) else None,
                                        "×".join(map(str, shape)) if isinstance(shape, tuple) else None]))
@@ -143,7 +139,7 @@ def _targets(model: nn.Module, arch: Architecture,
     for name, module in modules.items():
         if name in listed:
             chosen.append((name, listed[name].role, listed[name].optional))
-        elif _is_replacement(module):
+        elif is_replacement(module):
             if not any(other.startswith(name + ".") for other in listed):
                 chosen.append((name, "replaced", False))
         elif isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
