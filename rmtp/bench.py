@@ -666,14 +666,20 @@ def _kernels(model: nn.Module, dev: torch.device, dtype: torch.dtype) -> str:
     called once here, after the model is on its device and in its dtype and before compiling.
     The method may switch the module to a special kernel (e.g. ``to_sparse_semi_structured`` on
     CUDA when the shapes allow) and returns a label such as ``"2:4 semi-structured"``, or None
-    when it runs densely. The labels found form the model's ``kernel`` column; none: ``dense``.
+    when it runs densely. A module without one is offered to the kernel providers plugins
+    register (``register_kernels``; the ``n:m`` plugin's recognises 2:4 Linear layers), first
+    label wins. The labels found form the model's ``kernel`` column; none: ``dense``.
     """
+    from rmtp.plugins import get_plugins
+
+    providers = get_plugins().kernels
     labels: list[str] = []
-    for module in model.modules():
+    for module in list(model.modules()):
         hook = getattr(module, KERNEL_HOOK, None)
         if hook is None:
-            continue
-        label = hook(device=dev, dtype=dtype) if callable(hook) else hook
+            label = next((found for found in (p(module, device=dev, dtype=dtype) for p in providers) if found), None)
+        else:
+            label = hook(device=dev, dtype=dtype) if callable(hook) else hook
         if label and str(label) not in labels:
             labels.append(str(label))
     return ", ".join(labels) if labels else "dense"

@@ -31,5 +31,18 @@ def register_architectures(register: Callable[[type], None]) -> None:
 
 
 @hookspec
+def register_kernels(register: Callable[[Callable[..., str | None]], None]) -> None:
+    """Register kernel providers for ``rmtp bench``: ``register(fn)``.
+
+    ``fn(module, *, device, dtype) -> str | None`` is offered every module of a benchmarked model
+    (after it is on its device and dtype, before compiling) that has no ``rmtp_kernel`` of its own.
+    It may switch the module to a special kernel in place (e.g. 2:4 semi-structured on CUDA) and
+    returns a label for the table, or ``None`` to leave it dense. It must not raise for a module,
+    device or dtype it does not handle. A saved n:m model is plain Linear layers with zeros, so the
+    provider, not the module, has to recognise it.
+    """
+
+
+@hookspec
 def register_commands(app) -> None:  # noqa: ANN001 - a typer.Typer; kept untyped so plugins need not import typer
     """Add CLI commands to rmtp's ``typer.Typer`` app: ``app.command()(fn)`` or ``app.add_typer(...)``."""

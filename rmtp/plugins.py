@@ -11,7 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib.metadata
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -83,6 +83,8 @@ class Plugins:
     manager: pluggy.PluginManager
     pruners: Registry[Pruner] = field(default_factory=lambda: Registry("pruner", Pruner))
     architectures: Registry[Architecture] = field(default_factory=lambda: Registry("architecture", Architecture))
+    #: ``rmtp bench`` kernel providers, in registration order (see ``hookspecs.register_kernels``).
+    kernels: list[Callable[..., str | None]] = field(default_factory=list)
 
     def architecture(self, name: str) -> Architecture:
         return self.architectures.get(name)()
@@ -131,6 +133,7 @@ def load_plugins(disabled: Iterable[str] | None = None) -> Plugins:
     plugins = Plugins(manager=manager)
     manager.hook.register_pruners(register=plugins.pruners.add)
     manager.hook.register_architectures(register=plugins.architectures.add)
+    manager.hook.register_kernels(register=plugins.kernels.append)
     return plugins
 
 

@@ -174,6 +174,40 @@ def test_kernel_hook_names_the_kernels() -> None:
     assert not any("dense kernels" in n for n in report.models[0].notes)
 
 
+def test_plugin_kernel_providers_label_modules_without_a_hook(monkeypatch: pytest.MonkeyPatch) -> None:
+    import rmtp.plugins
+    from rmtp import hookimpl
+    from rmtp_plugins.nm import semi_structured_kernel
+
+    offered: list[type] = []
+
+    def provider(module: nn.Module, *, device: torch.device, dtype: torch.dtype) -> str | None:
+        offered.append(type(module))
+        return "fake sparse gemm" if isinstance(module, nn.Linear) and bool((module.weight == 0).any()) else None
+
+    class FakeKernels:
+        @hookimpl
+        def register_kernels(self, register) -> None:  # noqa: ANN001
+            register(provider)
+
+    plugins = rmtp.plugins.load_plugins()
+    assert semi_structured_kernel in plugins.kernels  # the n:m plugin registers its 2:4 provider
+    plugins.manager.register(FakeKernels())
+    plugins.kernels.clear()
+    plugins.manager.hook.register_kernels(register=plugins.kernels.append)
+    monkeypatch.setattr(rmtp.plugins, "_loaded", plugins)
+
+    class Labelled(nn.Linear):
+        rmtp_kernel = "custom gemm"
+
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), Labelled(8, 4))
+    with torch.no_grad():
+        net[1].weight[:, ::2] = 0
+    report = benchmark([Candidate("net", net, input_shape=(16,))], batches=[1], **FAST)
+    assert report.models[0].kernel == "fake sparse gemm, custom gemm"
+    assert Labelled not in offered and nn.Linear in offered  # a module's own hook wins
+
+
 def test_bf16_channels_last_and_threads_on_cpu() -> None:
     before = torch.get_num_threads()
     report = benchmark([Candidate("a", tiny_vit())], batches=[2], dtype="bf16", channels_last=True, threads=1, **FAST)

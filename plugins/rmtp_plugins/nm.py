@@ -428,3 +428,8 @@ class NmPruner(Pruner):
 @hookimpl
 def register_pruners(register) -> None:  # noqa: ANN001 - pluggy passes the registry's callback
     register(NmPruner)
+
+
+@hookimpl
+def register_kernels(register) -> None:  # noqa: ANN001 - pluggy passes the registry's callback
+    register(semi_structured_kernel)  # rmtp bench runs 2:4 Linear layers on sparse kernels on CUDA
