@@ -6,6 +6,7 @@ The library API the CLI is built on::
     recipe = rmtp.load_recipe("recipes/quickstart.yaml")
     result = rmtp.run_recipe(recipe)          # RunResult: model, dense_model, report, output_dir
     loaded = rmtp.load("runs/quickstart")     # LoadedModel: model, spec, arch, baseline
+    spectra = rmtp.analyze_model(loaded.model, rmtp.get_plugins().architecture("vit"))
 
 Names are imported lazily so ``import rmtp`` stays cheap and plugins can import submodules
 without cycles.
@@ -38,6 +39,8 @@ _EXPORTS = {
     "PrunableLayer": "rmtp.architecture",
     "ModelSpec": "rmtp.architecture",
     "rebuildable": "rmtp.modules",
+    "analyze_model": "rmtp.spectral",
+    "fit_mp": "rmtp.spectral",
     "RmtpError": "rmtp.errors",
     "RecipeError": "rmtp.errors",
     "PluginError": "rmtp.errors",
