@@ -246,20 +246,22 @@ def _folder_eval_data(folder: Path) -> EvalData | None:
         raise BenchError(f"{recipe_path}: not readable YAML: {exc}") from None
     if not isinstance(recipe, dict) or not isinstance(recipe.get("data", {}), dict):
         raise BenchError(f"{recipe_path}: not a resolved recipe (no data mapping)")
-    return _eval_data(recipe.get("data") or {}, recipe.get("seed", 0), str(recipe_path))
+    data = recipe.get("data") or {}
+    # Recipes saved before data.split_seed existed split by the run's seed.
+    return _eval_data(data, data.get("split_seed", recipe.get("seed", 0)), str(recipe_path))
 
 
 def _eval_data(fields: dict[str, Any], seed: Any, source: str) -> EvalData:
     from pydantic import ValidationError
 
+    if not isinstance(seed, int) or seed < 0:
+        raise BenchError(f"{source}: split seed must be a non-negative integer, got {seed!r}")
     try:
-        spec = DataSpec.model_validate(fields)
+        spec = DataSpec.model_validate({**fields, "split_seed": seed})
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise BenchError(f"{source}: data.{where}: {first['msg']}") from None
-    if not isinstance(seed, int) or seed < 0:
-        raise BenchError(f"{source}: seed must be a non-negative integer, got {seed!r}")
     return EvalData(spec=spec, seed=seed, source=source)
 
 
@@ -720,7 +722,7 @@ def _evaluate(candidates: Sequence[Candidate], models: list[BenchModel], eval_da
               dtype: torch.dtype, channels_last: bool, progress: Progress) -> None:
     """Top-1 of every model on the same seeded val split, in the benchmarked dtype, uncompiled."""
     for c, m in zip(candidates, models):
-        data = build_data(eval_data.spec, c.model, seed=eval_data.seed)
+        data = build_data(eval_data.spec, c.model)
         loader = data.loader("val")
         with progress.task(f"evaluating {c.label}", total=len(loader)) as advance:
             m.top1 = metrics.top1(c.model, _CastLoader(loader, dtype, channels_last), device=dev,

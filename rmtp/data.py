@@ -37,6 +37,9 @@ class DataSpec(BaseModel):
     batch_size: int = Field(64, ge=1, le=4096)
     num_workers: int = Field(0, ge=0, le=64)
     eval_limit: int | None = Field(None, ge=1, description="evaluate on at most this many val images (quick checks)")
+    split_seed: int = Field(0, ge=0, description="seed of the train/val split and the calibration subset; "
+                                                  "independent of the recipe's seed, so changing the run's "
+                                                  "seed never moves images between train and val")
 
 
 @dataclass
@@ -97,8 +100,14 @@ def _split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], l
     return order[n_val:], order[:n_val]
 
 
-def build_data(spec: DataSpec, model: nn.Module, *, seed: int = 0) -> DataBundle:
-    """Build the train/val/calibration splits ``spec`` describes, shaped for ``model``."""
+def build_data(spec: DataSpec, model: nn.Module) -> DataBundle:
+    """Build the train/val/calibration splits ``spec`` describes, shaped for ``model``.
+
+    The splits depend on ``spec.split_seed`` only, never on a run's seed: a checkpoint trained on
+    one split (the reference model: split seed 0) must be evaluated on images it has not seen,
+    whatever seed a recipe fine-tunes with.
+    """
+    seed = spec.split_seed
     in_chans, height, _ = model_input_size(model)
     if spec.name == "digits":
         images, labels = digits_tensors(spec.img_size or height, in_chans)

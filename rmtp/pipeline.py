@@ -105,7 +105,7 @@ def _run(recipe: Recipe, device: torch.device, progress: Progress,
     seed_everything(recipe.seed)
     model, spec, baseline, arch = build_model(recipe, plugins)
     model = model.to(device).eval()
-    data = build_data(recipe.data, model, seed=recipe.seed)
+    data = build_data(recipe.data, model)
     input_shape = tuple(data.val[0][0].shape)  # per sample, no batch dimension
     dense = copy.deepcopy(model).eval().requires_grad_(False)
     run = _Run(recipe, plugins, arch, model, dense, data, device, input_shape, progress)

@@ -73,8 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)  # the init
     model = timm.create_model(MODEL_NAME, pretrained=False, **MODEL_KWARGS)
-    spec = DataSpec(name="digits", batch_size=64)
-    bundle = build_data(spec, model, seed=DATA_SEED)
+    spec = DataSpec(name="digits", batch_size=64, split_seed=DATA_SEED)
+    bundle = build_data(spec, model)
     config = TrainConfig(
         epochs=args.epochs,
         lr=args.lr,
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         "seed": args.seed,
         "epochs": args.epochs,
         "train": config.model_dump(mode="json"),
-        "data": {**spec.model_dump(mode="json"), "split_seed": DATA_SEED,
+        "data": {**spec.model_dump(mode="json"),
                  "train_images": len(bundle.train), "val_images": len(bundle.val)},
         "final_val_top1_percent": result.final_val_top1,
         "history": [{"epoch": s.epoch, "train_loss": round(s.train_loss, 5), "val_top1_percent": s.val_top1}

@@ -26,9 +26,9 @@ def _indices(subset) -> list[int]:
 
 
 def test_digits_split_is_seeded_disjoint_and_complete(tiny_vit) -> None:
-    a = build_data(DataSpec(val_fraction=0.25, calibration_size=100), tiny_vit, seed=3)
-    b = build_data(DataSpec(val_fraction=0.25, calibration_size=100), tiny_vit, seed=3)
-    c = build_data(DataSpec(val_fraction=0.25, calibration_size=100), tiny_vit, seed=4)
+    a = build_data(DataSpec(val_fraction=0.25, calibration_size=100, split_seed=3), tiny_vit)
+    b = build_data(DataSpec(val_fraction=0.25, calibration_size=100, split_seed=3), tiny_vit)
+    c = build_data(DataSpec(val_fraction=0.25, calibration_size=100, split_seed=4), tiny_vit)
     assert _indices(a.train) == _indices(b.train) and _indices(a.val) == _indices(b.val)
     assert _indices(a.val) != _indices(c.val)
     assert set(_indices(a.train)).isdisjoint(_indices(a.val))
@@ -84,3 +84,26 @@ def test_imagefolder_problems_are_data_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match="empty"):
         build_data(DataSpec(name="imagefolder", root=tmp_path / "empty"), model)
+
+
+def test_the_run_seed_does_not_move_the_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint trained on split 0 must be evaluated on the same held-out images whatever seed a
+    recipe fine-tunes with; only data.split_seed changes the split."""
+    import rmtp.pipeline
+    from rmtp.recipe import load_recipe
+
+    from conftest import tiny_recipe, write_recipe
+
+    built = []
+
+    def recording(spec, model):
+        bundle = build_data(spec, model)
+        built.append(_indices(bundle.val))
+        return bundle
+
+    monkeypatch.setattr(rmtp.pipeline, "build_data", recording)
+    for name, seed, split_seed in (("a", 0, 0), ("b", 7, 0), ("c", 7, 5)):
+        recipe = tiny_recipe([{"evaluate": {}}], seed=seed)
+        recipe["data"]["split_seed"] = split_seed
+        rmtp.pipeline.run_recipe(load_recipe(write_recipe(tmp_path / f"{name}.yaml", recipe)))
+    assert built[0] == built[1] != built[2]

@@ -20,7 +20,7 @@ def test_reference_model_reaches_recorded_accuracy() -> None:
     card = json.loads(CARD.read_text())
     spec = ModelSpec(name=card["timm_name"], kwargs=card["kwargs"], checkpoint=REPO / "models" / "digits_vit.safetensors")
     model = get_plugins().architecture_for(spec.name).create(spec)
-    bundle = build_data(DataSpec(name="digits"), model, seed=card["data"]["split_seed"])
+    bundle = build_data(DataSpec(name="digits", split_seed=card["data"]["split_seed"]), model)
     accuracy = top1(model, bundle.loader("val", batch_size=128), device="cpu")
     assert accuracy == pytest.approx(card["final_val_top1_percent"], abs=1e-9)
     assert accuracy >= 97.0

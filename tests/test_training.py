@@ -34,7 +34,7 @@ def tiny_vit(seed: int = 0) -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def bundle():
-    return build_data(DataSpec(name="digits", img_size=16), tiny_vit(), seed=0)
+    return build_data(DataSpec(name="digits", img_size=16), tiny_vit())
 
 
 def test_tiny_vit_learns_digits(bundle):
