@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     spec = ModelSpec(name="vit_tiny_patch16_224", kwargs=KWARGS, checkpoint=args.checkpoint)
     dense = get_plugins().architecture("vit").create(spec).eval()
-    data = build_data(DataSpec(name="digits"), dense, seed=0)
+    data = build_data(DataSpec(name="digits", split_seed=0), dense)
     loader = data.loader("val")
     input_shape = (1, 32, 32)
     depth, npt, n0 = len(dense.blocks), dense.num_prefix_tokens, dense.patch_embed.num_patches

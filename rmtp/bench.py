@@ -43,7 +43,7 @@ from torch import nn
 
 from rmtp import metrics
 from rmtp.architecture import ModelSpec
-from rmtp.data import DataSpec, build_data, model_input_size
+from rmtp.data import DataSpec, build_data, model_input_size, saved_split_seed
 from rmtp.errors import DeviceError, PluginError, RmtpError
 from rmtp.progress import NULL_PROGRESS, Progress
 
@@ -246,9 +246,7 @@ def _folder_eval_data(folder: Path) -> EvalData | None:
         raise BenchError(f"{recipe_path}: not readable YAML: {exc}") from None
     if not isinstance(recipe, dict) or not isinstance(recipe.get("data", {}), dict):
         raise BenchError(f"{recipe_path}: not a resolved recipe (no data mapping)")
-    data = recipe.get("data") or {}
-    # Recipes saved before data.split_seed existed split by the run's seed.
-    return _eval_data(data, data.get("split_seed", recipe.get("seed", 0)), str(recipe_path))
+    return _eval_data(recipe.get("data") or {}, saved_split_seed(recipe), str(recipe_path))
 
 
 def _eval_data(fields: dict[str, Any], seed: Any, source: str) -> EvalData:

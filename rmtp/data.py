@@ -100,6 +100,18 @@ def _split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], l
     return order[n_val:], order[:n_val]
 
 
+def saved_split_seed(recipe: dict) -> object:
+    """The split seed of a saved, resolved recipe (a dict as read from ``recipe.yaml``).
+
+    ``data.split_seed`` when present; recipes saved before it existed split by the run's ``seed``.
+    Returned unvalidated (callers report a bad value in their own words).
+    """
+    data = recipe.get("data") or {}
+    if isinstance(data, dict) and "split_seed" in data:
+        return data["split_seed"]
+    return recipe.get("seed", 0)
+
+
 def build_data(spec: DataSpec, model: nn.Module) -> DataBundle:
     """Build the train/val/calibration splits ``spec`` describes, shaped for ``model``.
 

@@ -91,17 +91,17 @@ def visualize_run(folder: str | Path, out: str | Path | None = None, images: int
     """
     import yaml
 
-    from rmtp.data import DataSpec, build_data
+    from rmtp.data import DataSpec, build_data, saved_split_seed
     from rmtp.saving import RECIPE_FILE, load
 
     folder = Path(folder)
     loaded = load(folder)
-    spec, seed = DataSpec(), 0
+    spec = DataSpec()
     recipe_path = folder / RECIPE_FILE
     if recipe_path.is_file():
         recipe = yaml.safe_load(recipe_path.read_text(encoding="utf-8")) or {}
-        spec, seed = DataSpec(**(recipe.get("data") or {})), int(recipe.get("seed") or 0)
-    val = build_data(spec, loaded.model, seed=seed).val
+        spec = DataSpec(**{**(recipe.get("data") or {}), "split_seed": saved_split_seed(recipe)})
+    val = build_data(spec, loaded.model).val
     count = min(images, len(val))
     if count < 1:
         raise RmtpError(f"{folder}: the val split is empty")
