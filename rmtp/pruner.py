@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Literal
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Protocol
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -68,6 +69,22 @@ class LayerRow:
         return out
 
 
+class StepOutput(Protocol):
+    """Where a prune step may save extra artefacts next to the run's own output.
+
+    Given to a pruner as ``ctx.output`` only when the recipe has an ``output`` (and only on the
+    main process). Entries are staged while the run goes on and moved into the output folder,
+    each under its ``name``, once the run's final model is saved there: an interrupted run
+    leaves none of them behind. Names are plain folder/file names, unique within a run.
+    """
+
+    def save_model(self, name: str, model: nn.Module, report: dict[str, Any]) -> Path:
+        """Save ``model`` as a loadable rmtp folder ``<output>/<name>/`` (with ``report`` as report.json)."""
+
+    def write_json(self, name: str, data: Any) -> Path:
+        """Write ``data`` as ``<output>/<name>`` (JSON)."""
+
+
 @dataclass
 class PruneContext:
     """Everything a pruner may use. Pruners mutate ``model``; nothing else is theirs to change."""
@@ -80,6 +97,8 @@ class PruneContext:
     dense_model: nn.Module | None = None
     calibration: DataLoader | None = None
     progress: Progress = NULL_PROGRESS
+    #: Extra artefacts of the step (model variants, JSON); ``None`` when the run saves nothing.
+    output: StepOutput | None = None
 
     def module(self, layer: PrunableLayer | str) -> nn.Module:
         return self.model.get_submodule(layer if isinstance(layer, str) else layer.name)

@@ -1,0 +1,128 @@
+"""The solution path of ``spp``: split linearized Bregman iteration (split LBI) on the group gates,
+the importance order it yields, and which groups a sparsity level removes. Pure tensor code: the
+model only enters through the ``loss`` closure (``docs/spp.md`` has the derivation).
+
+With the weights frozen, the gates γ (one per group, γ₀ = 1) are coupled to a sparse copy Γ
+(Γ₀ = 0) through the augmented loss L̄(γ, Γ) = L(γ) + ‖γ − Γ‖² / (2ν), and iterated (Huang & Yao's
+split LBI; Fu et al.'s DessiLBI, on gates as in Ding et al.'s SPP)::
+
+    γ_{k+1} = γ_k − κ·α·(∇L(γ_k) + (γ_k − Γ_k)/ν)
+    Z_{k+1} = Z_k + α·(γ_k − Γ_k)/ν
+    Γ_{k+1} = κ·soft(Z_{k+1}, λ),      soft(z, λ) = sign(z)·max(|z| − λ, 0)
+
+Γ starts all zero and groups join its support one by one: group j *enters* at the first step with
+Γ_j ≠ 0. The coupling pulls every gate towards Γ (= 0 before entry); the task loss pushes back on
+gates the loss needs, so their Z grows fastest. A group the loss ignores (∇_j L = 0) decays as
+γ_j = (1 − κα/ν)^k, so Z_j → 1/κ: with λ·κ ≥ 1 it never enters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+
+def soft_threshold(z: torch.Tensor, lam: float) -> torch.Tensor:
+    """sign(z)·max(|z| − λ, 0), elementwise."""
+    return torch.sign(z) * (z.abs() - lam).clamp(min=0)
+
+
+@dataclass(frozen=True)
+class LbiSettings:
+    """κ, λ, ν, the step size α and the number of steps of the iteration."""
+
+    kappa: float
+    lam: float
+    nu: float
+    lr: float
+    steps: int
+
+
+@dataclass
+class SolutionPath:
+    """What the iteration left: per group its entry step (``inf``: never entered) and final Z, γ, Γ."""
+
+    entry: torch.Tensor  # float64, 1-based step, inf for groups that never entered
+    z: torch.Tensor
+    gamma: torch.Tensor
+    big_gamma: torch.Tensor
+    losses: list[float] = field(default_factory=list)
+
+    @property
+    def entered(self) -> int:
+        return int(torch.isfinite(self.entry).sum())
+
+    def order(self) -> list[int]:
+        """Group indices, most important first.
+
+        By entry step (earlier first); then by |Z| (a larger Z crossed λ by more, or is nearer to
+        it); then by the final |γ|; then by index (layer order, then group order), so ties are
+        broken the same way every time.
+        """
+        entry, z, gamma = self.entry.tolist(), self.z.abs().tolist(), self.gamma.abs().tolist()
+        return sorted(range(len(entry)), key=lambda j: (entry[j], -z[j], -gamma[j], j))
+
+
+def split_lbi(loss: Callable[[torch.Tensor], torch.Tensor], gamma0: torch.Tensor, settings: LbiSettings, *,
+              on_step: Callable[[int, float, int], None] | None = None) -> SolutionPath:
+    """Run the iteration of the module docstring; ``loss(γ)`` is the task loss on the next batch.
+
+    ``on_step(step, loss, entered)`` is called after every step (1-based).
+    """
+    kappa, lam, nu, lr = settings.kappa, settings.lam, settings.nu, settings.lr
+    gamma = gamma0.detach().clone().double()
+    z = torch.zeros_like(gamma)
+    big = torch.zeros_like(gamma)
+    entry = torch.full_like(gamma, math.inf)
+    losses: list[float] = []
+    for step in range(1, settings.steps + 1):
+        current = gamma.to(gamma0.dtype).requires_grad_(True)
+        value = loss(current)
+        (grad,) = torch.autograd.grad(value, current)
+        if not torch.isfinite(value):
+            raise FloatingPointError(f"spp: the task loss became {float(value)} at step {step}; lower lr")
+        diff = gamma - big
+        gamma = gamma - kappa * lr * (grad.double() + diff / nu)
+        z = z + lr * diff / nu
+        big = kappa * soft_threshold(z, lam)
+        entry[(big != 0) & torch.isinf(entry)] = step
+        losses.append(float(value.detach()))
+        if on_step is not None:
+            on_step(step, losses[-1], int(torch.isfinite(entry).sum()))
+    return SolutionPath(entry=entry, z=z, gamma=gamma, big_gamma=big, losses=losses)
+
+
+Target = Literal["params", "groups"]
+
+
+def removal_count(ratio: float, sizes: torch.Tensor, order: list[int], target: Target) -> int:
+    """How many groups, from the least important end of ``order``, a ``ratio`` removes.
+
+    ``groups``: ⌊ratio·G + ½⌋ groups. ``params``: the count whose removed parameters are closest to
+    ratio·P (P: the parameters all G groups hold); on a tie the smaller count.
+    """
+    n = len(order)
+    if target == "groups":
+        return min(n, math.floor(ratio * n + 0.5))
+    goal = ratio * float(sizes.sum())
+    removed, best, best_gap = 0.0, 0, goal
+    for count, j in enumerate(reversed(order), start=1):
+        removed += float(sizes[j])
+        gap = abs(removed - goal)
+        if gap < best_gap - 1e-9:
+            best, best_gap = count, gap
+        if removed > goal:
+            break
+    return best
+
+
+def removal_mask(order: list[int], count: int) -> torch.Tensor:
+    """Boolean vector in gate order: True for the ``count`` least important groups."""
+    mask = torch.zeros(len(order), dtype=torch.bool)
+    if count:
+        mask[torch.tensor(order[len(order) - count:])] = True
+    return mask

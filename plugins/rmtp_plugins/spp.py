@@ -1,0 +1,268 @@
+"""``spp``: Solution Path Pruning — one search, a whole family of structured sparsity levels.
+
+(Ding et al., "Adaptive Pruning of Pretrained Transformer via Differential Inclusions", ICLR 2025.)
+
+1. **Gates** (:mod:`._spp_groups`): one gate per attention head and per MLP hidden neuron of the
+   selected blocks of a timm ViT, multiplying the group's output; the weights stay frozen.
+2. **Search** (:mod:`._spp_path`): split LBI on the gates, driven by the task loss (cross-entropy on
+   the calibration images, or KD from the dense model). Groups enter the sparse path variable Γ
+   one by one; each group's entry step is its rank.
+3. **Extraction**: for every requested ``ratio`` the latest-entering groups are sliced out for
+   real (smaller qkv/proj/fc1/fc2, fewer heads), so params and MACs drop. ``target: params``
+   measures the ratio in parameters of the gated branches, ``groups`` in number of groups.
+   Several ratios in one step are each saved as ``<output>/spp-<ratio>/`` (through
+   ``ctx.output``); the step continues with ``keep`` (default: the first ratio).
+
+ConvNeXt and ResNet are refused (not implemented yet), as are ViT variants whose attention or MLP
+mixes the groups (gated attention, scale_norm, SwiGLU, hidden-layer norms).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+from torch.utils.data import DataLoader
+
+from rmtp.errors import RmtpError
+from rmtp.hookspecs import hookimpl
+from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams, weight_footprint
+from rmtp.training import kd_loss
+from rmtp_plugins._spp_groups import Unit, find_units, gated, group_params, slice_unit
+from rmtp_plugins._spp_modules import AttentionHeads, ConstantBranch, SlicedLinear
+from rmtp_plugins._spp_path import (
+    LbiSettings,
+    SolutionPath,
+    removal_count,
+    removal_mask,
+    split_lbi,
+)
+
+__all__ = ["AttentionHeads", "ConstantBranch", "SlicedLinear", "SppParams", "SppPruner", "extract"]
+
+SUPPORTED_ARCHS = ("vit",)
+PATH_FILE = "spp_path.json"
+
+
+class SppParams(PrunerParams):
+    ratio: float | None = Field(None, gt=0.0, lt=1.0, description="share to remove (see target); or use ratios")
+    ratios: tuple[float, ...] | None = Field(
+        None, min_length=1, description="several shares from one search, each saved as <output>/spp-<ratio>/")
+    keep: float | None = Field(None, gt=0.0, lt=1.0,
+                               description="with ratios: the one later steps continue with (default: the first)")
+    target: Literal["params", "groups"] = Field(
+        "params", description="ratio of the gated branches' params, or of the number of groups")
+    structures: tuple[Literal["heads", "neurons"], ...] = Field(
+        ("heads", "neurons"), min_length=1, description="which groups to gate: attention heads, MLP neurons")
+    kappa: float = Field(1.0, gt=0.0, le=1e3, description="κ: damping of the gate step, scale of Γ")
+    lam: float = Field(2.0, gt=0.0, le=1e6, description="λ: threshold of Γ = κ·soft(Z, λ); λ·κ ≥ 1 keeps "
+                                                         "groups the loss ignores out of the path")
+    nu: float = Field(10.0, gt=0.0, le=1e6, description="ν: coupling ‖γ − Γ‖²/(2ν) (smaller pulls gates harder)")
+    lr: float = Field(0.5, gt=0.0, le=100.0, description="α: step size of the iteration")
+    steps: int = Field(200, ge=1, le=1_000_000, description="iterations (one calibration batch each)")
+    batch_size: int = Field(64, ge=1, le=65_536, description="calibration images per iteration")
+    loss: Literal["ce", "kd"] = Field("ce", description="task loss: cross-entropy on the labels, or KL to "
+                                                        "the dense model's logits (temperature 1)")
+    fold_gates: bool = Field(False, description="fold the searched gates of kept groups into the weights "
+                                                "(else kept groups keep their dense weights, gate 1)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SppParams:
+        if (self.ratio is None) == (self.ratios is None):
+            raise ValueError("give exactly one of ratio (one sparsity level) or ratios (a list)")
+        if self.ratios is not None:
+            bad = [r for r in self.ratios if not 0.0 < r < 1.0]
+            if bad:
+                raise ValueError(f"ratios must lie in (0, 1), got {bad}")
+            if len(set(self.ratios)) != len(self.ratios):
+                raise ValueError(f"ratios has duplicates: {list(self.ratios)}")
+        if self.keep is not None and self.keep not in self.levels():
+            raise ValueError(f"keep={self.keep} is not one of the ratios {list(self.levels())}")
+        if len(set(self.structures)) != len(self.structures):
+            raise ValueError(f"structures has duplicates: {list(self.structures)}")
+        return self
+
+    def levels(self) -> tuple[float, ...]:
+        return self.ratios if self.ratios is not None else (self.ratio,)
+
+    def kept_level(self) -> float:
+        return self.keep if self.keep is not None else self.levels()[0]
+
+    def settings(self) -> LbiSettings:
+        return LbiSettings(kappa=self.kappa, lam=self.lam, nu=self.nu, lr=self.lr, steps=self.steps)
+
+
+def variant_name(ratio: float) -> str:
+    return f"spp-{ratio:.2f}" if round(ratio, 2) == ratio else f"spp-{ratio:g}"
+
+
+def _batches(loader: DataLoader, batch_size: int, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless seeded shuffled passes over the calibration images, ``batch_size`` at a time."""
+    generator = torch.Generator().manual_seed(seed)
+    ordered = DataLoader(loader.dataset, batch_size=batch_size, shuffle=True, generator=generator,
+                         num_workers=loader.num_workers)
+    for _ in itertools.count():
+        yield from ordered
+
+
+def search(ctx: PruneContext, units: list[Unit], params: SppParams) -> SolutionPath:
+    """The split-LBI path of ``units``' gates on ``ctx.model`` (weights frozen, eval mode)."""
+    if ctx.calibration is None:
+        raise RmtpError("spp needs calibration data for its search, and none was given")
+    if params.loss == "kd" and ctx.dense_model is None:
+        raise RmtpError("spp: loss: kd needs the dense model, and there is none")
+    model = ctx.model
+    batches = _batches(ctx.calibration, params.batch_size, ctx.seed)
+    n_gates = sum(u.count for u in units)
+    gate_device = next(model.parameters()).device
+    holder = {"gates": torch.ones(n_gates, device=gate_device)}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    def loss(gates: torch.Tensor) -> torch.Tensor:
+        images, labels = next(batches)
+        images, labels = images.to(ctx.device), labels.to(ctx.device)
+        holder["gates"] = gates
+        logits = model(images)
+        if params.loss == "ce":
+            return torch.nn.functional.cross_entropy(logits, labels)
+        with torch.no_grad():
+            teacher = ctx.dense_model(images)
+        return kd_loss(logits, teacher, 1.0)
+
+    was_training = model.training
+    model.eval()
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        with ctx.progress.task(f"spp: solution path ({n_gates} groups)", total=params.steps) as advance, \
+                gated(model, units, _GateView(holder)):
+            return split_lbi(loss, torch.ones(n_gates, device=gate_device), params.settings(),
+                             on_step=lambda step, value, entered: advance(loss=f"{value:.3f}", entered=entered))
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+        model.train(was_training)
+
+
+class _GateView:
+    """Indexable view of the gates the current step evaluates (the hooks read it at forward time)."""
+
+    def __init__(self, holder: dict[str, torch.Tensor]):
+        self.holder = holder
+
+    def __getitem__(self, index: slice) -> torch.Tensor:
+        return self.holder["gates"][index]
+
+
+def extract(model: nn.Module, units: list[Unit], remove: torch.Tensor,
+            gates: torch.Tensor | None = None) -> list[tuple[Unit, int]]:
+    """Slice out the groups where ``remove`` (gate order) is True; ``gates`` are folded into the kept
+    ones (``None``: kept groups keep their weights). Returns (unit, groups kept) per unit."""
+    kept = []
+    for unit in units:
+        keep = ~remove[unit.gates]
+        kept.append((unit, slice_unit(model, unit, keep, None if gates is None else gates[unit.gates])))
+    return kept
+
+
+class SppPruner(Pruner):
+    name = "spp"
+    description = ("Solution Path Pruning: split-LBI gate search orders heads and MLP neurons once; slices "
+                   "any sparsity level (or several) from that path.")
+    kind = "weight"
+    Params = SppParams
+    needs_calibration = True
+
+    def prune(self, ctx: PruneContext, params: SppParams) -> list[LayerRow]:
+        if ctx.arch.name not in SUPPORTED_ARCHS:
+            raise RmtpError(f"spp supports {', '.join(SUPPORTED_ARCHS)} models (attention heads and MLP neurons "
+                            f"of timm ViTs); {ctx.arch.name} is not supported yet")
+        units = find_units(ctx.model, ctx.layers, heads="heads" in params.structures,
+                           neurons="neurons" in params.structures)
+        if not units:
+            return []
+        sizes = group_params(units)
+        path = search(ctx, units, params)
+        order = path.order()
+        folded = path.gamma if params.fold_gates else None
+        before = {u.path: weight_footprint(ctx.module(u.path)) for u in units}
+        levels = {r: removal_count(r, sizes, order, params.target) for r in params.levels()}
+        results: dict[float, dict[str, Any]] = {}
+        kept_level = params.kept_level()
+        for ratio in [r for r in params.levels() if r != kept_level] + [kept_level]:
+            target = ctx.model if ratio == kept_level else copy.deepcopy(ctx.model)
+            remove = removal_mask(order, levels[ratio])
+            kept = extract(target, units, remove, folded)
+            rows = [self._row(target, unit, count, before[unit.path], path, params) for unit, count in kept]
+            results[ratio] = self._summary(ratio, remove, sizes, rows)
+            if ctx.output is not None:
+                ctx.output.save_model(variant_name(ratio), target, {
+                    "pruner": self.name, "ratio": ratio, "kept_by_later_steps": ratio == kept_level,
+                    "params": params.model_dump(mode="json"), **results[ratio],
+                    "rows": [row.to_dict() for row in rows]})
+            if ratio == kept_level:
+                final_rows = rows
+        if ctx.output is not None:
+            ctx.output.write_json(PATH_FILE, path_report(units, path, order, sizes, params, results))
+        return final_rows
+
+    @staticmethod
+    def _summary(ratio: float, remove: torch.Tensor, sizes: torch.Tensor, rows: list[LayerRow]) -> dict[str, Any]:
+        before = sum(r.params_before for r in rows)
+        after = sum(r.params_after for r in rows)
+        return {"groups_removed": int(remove.sum()), "groups": int(remove.numel()),
+                "group_share_removed": float(remove.float().mean()) if remove.numel() else 0.0,
+                "params_removed": before - after, "params_of_gated_branches": before,
+                "param_share_removed": (before - after) / before if before else 0.0,
+                "group_params_removed": int(sizes[remove].sum())}
+
+    @staticmethod
+    def _row(model: nn.Module, unit: Unit, kept: int, before: tuple, path: SolutionPath,
+             params: SppParams) -> LayerRow:
+        module = model.get_submodule(unit.path)
+        shape_before, params_before, nonzeros_before = before
+        shape_after, params_after, nonzeros_after = weight_footprint(module)
+        first = module.qkv if unit.kind == "head" and kept else module.fc1 if kept else None
+        shape_after = tuple(first.weight.shape) if first is not None else (0,)
+        if unit.kind == "head":
+            shape_before = (3 * unit.count * unit.width, shape_before[1] if len(shape_before) > 1 else 0)
+        entries = path.entry[unit.gates]
+        entered = int(torch.isfinite(entries).sum())
+        noun = "heads" if unit.kind == "head" else "neurons"
+        note = f"{noun} {unit.count} → {kept}" + (" (branch removed)" if kept == 0 else "")
+        first_entry = float(entries.min()) if entered else math.inf
+        return LayerRow(
+            unit.path, tuple(shape_before), tuple(shape_after), params_before, params_after,
+            nonzeros_before, nonzeros_after, budget=params_after / params_before if params_before else None,
+            kept_fraction=kept / unit.count, note=note,
+            detail={noun: f"{unit.count} → {kept}", "entered": f"{entered}/{unit.count}",
+                    "first entry": "never" if math.isinf(first_entry) else int(first_entry),
+                    "target": f"{params.target} {params.kept_level():g}"})
+
+
+def path_report(units: list[Unit], path: SolutionPath, order: list[int], sizes: torch.Tensor, params: SppParams,
+                results: dict[float, dict[str, Any]]) -> dict[str, Any]:
+    """The solution path as JSON: every group's entry step, Z, γ and rank, and what each ratio removed."""
+    rank = {j: i for i, j in enumerate(order)}
+    groups = []
+    for unit in units:
+        for i in range(unit.count):
+            j = unit.offset + i
+            entry = float(path.entry[j])
+            groups.append({"unit": unit.path, "kind": unit.kind, "index": i, "rank": rank[j],
+                           "entry_step": None if math.isinf(entry) else int(entry),
+                           "z": float(path.z[j]), "gamma": float(path.gamma[j]), "params": int(sizes[j])})
+    return {"pruner": "spp", "params": params.model_dump(mode="json"), "steps": params.steps,
+            "entered": path.entered, "groups": groups, "losses": path.losses,
+            "levels": {f"{r:g}": results[r] for r in sorted(results)}}
+
+
+@hookimpl
+def register_pruners(register: Callable[[type], None]) -> None:
+    register(SppPruner)
