@@ -104,6 +104,10 @@ class _StagedExtras:
         self._claim(name).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
         return self.out_dir / name
 
+    def write_file(self, name: str, write: Callable[[Path], Any]) -> Path:
+        write(self._claim(name))
+        return self.out_dir / name
+
     def publish(self) -> None:
         """Move every entry into the (just saved) output folder."""
         if self._staging is None:
@@ -232,7 +236,8 @@ def _prune(run: _Run, index: int, step: PruneStep) -> StepReport:
     layers = select_layers(candidates, step.layers)
     calibration = run.data.loader("calibration") if pruner_cls.needs_calibration else None
     ctx = PruneContext(model=run.model, arch=run.arch, layers=layers, device=run.device, seed=run.recipe.seed + index,
-                       dense_model=run.dense, calibration=calibration, progress=run.progress, output=run.extras)
+                       dense_model=run.dense, calibration=calibration, progress=run.progress, output=run.extras,
+                       preview_images=lambda n: _first_images(run.data.val, n, run.device))
     extras_before = len(run.extras.names) if run.extras is not None else 0
     rows = pruner_cls().prune(ctx, run.recipe.pruner_params[index])
     run.model.eval()
@@ -243,6 +248,11 @@ def _prune(run: _Run, index: int, step: PruneStep) -> StepReport:
         notes.append(f"also saved in the output folder: {', '.join(run.extras.names[extras_before:])}")
     return StepReport(index=index, kind="prune", name=step_label(step), rows=rows,
                       stats=_stats(run, run.model), seconds=0.0, notes=notes)
+
+
+def _first_images(dataset: torch.utils.data.Dataset, n: int, device: torch.device) -> torch.Tensor:
+    count = min(n, len(dataset))
+    return torch.stack([dataset[i][0] for i in range(count)]).to(device)
 
 
 def _finetune(run: _Run, index: int, step: FinetuneStep) -> StepReport:

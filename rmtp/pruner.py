@@ -18,6 +18,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal, Protocol
 
 import torch
@@ -84,6 +85,9 @@ class StepOutput(Protocol):
     def write_json(self, name: str, data: Any) -> Path:
         """Write ``data`` as ``<output>/<name>`` (JSON)."""
 
+    def write_file(self, name: str, write: Callable[[Path], Any]) -> Path:
+        """Have ``write(path)`` create ``<output>/<name>`` (a figure, a table); ``path`` is the staged location."""
+
 
 @dataclass
 class PruneContext:
@@ -97,8 +101,12 @@ class PruneContext:
     dense_model: nn.Module | None = None
     calibration: DataLoader | None = None
     progress: Progress = NULL_PROGRESS
-    #: Extra artefacts of the step (model variants, JSON); ``None`` when the run saves nothing.
+    #: Extra artefacts of the step (model variants, JSON, figures); ``None`` when the run saves nothing.
     output: StepOutput | None = None
+    #: ``preview_images(n)``: the first ``n`` val images as one batch, for figures in the output
+    #: (e.g. token maps) only. Never choose anything from them: that would tune the model to the
+    #: images its accuracy is reported on.
+    preview_images: Callable[[int], torch.Tensor] | None = None
 
     def module(self, layer: PrunableLayer | str) -> nn.Module:
         return self.model.get_submodule(layer if isinstance(layer, str) else layer.name)

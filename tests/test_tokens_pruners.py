@@ -131,6 +131,22 @@ def test_recipe_prunes_evaluates_and_saves_a_token_reduced_model(tmp_path: Path,
     assert outcome.exit_code == 1 and "not an rmtp model folder" in outcome.output
 
 
+def test_visualize_writes_a_token_map_into_the_output_folder(tmp_path: Path, plugins) -> None:
+    raw = tiny_recipe([{"prune": "token-cls", "params": {"keep": [0.5, 0.5], "visualize": 3}}],
+                      output=tmp_path / "out")
+    raw["data"]["eval_limit"] = 16
+    result = run_recipe(parse_recipe(raw, source=tmp_path / "r.yaml"))
+    png = tmp_path / "out" / "token_map-token-cls.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert result.report.steps[0].rows[0].note == "token map of 3 val images: token_map-token-cls.png"
+    assert not list(tmp_path.glob(".out.extras.*"))  # the staging folder is gone
+    raw = tiny_recipe([{"prune": "tome", "params": {"r": 2, "visualize": 2}}])  # no output folder
+    result = run_recipe(parse_recipe(raw, source=tmp_path / "r2.yaml"))
+    assert "no output folder" in result.report.steps[0].rows[0].note
+    with pytest.raises(ValidationError, match="less than or equal to 64"):
+        TomeParams(visualize=65)
+
+
 def test_recipe_validation_reports_token_param_errors(tmp_path: Path, plugins) -> None:
     raw = tiny_recipe([{"prune": "token-cls", "params": {"r_max": 0.6, "keep": [0.5, 0.5]}}])
     with pytest.raises(RecipeError, match="either keep"):

@@ -20,7 +20,14 @@ from rmtp_plugins.tokens.schedule import keep_ratios, token_counts
 KeepRatio = Annotated[float, Field(gt=0.0, le=1.0)]
 
 
-class PruneScheduleParams(PrunerParams):
+class TokenParams(PrunerParams):
+    """What every token pruner accepts."""
+
+    visualize: int = Field(0, ge=0, le=64, description="write token_map-<pruner>.png to the output folder: "
+                                                       "which patches were kept or merged, for this many val images")
+
+
+class PruneScheduleParams(TokenParams):
     """Params of the attention-scored pruners: the seed's schedule, or an explicit per-block list."""
 
     r_max: float = Field(0.6, ge=0.0, le=1.0,
@@ -88,7 +95,20 @@ class TokenPruner(Pruner):
                                  nonzeros_after=nonzeros,
                                  budget=plan.keep[index] if plan.keep is not None else None,
                                  kept_fraction=(npt + n_out) / (npt + n_in), detail=detail))
+        if params.visualize and rows:
+            rows[0].note = self._visualize(ctx, params.visualize)
         return rows
+
+    def _visualize(self, ctx: PruneContext, images: int) -> str:
+        """Write the token map of the first ``images`` val images; returns the note for the report."""
+        if ctx.output is None or ctx.preview_images is None:
+            return "visualize: the run has no output folder, so no token map was written"
+        from rmtp_plugins.tokens.visualize import save_token_map
+
+        batch = ctx.preview_images(images)
+        path = ctx.output.write_file(f"token_map-{self.name}.png",
+                                     lambda staged: save_token_map(ctx.model, batch, staged))
+        return f"token map of {batch.shape[0]} val images: {path.name}"
 
 
 def _refuse_layer_filter(ctx: PruneContext) -> None:

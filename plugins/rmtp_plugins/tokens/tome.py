@@ -5,8 +5,9 @@ token's edge goes to its most similar B token (cosine similarity of the keys ave
 heads, from this forward pass); the ``r`` strongest edges are merged as size-weighted means.
 Proportional attention adds ``log(size)`` to the attention logits (an additive SDPA mask in the
 query's dtype) so a merged token counts as the patches it stands for; average pooling is
-size-weighted. Class and register tokens never merge. ``rmtp token-map RUN_DIR`` draws which
-patches merged for a few val images.
+size-weighted. Class and register tokens never merge. ``visualize: N`` (every token pruner) writes
+``token_map-tome.png`` to the output folder, and ``rmtp token-map RUN_DIR`` draws the same for a
+saved run: which patches merged, for a few val images.
 """
 
 from __future__ import annotations
@@ -17,13 +18,12 @@ from pydantic import Field, model_validator
 
 from rmtp.errors import PluginError
 from rmtp.hookspecs import hookimpl
-from rmtp.pruner import PrunerParams
-from rmtp_plugins.tokens.base import TokenPruner
+from rmtp_plugins.tokens.base import TokenParams, TokenPruner
 from rmtp_plugins.tokens.patch import TokenPlan
 from rmtp_plugins.tokens.schedule import tome_r_list
 
 
-class TomeParams(PrunerParams):
+class TomeParams(TokenParams):
     r: int = Field(8, ge=0, le=100_000, description="tokens merged per block")
     ramp: float = Field(0.0, ge=-1.0, le=1.0, description="ToMe's inflection: r grows over the blocks (> 0) "
                                                           "or shrinks (< 0) linearly, same total")
