@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import json
 import logging
 import math
 import os
@@ -51,18 +50,10 @@ from torch import nn
 
 import rmtp
 from rmtp.architecture import ModelSpec
+from rmtp.atomic import write_json_atomic
 from rmtp.plugins import get_plugins
+from rmtp.report import cpu_name
 from rmtp.spectral import analyze_model, fit_mp, weight_matrix
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _weightwatcher() -> tuple[Any, str | None]:
@@ -237,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         load = "n/a"
     ww_version = getattr(ww, "__version__", None) if ww is not None else None
     environment = {
-        "machine": f"{_cpu_name()}, {os.cpu_count()} logical CPUs, load average {load} at the end",
+        "machine": f"{cpu_name()}, {os.cpu_count()} logical CPUs, load average {load} at the end",
         "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
         "numpy": np.__version__, "rmtp": rmtp.__version__, "weightwatcher": ww_version or f"not available ({ww_missing})",
         "threads": args.threads, "rounds": args.rounds,
@@ -281,8 +272,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result = {"environment": environment, "settings": settings, "times_s": times, "median_s": median,
               "ratios": ratios, "targets": targets, "planted": planted_rows}
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_json_atomic(args.json, result)
         print(f"\nwrote {args.json}")
     return result
 

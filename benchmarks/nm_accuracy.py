@@ -23,7 +23,6 @@ Prints a table and writes JSON with the machine, versions and every setting.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ import torch
 import yaml
 
 import rmtp.plugins
+from rmtp.atomic import write_json_atomic
 from rmtp.pipeline import run_recipe
 from rmtp.plugins import load_plugins
 from rmtp.recipe import parse_recipe
@@ -128,10 +128,7 @@ def main() -> None:
         "rows": rows,
         "seconds": time.perf_counter() - started,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.json.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    tmp.replace(args.json)
+    write_json_atomic(args.json, result)
 
     env = result["environment"]
     print(f"\nn:m on the digits reference ViT · torch {env['torch']} · timm {env['timm']} · {env['machine']} · "

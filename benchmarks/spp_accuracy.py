@@ -26,6 +26,7 @@ import yaml
 
 import rmtp
 from rmtp import metrics
+from rmtp.atomic import write_json_atomic
 from rmtp.data import build_data
 from rmtp.pipeline import run_recipe
 from rmtp.recipe import parse_recipe
@@ -125,10 +126,7 @@ def main() -> None:
         "spp_entered": path["entered"],
         "seconds": time.perf_counter() - started,
     }
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    tmp_json = args.json.with_suffix(".tmp")
-    tmp_json.write_text(json.dumps(result, indent=2) + "\n")
-    tmp_json.replace(args.json)
+    write_json_atomic(args.json, result)
 
     env = result["environment"]
     print(f"spp vs svd-mp on the digits reference ViT · torch {env['torch']} · timm {env['timm']} · "

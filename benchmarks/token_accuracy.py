@@ -14,21 +14,21 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import platform
 import sys
 from pathlib import Path
 
 import timm
 import torch
+from rmtp_plugins.tokens.patch import TokenPlan, TokenReduction
+from rmtp_plugins.tokens.schedule import keep_ratios, token_counts, tome_r_list
 
 from rmtp import metrics
 from rmtp.architecture import ModelSpec
+from rmtp.atomic import write_json_atomic
 from rmtp.data import DataSpec, build_data
 from rmtp.modules import apply_patch
 from rmtp.plugins import get_plugins
-from rmtp_plugins.tokens.patch import TokenPlan, TokenReduction
-from rmtp_plugins.tokens.schedule import keep_ratios, token_counts, tome_r_list
 
 REPO = Path(__file__).resolve().parents[1]
 KWARGS = {"img_size": 32, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 96, "depth": 6,
@@ -95,8 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"| {r['method']:<34} | {r['top1']:>5.2f}% | {r['delta']:>+7.2f} | {r['macs_vs_dense']:>5.0%} | "
               f"{' '.join(map(str, r['tokens_after_each_block'])):<23} |")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_json_atomic(args.json, report)
         print(f"wrote {args.json}")
     return report
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import platform
 import statistics
@@ -29,21 +28,13 @@ from pathlib import Path
 
 import timm
 import torch
-
-from rmtp import metrics
-from rmtp.modules import apply_patch
 from rmtp_plugins.tokens.patch import TokenPlan, TokenReduction
 from rmtp_plugins.tokens.schedule import keep_ratios, token_counts, tome_r_list
 
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+from rmtp import metrics
+from rmtp.atomic import write_json_atomic
+from rmtp.modules import apply_patch
+from rmtp.report import cpu_name
 
 
 def configs(depth: int, tome_r: int, r_max: float, alphas: list[float]) -> dict[str, TokenPlan | None]:
@@ -131,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {
         "benchmark": "token_speed",
         "command": "python benchmarks/token_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "machine": {"cpu": _cpu_name(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+        "machine": {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
                     "load_avg_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None},
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__},
         "settings": {"model": args.model, "img_size": args.img_size, "batch": args.batch, "threads": args.threads,
@@ -142,8 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print_table(report)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_json_atomic(args.json, report)
         print(f"wrote {args.json}")
     return report
 

@@ -58,9 +58,10 @@ def bench(
         "--kwargs", help="JSON object of timm.create_model kwargs for checkpoints and timm:NAME models.")] = None,
 ) -> None:
     """Compare models side by side: latency, throughput, peak memory, MACs, params, nonzeros (and top-1)."""
+    from rmtp.atomic import write_json_atomic
     from rmtp.bench import benchmark_models, parse_batches
     from rmtp.bench_report import check_plotting, render_bench, write_plots
-    from rmtp.cli import user_errors, write_json_atomic
+    from rmtp.cli import user_errors
     from rmtp.render import RichProgress, stderr, stdout
 
     with user_errors():

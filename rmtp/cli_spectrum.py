@@ -73,7 +73,8 @@ def analyze_spectrum(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the summary, not the per-layer table.")] = False,
 ) -> None:
     """Fit the Marchenko–Pastur law to every prunable weight matrix of a model and report its signal rank."""
-    from rmtp.cli import user_errors, write_json_atomic
+    from rmtp.atomic import write_json_atomic
+    from rmtp.cli import user_errors
     from rmtp.render import RichProgress, stderr
     from rmtp.spectral.analysis import analyze
     from rmtp.spectrum_report import render_spectrum, write_csv_atomic, write_plots

@@ -88,17 +88,38 @@ class RunReport:
 
 def environment() -> dict[str, str]:
     """Versions and machine, so a report says where its numbers come from."""
+    import os
+
     import timm
     import torch
 
     from rmtp import __version__
 
+    try:
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except (AttributeError, OSError):
+        load = "n/a"
     return {
         "rmtp": __version__,
         "torch": torch.__version__,
         "timm": timm.__version__,
         "python": platform.python_version(),
         "machine": f"{platform.system()} {platform.machine()}",
+        "cpu": f"{cpu_name()}, {os.cpu_count()} logical CPUs",
+        "load_average": load,
         "threads": str(torch.get_num_threads()),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
     }
+
+
+def cpu_name() -> str:
+    """The CPU model (``/proc/cpuinfo``'s model name on Linux), else what ``platform`` knows."""
+    from pathlib import Path
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
