@@ -293,8 +293,8 @@ def test_bad_params_are_refused(params: dict, message: str) -> None:
 
 def test_other_families_are_refused_naming_what_is_supported() -> None:
     ctx = context(make_vit())
-    ctx.arch = SimpleNamespace(name="resnet")
-    with pytest.raises(RmtpError, match="spp supports vit models .* resnet is not supported"):
+    ctx.arch = SimpleNamespace(name="swin")
+    with pytest.raises(RmtpError, match="spp supports vit, convnext, resnet models .* swin is not supported"):
         SppPruner().prune(ctx, SppParams(ratio=0.3))
 
 

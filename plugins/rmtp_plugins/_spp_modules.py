@@ -28,6 +28,26 @@ from rmtp.errors import RmtpError
 from rmtp.modules import ModelPatch, model_patch, rebuildable
 
 
+def sliced_parameters(layer: nn.Linear | nn.Conv2d, out: torch.Tensor | None, inputs: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(weight, bias) of ``layer`` keeping output rows ``out`` and input columns ``inputs`` (``None``: all)."""
+    weight = layer.weight.detach()
+    bias = layer.bias.detach() if layer.bias is not None else None
+    if out is not None:
+        weight = weight[out]
+        bias = bias[out] if bias is not None else None
+    if inputs is not None:
+        weight = weight[:, inputs]
+    return weight, bias
+
+
+def copy_parameters(layer: nn.Linear | nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias)
+
+
 @rebuildable
 class SlicedLinear(nn.Linear):
     """A Linear whose rows (outputs) or columns (inputs) were sliced away by ``spp``."""
@@ -39,18 +59,9 @@ class SlicedLinear(nn.Linear):
     def from_rows_cols(cls, linear: nn.Linear, rows: torch.Tensor | None = None,
                        cols: torch.Tensor | None = None) -> SlicedLinear:
         """The rows ``rows`` and columns ``cols`` (index tensors; ``None``: all) of ``linear``."""
-        weight = linear.weight.detach()
-        bias = linear.bias.detach() if linear.bias is not None else None
-        if rows is not None:
-            weight = weight[rows]
-            bias = bias[rows] if bias is not None else None
-        if cols is not None:
-            weight = weight[:, cols]
+        weight, bias = sliced_parameters(linear, rows, cols)
         new = cls(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            new.weight.copy_(weight)
-            if bias is not None:
-                new.bias.copy_(bias)
+        copy_parameters(new, weight, bias)
         return new
 
 
@@ -66,6 +77,15 @@ class ConstantBranch(nn.Module):
         super().__init__()
         self.dim = dim
         self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+
+    @classmethod
+    def replacing(cls, out_layer: nn.Linear) -> ConstantBranch:
+        """The branch ending in ``out_layer`` with every group removed: ``out_layer``'s bias."""
+        constant = cls(out_layer.out_features, bias=out_layer.bias is not None).to(out_layer.weight)
+        if out_layer.bias is not None:
+            with torch.no_grad():
+                constant.bias.copy_(out_layer.bias)
+        return constant
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         out = x.new_zeros(*x.shape[:-1], self.dim)

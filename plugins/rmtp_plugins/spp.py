@@ -2,19 +2,24 @@
 
 (Ding et al., "Adaptive Pruning of Pretrained Transformer via Differential Inclusions", ICLR 2025.)
 
-1. **Gates** (:mod:`._spp_groups`): one gate per attention head and per MLP hidden neuron of the
-   selected blocks of a timm ViT, multiplying the group's output; the weights stay frozen.
+1. **Gates** (:mod:`._spp_groups`): one gate per structured group of the selected blocks,
+   multiplying the group's channels where the next layer reads them; the weights stay frozen.
+   timm ViT: attention heads and MLP hidden neurons; timm ConvNeXt: MLP hidden channels; timm
+   ResNet: the output channels of ``conv1`` (basic blocks) and of ``conv1`` and ``conv2``
+   (bottlenecks).
 2. **Search** (:mod:`._spp_path`): split LBI on the gates, driven by the task loss (cross-entropy on
    the calibration images, or KD from the dense model). Groups enter the sparse path variable Γ
    one by one; each group's entry step is its rank.
 3. **Extraction**: for every requested ``ratio`` the latest-entering groups are sliced out for
-   real (smaller qkv/proj/fc1/fc2, fewer heads), so params and MACs drop. ``target: params``
-   measures the ratio in parameters of the gated branches, ``groups`` in number of groups.
-   Several ratios in one step are each saved as ``<output>/spp-<ratio>/`` (through
-   ``ctx.output``); the step continues with ``keep`` (default: the first ratio).
+   real (smaller qkv/proj/fc1/fc2, fewer heads, smaller convs and BatchNorms), so params and MACs
+   drop. ``target: params`` measures the ratio in parameters of the gated branches, ``groups`` in
+   number of groups. Several ratios in one step are each saved as ``<output>/spp-<ratio>/``
+   (through ``ctx.output``); the step continues with ``keep`` (default: the first ratio).
 
-ConvNeXt and ResNet are refused (not implemented yet), as are ViT variants whose attention or MLP
-mixes the groups (gated attention, scale_norm, SwiGLU, hidden-layer norms).
+Refused before the search, naming the branch: ViT variants whose attention or MLP mixes the groups
+(gated attention, scale_norm, SwiGLU, hidden-layer norms), ConvNeXt-V2 (its GRN normalises the
+hidden channels by their mean, so they cannot be sliced exactly), ResNeXt's grouped ``conv2``,
+non-BatchNorm ResNets and BlurPool anti-aliasing (docs/spp.md has the list and the reasons).
 """
 
 from __future__ import annotations
@@ -34,6 +39,14 @@ from rmtp.errors import RmtpError
 from rmtp.hookspecs import hookimpl
 from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams, weight_footprint
 from rmtp.training import kd_loss
+from rmtp_plugins._spp_conv_modules import (
+    ConstantChannels,
+    RemovedConv2d,
+    RemovedNorm,
+    SlicedBatchNorm2d,
+    SlicedConv2d,
+    ZeroInputConv2d,
+)
 from rmtp_plugins._spp_groups import Unit, find_units, gated, group_params, slice_unit
 from rmtp_plugins._spp_modules import AttentionHeads, ConstantBranch, SlicedLinear
 from rmtp_plugins._spp_path import (
@@ -43,10 +56,16 @@ from rmtp_plugins._spp_path import (
     removal_mask,
     split_lbi,
 )
+from rmtp_plugins._spp_unit import weight_shape
 
-__all__ = ["AttentionHeads", "ConstantBranch", "SlicedLinear", "SppParams", "SppPruner", "extract"]
+__all__ = ["AttentionHeads", "ConstantBranch", "ConstantChannels", "RemovedConv2d", "RemovedNorm",
+           "SlicedBatchNorm2d", "SlicedConv2d", "SlicedLinear", "SppParams", "SppPruner", "ZeroInputConv2d",
+           "extract"]
 
-SUPPORTED_ARCHS = ("vit",)
+SUPPORTED_ARCHS = ("vit", "convnext", "resnet")
+#: The kinds of group (``structures``) each supported family has.
+FAMILY_STRUCTURES: dict[str, tuple[str, ...]] = {
+    "vit": ("heads", "neurons"), "convnext": ("neurons",), "resnet": ("channels",)}
 PATH_FILE = "spp_path.json"
 
 
@@ -58,8 +77,9 @@ class SppParams(PrunerParams):
                                description="with ratios: the one later steps continue with (default: the first)")
     target: Literal["params", "groups"] = Field(
         "params", description="ratio of the gated branches' params, or of the number of groups")
-    structures: tuple[Literal["heads", "neurons"], ...] = Field(
-        ("heads", "neurons"), min_length=1, description="which groups to gate: attention heads, MLP neurons")
+    structures: tuple[Literal["heads", "neurons", "channels"], ...] = Field(
+        ("heads", "neurons", "channels"), min_length=1,
+        description="which groups to gate: attention heads, MLP neurons (ViT, ConvNeXt), ResNet inner channels")
     kappa: float = Field(1.0, gt=0.0, le=1e3, description="κ: damping of the gate step, scale of Γ")
     lam: float = Field(2.0, gt=0.0, le=1e6, description="λ: threshold of Γ = κ·soft(Z, λ); λ·κ ≥ 1 keeps "
                                                          "groups the loss ignores out of the path")
@@ -173,8 +193,8 @@ def extract(model: nn.Module, units: list[Unit], remove: torch.Tensor,
 
 class SppPruner(Pruner):
     name = "spp"
-    description = ("Solution Path Pruning: split-LBI gate search orders heads and MLP neurons once; slices "
-                   "any sparsity level (or several) from that path.")
+    description = ("Solution Path Pruning: split-LBI gate search orders heads, MLP neurons or conv channels "
+                   "once; slices any sparsity level (or several) from that path.")
     kind = "weight"
     Params = SppParams
     needs_calibration = True
@@ -182,16 +202,21 @@ class SppPruner(Pruner):
     def prune(self, ctx: PruneContext, params: SppParams) -> list[LayerRow]:
         if ctx.arch.name not in SUPPORTED_ARCHS:
             raise RmtpError(f"spp supports {', '.join(SUPPORTED_ARCHS)} models (attention heads and MLP neurons "
-                            f"of timm ViTs); {ctx.arch.name} is not supported yet")
+                            f"of timm ViTs, MLP hidden channels of ConvNeXts, inner conv channels of ResNets); "
+                            f"{ctx.arch.name} is not supported yet")
+        offered = FAMILY_STRUCTURES[ctx.arch.name]
+        if not set(params.structures) & set(offered):
+            raise RmtpError(f"spp: structures {list(params.structures)} select nothing in a {ctx.arch.name} model, "
+                            f"which has {', '.join(offered)}")
         units = find_units(ctx.model, ctx.layers, heads="heads" in params.structures,
-                           neurons="neurons" in params.structures)
+                           neurons="neurons" in params.structures, channels="channels" in params.structures)
         if not units:
             return []
         sizes = group_params(units)
         path = search(ctx, units, params)
         order = path.order()
         folded = path.gamma if params.fold_gates else None
-        before = {u.path: weight_footprint(ctx.module(u.path)) for u in units}
+        before = {u.path: unit_footprint(ctx.model, u) for u in units}
         levels = {r: removal_count(r, sizes, order, params.target) for r in params.levels()}
         results: dict[float, dict[str, Any]] = {}
         kept_level = params.kept_level()
@@ -225,17 +250,13 @@ class SppPruner(Pruner):
     @staticmethod
     def _row(model: nn.Module, unit: Unit, kept: int, before: tuple, path: SolutionPath,
              params: SppParams) -> LayerRow:
-        module = model.get_submodule(unit.path)
         shape_before, params_before, nonzeros_before = before
-        shape_after, params_after, nonzeros_after = weight_footprint(module)
-        first = module.qkv if unit.kind == "head" and kept else module.fc1 if kept else None
-        shape_after = tuple(first.weight.shape) if first is not None else (0,)
-        if unit.kind == "head":
-            shape_before = (3 * unit.count * unit.width, shape_before[1] if len(shape_before) > 1 else 0)
+        shape_after, params_after, nonzeros_after = unit_footprint(model, unit)
         entries = path.entry[unit.gates]
         entered = int(torch.isfinite(entries).sum())
-        noun = "heads" if unit.kind == "head" else "neurons"
-        note = f"{noun} {unit.count} → {kept}" + (" (branch removed)" if kept == 0 else "")
+        noun = unit.noun
+        gone = " (branch removed)" if unit.kind != "channel" else " (inner path removed: the branch is constant)"
+        note = f"{noun} {unit.count} → {kept}" + (gone if kept == 0 else "")
         first_entry = float(entries.min()) if entered else math.inf
         return LayerRow(
             unit.path, tuple(shape_before), tuple(shape_after), params_before, params_after,
@@ -244,6 +265,15 @@ class SppPruner(Pruner):
             detail={noun: f"{unit.count} → {kept}", "entered": f"{entered}/{unit.count}",
                     "first entry": "never" if math.isinf(first_entry) else int(first_entry),
                     "target": f"{params.target} {params.kept_level():g}"})
+
+
+def unit_footprint(model: nn.Module, unit: Unit) -> tuple[tuple[int, ...], int, int]:
+    """(producer weight shape, params, nonzeros) of the modules a unit's report row covers."""
+    params = nonzeros = 0
+    for name in unit.report_modules():
+        _, n, nz = weight_footprint(model.get_submodule(name))
+        params, nonzeros = params + n, nonzeros + nz
+    return weight_shape(model, unit.producer), params, nonzeros
 
 
 def path_report(units: list[Unit], path: SolutionPath, order: list[int], sizes: torch.Tensor, params: SppParams,
