@@ -5,8 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+import rmtp
+from rmtp.data import model_input_size
 from rmtp.pipeline import run_recipe
 from rmtp.recipe import parse_recipe
 
@@ -35,11 +38,16 @@ def test_recipe_validates(path: Path, tmp_path: Path) -> None:
 @pytest.mark.slow
 @pytest.mark.parametrize("path", [p for p in RECIPES if "# test: run" in p.read_text()], ids=lambda p: p.stem)
 def test_small_recipe_runs_end_to_end(path: Path, tmp_path: Path) -> None:
-    """Recipes marked '# test: run' (small models, digits) run completely and save their output."""
+    """Recipes marked '# test: run' (small models, digits) run completely and save their output,
+    which reloads to the same function."""
     recipe = parse_recipe(_as_local(path, tmp_path), source=path)
     result = run_recipe(recipe)
     assert len(result.report.steps) == len(recipe.steps)
     if recipe.output is not None:
         assert (tmp_path / "out" / "model.safetensors").is_file()
+        loaded = rmtp.load(tmp_path / "out").model.eval()
+        images = torch.randn(4, *model_input_size(result.model), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(images), result.model.eval()(images), atol=0, rtol=0)
     evaluated = [s.stats.top1 for s in result.report.steps if s.stats.top1 is not None]
     assert all(0 <= t <= 100 for t in evaluated)
