@@ -9,18 +9,12 @@ resolved recipe and report are saved atomically.
 from __future__ import annotations
 
 import copy
-import json
-import os
 import random
-import re
-import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -29,13 +23,14 @@ from torch import nn
 from rmtp import distributed, metrics, saving
 from rmtp.architecture import Architecture, ModelSpec
 from rmtp.data import DataBundle, build_data
-from rmtp.errors import DeviceError, RmtpError
+from rmtp.errors import DeviceError
 from rmtp.layers import select_layers
 from rmtp.plugins import Plugins, get_plugins
 from rmtp.progress import NULL_PROGRESS, Progress
 from rmtp.pruner import PruneContext
 from rmtp.recipe import EvaluateStep, FinetuneStep, PruneStep, Recipe, step_label
 from rmtp.report import ModelStats, RunReport, StepReport, environment
+from rmtp.step_output import StagedOutput
 from rmtp.training import train
 
 
@@ -62,64 +57,7 @@ class _Run:
     progress: Progress
     dense_top1: float | None = None
     pruned_layers: set[str] = field(default_factory=set)  # what the finetune penalties act on
-    extras: _StagedExtras | None = None  # prune steps' extra artefacts (None: the run saves nothing)
-
-
-_EXTRA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
-_RESERVED = {saving.WEIGHTS_FILE, saving.META_FILE, saving.RECIPE_FILE, saving.REPORT_FILE}
-
-
-class _StagedExtras:
-    """:class:`~rmtp.pruner.StepOutput` of a run with an output folder.
-
-    Entries are written into a staging folder next to the output as the steps produce them (so a
-    model variant need not stay in memory) and moved into the output folder by :meth:`publish`,
-    after the run's own model is saved there; :meth:`discard` drops them if the run fails.
-    """
-
-    def __init__(self, out_dir: Path, *, spec: ModelSpec, arch: Architecture, baseline: ModelSpec,
-                 recipe: Recipe) -> None:
-        self.out_dir, self.spec, self.arch, self.baseline, self.recipe = out_dir, spec, arch, baseline, recipe
-        self.names: list[str] = []
-        self._staging: Path | None = None
-
-    def _claim(self, name: str) -> Path:
-        if not _EXTRA_NAME.fullmatch(name) or name in _RESERVED:
-            raise RmtpError(f"step output name {name!r} is not a plain file name, or is one rmtp reserves")
-        if name in self.names:
-            raise RmtpError(f"step output {name!r} was already written by an earlier step of this run")
-        if self._staging is None:
-            self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-            self._staging = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.extras.", suffix=".partial",
-                                                  dir=self.out_dir.parent))
-        self.names.append(name)
-        return self._staging / name
-
-    def save_model(self, name: str, model: nn.Module, report: dict[str, Any]) -> Path:
-        saving.save(model, self._claim(name), spec=self.spec, arch=self.arch, baseline=self.baseline,
-                    recipe=self.recipe.to_dict(), report=report, save_weights=self.recipe.output.save_model)
-        return self.out_dir / name
-
-    def write_json(self, name: str, data: Any) -> Path:
-        self._claim(name).write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-        return self.out_dir / name
-
-    def write_file(self, name: str, write: Callable[[Path], Any]) -> Path:
-        write(self._claim(name))
-        return self.out_dir / name
-
-    def publish(self) -> None:
-        """Move every entry into the (just saved) output folder."""
-        if self._staging is None:
-            return
-        for name in self.names:
-            os.replace(self._staging / name, self.out_dir / name)
-        self.discard()
-
-    def discard(self) -> None:
-        if self._staging is not None:
-            shutil.rmtree(self._staging, ignore_errors=True)
-            self._staging = None
+    extras: StagedOutput | None = None  # prune steps' extra artefacts (None: the run saves nothing)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -174,7 +112,7 @@ def _run(recipe: Recipe, device: torch.device, progress: Progress,
     dense = copy.deepcopy(model).eval().requires_grad_(False)
     run = _Run(recipe, plugins, arch, model, dense, data, device, input_shape, progress)
     if recipe.output is not None and distributed.is_main_process():
-        run.extras = _StagedExtras(recipe.output.dir, spec=spec, arch=arch, baseline=baseline, recipe=recipe)
+        run.extras = StagedOutput(recipe.output.dir, spec=spec, arch=arch, baseline=baseline, recipe=recipe)
     try:
         return _run_steps(run, recipe, spec, baseline, started, on_step)
     finally:

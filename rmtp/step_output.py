@@ -1,0 +1,84 @@
+"""Extra artefacts of prune steps (model variants, JSON, figures), published with the run's output.
+
+A step that produces more than the model it hands on (spp's levels and solution path, a token
+map) writes through :class:`StagedOutput`, the pipeline's implementation of
+:class:`rmtp.pruner.StepOutput`. Nothing lands in the output folder before the run's own model is
+saved there, so an interrupted run leaves no half set of artefacts beside an old model.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from torch import nn
+
+from rmtp import saving
+from rmtp.atomic import write_json_atomic
+from rmtp.errors import RmtpError
+
+if TYPE_CHECKING:
+    from rmtp.architecture import Architecture, ModelSpec
+    from rmtp.recipe import Recipe
+
+
+_EXTRA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_RESERVED = {saving.WEIGHTS_FILE, saving.META_FILE, saving.RECIPE_FILE, saving.REPORT_FILE}
+
+
+class StagedOutput:
+    """:class:`~rmtp.pruner.StepOutput` of a run with an output folder.
+
+    Entries are written into a staging folder next to the output as the steps produce them (so a
+    model variant need not stay in memory) and moved into the output folder by :meth:`publish`,
+    after the run's own model is saved there; :meth:`discard` drops them if the run fails.
+    """
+
+    def __init__(self, out_dir: Path, *, spec: ModelSpec, arch: Architecture, baseline: ModelSpec,
+                 recipe: Recipe) -> None:
+        self.out_dir, self.spec, self.arch, self.baseline, self.recipe = out_dir, spec, arch, baseline, recipe
+        self.names: list[str] = []
+        self._staging: Path | None = None
+
+    def _claim(self, name: str) -> Path:
+        if not _EXTRA_NAME.fullmatch(name) or name in _RESERVED:
+            raise RmtpError(f"step output name {name!r} is not a plain file name, or is one rmtp reserves")
+        if name in self.names:
+            raise RmtpError(f"step output {name!r} was already written by an earlier step of this run")
+        if self._staging is None:
+            self.out_dir.parent.mkdir(parents=True, exist_ok=True)
+            self._staging = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.extras.", suffix=".partial",
+                                                  dir=self.out_dir.parent))
+        self.names.append(name)
+        return self._staging / name
+
+    def save_model(self, name: str, model: nn.Module, report: dict[str, Any]) -> Path:
+        saving.save(model, self._claim(name), spec=self.spec, arch=self.arch, baseline=self.baseline,
+                    recipe=self.recipe.to_dict(), report=report, save_weights=self.recipe.output.save_model)
+        return self.out_dir / name
+
+    def write_json(self, name: str, data: Any) -> Path:
+        write_json_atomic(self._claim(name), data)
+        return self.out_dir / name
+
+    def write_file(self, name: str, write: Callable[[Path], Any]) -> Path:
+        write(self._claim(name))
+        return self.out_dir / name
+
+    def publish(self) -> None:
+        """Move every entry into the (just saved) output folder."""
+        if self._staging is None:
+            return
+        for name in self.names:
+            os.replace(self._staging / name, self.out_dir / name)
+        self.discard()
+
+    def discard(self) -> None:
+        if self._staging is not None:
+            shutil.rmtree(self._staging, ignore_errors=True)
+            self._staging = None

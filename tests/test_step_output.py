@@ -1,0 +1,76 @@
+"""Extra artefacts of prune steps: staged, published only with the run's model, never half there."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rmtp.architecture import ModelSpec
+from rmtp.errors import RmtpError
+from rmtp.pipeline import run_recipe
+from rmtp.plugins import get_plugins
+from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams
+from rmtp.recipe import parse_recipe
+from rmtp.step_output import StagedOutput
+
+from conftest import TINY_VIT, tiny_recipe
+
+
+def _staged(tmp_path: Path) -> StagedOutput:
+    recipe = parse_recipe(tiny_recipe([{"evaluate": {}}], output=tmp_path / "out"), source=tmp_path / "r.yaml")
+    spec = ModelSpec(name="vit_tiny_patch16_224", kwargs=dict(TINY_VIT))
+    return StagedOutput(tmp_path / "out", spec=spec, arch=get_plugins().architecture("vit"), baseline=spec,
+                        recipe=recipe)
+
+
+def test_entries_appear_only_when_published(tmp_path: Path) -> None:
+    staged = _staged(tmp_path)
+    target = staged.write_json("path.json", {"a": 1})
+    staged.write_file("figure.bin", lambda path: path.write_bytes(b"\x00\x01"))
+    assert target == tmp_path / "out" / "path.json" and not target.exists()
+    (tmp_path / "out").mkdir()
+    staged.publish()
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert (tmp_path / "out" / "figure.bin").read_bytes() == b"\x00\x01"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # staging removed
+
+
+@pytest.mark.parametrize("name, message", [("../escape", "not a plain file name"), ("a/b", "not a plain file name"),
+                                           ("model.safetensors", "one rmtp reserves"), ("", "not a plain file name")])
+def test_bad_names_are_refused(tmp_path: Path, name: str, message: str) -> None:
+    with pytest.raises(RmtpError, match=message):
+        _staged(tmp_path).write_json(name, {})
+
+
+def test_a_name_is_written_once_and_a_discard_leaves_nothing(tmp_path: Path) -> None:
+    staged = _staged(tmp_path)
+    staged.write_json("x.json", {})
+    with pytest.raises(RmtpError, match="already written"):
+        staged.write_json("x.json", {})
+    staged.discard()
+    assert list(tmp_path.iterdir()) == []
+
+
+class _WritesThenFails(Pruner):
+    name = "writes-then-fails"
+    description = "test pruner: writes an artefact, then fails"
+    kind = "mask"
+    Params = PrunerParams
+
+    def prune(self, ctx: PruneContext, params: PrunerParams) -> list[LayerRow]:
+        ctx.output.write_json("half.json", {"written": True})
+        raise RmtpError("failed after writing")
+
+
+def test_a_failed_run_publishes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import rmtp.plugins
+
+    plugins = rmtp.plugins.load_plugins()  # a private registry: the test pruner never leaks into others
+    plugins.pruners.add(_WritesThenFails)
+    monkeypatch.setattr(rmtp.plugins, "_loaded", plugins)
+    raw = tiny_recipe([{"prune": _WritesThenFails.name}], output=tmp_path / "out")
+    with pytest.raises(RmtpError, match="failed after writing"):
+        run_recipe(parse_recipe(raw, source=tmp_path / "r.yaml", plugins=plugins))
+    assert list(tmp_path.iterdir()) == []  # no output folder, no staging folder
