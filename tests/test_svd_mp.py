@@ -222,6 +222,8 @@ def test_second_round_truncates_split_layers_against_the_dense_edge() -> None:
     assert rows[0].note.startswith("split, rank cut") and rows[0].detail["edge s₊"] == reference[0].detail["edge s₊"]
     again = SvdMpPruner().prune(_context(twice, ["a", "b"]), SvdMpParams(margin=1.6))
     assert [r.note for r in again] == ["split, rank unchanged"] * 2
+    floor = SvdMpPruner().prune(_context(twice, ["a", "b"]), SvdMpParams(min_rank=20))
+    assert [r.kept_rank for r in floor] == [r.kept_rank for r in rows]  # min_rank never grows a split layer
 
 
 def test_split_layer_without_a_recorded_edge_is_skipped() -> None:

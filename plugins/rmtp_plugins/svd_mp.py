@@ -238,9 +238,11 @@ class SvdMpPruner(Pruner):
 
 
 def _clamp(rank: int, matrix: _Matrix, params: SvdMpParams) -> int:
+    """``rank`` within [min_rank, max_rank_fraction·min(M,N)], and never above the directions the
+    matrix has (a split layer's k: later rounds only cut, ``min_rank`` never grows it back)."""
     full = min(matrix.shape)
     ceiling = max(params.min_rank, math.floor(params.max_rank_fraction * full))
-    return max(params.min_rank, min(rank, ceiling, full))
+    return min(max(params.min_rank, min(rank, ceiling, full)), matrix.s.numel())
 
 
 def _allocate_globally(plans: list[_Plan], params: SvdMpParams) -> None:
