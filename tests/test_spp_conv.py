@@ -5,6 +5,7 @@ useless channels ranking last, refused variants, and a recipe with finetune on d
 from __future__ import annotations
 
 import copy
+import json
 import math
 from functools import partial
 from pathlib import Path
@@ -30,7 +31,8 @@ from rmtp_plugins._spp_conv_modules import (
     SlicedConv2d,
     ZeroInputConv2d,
 )
-from rmtp_plugins._spp_groups import find_units, gated
+from rmtp_plugins._spp_groups import find_units, gated, group_params, shared_params
+from rmtp_plugins._spp_path import removal_count, removal_mask, removed_params
 from rmtp_plugins._spp_modules import ConstantBranch, SlicedLinear
 from rmtp_plugins.spp import PATH_FILE, SppParams, SppPruner, extract, search
 
@@ -108,6 +110,25 @@ def test_units_are_found_with_their_sizes() -> None:
         ("layer1.0.conv1", 8, "layer1.0.conv2"), ("layer1.0.conv2", 8, "layer1.0.conv3")]
     assert bottleneck[0].group_params == 64 + 2 + 8 * 9 and bottleneck[1].group_params == 8 * 9 + 2 + 32
     assert [u.offset for u in bottleneck] == [0, 8, 16, 32, 48, 72, 96, 128]
+
+
+def test_removed_params_count_shared_bottleneck_weights_once() -> None:
+    """The pricing of a removal equals the params slicing really removes (conv2's kernels are held by
+    a conv1 channel and a conv2 channel together), and removal_count picks the closest count."""
+    model = make("resnet-bottleneck")
+    units = units_of(model, "resnet-bottleneck")
+    sizes, shared = group_params(units), shared_params(model, units)
+    assert [(p.first, p.second, p.per_pair) for p in shared[:1]] == [(units[0].gates, units[1].gates, 9)]
+    remove = _removal(units, "resnet-bottleneck")
+    sliced = copy.deepcopy(model)
+    extract(sliced, units, remove)
+    assert removed_params(remove, sizes, shared) == count_params(model) - count_params(sliced)
+    order = list(torch.randperm(len(sizes), generator=torch.Generator().manual_seed(3)).tolist())
+    total = removed_params(torch.ones(len(sizes), dtype=torch.bool), sizes, shared)
+    for ratio in (0.1, 0.3, 0.5, 0.8):
+        priced = [removed_params(removal_mask(order, c), sizes, shared) for c in range(len(order) + 1)]
+        best = min(range(len(priced)), key=lambda c: (abs(priced[c] - ratio * total), c))
+        assert removal_count(ratio, sizes, order, "params", shared) == best
 
 
 # ------------------------------------------------------------------------------ extraction
@@ -285,8 +306,17 @@ def test_recipe_on_a_tiny_bottleneck_resnet_with_finetune(tmp_path: Path) -> Non
     out = tmp_path / "out"
     assert (out / "spp-0.30" / "model.safetensors").is_file() and (out / PATH_FILE).is_file()
     rows = result.report.steps[0].rows
-    removed = 1 - sum(r.params_after for r in rows) / sum(r.params_before for r in rows)
-    assert 0.3 < removed < 0.7  # params: the kept level, measured on the block inner convs
+    before = sum(r.params_before for r in rows)
+    removed = 1 - sum(r.params_after for r in rows) / before
+    # `target: params` lands on the requested share of the inner convs' params, conv2 weights
+    # (shared by a conv1 channel and a conv2 channel) counted once: within one group's params
+    largest_group = max(u.group_params for u in units_of(make("resnet-bottleneck"), "resnet-bottleneck"))
+    assert abs(removed - 0.5) <= largest_group / before
+    levels = json.loads((out / PATH_FILE).read_text())["levels"]
+    for ratio in ("0.3", "0.5"):
+        level = levels[ratio]
+        assert abs(level["param_share_removed"] - float(ratio)) <= largest_group / before
+        assert level["group_params_removed"] == level["params_removed"]  # the pricing is the real count
     dense = count_params(timm.create_model(name, **TINY, **kwargs))
     sizes = [count_params(rmtp.load(out / v).model) for v in ("spp-0.30", "spp-0.50")]
     assert dense > sizes[0] > sizes[1]

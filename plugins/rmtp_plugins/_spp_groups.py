@@ -34,11 +34,12 @@ from rmtp_plugins._spp_conv_modules import ConstantChannels, RemovedConv2d
 from rmtp_plugins._spp_heads import attention_problem, head_unit, slice_heads
 from rmtp_plugins._spp_mlp import mlp_problem, neuron_unit, slice_neurons
 from rmtp_plugins._spp_modules import ConstantBranch
+from rmtp_plugins._spp_path import Shared
 from rmtp_plugins._spp_resnet import CONV_LAYER, block_problem, channel_unit, slice_channels, wanted_units
 from rmtp_plugins._spp_unit import Kind, Unit, gate_shape
 
 __all__ = ["Kind", "Unit", "attention_problem", "find_units", "gated", "group_params", "mlp_problem",
-           "slice_unit"]
+           "shared_params", "slice_unit"]
 
 _ATTN_LAYER = re.compile(r"(?P<block>.+)\.attn\.(qkv|proj)")
 _MLP_LAYER = re.compile(r"(?P<block>.+)\.mlp\.(fc1|fc2)")
@@ -94,6 +95,19 @@ def _at(unit: Unit, offset: int) -> Unit:
 def _refuse(kind: str, path: str, problem: str) -> None:
     raise RmtpError(f"spp cannot prune the {kind}s of {path}: it is {problem}"
                     if problem.startswith("a ") else f"spp cannot prune the {kind}s of {path}: {problem}")
+
+
+def shared_params(model: nn.Module, units: list[Unit]) -> tuple[Shared, ...]:
+    """The parameters two units' groups hold together: where one unit's consumer is the next one's
+    producer (a ResNet bottleneck's conv2), its kernel joins each pair of their channels."""
+    by_producer = {u.producer: u for u in units}
+    shared = []
+    for unit in units:
+        partner = by_producer.get(unit.consumer)
+        weight = getattr(model.get_submodule(unit.consumer), "weight", None)
+        if partner is not None and isinstance(weight, torch.Tensor) and weight.dim() == 4:
+            shared.append(Shared(unit.gates, partner.gates, weight[0, 0].numel()))
+    return tuple(shared)
 
 
 def group_params(units: list[Unit]) -> torch.Tensor:

@@ -99,19 +99,50 @@ def split_lbi(loss: Callable[[torch.Tensor], torch.Tensor], gamma0: torch.Tensor
 Target = Literal["params", "groups"]
 
 
-def removal_count(ratio: float, sizes: torch.Tensor, order: list[int], target: Target) -> int:
+@dataclass(frozen=True)
+class Shared:
+    """Parameters two units' groups hold together: removing group a of ``first`` or group b of
+    ``second`` removes the ``per_pair`` parameters at (a, b) — e.g. a ResNet bottleneck's conv2
+    kernel (k×k) joining input channel a (a conv1 channel) and output channel b (a conv2 channel).
+    ``sizes`` count them in both groups; :func:`removed_params` counts them once."""
+
+    first: slice
+    second: slice
+    per_pair: int
+
+
+def removed_params(remove: torch.Tensor, sizes: torch.Tensor, shared: tuple[Shared, ...] = ()) -> float:
+    """Parameters that removing the groups where ``remove`` is True takes away, shared ones once."""
+    total = float(sizes[remove].sum())
+    for pair in shared:
+        total -= float(remove[pair.first].sum()) * float(remove[pair.second].sum()) * pair.per_pair
+    return total
+
+
+def removal_count(ratio: float, sizes: torch.Tensor, order: list[int], target: Target,
+                  shared: tuple[Shared, ...] = ()) -> int:
     """How many groups, from the least important end of ``order``, a ``ratio`` removes.
 
-    ``groups``: ⌊ratio·G + ½⌋ groups. ``params``: the count whose removed parameters are closest to
-    ratio·P (P: the parameters all G groups hold); on a tie the smaller count.
+    ``groups``: ⌊ratio·G + ½⌋ groups. ``params``: the count whose removed parameters (shared ones
+    counted once, :func:`removed_params`) are closest to ratio·P, P the parameters all G groups
+    hold together; on a tie the smaller count.
     """
     n = len(order)
     if target == "groups":
         return min(n, math.floor(ratio * n + 0.5))
-    goal = ratio * float(sizes.sum())
+    goal = ratio * removed_params(torch.ones(n, dtype=torch.bool), sizes, shared)
+    partners: dict[int, list[tuple[int, int]]] = {}  # gate → (pair index, 0 if in first else 1)
+    for index, pair in enumerate(shared):
+        for side, gates in enumerate((pair.first, pair.second)):
+            for j in range(gates.start, gates.stop):
+                partners.setdefault(j, []).append((index, side))
+    gone = [[0, 0] for _ in shared]  # groups removed so far on each side of each pair
     removed, best, best_gap = 0.0, 0, goal
     for count, j in enumerate(reversed(order), start=1):
         removed += float(sizes[j])
+        for index, side in partners.get(j, ()):
+            removed -= gone[index][1 - side] * shared[index].per_pair  # already taken with the partner
+            gone[index][side] += 1
         gap = abs(removed - goal)
         if gap < best_gap - 1e-9:
             best, best_gap = count, gap

@@ -47,12 +47,14 @@ from rmtp_plugins._spp_conv_modules import (
     SlicedConv2d,
     ZeroInputConv2d,
 )
-from rmtp_plugins._spp_groups import Unit, find_units, gated, group_params, slice_unit
+from rmtp_plugins._spp_groups import Unit, find_units, gated, group_params, shared_params, slice_unit
 from rmtp_plugins._spp_modules import AttentionHeads, ConstantBranch, SlicedLinear
 from rmtp_plugins._spp_path import (
     LbiSettings,
     SolutionPath,
+    Shared,
     removal_count,
+    removed_params,
     removal_mask,
     split_lbi,
 )
@@ -213,11 +215,12 @@ class SppPruner(Pruner):
         if not units:
             return []
         sizes = group_params(units)
+        shared = shared_params(ctx.model, units)
         path = search(ctx, units, params)
         order = path.order()
         folded = path.gamma if params.fold_gates else None
         before = {u.path: unit_footprint(ctx.model, u) for u in units}
-        levels = {r: removal_count(r, sizes, order, params.target) for r in params.levels()}
+        levels = {r: removal_count(r, sizes, order, params.target, shared) for r in params.levels()}
         results: dict[float, dict[str, Any]] = {}
         kept_level = params.kept_level()
         for ratio in [r for r in params.levels() if r != kept_level] + [kept_level]:
@@ -225,7 +228,7 @@ class SppPruner(Pruner):
             remove = removal_mask(order, levels[ratio])
             kept = extract(target, units, remove, folded)
             rows = [self._row(target, unit, count, before[unit.path], path, params) for unit, count in kept]
-            results[ratio] = self._summary(ratio, remove, sizes, rows)
+            results[ratio] = self._summary(ratio, remove, sizes, shared, rows)
             if ctx.output is not None:
                 ctx.output.save_model(variant_name(ratio), target, {
                     "pruner": self.name, "ratio": ratio, "kept_by_later_steps": ratio == kept_level,
@@ -238,14 +241,15 @@ class SppPruner(Pruner):
         return final_rows
 
     @staticmethod
-    def _summary(ratio: float, remove: torch.Tensor, sizes: torch.Tensor, rows: list[LayerRow]) -> dict[str, Any]:
+    def _summary(ratio: float, remove: torch.Tensor, sizes: torch.Tensor, shared: tuple[Shared, ...],
+                 rows: list[LayerRow]) -> dict[str, Any]:
         before = sum(r.params_before for r in rows)
         after = sum(r.params_after for r in rows)
         return {"groups_removed": int(remove.sum()), "groups": int(remove.numel()),
                 "group_share_removed": float(remove.float().mean()) if remove.numel() else 0.0,
                 "params_removed": before - after, "params_of_gated_branches": before,
                 "param_share_removed": (before - after) / before if before else 0.0,
-                "group_params_removed": int(sizes[remove].sum())}
+                "group_params_removed": int(removed_params(remove, sizes, shared))}
 
     @staticmethod
     def _row(model: nn.Module, unit: Unit, kept: int, before: tuple, path: SolutionPath,
