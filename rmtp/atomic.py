@@ -37,6 +37,14 @@ def write_json_atomic(path: Path | str, data: Any) -> Path:
 
 
 def _umask() -> int:
+    """The process umask, read without changing it where the OS tells (Linux), since setting it
+    to read it back races with other threads creating files."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0)
     os.umask(mask)
     return mask

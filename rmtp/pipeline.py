@@ -177,6 +177,8 @@ def _prune(run: _Run, index: int, step: PruneStep) -> StepReport:
                        dense_model=run.dense, calibration=calibration, progress=run.progress, output=run.extras,
                        preview_images=lambda n: _first_images(run.data.val, n, run.device))
     extras_before = len(run.extras.names) if run.extras is not None else 0
+    if run.extras is not None:
+        run.extras.step = index
     rows = pruner_cls().prune(ctx, run.recipe.pruner_params[index])
     run.model.eval()
     if pruner_cls.kind != "token":  # token rows name whole blocks: no weights of theirs were pruned

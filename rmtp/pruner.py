@@ -79,6 +79,10 @@ class StepOutput(Protocol):
     leaves none of them behind. Names are plain folder/file names, unique within a run.
     """
 
+    def free_name(self, name: str) -> str:
+        """``name`` if no earlier step used it, else ``step<k>-<name>`` (k: this step's index), so a
+        pruner used twice in one recipe keeps both steps' artefacts."""
+
     def save_model(self, name: str, model: nn.Module, report: dict[str, Any]) -> Path:
         """Save ``model`` as a loadable rmtp folder ``<output>/<name>/`` (with ``report`` as report.json)."""
 

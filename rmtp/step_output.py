@@ -43,7 +43,12 @@ class StagedOutput:
                  recipe: Recipe) -> None:
         self.out_dir, self.spec, self.arch, self.baseline, self.recipe = out_dir, spec, arch, baseline, recipe
         self.names: list[str] = []
+        self.step = 0  # index of the step now running (the pipeline sets it)
         self._staging: Path | None = None
+
+    def free_name(self, name: str) -> str:
+        """``name``, or ``step<k>-<name>`` when an earlier step of the run already used it."""
+        return name if name not in self.names else f"step{self.step}-{name}"
 
     def _claim(self, name: str) -> Path:
         if not _EXTRA_NAME.fullmatch(name) or name in _RESERVED:

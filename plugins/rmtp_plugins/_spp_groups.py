@@ -30,6 +30,7 @@ from torch import nn
 
 from rmtp.architecture import PrunableLayer
 from rmtp.errors import RmtpError
+from rmtp_plugins._nm_masks import gemm_view
 from rmtp_plugins._spp_conv_modules import ConstantChannels, RemovedConv2d
 from rmtp_plugins._spp_heads import attention_problem, head_unit, slice_heads
 from rmtp_plugins._spp_mlp import mlp_problem, neuron_unit, slice_neurons
@@ -81,11 +82,51 @@ def find_units(model: nn.Module, layers: list[PrunableLayer], *, heads: bool, ne
                 if problem:
                     _refuse("channel", f"{path}.conv{index}", problem)
                 units.append(channel_unit(path, module, index))
+    for unit in units:
+        problem = nm_problem(model, unit)
+        if problem:
+            _refuse(unit.kind, unit.path, problem)
     offset, placed = 0, []
     for unit in units:
         placed.append(_at(unit, offset))
         offset += unit.count
     return placed
+
+
+#: Group sizes an N:M-masked consumer is checked for (the patterns sparse kernels run).
+_NM_GROUPS = (4, 8, 16)
+
+
+def nm_pattern(weight: torch.Tensor) -> tuple[int, int] | None:
+    """The N:M pattern ``weight`` carries (every group of m consecutive inputs, in the GEMM layout
+    of :mod:`._nm_masks`, holds at most n nonzeros and nearly all exactly n), or ``None``.
+
+    Unstructured zeros give groups with varying counts and are not mistaken for a pattern."""
+    matrix = gemm_view(weight.detach())
+    for m in _NM_GROUPS:
+        if matrix.shape[1] % m or weight.shape[1] % m or not bool((matrix == 0).any()):
+            continue
+        counts = (matrix != 0).reshape(matrix.shape[0], -1, m).sum(-1)
+        n = int(counts.max())
+        if n < m and float((counts == n).float().mean()) >= 0.99:
+            return n, m
+    return None
+
+
+def nm_problem(model: nn.Module, unit: Unit) -> str | None:
+    """Why slicing ``unit`` would break an N:M mask on its consumer (``None`` if it would not):
+    removing a group drops ``width`` consecutive inputs, which keeps the m-groups aligned only when
+    ``width`` is a multiple of m (whole heads of a head_dim multiple of m do; single neurons and
+    channels do not)."""
+    weight = getattr(model.get_submodule(unit.consumer), "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() not in (2, 4):
+        return None
+    pattern = nm_pattern(weight)
+    if pattern is None or unit.width % pattern[1] == 0:
+        return None
+    return (f"its {unit.consumer} holds a {pattern[0]}:{pattern[1]} mask (n:m), and removing single "
+            f"{unit.noun} would shift its groups of {pattern[1]} inputs and break the pattern; run spp "
+            f"before n:m")
 
 
 def _at(unit: Unit, offset: int) -> Unit:

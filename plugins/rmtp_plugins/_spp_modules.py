@@ -28,6 +28,20 @@ from rmtp.errors import RmtpError
 from rmtp.modules import ModelPatch, model_patch, rebuildable
 
 
+def matrix_shape(layer: nn.Module) -> tuple[int, int]:
+    """(outputs, inputs) of a Linear-like layer, also once a later pruner replaced or wrapped it
+    (svd-mp's low-rank split exposes ``effective_shape``; n:m's permutation wrapper its ``weight``)."""
+    if isinstance(layer, nn.Linear):
+        return layer.out_features, layer.in_features
+    shape = getattr(layer, "effective_shape", None)
+    if shape is not None:
+        return int(shape[0]), int(shape[1])
+    weight = getattr(layer, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return int(weight.shape[0]), int(weight.shape[1])
+    raise RmtpError(f"cannot tell the input and output sizes of a {type(layer).__name__}")
+
+
 def sliced_parameters(layer: nn.Linear | nn.Conv2d, out: torch.Tensor | None, inputs: torch.Tensor | None
                       ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(weight, bias) of ``layer`` keeping output rows ``out`` and input columns ``inputs`` (``None``: all)."""
@@ -136,9 +150,10 @@ class AttentionHeads(ModelPatch):
             if not isinstance(attn, Attention):
                 raise RmtpError(f"spp heads patch: {path} is a {type(attn).__name__}, not timm's Attention")
             width = heads * attn.head_dim
-            if heads < 1 or attn.qkv.out_features != 3 * width or attn.proj.in_features != width:
+            qkv_out, proj_in = matrix_shape(attn.qkv)[0], matrix_shape(attn.proj)[1]
+            if heads < 1 or qkv_out != 3 * width or proj_in != width:
                 raise RmtpError(f"spp heads patch: {path} cannot hold {heads} heads of {attn.head_dim} "
-                                f"(qkv has {attn.qkv.out_features} outputs, proj {attn.proj.in_features} inputs)")
+                                f"(qkv has {qkv_out} outputs, proj {proj_in} inputs)")
             modules[path] = attn
         for path, attn in modules.items():
             self._previous[path] = (attn.num_heads, attn.attn_dim)

@@ -230,14 +230,15 @@ class SppPruner(Pruner):
             rows = [self._row(target, unit, count, before[unit.path], path, params) for unit, count in kept]
             results[ratio] = self._summary(ratio, remove, sizes, shared, rows)
             if ctx.output is not None:
-                ctx.output.save_model(variant_name(ratio), target, {
+                ctx.output.save_model(ctx.output.free_name(variant_name(ratio)), target, {
                     "pruner": self.name, "ratio": ratio, "kept_by_later_steps": ratio == kept_level,
                     "params": params.model_dump(mode="json"), **results[ratio],
                     "rows": [row.to_dict() for row in rows]})
             if ratio == kept_level:
                 final_rows = rows
         if ctx.output is not None:
-            ctx.output.write_json(PATH_FILE, path_report(units, path, order, sizes, params, results))
+            ctx.output.write_json(ctx.output.free_name(PATH_FILE),
+                                  path_report(units, path, order, sizes, params, results))
         return final_rows
 
     @staticmethod

@@ -103,14 +103,19 @@ class _Plan:
         return weight.shape[0], weight.shape[1]
 
     def current_cost(self) -> int:
-        """Weight entries the layer holds now."""
-        return self.module.rank * sum(self.rows_cols) if self.already_split else self.dense_cost()
+        """Weight entries the layer holds now (biases excluded; a split qkv's blocks each count
+        only their own second factor)."""
+        return sum(p.numel() for name, p in self.module.named_parameters() if not name.endswith("bias"))
 
     def split_cost(self) -> int:
         _, cols = self.rows_cols
         return sum(m.rank * (cols + m.shape[0]) for m in self.matrices)
 
     def dense_cost(self) -> int:
+        """Weight entries of the layer's dense matrix; a skipped layer that has none (a conv another
+        pruner removed) counts what it holds."""
+        if not self.already_split and not isinstance(getattr(self.module, "weight", None), torch.Tensor):
+            return self.current_cost()
         rows, cols = self.rows_cols
         return rows * cols
 

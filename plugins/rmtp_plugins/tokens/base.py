@@ -106,7 +106,7 @@ class TokenPruner(Pruner):
         from rmtp_plugins.tokens.visualize import save_token_map
 
         batch = ctx.preview_images(images)
-        path = ctx.output.write_file(f"token_map-{self.name}.png",
+        path = ctx.output.write_file(ctx.output.free_name(f"token_map-{self.name}.png"),
                                      lambda staged: save_token_map(ctx.model, batch, staged))
         return f"token map of {batch.shape[0]} val images: {path.name}"
 
