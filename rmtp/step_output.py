@@ -72,7 +72,10 @@ class StagedOutput:
         return self.out_dir / name
 
     def write_file(self, name: str, write: Callable[[Path], Any]) -> Path:
-        write(self._claim(name))
+        staged = self._claim(name)
+        write(staged)
+        if not staged.exists():  # caught now, not after the run's model is saved, when publishing
+            raise RmtpError(f"step output {name!r}: the writer returned without creating it")
         return self.out_dir / name
 
     def publish(self) -> None:

@@ -74,3 +74,9 @@ def test_a_failed_run_publishes_nothing(tmp_path: Path, monkeypatch: pytest.Monk
     with pytest.raises(RmtpError, match="failed after writing"):
         run_recipe(parse_recipe(raw, source=tmp_path / "r.yaml", plugins=plugins))
     assert list(tmp_path.iterdir()) == []  # no output folder, no staging folder
+
+
+def test_a_writer_that_creates_nothing_is_an_error_at_once(tmp_path: Path) -> None:
+    staged = _staged(tmp_path)
+    with pytest.raises(RmtpError, match="returned without creating it"):
+        staged.write_file("figure.png", lambda path: None)
