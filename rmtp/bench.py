@@ -43,7 +43,7 @@ from torch import nn
 
 from rmtp import metrics
 from rmtp.architecture import ModelSpec
-from rmtp.data import DataSpec, build_data, model_input_size, saved_split_seed
+from rmtp.data import DataSpec, build_data, data_input_size, model_input_size, saved_split_seed
 from rmtp.errors import DeviceError, PluginError, RmtpError
 from rmtp.progress import NULL_PROGRESS, Progress
 
@@ -120,7 +120,8 @@ class Candidate:
     kind: str = "module"
     timm_name: str | None = None
     arch: str | None = None
-    #: Per-sample input shape (C, H, W); default: what the model says (timm config, patch embed).
+    #: Per-sample input shape (C, H, W); default: the images of its eval data (a folder's recipe, a
+    #: card), else what the model says (timm config, patch embed).
     input_shape: tuple[int, ...] | None = None
     #: The val data this model's origin names (a folder's recipe, a checkpoint card), if any.
     eval_data: EvalData | None = None
@@ -630,7 +631,12 @@ def _static_figures(index: int, c: Candidate) -> BenchModel:
     c.model.eval()
     first = next(iter(c.model.parameters()), None)
     where = first.device if first is not None else torch.device("cpu")
-    shape = tuple(c.input_shape) if c.input_shape is not None else tuple(model_input_size(c.model))
+    if c.input_shape is not None:
+        shape = tuple(c.input_shape)
+    elif c.eval_data is not None:  # the images its recipe or card trained and evaluates it on
+        shape = data_input_size(c.eval_data.spec, c.model)
+    else:
+        shape = tuple(model_input_size(c.model))
     try:
         summary = metrics.model_summary(c.model, shape, device=where)
     except RuntimeError as exc:

@@ -100,6 +100,16 @@ def _split_indices(n: int, val_fraction: float, seed: int) -> tuple[list[int], l
     return order[n_val:], order[:n_val]
 
 
+def data_input_size(spec: DataSpec, model: nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) of the images ``spec`` gives ``model``: the digits at ``img_size``
+    when set (a ResNet or ConvNeXt accepts any size, and its timm config says 224), else what the
+    model expects (:func:`model_input_size`, which imagefolder transforms follow too)."""
+    in_chans, height, width = model_input_size(model)
+    if spec.name == "digits" and spec.img_size is not None:
+        return in_chans, spec.img_size, spec.img_size
+    return in_chans, height, width
+
+
 def saved_split_seed(recipe: dict) -> object:
     """The split seed of a saved, resolved recipe (a dict as read from ``recipe.yaml``).
 

@@ -346,3 +346,18 @@ def test_bench_is_a_command_with_help() -> None:
     for option in ("--device", "--batch", "--dtype", "--compile", "--channels-last", "--json", "--plot", "--eval",
                    "--rounds", "--threads", "--model", "--kwargs"):
         assert option in result.output
+
+
+def test_a_conv_folder_is_timed_on_the_images_its_recipe_used(tmp_path: Path) -> None:
+    """A ResNet accepts any size and its timm config says 224 px: a folder whose recipe fed it 16 px
+    digits is benchmarked (latency, MACs) on 16 px images, as it was evaluated, not on 224 px ones."""
+    from rmtp.pipeline import run_recipe
+    from rmtp.recipe import load_recipe
+
+    recipe = {"model": {"name": "resnet18", "kwargs": {"channels": [8, 8, 8, 8], "in_chans": 1, "num_classes": 10}},
+              "data": {"name": "digits", "img_size": 16, "eval_limit": 32},
+              "steps": [{"prune": "magnitude", "params": {"sparsity": 0.3}}],
+              "output": {"dir": str(tmp_path / "out")}}
+    run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)))
+    report = benchmark(load_candidates([str(tmp_path / "out")]), batches=[1], **FAST)
+    assert [m.input_shape for m in report.models] == [(1, 16, 16), (1, 16, 16)]  # dense baseline and pruned
