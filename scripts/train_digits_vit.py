@@ -10,123 +10,27 @@ timing). Seeded: the same command on the same machine gives the same weights.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import platform
-import sys
-import tempfile
-import time
-from pathlib import Path
+from _reference_training import Reference, main
 
-import timm
-import torch
-from safetensors.torch import save_file
-
-from rmtp.data import DataSpec, build_data
-from rmtp.training import EpochStats, TrainConfig, train
-
-MODEL_NAME = "vit_tiny_patch16_224"
-MODEL_KWARGS = {
-    "img_size": 32,
-    "patch_size": 4,
-    "in_chans": 1,
-    "num_classes": 10,
-    "embed_dim": 96,
-    "depth": 6,
-    "num_heads": 3,
-    "mlp_ratio": 4.0,
-}
-DATA_SEED = 0
-
-
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("models"), help="output folder (default: models/)")
-    parser.add_argument("--epochs", type=int, default=40, help="training epochs (default: 40)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of init, shuffle and augmentation (default: 0)")
-    parser.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    return parser.parse_args(argv)
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Write via ``write(tmp_path)`` to a temp file next to ``path``, then ``os.replace`` it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file ordinary permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.out.mkdir(parents=True, exist_ok=True)
-
-    torch.manual_seed(args.seed)  # the init
-    model = timm.create_model(MODEL_NAME, pretrained=False, **MODEL_KWARGS)
-    spec = DataSpec(name="digits", batch_size=64, split_seed=DATA_SEED)
-    bundle = build_data(spec, model)
-    config = TrainConfig(
-        epochs=args.epochs,
-        lr=args.lr,
-        weight_decay=0.05,
-        batch_size=64,
-        warmup_epochs=3.0,
-        min_lr_ratio=0.01,
-        grad_clip=1.0,
-        label_smoothing=0.1,
-        augment=True,
-        seed=args.seed,
-    )
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"{MODEL_NAME} {MODEL_KWARGS}: {n_params:,} params; "
-          f"digits train {len(bundle.train)} / val {len(bundle.val)}; torch threads {torch.get_num_threads()}",
-          flush=True)
-
-    def on_epoch(s: EpochStats) -> None:
-        print(f"epoch {s.epoch:3d}/{config.epochs}  loss {s.train_loss:.4f}  val top-1 {s.val_top1:6.2f}%"
-              f"  lr {s.lr:.2e}  {s.seconds:5.1f}s", flush=True)
-
-    result = train(model, bundle, config, device="cpu", on_epoch=on_epoch)
-    print(f"done: val top-1 {result.final_val_top1:.2f}% in {result.seconds:.0f}s", flush=True)
-
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    weights_path = args.out / "digits_vit.safetensors"
-    atomic_write_bytes(weights_path, lambda tmp: save_file(
-        state, tmp, metadata={"timm_name": MODEL_NAME, "kwargs": json.dumps(MODEL_KWARGS)}))
-    meta = {
-        "timm_name": MODEL_NAME,
-        "kwargs": MODEL_KWARGS,
-        "params": n_params,
-        "seed": args.seed,
-        "epochs": args.epochs,
-        "train": config.model_dump(mode="json"),
-        "data": {**spec.model_dump(mode="json"),
-                 "train_images": len(bundle.train), "val_images": len(bundle.val)},
-        "final_val_top1_percent": result.final_val_top1,
-        "history": [{"epoch": s.epoch, "train_loss": round(s.train_loss, 5), "val_top1_percent": s.val_top1}
-                    for s in result.history],
-        "train_seconds": round(result.seconds, 1),
-        "torch_threads": torch.get_num_threads(),
-        "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__},
-        "command": " ".join(["python", "scripts/train_digits_vit.py", *(argv if argv is not None else sys.argv[1:])]),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    meta_path = args.out / "digits_vit.json"
-    text = json.dumps(meta, indent=2) + "\n"
-    atomic_write_bytes(meta_path, lambda tmp: Path(tmp).write_text(text))
-    print(f"wrote {weights_path} ({weights_path.stat().st_size:,} bytes) and {meta_path}", flush=True)
-    return 0
-
+DIGITS_VIT = Reference(
+    stem="digits_vit",
+    script="scripts/train_digits_vit.py",
+    timm_name="vit_tiny_patch16_224",
+    kwargs={
+        "img_size": 32,
+        "patch_size": 4,
+        "in_chans": 1,
+        "num_classes": 10,
+        "embed_dim": 96,
+        "depth": 6,
+        "num_heads": 3,
+        "mlp_ratio": 4.0,
+    },
+    lr=1e-3,
+    warmup_epochs=3.0,
+    threads=None,
+    threads_help="torch CPU threads (default: torch's choice)",
+)
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(DIGITS_VIT, __doc__.splitlines()[0]))
