@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +42,8 @@ from rmtp.data import DataSpec, build_data
 from rmtp.pipeline import run_recipe
 from rmtp.recipe import parse_recipe
 from rmtp.report import environment
+
+from _seeds import aggregate, interleaved_latency_ms, spread
 from rmtp.training import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,27 +178,6 @@ def _measure(args: argparse.Namespace, seed: int) -> tuple[list[dict[str, Any]],
     return rows, models, notes
 
 
-def _aggregate(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Seed 0's rows, with top-1 before and after distillation as the mean over seeds and the range."""
-    out_rows = []
-    for index, row in enumerate(per_seed[0]):
-        out = dict(row)
-        for key in ("top1_pruned", "top1_finetuned"):
-            values = [seed_rows[index][key] for seed_rows in per_seed]
-            out.update({key: statistics.fmean(values), f"{key}_min": min(values), f"{key}_max": max(values),
-                        f"{key}_seeds": values})
-        out_rows.append(out)
-    return out_rows
-
-
-def _latency(models: dict[str, torch.nn.Module], batch: int, rounds: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            times[name].append(metrics.measure_latency(model, SHAPE, batch_size=batch, min_run_time=0.3).median_s)
-    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=3, help="distillation epochs after pruning (≤3)")
@@ -214,11 +194,11 @@ def main() -> None:
     started = time.perf_counter()
 
     measured = [_measure(args, seed) for seed in seeds]
-    rows = _aggregate([m[0] for m in measured])
+    rows = aggregate([m[0] for m in measured])
     for row in rows:  # share of the dense layers' params gone (nonzeros for masks)
         row["removed"] = 1 - row["layer_params"] / rows[0]["layer_params"]
     models, notes = measured[0][1], measured[0][2]
-    latency = _latency(models, LATENCY_BATCH, args.rounds)
+    latency = interleaved_latency_ms(models, SHAPE, LATENCY_BATCH, args.rounds)
     for row in rows:
         key = {"dense": "dense", f"svd-mp (margin {args.margin:g})": "svd-mp", "spp ratio 0.5 (channels)": "spp 0.5"}.get(row["model"])
         if key is not None:
@@ -250,9 +230,6 @@ def main() -> None:
           f"(lr {args.lr}) · seeds {args.seeds} (mean [min–max]; sizes of seed {seeds[0]})")
     print(f"{'model':<30} {'removed':>8} {'layer params':>13} {'model params':>13} {'MACs':>8} {'top-1 pruned':>24} "
           f"{'top-1 +KD':>24} {'ms b32':>7} {'×b32':>5}")
-
-    def spread(row: dict[str, Any], key: str) -> str:
-        return f"{row[key]:.2f}% [{row[key + '_min']:.2f}–{row[key + '_max']:.2f}]"
 
     for row in rows:
         timing = (f" {row[f'latency_ms_b{LATENCY_BATCH}']:>7.2f} {row[f'speedup_b{LATENCY_BATCH}']:>5.2f}"

@@ -25,7 +25,6 @@ and writes JSON with the machine, versions and every setting.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,8 @@ from rmtp.pipeline import run_recipe
 from rmtp.plugins import load_plugins
 from rmtp.recipe import parse_recipe
 from rmtp.report import environment
+
+from _seeds import over_seeds
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,9 +119,7 @@ def main() -> None:
                 "layer_nonzeros": sum(r.nonzeros_after for r in report.steps[0].rows),
                 "top1_pruned": report.steps[1].stats.top1,
                 "top1_pruned_seeds": [r.steps[1].stats.top1 for r in reports],
-                "top1_finetuned": statistics.fmean(finetuned),
-                "top1_finetuned_min": min(finetuned), "top1_finetuned_max": max(finetuned),
-                "top1_finetuned_seeds": finetuned,
+                **over_seeds("top1_finetuned", finetuned),
                 "seconds": time.perf_counter() - run_started,
             })
             print(f"  {text} {label}: {rows[-1]['top1_pruned']:.2f}% → {rows[-1]['top1_finetuned']:.2f}% "

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +34,8 @@ from rmtp.pipeline import run_recipe
 from rmtp.recipe import parse_recipe
 from rmtp.report import environment
 from rmtp.training import TrainConfig, train
+
+from _seeds import aggregate, spread
 
 REPO = Path(__file__).resolve().parents[1]
 LEVELS = (0.3, 0.5, 0.7)
@@ -114,19 +115,6 @@ def _measure(args: argparse.Namespace, seed: int) -> tuple[list[dict[str, Any]],
     return rows, path, search_seconds
 
 
-def _aggregate(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Seed 0's rows, with top-1 before and after distillation as the mean over seeds and the range."""
-    rows = []
-    for index, row in enumerate(per_seed[0]):
-        out = dict(row)
-        for key in ("top1_pruned", "top1_finetuned"):
-            values = [seed_rows[index][key] for seed_rows in per_seed]
-            out.update({key: statistics.fmean(values), f"{key}_min": min(values), f"{key}_max": max(values),
-                        f"{key}_seeds": values})
-        rows.append(out)
-    return rows
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=3, help="distillation epochs after pruning (≤3)")
@@ -140,7 +128,7 @@ def main() -> None:
     started = time.perf_counter()
     seeds = [int(seed) for seed in args.seeds.split(",")]
     measured = [_measure(args, seed) for seed in seeds]
-    rows = _aggregate([m[0] for m in measured])
+    rows = aggregate([m[0] for m in measured])
     path, search_seconds = measured[0][1], measured[0][2]
     finetune = {"epochs": args.epochs, "lr": args.lr, "warmup_epochs": 0.2,
                 "distill": {"weight": 1.0, "temperature": 2.0}}
@@ -166,9 +154,6 @@ def main() -> None:
           f"seeds {args.seeds} (mean [min–max]; sizes of seed {seeds[0]})")
     print(f"{'model':<30} {'removed':>8} {'layer params':>13} {'model params':>13} {'MACs':>9} "
           f"{'top-1 pruned':>24} {'top-1 +KD':>24}")
-
-    def spread(row: dict[str, Any], key: str) -> str:
-        return f"{row[key]:.2f}% [{row[key + '_min']:.2f}–{row[key + '_max']:.2f}]"
 
     for row in rows:
         print(f"{row['model']:<30} {row['removed']:>8.1%} {row['layer_params']:>13,} {row['model_params']:>13,} "

@@ -15,7 +15,6 @@ versions and every setting.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -23,11 +22,12 @@ from typing import Any
 import torch
 import yaml
 
-from rmtp import metrics
 from rmtp.atomic import write_json_atomic
 from rmtp.pipeline import run_recipe
 from rmtp.recipe import parse_recipe
 from rmtp.report import environment
+
+from _seeds import interleaved_latency_ms, over_seeds, spread
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -50,17 +50,7 @@ def _run(steps: list[dict[str, Any]], seed: int = 0):
 
 def _finetuned(runs: list) -> dict[str, Any]:
     """Top-1 after fine-tuning over the seeds: mean, min, max and each value."""
-    values = [run.report.steps[3].stats.top1 for run in runs]
-    return {"top1_finetuned": statistics.fmean(values), "top1_finetuned_min": min(values),
-            "top1_finetuned_max": max(values), "top1_finetuned_seeds": values}
-
-
-def _latency(models: dict[str, torch.nn.Module], shape: tuple[int, ...], batch: int, rounds: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            times[name].append(metrics.measure_latency(model, shape, batch_size=batch, min_run_time=0.3).median_s)
-    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
+    return over_seeds("top1_finetuned", [run.report.steps[3].stats.top1 for run in runs])
 
 
 def main() -> None:
@@ -95,7 +85,7 @@ def main() -> None:
 
     shape = (1, 32, 32)
     models = {"dense": svd.dense_model, "svd-mp": svd.model, "magnitude": magnitude.model}
-    latency = {batch: _latency(models, shape, batch, args.rounds) for batch in (1, 32)}
+    latency = {batch: interleaved_latency_ms(models, shape, batch, args.rounds) for batch in (1, 32)}
 
     dense_top1 = svd.report.dense.top1
     rows = [
@@ -135,9 +125,9 @@ def main() -> None:
              f"{'ms b1':>8} {'×b1':>6} {'ms b32':>8} {'×b32':>6}"
     print(header)
     for row in rows:
-        spread = f"{row['top1_finetuned']:.2f}% [{row['top1_finetuned_min']:.2f}–{row['top1_finetuned_max']:.2f}]"
+        finetuned = spread(row, "top1_finetuned")
         print(f"{row['model']:<28} {row['layer_params']:>13,} {row['macs'] / 1e6:>9.2f}M {row['top1_pruned']:>12.2f}% "
-              f"{spread:>25} {row['latency_ms_b1']:>8.2f} {row['speedup_b1']:>6.2f} "
+              f"{finetuned:>25} {row['latency_ms_b1']:>8.2f} {row['speedup_b1']:>6.2f} "
               f"{row['latency_ms_b32']:>8.2f} {row['speedup_b32']:>6.2f}")
     print(f"pruned-layer params removed by svd-mp: {result['layer_param_reduction']:.1%}; "
           f"wrote {args.json} in {result['seconds']:.0f} s")
