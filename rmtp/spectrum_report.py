@@ -207,7 +207,7 @@ def _plot_layer(layer: LayerSpectrum, path: Path) -> None:
         ax.plot(x, density, color="#c0392b", linewidth=1.5, label=f"fitted MP, σ = {fit.sigma:.4g}")
     ax.axvline(fit.lambda_plus, color="#c0392b", linestyle="--", linewidth=1, label=f"edge λ₊ = {fit.lambda_plus:.4g}")
     if not math.isclose(edge0, fit.lambda_plus):
-        ax.axvline(edge0, color="grey", linestyle=":", linewidth=1, label="asymptotic edge σ²(1+√γ)²")
+        ax.axvline(edge0, color="grey", linestyle=":", linewidth=1, label="full-size edge σ²(1+√γ)² (no spikes removed)")
     beyond = int(np.count_nonzero(lam > right))
     if beyond:
         ax.annotate(f"{beyond} spike(s) beyond, up to λ = {top:.4g} →", xy=(0.98, 0.92), xycoords="axes fraction",

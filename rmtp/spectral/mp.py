@@ -253,6 +253,7 @@ class MPFit:
     s_plus: float
     rank: int
     spikes: np.ndarray = field(repr=False, compare=False)
+    spike_strengths: np.ndarray = field(repr=False, compare=False)
     ks: float
     bulk_is_mp: bool
 
@@ -275,12 +276,45 @@ class MPFit:
             "shape": list(self.shape), "gamma": self.gamma, "sigma": self.sigma, "sigma2": self.sigma2,
             "lambda_plus": self.lambda_plus, "s_plus": self.s_plus, "rank": self.rank,
             "rank_fraction": self.rank_fraction, "spikes": [float(v) for v in self.spikes],
+            "spike_strengths": [float(v) for v in self.spike_strengths],
             "ks": self.ks, "bulk_is_mp": self.bulk_is_mp,
         }
 
 
-#: Refits of sigma2 without the spikes found so far; the count settles in 2-3 on real spectra.
-_REFITS = 8
+#: Refits of sigma2 and the edge without the spikes found so far; the count settles in 2-3 on real
+#: spectra (each refit lowers the edge, which can uncover spikes the previous one hid).
+_REFITS = 16
+
+
+def bulk_edge_s2(p: int, n: int, tw_confidence: float | None = None) -> float:
+    """Squared singular-value edge of a p×n noise matrix with unit-variance entries (sigma2 = 1).
+
+    ``(sqrt(n) + sqrt(p))**2 = n (1 + sqrt(p/n))**2``, plus ``n`` times the Tracy–Widom margin
+    (:func:`tw_edge_margin`, in the normalisation ``lambda = s**2 / n``) when ``tw_confidence``
+    is given. :func:`fit_mp` evaluates it at the size of the bulk left once the spikes are out.
+    """
+    gamma = p / n
+    edge = (1.0 + math.sqrt(gamma)) ** 2
+    if tw_confidence is not None:
+        edge += tw_edge_margin(gamma, n, tw_confidence)
+    return n * edge
+
+
+def spike_strengths(spikes: np.ndarray, gamma: float, sigma2: float, n: int) -> np.ndarray:
+    """The signal singular values ``theta`` whose BBP outliers are the eigenvalues ``spikes``.
+
+    For ``W = sum theta_i u_i v_i^T + sigma G`` (G p×n with i.i.d. unit entries), a spike with
+    ``t = theta / (sigma sqrt(n)) > gamma**(1/4)`` lands at ``lambda / sigma2 = (1 + t²)(gamma + t²) / t²``
+    (Benaych-Georges & Nadakuditi 2012, Theorem 2.8). Solving that quadratic in ``t²`` for its
+    larger root, ``t² = (x - 1 - gamma + sqrt((x - 1 - gamma)**2 - 4 gamma)) / 2`` with
+    ``x = lambda / sigma2``, gives ``theta``; at and below the edge ``x = (1 + sqrt(gamma))**2`` the root
+    is the threshold ``t = gamma**(1/4)`` itself (a spike found just over a TW margin is at least that).
+    """
+    x = np.asarray(spikes, dtype=np.float64) / sigma2
+    b = x - 1.0 - gamma
+    t2 = 0.5 * (b + np.sqrt(np.clip(b * b - 4.0 * gamma, 0.0, None)))
+    t2 = np.maximum(t2, math.sqrt(gamma))
+    return np.sqrt(t2 * sigma2 * n)
 
 
 def _bema_sigma2(s_ascending: np.ndarray, p: int, n: int, alpha: float) -> float:
@@ -305,9 +339,11 @@ def fit_mp(
     positions lie in [alpha, 1 - alpha] against the MP(gamma, 1) quantiles at those positions
     (the central band is untouched by spikes above and by the soft lower edge), repeated on the
     p - k bulk values of a (p-k)×(n-k) noise matrix once k spikes are found, until k is stable.
-    The bulk edge is ``sigma2 * (1 + sqrt(gamma))**2``, plus the Tracy–Widom margin
-    (:func:`tw_edge_margin`) when ``tw_confidence`` is given; the signal rank counts the singular
-    values above ``s_plus = sqrt(n * lambda_plus)``. ``ks`` is the Kolmogorov–Smirnov distance
+    The singular-value edge is that bulk's, ``s_plus = sigma (sqrt(n-k) + sqrt(p-k))`` (plus the
+    Tracy–Widom margin of a (p-k)×(n-k) matrix, :func:`bulk_edge_s2`, when ``tw_confidence`` is
+    given), reported as ``lambda_plus = s_plus**2 / n``; the signal rank counts the singular values
+    above ``s_plus``, and ``spike_strengths`` back-maps each spike to the signal singular value
+    that produces it (:func:`spike_strengths`). ``ks`` is the Kolmogorov–Smirnov distance
     between the bulk (the eigenvalues at or below the edge) and its fitted MP CDF; ``bulk_is_mp``
     compares it with :data:`KS_LOG_SCALE`. The singular values may come in any order, as a tensor
     or an array. See ``docs/spectral.md``.
@@ -328,24 +364,23 @@ def fit_mp(
     s = np.sort(np.abs(s))
     lam = s * s / n
 
-    edge = (1.0 + math.sqrt(gamma)) ** 2
-    if tw_confidence is not None:
-        edge += tw_edge_margin(gamma, n, tw_confidence)
-
     # BEMA, refitted without the spikes found: a rank-k signal leaves a (p-k)×(n-k) noise matrix
     # behind, whose eigenvalues s²/(n-k) follow MP((p-k)/(n-k), sigma2). Fitting all p as if they
-    # were noise would read the k spikes' slots as bulk and overestimate sigma2 by O(k/p).
+    # were noise would read the k spikes' slots as bulk and overestimate sigma2 by O(k/p); and the
+    # bulk's top is that smaller matrix's edge, sigma (sqrt(n-k) + sqrt(p-k)), not the full-size
+    # one: keeping the full-size edge hides weak spikes behind many strong ones.
     max_removed = int(alpha * p)  # spikes beyond the band's upper end would eat into the band itself
     rank, removed = 0, 0
     for _ in range(_REFITS):
         sigma2 = _bema_sigma2(s[: p - removed], p - removed, n - removed, alpha)
-        lambda_plus = sigma2 * edge
-        s_plus = math.sqrt(n * lambda_plus)
+        s_plus = math.sqrt(sigma2 * bulk_edge_s2(p - removed, n - removed, tw_confidence))
         rank = int(p - np.searchsorted(s, s_plus, side="right"))  # #{s > s_plus}
         if min(rank, max_removed) == removed:
             break
         removed = min(rank, max_removed)
+    lambda_plus = s_plus * s_plus / n
     spikes = (lam[p - rank:])[::-1].copy()
+    strengths = spike_strengths(spikes, gamma, sigma2, n) if sigma2 > 0.0 else np.full(rank, np.inf)
 
     bulk_s = s[: p - rank]
     if sigma2 > 0.0 and bulk_s.size:
@@ -358,5 +393,6 @@ def fit_mp(
     else:  # a zero band (exactly low-rank or mostly zero matrix): no noise bulk to speak of
         ks, bulk_is_mp = 1.0, False
     spikes.flags.writeable = False
+    strengths.flags.writeable = False
     return MPFit(shape=(m_rows, n_cols), gamma=gamma, sigma2=sigma2, lambda_plus=lambda_plus, s_plus=s_plus,
-                 rank=rank, spikes=spikes, ks=ks, bulk_is_mp=bulk_is_mp)
+                 rank=rank, spikes=spikes, spike_strengths=strengths, ks=ks, bulk_is_mp=bulk_is_mp)
