@@ -78,6 +78,25 @@ def test_split_lbi_enters_groups_in_order_of_their_pull() -> None:
     assert path.order() == [1, 3, 2, 0]
 
 
+def test_a_gate_the_loss_drives_negative_never_enters_and_ranks_last() -> None:
+    """L = ½(γ₀ − 1)² + 0·γ₁ + 0.05·γ₂: group 0 helps, 1 is neutral, 2 hurts (lowering γ₂ lowers L).
+
+    With the defaults (κ 1, λ 2, ν 10, α 0.5, 200 steps) γ₂ settles near −ν·0.05 = −0.5, so Z₂ falls
+    by ≈ 0.025 a step and passes −λ at step 140. A two-sided threshold let it enter the path
+    there, ranking the harmful group second ([0, 2, 1]); the reference's Γ ≥ 0 keeps it out, and the
+    signed-Z tie-break puts it after the neutral group, so it is removed first.
+    """
+    def loss(g: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (g[0] - 1) ** 2 + 0 * g[1] + 0.05 * g[2]
+
+    path = split_lbi(loss, torch.ones(3), LbiSettings(kappa=1.0, lam=2.0, nu=10.0, lr=0.5, steps=200))
+    assert math.isfinite(path.entry[0]) and math.isinf(path.entry[1]) and math.isinf(path.entry[2])
+    assert path.z[2] < -2.0 < 0 < path.z[1] < 2.0  # Z₂ is past −λ: only the clamp keeps it out
+    assert (path.big_gamma >= 0).all() and path.big_gamma[2] == 0
+    assert path.order() == [0, 1, 2]  # useful first, neutral, harmful last (removed first)
+    assert removal_mask(path.order(), 1).tolist() == [False, False, True]
+
+
 def test_planted_useless_groups_enter_last() -> None:
     """Heads and neurons whose output is zeroed carry no gradient: every useful group ranks first."""
     model = make_vit()

@@ -261,8 +261,9 @@ def test_planted_useless_channels_enter_last(key: str) -> None:
         unit = units[i]
         assert any(unit.offset <= j < unit.offset + unit.count for j in entered)
     # Not asserted: that planted channels rank after useful channels that never entered either.
-    # Among never-entered groups the order is |Z|, and a dead group's Z follows the loss-free decay
-    # towards 1/κ, while a group the loss pushes down stays lower (see docs/spp.md, "The order").
+    # Among never-entered groups the order is the signed Z, and a dead group's Z follows the
+    # loss-free decay towards 1/κ, while a group the loss pushes down stays lower (see docs/spp.md,
+    # "The order").
     assert all(p.requires_grad for p in model.parameters())
     assert not model.get_submodule(units[0].consumer)._forward_pre_hooks
 

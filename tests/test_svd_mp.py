@@ -177,6 +177,41 @@ def test_split_that_does_not_pay_is_reconstructed_or_kept() -> None:
     torch.testing.assert_close(model.a.weight, weight)
 
 
+class _OneConv(nn.Module):
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.a = nn.Conv2d(weight.shape[1], weight.shape[0], weight.shape[2:], padding=1)
+        with torch.no_grad():
+            self.a.weight.copy_(weight)
+
+    def forward(self, x):
+        return self.a(x)
+
+
+@pytest.mark.parametrize("coefficients", [0.0, 0.3])
+def test_reconstruction_is_written_into_a_channels_last_conv(coefficients: float) -> None:
+    """A channels_last conv weight is not contiguous, so its (out, in·kh·kw) reshape is a copy:
+    the rank-k reconstruction (and coefficient pruning after it) must land in the parameter."""
+    weight = _planted(48, 16 * 9, [], seed=5).reshape(48, 16, 3, 3)
+    model = _OneConv(weight).to(memory_format=torch.channels_last)
+    assert not model.a.weight.is_contiguous()  # the case weight_matrix(...) copies
+    loose = SvdMpParams(min_dim=8, margin=0.4, coefficient_pruning=coefficients)  # rank 40: no split pays
+    rows = SvdMpPruner().prune(_context(model, ["a"]), loose)
+    assert isinstance(model.a, nn.Conv2d) and rows[0].note.startswith("dense, rank-k reconstruction")
+    rank = rows[0].kept_rank
+    assert rank < 48 and rank * (48 + 144) >= 48 * 144
+    expected = _truncated(weight, rank)
+    if coefficients:
+        drop = torch.sort(expected.abs().flatten(), stable=True).indices[:round(coefficients * expected.numel())]
+        expected = expected.flatten().index_fill(0, drop, 0.0).view_as(expected)
+        assert int((model.a.weight == 0).sum()) == drop.numel()
+    # float32 weights, reconstruction computed in float64: relative Frobenius error ≤ 1e-6
+    error = torch.linalg.norm(model.a.weight.detach() - expected) / torch.linalg.norm(expected)
+    assert error <= 1e-6
+    assert torch.linalg.norm(expected - weight) / torch.linalg.norm(weight) > 0.01  # it did change
+    assert model.a.weight.is_contiguous(memory_format=torch.channels_last)  # layout kept
+
+
 def test_small_layers_are_skipped_with_a_reason() -> None:
     model = _TwoLayers(torch.randn(20, 10), torch.randn(5, 20))
     before = model.a.weight.clone()

@@ -8,12 +8,20 @@ split LBI; Fu et al.'s DessiLBI, on gates as in Ding et al.'s SPP)::
 
     γ_{k+1} = γ_k − κ·α·(∇L(γ_k) + (γ_k − Γ_k)/ν)
     Z_{k+1} = Z_k + α·(γ_k − Γ_k)/ν
-    Γ_{k+1} = κ·soft(Z_{k+1}, λ),      soft(z, λ) = sign(z)·max(|z| − λ, 0)
+    Γ_{k+1} = κ·soft₊(Z_{k+1}, λ),     soft₊(z, λ) = max(z − λ, 0)
 
 Γ starts all zero and groups join its support one by one: group j *enters* at the first step with
 Γ_j ≠ 0. The coupling pulls every gate towards Γ (= 0 before entry); the task loss pushes back on
 gates the loss needs, so their Z grows fastest. A group the loss ignores (∇_j L = 0) decays as
 γ_j = (1 − κα/ν)^k, so Z_j → 1/κ: with λ·κ ≥ 1 it never enters.
+
+The shrinkage is one-sided (Γ ≥ 0), as in the authors' SPP optimizer: yizhuoDi/Solution-Path-Pruning,
+``adamw_spp.py`` at commit 63aa4369b2cd95208a15d7359235c5081194d516 (``_single_tensor_adamwprox``:
+``g = (1 − λ/|z|).relu(); Γ = (g·z).relu()``, i.e. Γ = max(z − λ, 0)). DessiLBI's generic split-LBI
+optimizer (DessiLBI2020/DessiLBI, ``DessiLBI/code/slbi_opt.py`` at dc57325fbe2b13c966d1d08e4e198d71c4b96711,
+``SLBI.shrink``) is two-sided, which fits weights (a large negative weight matters as much as a large
+positive one) but not gates: the entry order is read as importance, and a gate the loss drives
+*negative* (the group hurts the loss) would cross −λ and enter the path like an important group.
 """
 
 from __future__ import annotations
@@ -27,8 +35,17 @@ import torch
 
 
 def soft_threshold(z: torch.Tensor, lam: float) -> torch.Tensor:
-    """sign(z)·max(|z| − λ, 0), elementwise."""
-    return torch.sign(z) * (z.abs() - lam).clamp(min=0)
+    """max(z − λ, 0), elementwise: the soft threshold clamped to Γ ≥ 0.
+
+    One-sided because a gate's sign is not symmetric: a positive Z means the loss held the gate up
+    (the group helps), a negative one that the loss pushed it below zero (the group hurts). Only the
+    former may enter the path, or the entry order would rank harmful groups as important. This is
+    the authors' rule (yizhuoDi/Solution-Path-Pruning, ``adamw_spp.py`` @ 63aa4369b2cd95208a15d7359235c5081194d516:
+    ``((1 − λ/|z|).relu()·z).relu()``); DessiLBI's ``SLBI.shrink`` (DessiLBI2020/DessiLBI,
+    ``DessiLBI/code/slbi_opt.py`` @ dc57325fbe2b13c966d1d08e4e198d71c4b96711) is the two-sided
+    sign(z)·max(|z| − λ, 0) meant for weights.
+    """
+    return (z - lam).clamp(min=0)
 
 
 @dataclass(frozen=True)
@@ -59,11 +76,18 @@ class SolutionPath:
     def order(self) -> list[int]:
         """Group indices, most important first.
 
-        By entry step (earlier first); then by |Z| (a larger Z crossed λ by more, or is nearer to
-        it); then by the final |γ|; then by index (layer order, then group order), so ties are
-        broken the same way every time.
+        By entry step (earlier first; groups that never entered after all that did); then by the
+        signed Z, larger first (a larger Z crossed λ by more, or came nearer to it; a negative Z
+        means the loss pushed the gate below zero, so the group hurts and ranks last); then by the
+        signed final γ, larger first; then by index (layer order, then group order), so ties are
+        broken the same way every time. Signed, not |Z|: Γ = κ·max(Z − λ, 0) is monotone in the
+        signed Z, so a larger Z is nearer to entering, and a negative one (which the two-sided
+        threshold would eventually let in, and |Z| would rank high) is the farthest. The reference
+        ranks by time on the path alone (``deit_search.py`` saves each gate's ``step_record``, the
+        count of checks with Γ ≠ 0, and ``deit/engine.py``'s ``set_alpha_sparsity`` keeps α ≥ a
+        threshold), leaving never-entered groups tied; Z is this toolkit's tie-break.
         """
-        entry, z, gamma = self.entry.tolist(), self.z.abs().tolist(), self.gamma.abs().tolist()
+        entry, z, gamma = self.entry.tolist(), self.z.tolist(), self.gamma.tolist()
         return sorted(range(len(entry)), key=lambda j: (entry[j], -z[j], -gamma[j], j))
 
 

@@ -216,11 +216,7 @@ class SvdMpPruner(Pruner):
             ctx.model.set_submodule(plan.name, new)
             mode = "split"
         elif params.when_split_does_not_pay == "reconstruct":
-            with torch.no_grad():
-                weight = weight_matrix(plan.module.weight)
-                for m in plan.matrices:
-                    approx = (m.u[:, :m.rank] * m.s[:m.rank]) @ m.vh[:m.rank]
-                    weight[m.rows] = approx.to(weight.dtype)
+            _write_reconstruction(plan.module.weight, plan.matrices)
             new, mode = plan.module, "dense, rank-k reconstruction"
         else:
             new, mode = plan.module, "dense, unchanged (split would not pay)"
@@ -275,6 +271,22 @@ def _allocate_globally(plans: list[_Plan], params: SvdMpParams) -> None:
         else:
             lo = mid + 1
     set_threshold(candidates[lo] if lo < len(candidates) else math.inf)
+
+
+def _write_reconstruction(weight: torch.Tensor, matrices: list[_Matrix]) -> None:
+    """Write each matrix's rank-k reconstruction U_k·S_k·V_kᵀ into ``weight``'s rows, in place.
+
+    Built on a copy of the (out, in·kh·kw) matrix and written back with ``copy_`` into the
+    parameter itself: ``weight_matrix`` is a view only of a contiguous weight, and a channels_last
+    conv's reshape is a copy, so assigning into it used to drop the reconstruction silently while
+    the report said it was written. ``copy_`` goes by logical index, whatever the strides.
+    """
+    with torch.no_grad():
+        matrix = weight_matrix(weight).clone()
+        for m in matrices:
+            approx = (m.u[:, :m.rank] * m.s[:m.rank]) @ m.vh[:m.rank]
+            matrix[m.rows] = approx.to(device=matrix.device, dtype=matrix.dtype)
+        weight.copy_(matrix.reshape(weight.shape))
 
 
 def _prune_coefficients(module: nn.Module, fraction: float) -> None:
