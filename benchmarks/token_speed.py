@@ -2,11 +2,17 @@
 
     python benchmarks/token_speed.py                      # the issue's settings, 1 thread
     python benchmarks/token_speed.py --threads 2 --json benchmarks/results/token_speed_2threads.json
+    python benchmarks/token_speed.py --model vit_tiny_patch16_224 --img-size 64 --batch 2 --rounds 1 \
+        --reps 1 --json /tmp/token_speed_smoke.json     # a smoke run: seconds, numbers meaningless
 
 Compares dense, ``tome`` r=13 and ``token-cls`` with r_max=0.6 applied to the current count
 (compounding, as seed 001) at α=2 and at the seed's best α values (1.5 for its baseline model
 pruned at inference, 1.2 for its pruning-trained model), plus ``token-mean`` at α=2 for reference.
-Random weights: speed does not depend on them (a pretrained checkpoint needs the network).
+``ToMe reference`` is facebookresearch/ToMe's own timm patch (transcribed in
+``tests/_tome_reference.py``, the tests' oracle) at the same r, timed in the same rounds as rmtp's
+``tome``; their logits are checked to agree first (``tome_vs_reference_max_rel_diff``), and the tome
+row reports ``speedup_vs_tome_reference``. Random weights: speed does not depend on them (a
+pretrained checkpoint needs the network).
 
 The machine is shared and noisy, so: a fixed thread count; every model timed once per round, in
 a rotated order, all rounds interleaved; per round the best of ``--reps`` forward passes; the
@@ -35,6 +41,11 @@ from rmtp import metrics
 from rmtp.atomic import write_json_atomic
 from rmtp.modules import apply_patch
 from rmtp.report import cpu_name
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+import _tome_reference as tome_reference  # noqa: E402 - the oracle lives with the tests, not in rmtp
+
+REFERENCE = "ToMe reference r={r}"
 
 
 def configs(depth: int, tome_r: int, r_max: float, alphas: list[float]) -> dict[str, TokenPlan | None]:
@@ -77,8 +88,13 @@ def main(argv: list[str] | None = None) -> dict:
         if plan is not None:
             apply_patch(model, TokenReduction(**plan.model_dump()))
         models[name] = model.eval()
+    tome_name, reference_name = f"tome r={args.tome_r}", REFERENCE.format(r=args.tome_r)
+    models[reference_name] = tome_reference.apply_patch(copy.deepcopy(dense), args.tome_r, prop_attn=True).eval()
+    plans[reference_name] = plans[tome_name]  # the same per-block r: ToMe's parse_r is tome_r_list
     input_shape = (3, args.img_size, args.img_size)
     x = torch.randn(args.batch, *input_shape)
+    agreement = reference_agreement(models[tome_name], models[reference_name], x)
+    print(f"tome vs ToMe reference: max relative logit difference {agreement:.1e}", file=sys.stderr)
 
     info = {}
     for name, model in models.items():
@@ -119,6 +135,12 @@ def main(argv: list[str] | None = None) -> dict:
                         "attention_macs": info[name]["attention_macs"],
                         "tokens_after_each_block": info[name]["tokens_after_each_block"],
                         "round_times_s": times[name]})
+        if name == tome_name:
+            vs_reference = [ref / t for ref, t in zip(times[reference_name], times[name])]
+            results[-1].update({"speedup_vs_tome_reference": statistics.median(vs_reference),
+                                "speedup_vs_tome_reference_min": min(vs_reference),
+                                "speedup_vs_tome_reference_max": max(vs_reference),
+                                "tome_vs_reference_max_rel_diff": agreement})
     report = {
         "benchmark": "token_speed",
         "command": "python benchmarks/token_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),
@@ -128,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {"model": args.model, "img_size": args.img_size, "batch": args.batch, "threads": args.threads,
                      "rounds": args.rounds, "reps": args.reps, "weights": "random (timm init), eval mode",
                      "timing": "best of reps per round, rotated order, median over rounds; ratio = median of "
-                               "per-round dense/method"},
+                               "per-round dense/method (tome vs ToMe reference likewise)"},
         "results": results,
     }
     print_table(report)
@@ -136,6 +158,17 @@ def main(argv: list[str] | None = None) -> dict:
         write_json_atomic(args.json, report)
         print(f"wrote {args.json}")
     return report
+
+
+def reference_agreement(tome: torch.nn.Module, reference: torch.nn.Module, x: torch.Tensor) -> float:
+    """max |tome − reference| / max |reference| of the logits on ``x``; refuses to time two models
+    that do not compute the same thing (the tests hold them to 1e-5 on tiny ViTs)."""
+    with torch.inference_mode():
+        got, expected = tome(x), reference(x)
+    difference = float((got - expected).abs().max() / expected.abs().max())
+    if not difference <= 1e-4:
+        raise SystemExit(f"rmtp's tome and the ToMe reference disagree ({difference:.1e} relative): not timing them")
+    return difference
 
 
 def print_table(report: dict) -> None:
@@ -151,6 +184,11 @@ def print_table(report: dict) -> None:
         print(f"| {r['method']:<28} | {r['images_per_s']:>7.1f} | {r['median_s']:>8.3f} | "
               f"{r['speedup_vs_dense']:>6.2f}× | {r['speedup_min']:>4.2f}–{r['speedup_max']:<4.2f}  | "
               f"{r['macs'] / 1e9:>6.2f} | {r['macs_vs_dense']:>5.0%} | {r['tokens_after_each_block'][-1]:>23} |")
+    for r in report["results"]:
+        if "speedup_vs_tome_reference" in r:
+            print(f"\n{r['method']} vs the ToMe reference: {r['speedup_vs_tome_reference']:.2f}× "
+                  f"({r['speedup_vs_tome_reference_min']:.2f}–{r['speedup_vs_tome_reference_max']:.2f}), "
+                  f"logits agree to {r['tome_vs_reference_max_rel_diff']:.1e} relative")
 
 
 if __name__ == "__main__":

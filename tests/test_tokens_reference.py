@@ -1,10 +1,12 @@
-"""Token reduction against brute-force references: the merge/prune math on small inputs, and whole
-patched forward passes against a reference forward built from timm's own modules (attention
-with an additive ``attn_mask`` for proportional attention) plus per-image Python loops for the
-reduction, on LayerScale, qk-norm, register-token, avg-pool, scale-norm, gated and
-explicit-attention ViTs."""
+"""Token reduction against references: the merge/prune math on small inputs against Python loops;
+whole patched forward passes against a reference forward built from timm's own modules (attention
+with an additive ``attn_mask`` for proportional attention) plus per-image loops for the reduction,
+on LayerScale, qk-norm, register-token, avg-pool, scale-norm, gated and explicit-attention ViTs;
+and ``tome`` against facebookresearch/ToMe's own timm patch, transcribed in ``_tome_reference``."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import timm
@@ -12,9 +14,11 @@ import torch
 from torch import Tensor
 
 from rmtp.modules import apply_patch
-from rmtp_plugins.tokens.merge import merge_tokens, prefix_attention, prune_tokens, received_attention
-from rmtp_plugins.tokens.patch import TokenPlan, TokenReduction
-from rmtp_plugins.tokens.schedule import pruned_count, merged_count
+import _tome_reference as tome_ref
+from rmtp_plugins.tokens.merge import ABSets, merge_tokens, prefix_attention, prune_tokens, received_attention
+from rmtp_plugins.tokens.patch import TokenPlan, TokenReduction, trace_sources
+from rmtp_plugins.tokens.schedule import merged_count, pruned_count, tome_r_list
+from rmtp_plugins.tokens.tome import TomeParams, TomePruner
 
 from conftest import TINY_VIT
 
@@ -24,23 +28,33 @@ ATOL = 1e-5
 # --------------------------------------------------------------------------- brute-force references
 
 
-def brute_merge(x: Tensor, keys: Tensor, size: Tensor, r: int, npt: int) -> tuple[Tensor, Tensor]:
-    """ToMe on one image ``x`` (N, C), by loops: A = even patches, B = odd; each A token's best B by
-    cosine similarity; the r strongest edges (ties: lower A index) merge as size-weighted means.
-    Output: prefix, unmerged A (ascending), then every B with what merged into it."""
+def brute_merge(x: Tensor, keys: Tensor, size: Tensor, r: int, npt: int, sets: ABSets = "sequence"
+                ) -> tuple[Tensor, Tensor]:
+    """ToMe on one image ``x`` (N, C), by loops. ``sequence``: A = the patches at even positions of
+    the whole sequence, B = those at odd ones (prefix tokens take part in neither); ``patches``: A =
+    even, B = odd among the patches. Each A token's best B by cosine similarity; the r strongest
+    edges (ties: lower A index) merge as size-weighted means. Output: prefix, unmerged A (ascending;
+    without prefix tokens under ``sequence``, by descending edge as ToMe leaves them), then every B
+    with what merged into it."""
     patches = list(range(npt, x.shape[0]))
-    a_tokens, b_tokens = patches[0::2], patches[1::2]
+    if sets == "sequence":
+        a_tokens, b_tokens = [t for t in patches if t % 2 == 0], [t for t in patches if t % 2 == 1]
+    else:
+        a_tokens, b_tokens = patches[0::2], patches[1::2]
     k = keys.double()
     edges = []
     for a in a_tokens:
         sims = [float(k[a] @ k[b] / (k[a].norm() * k[b].norm())) for b in b_tokens]
         best = max(range(len(b_tokens)), key=lambda j: (sims[j], -j))
         edges.append((sims[best], best))
-    merged = sorted(range(len(a_tokens)), key=lambda i: (-edges[i][0], i))[:r]
+    by_edge = sorted(range(len(a_tokens)), key=lambda i: (-edges[i][0], i))
+    merged, unmerged = by_edge[:r], by_edge[r:]
+    if npt or sets == "patches":
+        unmerged = sorted(unmerged)
     groups = {j: [b] for j, b in enumerate(b_tokens)}
     for i in merged:
         groups[edges[i][1]].append(a_tokens[i])
-    rows = list(range(npt)) + [a for i, a in enumerate(a_tokens) if i not in merged]
+    rows = list(range(npt)) + [a_tokens[i] for i in unmerged]
     out = [x[t] for t in rows]
     sizes = [size[t] for t in rows]
     for j in range(len(b_tokens)):
@@ -84,18 +98,21 @@ def brute_received(probs: Tensor, npt: int) -> Tensor:
 # --------------------------------------------------------------------------- the math on small inputs
 
 
-@pytest.mark.parametrize("n_patches, r, npt", [(9, 3, 1), (10, 5, 3), (8, 0, 1), (7, 1, 0)])
-def test_merge_matches_brute_force(n_patches: int, r: int, npt: int) -> None:
+@pytest.mark.parametrize("sets", ["sequence", "patches"])
+@pytest.mark.parametrize("n_patches, r, npt", [(9, 3, 1), (10, 5, 3), (8, 0, 1), (7, 1, 0), (9, 4, 0), (10, 5, 2),
+                                               (11, 5, 4), (6, 3, 1)])
+def test_merge_matches_brute_force(n_patches: int, r: int, npt: int, sets: ABSets) -> None:
     torch.manual_seed(n_patches * 10 + r)
     B, C, d = 3, 5, 4
     N = npt + n_patches
     x, keys = torch.randn(B, N, C), torch.randn(B, N, d)
     size = torch.randint(1, 5, (B, N, 1)).float()
     size[:, :npt] = 1
-    out, new_size, _ = merge_tokens(x, keys, r, npt, size=size)
+    out, new_size, _ = merge_tokens(x, keys, r, npt, size=size, sets=sets)
     assert out.shape == (B, N - r, C)
+    torch.testing.assert_close(out[:, :npt], x[:, :npt], atol=0, rtol=0)  # prefix tokens: untouched, in front
     for b in range(B):
-        ref_x, ref_size = brute_merge(x[b], keys[b], size[b], r, npt)
+        ref_x, ref_size = brute_merge(x[b], keys[b], size[b], r, npt, sets)
         torch.testing.assert_close(out[b], ref_x.float(), atol=ATOL, rtol=0)
         torch.testing.assert_close(new_size[b], ref_size.float(), atol=0, rtol=0)
 
@@ -173,6 +190,7 @@ PLANS = {
     "token-mean-fuse": dict(method="mean", keep=[0.5, 0.75], fuse=True),
     "tome": dict(method="tome", r=[3, 4], prop_attn=True),
     "tome-plain-attention": dict(method="tome", r=[5, 2], prop_attn=False),
+    "tome-patches-sets": dict(method="tome", r=[3, 4], prop_attn=True, ab_sets="patches"),  # records before ab_sets
 }
 
 
@@ -228,7 +246,7 @@ def reference_forward(model: torch.nn.Module, images: Tensor, plan: TokenPlan) -
             outs, sizes = [], []
             for b in range(B):
                 if plan.method == "tome":
-                    xb, sb = brute_merge(x[b], keys[b].mean(0), size[b], n - n_out, npt)
+                    xb, sb = brute_merge(x[b], keys[b].mean(0), size[b], n - n_out, npt, plan.ab_sets)
                 else:
                     scores = (probs[b, :, :rows, npt:].mean((0, 1)) if plan.method == "cls"
                               else brute_received(probs[b:b + 1], npt)[0])
@@ -276,3 +294,111 @@ def test_avg_pool_is_size_weighted_after_merging() -> None:
     assert not torch.allclose(pooled, tokens[:, 1:].mean(1), atol=1e-3), "an unweighted mean would differ"
     with torch.no_grad():
         torch.testing.assert_close(model(images), model.forward_head(tokens, size=state.size), atol=ATOL, rtol=0)
+
+
+# --------------------------------------------------------------------------- against facebookresearch/ToMe
+# The reference is ToMe's own code, transcribed in _tome_reference.py from
+# github.com/facebookresearch/ToMe at commit af95e4b1befa172dadccd8c81e223b10090f9579:
+# tome/merge.py (bipartite_soft_matching, merge_wavg, merge_source), tome/patch/timm.py (ToMeBlock,
+# ToMeAttention, apply_patch), tome/utils.py (parse_r), tome/patch/mae.py (size-weighted avg pool).
+
+#: Tiny timm ViTs (32 px, 4 px patches: 64 patch tokens) for the comparison with ToMe's own code.
+#: ``distill_token``: run ToMe's distillation-token branch on [CLS, register, patches], the layout of
+#: DeiT's distilled model, where rmtp's generalisation to two prefix tokens must coincide with it.
+TOME_VITS: dict[str, dict] = {
+    "vit": dict(depth=3, embed_dim=64, num_heads=4),
+    "vit-depth4-dim48": dict(depth=4, embed_dim=48, num_heads=3),
+    "vit-qk-norm": dict(depth=3, embed_dim=64, num_heads=4, qk_norm=True),
+    "deit": dict(name="deit_tiny_patch16_224", depth=4, embed_dim=64, num_heads=2),
+    "deit3-layerscale": dict(depth=3, embed_dim=64, num_heads=4, no_embed_class=True, init_values=0.5),
+    "mae-avg-pool": dict(depth=3, embed_dim=64, num_heads=4, global_pool="avg"),
+    "no-class-token-avg": dict(depth=3, embed_dim=64, num_heads=4, class_token=False, global_pool="avg"),
+    "cls-register-as-distill": dict(depth=4, embed_dim=64, num_heads=4, reg_tokens=1, distill_token=True),
+}
+#: ToMe's r forms: a constant (13: 64 → 51 → 38 → 25; 40 hits the ⌊n/2⌋ cap at every block), and
+#: (r, inflection) schedules, decreasing and increasing.
+TOME_RS: dict[str, tuple[int, float]] = {"r=4": (4, 0.0), "r=13": (13, 0.0), "r=40": (40, 0.0),
+                                         "r=8-decreasing": (8, -1.0), "r=6-inflect-0.5": (6, 0.5)}
+REL_TOL = 1e-5
+
+
+def make_tome_vit(name: str) -> torch.nn.Module:
+    """A tiny ViT of ``TOME_VITS`` with peaked attention (see :func:`make_vit`) and, with LayerScale,
+    gammas far from 1, so every part of the block matters."""
+    config = {k: v for k, v in TOME_VITS[name].items() if k != "distill_token"}
+    torch.manual_seed(0)
+    model = timm.create_model(config.pop("name", "vit_tiny_patch16_224"), img_size=32, patch_size=4,
+                              num_classes=10, **config).eval()
+    with torch.no_grad():
+        for param_name, p in model.named_parameters():
+            if param_name in ("pos_embed", "cls_token", "reg_token"):
+                p.normal_(0, 1.0)
+            elif param_name.endswith("attn.qkv.weight"):
+                p.normal_(0, 0.3)
+            elif param_name.endswith(".gamma"):
+                p.uniform_(0.2, 1.0)
+    return model
+
+
+def rmtp_tome(model: torch.nn.Module, r: tuple[int, float], prop_attn: bool) -> torch.nn.Module:
+    """``model`` patched the way the ``tome`` pruner patches it (its params → plan → patch)."""
+    params = TomeParams(r=r[0], ramp=r[1], prop_attn=prop_attn)
+    plan = TomePruner().plan(params, len(model.blocks))
+    apply_patch(model, TokenReduction(**plan.model_dump()))
+    return model
+
+
+def reference_tome(model: torch.nn.Module, name: str, r: tuple[int, float], prop_attn: bool,
+                   trace_source: bool = False) -> torch.nn.Module:
+    """``model`` patched by the ToMe transcription, r given in ToMe's own form."""
+    return tome_ref.apply_patch(model, r[0] if r[1] == 0 else r, prop_attn=prop_attn, trace_source=trace_source,
+                                distill_token=TOME_VITS[name].get("distill_token"))
+
+
+def relative_error(got: Tensor, expected: Tensor) -> float:
+    """max |got − expected| / max |expected|."""
+    return float((got - expected).abs().max() / expected.abs().max())
+
+
+@pytest.mark.parametrize("prop_attn", [True, False], ids=["prop-attn", "plain-attn"])
+@pytest.mark.parametrize("r", list(TOME_RS))
+@pytest.mark.parametrize("name", list(TOME_VITS))
+def test_tome_logits_match_facebookresearch_tome(name: str, r: str, prop_attn: bool) -> None:
+    """rmtp's tome gives ToMe's logits: same A/B sets (class token in A, protected), same merges,
+    same order, proportional attention and size-weighted pooling."""
+    model = make_tome_vit(name)
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        dense = model(images)
+        expected = reference_tome(copy.deepcopy(model), name, TOME_RS[r], prop_attn)(images)
+        got = rmtp_tome(model, TOME_RS[r], prop_attn)(images)
+    assert relative_error(expected, dense) > 1e-3, "the reference merged nothing: the check would be empty"
+    assert relative_error(got, expected) <= REL_TOL
+
+
+@pytest.mark.parametrize("name", ["vit", "deit", "no-class-token-avg", "cls-register-as-distill"])
+def test_tome_sources_and_sizes_match_facebookresearch_tome(name: str) -> None:
+    """Token for token in the same order: the traced sources (what ``rmtp token-map`` draws) and sizes
+    are ToMe's ``merge_source`` / ``merge_wavg`` ones, exactly."""
+    model = make_tome_vit(name)
+    images = torch.randn(3, 3, 32, 32)
+    reference = reference_tome(copy.deepcopy(model), name, TOME_RS["r=13"], True, trace_source=True)
+    rmtp_tome(model, TOME_RS["r=13"], True)
+    with torch.no_grad(), trace_sources(model) as trace:
+        reference(images)
+        model(images)
+    info = reference._tome_info
+    torch.testing.assert_close(trace.sources[-1], info["source"], atol=0, rtol=0)
+    torch.testing.assert_close(trace.sizes[-1], info["size"], atol=0, rtol=0)
+
+
+def test_records_from_before_ab_sets_keep_the_patch_only_sets() -> None:
+    """The sets rmtp used before it matched ToMe (prefix stripped, then A/B) are no longer ToMe's;
+    they stay reachable for saved records only (``ab_sets: patches``)."""
+    model = make_tome_vit("vit")
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        expected = reference_tome(copy.deepcopy(model), "vit", TOME_RS["r=13"], True)(images)
+        r = tome_r_list(len(model.blocks), 13)
+        apply_patch(model, TokenReduction(method="tome", r=r, prop_attn=True, ab_sets="patches"))
+        assert relative_error(model(images), expected) > 1e-3

@@ -48,6 +48,37 @@ def test_save_load_reapplies_the_patch_with_identical_outputs(tmp_path: Path, pl
     assert type(loaded).__name__ == "VisionTransformer" and not patches_of(loaded)
 
 
+def test_tome_records_from_before_ab_sets_keep_their_matching(tmp_path: Path) -> None:
+    """A tome folder saved before rmtp matched ToMe (its record has every field of then, no
+    ``ab_sets``) loads with the patch-only A/B sets it was saved with, outputs bit for bit; saving
+    it again names them."""
+    model = make_vit("plain")
+    apply_patch(model, TokenReduction(**PLANS["tome"]))
+    out = _save(model, tmp_path / "m")
+    meta = json.loads((out / META_FILE).read_text())
+    record = meta["patches"][0]["config"]
+    assert record.pop("ab_sets") == "sequence", "a tome record today names ToMe's sets"
+    (out / META_FILE).write_text(json.dumps(meta))
+    legacy = make_vit("plain")
+    apply_patch(legacy, TokenReduction(**PLANS["tome"], ab_sets="patches"))
+    images = torch.randn(4, 1, 16, 16)
+    loaded = rmtp.load(out).model
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), legacy(images), atol=0, rtol=0)
+        assert not torch.allclose(loaded(images), model(images), atol=1e-4)
+    assert describe_patches(loaded)[0]["config"]["ab_sets"] == "patches"
+
+
+def test_token_pruning_records_are_unchanged_and_new_tome_configs_match_like_tome() -> None:
+    """token-cls / token-mean records carry no ab_sets (older readers read them as before); a tome
+    config that leaves fields out is built today and gets ToMe's sets."""
+    for plan in ("token-cls-fuse", "token-mean"):
+        assert "ab_sets" not in TokenReduction(**PLANS[plan]).rmtp_config()
+    assert TokenReduction(method="tome", r=[1, 1]).plan.ab_sets == "sequence"
+    with pytest.raises(ValueError, match="ab_sets applies to tome"):
+        TokenReduction(method="cls", keep=[0.5, 0.5], ab_sets="patches")
+
+
 def test_unpatched_models_keep_format_1_for_older_readers(tmp_path: Path) -> None:
     out = _save(make_vit("plain"), tmp_path / "m")
     meta = json.loads((out / META_FILE).read_text())

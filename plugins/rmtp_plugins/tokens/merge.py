@@ -3,8 +3,8 @@
 All functions work on whole batches with one static output length, per image (every image
 chooses its own tokens from its own scores; nothing is averaged over the batch). Sequences are
 ``(B, N, C)`` with the ``npt`` prefix tokens (class, registers) first; prefix tokens are split
-off before any selection and put back in front unchanged, so they are never dropped or merged,
-and pooling still finds the class token at index 0.
+off before any selection (merging: left out of the matching) and put back in front unchanged, so
+they are never dropped or merged, and pooling still finds the class token at index 0.
 
 Besides the tokens, two optional per-token tensors travel with the sequence:
 
@@ -16,6 +16,8 @@ Besides the tokens, two optional per-token tensors travel with the sequence:
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -104,44 +106,74 @@ def prune_tokens(x: Tensor, scores: Tensor, n_keep: int, npt: int, *, fuse: bool
 # -------------------------------------------------------------------------------------- merging
 
 
-def bipartite_matching(metric: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
-    """ToMe's bipartite soft matching on patch tokens ``metric`` ``(B, n, d)``.
+#: Which tokens alternate into ToMe's sets A and B. ``sequence``: every token, prefix tokens included
+#: (which stay protected), as facebookresearch/ToMe's ``bipartite_soft_matching`` does; ``patches``:
+#: the patch tokens only, the prefix split off first (rmtp's tome before it matched ToMe; kept so that
+#: folders saved then still reproduce their outputs).
+ABSets = Literal["sequence", "patches"]
 
-    Tokens alternate between set A (even positions) and set B (odd). Each A token's edge goes to
-    its most similar B token (cosine similarity); the ``r`` A tokens with the strongest edges are
-    merged into their B partners. Ties are broken by position (stable sort), so results are
-    reproducible. Returns ``(unmerged A indices (B, |A|−r) in ascending order, merged A indices
-    (B, r), their B destinations (B, r))``, all indices into A or B.
+
+def ab_starts(npt: int, sets: ABSets = "sequence") -> tuple[int, int]:
+    """Sequence positions of the first *patch* token in set A and in set B.
+
+    A and B take every other position from there. With ``sequence``, A is the even positions and B
+    the odd ones of the whole sequence, so with a class token A = {CLS, p1, p3, …} and B = {p0, p2,
+    …}, exactly ToMe's split; prefix tokens that fall in A are never sources and those in B never
+    destinations, so they are simply left out of the matching.
     """
-    metric = metric / metric.norm(dim=-1, keepdim=True)
-    a, b = metric[:, ::2], metric[:, 1::2]
-    similarity = a @ b.transpose(-1, -2)
-    best, partner = similarity.max(dim=-1)
-    order = torch.sort(best, dim=-1, descending=True, stable=True).indices
-    src_idx = order[:, :r]
-    unmerged_idx = order[:, r:].sort(dim=-1).values
-    dst_idx = partner.gather(1, src_idx)
+    if sets == "patches":
+        return npt, npt + 1
+    return npt + npt % 2, npt + 1 - npt % 2
+
+
+def bipartite_matching(metric: Tensor, r: int, a_start: int, b_start: int, *, ordered: bool = True
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+    """ToMe's bipartite soft matching on ``metric`` ``(B, N, d)``, between the patch tokens of set A
+    (positions ``a_start, a_start + 2, …``) and of set B (``b_start, b_start + 2, …``).
+
+    Each A token's edge goes to its most similar B token (cosine similarity); the ``r`` A tokens
+    with the strongest edges merge into their B partners. Edges are sorted stably, so ties go to the
+    lower position (ToMe's ``argsort`` leaves them unspecified). Returns ``(unmerged A indices
+    (B, |A|−r), merged A indices (B, r), their B destinations (B, r))``, indices into A's and B's
+    patch tokens. Unmerged A tokens are in ascending order when ``ordered``; otherwise in order of
+    descending edge, which is what ToMe leaves when there is no class token (it sorts only to keep
+    the class token first). The matching is discrete, so it runs without autograd, as in ToMe.
+    """
+    with torch.no_grad():
+        metric = metric / metric.norm(dim=-1, keepdim=True)
+        similarity = metric[:, a_start::2] @ metric[:, b_start::2].transpose(-1, -2)
+        best, partner = similarity.max(dim=-1)
+        order = torch.sort(best, dim=-1, descending=True, stable=True).indices
+        src_idx = order[:, :r]
+        unmerged_idx = order[:, r:]
+        if ordered:
+            unmerged_idx = unmerged_idx.sort(dim=-1).values
+        dst_idx = partner.gather(1, src_idx)
     return unmerged_idx, src_idx, dst_idx
 
 
 def merge_tokens(x: Tensor, metric: Tensor, r: int, npt: int, *, size: Tensor | None = None,
-                 source: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """Merge ``r`` patch tokens into others by bipartite soft matching on ``metric`` ``(B, N, d)``
-    (only its patch rows are used).
+                 source: Tensor | None = None, sets: ABSets = "sequence") -> tuple[Tensor, Tensor, Tensor | None]:
+    """Merge ``r`` patch tokens into others by bipartite soft matching on ``metric`` ``(B, N, d)``.
 
-    Output order: prefix tokens, the A tokens left alone (ascending), then every B token, each
-    the size-weighted mean ``Σ sᵢxᵢ / Σ sᵢ`` of itself and the A tokens merged into it; sizes add
-    up. Computed as one gather of the kept rows, one per-row rescale and a scatter-add of the
-    ``r`` merged rows, so the full sequence is copied twice, not once per step.
-    Returns ``(x, size, source)`` with ``N − r`` tokens.
+    The sets are :func:`ab_starts`'s; prefix tokens are never sources, destinations or moved.
+    Output order, ToMe's ``cat([unm, dst])``: prefix tokens (in their order), the A patch tokens
+    left alone (ascending, or as :func:`bipartite_matching` leaves them without prefix tokens),
+    then every B patch token, each the size-weighted mean ``Σ sᵢxᵢ / Σ sᵢ`` of itself and the A
+    tokens merged into it (ToMe's ``merge_wavg``); sizes add up. Computed as one gather of the kept
+    rows, one per-row rescale and a scatter-add of the ``r`` merged rows, so the full sequence is
+    copied twice, not once per step. ``r`` must not exceed the A patch tokens (the schedule caps it
+    at ⌊n/2⌋, which never does). Returns ``(x, size, source)`` with ``N − r`` tokens.
     """
     B, N, C = x.shape
-    n = N - npt
-    kept_a = (n + 1) // 2 - r
-    unmerged_idx, src_idx, dst_idx = bipartite_matching(metric[:, npt:], r)
-    b_pos = (npt + 1 + 2 * torch.arange(n // 2, device=x.device)).expand(B, -1)
-    keep_pos = torch.cat([_with_prefix(2 * unmerged_idx, npt), b_pos], dim=1)  # (B, N - r)
-    src_pos = npt + 2 * src_idx
+    a_start, b_start = ab_starts(npt, sets)
+    kept_a = len(range(a_start, N, 2)) - r
+    unmerged_idx, src_idx, dst_idx = bipartite_matching(metric, r, a_start, b_start,
+                                                        ordered=npt > 0 or sets == "patches")
+    prefix_pos = torch.arange(npt, device=x.device).expand(B, -1)
+    b_pos = torch.arange(b_start, N, 2, device=x.device).expand(B, -1)
+    keep_pos = torch.cat([prefix_pos, a_start + 2 * unmerged_idx, b_pos], dim=1)  # (B, N - r)
+    src_pos = a_start + 2 * src_idx
     dst_out = (npt + kept_a + dst_idx).unsqueeze(-1)  # where each merged A token lands, (B, r, 1)
     size = _ones(x) if size is None else size
     kept_size = _gather(size, keep_pos)

@@ -21,7 +21,9 @@ A patched block does what timm's ``Block`` and ``Attention`` do (pre-norm, fused
 
 Token counts come from the input's shape through :mod:`.schedule` (static per input size), the
 selection is per image, and gradients flow through everything except the discrete choice of
-tokens. The class and register tokens (``num_prefix_tokens``) are never reduced.
+tokens. The class and register tokens (``num_prefix_tokens``) are never reduced. ``tome`` plans
+say which tokens alternate into ToMe's sets (``ab_sets``, :mod:`.merge`): today's plans use ToMe's
+(``sequence``); a record saved before the field existed keeps the patch-only sets it ran with.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from torch import Tensor, nn
 
 from rmtp.errors import PluginError
 from rmtp.modules import ModelPatch, model_patch, patches_of
-from rmtp_plugins.tokens.merge import merge_tokens, prefix_attention, prune_tokens, received_attention
+from rmtp_plugins.tokens.merge import ABSets, merge_tokens, prefix_attention, prune_tokens, received_attention
 from rmtp_plugins.tokens.schedule import RelativeTo, merged_count, pruned_count
 
 Method = Literal["cls", "mean", "tome"]
@@ -73,6 +75,18 @@ class TokenPlan(BaseModel):
     fuse: bool = Field(False, description="cls/mean: fuse pruned tokens into one (EViT)")
     score_from: Literal["cls", "prefix"] = Field("cls", description="cls: score rows from the class token or all prefix tokens")
     prop_attn: bool = Field(False, description="add log(size) to attention logits (proportional attention)")
+    ab_sets: ABSets | None = Field(
+        None, description="tome: which tokens alternate into sets A and B: 'sequence' (all, prefix tokens "
+                          "included and protected, as ToMe; the default) or 'patches' (patch tokens only, as "
+                          "tome records saved before this field existed)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tome_matches_like_tome(cls, data: Any) -> Any:
+        """A tome plan that does not say which sets it alternates gets ToMe's (``sequence``)."""
+        if isinstance(data, dict) and data.get("method") == "tome" and data.get("ab_sets") is None:
+            return {**data, "ab_sets": "sequence"}
+        return data
 
     @model_validator(mode="after")
     def _one_schedule(self) -> TokenPlan:
@@ -83,6 +97,8 @@ class TokenPlan(BaseModel):
                 raise ValueError("fuse applies to pruning (cls/mean), not to tome")
         elif self.keep is None or self.r is not None:
             raise ValueError(f"method {self.method!r} needs keep (per-block keep ratios) and no r")
+        elif self.ab_sets is not None:
+            raise ValueError("ab_sets applies to tome (merging), not to pruning")
         return self
 
     @property
@@ -104,6 +120,7 @@ class LayerSpec:
     fuse: bool = False
     score_rows: int = 1
     prop_attn: bool = False
+    ab_sets: ABSets = "sequence"
 
     def patches_out(self, n: int, n0: int) -> int:
         """Patch tokens after this block for ``n`` in (``n0`` entering the first block)."""
@@ -196,7 +213,7 @@ class TokenBlock(Block):
         y, aux = _attention(self.attn, self.norm1(x), bias, need, spec)
         x = x + self.drop_path1(self.ls1(y))
         if need == "tome":
-            x, size, source = merge_tokens(x, aux, n - n_out, npt, size=size, source=source)
+            x, size, source = merge_tokens(x, aux, n - n_out, npt, size=size, source=source, sets=spec.ab_sets)
         elif need is not None:
             x, size, source = prune_tokens(x, aux, n_out, npt, fuse=spec.fuse, size=size, source=source)
         x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
@@ -302,15 +319,37 @@ def model_problem(model: nn.Module, plan: TokenPlan) -> str | None:
     return None
 
 
+#: Every field rmtp wrote in a token patch record before ``ab_sets`` existed: it always wrote them all
+#: (``model_dump``), so a tome record with exactly these fields comes from then.
+_FIELDS_BEFORE_AB_SETS = frozenset({"method", "keep", "r", "relative_to", "min_tokens", "fuse", "score_from",
+                                    "prop_attn"})
+
+
+def _upgrade_record(config: dict[str, Any]) -> dict[str, Any]:
+    """A tome record saved before ``ab_sets`` existed keeps the matching it was saved with.
+
+    That rmtp split the prefix tokens off before alternating A/B (``ab_sets: patches``); a folder it
+    saved, perhaps fine-tuned under that matching, must give the outputs it gave then. A config
+    built today either names ``ab_sets`` (every :class:`TokenPlan` dump does) or leaves some field
+    out, and gets ToMe's matching.
+    """
+    if config.get("method") == "tome" and set(config) == _FIELDS_BEFORE_AB_SETS:
+        return {**config, "ab_sets": "patches"}
+    return config
+
+
 @model_patch
 class TokenReduction(ModelPatch):
     """Token reduction in a timm ViT's forward pass (``token-cls``, ``token-mean``, ``tome``)."""
 
     def __init__(self, **config: Any):
-        self.plan = TokenPlan(**config)
+        self.plan = TokenPlan(**_upgrade_record(config))
 
     def rmtp_config(self) -> dict[str, Any]:
-        return self.plan.model_dump(mode="json")
+        config = self.plan.model_dump(mode="json")
+        if config["ab_sets"] is None:
+            del config["ab_sets"]  # token-cls / token-mean records stay as older rmtp wrote and reads them
+        return config
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.plan.model_dump(exclude_defaults=True).items())
@@ -323,7 +362,7 @@ class TokenReduction(ModelPatch):
                           keep=plan.keep[i] if plan.keep is not None else 1.0,
                           r=plan.r[i] if plan.r is not None else 0,
                           relative_to=plan.relative_to, min_tokens=plan.min_tokens, fuse=plan.fuse,
-                          score_rows=rows, prop_attn=plan.prop_attn)
+                          score_rows=rows, prop_attn=plan.prop_attn, ab_sets=plan.ab_sets or "sequence")
                 for i in range(plan.depth)]
 
     def apply(self, model: nn.Module) -> None:
