@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from rmtp.errors import CheckpointError, PluginError
+from rmtp.errors import CheckpointError, PluginError, short_repr
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,12 @@ class ModelSpec:
             "pretrained": self.pretrained,
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,
         }
+
+
+def _kwargs_rejected(spec: ModelSpec, exc: Exception) -> PluginError:
+    detail = str(exc).splitlines()[0] if str(exc) else ""
+    return PluginError(f"model.kwargs: timm could not build {spec.name!r} with kwargs {short_repr(spec.kwargs)}: "
+                       f"{exc.__class__.__name__}: {short_repr(detail, 200)[1:-1] if detail else '(no message)'}")
 
 
 @dataclass(frozen=True)
@@ -82,8 +88,6 @@ class Architecture(ABC):
             raise CheckpointError("model: give either pretrained: true or checkpoint, not both")
         try:
             model = timm.create_model(spec.name, pretrained=spec.pretrained, **spec.kwargs)
-        except TypeError as exc:
-            raise PluginError(f"model.kwargs: timm rejected the kwargs for {spec.name!r}: {exc}") from exc
         except (OSError, RuntimeError) as exc:
             if spec.pretrained:
                 raise CheckpointError(
@@ -91,7 +95,10 @@ class Architecture(ABC):
                     f"(timm needs network access to the Hugging Face hub; offline, download the "
                     f"weights elsewhere and pass model.checkpoint): {exc.__class__.__name__}: {exc}"
                 ) from exc
-            raise
+            raise _kwargs_rejected(spec, exc) from exc
+        except Exception as exc:  # noqa: BLE001 - kwargs are user input: an unknown layer name (KeyError),
+            # a size timm asserts on (AssertionError), a wrong type (TypeError) all come from the recipe
+            raise _kwargs_rejected(spec, exc) from exc
         if spec.checkpoint is not None:
             load_state_dict_into(model, read_state_dict(spec.checkpoint), source=str(spec.checkpoint))
         return model.eval()

@@ -4,15 +4,24 @@ The text goes to a temporary file in the destination's folder, which is then ren
 destination: on POSIX the rename is atomic, so an interrupted run leaves the old file or the new
 one, never a torn mix. ``mkstemp`` creates files as 0600; they get the permissions any file
 created under the process umask would have, since a report is meant to be shared.
+
+:func:`check_writable` checks a destination before a run starts, and :func:`write_errors` turns a
+write that fails anyway (full disk) into one line naming the file: a run can take hours, and an
+``OSError`` traceback from its last line would lose its result.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from rmtp.errors import RmtpError
 
 
 def write_text_atomic(path: Path | str, text: str) -> Path:
@@ -48,3 +57,67 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def check_writable(path: Path | str, *, what: str, is_dir: bool) -> None:
+    """Raise :class:`RmtpError` (``"<what>: <path>: ..."``) unless rmtp can create ``path`` now.
+
+    ``is_dir``: the destination is a folder rmtp creates (or replaces, or writes files into);
+    otherwise a file written via a temp file and a rename in its folder. The nearest existing
+    folder above ``path`` (and an existing folder ``path`` itself) must take a new file. That is
+    tested by creating and removing one, since ``os.access`` says yes to root for any mode and
+    knows nothing of read-only mounts, /proc or /sys.
+    """
+    path = Path(os.path.abspath(path))
+    if os.path.lexists(path):
+        _check_existing_kind(path, what=what, is_dir=is_dir)
+        if is_dir and path.is_dir():
+            _probe(path, path, what)
+    parent = _nearest_existing(path.parent)
+    if not parent.is_dir():
+        raise RmtpError(f"{what}: {path}: cannot be created, because {parent} is a file, not a folder")
+    _probe(parent, path, what)
+
+
+def _check_existing_kind(path: Path, *, what: str, is_dir: bool) -> None:
+    """An existing destination must be what will replace it: a folder for a folder, a regular file
+    for a file (renaming a report over a device such as /dev/null would replace the device)."""
+    if is_dir and not path.is_dir():
+        raise RmtpError(f"{what}: {path}: is a file, not a folder")
+    if not is_dir and path.is_dir():
+        raise RmtpError(f"{what}: {path}: is a folder, not a file")
+    if not is_dir and not path.is_file() and os.path.exists(path):
+        raise RmtpError(f"{what}: {path}: is not a regular file (a device, pipe or socket); give a file path")
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not os.path.lexists(path) and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _probe(folder: Path, path: Path, what: str) -> None:
+    """Create and remove a file in ``folder``: the one test that read-only mounts and /proc answer truly."""
+    where = f"{what}: {path}: " + ("the folder" if folder == path else str(folder)) + " is not writable"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise RmtpError(f"{where} (permission denied)")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".rmtp-probe-", dir=folder)
+    except OSError as exc:  # /proc answers ENOENT, sysfs EACCES, a read-only mount EROFS
+        reason = "it takes no new files" if exc.errno == errno.ENOENT else (exc.strerror or str(exc))
+        raise RmtpError(f"{where} ({reason})") from None
+    os.close(fd)
+    with contextlib.suppress(OSError):
+        os.unlink(probe)
+
+
+@contextlib.contextmanager
+def write_errors(what: str, path: Path | str, *, consequence: str = "") -> Iterator[None]:
+    """Turn an ``OSError`` raised while writing ``path`` into one :class:`RmtpError` line naming
+    ``what`` and ``path`` (and ``consequence``, e.g. what was kept), instead of a traceback."""
+    try:
+        yield
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise RmtpError(f"{what}: {path}: could not write it ({reason})" +
+                        (f"; {consequence}" if consequence else "")) from None

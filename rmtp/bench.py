@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import platform
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -234,17 +235,16 @@ def _card_eval_data(card: dict[str, Any], path: Path) -> EvalData | None:
 
 
 def _folder_eval_data(folder: Path) -> EvalData | None:
-    import yaml
-
+    from rmtp.safe_yaml import read_yaml_file
     from rmtp.saving import RECIPE_FILE
 
     recipe_path = folder / RECIPE_FILE
     if not recipe_path.is_file():
         return None
     try:
-        recipe = yaml.safe_load(recipe_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise BenchError(f"{recipe_path}: not readable YAML: {exc}") from None
+        recipe = read_yaml_file(recipe_path)
+    except RmtpError as exc:
+        raise BenchError(str(exc)) from None
     if not isinstance(recipe, dict) or not isinstance(recipe.get("data", {}), dict):
         raise BenchError(f"{recipe_path}: not a resolved recipe (no data mapping)")
     return _eval_data(recipe.get("data") or {}, saved_split_seed(recipe), str(recipe_path))
@@ -740,6 +740,43 @@ def _evaluate(candidates: Sequence[Candidate], models: list[BenchModel], eval_da
 def _time_batch(batch: int, candidates: Sequence[Candidate], models: list[BenchModel], runners: list[Callable],
                 dev: torch.device, dtype: torch.dtype, channels_last: bool, compile: bool, rounds: int,
                 warmup_s: float, block_s: float, progress: Progress) -> BatchRun:
+    with _fits_in_memory(batch, None, dev):
+        return _time_batch_fitting(batch, candidates, models, runners, dev, dtype, channels_last, compile, rounds,
+                                   warmup_s, block_s, progress)
+
+
+#: How allocators say they ran out: CUDA raises torch.OutOfMemoryError; the CPU allocator a
+#: RuntimeError with this text ("DefaultCPUAllocator: can't allocate memory"), or MemoryError.
+_OOM_MESSAGES = ("can't allocate memory", "out of memory", "cannot allocate memory")
+
+
+@contextmanager
+def _fits_in_memory(batch: int, what: str | None, dev: torch.device) -> Iterator[None]:
+    """Turn an allocator's out-of-memory error into one line naming the batch and the model."""
+    try:
+        yield
+    except (MemoryError, RuntimeError) as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        raise _out_of_memory(batch, what, dev, exc) from None
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(exc, RuntimeError) and any(text in str(exc).lower() for text in _OOM_MESSAGES))
+
+
+def _out_of_memory(batch: int, what: str | None, dev: torch.device, exc: BaseException) -> BenchError:
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()  # give back what the failed batch cached, for the caller's next try
+    detail = re.search(r"tried to allocate [^.(]+", str(exc))
+    return BenchError(f"--batch {batch}{f' with {what}' if what else ''} does not fit in {dev.type.upper()} memory"
+                      f"{f' ({detail.group(0).strip()})' if detail else ''}; try a smaller --batch")
+
+
+def _time_batch_fitting(batch: int, candidates: Sequence[Candidate], models: list[BenchModel],
+                        runners: list[Callable], dev: torch.device, dtype: torch.dtype, channels_last: bool,
+                        compile: bool, rounds: int, warmup_s: float, block_s: float, progress: Progress) -> BatchRun:
     inputs: dict[tuple[int, ...], torch.Tensor] = {}
     fns = []
     for m, runner in zip(models, runners):
@@ -790,6 +827,8 @@ def _first_call(fn: Callable[[], Any], m: BenchModel, batch: int, dev: torch.dev
         fn()
         metrics.synchronize(dev)
     except Exception as exc:  # any failure of the model's forward is the user's to see, in one line
+        if _is_out_of_memory(exc):
+            raise _out_of_memory(batch, f"model {m.label!r}", dev, exc) from None
         what = "torch.compile of" if compile else "forward pass of"
         raise BenchError(f"{m.label}: {what} a batch of {batch} × {_shape(m.input_shape)} "
                          f"{_dtype_name(dtype)} on {dev} failed: {_one_line(exc)}") from exc

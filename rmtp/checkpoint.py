@@ -14,6 +14,7 @@ import os
 import pickle
 import re
 import uuid
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,11 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 def _load_weights_only_pickle(path: Path) -> Any:
     """``torch.load`` restricted to tensors and plain containers: a pickle cannot run code this way."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            # A pickle of another protocol than torch's own (2) makes torch warn before it refuses
+            # or reads the file; rmtp's refusal (or success) is the whole message.
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         # torch's own message advises weights_only=False; that advice must not reach users.
         raise CheckpointError(
@@ -189,10 +194,13 @@ def write_safetensors_atomic(
     The file is written next to ``path`` under a temporary name and then moved over it with
     ``os.replace`` (atomic on one file system), so a crash or a full disk leaves the old file
     intact. safetensors refuses tensors that share storage (tied weights) or are strided views,
-    so such tensors are saved as compact copies.
+    so such tensors are saved as compact copies. safetensors creates its file 0600; the weights
+    get the permissions of any file created under the umask, so a shared model stays readable.
     """
     from safetensors import SafetensorError
     from safetensors.torch import save_file
+
+    from rmtp.atomic import _umask
 
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise TypeError("safetensors metadata must map str to str")
@@ -200,6 +208,7 @@ def write_safetensors_atomic(
     temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         save_file(_compact(tensors), str(temp), metadata=metadata)
+        os.chmod(temp, 0o666 & ~_umask())
         with open(temp, "rb") as handle:
             os.fsync(handle.fileno())  # the data must be on disk before the name points at it
         os.replace(temp, path)

@@ -7,7 +7,8 @@ leave as red lines on stderr with exit code 1, never a traceback.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -16,21 +17,32 @@ import typer
 from rich.markup import escape
 
 from rmtp import __version__
-from rmtp.atomic import write_json_atomic
+from rmtp.atomic import check_writable, write_errors, write_json_atomic
 from rmtp.errors import RecipeError, RmtpError
 
 if TYPE_CHECKING:
     from rmtp.plugins import Plugins
+    from rmtp.recipe import Recipe
 
+
+
+#: What Ctrl-C leaves behind, unless a command knows better: every file rmtp writes is written
+#: to a temporary name and renamed into place, so an interrupted command never leaves half a file.
+INTERRUPTED = "interrupted: no file was left half-written (rmtp writes each one whole, or not at all)"
 
 
 @contextmanager
-def user_errors() -> Iterator[None]:
-    """Turn library errors into red lines on stderr and exit code 1."""
+def user_errors(interrupted: str | Callable[[], str] = INTERRUPTED) -> Iterator[None]:
+    """Turn library errors into red lines on stderr and exit code 1, and Ctrl-C into one line
+    saying what was kept (``interrupted``, or a function that tells) and exit code 130."""
     from rmtp.render import stderr
 
     try:
         yield
+    except KeyboardInterrupt:
+        message = interrupted() if callable(interrupted) else interrupted
+        stderr.print(f"[yellow]{escape(message)}[/]")
+        raise typer.Exit(130) from None
     except RecipeError as exc:
         for problem in exc.problems:
             stderr.print(f"[red]error:[/] {escape(problem)}")
@@ -68,13 +80,35 @@ def prune(
     from rmtp.render import RichProgress, render_report, render_step
 
     with user_errors():
+        if json_path is not None:  # before the run, which may take hours
+            check_writable(json_path, what="--json", is_dir=False)
         loaded = load_recipe(recipe)
+    started = time.time()
+    with user_errors(interrupted=lambda: _kept_after_interrupt(loaded, started)):
         result = run_recipe(loaded, progress=RichProgress(), on_step=None if quiet else render_step)
     if not is_main_process():  # under torchrun only rank 0 reports
         return
     render_report(result.report)
     if json_path is not None:
-        write_json_atomic(json_path, result.report.to_dict())
+        with user_errors(), write_errors("--json", json_path, consequence="the report is printed above only"):
+            write_json_atomic(json_path, result.report.to_dict())
+
+
+def _kept_after_interrupt(recipe: Recipe, started: float) -> str:
+    """What Ctrl-C left: the output folder is swapped in whole (rmtp.saving), so it is either as
+    before the run or the complete new result; its model description's age tells which."""
+    from rmtp.saving import META_FILE
+
+    if recipe.output is None:
+        return "interrupted: the recipe saves nothing, so nothing was written"
+    folder = recipe.output.dir
+    try:
+        if (folder / META_FILE).stat().st_mtime >= started:
+            return f"interrupted after the result was saved: {folder} holds the complete new output"
+    except OSError:
+        pass
+    before = f"{folder} is as it was before the run" if folder.exists() else f"{folder} was not created"
+    return f"interrupted: the run's result was not saved; {before}"
 
 
 def validate(recipe: RecipeArg) -> None:
@@ -82,8 +116,14 @@ def validate(recipe: RecipeArg) -> None:
     from rmtp.recipe import load_recipe, step_label
     from rmtp.render import stdout
 
+    from rmtp.preflight import preflight
+    from rmtp.render import stderr
+
     with user_errors():
         loaded = load_recipe(recipe)
+        checked = preflight(loaded)  # the model's structure, built on the meta device (no weights)
+    for warning in checked.warnings:
+        stderr.print(f"[yellow]warning:[/] {escape(warning)}")
     kinds = ", ".join(step_label(step) for step in loaded.steps)
     stdout.print(f"[green]ok[/] {escape(str(recipe))}: {loaded.model.name}, {len(loaded.steps)} steps ({escape(kinds)})")
 

@@ -58,7 +58,7 @@ def bench(
         "--kwargs", help="JSON object of timm.create_model kwargs for checkpoints and timm:NAME models.")] = None,
 ) -> None:
     """Compare models side by side: latency, throughput, peak memory, MACs, params, nonzeros (and top-1)."""
-    from rmtp.atomic import write_json_atomic
+    from rmtp.atomic import check_writable, write_errors, write_json_atomic
     from rmtp.bench import benchmark_models, parse_batches
     from rmtp.bench_report import check_plotting, render_bench, write_plots
     from rmtp.cli import user_errors
@@ -67,17 +67,21 @@ def bench(
     with user_errors():
         batches = parse_batches(batch)
         model_kwargs = _parse_kwargs(kwargs)
+        if json_path is not None:  # before the models are loaded and timed
+            check_writable(json_path, what="--json", is_dir=False)
         if plot is not None:
+            check_writable(plot, what="--plot", is_dir=True)
             check_plotting()
         report = benchmark_models(models, device=device, batches=batches, dtype=dtype, compile=compile_model,
                                   channels_last=channels_last, rounds=rounds, threads=threads, evaluate=evaluate,
                                   model_name=model_name, model_kwargs=model_kwargs, progress=RichProgress())
     render_bench(report)
     if json_path is not None:
-        write_json_atomic(json_path, report.to_dict())
+        with user_errors(), write_errors("--json", json_path, consequence="the results are printed above only"):
+            write_json_atomic(json_path, report.to_dict())
         stdout.print(f"wrote [bold]{escape(str(json_path))}[/]")
     if plot is not None:
-        with user_errors():
+        with user_errors(), write_errors("--plot", plot):
             written, notes = write_plots(report, plot)
         for path in written:
             stdout.print(f"wrote [bold]{escape(str(path))}[/]")

@@ -61,7 +61,7 @@ def analyze_spectrum(
         "--alpha", help="BEMA band: fit σ² on the eigenvalues between the alpha and 1-alpha quantiles.")] = 0.25,
     tw_confidence: Annotated[Optional[float], typer.Option(
         "--tw-confidence", help="Raise the edge by the Tracy–Widom quantile at this confidence (≥ 0.832, e.g. "
-                                "0.95); default: the asymptotic edge σ²(1+√γ)².")] = None,
+                                "0.95); default: the asymptotic edge of the bulk the spikes leave, σ(√(n−k)+√(p−k)).")] = None,
     min_dim: Annotated[int, typer.Option(
         "--min-dim", help="Skip matrices with min(M, N) below this (too few eigenvalues to fit).")] = 32,
     no_split_qkv: Annotated[bool, typer.Option(
@@ -73,21 +73,34 @@ def analyze_spectrum(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the summary, not the per-layer table.")] = False,
 ) -> None:
     """Fit the Marchenko–Pastur law to every prunable weight matrix of a model and report its signal rank."""
-    from rmtp.atomic import write_json_atomic
+    from rmtp.atomic import write_errors, write_json_atomic
     from rmtp.cli import user_errors
     from rmtp.render import RichProgress, stderr
     from rmtp.spectral.analysis import analyze
     from rmtp.spectrum_report import render_spectrum, write_csv_atomic, write_plots
 
     with user_errors():
+        _check_destinations(json_path, csv_path, plot_dir)
         report = analyze(checkpoint, model_name=model, arch=arch, kwargs=parse_kwargs(kwargs), pretrained=pretrained,
                          split_qkv=not no_split_qkv, min_dim=min_dim, alpha=alpha, tw_confidence=tw_confidence,
                          progress=RichProgress())
         render_spectrum(report, layers=not quiet)
         if json_path is not None:
-            write_json_atomic(json_path, report.to_dict())
+            with write_errors("--json", json_path):
+                write_json_atomic(json_path, report.to_dict())
         if csv_path is not None:
-            write_csv_atomic(report, csv_path)
+            with write_errors("--csv", csv_path):
+                write_csv_atomic(report, csv_path)
         if plot_dir is not None:
-            written = write_plots(report, plot_dir, progress=RichProgress())
+            with write_errors("--plot", plot_dir):
+                written = write_plots(report, plot_dir, progress=RichProgress())
             stderr.print(f"wrote {len(written)} plots to {plot_dir}")
+
+
+def _check_destinations(json_path: Path | None, csv_path: Path | None, plot_dir: Path | None) -> None:
+    """Refuse unwritable --json/--csv/--plot paths before the model is loaded and analysed."""
+    from rmtp.atomic import check_writable
+
+    for path, what, is_dir in ((json_path, "--json", False), (csv_path, "--csv", False), (plot_dir, "--plot", True)):
+        if path is not None:
+            check_writable(path, what=what, is_dir=is_dir)

@@ -7,6 +7,20 @@ its traceback.
 
 from __future__ import annotations
 
+import reprlib
+from typing import Any
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict, _SHORT.maxset = 3, 6, 6, 6, 6
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 80, 80, 40
+
+
+def short_repr(value: Any, limit: int = 120) -> str:
+    """``repr(value)`` bounded for an error line: nested containers elided level by level
+    (``reprlib``, so a huge value costs what is shown, not its size), then cut to ``limit``."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
 
 class RmtpError(Exception):
     """Base class for every error a user can cause (bad input, missing file, unknown plugin)."""

@@ -700,3 +700,75 @@ def peak_rss_delta(fn: Callable[[], object]) -> int | None:
     before = _proc_status_bytes("VmHWM")
     fn()
     return max(0, _proc_status_bytes("VmHWM") - before)
+
+
+# --------------------------------------------------------------------------- paired speed-up
+
+#: A speed-up whose per-round ratios spread wider than this (IQR / median) is not reported as a
+#: figure: on a shared machine such a ratio mostly measures the neighbours.
+NOISY_RATIO_IQR = 0.2
+
+
+@dataclass(frozen=True)
+class PairedSpeedup:
+    """Dense vs pruned, timed by :func:`interleaved_timing`: per-call ms and the per-round ratio."""
+
+    dense_ms: Spread
+    pruned_ms: Spread
+    #: dense time / pruned time, one value per round (paired), so drift between rounds cancels.
+    ratio: Spread
+    batch: int
+    threads: int
+    rounds: int
+
+    @property
+    def verdict(self) -> str:
+        """``"faster"``, ``"slower"``, ``"same"`` (the ratios' IQR contains 1) or ``"noisy"``."""
+        if self.ratio.iqr > NOISY_RATIO_IQR * self.ratio.median:
+            return "noisy"
+        if self.ratio.q1 <= 1.0 <= self.ratio.q3:
+            return "same"
+        return "faster" if self.ratio.median > 1.0 else "slower"
+
+    def describe(self) -> str:
+        """One line for a report: the figure where it means something, and why not where it does not."""
+        r = self.ratio
+        settings = f"batch {self.batch}, {self.threads} thread{'s' * (self.threads != 1)}, {self.rounds} interleaved rounds"
+        times = (f"latency {self.pruned_ms.median:.2f} ms [{self.pruned_ms.q1:.2f}–{self.pruned_ms.q3:.2f}] vs dense "
+                 f"{self.dense_ms.median:.2f} ms [{self.dense_ms.q1:.2f}–{self.dense_ms.q3:.2f}]")
+        if self.verdict == "noisy":
+            return (f"{times}; no speed-up figure: the per-round ratios spread ×{r.q1:.2f}–×{r.q3:.2f} (IQR), too wide "
+                    f"to mean anything on this machine ({settings}; try `latency_threads: 1` or `rmtp bench`)")
+        if self.verdict == "same":
+            return f"{times}; not measurably faster or slower: ratios ×{r.q1:.2f}–×{r.q3:.2f} (IQR) contain ×1 ({settings})"
+        return f"{times}; ×{r.median:.2f} [{r.q1:.2f}–{r.q3:.2f}] speed-up, median of per-round ratios ({settings})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"dense_ms": self.dense_ms.to_dict(), "pruned_ms": self.pruned_ms.to_dict(),
+                "ratio": self.ratio.to_dict(), "batch": self.batch, "threads": self.threads, "rounds": self.rounds,
+                "verdict": self.verdict}
+
+
+def paired_speedup(dense: nn.Module, pruned: nn.Module, input_shape: tuple[int, ...], *, batch: int,
+                   device: DeviceLike = "cpu", rounds: int = 15, threads: int | None = None,
+                   on_round: Callable[[int], None] | None = None) -> PairedSpeedup:
+    """Time ``dense`` and ``pruned`` on one random batch the way ``rmtp bench`` does (warm-up,
+    rotated rounds, paired ratios), with ``threads`` fixed for the duration (default: current)."""
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    dev = _resolve_device(device)
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        n_threads = torch.get_num_threads()
+        with _evaluating(dense), _evaluating(pruned), torch.inference_mode():
+            x = torch.randn((batch, *_batch_of_one(input_shape)[1:]), device=dev, dtype=_input_dtype(dense))
+            timings = interleaved_timing([lambda: dense(x), lambda: pruned(x)], device=dev, rounds=rounds,
+                                         on_round=on_round)
+    finally:
+        torch.set_num_threads(before)
+    dense_s, pruned_s = timings[0].seconds, timings[1].seconds
+    return PairedSpeedup(dense_ms=Spread.of([s * 1e3 for s in dense_s]), pruned_ms=Spread.of([s * 1e3 for s in pruned_s]),
+                         ratio=Spread.of([d / p for d, p in zip(dense_s, pruned_s)]), batch=batch,
+                         threads=n_threads, rounds=rounds)

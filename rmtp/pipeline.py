@@ -8,9 +8,9 @@ resolved recipe and report are saved atomically.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
-import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +23,7 @@ from torch import nn
 from rmtp import distributed, metrics, saving
 from rmtp.architecture import Architecture, ModelSpec
 from rmtp.data import DataBundle, build_data
-from rmtp.errors import DeviceError
+from rmtp.errors import CheckpointError, DeviceError, PluginError
 from rmtp.layers import select_layers
 from rmtp.plugins import Plugins, get_plugins
 from rmtp.progress import NULL_PROGRESS, Progress
@@ -95,9 +95,17 @@ def run_recipe(recipe: Recipe, *, progress: Progress = NULL_PROGRESS,
     reports progress, calls ``on_step`` and saves.
     """
     device = distributed.local_device(resolve_device(recipe.device))
-    with distributed.process_group(device):
+    with distributed.process_group(device), _hold_output(recipe):
         return _run(recipe, device, progress if distributed.is_main_process() else NULL_PROGRESS,
                     on_step if distributed.is_main_process() else None)
+
+
+def _hold_output(recipe: Recipe) -> contextlib.AbstractContextManager:
+    """The output folder's lock for the whole run (rank 0), so a second run on the same folder is
+    refused before it builds anything, instead of racing this one when both save."""
+    if recipe.output is None or not distributed.is_main_process():
+        return contextlib.nullcontext()
+    return saving.output_lock(recipe.output.dir, overwrite=recipe.output.overwrite)
 
 
 def _run(recipe: Recipe, device: torch.device, progress: Progress,
@@ -105,7 +113,10 @@ def _run(recipe: Recipe, device: torch.device, progress: Progress,
     started = time.perf_counter()
     plugins = get_plugins()
     seed_everything(recipe.seed)
-    model, spec, baseline, arch = build_model(recipe, plugins)
+    try:
+        model, spec, baseline, arch = build_model(recipe, plugins)
+    except (PluginError, CheckpointError) as exc:  # name the recipe, as validation errors do
+        raise type(exc)(f"{recipe.path}: {exc}" if recipe.path else str(exc)) from None
     model = model.to(device).eval()
     data = build_data(recipe.data, model)
     input_shape = tuple(data.val[0][0].shape)  # per sample, no batch dimension
@@ -146,13 +157,46 @@ def _run_steps(run: _Run, recipe: Recipe, spec: ModelSpec, baseline: ModelSpec, 
     output_dir = None
     if recipe.output is not None and distributed.is_main_process():
         report.seconds = time.perf_counter() - started
-        report.output_dir = str(recipe.output.dir)
-        output_dir = saving.save(run.model, recipe.output.dir, spec=spec, arch=arch, baseline=baseline,
-                                 recipe=recipe.to_dict(), report=report.to_dict(),
-                                 save_weights=recipe.output.save_model, overwrite=recipe.output.overwrite)
-        run.extras.publish()
+        output_dir = _save_output(run, recipe, spec, baseline, report)
     report.seconds = time.perf_counter() - started
     return RunResult(model=run.model, dense_model=dense, report=report, output_dir=output_dir)
+
+
+def _save_output(run: _Run, recipe: Recipe, spec: ModelSpec, baseline: ModelSpec, report: RunReport) -> Path:
+    """Save the model, recipe, report and step outputs to ``output.dir``.
+
+    If that fails after the whole run (full disk, folder gone read-only), the result is saved to a
+    fresh temporary folder instead and the error says where: losing hours of pruning and
+    fine-tuning to one failed write is worse than an unexpected location.
+    """
+    import tempfile
+
+    from rmtp.errors import RmtpError
+
+    def save_to(folder: Path, overwrite: bool) -> Path:
+        report.output_dir = str(folder)
+        saved = saving.save(run.model, folder, spec=spec, arch=run.arch, baseline=baseline, recipe=recipe.to_dict(),
+                            report=report.to_dict(), save_weights=recipe.output.save_model, overwrite=overwrite)
+        run.extras.publish(saved)
+        return saved
+
+    try:
+        return save_to(recipe.output.dir, recipe.output.overwrite)
+    except (OSError, RmtpError) as exc:
+        failure = _reason(exc)
+        try:
+            rescued = save_to(Path(tempfile.mkdtemp(prefix="rmtp-rescued-")) / recipe.output.dir.name, False)
+        except (OSError, RmtpError) as again:
+            raise RmtpError(f"output.dir: {recipe.output.dir}: could not save the result ({failure}), nor rescue "
+                            f"it to a temporary folder ({_reason(again)})") from exc
+        raise RmtpError(f"output.dir: {recipe.output.dir}: could not save the result ({failure}); it was saved "
+                        f"to {rescued} instead") from exc
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return str(exc)
 
 
 def _stats(run: _Run, model: nn.Module, top1: float | None = None) -> ModelStats:
@@ -233,23 +277,13 @@ def _evaluate(run: _Run, index: int, step: EvaluateStep) -> StepReport:
     if run.dense_top1 is not None:
         notes.append(f"top-1 {top1:.2f}% vs dense {run.dense_top1:.2f}% ({top1 - run.dense_top1:+.2f} points)")
     if step.evaluate.latency:
-        batch = step.evaluate.latency_batch
-        stats.dense_latency_ms, stats.latency_ms = _interleaved_latency(run, run.dense, run.model, batch)
-        notes.append(f"latency {stats.latency_ms:.2f} ms vs dense {stats.dense_latency_ms:.2f} ms "
-                     f"(×{stats.dense_latency_ms / stats.latency_ms:.2f} speed-up, batch {batch}, interleaved medians)")
+        settings = step.evaluate
+        with run.progress.task("timing dense vs pruned", total=settings.latency_rounds) as advance:
+            timing = metrics.paired_speedup(run.dense, run.model, run.input_shape, batch=settings.latency_batch,
+                                            device=run.device, rounds=settings.latency_rounds,
+                                            threads=settings.latency_threads, on_round=lambda done: advance())
+        stats.dense_latency_ms, stats.latency_ms = timing.dense_ms.median, timing.pruned_ms.median
+        stats.speedup = timing.to_dict()
+        notes.append(timing.describe())
     return StepReport(index=index, kind="evaluate", name=step_label(step), rows=[], stats=stats,
                       seconds=0.0, notes=notes)
-
-
-def _interleaved_latency(run: _Run, dense: nn.Module, pruned: nn.Module, batch: int,
-                         rounds: int = 5) -> tuple[float, float]:
-    """Median latency (ms) of dense and pruned, measured A B A B … so machine drift cancels."""
-    dense_ms, pruned_ms = [], []
-    with run.progress.task("timing dense vs pruned", total=rounds) as advance:
-        for _ in range(rounds):
-            for model, times in ((dense, dense_ms), (pruned, pruned_ms)):
-                result = metrics.measure_latency(model, run.input_shape, device=run.device, batch_size=batch,
-                                                 min_run_time=0.2)
-                times.append(result.median_s * 1e3)
-            advance()
-    return statistics.median(dense_ms), statistics.median(pruned_ms)

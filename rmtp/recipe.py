@@ -13,14 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from rmtp.data import DataSpec
-from rmtp.errors import PluginError, RecipeError
+from rmtp.atomic import check_writable
+from rmtp.data import DataSpec, imagefolder_problems
+from rmtp.errors import PluginError, RecipeError, RmtpError, short_repr
 from rmtp.layers import LayerFilter
 from rmtp.plugins import Plugins, get_plugins
 from rmtp.pruner import PrunerParams
+from rmtp.safe_yaml import read_yaml_file
 from rmtp.training import TrainConfig
 
 
@@ -41,8 +42,10 @@ class ModelSection(_Strict):
 class EvaluateParams(_Strict):
     """``evaluate:`` step: top-1 on the val split, params, MACs, optionally latency."""
 
-    latency: bool = Field(False, description="also time the model (torch.utils.benchmark) next to the dense one")
+    latency: bool = Field(False, description="also time the model next to the dense one (interleaved rounds, as rmtp bench)")
     latency_batch: int = Field(1, ge=1, le=1024, description="batch size for the latency measurement")
+    latency_rounds: int = Field(15, ge=3, le=1000, description="interleaved timing rounds (median and IQR over them)")
+    latency_threads: int | None = Field(None, ge=1, le=1024, description="CPU threads while timing (null: torch's current setting)")
 
 
 class OutputSection(_Strict):
@@ -141,14 +144,9 @@ def load_recipe(path: str | Path, *, plugins: Plugins | None = None) -> Recipe:
     if not path.is_file():
         raise RecipeError([f"{path}: no such recipe file"])
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise RecipeError([f"{path}{where}: not valid YAML (safe loader; tags are refused): {problem}"]) from None
-    except UnicodeDecodeError as exc:
-        raise RecipeError([f"{path}: not a UTF-8 text file ({exc.reason})"]) from None
+        raw = read_yaml_file(path)
+    except RmtpError as exc:
+        raise RecipeError([str(exc)]) from None
     return parse_recipe(raw, source=path, plugins=plugins)
 
 
@@ -207,12 +205,21 @@ def parse_recipe(raw: Any, *, source: Path | None = None, plugins: Plugins | Non
         data = data.model_copy(update={"root": (base / data.root).resolve()})
     if data.name == "imagefolder" and (data.root is None or not data.root.is_dir()):
         problems.append(f"{label}: data.root: imagefolder needs an existing folder, got {data.root}")
+    elif data.name == "imagefolder":
+        # Folder names only (cheap on ImageNet); a saved rmtp folder brings its own kwargs.
+        kwargs = {} if model.checkpoint is not None and model.checkpoint.is_dir() else model.kwargs
+        problems.extend(f"{label}: {problem}" for problem in imagefolder_problems(data.root, kwargs))
 
     output = shape.output
     if output is not None:
         output = output.model_copy(update={"dir": (base / output.dir).resolve()})
         if output.dir.exists() and not output.overwrite:
             problems.append(f"{label}: output.dir: {output.dir} already exists; set output.overwrite: true or choose another folder")
+        else:
+            try:  # now, not at the end of the run, when its result would have nowhere to go
+                check_writable(output.dir, what="output.dir", is_dir=True)
+            except RmtpError as exc:
+                problems.append(f"{label}: {exc}")
     if problems:
         raise RecipeError(problems)
     return Recipe(path=source, model=model, data=data, steps=steps, output=output, seed=shape.seed,
@@ -275,7 +282,7 @@ def _format_errors(label: str, exc: ValidationError, model_cls: type[BaseModel],
         elif error["type"] == "missing":
             message = "required key is missing"
         else:
-            message = f"{error['msg']} (got {error['input']!r})"
+            message = f"{error['msg']} (got {short_repr(error['input'])})"
         lines.append(f"{label}: {path}: {message}" if path else f"{label}: {message}")
     return lines
 

@@ -3,15 +3,18 @@
 A step that produces more than the model it hands on (spp's levels and solution path, a token
 map) writes through :class:`StagedOutput`, the pipeline's implementation of
 :class:`rmtp.pruner.StepOutput`. Nothing lands in the output folder before the run's own model is
-saved there, so an interrupted run leaves no half set of artefacts beside an old model.
+saved there, so an interrupted run leaves no half set of artefacts beside an old model. The
+staging folder lives under the output folder's lock (:func:`rmtp.saving.output_lock`), so no other
+rmtp process mistakes it for a dead writer's leftover and clears it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +48,7 @@ class StagedOutput:
         self.names: list[str] = []
         self.step = 0  # index of the step now running (the pipeline sets it)
         self._staging: Path | None = None
+        self._held = contextlib.ExitStack()  # the output folder's lock, from staging to discard
 
     def free_name(self, name: str) -> str:
         """``name``, or ``step<k>-<name>`` when an earlier step of the run already used it."""
@@ -56,9 +60,8 @@ class StagedOutput:
         if name in self.names:
             raise RmtpError(f"step output {name!r} was already written by an earlier step of this run")
         if self._staging is None:
-            self.out_dir.parent.mkdir(parents=True, exist_ok=True)
-            self._staging = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.extras.", suffix=".partial",
-                                                  dir=self.out_dir.parent))
+            self._held.enter_context(saving.output_lock(self.out_dir))
+            self._staging = saving.make_temp_dir(self.out_dir, "extras.partial")
         self.names.append(name)
         return self._staging / name
 
@@ -78,15 +81,26 @@ class StagedOutput:
             raise RmtpError(f"step output {name!r}: the writer returned without creating it")
         return self.out_dir / name
 
-    def publish(self) -> None:
-        """Move every entry into the (just saved) output folder."""
+    def publish(self, to: Path | None = None) -> None:
+        """Move every entry into the (just saved) output folder, or into ``to`` (where the run's
+        model was rescued to when the output folder could not be written: another file system)."""
         if self._staging is None:
             return
         for name in self.names:
-            os.replace(self._staging / name, self.out_dir / name)
+            _move(self._staging / name, (to or self.out_dir) / name)
         self.discard()
 
     def discard(self) -> None:
         if self._staging is not None:
             shutil.rmtree(self._staging, ignore_errors=True)
             self._staging = None
+        self._held.close()
+
+
+def _move(source: Path, target: Path) -> None:
+    try:
+        os.replace(source, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        shutil.move(source, target)

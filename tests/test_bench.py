@@ -361,3 +361,25 @@ def test_a_conv_folder_is_timed_on_the_images_its_recipe_used(tmp_path: Path) ->
     run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)))
     report = benchmark(load_candidates([str(tmp_path / "out")]), batches=[1], **FAST)
     assert [m.input_shape for m in report.models] == [(1, 16, 16), (1, 16, 16)]  # dense baseline and pruned
+
+
+class _Greedy(torch.nn.Module):
+    """Above batch 1 its forward asks the real CPU allocator for 16 TiB per image: an out-of-memory
+    error at once (batch 1, where bench counts MACs, fits)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 1:
+            torch.empty(x.shape[0] * 2**44, dtype=torch.uint8)
+        return self.fc(x)
+
+
+def test_a_batch_that_does_not_fit_is_one_clear_error() -> None:
+    with pytest.raises(BenchError, match=r"--batch 8 with model 'greedy' does not fit in CPU memory \(tried to "
+                                         r"allocate \d+ bytes\); try a smaller --batch"):
+        benchmark([Candidate("small", torch.nn.Linear(4, 4), input_shape=(4,)),
+                   Candidate("greedy", _Greedy(), input_shape=(4,))], batches=[8], **FAST)
+

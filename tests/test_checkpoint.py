@@ -84,7 +84,7 @@ class _WritesMarker:
         return (open, (str(self.marker), "w"))
 
 
-@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on plain-pickle files
+@pytest.mark.filterwarnings("error::UserWarning")  # torch's "Detected pickle protocol" note must not reach the user
 @pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
 def test_malicious_pickle_runs_nothing(tmp_path: Path, writer: str) -> None:
     def write(path: Path, marker: Path) -> None:

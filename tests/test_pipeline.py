@@ -72,7 +72,41 @@ def test_evaluate_latency_is_measured_side_by_side(tmp_path: Path) -> None:
         [{"evaluate": {"latency": True, "latency_batch": 2}}]))))
     stats = result.report.steps[0].stats
     assert stats.latency_ms > 0 and stats.dense_latency_ms > 0
-    assert any("interleaved" in note for note in result.report.steps[0].notes)
+    assert stats.speedup["batch"] == 2 and stats.speedup["rounds"] == 15 and stats.speedup["ratio"]["n"] == 15
+    assert stats.speedup["verdict"] in {"faster", "slower", "same", "noisy"}
+    assert any("interleaved rounds" in note for note in result.report.steps[0].notes)
+
+
+def _spread(median: float, q1: float, q3: float):
+    from rmtp.metrics import Spread
+
+    return Spread(median=median, q1=q1, q3=q3, min=q1, max=q3, n=15)
+
+
+@pytest.mark.parametrize("ratio,verdict,shown", [
+    ((1.50, 1.45, 1.55), "faster", "×1.50 [1.45–1.55] speed-up"),
+    ((0.70, 0.68, 0.72), "slower", "×0.70 [0.68–0.72] speed-up"),
+    ((1.02, 0.97, 1.06), "same", "not measurably faster or slower"),
+    ((0.40, 0.20, 0.90), "noisy", "no speed-up figure"),  # the quickstart's "×0.40" on a busy machine
+])
+def test_a_speedup_is_printed_only_where_it_means_something(ratio, verdict: str, shown: str) -> None:
+    from rmtp.metrics import PairedSpeedup
+
+    timing = PairedSpeedup(dense_ms=_spread(5.0, 4.8, 5.2), pruned_ms=_spread(5.0, 4.8, 5.2), ratio=_spread(*ratio),
+                           batch=1, threads=2, rounds=15)
+    assert timing.verdict == verdict
+    assert shown in timing.describe() and "2 threads, 15 interleaved rounds" in timing.describe()
+    if verdict in {"same", "noisy"}:
+        assert "×0.40 speed-up" not in timing.describe() and "speed-up, median" not in timing.describe()
+
+
+def test_evaluate_latency_threads_are_used_and_restored(tmp_path: Path) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    result = run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", tiny_recipe(
+        [{"evaluate": {"latency": True, "latency_threads": 1, "latency_rounds": 3}}]))))
+    assert result.report.steps[0].stats.speedup["threads"] == 1 and torch.get_num_threads() == before
 
 
 def test_mac_counts_include_attention(tmp_path: Path) -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from torch import nn
 
 import rmtp
 from rmtp.pipeline import run_recipe

@@ -72,3 +72,30 @@ def test_existing_output_dir_needs_overwrite(tmp_path: Path) -> None:
         parse_recipe(recipe, source=tmp_path / "r.yaml")
     recipe["output"]["overwrite"] = True
     assert parse_recipe(recipe, source=tmp_path / "r.yaml").output.overwrite
+
+
+def test_a_yaml_bomb_is_refused_quickly_by_the_cli() -> None:
+    """In a subprocess with a timeout, so a regression fails instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    bomb = BAD / "yaml_bomb.yaml"
+    done = subprocess.run([sys.executable, "-m", "rmtp", "validate", str(bomb)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "YAML refused" in lines[0] and str(bomb) in lines[0]
+    assert "Traceback" not in done.stderr
+
+
+def test_error_values_are_shown_bounded() -> None:
+    from rmtp.errors import short_repr
+
+    huge = [[list(range(1000))] * 1000] * 1000  # 10^9 values if walked
+    text = short_repr(huge)
+    assert len(text) <= 120 and text.startswith("[[[0, 1, 2")
+    assert short_repr("x" * 10_000).endswith("…'") or len(short_repr("x" * 10_000)) <= 120
+    assert short_repr(3) == "3" and short_repr("a") == "'a'"
+    with pytest.raises(RecipeError) as info:
+        parse_recipe({"model": {"name": "vit_tiny_patch16_224"}, "steps": [{"evaluate": {}}], "seed": huge})
+    assert all(len(problem) < 300 for problem in info.value.problems)

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
+import timm
 
+from rmtp import saving
 from rmtp.architecture import ModelSpec
 from rmtp.errors import RmtpError
 from rmtp.pipeline import run_recipe
@@ -80,3 +84,19 @@ def test_a_writer_that_creates_nothing_is_an_error_at_once(tmp_path: Path) -> No
     staged = _staged(tmp_path)
     with pytest.raises(RmtpError, match="returned without creating it"):
         staged.write_file("figure.png", lambda path: None)
+
+
+def test_published_model_variants_follow_the_umask(tmp_path: Path) -> None:
+    staged = _staged(tmp_path)
+    spec = staged.spec
+    previous = os.umask(0o022)
+    try:
+        staged.save_model("variant", timm.create_model(spec.name, **spec.kwargs), {"level": 1})
+        saving.save(timm.create_model(spec.name, **spec.kwargs), tmp_path / "out", spec=spec, arch=staged.arch)
+        staged.publish()
+    finally:
+        os.umask(previous)
+    variant = tmp_path / "out" / "variant"
+    assert stat.S_IMODE(variant.stat().st_mode) == 0o755  # mkdtemp made it 0700
+    assert stat.S_IMODE((variant / saving.WEIGHTS_FILE).stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

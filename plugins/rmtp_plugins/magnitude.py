@@ -31,6 +31,8 @@ class MagnitudePruner(Pruner):
     Params = MagnitudeParams
 
     def prune(self, ctx: PruneContext, params: MagnitudeParams) -> list[LayerRow]:
+        if not ctx.layers:  # a filter that matched nothing: nothing to prune (the step report says so)
+            return []
         modules = [ctx.module(layer) for layer in ctx.layers]
         before = [weight_footprint(module) for module in modules]
         weights = [module.weight for module in modules]

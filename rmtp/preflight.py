@@ -1,0 +1,99 @@
+"""Checks of a validated recipe against the structure of the model it names, without its weights.
+
+``rmtp validate`` promises to find what would fail before anything runs. Some of that depends on
+the model: kwargs timm rejects, a step's layer filter that matches none of the model's layers.
+Building the model on PyTorch's ``meta`` device gives its modules and shapes at no memory cost
+(ViT-B/16 in ~0.2 s, no weights are allocated or read), so validation can answer those too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from rmtp.architecture import Architecture, ModelSpec
+from rmtp.errors import CheckpointError, RecipeError, RmtpError
+from rmtp.layers import select_layers
+from rmtp.plugins import Plugins, get_plugins
+from rmtp.recipe import PruneStep, Recipe
+
+
+@dataclass
+class Preflight:
+    """What the structural check found: errors stop the run, warnings are worth a look."""
+
+    warnings: list[str] = field(default_factory=list)
+
+
+def preflight(recipe: Recipe, *, plugins: Plugins | None = None) -> Preflight:
+    """Build ``recipe``'s model on the meta device and check the steps against it.
+
+    Raises :class:`RecipeError` when timm cannot build the model from the recipe's kwargs; returns
+    a warning for every prune step whose layer filter selects no layer (the run would prune
+    nothing there and say so).
+    """
+    plugins = plugins or get_plugins()
+    label = str(recipe.path) if recipe.path else "<recipe>"
+    try:
+        model, arch = _meta_model(recipe, plugins)
+    except CheckpointError:
+        return Preflight()  # a saved folder this rmtp cannot rebuild on meta: the run will say why
+    except RmtpError as exc:
+        raise RecipeError([f"{label}: {exc}"]) from None
+    result = Preflight()
+    if recipe.data.name == "imagefolder" and recipe.data.root is not None:
+        _check_classes(label, recipe.data.root, model)
+    for index, step in enumerate(recipe.steps):
+        if not isinstance(step, PruneStep) or step.layers is None:
+            continue
+        pruner_cls = plugins.pruners.get(step.prune)
+        candidates = arch.prunable_layers(model, include_replaced=pruner_cls.revisits_replaced_layers)
+        if not select_layers(candidates, step.layers):
+            names = ", ".join(layer.name for layer in candidates[:4]) + (", …" if len(candidates) > 4 else "")
+            result.warnings.append(f"{label}: steps[{index}].layers: selects none of the model's "
+                                   f"{len(candidates)} prunable layers ({names}); this step would prune nothing")
+    return result
+
+
+def _check_classes(label: str, root: Path, model: nn.Module) -> None:
+    """Class folders vs the head the model really has: with no ``num_classes`` in the kwargs
+    (timm's default 1000) recipe validation alone cannot tell."""
+    from rmtp.data import DataError, class_count_problem, imagefolder_layout, model_num_classes
+
+    try:
+        _, classes = imagefolder_layout(root)
+    except DataError:
+        return  # recipe validation reported the layout already
+    problem = class_count_problem(f"data.root: {root}", len(classes), model_num_classes(model))
+    if problem is not None:
+        raise RecipeError([f"{label}: {problem}"])
+
+
+def _meta_model(recipe: Recipe, plugins: Plugins) -> tuple[nn.Module, Architecture]:
+    from rmtp import saving
+    from rmtp.modules import apply_replacements
+
+    section = recipe.model
+    if section.checkpoint is not None and saving.is_saved_model(section.checkpoint):
+        meta = saving.read_meta(section.checkpoint)
+        try:
+            spec = ModelSpec(name=meta["model"]["name"], arch=meta["model"].get("arch"),
+                             kwargs=dict(meta["model"].get("kwargs") or {}))
+            arch = plugins.architecture(meta["arch"])
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{section.checkpoint}: malformed model description: {exc}") from None
+        replaced = meta.get("replaced") or []
+    else:
+        spec = ModelSpec(name=section.name, arch=section.arch, kwargs=dict(section.kwargs))
+        arch = plugins.architecture_for(spec.name, spec.arch)
+        replaced = []
+    with torch.device("meta"):
+        model = arch.create(spec)  # no pretrained download, no checkpoint read: structure only
+        try:
+            apply_replacements(model, replaced, source=str(section.checkpoint))
+        except Exception as exc:  # noqa: BLE001 - a replacement class that cannot live on meta
+            raise CheckpointError(str(exc)) from None
+    return model, arch

@@ -1,0 +1,123 @@
+"""Bad input met while running (not only validating): each case ends as one line on stderr naming
+the file or key, exit code 1, no traceback, and nothing written to the output."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from rmtp.cli import build_app
+
+from conftest import tiny_recipe, write_recipe
+
+
+def _cli(*args: str):
+    return CliRunner().invoke(build_app(), list(args))
+
+
+def _one_error_line(result, *fragments: str) -> str:
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error:") and "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def _recipe(tmp_path: Path, steps: list[dict[str, Any]], **model: Any) -> Path:
+    recipe = tiny_recipe(steps, output=tmp_path / "out")
+    recipe["model"]["kwargs"].update(model)
+    return write_recipe(tmp_path / "recipe.yaml", recipe)
+
+
+@pytest.mark.parametrize("command", ["validate", "prune"])
+def test_timm_kwargs_naming_unknown_things(tmp_path: Path, command: str) -> None:
+    """`act_layer: os.system` used to surface as a raw KeyError from timm's layer registry."""
+    path = _recipe(tmp_path, [{"evaluate": {}}], act_layer="os.system")
+    line = _one_error_line(_cli(command, str(path)), str(path), "model.kwargs", "KeyError", "os.system")
+    assert "act_layer" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("pruner", ["magnitude", "svd-mp", "n:m"])
+def test_a_layer_filter_matching_nothing_prunes_nothing_and_says_so(tmp_path: Path, pruner: str) -> None:
+    """magnitude crashed in torch.cat on an empty list; every pruner now reports the empty step,
+    and `rmtp validate` warns before the run."""
+    steps = [{"prune": pruner, "layers": {"include": ["no.such.layer*"]}}]
+    path = _recipe(tmp_path, steps)
+    checked = _cli("validate", str(path))
+    assert checked.exit_code == 0, checked.output
+    assert "warning:" in checked.output and "steps[0].layers: selects none of the model's" in checked.output
+    ran = _cli("prune", str(path))
+    assert ran.exit_code == 0, ran.output
+    assert "selected no layers; nothing was pruned" in ran.output
+
+
+def test_validate_is_silent_about_filters_that_match(tmp_path: Path) -> None:
+    path = _recipe(tmp_path, [{"prune": "magnitude", "layers": ["blocks.*.mlp.fc1"]}])
+    checked = _cli("validate", str(path))
+    assert checked.exit_code == 0 and "warning" not in checked.output
+
+
+def _interrupt(*args: Any, **kwargs: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def test_ctrl_c_says_in_one_line_that_the_previous_output_is_intact(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C used to exit 130 silently; now one line says what was kept."""
+    import rmtp.pipeline
+
+    recipe = tiny_recipe([{"evaluate": {}}], output=tmp_path / "out")
+    recipe["output"]["overwrite"] = True
+    path = write_recipe(tmp_path / "recipe.yaml", recipe)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "previous.txt").write_text("kept")
+    monkeypatch.setattr(rmtp.pipeline, "run_recipe", _interrupt)
+    result = _cli("prune", str(path))
+    assert result.exit_code == 130
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("interrupted") and "is as it was before the run" in lines[0]
+    assert (tmp_path / "out" / "previous.txt").read_text() == "kept"
+
+
+def test_ctrl_c_before_any_output_existed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import rmtp.pipeline
+
+    path = _recipe(tmp_path, [{"evaluate": {}}])
+    monkeypatch.setattr(rmtp.pipeline, "run_recipe", _interrupt)
+    result = _cli("prune", str(path))
+    assert result.exit_code == 130 and "was not created" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_in_other_commands_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import rmtp.spectral.analysis
+
+    monkeypatch.setattr(rmtp.spectral.analysis, "analyze", _interrupt)
+    from conftest import REPO
+
+    result = _cli("analyze-spectrum", str(REPO / "models" / "digits_vit.safetensors"))
+    assert result.exit_code == 130, result.output
+    assert result.output.strip().splitlines()[-1].startswith("interrupted: no file was left half-written")
+
+
+def test_validate_checks_the_class_folders_against_the_head_timm_builds(tmp_path: Path) -> None:
+    """Without num_classes in the kwargs the head is timm's default 1000: only the built structure tells."""
+    from PIL import Image
+
+    root = tmp_path / "images"
+    for name in ("a", "b", "c"):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("L", (16, 16), color=40 * i).save(root / name / f"{i}.png")
+    recipe = tiny_recipe([{"evaluate": {}}], output=tmp_path / "out")
+    del recipe["model"]["kwargs"]["num_classes"]
+    recipe["data"] = {"name": "imagefolder", "root": str(root)}
+    path = write_recipe(tmp_path / "recipe.yaml", recipe)
+    _one_error_line(_cli("validate", str(path)), str(path), "has 3 classes but the model's head has 1000 outputs",
+                    "model.kwargs.num_classes: 3")
