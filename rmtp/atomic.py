@@ -40,6 +40,23 @@ def write_text_atomic(path: Path | str, text: str) -> Path:
     return path
 
 
+def save_figure_atomic(figure: Any, path: Path | str, **savefig: Any) -> Path:
+    """``figure.savefig`` to a temp file in ``path``'s folder, then renamed over ``path``: a killed
+    plot leaves the previous PNG or the new one, never a truncated image."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        figure.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png", **savefig)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
 def write_json_atomic(path: Path | str, data: Any) -> Path:
     """Write ``data`` as indented JSON with a final newline, atomically."""
     return write_text_atomic(path, json.dumps(data, indent=2) + "\n")

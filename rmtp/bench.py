@@ -235,19 +235,15 @@ def _card_eval_data(card: dict[str, Any], path: Path) -> EvalData | None:
 
 
 def _folder_eval_data(folder: Path) -> EvalData | None:
-    from rmtp.safe_yaml import read_yaml_file
-    from rmtp.saving import RECIPE_FILE
+    from rmtp.saving import RECIPE_FILE, read_saved_recipe
 
-    recipe_path = folder / RECIPE_FILE
-    if not recipe_path.is_file():
-        return None
     try:
-        recipe = read_yaml_file(recipe_path)
+        recipe = read_saved_recipe(folder)
     except RmtpError as exc:
         raise BenchError(str(exc)) from None
-    if not isinstance(recipe, dict) or not isinstance(recipe.get("data", {}), dict):
-        raise BenchError(f"{recipe_path}: not a resolved recipe (no data mapping)")
-    return _eval_data(recipe.get("data") or {}, saved_split_seed(recipe), str(recipe_path))
+    if recipe is None:
+        return None
+    return _eval_data(recipe.get("data") or {}, saved_split_seed(recipe), str(folder / RECIPE_FILE))
 
 
 def _eval_data(fields: dict[str, Any], seed: Any, source: str) -> EvalData:

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from rmtp.atomic import save_figure_atomic
 from rmtp.bench import BatchRun, BenchError, BenchModel, BenchReport
 from rmtp.metrics import Spread
 from rmtp.render import human, stdout
@@ -209,7 +210,7 @@ def _throughput_plot(report: BenchReport, path: Path) -> Path:
     ax.set_title(f"throughput · {setup_line(report)}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    figure.savefig(path)
+    save_figure_atomic(figure, path)
     return path
 
 
@@ -230,5 +231,5 @@ def _accuracy_plot(report: BenchReport, path: Path) -> Path:
     ax.set_title(f"accuracy vs MACs · {report.settings.dtype}", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    figure.savefig(path)
+    save_figure_atomic(figure, path)
     return path

@@ -382,6 +382,23 @@ def _holder_pid(fd: int) -> int | None:
         return None
 
 
+def read_saved_recipe(folder: Path) -> dict[str, Any] | None:
+    """The resolved recipe saved in ``folder`` (``recipe.yaml``), or None when it has none.
+
+    Read as untrusted input (safe loader, size cap: :mod:`rmtp.safe_yaml`), since a folder may come
+    from anyone; anything but a mapping is one-line :class:`RmtpError`.
+    """
+    from rmtp.safe_yaml import read_yaml_file
+
+    path = Path(folder) / RECIPE_FILE
+    if not path.is_file():
+        return None
+    recipe = read_yaml_file(path)
+    if not isinstance(recipe, dict) or not isinstance(recipe.get("data") or {}, dict):
+        raise RmtpError(f"{path}: not a resolved recipe (no data mapping)")
+    return recipe
+
+
 def read_meta(path: Path) -> dict[str, Any]:
     try:
         meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))

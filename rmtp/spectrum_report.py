@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from rmtp.atomic import write_text_atomic
+from rmtp.atomic import save_figure_atomic, write_text_atomic
 from rmtp.errors import RmtpError
 from rmtp.progress import NULL_PROGRESS, Progress
 from rmtp.render import human, stdout
@@ -219,7 +219,7 @@ def _plot_layer(layer: LayerSpectrum, path: Path) -> None:
                  f"k = {k} / {p}  KS = {fit.ks:.3f}{flag}", fontsize=9)
     ax.legend(fontsize=7, loc="upper right" if not beyond else "center right")
     figure.tight_layout()
-    figure.savefig(path)
+    save_figure_atomic(figure, path)
 
 
 def _plot_overview(report: SpectrumReport, path: Path) -> None:
@@ -244,4 +244,4 @@ def _plot_overview(report: SpectrumReport, path: Path) -> None:
     if roles:
         ax.legend(fontsize=7, ncol=min(4, len(roles)))
     figure.tight_layout()
-    figure.savefig(path)
+    save_figure_atomic(figure, path)

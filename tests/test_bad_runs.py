@@ -121,3 +121,44 @@ def test_validate_checks_the_class_folders_against_the_head_timm_builds(tmp_path
     path = write_recipe(tmp_path / "recipe.yaml", recipe)
     _one_error_line(_cli("validate", str(path)), str(path), "has 3 classes but the model's head has 1000 outputs",
                     "model.kwargs.num_classes: 3")
+
+
+def test_a_saved_folders_recipe_is_read_as_untrusted_yaml(tmp_path: Path) -> None:
+    """`rmtp bench` and `rmtp token-map` read recipe.yaml from folders anyone may have sent."""
+    from rmtp.errors import RmtpError
+    from rmtp.saving import read_saved_recipe
+
+    assert read_saved_recipe(tmp_path) is None
+    bomb = (Path(__file__).parent / "bad_recipes" / "yaml_bomb.yaml").read_text()
+    (tmp_path / "recipe.yaml").write_text(bomb)
+    with pytest.raises(RmtpError, match="YAML refused"):
+        read_saved_recipe(tmp_path)
+    (tmp_path / "recipe.yaml").write_text("!!python/object/apply:os.system ['true']\n")
+    with pytest.raises(RmtpError, match="tags are refused"):
+        read_saved_recipe(tmp_path)
+    (tmp_path / "recipe.yaml").write_text("- a list\n")
+    with pytest.raises(RmtpError, match="not a resolved recipe"):
+        read_saved_recipe(tmp_path)
+
+
+def test_figures_are_written_atomically(tmp_path: Path) -> None:
+    """A plot replaces the previous file in one rename; a failing savefig leaves it untouched."""
+    from rmtp.atomic import save_figure_atomic
+
+    class Figure:
+        def __init__(self, fail: bool) -> None:
+            self.fail = fail
+
+        def savefig(self, target: str, format: str, **kwargs: Any) -> None:
+            Path(target).write_bytes(b"half")
+            if self.fail:
+                raise OSError(28, "No space left on device")
+            Path(target).write_bytes(b"new image")
+
+    path = tmp_path / "plot.png"
+    path.write_bytes(b"old image")
+    with pytest.raises(OSError):
+        save_figure_atomic(Figure(fail=True), path)
+    assert path.read_bytes() == b"old image" and [p.name for p in tmp_path.iterdir()] == ["plot.png"]
+    save_figure_atomic(Figure(fail=False), path)
+    assert path.read_bytes() == b"new image" and [p.name for p in tmp_path.iterdir()] == ["plot.png"]

@@ -76,11 +76,12 @@ def save_token_map(model: nn.Module, images: Tensor, path: str | Path, *, column
         ax.imshow(out, interpolation="nearest")
         ax.set_title(f"{n_tokens} tokens, {len(group)} merged", fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    from rmtp.atomic import save_figure_atomic
+
+    try:
+        return save_figure_atomic(fig, path, dpi=120)
+    finally:
+        plt.close(fig)
 
 
 def visualize_run(folder: str | Path, out: str | Path | None = None, images: int = 8) -> Path:
@@ -89,24 +90,30 @@ def visualize_run(folder: str | Path, out: str | Path | None = None, images: int
     The data (and its split seed) come from the folder's ``recipe.yaml`` when it has one, else
     the embedded digits.
     """
-    import yaml
+    from pydantic import ValidationError
 
+    from rmtp.atomic import check_writable
     from rmtp.data import DataSpec, build_data, saved_split_seed
-    from rmtp.saving import RECIPE_FILE, load
+    from rmtp.errors import short_repr
+    from rmtp.saving import RECIPE_FILE, load, read_saved_recipe
 
     folder = Path(folder)
+    out = Path(out) if out is not None else folder / "token_map.png"
+    check_writable(out, what="--out", is_dir=False)  # before the model is loaded and run
     loaded = load(folder)
     spec = DataSpec()
-    recipe_path = folder / RECIPE_FILE
-    if recipe_path.is_file():
-        recipe = yaml.safe_load(recipe_path.read_text(encoding="utf-8")) or {}
-        spec = DataSpec(**{**(recipe.get("data") or {}), "split_seed": saved_split_seed(recipe)})
+    recipe = read_saved_recipe(folder)
+    if recipe is not None:
+        try:
+            spec = DataSpec(**{**(recipe.get("data") or {}), "split_seed": saved_split_seed(recipe)})
+        except (ValidationError, TypeError) as exc:
+            raise RmtpError(f"{folder / RECIPE_FILE}: data: not a valid data section: {short_repr(str(exc), 200)}") from None
     val = build_data(spec, loaded.model).val
     count = min(images, len(val))
     if count < 1:
         raise RmtpError(f"{folder}: the val split is empty")
     batch = torch.stack([val[i][0] for i in range(count)])
-    return save_token_map(loaded.model, batch, out or folder / "token_map.png")
+    return save_token_map(loaded.model, batch, out)
 
 
 def token_map_command(
