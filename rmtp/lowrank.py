@@ -12,7 +12,8 @@ so a later svd-mp round (prune → finetune → prune) truncates against the edg
 dense weights. :func:`factor_svds` gives the exact SVD of a split layer's product in
 O((M+N)·k²) and :func:`refactorize` builds the thinner replacement.
 
-The modules are :func:`~rmtp.modules.rebuildable`, so a saved model reloads with them in place.
+The modules are :func:`~rmtp.modules.rebuildable` (ids ``lowrank.*``; the aliases are the import paths
+folders of format 1–2 name them by), so a saved model reloads with them in place.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import nn
 from rmtp.modules import rebuildable
 
 
-@rebuildable
+@rebuildable("lowrank.linear", aliases=["rmtp.lowrank.LowRankLinear"])
 class LowRankLinear(nn.Module):
     """``Linear(N → M)`` as ``first: Linear(N → k, no bias)`` then ``second: Linear(k → M, bias)``."""
 
@@ -56,7 +57,7 @@ class LowRankLinear(nn.Module):
         return f"{self.first.in_features} → {self.rank} → {self.second.out_features}"
 
 
-@rebuildable
+@rebuildable("lowrank.conv2d", aliases=["rmtp.lowrank.LowRankConv2d"])
 class LowRankConv2d(nn.Module):
     """``Conv2d(C_in → C_out, k_h×k_w)`` as a k-channel conv with the original kernel, then a 1×1 conv."""
 
@@ -123,7 +124,7 @@ def factorize(module: nn.Linear | nn.Conv2d, u: torch.Tensor, s: torch.Tensor, v
     return low.to(module.weight.device)
 
 
-@rebuildable
+@rebuildable("lowrank.block_linear", aliases=["rmtp.lowrank.BlockLowRankLinear"])
 class BlockLowRankLinear(nn.Module):
     """A fused projection (e.g. timm's qkv) whose output blocks each have their own rank.
 

@@ -12,29 +12,154 @@ A change to *how* a model computes rather than to its layers (token reduction in
 pass) is a :class:`ModelPatch` instead: registered with :func:`model_patch`, applied and recorded
 on the model with :func:`apply_patch`, undone exactly with :func:`remove_patch`, saved as
 ``{type, config}`` and re-applied by :func:`rmtp.load` after the weights are loaded.
+
+**Type ids.** The ``type`` a folder records is an explicit, stable id given in the decorator,
+``@rebuildable("lowrank.linear")`` / ``@model_patch("tokens.reduction")``: ``family.kind``, the
+family being the plugin's name. It is *not* where the class lives, so a module can be renamed or
+moved without orphaning the folders users have. rmtp up to format 2 wrote the class's import path
+(``rmtp.lowrank.LowRankLinear``); each class lists the paths it was saved under as ``aliases``,
+and loading resolves a type as an id first, then through that alias table
+(:func:`type_aliases`). A class moved later keeps its id and needs nothing; a class whose id must
+change adds its old id as an alias. Registries refuse a class without an id, an id that is not
+``family.kind``, and a second class under an id or alias already taken (naming both).
 """
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from collections.abc import Callable, Iterable
+from typing import Any, Generic, Literal, TypeVar
 
 from torch import nn
 
-from rmtp.errors import CheckpointError
+from rmtp.errors import CheckpointError, PluginError
 
-_REGISTRY: dict[str, type[nn.Module]] = {}
+T = TypeVar("T", bound=type)
+
+#: ``family.kind`` (more dotted parts allowed): lower case, digits, ``_`` and ``-``, so an id can
+#: never be mistaken for the import path (``package.module.ClassName``) an older rmtp wrote.
+_ID = re.compile(r"[a-z][a-z0-9_-]*(?:\.[a-z0-9][a-z0-9_-]*)+")
 
 
 def type_name(cls: type) -> str:
+    """The import path of ``cls``: what rmtp up to format 2 saved as its type (now an alias)."""
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def rebuildable(cls: type[nn.Module]) -> type[nn.Module]:
-    """Class decorator: register a replacement module type for saving and loading."""
-    if not callable(getattr(cls, "rmtp_config", None)):
-        raise TypeError(f"{type_name(cls)} must define rmtp_config() to be rebuildable")
-    _REGISTRY[type_name(cls)] = cls
-    return cls
+class TypeRegistry(Generic[T]):
+    """Stable id ↔ class for one kind of saved type (replacement modules, model patches).
+
+    ``aliases`` maps names older folders used (import paths, retired ids) to the current id. A
+    class and an id are one-to-one, so saving writes one id per class and loading finds one class
+    per id; the lookup is by exact class, so an unregistered subclass is not taken for its parent.
+    """
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._classes: dict[str, T] = {}
+        self._ids: dict[type, str] = {}
+        self._aliases: dict[str, str] = {}
+
+    def add(self, cls: T, type_id: str, aliases: Iterable[str] = ()) -> None:
+        """Register ``cls`` as ``type_id``; ``aliases`` are the names folders saved it under before."""
+        aliases = list(aliases)
+        for alias in aliases:
+            if not isinstance(alias, str) or not alias:
+                raise TypeError(f"{type_name(cls)}: aliases must be non-empty strings, got {alias!r}")
+        taken = self._classes.get(type_id)
+        if taken is not None and not _redefinition(taken, cls):
+            raise PluginError(f"two {self.kind} types are registered as {type_id!r}: {type_name(taken)} and "
+                              f"{type_name(cls)}; give one of them another id")
+        if type_id in self._aliases:
+            raise PluginError(f"{self.kind} type id {type_id!r} of {type_name(cls)} is already an alias of "
+                              f"{self._aliases[type_id]!r} ({self._owner(self._aliases[type_id])})")
+        for alias in aliases:
+            if alias in self._classes and alias != type_id:
+                raise PluginError(f"alias {alias!r} of {self.kind} type {type_id!r} ({type_name(cls)}) is the id "
+                                  f"of {type_name(self._classes[alias])}")
+            if self._aliases.get(alias, type_id) != type_id:
+                raise PluginError(f"alias {alias!r} is claimed by two {self.kind} types: {self._aliases[alias]!r} "
+                                  f"({self._owner(self._aliases[alias])}) and {type_id!r} ({type_name(cls)})")
+        same_class = [old for old, known in self._classes.items() if _redefinition(known, cls) and old != type_id]
+        if same_class:
+            raise PluginError(f"{type_name(cls)} is registered twice, as {same_class[0]!r} and {type_id!r}; "
+                              f"keep one id and list the other in aliases")
+        # A redefined class replaces the old one for loading; instances of the old one still save.
+        self._classes[type_id] = cls
+        self._ids[cls] = type_id
+        for alias in aliases:
+            self._aliases[alias] = type_id
+
+    def _owner(self, type_id: str) -> str:
+        cls = self._classes.get(type_id)
+        return type_name(cls) if cls is not None else "not registered"
+
+    def id_of(self, cls: type) -> str | None:
+        """The id ``cls`` is registered under (``None``: not registered; a subclass is not its parent)."""
+        return self._ids.get(cls)
+
+    def resolve(self, name: object) -> T | None:
+        """The class a saved ``type`` names: an id, or an alias of one (``None``: unknown)."""
+        if not isinstance(name, str):
+            return None
+        cls = self._classes.get(name)
+        if cls is None and name in self._aliases:
+            cls = self._classes.get(self._aliases[name])
+        return cls
+
+    def ids(self) -> list[str]:
+        return sorted(self._classes)
+
+    def aliases(self) -> dict[str, str]:
+        """Old name → id, a copy."""
+        return dict(self._aliases)
+
+    def known(self) -> str:
+        return ", ".join(self.ids()) or "none registered"
+
+
+def _redefinition(old: type, new: type) -> bool:
+    """The same class defined again (its module re-imported: ``importlib.reload``, a notebook cell),
+    which replaces the old definition instead of being a clash."""
+    return old is new or type_name(old) == type_name(new)
+
+
+def _checked_id(decorator: str, type_id: object) -> str:
+    """``type_id`` if it is a well-formed id; a clear TypeError for ``@decorator`` without one."""
+    if isinstance(type_id, type):
+        raise TypeError(f"@{decorator} needs a stable type id, e.g. @{decorator}(\"my_plugin.my_layer\") above "
+                        f"class {type_id.__qualname__} ({type_name(type_id)}): the id is what saved folders "
+                        f"record, so that moving the class does not orphan them")
+    if not isinstance(type_id, str) or not _ID.fullmatch(type_id):
+        raise TypeError(f"@{decorator}: type id {type_id!r} is not of the form family.kind (lower case, digits, "
+                        f"'_' or '-'; the family is the plugin's name), e.g. \"my_plugin.my_layer\"")
+    return type_id
+
+
+_MODULES: TypeRegistry[type[nn.Module]] = TypeRegistry("module")
+
+
+def rebuildable(type_id: str, *, aliases: Iterable[str] = ()) -> Callable[[type[nn.Module]], type[nn.Module]]:
+    """Class decorator: register a replacement module type for saving and loading as ``type_id``.
+
+    ``@rebuildable("my_plugin.my_layer")``; ``aliases`` lists every name saved folders may hold for
+    this class from before (an older id, or the import path rmtp up to format 2 wrote).
+    """
+    type_id = _checked_id("rebuildable", type_id)
+    aliases = tuple(aliases)
+
+    def register(cls: type[nn.Module]) -> type[nn.Module]:
+        if not callable(getattr(cls, "rmtp_config", None)):
+            raise TypeError(f"{type_name(cls)} must define rmtp_config() to be rebuildable")
+        _MODULES.add(cls, type_id, aliases)
+        return cls
+
+    return register
+
+
+def module_type_id(cls: type) -> str | None:
+    """The id replacement module class ``cls`` is saved under (``None``: not ``@rebuildable``)."""
+    return _MODULES.id_of(cls)
 
 
 def is_replacement(module: nn.Module) -> bool:
@@ -47,11 +172,12 @@ def describe_replacements(model: nn.Module) -> list[dict[str, Any]]:
     entries: list[dict[str, Any]] = []
     taken: list[str] = []
     for path, module in model.named_modules():
-        if type_name(type(module)) not in _REGISTRY:
+        type_id = _MODULES.id_of(type(module))
+        if type_id is None:
             continue
         if any(path.startswith(prefix + ".") for prefix in taken):
             continue  # rebuilt by its parent
-        entries.append({"path": path, "type": type_name(type(module)), "config": module.rmtp_config()})
+        entries.append({"path": path, "type": type_id, "config": module.rmtp_config()})
         taken.append(path)
     return entries
 
@@ -59,12 +185,11 @@ def describe_replacements(model: nn.Module) -> list[dict[str, Any]]:
 def apply_replacements(model: nn.Module, entries: list[dict[str, Any]], *, source: str) -> None:
     """Put empty replacement modules at the recorded paths (weights are loaded afterwards)."""
     for entry in entries:
-        cls = _REGISTRY.get(entry.get("type", ""))
+        cls = _MODULES.resolve(entry.get("type", ""))
         if cls is None:
-            known = ", ".join(sorted(_REGISTRY)) or "none registered"
             raise CheckpointError(
                 f"{source}: layer {entry.get('path')!r} needs module type {entry.get('type')!r}, which no "
-                f"loaded plugin provides (known: {known}); install the plugin that pruned this model"
+                f"loaded plugin provides (known: {_MODULES.known()}); install the plugin that pruned this model"
             )
         if not entry.get("path"):
             raise CheckpointError(f"{source}: a replacement entry has no layer path")
@@ -87,8 +212,6 @@ def apply_replacements(model: nn.Module, entries: list[dict[str, Any]], *, sourc
 
 #: Attribute of the root module listing the patches applied to it, oldest first.
 PATCHES_ATTR = "rmtp_patches"
-
-_PATCH_REGISTRY: dict[str, type[ModelPatch]] = {}
 
 
 class ModelPatch:
@@ -113,12 +236,43 @@ class ModelPatch:
         raise NotImplementedError
 
 
-def model_patch(cls: type[ModelPatch]) -> type[ModelPatch]:
-    """Class decorator: register a :class:`ModelPatch` subclass so saved models can re-apply it."""
-    if not (isinstance(cls, type) and issubclass(cls, ModelPatch)):
-        raise TypeError(f"{type_name(cls)} must subclass rmtp.modules.ModelPatch to be a model patch")
-    _PATCH_REGISTRY[type_name(cls)] = cls
-    return cls
+_PATCHES: TypeRegistry[type[ModelPatch]] = TypeRegistry("patch")
+
+
+def model_patch(type_id: str, *, aliases: Iterable[str] = ()) -> Callable[[type[ModelPatch]], type[ModelPatch]]:
+    """Class decorator: register a :class:`ModelPatch` subclass as ``type_id``, so saved models can
+    re-apply it. ``@model_patch("my_plugin.my_patch")``; ``aliases`` as for :func:`rebuildable`."""
+    type_id = _checked_id("model_patch", type_id)
+    aliases = tuple(aliases)
+
+    def register(cls: type[ModelPatch]) -> type[ModelPatch]:
+        if not (isinstance(cls, type) and issubclass(cls, ModelPatch)):
+            raise TypeError(f"{type_name(cls)} must subclass rmtp.modules.ModelPatch to be a model patch")
+        _PATCHES.add(cls, type_id, aliases)
+        return cls
+
+    return register
+
+
+def patch_type_id(cls: type) -> str | None:
+    """The id patch class ``cls`` is saved under (``None``: not ``@model_patch``)."""
+    return _PATCHES.id_of(cls)
+
+
+def type_aliases() -> dict[str, dict[str, str]]:
+    """The alias tables loading uses: ``{"module": {old name: id}, "patch": {old name: id}}``."""
+    return {"module": _MODULES.aliases(), "patch": _PATCHES.aliases()}
+
+
+def resolve_type(kind: Literal["module", "patch"], name: str) -> type | None:
+    """The class a saved ``type`` of ``kind`` names, by id or by alias (``None``: unknown)."""
+    return {"module": _MODULES, "patch": _PATCHES}[kind].resolve(name)
+
+
+def registered_types() -> dict[str, dict[str, type]]:
+    """Every registered type: ``{"module": {id: class}, "patch": {id: class}}``."""
+    return {"module": {i: _MODULES.resolve(i) for i in _MODULES.ids()},
+            "patch": {i: _PATCHES.resolve(i) for i in _PATCHES.ids()}}
 
 
 def patches_of(model: nn.Module) -> list[ModelPatch]:
@@ -128,7 +282,7 @@ def patches_of(model: nn.Module) -> list[ModelPatch]:
 
 def apply_patch(model: nn.Module, patch: ModelPatch) -> ModelPatch:
     """Apply ``patch`` to ``model`` and record it there, so saving writes it and loading re-applies it."""
-    if type_name(type(patch)) not in _PATCH_REGISTRY:
+    if _PATCHES.id_of(type(patch)) is None:
         raise TypeError(f"{type_name(type(patch))} is not registered with @rmtp.modules.model_patch")
     patch.apply(model)
     model.__dict__[PATCHES_ATTR] = [*patches_of(model), patch]
@@ -156,7 +310,7 @@ def remove_patch(model: nn.Module, patch: ModelPatch | None = None) -> None:
 
 def describe_patches(model: nn.Module) -> list[dict[str, Any]]:
     """``[{type, config}]`` for every patch applied to ``model``, oldest first (JSON-able)."""
-    return [{"type": type_name(type(p)), "config": p.rmtp_config()} for p in patches_of(model)]
+    return [{"type": _PATCHES.id_of(type(p)), "config": p.rmtp_config()} for p in patches_of(model)]
 
 
 def apply_patches(model: nn.Module, entries: list[dict[str, Any]], *, source: str) -> None:
@@ -170,12 +324,11 @@ def apply_patches(model: nn.Module, entries: list[dict[str, Any]], *, source: st
         if not isinstance(entry, dict):
             raise CheckpointError(f"{source}: a patch entry must be an object, got {type(entry).__name__}")
         kind = entry.get("type", "")
-        cls = _PATCH_REGISTRY.get(kind) if isinstance(kind, str) else None
+        cls = _PATCHES.resolve(kind)
         if cls is None:
-            known = ", ".join(sorted(_PATCH_REGISTRY)) or "none registered"
             raise CheckpointError(
                 f"{source}: the model needs patch type {kind!r}, which no loaded plugin provides "
-                f"(known: {known}); install the plugin that pruned this model"
+                f"(known: {_PATCHES.known()}); install the plugin that pruned this model"
             )
         config = entry.get("config", {})
         if not isinstance(config, dict):

@@ -21,6 +21,25 @@ Next to a folder ``NAME`` only rmtp's own bookkeeping appears, never inside it:
 The temporary names are random, not the PID: PIDs repeat (every container's rmtp is PID 1), and
 a name a killed process left behind must not block the next one. Whoever takes the lock first
 clears what dead writers left: it holds the lock, so no live writer owns any such entry.
+
+Format versions (``format_version`` in ``rmtp_model.json``):
+
+    1   ``replaced``: ``[{path, type, config}]``, ``type`` the replacement class's import path
+        (``rmtp.lowrank.LowRankLinear``). Still written for a model with no replaced layer and no
+        patch: such a folder names no type, so every rmtp reads it.
+    2   adds ``patches``: ``[{type, config}]``, forward-pass patches such as token reduction, also
+        by import path. An rmtp that could not re-apply them refuses the folder ("saved by a newer
+        rmtp") instead of silently loading the unpatched model.
+    3   every ``type`` is a stable id registered with its class (``lowrank.linear``,
+        ``tokens.reduction``; see :mod:`rmtp.modules`), not where the class lives, so modules can
+        move without orphaning folders. Written for every model with a replaced layer or a patch,
+        so an rmtp from before ids says to upgrade rather than that a plugin is missing.
+
+Reading: every version up to :data:`FORMAT_VERSION` loads. A type is looked up as an id, then in
+the alias table of the names older folders used (:func:`rmtp.modules.type_aliases`: each import
+path versions 1 and 2 wrote maps to its id), whatever the version, so a folder loads as long as
+the plugin of each type is installed. A version above :data:`FORMAT_VERSION` is refused with
+"saved by a newer rmtp".
 """
 
 from __future__ import annotations
@@ -54,12 +73,11 @@ from rmtp.errors import CheckpointError, RmtpError
 from rmtp.modules import apply_patches, apply_replacements, describe_patches, describe_replacements
 
 FORMAT = "rmtp-model"
-#: Newest format this rmtp reads and writes. Version 2 adds ``patches`` (forward-pass patches such
-#: as token reduction). A model without patches is still written as version 1, which every rmtp
-#: reads; one with patches is version 2, which an rmtp that could not re-apply them refuses with
-#: "saved by a newer rmtp" instead of silently loading the unpatched model.
-FORMAT_VERSION = 2
-_FORMAT_VERSION_WITHOUT_PATCHES = 1
+#: Newest format this rmtp reads and writes (the versions are in the module docstring): 3, types
+#: named by stable id. A model that names no type (no replaced layer, no patch) is written as 1,
+#: which every rmtp reads.
+FORMAT_VERSION = 3
+_FORMAT_VERSION_WITHOUT_TYPES = 1
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "rmtp_model.json"
 RECIPE_FILE = "recipe.yaml"
@@ -109,14 +127,14 @@ def _write_folder(folder: Path, model: nn.Module, *, spec: ModelSpec, arch: Arch
                   baseline: ModelSpec | None, recipe: dict[str, Any] | None, report: dict[str, Any] | None,
                   save_weights: bool) -> None:
     """Fill the staging ``folder``; nothing here is visible under the output name until it is whole."""
-    patches = describe_patches(model)
+    replaced, patches = describe_replacements(model), describe_patches(model)
     meta = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION if patches else _FORMAT_VERSION_WITHOUT_PATCHES,
+        "format_version": FORMAT_VERSION if replaced or patches else _FORMAT_VERSION_WITHOUT_TYPES,
         "rmtp_version": __version__,
         "arch": arch.name,
         "model": {**spec.to_dict(), "checkpoint": None, "pretrained": False},
-        "replaced": describe_replacements(model),
+        "replaced": replaced,
         "patches": patches,
         "baseline": baseline.to_dict() if baseline else None,
         "has_weights": save_weights,
@@ -408,9 +426,12 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path / META_FILE}: not valid JSON: {exc}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise CheckpointError(f"{path / META_FILE}: not an rmtp model description (format != {FORMAT!r})")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
+    version = meta.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointError(f"{path / META_FILE}: format_version must be a whole number, got {version!r}")
+    if version > FORMAT_VERSION:
         raise CheckpointError(
-            f"{path}: saved by a newer rmtp (format {meta['format_version']} > {FORMAT_VERSION}); upgrade rmtp"
+            f"{path}: saved by a newer rmtp (format {version} > {FORMAT_VERSION}); upgrade rmtp"
         )
     return meta
 

@@ -20,7 +20,7 @@ from rmtp.saving import META_FILE, WEIGHTS_FILE, save
 from conftest import TINY_VIT
 
 
-@rebuildable
+@rebuildable("test-saving.two_factor_linear")
 class TwoFactorLinear(nn.Module):
     """A Linear split into two thin ones, as a low-rank pruner would leave it."""
 

@@ -119,7 +119,7 @@ def test_depthwise_convs_are_listed_as_skipped_and_convs_are_reshaped() -> None:
     assert all(row.fit.rank <= 1 and row.fit.bulk_is_mp for row in rows if row.fit is not None)
 
 
-@rebuildable
+@rebuildable("test-spectral.pair")
 class Pair(nn.Module):
     """A stand-in for a pruner's low-rank replacement."""
 
@@ -142,7 +142,7 @@ class Pair(nn.Module):
         return {"n_in": self.first.in_features, "rank": self.first.out_features, "n_out": self.second.out_features}
 
 
-@rebuildable
+@rebuildable("test-spectral.wrapped")
 class Wrapped(nn.Module):
     """A stand-in for a token pruner's patched module: a replacement that keeps the original's children."""
 

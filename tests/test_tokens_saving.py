@@ -37,8 +37,8 @@ def test_save_load_reapplies_the_patch_with_identical_outputs(tmp_path: Path, pl
         expected = model(images)
     out = _save(model, tmp_path / "m")
     meta = json.loads((out / META_FILE).read_text())
-    assert meta["format_version"] == 2
-    assert meta["patches"] == [{"type": "rmtp_plugins.tokens.patch.TokenReduction",
+    assert meta["format_version"] == 3
+    assert meta["patches"] == [{"type": "tokens.reduction",
                                 "config": TokenReduction(**PLANS[plan]).rmtp_config()}]
     loaded = rmtp.load(out).model
     assert isinstance(loaded, TokenVisionTransformer) and describe_patches(loaded) == meta["patches"]
@@ -112,7 +112,7 @@ def test_bad_patch_entries_are_refused_on_load(tmp_path: Path, entry, message: s
         rmtp.load(out)
 
 
-@model_patch
+@model_patch("test-tokens.head_scale")
 class _HeadScale(ModelPatch):
     """A toy patch: scales a model's output by swapping the head's forward."""
 

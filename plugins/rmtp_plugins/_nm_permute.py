@@ -212,7 +212,7 @@ def _build_layer(config: dict[str, Any]) -> nn.Module:
     raise ValueError(f"PermutedInput: unsupported layer config {config!r}")
 
 
-@rebuildable
+@rebuildable("nm.permuted_input", aliases=["rmtp_plugins._nm_permute.PermutedInput"])
 class PermutedInput(nn.Module):
     """``layer(x[..., π])`` (Linear) or ``layer(x[:, π])`` (Conv2d): a layer whose input channels were
     permuted for its N:M mask. π is the persistent buffer ``input_perm``, so it is saved with the

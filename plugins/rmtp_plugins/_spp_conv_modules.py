@@ -38,7 +38,7 @@ def _output_size(x: torch.Tensor, geometry: dict[str, list[int]]) -> tuple[int, 
     return tuple((x.shape[2 + i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(2))
 
 
-@rebuildable
+@rebuildable("spp.sliced_conv2d", aliases=["rmtp_plugins._spp_conv_modules.SlicedConv2d"])
 class SlicedConv2d(nn.Conv2d):
     """A Conv2d whose output and/or input channels were sliced away by ``spp`` (groups = 1)."""
 
@@ -59,7 +59,7 @@ class SlicedConv2d(nn.Conv2d):
         return new
 
 
-@rebuildable
+@rebuildable("spp.sliced_batchnorm2d", aliases=["rmtp_plugins._spp_conv_modules.SlicedBatchNorm2d"])
 class SlicedBatchNorm2d(nn.BatchNorm2d):
     """A BatchNorm2d keeping some of its channels (affine params and running statistics)."""
 
@@ -83,7 +83,7 @@ class SlicedBatchNorm2d(nn.BatchNorm2d):
         return new
 
 
-@rebuildable
+@rebuildable("spp.constant_channels", aliases=["rmtp_plugins._spp_conv_modules.ConstantChannels"])
 class ConstantChannels(nn.Module):
     """A channels-first MLP branch whose every hidden channel was removed: ``bias`` at every position."""
 
@@ -103,7 +103,7 @@ class ConstantChannels(nn.Module):
         return f"dim={self.dim}, bias={self.bias is not None} (every hidden channel removed by spp)"
 
 
-@rebuildable
+@rebuildable("spp.removed_conv2d", aliases=["rmtp_plugins._spp_conv_modules.RemovedConv2d"])
 class RemovedConv2d(nn.Module):
     """A conv whose every output channel was removed: one zero channel at the conv's output size."""
 
@@ -122,7 +122,7 @@ class RemovedConv2d(nn.Module):
         return f"stride={self.geometry['stride']} (every output channel removed by spp; carries the size only)"
 
 
-@rebuildable
+@rebuildable("spp.removed_norm", aliases=["rmtp_plugins._spp_conv_modules.RemovedNorm"])
 class RemovedNorm(nn.Identity):
     """The BatchNorm of channels that were all removed (identity on the size-carrying zero map)."""
 
@@ -130,7 +130,7 @@ class RemovedNorm(nn.Identity):
         return {}
 
 
-@rebuildable
+@rebuildable("spp.zero_input_conv2d", aliases=["rmtp_plugins._spp_conv_modules.ZeroInputConv2d"])
 class ZeroInputConv2d(nn.Module):
     """A conv whose every input channel was removed: its output for a zero input (bias or zeros)."""
 

@@ -62,7 +62,7 @@ def copy_parameters(layer: nn.Linear | nn.Conv2d, weight: torch.Tensor, bias: to
             layer.bias.copy_(bias)
 
 
-@rebuildable
+@rebuildable("spp.sliced_linear", aliases=["rmtp_plugins._spp_modules.SlicedLinear"])
 class SlicedLinear(nn.Linear):
     """A Linear whose rows (outputs) or columns (inputs) were sliced away by ``spp``."""
 
@@ -79,7 +79,7 @@ class SlicedLinear(nn.Linear):
         return new
 
 
-@rebuildable
+@rebuildable("spp.constant_branch", aliases=["rmtp_plugins._spp_modules.ConstantBranch"])
 class ConstantBranch(nn.Module):
     """A residual branch whose every head/neuron was removed: each token gets ``bias`` (or zeros).
 
@@ -120,7 +120,7 @@ class _HeadsConfig(BaseModel):
     heads: dict[str, int] = Field(description="attention module path → its number of heads after slicing")
 
 
-@model_patch
+@model_patch("spp.attention_heads", aliases=["rmtp_plugins._spp_modules.AttentionHeads"])
 class AttentionHeads(ModelPatch):
     """Set ``num_heads``/``attn_dim`` of sliced timm ``Attention`` modules (``spp`` head pruning).
 

@@ -338,7 +338,7 @@ def _upgrade_record(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
-@model_patch
+@model_patch("tokens.reduction", aliases=["rmtp_plugins.tokens.patch.TokenReduction"])
 class TokenReduction(ModelPatch):
     """Token reduction in a timm ViT's forward pass (``token-cls``, ``token-mean``, ``tome``)."""
 
