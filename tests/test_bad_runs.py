@@ -162,3 +162,8 @@ def test_figures_are_written_atomically(tmp_path: Path) -> None:
     assert path.read_bytes() == b"old image" and [p.name for p in tmp_path.iterdir()] == ["plot.png"]
     save_figure_atomic(Figure(fail=False), path)
     assert path.read_bytes() == b"new image" and [p.name for p in tmp_path.iterdir()] == ["plot.png"]
+
+
+def test_token_map_checks_its_destination_before_loading(tmp_path: Path) -> None:
+    result = _cli("token-map", str(tmp_path / "no-such-run"), "-o", "/proc/rmtp-nope/map.png")
+    _one_error_line(result, "--out", "/proc/rmtp-nope/map.png", "not writable")
