@@ -4,6 +4,11 @@ The path of one run: validated :class:`~rmtp.recipe.Recipe` → architecture plu
 → a frozen copy of the dense model is kept (baseline and distillation teacher) → each step
 (prune / finetune / evaluate) runs and yields a :class:`~rmtp.report.StepReport` → the model,
 resolved recipe and report are saved atomically.
+
+The plugins of a run are passed down, not fetched again: ``run_recipe(plugins=...)``, by default the
+ones the recipe was validated against, build the model (and load a saved folder); a prune step
+runs the pruner class validation resolved (:class:`~rmtp.recipe.ResolvedPrune`) and asks it, not
+its attributes, what it needs (:meth:`~rmtp.pruner.Pruner.candidate_layers`, ...).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from rmtp.layers import select_layers
 from rmtp.plugins import Plugins, get_plugins
 from rmtp.progress import NULL_PROGRESS, Progress
 from rmtp.pruner import PruneContext
-from rmtp.recipe import EvaluateStep, FinetuneStep, PruneStep, Recipe, step_label
+from rmtp.recipe import EvaluateStep, FinetuneStep, Recipe, ResolvedPrune, step_label
 from rmtp.report import ModelStats, RunReport, StepReport, environment
 from rmtp.step_output import StagedOutput
 from rmtp.training import train
@@ -79,7 +84,7 @@ def build_model(recipe: Recipe, plugins: Plugins) -> tuple[nn.Module, ModelSpec,
     """(model, its spec, the dense baseline's spec, architecture) for the recipe's ``model:``."""
     section = recipe.model
     if section.checkpoint is not None and saving.is_saved_model(section.checkpoint):
-        loaded = saving.load(section.checkpoint)
+        loaded = saving.load(section.checkpoint, plugins=plugins)
         return loaded.model, loaded.spec, loaded.baseline or loaded.spec, plugins.architecture(loaded.arch)
     spec = ModelSpec(name=section.name, arch=section.arch, kwargs=dict(section.kwargs),
                      pretrained=section.pretrained, checkpoint=section.checkpoint)
@@ -87,16 +92,22 @@ def build_model(recipe: Recipe, plugins: Plugins) -> tuple[nn.Module, ModelSpec,
     return arch.create(spec), spec, spec, arch
 
 
-def run_recipe(recipe: Recipe, *, progress: Progress = NULL_PROGRESS,
+def run_recipe(recipe: Recipe, *, plugins: Plugins | None = None, progress: Progress = NULL_PROGRESS,
                on_step: Callable[[StepReport], None] | None = None) -> RunResult:
     """Run every step of ``recipe`` in order; save the result when the recipe has ``output``.
+
+    ``plugins`` build the model (architectures, saved folders); by default those the recipe was
+    validated against (``recipe.plugins``), else the process-wide ones. Prune steps run the pruner
+    classes the recipe's validation resolved.
 
     Under ``torchrun`` every process runs the recipe (fine-tuning is data-parallel) and only rank 0
     reports progress, calls ``on_step`` and saves.
     """
+    if plugins is None:
+        plugins = recipe.plugins if recipe.plugins is not None else get_plugins()
     device = distributed.local_device(resolve_device(recipe.device))
     with distributed.process_group(device), _hold_output(recipe):
-        return _run(recipe, device, progress if distributed.is_main_process() else NULL_PROGRESS,
+        return _run(recipe, plugins, device, progress if distributed.is_main_process() else NULL_PROGRESS,
                     on_step if distributed.is_main_process() else None)
 
 
@@ -108,10 +119,9 @@ def _hold_output(recipe: Recipe) -> contextlib.AbstractContextManager:
     return saving.output_lock(recipe.output.dir, overwrite=recipe.output.overwrite)
 
 
-def _run(recipe: Recipe, device: torch.device, progress: Progress,
+def _run(recipe: Recipe, plugins: Plugins, device: torch.device, progress: Progress,
          on_step: Callable[[StepReport], None] | None) -> RunResult:
     started = time.perf_counter()
-    plugins = get_plugins()
     seed_everything(recipe.seed)
     try:
         model, spec, baseline, arch = build_model(recipe, plugins)
@@ -140,10 +150,10 @@ def _run_steps(run: _Run, recipe: Recipe, spec: ModelSpec, baseline: ModelSpec, 
     report = RunReport(recipe=str(recipe.path) if recipe.path else None, model=spec.name, arch=arch.name,
                        seed=recipe.seed, device=str(device), dense=_stats(run, dense, run.dense_top1),
                        environment=environment())
-    for index, step in enumerate(recipe.steps):
+    for index, step in enumerate(recipe.plan):
         step_started = time.perf_counter()
         seed_everything(recipe.seed + index)
-        if isinstance(step, PruneStep):
+        if isinstance(step, ResolvedPrune):
             step_report = _prune(run, index, step)
         elif isinstance(step, FinetuneStep):
             step_report = _finetune(run, index, step)
@@ -211,26 +221,24 @@ def _top1(run: _Run, model: nn.Module, description: str) -> float:
         return metrics.top1(model, loader, device=run.device, progress=lambda done, total: advance())
 
 
-def _prune(run: _Run, index: int, step: PruneStep) -> StepReport:
-    pruner_cls = run.plugins.pruners.get(step.prune)
-    candidates = (run.arch.prunable_layers(run.model, include_replaced=True) if pruner_cls.revisits_replaced_layers
-                  else run.arch.prunable_layers(run.model))
-    layers = select_layers(candidates, step.layers)
-    calibration = run.data.loader("calibration") if pruner_cls.needs_calibration else None
+def _prune(run: _Run, index: int, step: ResolvedPrune) -> StepReport:
+    pruner_cls = step.pruner_cls
+    layers = select_layers(pruner_cls.candidate_layers(run.arch, run.model), step.layers)
+    calibration = run.data.loader("calibration") if pruner_cls.calibration_needed() else None
     ctx = PruneContext(model=run.model, arch=run.arch, layers=layers, device=run.device, seed=run.recipe.seed + index,
                        dense_model=run.dense, calibration=calibration, progress=run.progress, output=run.extras,
                        preview_images=lambda n: _first_images(run.data.val, n, run.device))
     extras_before = len(run.extras.names) if run.extras is not None else 0
     if run.extras is not None:
         run.extras.step = index
-    rows = pruner_cls().prune(ctx, run.recipe.pruner_params[index])
+    rows = pruner_cls().prune(ctx, step.params)
     run.model.eval()
-    if pruner_cls.kind != "token":  # token rows name whole blocks: no weights of theirs were pruned
+    if pruner_cls.prunes_weights():  # what later finetune penalties act on
         run.pruned_layers.update(row.layer for row in rows if row.skipped is None)
     notes = [] if layers else ["the step's layer filter selected no layers; nothing was pruned"]
     if run.extras is not None and len(run.extras.names) > extras_before:
         notes.append(f"also saved in the output folder: {', '.join(run.extras.names[extras_before:])}")
-    return StepReport(index=index, kind="prune", name=step_label(step), rows=rows,
+    return StepReport(index=index, kind="prune", name=step.label, rows=rows,
                       stats=_stats(run, run.model), seconds=0.0, notes=notes)
 
 

@@ -4,10 +4,16 @@ Plugins are found through entry points of group ``rmtp`` (built-ins included, so
 special path). ``RMTP_DISABLE_PLUGINS=name1,name2`` blocks entry points by name before they are
 imported. Registries are strict: a class without a name, or a second class under a name already
 taken, is an error naming both; an unknown name is answered with the known ones, closest first.
+
+A :class:`Plugins` is passed down explicitly where it matters: ``load_recipe(plugins=...)`` records
+the plugins a recipe was validated against, and ``run_recipe`` and ``rmtp.load`` take ``plugins=``
+(by default the recipe's, else the process-wide ones of :func:`get_plugins`). :func:`use_plugins`
+swaps the process-wide ones for a while, for code that takes no ``plugins=``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.metadata
 import os
@@ -146,6 +152,18 @@ def get_plugins() -> Plugins:
     if _loaded is None:
         _loaded = load_plugins()
     return _loaded
+
+
+@contextlib.contextmanager
+def use_plugins(plugins: Plugins) -> Iterator[Plugins]:
+    """Make ``plugins`` the process-wide ones (:func:`get_plugins`) inside the ``with`` block, then
+    restore what was there (tests, a private registry for code that takes no ``plugins=``)."""
+    global _loaded
+    previous, _loaded = _loaded, plugins
+    try:
+        yield plugins
+    finally:
+        _loaded = previous
 
 
 def reset_plugins() -> None:

@@ -18,7 +18,7 @@ from rmtp.architecture import Architecture, ModelSpec
 from rmtp.errors import CheckpointError, RecipeError, RmtpError
 from rmtp.layers import select_layers
 from rmtp.plugins import Plugins, get_plugins
-from rmtp.recipe import PruneStep, Recipe
+from rmtp.recipe import Recipe, ResolvedPrune
 
 
 @dataclass
@@ -33,9 +33,10 @@ def preflight(recipe: Recipe, *, plugins: Plugins | None = None) -> Preflight:
 
     Raises :class:`RecipeError` when timm cannot build the model from the recipe's kwargs; returns
     a warning for every prune step whose layer filter selects no layer (the run would prune
-    nothing there and say so).
+    nothing there and say so). ``plugins`` default to those the recipe was validated against.
     """
-    plugins = plugins or get_plugins()
+    if plugins is None:
+        plugins = recipe.plugins if recipe.plugins is not None else get_plugins()
     label = str(recipe.path) if recipe.path else "<recipe>"
     try:
         model, arch = _meta_model(recipe, plugins)
@@ -46,11 +47,10 @@ def preflight(recipe: Recipe, *, plugins: Plugins | None = None) -> Preflight:
     result = Preflight()
     if recipe.data.name == "imagefolder" and recipe.data.root is not None:
         _check_classes(label, recipe.data.root, model)
-    for index, step in enumerate(recipe.steps):
-        if not isinstance(step, PruneStep) or step.layers is None:
+    for index, step in enumerate(recipe.plan):
+        if not isinstance(step, ResolvedPrune) or step.layers is None:
             continue
-        pruner_cls = plugins.pruners.get(step.prune)
-        candidates = arch.prunable_layers(model, include_replaced=pruner_cls.revisits_replaced_layers)
+        candidates = step.pruner_cls.candidate_layers(arch, model)
         if not select_layers(candidates, step.layers):
             names = ", ".join(layer.name for layer in candidates[:4]) + (", …" if len(candidates) > 4 else "")
             result.warnings.append(f"{label}: steps[{index}].layers: selects none of the model's "

@@ -7,10 +7,10 @@ One contract serves three kinds of pruners:
 * **token** pruners change the forward pass of attention blocks.
 
 Each gets a :class:`PruneContext` (the model, its architecture adapter, the layers the recipe
-step selected, calibration data when ``needs_calibration`` is set, the frozen dense model) and its
-params, already validated against its ``Params`` pydantic model. It mutates ``ctx.model`` and
-returns one :class:`LayerRow` per layer (or block) it touched. A pruner never prints: the
-pipeline renders the rows.
+step selected, calibration data when :meth:`Pruner.calibration_needed` says so, the frozen dense
+model) and its params, already validated against its ``Params`` pydantic model. It mutates
+``ctx.model`` and returns one :class:`LayerRow` per layer (or block) it touched. A pruner never
+prints: the pipeline renders the rows.
 """
 
 from __future__ import annotations
@@ -117,7 +117,14 @@ class PruneContext:
 
 
 class Pruner(ABC):
-    """Base class of pruner plugins."""
+    """Base class of pruner plugins.
+
+    Besides :meth:`prune`, a pruner answers three questions the pipeline (and ``rmtp validate``)
+    asks it instead of branching on its attributes: :meth:`candidate_layers`,
+    :meth:`calibration_needed` and :meth:`prunes_weights`. Their defaults follow the class
+    attributes ``revisits_replaced_layers``, ``needs_calibration`` and ``kind``, so a pruner usually
+    sets those; one that needs more overrides the classmethod.
+    """
 
     name: ClassVar[str]
     description: ClassVar[str]
@@ -131,6 +138,26 @@ class Pruner(ABC):
     @abstractmethod
     def prune(self, ctx: PruneContext, params: PrunerParams) -> list[LayerRow]:
         """Prune ``ctx.model`` in place (or by replacing submodules); return one row per layer."""
+
+    @classmethod
+    def candidate_layers(cls, arch: Architecture, model: nn.Module) -> list[PrunableLayer]:
+        """The layers a step's ``layers:`` filter chooses from: ``arch``'s prunable layers of
+        ``model``, and those an earlier step replaced too when ``revisits_replaced_layers`` is set."""
+        if cls.revisits_replaced_layers:
+            return arch.prunable_layers(model, include_replaced=True)
+        return arch.prunable_layers(model)
+
+    @classmethod
+    def calibration_needed(cls) -> bool:
+        """Whether :meth:`prune` needs ``ctx.calibration`` (default: ``needs_calibration``)."""
+        return bool(cls.needs_calibration)
+
+    @classmethod
+    def prunes_weights(cls) -> bool:
+        """Whether the layers in this pruner's rows had weights pruned, so that a later ``finetune``
+        step's penalties act on them (default: every kind but ``token``, whose rows name whole
+        blocks whose weights are untouched)."""
+        return cls.kind != "token"
 
 
 def weight_footprint(module: nn.Module) -> tuple[tuple[int, ...], int, int]:

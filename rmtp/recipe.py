@@ -4,6 +4,10 @@ A recipe is validated completely before any model is built: structure (pydantic 
 unknown keys forbidden), every pruner name against the registry, every pruner's params against
 that pruner's own schema, file paths, layer-filter patterns, the output folder. Every problem is
 reported as ``file: key.path: message (got value)``, all at once.
+
+What validation resolved travels with the :class:`Recipe`: the plugins it was checked against and,
+for every prune step, a :class:`ResolvedPrune` (the pruner class and its validated params), so a
+run never looks a pruner up again.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from rmtp.data import DataSpec, imagefolder_problems
 from rmtp.errors import PluginError, RecipeError, RmtpError, short_repr
 from rmtp.layers import LayerFilter
 from rmtp.plugins import Plugins, get_plugins
-from rmtp.pruner import PrunerParams
+from rmtp.pruner import Pruner, PrunerParams
 from rmtp.safe_yaml import read_yaml_file
 from rmtp.training import TrainConfig
 
@@ -107,9 +111,34 @@ class _RecipeShape(_Strict):
     device: Literal["cpu", "cuda", "auto"] = "cpu"
 
 
+@dataclass(frozen=True)
+class ResolvedPrune:
+    """A validated prune step: the registered pruner class, its params (validated against its
+    ``Params``), the step's layer filter and its optional ``name``."""
+
+    pruner_cls: type[Pruner]
+    params: PrunerParams
+    layers: LayerFilter | None = None
+    name: str | None = None
+
+    @property
+    def label(self) -> str:
+        """How reports name the step: its ``name``, else the pruner's (as :func:`step_label`)."""
+        return self.name or self.pruner_cls.name
+
+
+#: A step as the pipeline runs it: prune steps resolved, the others as validated.
+PlannedStep = ResolvedPrune | FinetuneStep | EvaluateStep
+
+
 @dataclass
 class Recipe:
-    """A validated recipe. Paths are resolved against the recipe's folder."""
+    """A validated recipe. Paths are resolved against the recipe's folder.
+
+    ``resolved`` maps the index of every prune step in ``steps`` to its :class:`ResolvedPrune`;
+    ``plugins`` are the plugins the recipe was validated against, the ones
+    :func:`rmtp.run_recipe` uses unless given others.
+    """
 
     path: Path | None
     model: ModelSection
@@ -118,7 +147,18 @@ class Recipe:
     output: OutputSection | None
     seed: int
     device: Literal["cpu", "cuda", "auto"]
-    pruner_params: dict[int, PrunerParams] = field(default_factory=dict)
+    resolved: dict[int, ResolvedPrune] = field(default_factory=dict)
+    plugins: Plugins | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def plan(self) -> list[PlannedStep]:
+        """The steps in order, each prune step as its :class:`ResolvedPrune`."""
+        return [self.resolved[index] if isinstance(step, PruneStep) else step for index, step in enumerate(self.steps)]
+
+    @property
+    def pruner_params(self) -> dict[int, PrunerParams]:
+        """Step index → validated params, for every prune step."""
+        return {index: resolved.params for index, resolved in self.resolved.items()}
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe (defaults filled in, absolute paths), as saved next to the model."""
@@ -126,7 +166,7 @@ class Recipe:
         for index, step in enumerate(self.steps):
             dumped = step.model_dump(mode="json", exclude_none=True)
             if isinstance(step, PruneStep):
-                dumped["params"] = self.pruner_params[index].model_dump(mode="json")
+                dumped["params"] = self.resolved[index].params.model_dump(mode="json")
             steps.append(dumped)
         return {
             "model": self.model.model_dump(mode="json"),
@@ -168,7 +208,7 @@ def parse_recipe(raw: Any, *, source: Path | None = None, plugins: Plugins | Non
     raw_steps = shape.steps if shape else raw.get("steps")
     raw_steps = raw_steps if isinstance(raw_steps, list) else []
     steps: list[Step] = []
-    pruner_params: dict[int, PrunerParams] = {}
+    resolved: dict[int, ResolvedPrune] = {}
     for index, raw_step in enumerate(raw_steps):
         where = f"steps[{index}]"
         if not isinstance(raw_step, dict):
@@ -178,9 +218,9 @@ def parse_recipe(raw: Any, *, source: Path | None = None, plugins: Plugins | Non
             continue
         steps.append(step)
         if isinstance(step, PruneStep):
-            params = _validate_pruner(label, where, step, plugins, problems)
-            if params is not None:
-                pruner_params[len(steps) - 1] = params
+            prune = _validate_pruner(label, where, step, plugins, problems)
+            if prune is not None:
+                resolved[len(steps) - 1] = prune
             if step.layers is not None:
                 problems.extend(f"{label}: {where}.layers.{p}" for p in step.layers.problems())
     if shape is None:
@@ -223,7 +263,7 @@ def parse_recipe(raw: Any, *, source: Path | None = None, plugins: Plugins | Non
     if problems:
         raise RecipeError(problems)
     return Recipe(path=source, model=model, data=data, steps=steps, output=output, seed=shape.seed,
-                  device=shape.device, pruner_params=pruner_params)
+                  device=shape.device, resolved=resolved, plugins=plugins)
 
 
 def _validate_step(label: str, where: str, raw_step: dict[str, Any], problems: list[str]) -> Step | None:
@@ -241,16 +281,18 @@ def _validate_step(label: str, where: str, raw_step: dict[str, Any], problems: l
 
 
 def _validate_pruner(label: str, where: str, step: PruneStep, plugins: Plugins,
-                     problems: list[str]) -> PrunerParams | None:
+                     problems: list[str]) -> ResolvedPrune | None:
     if step.prune not in plugins.pruners:
         problems.append(f"{label}: {where}.prune: unknown pruner {step.prune!r}; {plugins.pruners.known_hint(step.prune)}")
         return None
-    params_cls = plugins.pruners.get(step.prune).Params
+    pruner_cls = plugins.pruners.get(step.prune)
+    params_cls = pruner_cls.Params
     try:
-        return params_cls.model_validate(step.params)
+        params = params_cls.model_validate(step.params)
     except ValidationError as exc:
         problems.extend(_format_errors(label, exc, params_cls, prefix=f"{where}.params"))
         return None
+    return ResolvedPrune(pruner_cls=pruner_cls, params=params, layers=step.layers, name=step.name)
 
 
 def _check_timm_name(label: str, name: str, problems: list[str]) -> None:

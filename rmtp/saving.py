@@ -56,7 +56,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 try:
     import fcntl
@@ -71,6 +71,9 @@ from rmtp.architecture import Architecture, ModelSpec
 from rmtp.checkpoint import load_state_dict_into, read_state_dict, write_safetensors_atomic
 from rmtp.errors import CheckpointError, RmtpError
 from rmtp.modules import apply_patches, apply_replacements, describe_patches, describe_replacements
+
+if TYPE_CHECKING:
+    from rmtp.plugins import Plugins
 
 FORMAT = "rmtp-model"
 #: Newest format this rmtp reads and writes (the versions are in the module docstring): 3, types
@@ -444,16 +447,19 @@ def _spec_from(data: dict[str, Any] | None) -> ModelSpec | None:
                      pretrained=bool(data.get("pretrained")), checkpoint=Path(checkpoint) if checkpoint else None)
 
 
-def load(path: str | Path) -> LoadedModel:
+def load(path: str | Path, *, plugins: Plugins | None = None) -> LoadedModel:
     """Rebuild a saved model: base timm model, replaced layers, the saved weights (strict), then
-    the recorded forward-pass patches."""
-    from rmtp.plugins import get_plugins
+    the recorded forward-pass patches. ``plugins`` provide the architecture (default: the
+    process-wide ones, :func:`rmtp.get_plugins`)."""
+    if plugins is None:
+        from rmtp.plugins import get_plugins
 
+        plugins = get_plugins()
     path = Path(path)
     meta = read_meta(path)
     try:
         spec = _spec_from(meta["model"])
-        arch = get_plugins().architecture(meta["arch"])
+        arch = plugins.architecture(meta["arch"])
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"{path / META_FILE}: missing or malformed field {exc}") from None
     if not meta.get("has_weights", True):

@@ -174,7 +174,7 @@ def test_kernel_hook_names_the_kernels() -> None:
     assert not any("dense kernels" in n for n in report.models[0].notes)
 
 
-def test_plugin_kernel_providers_label_modules_without_a_hook(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_plugin_kernel_providers_label_modules_without_a_hook() -> None:
     import rmtp.plugins
     from rmtp import hookimpl
     from rmtp_plugins.nm import semi_structured_kernel
@@ -195,7 +195,6 @@ def test_plugin_kernel_providers_label_modules_without_a_hook(monkeypatch: pytes
     plugins.manager.register(FakeKernels())
     plugins.kernels.clear()
     plugins.manager.hook.register_kernels(register=plugins.kernels.append)
-    monkeypatch.setattr(rmtp.plugins, "_loaded", plugins)
 
     class Labelled(nn.Linear):
         rmtp_kernel = "custom gemm"
@@ -203,7 +202,8 @@ def test_plugin_kernel_providers_label_modules_without_a_hook(monkeypatch: pytes
     net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), Labelled(8, 4))
     with torch.no_grad():
         net[1].weight[:, ::2] = 0
-    report = benchmark([Candidate("net", net, input_shape=(16,))], batches=[1], **FAST)
+    with rmtp.plugins.use_plugins(plugins):
+        report = benchmark([Candidate("net", net, input_shape=(16,))], batches=[1], **FAST)
     assert report.models[0].kernel == "fake sparse gemm, custom gemm"
     assert Labelled not in offered and nn.Linear in offered  # a module's own hook wins
 

@@ -40,7 +40,6 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import rmtp
-import rmtp.plugins
 from rmtp.architecture import ModelSpec, PrunableLayer
 from rmtp.errors import DeviceError, RmtpError
 from rmtp.layers import select_layers
@@ -64,10 +63,8 @@ def _plugins():
 
 
 @pytest.fixture()
-def nm_plugins(monkeypatch: pytest.MonkeyPatch):
-    plugins = _plugins()
-    monkeypatch.setattr(rmtp.plugins, "_loaded", plugins)
-    return plugins
+def nm_plugins():
+    return _plugins()  # recipes parsed with them carry them into run_recipe
 
 
 def _vit(seed: int = 0, **kwargs) -> nn.Module:
@@ -529,7 +526,7 @@ def test_masks_survive_finetune_and_the_saved_model_reloads_identically(tmp_path
         else:
             assert bool((weight != 0).all())
     assert any(isinstance(m, PermutedInput) for m in model.modules())
-    loaded = rmtp.load(tmp_path / "out").model
+    loaded = rmtp.load(tmp_path / "out", plugins=nm_plugins).model
     x = torch.randn(3, 1, 16, 16)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)

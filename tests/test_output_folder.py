@@ -273,8 +273,7 @@ def test_a_failed_save_after_the_run_keeps_the_result_elsewhere(tmp_path: Path,
     import rmtp.plugins
 
     plugins = rmtp.plugins.load_plugins()
-    plugins.pruners.add(_WritesANote)
-    monkeypatch.setattr(rmtp.plugins, "_loaded", plugins)
+    plugins.pruners.add(_WritesANote)  # a private registry, passed where it is used
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     out = tmp_path / "models" / "out"
@@ -291,10 +290,10 @@ def test_a_failed_save_after_the_run_keeps_the_result_elsewhere(tmp_path: Path,
     recipe = parse_recipe(tiny_recipe([{"prune": _WritesANote.name}], output=out), source=tmp_path / "r.yaml",
                           plugins=plugins)
     with pytest.raises(RmtpError, match=r"No space left on device.*; it was saved to .*rmtp-rescued-") as caught:
-        run_recipe(recipe)
+        run_recipe(recipe, plugins=plugins)
     rescued = Path(str(caught.value).rsplit(" to ", 1)[1].removesuffix(" instead"))
     assert rescued.parent.parent == tmp_path / "tmp" and rescued.name == "out"
-    rmtp.load(rescued)
+    rmtp.load(rescued, plugins=plugins)
     assert json.loads((rescued / "note.json").read_text()) == {"kept": True}
     assert json.loads((rescued / "report.json").read_text())["output_dir"] == str(rescued)
     assert list((tmp_path / "models").iterdir()) == [], "no output folder, no staging left behind"

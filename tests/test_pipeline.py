@@ -120,3 +120,80 @@ def test_cuda_without_gpu_is_refused() -> None:
         pytest.skip("a GPU is present")
     with pytest.raises(DeviceError, match="no CUDA GPU"):
         resolve_device("cuda")
+
+
+def _asking_pruner():
+    """A pruner that answers the pipeline's questions by overriding the methods, not the attributes."""
+    from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams, weight_footprint
+
+    class Asks(Pruner):
+        name = "asks"
+        description = "test pruner: records what it was given"
+        kind = "mask"
+        Params = PrunerParams
+        seen: dict = {}  # noqa: RUF012
+
+        @classmethod
+        def candidate_layers(cls, arch, model):  # noqa: ANN001, ANN206
+            return [layer for layer in arch.prunable_layers(model) if layer.name.endswith("fc1")]
+
+        @classmethod
+        def calibration_needed(cls) -> bool:
+            return True
+
+        @classmethod
+        def prunes_weights(cls) -> bool:
+            return False
+
+        def prune(self, ctx: PruneContext, params: PrunerParams) -> list[LayerRow]:
+            Asks.seen.update(layers=[layer.name for layer in ctx.layers], calibration=ctx.calibration is not None)
+            shape, n, nz = weight_footprint(ctx.module(ctx.layers[0]))
+            return [LayerRow(ctx.layers[0].name, shape, shape, n, n, nz, nz)]
+
+    return Asks
+
+
+def test_a_recipe_carries_its_plugins_and_resolved_prune_steps(tmp_path: Path) -> None:
+    from rmtp.plugins import load_plugins
+    from rmtp.recipe import ResolvedPrune, parse_recipe
+
+    asks = _asking_pruner()
+    plugins = load_plugins()  # a private registry: never made the process-wide one
+    plugins.pruners.add(asks)
+    recipe = parse_recipe(tiny_recipe([{"prune": "asks", "name": "probe"}, {"evaluate": {}},
+                                       {"prune": "magnitude", "params": {"sparsity": 0.2}}]), plugins=plugins)
+    assert recipe.plugins is plugins
+    first, _, last = recipe.plan
+    assert first == ResolvedPrune(pruner_cls=asks, params=asks.Params(), layers=None, name="probe")
+    assert last.pruner_cls is plugins.pruners.get("magnitude") and last.params.sparsity == 0.2
+    assert last.label == "magnitude" and first.label == "probe"
+    assert "asks" not in rmtp.get_plugins().pruners
+
+    result = run_recipe(recipe)  # the recipe's plugins, not the process-wide ones
+    assert asks.seen["layers"] and all(name.endswith("fc1") for name in asks.seen["layers"])
+    assert asks.seen["calibration"] is True
+    assert [s.name for s in result.report.steps] == ["probe", "evaluate", "magnitude"]
+
+
+def test_pruner_capabilities_default_to_the_documented_attributes() -> None:
+    from rmtp.pruner import Pruner, PrunerParams
+
+    class Plain(Pruner):
+        name, description, kind, Params = "plain", "test", "mask", PrunerParams
+
+        def prune(self, ctx, params):  # noqa: ANN001, ANN201
+            return []
+
+    class Revisits(Plain):
+        kind = "token"
+        needs_calibration = True
+        revisits_replaced_layers = True
+
+    class Arch:
+        def prunable_layers(self, model, include_replaced=False):  # noqa: ANN001, ANN201
+            return ["replaced too"] if include_replaced else ["plain"]
+
+    assert (Plain.calibration_needed(), Plain.prunes_weights(), Plain.candidate_layers(Arch(), None)) == \
+        (False, True, ["plain"])
+    assert (Revisits.calibration_needed(), Revisits.prunes_weights(), Revisits.candidate_layers(Arch(), None)) == \
+        (True, False, ["replaced too"])

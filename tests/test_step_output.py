@@ -68,12 +68,11 @@ class _WritesThenFails(Pruner):
         raise RmtpError("failed after writing")
 
 
-def test_a_failed_run_publishes_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_run_publishes_nothing(tmp_path: Path) -> None:
     import rmtp.plugins
 
     plugins = rmtp.plugins.load_plugins()  # a private registry: the test pruner never leaks into others
     plugins.pruners.add(_WritesThenFails)
-    monkeypatch.setattr(rmtp.plugins, "_loaded", plugins)
     raw = tiny_recipe([{"prune": _WritesThenFails.name}], output=tmp_path / "out")
     with pytest.raises(RmtpError, match="failed after writing"):
         run_recipe(parse_recipe(raw, source=tmp_path / "r.yaml", plugins=plugins))
