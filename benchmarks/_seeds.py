@@ -6,6 +6,7 @@ Each script is run as ``python benchmarks/<name>.py``, so this module is importa
 from __future__ import annotations
 
 import statistics
+from functools import partial
 from typing import Any
 
 import torch
@@ -40,10 +41,27 @@ def spread(row: dict[str, Any], key: str) -> str:
 
 def interleaved_latency_ms(models: dict[str, torch.nn.Module], shape: tuple[int, ...], batch: int,
                            rounds: int) -> dict[str, float]:
-    """Median batch latency per model in ms, measured in interleaved rounds (A B C A B C …) so the
-    drift of a shared machine falls on every model alike."""
-    times: dict[str, list[float]] = {name: [] for name in models}
-    for _ in range(rounds):
+    """Median batch latency per model in ms, by :func:`rmtp.metrics.interleaved_timing`, the method
+    of ``rmtp bench`` and ``evaluate: latency``: a warm-up per model, then ``rounds`` rounds that
+    each time one block of every model, the order rotated every round (A B C, B C A, …), so the
+    drift of a shared machine falls on every model alike. One random batch of ``shape`` (per
+    sample, no batch dimension), in eval mode under ``inference_mode``; the models' modes are
+    restored afterwards."""
+    names = list(models)
+    training = {name: model.training for name, model in models.items()}
+    try:
+        with torch.inference_mode():
+            inputs = {name: torch.randn((batch, *shape), dtype=_input_dtype(model)) for name, model in models.items()}
+            for model in models.values():
+                model.eval()
+            fns = [partial(models[name], inputs[name]) for name in names]
+            timings = metrics.interleaved_timing(fns, rounds=rounds)
+    finally:
         for name, model in models.items():
-            times[name].append(metrics.measure_latency(model, shape, batch_size=batch, min_run_time=0.3).median_s)
-    return {name: statistics.median(values) * 1e3 for name, values in times.items()}
+            model.train(training[name])
+    return {name: statistics.median(t.seconds) * 1e3 for name, t in zip(names, timings)}
+
+
+def _input_dtype(model: torch.nn.Module) -> torch.dtype:
+    parameter = next(iter(model.parameters()), None)
+    return parameter.dtype if parameter is not None and parameter.is_floating_point() else torch.float32

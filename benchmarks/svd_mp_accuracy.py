@@ -7,7 +7,7 @@ same parameter count, and is really faster on CPU.
 Runs, in one process: svd-mp (MP edge, q/k/v fitted separately) → evaluate → distil → evaluate, then
 global magnitude pruning of the same layers down to exactly the same number of parameters → same
 distillation; once per fine-tuning seed (``--seeds``: shuffling and init of the run, never the val
-split, which is data.split_seed 0 throughout), reporting the mean and the range. Latency of dense, svd-mp and magnitude is measured in interleaved rounds (A B C A B C …,
+split, which is data.split_seed 0 throughout), reporting the mean and the range. Latency of dense, svd-mp and magnitude is measured in interleaved rounds (warmed up, order rotated,
 medians) so the shared machine's drift cancels. Prints a table and writes JSON with the machine,
 versions and every setting.
 """

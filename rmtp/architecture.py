@@ -9,6 +9,7 @@ projection splits into q, k and v.
 from __future__ import annotations
 
 import fnmatch
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +38,28 @@ class ModelSpec:
             "pretrained": self.pretrained,
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,
         }
+
+
+def timm_name_hint(name: str, n: int = 5) -> str:
+    """``"; similar: a, b, …"``, the timm model names closest to ``name`` (difflib similarity,
+    closest first), or ``""`` when none is close: the tail of every "timm has no model" message.
+
+    The names sharing ``name``'s stem (``vit`` of ``vit_tinyy_patch16``) are ranked; a misspelt
+    stem falls back to the names across timm that are at least half similar. A pretrained tag
+    (``.augreg_in21k``) is ignored.
+    """
+    import difflib
+
+    import timm
+
+    base = name.split(".")[0]
+    stem = re.split(r"[_\d]", base)[0] or base
+    names = timm.list_models()
+    pool = [m for m in names if m.startswith(stem)]
+    if not pool:
+        pool = [m for m in names if difflib.SequenceMatcher(None, m, base).ratio() >= 0.5]
+    close = sorted(pool, key=lambda m: -difflib.SequenceMatcher(None, m, base).ratio())[:n]
+    return f"; similar: {', '.join(close)}" if close else ""
 
 
 def _kwargs_rejected(spec: ModelSpec, exc: Exception) -> PluginError:
@@ -79,11 +102,7 @@ class Architecture(ABC):
         from rmtp.checkpoint import load_state_dict_into, read_state_dict
 
         if not timm.is_model(spec.name.split(".")[0]):
-            close = timm.list_models(f"*{spec.name.split('_')[0]}*")[:8]
-            raise PluginError(
-                f"model.name: timm has no model {spec.name!r}"
-                + (f"; similar: {', '.join(close)}" if close else "")
-            )
+            raise PluginError(f"model.name: timm has no model {spec.name!r}{timm_name_hint(spec.name)}")
         if spec.pretrained and spec.checkpoint:
             raise CheckpointError("model: give either pretrained: true or checkpoint, not both")
         try:

@@ -43,9 +43,10 @@ import torch
 from torch import nn
 
 from rmtp import metrics
-from rmtp.architecture import ModelSpec
+from rmtp.architecture import ModelSpec, timm_name_hint
 from rmtp.data import DataSpec, build_data, data_input_size, model_input_size, saved_split_seed
-from rmtp.errors import DeviceError, PluginError, RmtpError
+from rmtp.device import resolve_device
+from rmtp.errors import PluginError, RmtpError
 from rmtp.progress import NULL_PROGRESS, Progress
 
 __all__ = [
@@ -289,8 +290,7 @@ def _build_timm(name: str, kwargs: dict[str, Any], checkpoint: Path | None, *, w
     from rmtp.checkpoint import load_state_dict_into, read_state_dict
 
     if not timm.is_model(name.split(".")[0]):
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:6]
-        raise BenchError(f"{where}: timm has no model {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
+        raise BenchError(f"{where}: timm has no model {name!r}{timm_name_hint(name)}")
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
     except (TypeError, ValueError, AssertionError) as exc:
@@ -549,10 +549,7 @@ def _check_settings(device: str, batches: Sequence[int], dtype: str, rounds: int
         dev = None
     if dev is None or dev.type not in ("cpu", "cuda"):
         raise BenchError(f"device {str(device)!r}: allowed: cpu, cuda, cuda:N")
-    try:
-        dev = metrics._resolve_device(dev)
-    except DeviceError as exc:
-        raise DeviceError(f"{exc}; run with --device cpu") from None
+    dev = resolve_device(dev, option="--device")
     if dtype not in DTYPES:
         raise BenchError(f"dtype {dtype!r}: allowed: {', '.join(DTYPES)}")
     if dtype == "fp16" and dev.type == "cpu":

@@ -6,7 +6,11 @@ and the pruned model. Nothing here prints; long loops take an optional ``progres
 
 The benchmarking primitives at the end (:func:`interleaved_timing`, :func:`time_calls`,
 :func:`peak_memory_delta`, :func:`peak_rss_delta`, :class:`Spread`) are what ``rmtp bench`` measures with; their
-method and its limits are described in ``docs/bench.md``.
+method and its limits are described in ``docs/bench.md``. :func:`interleaved_timing` is the one timing
+method: ``rmtp bench``, the recipe's ``evaluate: latency`` (:func:`paired_speedup`) and the benchmark
+scripts all time through it. :func:`measure_latency` (``torch.utils.benchmark``, one model alone) is
+kept as public API; nothing in rmtp calls it any more. Devices are resolved by
+:func:`rmtp.device.resolve_device`.
 
 MACs come from :class:`torch.utils.flop_counter.FlopCounterMode`, which counts only matrix
 products: ``mm``/``addmm`` (linear layers, bias ignored), ``bmm``/``baddbmm``, convolutions
@@ -43,6 +47,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
+from rmtp.device import DeviceLike, resolve_device
 from rmtp.errors import DataError, DeviceError
 
 __all__ = [
@@ -71,7 +76,6 @@ __all__ = [
 ATTENTION = "attention"
 
 ProgressCallback = Callable[[int, "int | None"], None]
-DeviceLike = str | torch.device
 
 _aten = torch.ops.aten
 
@@ -117,26 +121,6 @@ def count_nonzeros(model: nn.Module) -> int:
     """Nonzero entries over the same unique parameters as :func:`count_params`: what a mask
     pruner's sparsity actually removes (its zeroed weights are still parameters)."""
     return sum(int(torch.count_nonzero(p)) for p in _unique_parameters(model))
-
-
-# --------------------------------------------------------------------------- devices
-
-
-def _resolve_device(device: DeviceLike) -> torch.device:
-    """Parse ``device`` and fail with one clear line when this machine cannot run it."""
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise DeviceError(f"device {device!r} is not a valid torch device ({exc})") from None
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError(f"device {str(device)!r} requested but CUDA is not available on this machine")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DeviceError(f"device {str(device)!r} requested but this machine has "
-                              f"{torch.cuda.device_count()} CUDA device(s)")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise DeviceError(f"device {str(device)!r} requested but MPS is not available on this machine")
-    return dev
 
 
 def _check_model_on(model: nn.Module, dev: torch.device) -> None:
@@ -267,7 +251,7 @@ def mac_breakdown(model: nn.Module, input_shape: tuple[int, ...], *,
     attention apart from the weight layers whose size pruning changes. MACs are FLOPs / 2
     (FlopCounterMode counts 2 FLOPs per multiply-add and ignores biases). Sorted largest first.
     """
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     _check_model_on(model, dev)
     x = torch.randn(_batch_of_one(input_shape), device=dev, dtype=_input_dtype(model))
     counter = FlopCounterMode(display=False, custom_mapping=_CUSTOM_MAPPING)
@@ -325,7 +309,7 @@ def top1(model: nn.Module, loader: DataLoader, *, device: DeviceLike,
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     _check_model_on(model, dev)
     total_batches = _total_batches(loader, limit)
     correct = seen = done = 0
@@ -389,7 +373,7 @@ def measure_latency(model: nn.Module, input_shape: tuple[int, ...], *, device: D
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     _check_model_on(model, dev)
     n_threads = threads if threads is not None else torch.get_num_threads()
     x = torch.randn((batch_size, *_batch_of_one(input_shape)[1:]), device=dev, dtype=_input_dtype(model))
@@ -522,7 +506,7 @@ def interleaved_timing(fns: Sequence[Callable[[], object]], *, device: DeviceLik
         raise ValueError(f"rounds must be at least 1, got {rounds}")
     if block_s <= 0 or warmup_s < 0:
         raise ValueError(f"block_s must be positive and warmup_s not negative, got {block_s}, {warmup_s}")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     iters: list[int] = []
     warmup_calls: list[int] = []
     for fn in fns:
@@ -581,7 +565,7 @@ def peak_memory_delta(fn: Callable[[], object], device: DeviceLike = "cpu") -> i
       behind PyTorch's back (BLAS packing buffers, oneDNN's own caches) is not seen: see
       :func:`peak_rss_delta` for what the operating system saw. None if the profiler fails.
     """
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         torch.cuda.reset_peak_memory_stats(dev)
@@ -756,7 +740,7 @@ def paired_speedup(dense: nn.Module, pruned: nn.Module, input_shape: tuple[int, 
     rotated rounds, paired ratios), with ``threads`` fixed for the duration (default: current)."""
     if batch < 1:
         raise ValueError(f"batch must be at least 1, got {batch}")
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     before = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)

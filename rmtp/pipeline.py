@@ -28,7 +28,8 @@ from torch import nn
 from rmtp import distributed, metrics, saving
 from rmtp.architecture import Architecture, ModelSpec
 from rmtp.data import DataBundle, build_data
-from rmtp.errors import CheckpointError, DeviceError, PluginError
+from rmtp.device import resolve_device
+from rmtp.errors import CheckpointError, PluginError
 from rmtp.layers import select_layers
 from rmtp.plugins import Plugins, get_plugins
 from rmtp.progress import NULL_PROGRESS, Progress
@@ -65,15 +66,6 @@ class _Run:
     extras: StagedOutput | None = None  # prune steps' extra artefacts (None: the run saves nothing)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``cpu``, ``cuda`` (refused clearly when there is no GPU) or ``auto``."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise DeviceError(f"device {name!r} requested but torch sees no CUDA GPU on this machine; use device: cpu")
-    return torch.device(name)
-
-
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -105,7 +97,7 @@ def run_recipe(recipe: Recipe, *, plugins: Plugins | None = None, progress: Prog
     """
     if plugins is None:
         plugins = recipe.plugins if recipe.plugins is not None else get_plugins()
-    device = distributed.local_device(resolve_device(recipe.device))
+    device = distributed.local_device(resolve_device(recipe.device, option="device:"))
     with distributed.process_group(device), _hold_output(recipe):
         return _run(recipe, plugins, device, progress if distributed.is_main_process() else NULL_PROGRESS,
                     on_step if distributed.is_main_process() else None)

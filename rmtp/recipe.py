@@ -12,13 +12,13 @@ run never looks a pruner up again.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from rmtp.architecture import timm_name_hint
 from rmtp.atomic import check_writable
 from rmtp.data import DataSpec, imagefolder_problems
 from rmtp.errors import PluginError, RecipeError, RmtpError, short_repr
@@ -298,18 +298,8 @@ def _validate_pruner(label: str, where: str, step: PruneStep, plugins: Plugins,
 def _check_timm_name(label: str, name: str, problems: list[str]) -> None:
     import timm
 
-    base = name.split(".")[0]
-    if not timm.is_model(base):
-        stem = re.split(r"[_\d]", base)[0] or base
-        close = sorted(timm.list_models(f"{stem}*"), key=lambda n: -_similarity(n, base))[:5]
-        hint = f"; close: {', '.join(close)}" if close else ""
-        problems.append(f"{label}: model.name: timm has no model {name!r}{hint}")
-
-
-def _similarity(a: str, b: str) -> float:
-    import difflib
-
-    return difflib.SequenceMatcher(None, a, b).ratio()
+    if not timm.is_model(name.split(".")[0]):
+        problems.append(f"{label}: model.name: timm has no model {name!r}{timm_name_hint(name)}")
 
 
 def _format_errors(label: str, exc: ValidationError, model_cls: type[BaseModel], prefix: str = "") -> list[str]:

@@ -115,11 +115,20 @@ def test_mac_counts_include_attention(tmp_path: Path) -> None:
     assert result.report.dense.attention_macs == depth * 2 * tokens * tokens * dim
 
 
-def test_cuda_without_gpu_is_refused() -> None:
+def test_cuda_without_gpu_is_refused(tmp_path: Path) -> None:
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    with pytest.raises(DeviceError, match="no CUDA GPU"):
+    with pytest.raises(DeviceError, match="CUDA is not available on this machine$"):
         resolve_device("cuda")
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", tiny_recipe([{"evaluate": {}}], device="cuda")))
+    with pytest.raises(DeviceError, match="CUDA is not available on this machine; run with device: cpu$"):
+        run_recipe(recipe)  # the recipe's own option, before any model is built
+
+
+def test_auto_device_picks_what_torch_sees() -> None:
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(DeviceError, match="not a valid torch device.*; run with --device cpu$"):
+        resolve_device("nonsense", option="--device")
 
 
 def _asking_pruner():

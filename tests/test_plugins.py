@@ -130,6 +130,18 @@ def test_blocked_plugin_is_not_loaded(tmp_path: Path, monkeypatch: pytest.Monkey
         load_recipe(write_recipe(tmp_path / "r.yaml", tiny_recipe([{"prune": "block-me"}])))
 
 
+def test_token_map_survives_blocking_tome(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`rmtp token-map` serves every token pruner, so the tokens package registers it, not tome."""
+    monkeypatch.setenv("RMTP_DISABLE_PLUGINS", "tome")
+    reset_plugins()
+    plugins = get_plugins()
+    assert "tome" not in plugins.pruners and {"token-cls", "token-mean"} <= set(plugins.pruners)
+    result = CliRunner().invoke(build_app(plugins), ["token-map", "--help"])
+    assert result.exit_code == 0 and "--out" in result.output, result.output
+    assert "token-map" not in CliRunner().invoke(build_app(load_plugins(disabled=["tokens"])), ["--help"]).output
+    reset_plugins()
+
+
 def test_duplicate_pruner_name_names_both_classes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     install_plugin(tmp_path, monkeypatch, entry="dup", module="rmtp_test_dup", pruner_name="magnitude")
     with pytest.raises(PluginError, match=r"two pruners are registered as 'magnitude': .*MagnitudePruner and "

@@ -115,14 +115,14 @@ def test_recipe_prunes_evaluates_and_saves_a_token_reduced_model(tmp_path: Path,
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), result.model(images), atol=0, rtol=0)
 
-    # `rmtp token-map` draws which patches merged, from the saved folder (a plugin command of tome)
+    # `rmtp token-map` draws which patches merged, from the saved folder (a command of the tokens package)
     from typer.testing import CliRunner
 
+    import rmtp_plugins.tokens
     from rmtp.cli import build_app
-    from rmtp_plugins.tokens import tome
 
-    if plugins.manager.get_plugin("tome") is None:
-        plugins.manager.register(tome, name="tome")
+    if plugins.manager.get_plugin("tokens") is None:
+        plugins.manager.register(rmtp_plugins.tokens, name="tokens")
     png = tmp_path / "map.png"
     outcome = CliRunner().invoke(build_app(plugins), ["token-map", str(tmp_path / "out"), "--out", str(png), "-n", "3"])
     assert outcome.exit_code == 0, outcome.output

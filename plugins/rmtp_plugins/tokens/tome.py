@@ -60,10 +60,3 @@ class TomePruner(TokenPruner):
 @hookimpl
 def register_pruners(register) -> None:  # noqa: ANN001 - pluggy passes the registry's callback
     register(TomePruner)
-
-
-@hookimpl
-def register_commands(app) -> None:  # noqa: ANN001 - a typer.Typer
-    from rmtp_plugins.tokens.visualize import token_map_command
-
-    app.command("token-map")(token_map_command)
