@@ -17,44 +17,44 @@ import errno
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from rmtp.errors import RmtpError
 
 
-def write_text_atomic(path: Path | str, text: str) -> Path:
-    """Write ``text`` (UTF-8, newlines as given) to ``path`` via a temp file and a rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def save_figure_atomic(figure: Any, path: Path | str, **savefig: Any) -> Path:
-    """``figure.savefig`` to a temp file in ``path``'s folder, then renamed over ``path``: a killed
-    plot leaves the previous PNG or the new one, never a truncated image."""
+def replace_atomically(path: Path | str, write: Callable[[str], object]) -> Path:
+    """Call ``write(temp_path)`` on a fresh temp file in ``path``'s folder, then rename it over
+    ``path`` with the umask's permissions; on any failure the temp file goes and ``path`` is as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        figure.savefig(tmp, format=path.suffix.lstrip(".").lower() or "png", **savefig)
+        write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_text_atomic(path: Path | str, text: str) -> Path:
+    """Write ``text`` (UTF-8, newlines as given) to ``path`` via a temp file and a rename."""
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+
+    return replace_atomically(path, write)
+
+
+def save_figure_atomic(figure: Any, path: Path | str, **savefig: Any) -> Path:
+    """``figure.savefig`` to a temp file in ``path``'s folder, then renamed over ``path``: a killed
+    plot leaves the previous PNG or the new one, never a truncated image."""
+    image_format = Path(path).suffix.lstrip(".").lower() or "png"
+    return replace_atomically(path, lambda tmp: figure.savefig(tmp, format=image_format, **savefig))
 
 
 def write_json_atomic(path: Path | str, data: Any) -> Path:
