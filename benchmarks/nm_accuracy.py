@@ -32,7 +32,6 @@ from typing import Any
 import torch
 import yaml
 
-import rmtp.plugins
 from rmtp.atomic import write_json_atomic
 from rmtp.pipeline import run_recipe
 from rmtp.plugins import load_plugins
@@ -45,13 +44,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _plugins():
-    plugins = load_plugins()
-    if "n:m" not in plugins.pruners:  # until the n:m entry point is installed
-        from rmtp_plugins.nm import NmPruner
-
-        plugins.pruners.add(NmPruner)
-    rmtp.plugins._loaded = plugins
-    return plugins
+    """The installed plugins; each recipe carries them into its run (``parse_recipe(plugins=...)``)."""
+    return load_plugins()
 
 
 def _recipe(steps: list[dict[str, Any]], seed: int = 0) -> dict[str, Any]:
