@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from rmtp import saving
+from rmtp.output_folder import make_temp_dir
 from rmtp.atomic import write_json_atomic
 from rmtp.errors import RmtpError
 
@@ -61,7 +62,7 @@ class StagedOutput:
             raise RmtpError(f"step output {name!r} was already written by an earlier step of this run")
         if self._staging is None:
             self._held.enter_context(saving.output_lock(self.out_dir))
-            self._staging = saving.make_temp_dir(self.out_dir, "extras.partial")
+            self._staging = make_temp_dir(self.out_dir, "extras.partial")
         self.names.append(name)
         return self._staging / name
 

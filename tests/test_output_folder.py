@@ -29,7 +29,9 @@ from rmtp.pipeline import run_recipe
 from rmtp.plugins import get_plugins
 from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams
 from rmtp.recipe import parse_recipe
-from rmtp.saving import META_FILE, WEIGHTS_FILE, lock_file, output_lock, save
+from rmtp import output_folder
+from rmtp.output_folder import lock_file
+from rmtp.saving import META_FILE, WEIGHTS_FILE, output_lock, save
 
 from conftest import TINY_VIT, tiny_recipe
 
@@ -67,7 +69,7 @@ def _save_blocking(out: Path, ready: Path, block: str) -> None:
             if str(dst).endswith(".old"):
                 _block_then_sleep(ready)
 
-        saving._exchange = lambda a, b: False
+        output_folder._exchange = lambda a, b: False
         os.replace = replace
     _save(_model(1), out, overwrite=True)
 
@@ -180,7 +182,7 @@ def test_two_writers_never_race_and_the_folder_always_loads(tmp_path: Path) -> N
 def _exchange_works(tmp_path: Path) -> bool:
     (tmp_path / "swap-a").mkdir()
     (tmp_path / "swap-b").mkdir()
-    works = saving._exchange(tmp_path / "swap-a", tmp_path / "swap-b")
+    works = output_folder._exchange(tmp_path / "swap-a", tmp_path / "swap-b")
     (tmp_path / "swap-a").rmdir()
     (tmp_path / "swap-b").rmdir()
     return works
@@ -235,10 +237,10 @@ def test_a_run_holds_its_output_folder_from_before_step_0_until_saved(tmp_path: 
 def test_entries_of_other_folders_are_never_taken_for_stale_ones() -> None:
     for other in (".m.x.0123456789abcdef.partial", ".m.extras.0123456789abcdef.partial", ".m.x.lock",
                   ".m.0123456789abcdef.0123456789abcdef.old", ".m.lock", "m"):
-        assert saving._entry_kind("m", other) is None, other
+        assert output_folder._entry_kind("m", other) is None, other
     for own, kind in ((".m.0123456789abcdef.partial", "partial"), (".m.0123456789abcdef.extras.partial", "partial"),
                       (".m.0123456789abcdef.old", "old"), (".m.ab_cd123.partial", "partial"), (".m.old-1", "old")):
-        assert saving._entry_kind("m", own) == kind, own
+        assert output_folder._entry_kind("m", own) == kind, own
 
 
 @pytest.mark.parametrize("umask, folder_mode, file_mode", [(0o022, 0o755, 0o644), (0o027, 0o750, 0o640)])
