@@ -514,7 +514,7 @@ def benchmark(candidates: Sequence[Candidate], *, device: str = "cpu", batches: 
     started = time.perf_counter()
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     load_before = _loadavg()
-    with _torch_threads(threads) as n_threads, _cuda_flags(dev) as cuda_flags, \
+    with metrics.torch_threads(threads) as n_threads, _cuda_flags(dev) as cuda_flags, \
             _compile_limits(compile, len(candidates) * len(batch_list)):
         models = [_static_figures(i, c) for i, c in enumerate(candidates)]
         runners = []
@@ -567,17 +567,6 @@ def _check_settings(device: str, batches: Sequence[int], dtype: str, rounds: int
     if block_s <= 0 or warmup_s < 0:
         raise BenchError(f"block_s must be positive and warmup_s not negative, got {block_s}, {warmup_s}")
     return dev, DTYPES[dtype], sorted(set(batches))
-
-
-@contextmanager
-def _torch_threads(threads: int | None) -> Iterator[int]:
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        yield torch.get_num_threads()
-    finally:
-        torch.set_num_threads(before)
 
 
 @contextmanager

@@ -733,6 +733,19 @@ class PairedSpeedup:
                 "verdict": self.verdict}
 
 
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[int]:
+    """Fix torch's intra-op threads at ``threads`` (None: leave the current count) for the block,
+    yielding the count in force, and restore the previous count after."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
 def paired_speedup(dense: nn.Module, pruned: nn.Module, input_shape: tuple[int, ...], *, batch: int,
                    device: DeviceLike = "cpu", rounds: int = 15, threads: int | None = None,
                    on_round: Callable[[int], None] | None = None) -> PairedSpeedup:
@@ -741,17 +754,10 @@ def paired_speedup(dense: nn.Module, pruned: nn.Module, input_shape: tuple[int, 
     if batch < 1:
         raise ValueError(f"batch must be at least 1, got {batch}")
     dev = resolve_device(device)
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(threads)
-    try:
-        n_threads = torch.get_num_threads()
-        with _evaluating(dense), _evaluating(pruned), torch.inference_mode():
-            x = torch.randn((batch, *_batch_of_one(input_shape)[1:]), device=dev, dtype=_input_dtype(dense))
-            timings = interleaved_timing([lambda: dense(x), lambda: pruned(x)], device=dev, rounds=rounds,
-                                         on_round=on_round)
-    finally:
-        torch.set_num_threads(before)
+    with torch_threads(threads) as n_threads, _evaluating(dense), _evaluating(pruned), torch.inference_mode():
+        x = torch.randn((batch, *_batch_of_one(input_shape)[1:]), device=dev, dtype=_input_dtype(dense))
+        timings = interleaved_timing([lambda: dense(x), lambda: pruned(x)], device=dev, rounds=rounds,
+                                     on_round=on_round)
     dense_s, pruned_s = timings[0].seconds, timings[1].seconds
     return PairedSpeedup(dense_ms=Spread.of([s * 1e3 for s in dense_s]), pruned_ms=Spread.of([s * 1e3 for s in pruned_s]),
                          ratio=Spread.of([d / p for d, p in zip(dense_s, pruned_s)]), batch=batch,
