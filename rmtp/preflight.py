@@ -74,26 +74,16 @@ def _check_classes(label: str, root: Path, model: nn.Module) -> None:
 
 def _meta_model(recipe: Recipe, plugins: Plugins) -> tuple[nn.Module, Architecture]:
     from rmtp import saving
-    from rmtp.modules import apply_replacements
 
     section = recipe.model
-    if section.checkpoint is not None and saving.is_saved_model(section.checkpoint):
-        meta = saving.read_meta(section.checkpoint)
-        try:
-            spec = ModelSpec(name=meta["model"]["name"], arch=meta["model"].get("arch"),
-                             kwargs=dict(meta["model"].get("kwargs") or {}))
-            arch = plugins.architecture(meta["arch"])
-        except (KeyError, TypeError, AttributeError) as exc:
-            raise CheckpointError(f"{section.checkpoint}: malformed model description: {exc}") from None
-        replaced = meta.get("replaced") or []
-    else:
+    with torch.device("meta"):  # no pretrained download, no checkpoint read: structure only
+        if section.checkpoint is not None and saving.is_saved_model(section.checkpoint):
+            try:
+                return saving.rebuild_structure(section.checkpoint, plugins=plugins)
+            except RmtpError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a replacement class that cannot live on meta
+                raise CheckpointError(str(exc)) from None
         spec = ModelSpec(name=section.name, arch=section.arch, kwargs=dict(section.kwargs))
         arch = plugins.architecture_for(spec.name, spec.arch)
-        replaced = []
-    with torch.device("meta"):
-        model = arch.create(spec)  # no pretrained download, no checkpoint read: structure only
-        try:
-            apply_replacements(model, replaced, source=str(section.checkpoint))
-        except Exception as exc:  # noqa: BLE001 - a replacement class that cannot live on meta
-            raise CheckpointError(str(exc)) from None
-    return model, arch
+        return arch.create(spec), arch

@@ -183,6 +183,31 @@ def _spec_from(data: dict[str, Any] | None) -> ModelSpec | None:
                      pretrained=bool(data.get("pretrained")), checkpoint=Path(checkpoint) if checkpoint else None)
 
 
+def rebuild_structure(path: str | Path, *, plugins: Plugins) -> tuple[nn.Module, Architecture]:
+    """The saved model's modules (base timm model with its replaced layers), without reading its
+    weights or applying its patches: what ``rmtp validate`` checks a recipe against, built under
+    ``torch.device("meta")`` so nothing is allocated."""
+    path = Path(path)
+    meta, spec, arch = _describe(path, plugins)
+    return _structure(path, meta, spec, arch), arch
+
+
+def _describe(path: Path, plugins: Plugins) -> tuple[dict[str, Any], ModelSpec, Architecture]:
+    meta = read_meta(path)
+    try:
+        spec = _spec_from(meta["model"])
+        arch = plugins.architecture(meta["arch"])
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path / META_FILE}: missing or malformed field {exc}") from None
+    return meta, spec, arch
+
+
+def _structure(path: Path, meta: dict[str, Any], spec: ModelSpec, arch: Architecture) -> nn.Module:
+    model = arch.create(spec)
+    apply_replacements(model, meta.get("replaced") or [], source=str(path))
+    return model
+
+
 def load(path: str | Path, *, plugins: Plugins | None = None) -> LoadedModel:
     """Rebuild a saved model: base timm model, replaced layers, the saved weights (strict), then
     the recorded forward-pass patches. ``plugins`` provide the architecture (default: the
@@ -192,16 +217,10 @@ def load(path: str | Path, *, plugins: Plugins | None = None) -> LoadedModel:
 
         plugins = get_plugins()
     path = Path(path)
-    meta = read_meta(path)
-    try:
-        spec = _spec_from(meta["model"])
-        arch = plugins.architecture(meta["arch"])
-    except (KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path / META_FILE}: missing or malformed field {exc}") from None
+    meta, spec, arch = _describe(path, plugins)
     if not meta.get("has_weights", True):
         raise CheckpointError(f"{path}: saved without weights (output.save_model was false)")
-    model = arch.create(spec)
-    apply_replacements(model, meta.get("replaced") or [], source=str(path))
+    model = _structure(path, meta, spec, arch)
     load_state_dict_into(model, read_state_dict(path / WEIGHTS_FILE), source=str(path / WEIGHTS_FILE))
     apply_patches(model, meta.get("patches") or [], source=str(path))
     return LoadedModel(model=model.eval(), spec=spec, arch=arch.name, baseline=_spec_from(meta.get("baseline")),
