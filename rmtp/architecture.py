@@ -1,9 +1,11 @@
 """The architecture-plugin contract: build a timm model of one family and name its prunable layers.
 
-An architecture plugin answers three questions for the pruners, so that no pruner needs to know
+An architecture plugin answers four questions for the pruners, so that no pruner needs to know
 timm's module names: how to create a model (by timm name and kwargs, pretrained or from a local
-checkpoint), which layers are candidates for pruning (in forward order), and how a fused qkv
-projection splits into q, k and v.
+checkpoint), which layers are candidates for pruning (in forward order), how a fused qkv
+projection splits into q, k and v, and which layers share a hidden dimension (:class:`Coupling`:
+the producer/consumer pairs structured pruners cut or permute together, with what sits between
+them). Adding a model family is one architecture module; the pruners read only this contract.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from torch import nn
 
@@ -82,6 +84,43 @@ class PrunableLayer:
     optional: bool = False
 
 
+CouplingKind = Literal["heads", "neurons", "channels"]
+
+
+@dataclass(frozen=True)
+class Coupling:
+    """A hidden dimension one layer writes and the next reads: what structured pruning must cut,
+    or permute, in both layers at once.
+
+    ``producer``'s output rows (``rows`` of them, all when ``None``) are, channel for channel,
+    ``consumer``'s inputs, after the modules ``between`` (dotted paths, in forward order). Among
+    those, ``norms`` are the normalisations whose per-channel parameters and statistics belong to
+    the producer's channels (a BatchNorm after a conv): they are sliced or permuted along with it.
+    The other modules in ``between`` are meant to act on each channel alike (activations, dropout,
+    pooling); a pruner still checks each one it is handed, and refuses the coupling, naming the
+    module, when it is not.
+
+    ``kind`` says what the channels are: ``"heads"`` (attention heads: the v rows of a fused qkv
+    projection feed the output projection, ``group`` = head_dim consecutive channels per head, so a
+    head is cut or permuted as a whole block), ``"neurons"`` (an MLP's hidden layer) or
+    ``"channels"`` (a conv's output channels read by the next conv of a residual branch).
+    ``name`` is what reports call it: the attention or MLP module, or the producing conv.
+    """
+
+    kind: CouplingKind
+    name: str
+    producer: str
+    consumer: str
+    between: tuple[str, ...] = ()
+    norms: tuple[str, ...] = ()
+    rows: slice | None = None
+    group: int = 1
+
+    def touches(self, layer_names: set[str]) -> bool:
+        """Whether the producer or the consumer is among ``layer_names`` (a step's selected layers)."""
+        return self.producer in layer_names or self.consumer in layer_names
+
+
 class Architecture(ABC):
     """Base class of architecture plugins (``vit``, ``convnext``, ``resnet`` and third-party ones)."""
 
@@ -134,3 +173,12 @@ class Architecture(ABC):
     def qkv_split(self, layer_name: str, module: nn.Module) -> dict[str, slice] | None:
         """For a fused qkv projection, the output-row slices of q, k and v; ``None`` otherwise."""
         return None
+
+    def couplings(self, model: nn.Module) -> list[Coupling]:
+        """The producer/consumer pairs of ``model`` that share a hidden dimension, in forward order.
+
+        Structured pruners (spp's heads, neurons and channels; n:m's input permutations absorbed by
+        the producer) work only where a coupling is declared. The default declares none: a family
+        without couplings still gets every per-layer pruner.
+        """
+        return []

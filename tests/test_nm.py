@@ -12,10 +12,9 @@ import timm
 import torch
 import yaml
 from conftest import REPO, TINY_VIT, tiny_recipe
+from rmtp.gemm import from_gemm, gemm_view
 from rmtp_plugins._nm_budget import Option, allocate
 from rmtp_plugins._nm_masks import (
-    from_gemm,
-    gemm_view,
     nm_mask,
     reconstruction_error,
     restore_mask,
@@ -65,6 +64,10 @@ def _plugins():
 @pytest.fixture()
 def nm_plugins():
     return _plugins()  # recipes parsed with them carry them into run_recipe
+
+
+def _arch(name: str):
+    return rmtp.get_plugins().architecture(name)
 
 
 def _vit(seed: int = 0, **kwargs) -> nn.Module:
@@ -283,7 +286,7 @@ def test_permutation_keeps_the_dense_function(name, model_name, kwargs, shape, e
     with torch.no_grad():
         reference = model(x)
     for seed, (layer, kind) in enumerate(expected.items()):
-        absorber = find_absorber(model, layer)
+        absorber = find_absorber(model, layer, _arch(name).couplings(model))
         assert (absorber is not None) == (kind == "real"), layer
         module = model.get_submodule(layer)
         channels = module.weight.shape[1]
@@ -307,7 +310,8 @@ def test_index_permutations_compose() -> None:
 
 
 def test_attention_permutations_stay_inside_heads() -> None:
-    absorber = find_absorber(_vit(), "blocks.0.attn.proj")
+    model = _vit()
+    absorber = find_absorber(model, "blocks.0.attn.proj", _arch("vit").couplings(model))
     assert absorber.blocks == 24 and absorber.rows == slice(96, 144)
     energy = torch.rand(48, 48, generator=torch.Generator().manual_seed(0)) ** 4
     perm = search_permutation(energy, 2, 4, blocks=24)

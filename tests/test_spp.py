@@ -51,7 +51,7 @@ def context(model: torch.nn.Module, *, images: int = 64, seed: int = 0) -> Prune
 
 def units_of(model: torch.nn.Module):
     arch = get_plugins().architecture("vit")
-    return find_units(model, arch.prunable_layers(model), heads=True, neurons=True)
+    return find_units(model, arch.couplings(model), arch.prunable_layers(model), ("heads", "neurons"))
 
 
 # --------------------------------------------------------------------------------- the path
@@ -310,10 +310,10 @@ def test_bad_params_are_refused(params: dict, message: str) -> None:
         SppParams(**params)
 
 
-def test_other_families_are_refused_naming_what_is_supported() -> None:
+def test_a_family_without_couplings_is_refused_naming_what_is_needed() -> None:
     ctx = context(make_vit())
-    ctx.arch = SimpleNamespace(name="swin")
-    with pytest.raises(RmtpError, match="spp supports vit, convnext, resnet models .* swin is not supported"):
+    ctx.arch = SimpleNamespace(name="swin", couplings=lambda model: [])
+    with pytest.raises(RmtpError, match=r"spp: the swin architecture declares no couplings .* \(Architecture.couplings\)"):
         SppPruner().prune(ctx, SppParams(ratio=0.3))
 
 

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import rmtp
 from rmtp.architecture import ModelSpec
 from rmtp.errors import RmtpError
-from rmtp.metrics import count_macs, count_params
+from rmtp.measure import count_macs, count_params
 from rmtp.pipeline import run_recipe
 from rmtp.pruner import PruneContext
 from rmtp.recipe import parse_recipe
@@ -75,7 +75,8 @@ def arch_of(key: str):
 
 
 def units_of(model: torch.nn.Module, key: str):
-    return find_units(model, arch_of(key).prunable_layers(model), heads=True, neurons=True, channels=True)
+    arch = arch_of(key)
+    return find_units(model, arch.couplings(model), arch.prunable_layers(model), ("heads", "neurons", "channels"))
 
 
 def context(model: torch.nn.Module, key: str, *, images: int = 64, seed: int = 0) -> PruneContext:
@@ -275,7 +276,7 @@ def test_planted_useless_channels_enter_last(key: str) -> None:
     ("convnext", {"use_grn": True}, r"neurons of stages.0.blocks.0.mlp: it is a GlobalResponseNormMlp .*mean"),
     ("resnet-bottleneck", {"cardinality": 4, "base_width": 64}, r"channels of layer1.0.conv1: its conv2 is grouped"),
     ("resnet-basic", {"norm_layer": partial(timm.layers.GroupNorm, num_groups=4)}, r"its bn1 is a GroupNorm, not BatchNorm2d"),
-    ("resnet-basic", {"aa_layer": timm.layers.BlurPool2d}, r"layer2.0.conv1: its anti-alias layer is a BlurPool2d"),
+    ("resnet-basic", {"aa_layer": timm.layers.BlurPool2d}, r"layer2.0.conv1: its aa \(BlurPool2d\) holds parameters or buffers"),
 ])
 def test_unsupported_variants_are_refused_before_the_search(key: str, overrides: dict, message: str) -> None:
     _, name, kwargs = MODELS[key]

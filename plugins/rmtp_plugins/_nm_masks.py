@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from rmtp.gemm import gemm_view
+
 # --------------------------------------------------------------------------------------------
 # Layout
 # --------------------------------------------------------------------------------------------
@@ -37,24 +39,6 @@ def layout_problem(weight_shape: tuple[int, ...], m: int, *, groups: int = 1) ->
             return f"in_channels={weight_shape[1]} is not a multiple of m={m}"
         return None
     return f"weight of {len(weight_shape)} dims is neither Linear nor Conv2d"
-
-
-def gemm_view(weight: torch.Tensor) -> torch.Tensor:
-    """The GEMM matrix A (out × K) of a Linear or Conv2d weight, in the layout of the module docstring."""
-    if weight.ndim == 2:
-        return weight
-    if weight.ndim == 4:
-        out, c, r, s = weight.shape
-        return weight.permute(0, 2, 3, 1).reshape(out, r * s * c)
-    raise ValueError(f"expected a 2-D (Linear) or 4-D (Conv2d) weight, got shape {tuple(weight.shape)}")
-
-
-def from_gemm(matrix: torch.Tensor, weight_shape: tuple[int, ...]) -> torch.Tensor:
-    """Inverse of :func:`gemm_view`: the matrix back in the weight's own shape."""
-    if len(weight_shape) == 2:
-        return matrix.reshape(weight_shape)
-    out, c, r, s = weight_shape
-    return matrix.reshape(out, r, s, c).permute(0, 3, 1, 2).contiguous()
 
 
 def channel_index(perm: torch.Tensor, weight_shape: tuple[int, ...]) -> torch.Tensor:

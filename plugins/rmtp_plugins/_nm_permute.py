@@ -18,11 +18,11 @@ input must become ``x[π]``:
 
 * *real* — where the input is produced by one layer through channel-wise modules only, that
   producer's output rows are permuted (``P[π]``, ``b[π]``) together with the per-channel parameters
-  and buffers in between; no run-time cost. Recognised: timm ``Mlp``/``GlobalResponseNormMlp``
-  ``fc2`` ← ``fc1`` (ViT, ConvNeXt: act, dropout, norm/GRN in between); timm ``Attention`` ``proj`` ←
-  the v rows of ``qkv`` (permutations stay inside each head, which keeps every head's attention
-  intact); timm ResNet ``BasicBlock``/``Bottleneck`` ``conv2`` ← ``conv1`` and ``conv3`` ← ``conv2``
-  (BatchNorm, activation, DropBlock in between).
+  and buffers in between; no run-time cost. Where that holds is the architecture's
+  :class:`~rmtp.architecture.Coupling` list: MLP ``fc2`` ← ``fc1`` (ViT, ConvNeXt: act, dropout,
+  norm/GRN in between); attention ``proj`` ← the v rows of ``qkv`` (``group`` = head_dim:
+  permutations stay inside each head, which keeps every head's attention intact); ResNet
+  ``conv2`` ← ``conv1`` and ``conv3`` ← ``conv2`` (BatchNorm, activation, DropBlock in between).
 * *index* — otherwise (qkv, fc1, a block's first conv: their input is the residual stream) the
   layer is wrapped in :class:`PermutedInput`, which gathers ``x[..., π]`` before the layer and holds
   π as a buffer, so the permutation is in the state dict and survives save/load (the wrapper is
@@ -31,13 +31,14 @@ input must become ``x[π]``:
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from rmtp.architecture import Coupling
 from rmtp.modules import rebuildable
 
 #: Modules that act on every channel alike and hold no per-channel state: safe between producer and consumer.
@@ -269,16 +270,10 @@ class Absorber:
     what: str = ""
 
 
-def _timm(module: nn.Module, *names: str) -> bool:
-    return type(module).__module__.startswith("timm.") and type(module).__name__ in names
-
-
-def _between_ok(modules: list[nn.Module | None], channels: int) -> list[nn.Module] | None:
+def _between_ok(modules: list[nn.Module], channels: int) -> list[nn.Module] | None:
     """The per-channel modules among ``modules`` if every one is channel-wise (else ``None``)."""
     per_channel = []
     for module in modules:
-        if module is None:
-            continue
         name = type(module).__name__
         if name in _ELEMENTWISE and not list(module.parameters()) and not [
                 b for b in module.buffers() if b.numel() > 1]:
@@ -291,51 +286,44 @@ def _between_ok(modules: list[nn.Module | None], channels: int) -> list[nn.Modul
     return per_channel
 
 
-def find_absorber(model: nn.Module, name: str) -> Absorber | None:
-    """The layer whose output rows can absorb ``name``'s input permutation, or ``None``."""
-    if "." not in name:
+def _width(layer: nn.Module, *, inputs: bool) -> int:
+    if isinstance(layer, nn.Linear):
+        return layer.in_features if inputs else layer.out_features
+    return layer.in_channels if inputs else layer.out_channels
+
+
+def find_absorber(model: nn.Module, name: str, couplings: Sequence[Coupling]) -> Absorber | None:
+    """The layer whose output rows can absorb ``name``'s input permutation, or ``None``.
+
+    Only the producer of a coupling the architecture declares for ``name`` (see
+    :meth:`rmtp.architecture.Architecture.couplings`) can, and only when it is a plain Linear or
+    dense conv whose rows match ``name``'s inputs one for one and every module in between acts
+    channel-wise (its per-channel parameters are permuted along).
+    """
+    coupling = next((c for c in couplings if c.consumer == name), None)
+    if coupling is None:
         return None
-    parent_name, child = name.rsplit(".", 1)
-    parent = model.get_submodule(parent_name)
     consumer = plain(model.get_submodule(name))
-    channels = consumer.in_features if isinstance(consumer, nn.Linear) else consumer.in_channels
-    if child == "fc2" and _timm(parent, "Mlp", "GlobalResponseNormMlp"):
-        producer = plain(parent.fc1)
-        between = [parent.act, parent.drop1, getattr(parent, "norm", None), getattr(parent, "grn", None)]
-        absorber = Absorber(f"{parent_name}.fc1", what="fc1 rows")
-    elif child == "proj" and _timm(parent, "Attention"):
-        producer = plain(parent.qkv)
-        if getattr(parent, "gate", None) is not None or not isinstance(producer, nn.Linear):
-            return None
-        attn_dim = parent.num_heads * parent.head_dim
-        if producer.out_features != 3 * attn_dim or attn_dim != channels:
-            return None
-        between = [parent.norm]
-        absorber = Absorber(f"{parent_name}.qkv", rows=slice(2 * attn_dim, 3 * attn_dim), blocks=parent.head_dim,
-                            what="v rows (within heads)")
-    elif (match := re.fullmatch(r"conv([23])", child)) and _timm(parent, "BasicBlock", "Bottleneck"):
-        k = int(match.group(1)) - 1
-        producer = plain(getattr(parent, f"conv{k}", None))
-        aa = getattr(parent, "aa", None)
-        if aa is not None and not isinstance(aa, nn.Identity):
-            return None
-        between = [getattr(parent, f"bn{k}", None), getattr(parent, f"act{k}", None),
-                   getattr(parent, "drop_block", None)]
-        if between[0] is None:
-            return None
-        absorber = Absorber(f"{parent_name}.conv{k}", what=f"conv{k} rows + bn{k}")
-    else:
-        return None
+    producer = plain(model.get_submodule(coupling.producer))
     if not isinstance(producer, (nn.Linear, nn.Conv2d)) or isinstance(producer, nn.Conv2d) and producer.groups != 1:
         return None
-    out = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
-    if absorber.rows is None and out != channels:
+    channels, out = _width(consumer, inputs=True), _width(producer, inputs=False)
+    rows = coupling.rows
+    if rows is None and out != channels or rows is not None and (len(range(out)[rows]) != channels):
         return None
-    per_channel = _between_ok(between, channels)
+    per_channel = _between_ok([model.get_submodule(p) for p in coupling.between], channels)
     if per_channel is None:
         return None
-    absorber.channelwise = per_channel
-    return absorber
+    if coupling.kind == "heads":
+        what = "v rows (within heads)"
+    else:
+        what = " + ".join([f"{_leaf(coupling.producer)} rows", *(_leaf(n) for n in coupling.norms)])
+    return Absorber(coupling.producer, rows=rows, channelwise=per_channel,
+                    blocks=coupling.group if coupling.group > 1 else None, what=what)
+
+
+def _leaf(path: str) -> str:
+    return path.rsplit(".", 1)[-1]
 
 
 # --------------------------------------------------------------------------------------------

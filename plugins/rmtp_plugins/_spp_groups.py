@@ -20,68 +20,63 @@ output with all its gates at 0 (see each family's module).
 
 from __future__ import annotations
 
-import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
 from torch import nn
 
-from rmtp.architecture import PrunableLayer
+from rmtp.architecture import Coupling, PrunableLayer
 from rmtp.errors import RmtpError
-from rmtp_plugins._nm_masks import gemm_view
+from rmtp.gemm import gemm_view
 from rmtp_plugins._spp_conv_modules import ConstantChannels, RemovedConv2d
 from rmtp_plugins._spp_heads import attention_problem, head_unit, slice_heads
 from rmtp_plugins._spp_mlp import mlp_problem, neuron_unit, slice_neurons
 from rmtp_plugins._spp_modules import ConstantBranch
 from rmtp_plugins._spp_path import Shared
-from rmtp_plugins._spp_resnet import CONV_LAYER, block_problem, channel_unit, slice_channels, wanted_units
-from rmtp_plugins._spp_unit import Kind, Unit, gate_shape
+from rmtp_plugins._spp_resnet import channel_problem, channel_unit, slice_channels
+from rmtp_plugins._spp_unit import KIND_OF, Kind, Unit, gate_shape
 
 __all__ = ["Kind", "Unit", "attention_problem", "find_units", "gated", "group_params", "mlp_problem",
            "shared_params", "slice_unit"]
 
-_ATTN_LAYER = re.compile(r"(?P<block>.+)\.attn\.(qkv|proj)")
-_MLP_LAYER = re.compile(r"(?P<block>.+)\.mlp\.(fc1|fc2)")
 _EMPTY = (ConstantBranch, ConstantChannels)
 
 
-def find_units(model: nn.Module, layers: list[PrunableLayer], *, heads: bool, neurons: bool,
-               channels: bool = False) -> list[Unit]:
+def find_units(model: nn.Module, couplings: Sequence[Coupling], layers: list[PrunableLayer],
+               structures: Collection[str]) -> list[Unit]:
     """The units behind the selected layers, in forward order, with their gate offsets.
 
-    A ViT block's heads are gated when its ``attn.qkv`` or ``attn.proj`` is selected, an MLP's
-    neurons (ViT, ConvNeXt) when ``mlp.fc1`` or ``mlp.fc2`` is, a ResNet unit's channels when its
-    producer or consumer conv is. A unit an earlier spp step removed entirely has no groups left
-    and is skipped. Raises :class:`RmtpError` naming the branch when one cannot be handled.
+    A coupling the architecture declares (:meth:`~rmtp.architecture.Architecture.couplings`) of a
+    kind in ``structures`` becomes a unit when its producer or consumer is selected: a ViT block's
+    heads when ``attn.qkv`` or ``attn.proj`` is, an MLP's neurons when ``mlp.fc1`` or ``mlp.fc2``
+    is, a ResNet unit's channels when its producer or consumer conv is. A unit an earlier spp step
+    removed entirely has no groups left and is skipped. Raises :class:`RmtpError` naming the branch
+    when one cannot be handled.
     """
-    wanted: dict[str, str] = {}
-    resnet: dict[str, set[int]] = {}
-    for layer in layers:
-        if heads and (m := _ATTN_LAYER.fullmatch(layer.name)):
-            wanted.setdefault(f"{m['block']}.attn", "head")
-        elif neurons and (m := _MLP_LAYER.fullmatch(layer.name)):
-            wanted.setdefault(f"{m['block']}.mlp", "neuron")
-        elif channels and (m := CONV_LAYER.fullmatch(layer.name)):
-            resnet.setdefault(m["block"], set()).add(int(m["index"]))
+    selected = {layer.name for layer in layers}
+    wanted = [c for c in couplings if c.kind in structures and c.touches(selected)]
+    consumers_that_produce = {c.producer for c in couplings}
     units: list[Unit] = []
-    for path, module in model.named_modules():
-        kind = wanted.get(path)
-        if kind is not None and not isinstance(module, _EMPTY):
-            problem = attention_problem(module) if kind == "head" else mlp_problem(module)
+    for coupling in wanted:
+        kind = KIND_OF[coupling.kind]
+        if kind == "channel":
+            ends = (model.get_submodule(coupling.producer), model.get_submodule(coupling.consumer))
+            if any(isinstance(end, RemovedConv2d) for end in ends):
+                continue  # removed by an earlier spp step, or feeding a removed conv
+            problem = channel_problem(model, coupling)
             if problem:
-                _refuse(kind, path, problem)
-            units.append(head_unit(path, module) if kind == "head" else neuron_unit(path, module))
-        elif path in resnet:
-            for index in wanted_units(module, resnet[path]):
-                ends = (getattr(module, f"conv{index}", None), getattr(module, f"conv{index + 1}", None))
-                if any(isinstance(end, RemovedConv2d) for end in ends):
-                    continue  # removed by an earlier spp step, or feeding a removed conv
-                problem = block_problem(module, index)
-                if problem:
-                    _refuse("channel", f"{path}.conv{index}", problem)
-                units.append(channel_unit(path, module, index))
+                _refuse(kind, coupling.name, problem)
+            units.append(channel_unit(model, coupling, last=coupling.consumer not in consumers_that_produce))
+            continue
+        module = model.get_submodule(coupling.name)
+        if isinstance(module, _EMPTY):
+            continue
+        problem = attention_problem(module) if kind == "head" else mlp_problem(module)
+        if problem:
+            _refuse(kind, coupling.name, problem)
+        units.append(head_unit(coupling.name, module) if kind == "head" else neuron_unit(coupling.name, module))
     for unit in units:
         problem = nm_problem(model, unit)
         if problem:

@@ -14,8 +14,11 @@ import torch
 from torch import nn
 
 Kind = Literal["head", "neuron", "channel"]
-#: What a kind of group is called in reports and in the ``structures`` param.
+#: What a kind of group is called in reports, in the ``structures`` param and in
+#: :class:`rmtp.architecture.Coupling` kinds.
 NOUNS: dict[str, str] = {"head": "heads", "neuron": "neurons", "channel": "channels"}
+#: The unit kind of each coupling kind.
+KIND_OF: dict[str, Kind] = {noun: kind for kind, noun in NOUNS.items()}
 
 
 @dataclass(frozen=True)
@@ -32,6 +35,7 @@ class Unit:
     consumer: str = ""  # the layer whose input the gates multiply
     channel_dim: int = -1  # the consumer input's channel dimension (-1 channels-last, 1 NCHW)
     members: tuple[str, ...] = ()  # modules whose params the unit's report row counts (default: path)
+    norms: tuple[str, ...] = ()  # norms after the producer whose channels are the groups (sliced with it)
 
     @property
     def gates(self) -> slice:

@@ -20,7 +20,7 @@ from typing import ClassVar
 
 from torch import nn
 
-from rmtp.architecture import Architecture, ModelSpec, PrunableLayer
+from rmtp.architecture import Architecture, Coupling, ModelSpec, PrunableLayer
 from rmtp.errors import PluginError
 from rmtp.modules import is_replacement
 
@@ -137,6 +137,26 @@ class TimmFamily(Architecture):
             f"{', '.join(self.model_patterns)} from timm.models.{{{', '.join(self.timm_modules)}}} "
             f"built with their default block types"
         )
+
+
+def children_present(block: nn.Module, block_name: str, names: tuple[str, ...]) -> tuple[str, ...]:
+    """The full paths of those of ``names`` (children of ``block``, in the order given) that exist."""
+    return tuple(f"{block_name}.{n}" for n in names if _has_submodule(block, n))
+
+
+def mlp_coupling(model: nn.Module, mlp_name: str) -> Coupling | None:
+    """The hidden neurons of a timm MLP at ``mlp_name`` (``fc1`` → act, dropout, norm/GRN → ``fc2``),
+    or ``None`` when it has no ``fc1``/``fc2`` pair (an earlier pruner removed the branch)."""
+    try:
+        mlp = model.get_submodule(mlp_name)
+    except AttributeError:
+        return None
+    if not (_has_submodule(mlp, "fc1") and _has_submodule(mlp, "fc2")):
+        return None
+    norms = tuple(p for p in children_present(mlp, mlp_name, ("norm", "grn"))
+                  if not isinstance(model.get_submodule(p), nn.Identity))
+    return Coupling("neurons", mlp_name, f"{mlp_name}.fc1", f"{mlp_name}.fc2",
+                    between=children_present(mlp, mlp_name, ("act", "drop1", "norm", "grn")), norms=norms)
 
 
 def _has_submodule(module: nn.Module, dotted: str) -> bool:

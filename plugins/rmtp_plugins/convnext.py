@@ -11,8 +11,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from torch import nn
+
+from rmtp.architecture import Coupling
 from rmtp.hookspecs import hookimpl
-from rmtp_plugins._timm_family import LayerRule, TimmFamily
+from rmtp_plugins._timm_family import LayerRule, TimmFamily, mlp_coupling
 
 
 class ConvNextArchitecture(TimmFamily):
@@ -29,6 +32,11 @@ class ConvNextArchitecture(TimmFamily):
         LayerRule(r"stages\.\d+\.blocks\.\d+\.mlp\.fc2", "fc2"),
         LayerRule(r"head\.fc|head\.pre_logits\.fc", "head", optional=True),
     )
+
+    def couplings(self, model: nn.Module) -> list[Coupling]:
+        """Per block: the MLP's hidden channels (``mlp.fc1`` → act, GRN in V2 → ``mlp.fc2``)."""
+        found = (mlp_coupling(model, f"{block_name}.mlp") for block_name, _ in self._blocks(model))
+        return [c for c in found if c is not None]
 
 
 @hookimpl

@@ -49,6 +49,7 @@ from rmtp.errors import RmtpError
 from rmtp.hookspecs import hookimpl
 from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams, weight_footprint
 from rmtp.spectral.options import TwConfidence
+from rmtp.gemm import from_gemm, gemm_view
 from rmtp_plugins._nm_budget import Option, allocate, layer_factor, mp_signal, z_scores
 from rmtp_plugins._nm_export import (
     SemiStructuredReport,
@@ -61,8 +62,6 @@ from rmtp_plugins._nm_masks import (
     channel_index,
     channel_rows,
     check_nm,
-    from_gemm,
-    gemm_view,
     layout_problem,
     nm_mask,
     parse_pattern,
@@ -351,7 +350,7 @@ class NmPruner(Pruner):
 
     def _permute(self, ctx: PruneContext, plan: _Plan, params: NmParams) -> None:
         n, m = plan.pattern
-        absorber = find_absorber(ctx.model, plan.name)
+        absorber = find_absorber(ctx.model, plan.name, ctx.arch.couplings(ctx.model))
         if absorber is None and not params.permute_index:
             plan.perm = "none (no producer)"
             return

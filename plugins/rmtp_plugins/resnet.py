@@ -13,8 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from torch import nn
+
+from rmtp.architecture import Coupling
 from rmtp.hookspecs import hookimpl
-from rmtp_plugins._timm_family import LayerRule, TimmFamily
+from rmtp_plugins._timm_family import LayerRule, TimmFamily, children_present
 
 
 class ResNetArchitecture(TimmFamily):
@@ -32,6 +35,29 @@ class ResNetArchitecture(TimmFamily):
         LayerRule(r"layer\d+\.\d+\.downsample\.\d+", "downsample"),
         LayerRule(r"fc", "head", optional=True),
     )
+
+    def couplings(self, model: nn.Module) -> list[Coupling]:
+        """Per residual block, the inner channels: a ``BasicBlock``'s ``conv1`` outputs (→ bn1,
+        DropBlock, act1, anti-alias pool → ``conv2``); a ``Bottleneck``'s ``conv1`` outputs (→ bn1,
+        act1 → ``conv2``) and ``conv2`` outputs (→ bn2, DropBlock, act2, anti-alias pool → ``conv3``),
+        in the order timm's ``forward`` applies them. The shortcut and the block's output channels
+        are shared by the whole stage's residual stream and are not declared."""
+        from timm.models.resnet import BasicBlock, Bottleneck
+
+        found: list[Coupling] = []
+        for block_name, block in self._blocks(model):
+            if type(block) is BasicBlock:
+                chains = [(1, 2, ("bn1", "drop_block", "act1", "aa"))]
+            elif type(block) is Bottleneck:
+                chains = [(1, 2, ("bn1", "act1")), (2, 3, ("bn2", "drop_block", "act2", "aa"))]
+            else:
+                continue
+            for producer, consumer, between in chains:
+                conv = f"{block_name}.conv{producer}"
+                found.append(Coupling("channels", conv, conv, f"{block_name}.conv{consumer}",
+                                      between=children_present(block, block_name, between),
+                                      norms=children_present(block, block_name, (f"bn{producer}",))))
+        return found
 
 
 @hookimpl

@@ -3,7 +3,8 @@
 (Ding et al., "Adaptive Pruning of Pretrained Transformer via Differential Inclusions", ICLR 2025.)
 
 1. **Gates** (:mod:`._spp_groups`): one gate per structured group of the selected blocks,
-   multiplying the group's channels where the next layer reads them; the weights stay frozen.
+   multiplying the group's channels where the next layer reads them; the weights stay frozen. The
+   groups are the architecture's couplings (:meth:`rmtp.architecture.Architecture.couplings`):
    timm ViT: attention heads and MLP hidden neurons; timm ConvNeXt: MLP hidden channels; timm
    ResNet: the output channels of ``conv1`` (basic blocks) and of ``conv1`` and ``conv2``
    (bottlenecks).
@@ -64,10 +65,6 @@ __all__ = ["AttentionHeads", "ConstantBranch", "ConstantChannels", "RemovedConv2
            "SlicedBatchNorm2d", "SlicedConv2d", "SlicedLinear", "SppParams", "SppPruner", "ZeroInputConv2d",
            "extract"]
 
-SUPPORTED_ARCHS = ("vit", "convnext", "resnet")
-#: The kinds of group (``structures``) each supported family has.
-FAMILY_STRUCTURES: dict[str, tuple[str, ...]] = {
-    "vit": ("heads", "neurons"), "convnext": ("neurons",), "resnet": ("channels",)}
 PATH_FILE = "spp_path.json"
 
 
@@ -202,16 +199,16 @@ class SppPruner(Pruner):
     needs_calibration = True
 
     def prune(self, ctx: PruneContext, params: SppParams) -> list[LayerRow]:
-        if ctx.arch.name not in SUPPORTED_ARCHS:
-            raise RmtpError(f"spp supports {', '.join(SUPPORTED_ARCHS)} models (attention heads and MLP neurons "
-                            f"of timm ViTs, MLP hidden channels of ConvNeXts, inner conv channels of ResNets); "
-                            f"{ctx.arch.name} is not supported yet")
-        offered = FAMILY_STRUCTURES[ctx.arch.name]
+        couplings = ctx.arch.couplings(ctx.model)
+        offered = sorted({c.kind for c in couplings}, key=("heads", "neurons", "channels").index)
+        if not offered:
+            raise RmtpError(f"spp: the {ctx.arch.name} architecture declares no couplings (attention heads, MLP "
+                            f"neurons or conv channels shared by two layers), so spp has nothing to gate; "
+                            f"vit, convnext and resnet declare them (Architecture.couplings)")
         if not set(params.structures) & set(offered):
             raise RmtpError(f"spp: structures {list(params.structures)} select nothing in a {ctx.arch.name} model, "
                             f"which has {', '.join(offered)}")
-        units = find_units(ctx.model, ctx.layers, heads="heads" in params.structures,
-                           neurons="neurons" in params.structures, channels="channels" in params.structures)
+        units = find_units(ctx.model, couplings, ctx.layers, params.structures)
         if not units:
             return []
         sizes = group_params(units)

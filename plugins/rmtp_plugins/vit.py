@@ -17,8 +17,9 @@ from collections.abc import Callable
 
 from torch import nn
 
+from rmtp.architecture import Coupling
 from rmtp.hookspecs import hookimpl
-from rmtp_plugins._timm_family import LayerRule, TimmFamily
+from rmtp_plugins._timm_family import LayerRule, TimmFamily, children_present, mlp_coupling
 
 _QKV = LayerRule(r"blocks\.\d+\.attn\.qkv", "qkv")
 
@@ -54,6 +55,37 @@ class VitArchitecture(TimmFamily):
             return None
         dim = module.out_features // 3
         return {"q": slice(0, dim), "k": slice(dim, 2 * dim), "v": slice(2 * dim, 3 * dim)}
+
+    def couplings(self, model: nn.Module) -> list[Coupling]:
+        """Per block: the attention heads (v rows of ``attn.qkv`` → ``attn.proj``, head_dim channels a
+        head) and the MLP's hidden neurons (``mlp.fc1`` → ``mlp.fc2``)."""
+        found: list[Coupling] = []
+        for block_name, _ in self._blocks(model):
+            heads = _head_coupling(model, f"{block_name}.attn")
+            neurons = mlp_coupling(model, f"{block_name}.mlp")
+            found += [c for c in (heads, neurons) if c is not None]
+        return found
+
+
+def _head_coupling(model: nn.Module, attn_name: str) -> Coupling | None:
+    """The heads of the attention at ``attn_name``: ``num_heads`` groups of ``head_dim`` channels,
+    the v rows of the fused ``qkv`` feeding ``proj``; ``None`` when the sizes do not say so (an
+    earlier pruner replaced the branch, or this is not a fused-qkv attention)."""
+    try:
+        attn = model.get_submodule(attn_name)
+        qkv, proj = attn.get_submodule("qkv"), attn.get_submodule("proj")
+    except AttributeError:
+        return None
+    heads, head_dim = getattr(attn, "num_heads", None), getattr(attn, "head_dim", None)
+    qkv_weight, proj_weight = getattr(qkv, "weight", None), getattr(proj, "weight", None)
+    if not (isinstance(heads, int) and isinstance(head_dim, int)) or qkv_weight is None or proj_weight is None:
+        return None
+    dim = heads * head_dim
+    if qkv_weight.ndim != 2 or qkv_weight.shape[0] != 3 * dim or proj_weight.shape[1] != dim:
+        return None
+    return Coupling("heads", attn_name, f"{attn_name}.qkv", f"{attn_name}.proj",
+                    between=children_present(attn, attn_name, ("norm", "gate")), rows=slice(2 * dim, 3 * dim),
+                    group=head_dim)
 
 
 @hookimpl
