@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from rmtp import metrics
+from rmtp import measure
 
 #: The top-1 figures a benchmark row summarises over seeds.
 TOP1_KEYS = ("top1_pruned", "top1_finetuned")
@@ -41,7 +41,7 @@ def spread(row: dict[str, Any], key: str) -> str:
 
 def interleaved_latency_ms(models: dict[str, torch.nn.Module], shape: tuple[int, ...], batch: int,
                            rounds: int) -> dict[str, float]:
-    """Median batch latency per model in ms, by :func:`rmtp.metrics.interleaved_timing`, the method
+    """Median batch latency per model in ms, by :func:`rmtp.measure.interleaved_timing`, the method
     of ``rmtp bench`` and ``evaluate: latency``: a warm-up per model, then ``rounds`` rounds that
     each time one block of every model, the order rotated every round (A B C, B C A, …), so the
     drift of a shared machine falls on every model alike. One random batch of ``shape`` (per
@@ -55,7 +55,7 @@ def interleaved_latency_ms(models: dict[str, torch.nn.Module], shape: tuple[int,
             for model in models.values():
                 model.eval()
             fns = [partial(models[name], inputs[name]) for name in names]
-            timings = metrics.interleaved_timing(fns, rounds=rounds)
+            timings = measure.interleaved_timing(fns, rounds=rounds)
     finally:
         for name, model in models.items():
             model.train(training[name])

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 
 import rmtp
-from rmtp import metrics
+from rmtp import measure
 from rmtp.atomic import write_json_atomic
 from rmtp.data import DataSpec, build_data
 from rmtp.pipeline import run_recipe
@@ -142,13 +142,13 @@ def _measure(args: argparse.Namespace, seed: int) -> tuple[list[dict[str, Any]],
             model = rmtp.load(Path(tmp) / "spp" / f"spp-{ratio:.2f}").model
             level = path["levels"][f"{ratio:g}"]
             kept = _module_params(model, layers)
-            summary = metrics.model_summary(model, SHAPE)
-            pruned_top1 = metrics.top1(model, val, device="cpu")
+            summary = measure.model_summary(model, SHAPE)
+            pruned_top1 = measure.top1(model, val, device="cpu")
             train(model, bundle, TrainConfig(**finetune), device="cpu", teacher=dense)
             rows.append({"model": f"spp ratio {ratio:g} (channels)", "layer_params": kept,
                          "model_params": summary["params"], "model_nonzeros": summary["params"],
                          "macs": summary["macs"], "top1_pruned": pruned_top1,
-                         "top1_finetuned": metrics.top1(model, val, device="cpu"),
+                         "top1_finetuned": measure.top1(model, val, device="cpu"),
                          "spp_share_removed": level["param_share_removed"],
                          "groups_removed": f"{level['groups_removed']}/{level['groups']}"})
             if ratio == 0.5:

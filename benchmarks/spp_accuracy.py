@@ -27,7 +27,7 @@ import torch
 import yaml
 
 import rmtp
-from rmtp import metrics
+from rmtp import measure
 from rmtp.atomic import write_json_atomic
 from rmtp.data import build_data
 from rmtp.pipeline import run_recipe
@@ -82,8 +82,8 @@ def _measure(args: argparse.Namespace, seed: int) -> tuple[list[dict[str, Any]],
         bundle = build_data(data_recipe.data, dense)
         shape = tuple(bundle.val[0][0].shape)
         val = bundle.loader("val")
-        dense_top1 = metrics.top1(dense, val, device="cpu")
-        dense_summary = metrics.model_summary(dense, shape)
+        dense_top1 = measure.top1(dense, val, device="cpu")
+        dense_summary = measure.model_summary(dense, shape)
         weights, biases = _block_layers(dense)
         layer_params = weights + biases
         path = json.loads((Path(tmp) / "spp" / "spp_path.json").read_text())
@@ -94,14 +94,14 @@ def _measure(args: argparse.Namespace, seed: int) -> tuple[list[dict[str, Any]],
             name = f"spp-{ratio:.2f}"
             model = rmtp.load(Path(tmp) / "spp" / name).model
             level = path["levels"][f"{ratio:g}"]
-            summary = metrics.model_summary(model, shape)
-            pruned_top1 = metrics.top1(model, val, device="cpu")
+            summary = measure.model_summary(model, shape)
+            pruned_top1 = measure.top1(model, val, device="cpu")
             train(model, bundle, TrainConfig(**finetune), device="cpu", teacher=dense)
             kept = layer_params - level["params_removed"]
             rows.append({"model": f"spp {ratio:.0%}", "removed": level["param_share_removed"],
                          "groups_removed": f"{level['groups_removed']}/{level['groups']}",
                          "layer_params": kept, "model_params": summary["params"], "macs": summary["macs"],
-                         "top1_pruned": pruned_top1, "top1_finetuned": metrics.top1(model, val, device="cpu")})
+                         "top1_pruned": pruned_top1, "top1_finetuned": measure.top1(model, val, device="cpu")})
             target = (kept - biases) / weights  # svd-mp keeps every bias; its budget counts weights
             svd = _run(_recipe([{"prune": "svd-mp", "params": {"target_params": target}}, {"evaluate": {}},
                                 {"finetune": finetune}, {"evaluate": {}}],

@@ -23,7 +23,7 @@ import torch
 from rmtp_plugins.tokens.patch import TokenPlan, TokenReduction
 from rmtp_plugins.tokens.schedule import keep_ratios, token_counts, tome_r_list
 
-from rmtp import metrics
+from rmtp import measure
 from rmtp.architecture import ModelSpec
 from rmtp.atomic import write_json_atomic
 from rmtp.data import DataSpec, build_data
@@ -65,15 +65,15 @@ def main(argv: list[str] | None = None) -> dict:
     input_shape = (1, 32, 32)
     depth, npt, n0 = len(dense.blocks), dense.num_prefix_tokens, dense.patch_embed.num_patches
 
-    dense_top1 = metrics.top1(dense, loader, device="cpu")
-    dense_macs = metrics.count_macs(dense, input_shape)
+    dense_top1 = measure.top1(dense, loader, device="cpu")
+    dense_macs = measure.count_macs(dense, input_shape)
     rows = [{"method": "dense", "top1": dense_top1, "delta": 0.0, "macs": dense_macs, "macs_vs_dense": 1.0,
              "tokens_after_each_block": [npt + n0] * depth}]
     for name, plan in settings(depth).items():
         model = copy.deepcopy(dense)
         apply_patch(model, TokenReduction(**plan.model_dump()))
-        top1 = metrics.top1(model, loader, device="cpu")
-        macs = metrics.count_macs(model, input_shape)
+        top1 = measure.top1(model, loader, device="cpu")
+        macs = measure.count_macs(model, input_shape)
         tokens = [npt + out for _, out in token_counts(n0, keep=plan.keep, r=plan.r, relative_to=plan.relative_to)]
         rows.append({"method": name, "top1": top1, "delta": top1 - dense_top1, "macs": macs,
                      "macs_vs_dense": macs / dense_macs, "tokens_after_each_block": tokens,

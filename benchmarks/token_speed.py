@@ -17,7 +17,7 @@ pretrained checkpoint needs the network).
 The machine is shared and noisy, so: a fixed thread count; every model timed once per round, in
 a rotated order, all rounds interleaved; per round the best of ``--reps`` forward passes; the
 table reports medians over rounds, and each ratio is the median of per-round ratios (dense and
-method timed within the same round). MACs are one image, counted by rmtp.metrics (attention
+method timed within the same round). MACs are one image, counted by rmtp.measure (attention
 included). Results go to stdout as a table and to ``--json``.
 """
 
@@ -37,7 +37,7 @@ import torch
 from rmtp_plugins.tokens.patch import TokenPlan, TokenReduction
 from rmtp_plugins.tokens.schedule import keep_ratios, token_counts, tome_r_list
 
-from rmtp import metrics
+from rmtp import measure
 from rmtp.atomic import write_json_atomic
 from rmtp.modules import apply_patch
 from rmtp.report import cpu_name
@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
         tokens = [npt + n0] + ([npt + out for _, out in token_counts(n0, keep=plan.keep, r=plan.r,
                                                                      relative_to=plan.relative_to)]
                                if plan is not None else [npt + n0] * depth)
-        breakdown = metrics.mac_breakdown(model, input_shape)
-        info[name] = {"macs": sum(breakdown.values()), "attention_macs": breakdown.get(metrics.ATTENTION, 0),
+        breakdown = measure.mac_breakdown(model, input_shape)
+        info[name] = {"macs": sum(breakdown.values()), "attention_macs": breakdown.get(measure.ATTENTION, 0),
                       "tokens_after_each_block": tokens[1:]}
 
     names = list(models)

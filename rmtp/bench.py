@@ -12,7 +12,7 @@ performance engineer would (``docs/bench.md`` has the method, its limits and the
   the first model (paired, so drift slower than one round cancels);
 * CUDA is timed with events after a synchronize; peak memory is the peak of live tensor bytes
   during one call (CUDA's max-allocated delta; on the CPU from the profiler's allocation events),
-  and on the CPU also the process's peak-RSS delta (see :mod:`rmtp.metrics`).
+  and on the CPU also the process's peak-RSS delta (see :mod:`rmtp.measure`).
 
 The first model is the baseline; one rmtp output folder alone is compared with the dense model it
 records. Results are plain dataclasses; :meth:`BenchReport.to_dict` is the versioned JSON
@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rmtp import metrics
+from rmtp import measure
 from rmtp.architecture import ModelSpec, timm_name_hint
 from rmtp.data import DataSpec, build_data, data_input_size, model_input_size, saved_split_seed
 from rmtp.device import resolve_device
@@ -400,13 +400,13 @@ class BatchResult:
     model: int
     label: str
     #: Per-call latency of the whole batch, over rounds (milliseconds).
-    latency_ms: metrics.Spread
+    latency_ms: measure.Spread
     #: Images per second, over rounds (batch / per-round latency).
-    throughput: metrics.Spread
+    throughput: measure.Spread
     #: Per-round latency / the baseline's latency in the same round (paired).
-    latency_ratio: metrics.Spread
+    latency_ratio: measure.Spread
     #: Per-round throughput / the baseline's: the speed-up (> 1 is faster).
-    throughput_ratio: metrics.Spread
+    throughput_ratio: measure.Spread
     #: Bytes of tensors alive at the peak of one call, above those alive before it (activations,
     #: workspace, output; weights and input excluded). Same meaning on CPU and CUDA.
     peak_mem_bytes: int | None
@@ -514,7 +514,7 @@ def benchmark(candidates: Sequence[Candidate], *, device: str = "cpu", batches: 
     started = time.perf_counter()
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     load_before = _loadavg()
-    with metrics.torch_threads(threads) as n_threads, _cuda_flags(dev) as cuda_flags, \
+    with measure.torch_threads(threads) as n_threads, _cuda_flags(dev) as cuda_flags, \
             _compile_limits(compile, len(candidates) * len(batch_list)):
         models = [_static_figures(i, c) for i, c in enumerate(candidates)]
         runners = []
@@ -531,8 +531,8 @@ def benchmark(candidates: Sequence[Candidate], *, device: str = "cpu", batches: 
         batches=batch_list, rounds=rounds, warmup_s=warmup_s, block_s=block_s, threads=n_threads,
         interop_threads=torch.get_num_interop_threads(),
         timer="cuda events after synchronize" if dev.type == "cuda" else "time.perf_counter",
-        memory_method=metrics.MEMORY_METHODS[dev.type],
-        rss_method=metrics.MEMORY_METHODS["rss"] if dev.type == "cpu" and metrics.peak_rss_supported() else None,
+        memory_method=measure.MEMORY_METHODS[dev.type],
+        rss_method=measure.MEMORY_METHODS["rss"] if dev.type == "cpu" and measure.peak_rss_supported() else None,
         eval=eval_data, **cuda_flags)
     report = BenchReport(settings=settings, environment=_environment(load_before), models=models, batches=runs,
                          seconds=time.perf_counter() - started, created=created)
@@ -620,7 +620,7 @@ def _static_figures(index: int, c: Candidate) -> BenchModel:
     else:
         shape = tuple(model_input_size(c.model))
     try:
-        summary = metrics.model_summary(c.model, shape, device=where)
+        summary = measure.model_summary(c.model, shape, device=where)
     except RuntimeError as exc:
         raise BenchError(f"{c.label}: forward pass on a {_shape(shape)} input failed: {_one_line(exc)}") from None
     return BenchModel(index=index, label=c.label, source=c.source, kind=c.kind, timm_name=c.timm_name, arch=c.arch,
@@ -636,7 +636,7 @@ def _place(c: Candidate, m: BenchModel, dev: torch.device, dtype: torch.dtype, c
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.eval().requires_grad_(False)
-    m.weights_bytes = metrics.model_bytes(model)
+    m.weights_bytes = measure.model_bytes(model)
     m.kernel = _kernels(model, dev, dtype)
     zeros = 1 - m.nonzeros / m.params if m.params else 0.0
     if m.kernel == "dense" and zeros > ZEROS_NOTE_SHARE:
@@ -711,7 +711,7 @@ def _evaluate(candidates: Sequence[Candidate], models: list[BenchModel], eval_da
         data = build_data(eval_data.spec, c.model)
         loader = data.loader("val")
         with progress.task(f"evaluating {c.label}", total=len(loader)) as advance:
-            m.top1 = metrics.top1(c.model, _CastLoader(loader, dtype, channels_last), device=dev,
+            m.top1 = measure.top1(c.model, _CastLoader(loader, dtype, channels_last), device=dev,
                                   progress=lambda done, total: advance())
         m.eval_images = len(data.val)
     base = models[0].top1
@@ -776,25 +776,25 @@ def _time_batch_fitting(batch: int, candidates: Sequence[Candidate], models: lis
             advance()
     frames_before = _compiled_frames() if compile else None
     with progress.task(f"batch {batch}: warm-up, {rounds} interleaved rounds", total=rounds) as advance:
-        timings = metrics.interleaved_timing(fns, device=dev, rounds=rounds, warmup_s=warmup_s, block_s=block_s,
+        timings = measure.interleaved_timing(fns, device=dev, rounds=rounds, warmup_s=warmup_s, block_s=block_s,
                                              on_round=lambda r: advance())
     recompiles = None
     if compile and frames_before is not None:
         recompiles = (_compiled_frames() or 0) - frames_before
-    memory = [metrics.peak_memory_delta(fn, dev) for fn in fns]
+    memory = [measure.peak_memory_delta(fn, dev) for fn in fns]
     rss: list[int | None] = [None] * len(fns)
     if dev.type == "cpu":
-        rss = [_median_or_none([metrics.peak_rss_delta(fn) for _ in range(RSS_REPEATS)]) for fn in fns]
+        rss = [_median_or_none([measure.peak_rss_delta(fn) for _ in range(RSS_REPEATS)]) for fn in fns]
     base_s = timings[0].seconds
     results = []
     for i, (m, t) in enumerate(zip(models, timings)):
         latency_ratio = [s / b for s, b in zip(t.seconds, base_s)]
         results.append(BatchResult(
             model=i, label=m.label,
-            latency_ms=metrics.Spread.of([s * 1e3 for s in t.seconds]),
-            throughput=metrics.Spread.of([batch / s for s in t.seconds]),
-            latency_ratio=metrics.Spread.of(latency_ratio),
-            throughput_ratio=metrics.Spread.of([1 / r for r in latency_ratio]),
+            latency_ms=measure.Spread.of([s * 1e3 for s in t.seconds]),
+            throughput=measure.Spread.of([batch / s for s in t.seconds]),
+            latency_ratio=measure.Spread.of(latency_ratio),
+            throughput_ratio=measure.Spread.of([1 / r for r in latency_ratio]),
             peak_mem_bytes=memory[i], peak_mem_ratio=_ratio(memory[i], memory[0]), peak_rss_bytes=rss[i],
             first_call_s=first_calls[i], iters=t.iters, warmup_calls=t.warmup_calls,
             samples_ms=[s * 1e3 for s in t.seconds]))
@@ -807,7 +807,7 @@ def _first_call(fn: Callable[[], Any], m: BenchModel, batch: int, dev: torch.dev
     started = time.perf_counter()
     try:
         fn()
-        metrics.synchronize(dev)
+        measure.synchronize(dev)
     except Exception as exc:  # any failure of the model's forward is the user's to see, in one line
         if _is_out_of_memory(exc):
             raise _out_of_memory(batch, f"model {m.label!r}", dev, exc) from None

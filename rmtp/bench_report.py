@@ -20,7 +20,7 @@ from rich.table import Table
 
 from rmtp.atomic import save_figure_atomic
 from rmtp.bench import BatchRun, BenchError, BenchModel, BenchReport
-from rmtp.metrics import Spread
+from rmtp.measure import Spread
 from rmtp.render import human, stdout
 
 THROUGHPUT_PNG = "throughput.png"

@@ -1,7 +1,7 @@
 """The one device resolver: a user's device name to a ``torch.device`` this machine can run.
 
 The recipe's ``device:``, ``rmtp bench --device`` and every measuring function in
-:mod:`rmtp.metrics` go through :func:`resolve_device`, so a machine without the device is refused
+:mod:`rmtp.measure` go through :func:`resolve_device`, so a machine without the device is refused
 with the same line everywhere; each caller names its own option (``option="device:"``,
 ``option="--device"``) so the line says how to fix it there.
 """

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rmtp import distributed, metrics, saving
+from rmtp import distributed, measure, saving
 from rmtp.architecture import Architecture, ModelSpec
 from rmtp.data import DataBundle, build_data
 from rmtp.device import resolve_device
@@ -202,7 +202,7 @@ def _reason(exc: BaseException) -> str:
 
 
 def _stats(run: _Run, model: nn.Module, top1: float | None = None) -> ModelStats:
-    summary = metrics.model_summary(model, run.input_shape, device=run.device)
+    summary = measure.model_summary(model, run.input_shape, device=run.device)
     return ModelStats(params=summary["params"], nonzeros=summary["nonzeros"], macs=summary["macs"],
                       attention_macs=summary["attention_macs"], top1=top1)
 
@@ -210,7 +210,7 @@ def _stats(run: _Run, model: nn.Module, top1: float | None = None) -> ModelStats
 def _top1(run: _Run, model: nn.Module, description: str) -> float:
     loader = run.data.loader("val")
     with run.progress.task(description, total=len(loader)) as advance:
-        return metrics.top1(model, loader, device=run.device, progress=lambda done, total: advance())
+        return measure.top1(model, loader, device=run.device, progress=lambda done, total: advance())
 
 
 def _prune(run: _Run, index: int, step: ResolvedPrune) -> StepReport:
@@ -279,7 +279,7 @@ def _evaluate(run: _Run, index: int, step: EvaluateStep) -> StepReport:
     if step.evaluate.latency:
         settings = step.evaluate
         with run.progress.task("timing dense vs pruned", total=settings.latency_rounds) as advance:
-            timing = metrics.paired_speedup(run.dense, run.model, run.input_shape, batch=settings.latency_batch,
+            timing = measure.paired_speedup(run.dense, run.model, run.input_shape, batch=settings.latency_batch,
                                             device=run.device, rounds=settings.latency_rounds,
                                             threads=settings.latency_threads, on_round=lambda done: advance())
         stats.dense_latency_ms, stats.latency_ms = timing.dense_ms.median, timing.pruned_ms.median

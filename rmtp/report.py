@@ -23,7 +23,7 @@ class ModelStats:
     top1: float | None = None
     latency_ms: float | None = None
     dense_latency_ms: float | None = None
-    #: ``metrics.PairedSpeedup.to_dict()`` of an ``evaluate: {latency: true}`` step: spreads, the
+    #: ``measure.PairedSpeedup.to_dict()`` of an ``evaluate: {latency: true}`` step: spreads, the
     #: per-round speed-up ratio, settings, and a verdict (faster / slower / same / noisy).
     speedup: dict[str, Any] | None = None
 

@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from rmtp import distributed
 from rmtp.data import DataBundle
 from rmtp.errors import RmtpError
-from rmtp.metrics import top1
+from rmtp.measure import top1
 
 #: Largest shift, in pixels, of the ``augment`` random translation.
 AUGMENT_SHIFT = 2
@@ -84,7 +84,7 @@ class TrainConfig(BaseModel):
 
 @dataclass
 class EpochStats:
-    """What one epoch did. ``val_top1`` is in percent (as :func:`rmtp.metrics.top1`); ``lr`` is the last step's."""
+    """What one epoch did. ``val_top1`` is in percent (as :func:`rmtp.measure.top1`); ``lr`` is the last step's."""
 
     epoch: int
     train_loss: float
@@ -258,7 +258,7 @@ def train(
 ) -> TrainResult:
     """Train ``model`` in place on ``bundle.train``; val top-1 on ``bundle.val`` after every epoch.
 
-    The val top-1 is :func:`rmtp.metrics.top1` (percent, eval mode, modes restored).
+    The val top-1 is :func:`rmtp.measure.top1` (percent, eval mode, modes restored).
 
     ``model`` (and ``teacher``) are moved to ``device``. The teacher runs in eval mode under
     ``no_grad`` and its mode is restored afterwards; ``model`` ends in the mode it came in.

@@ -24,7 +24,7 @@ from rmtp.bench import (
 from rmtp.checkpoint import write_safetensors_atomic
 from rmtp.cli import build_app
 from rmtp.errors import DeviceError
-from rmtp.metrics import count_macs, count_params
+from rmtp.measure import count_macs, count_params
 
 from conftest import TINY_VIT, tiny_recipe, write_recipe
 

@@ -1,8 +1,6 @@
-"""rmtp.metrics: parameter counts, MACs (closed forms), top-1 and latency, on tiny CPU models."""
+"""rmtp.measure: parameter counts, MACs (closed forms), top-1, timing and memory, on tiny CPU models."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 import timm
@@ -11,15 +9,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from rmtp.errors import DataError, DeviceError
-from rmtp.metrics import (
+from rmtp.measure import (
     ATTENTION,
-    LatencyResult,
     count_macs,
     count_nonzeros,
     count_params,
     mac_breakdown,
-    measure_latency,
     model_summary,
+    paired_speedup,
     top1,
 )
 
@@ -242,20 +239,12 @@ def test_top1_empty_loader_is_an_error() -> None:
         top1(Lookup(), labelled_loader([]), device="cpu")
 
 
-# --------------------------------------------------------------------------- latency and devices
-
-
-def test_measure_latency_positive() -> None:
-    result = measure_latency(nn.Linear(16, 4), (16,), batch_size=8, min_run_time=0.05, threads=1)
-    assert isinstance(result, LatencyResult)
-    assert result.median_s > 0 and result.iqr_s >= 0 and result.measurements >= 1
-    assert result.batch_size == 8 and result.threads == 1 and result.device == "cpu"
-    assert math.isclose(result.throughput, 8 / result.median_s)
+# --------------------------------------------------------------------------- devices
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 @pytest.mark.parametrize("call", [
-    lambda m: measure_latency(m, (16,), device="cuda", min_run_time=0.01),
+    lambda m: paired_speedup(m, m, (16,), batch=1, device="cuda"),
     lambda m: count_macs(m, (16,), device="cuda"),
     lambda m: top1(m, labelled_loader(LABELS), device="cuda"),
 ])
@@ -273,7 +262,7 @@ def test_bad_device_string_is_a_device_error() -> None:
 
 import time  # noqa: E402
 
-from rmtp.metrics import (  # noqa: E402
+from rmtp.measure import (  # noqa: E402
     Spread,
     interleaved_timing,
     model_bytes,

@@ -78,7 +78,7 @@ def test_evaluate_latency_is_measured_side_by_side(tmp_path: Path) -> None:
 
 
 def _spread(median: float, q1: float, q3: float):
-    from rmtp.metrics import Spread
+    from rmtp.measure import Spread
 
     return Spread(median=median, q1=q1, q3=q3, min=q1, max=q3, n=15)
 
@@ -90,7 +90,7 @@ def _spread(median: float, q1: float, q3: float):
     ((0.40, 0.20, 0.90), "noisy", "no speed-up figure"),  # the quickstart's "×0.40" on a busy machine
 ])
 def test_a_speedup_is_printed_only_where_it_means_something(ratio, verdict: str, shown: str) -> None:
-    from rmtp.metrics import PairedSpeedup
+    from rmtp.measure import PairedSpeedup
 
     timing = PairedSpeedup(dense_ms=_spread(5.0, 4.8, 5.2), pruned_ms=_spread(5.0, 4.8, 5.2), ratio=_spread(*ratio),
                            batch=1, threads=2, rounds=15)

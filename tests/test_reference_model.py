@@ -8,7 +8,7 @@ import pytest
 
 from rmtp.architecture import ModelSpec
 from rmtp.data import DataSpec, build_data
-from rmtp.metrics import top1
+from rmtp.measure import top1
 from rmtp.plugins import get_plugins
 
 from conftest import REPO

@@ -10,7 +10,7 @@ import torch
 from pydantic import ValidationError
 
 import rmtp
-from rmtp import metrics
+from rmtp import measure
 from rmtp.errors import PluginError, RecipeError
 from rmtp.pipeline import run_recipe
 from rmtp.plugins import get_plugins
@@ -66,7 +66,7 @@ def test_params_take_a_curve_or_a_list_not_both() -> None:
 ])
 def test_rows_report_tokens_and_macs_per_block(pruner, params, expected_tokens) -> None:
     model = make_vit("plain")
-    dense_macs = metrics.count_macs(model, (1, 16, 16))
+    dense_macs = measure.count_macs(model, (1, 16, 16))
     rows = pruner().prune(_context(model), params)
     assert isinstance(model, TokenVisionTransformer)
     assert [r.layer for r in rows] == ["blocks.0", "blocks.1"]
@@ -84,7 +84,7 @@ def test_rows_report_tokens_and_macs_per_block(pruner, params, expected_tokens) 
         assert (row.detail["macs_after"] < row.detail["macs_before"]) == reduced
         assert row.detail["macs_after"] <= row.detail["macs_before"]
     assert sum(r.detail["macs_after"] for r in rows) < sum(r.detail["macs_before"] for r in rows)
-    assert metrics.count_macs(model, (1, 16, 16)) < dense_macs
+    assert measure.count_macs(model, (1, 16, 16)) < dense_macs
     if pruner is not TomePruner:
         assert [r.budget for r in rows] == (params.keep or keep_ratios(2, params.r_max, params.alpha))
 

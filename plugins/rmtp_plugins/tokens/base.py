@@ -121,12 +121,12 @@ def _refuse_layer_filter(ctx: PruneContext) -> None:
 
 def block_macs(model: nn.Module, input_shape: tuple[int, ...], device: torch.device | str = "cpu") -> list[int]:
     """MACs of each ``blocks.{i}`` for one image of ``input_shape``, attention included (as
-    :mod:`rmtp.metrics` counts them: FlopCounterMode, CPU fused attention added)."""
+    :mod:`rmtp.measure` counts them: FlopCounterMode, CPU fused attention added)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from rmtp import metrics
+    from rmtp.measure import FLOP_FORMULAS
 
-    counter = FlopCounterMode(display=False, custom_mapping=getattr(metrics, "_CUSTOM_MAPPING", None) or {})
+    counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
     x = torch.randn(1, *input_shape, device=device, dtype=next(model.parameters()).dtype)
     was_training = model.training
     model.eval()

@@ -1,0 +1,64 @@
+"""Top-1 accuracy: what pruning costs, measured the same way for the dense and the pruned model."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from rmtp.device import DeviceLike, resolve_device
+from rmtp.errors import DataError
+from rmtp.measure.running import check_model_on, evaluating
+
+__all__ = ["ProgressCallback", "top1"]
+
+ProgressCallback = Callable[[int, "int | None"], None]
+
+
+def _total_batches(loader: DataLoader, limit: int | None) -> int | None:
+    """How many batches :func:`top1` will see, for the progress bar (None when unknowable)."""
+    try:
+        total = len(loader)
+    except TypeError:
+        return None
+    batch_size = getattr(loader, "batch_size", None)
+    if limit is not None and batch_size:
+        total = min(total, math.ceil(limit / batch_size))
+    return total
+
+
+def top1(model: nn.Module, loader: DataLoader, *, device: DeviceLike,
+         progress: ProgressCallback | None = None, limit: int | None = None) -> float:
+    """Top-1 accuracy in percent over a loader of ``(images, labels)`` batches.
+
+    Runs in eval mode under ``inference_mode`` (restoring the model's modes afterwards).
+    ``limit`` caps the number of images (the last batch is cut), for quick checks.
+    ``progress(done_batches, total_batches)`` is called after every batch so the caller can
+    drive a progress bar; ``total_batches`` is None for loaders without a length.
+    """
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    dev = resolve_device(device)
+    check_model_on(model, dev)
+    total_batches = _total_batches(loader, limit)
+    correct = seen = done = 0
+    with evaluating(model), torch.inference_mode():
+        for images, labels in loader:
+            if limit is not None:
+                images, labels = images[: limit - seen], labels[: limit - seen]
+            images = images.to(dev, non_blocking=True)
+            labels = labels.to(dev, non_blocking=True)
+            logits = model(images)
+            correct += int((logits.argmax(dim=-1) == labels).sum())
+            seen += int(labels.shape[0])
+            done += 1
+            if progress is not None:
+                progress(done, total_batches)
+            if limit is not None and seen >= limit:
+                break
+    if seen == 0:
+        raise DataError("top1: the loader yielded no images to evaluate")
+    return 100.0 * correct / seen
