@@ -19,9 +19,9 @@ from torch import nn
 from rmtp.architecture import Architecture, ModelSpec, PrunableLayer
 from rmtp.errors import CheckpointError, PluginError
 from rmtp.plugins import load_plugins
-from rmtp_plugins.convnext import ConvNextArchitecture
-from rmtp_plugins.resnet import ResNetArchitecture
-from rmtp_plugins.vit import VitArchitecture
+from rmtp_plugins.architectures.convnext import ConvNextArchitecture
+from rmtp_plugins.architectures.resnet import ResNetArchitecture
+from rmtp_plugins.architectures.vit import VitArchitecture
 
 INPUT = (2, 3, 32, 32)
 VIT_KWARGS = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2, "num_classes": 10}

@@ -133,7 +133,7 @@ def test_spp_slices_the_neurons_of_a_family_it_has_never_heard_of() -> None:
 
 
 def test_nm_permutes_a_new_familys_producer_rows_through_its_coupling() -> None:
-    from rmtp_plugins._nm_permute import apply_permutation, find_absorber
+    from rmtp_plugins.nm.permute import apply_permutation, find_absorber
 
     torch.manual_seed(0)
     model = MlpStack().eval()

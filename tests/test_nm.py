@@ -13,13 +13,13 @@ import torch
 import yaml
 from conftest import REPO, TINY_VIT, tiny_recipe
 from rmtp.gemm import from_gemm, gemm_view
-from rmtp_plugins._nm_budget import Option, allocate
-from rmtp_plugins._nm_masks import (
+from rmtp_plugins.nm.budget import Option, allocate
+from rmtp_plugins.nm.masks import (
     nm_mask,
     reconstruction_error,
     restore_mask,
 )
-from rmtp_plugins._nm_permute import (
+from rmtp_plugins.nm.permute import (
     PermutedInput,
     apply_permutation,
     find_absorber,
@@ -136,7 +136,7 @@ def test_conv_groups_run_along_input_channels_at_each_kernel_position() -> None:
                                   {"kernel_size": (1, 3), "padding": "same", "padding_mode": "reflect"}])
 def test_gemm_layout_and_calibration_columns_reproduce_the_conv(conv) -> None:
     """A·colsᵀ with the layout's A and the calibration's im2col columns is the convolution itself."""
-    from rmtp_plugins.nm import _columns
+    from rmtp_plugins.nm.pruner import _columns
 
     torch.manual_seed(0)
     layer = nn.Conv2d(8, 5, bias=False, **conv)
@@ -589,7 +589,7 @@ def test_export_guard_names_each_problem() -> None:
         odd.weight.mul_(nm_mask(odd.weight.abs().float(), 2, 4).half())
     assert "48×96 is not supported" in semi_structured_problem(odd, constraints=constraints, require_cuda=False)
     assert "not an nn.Linear" in semi_structured_problem(nn.Conv2d(4, 4, 1), require_cuda=False)
-    from rmtp_plugins._nm_export import _backend
+    from rmtp_plugins.nm.export import _backend
 
     backend, limits = _backend()  # the table torch itself checks (cuSPARSELt: 16×16, CUTLASS: 32×64 for fp16)
     assert backend in ("cusparselt", "cutlass") and torch.float16 in limits

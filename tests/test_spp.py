@@ -24,9 +24,9 @@ from rmtp.plugins import get_plugins
 from rmtp.pruner import PruneContext
 from rmtp.recipe import parse_recipe
 from rmtp.saving import save
-from rmtp_plugins._spp_groups import find_units, gated
-from rmtp_plugins._spp_modules import AttentionHeads, ConstantBranch, SlicedLinear
-from rmtp_plugins._spp_path import LbiSettings, removal_count, removal_mask, split_lbi
+from rmtp_plugins.spp.groups import find_units, gated
+from rmtp_plugins.spp.modules import AttentionHeads, ConstantBranch, SlicedLinear
+from rmtp_plugins.spp.path import LbiSettings, removal_count, removal_mask, split_lbi
 from rmtp_plugins.spp import PATH_FILE, SppParams, SppPruner, extract, search
 from rmtp_plugins.tokens.patch import TokenReduction
 

@@ -23,7 +23,7 @@ from rmtp.pipeline import run_recipe
 from rmtp.pruner import PruneContext
 from rmtp.recipe import parse_recipe
 from rmtp.saving import save
-from rmtp_plugins._spp_conv_modules import (
+from rmtp_plugins.spp.conv_modules import (
     ConstantChannels,
     RemovedConv2d,
     RemovedNorm,
@@ -31,9 +31,9 @@ from rmtp_plugins._spp_conv_modules import (
     SlicedConv2d,
     ZeroInputConv2d,
 )
-from rmtp_plugins._spp_groups import find_units, gated, group_params, shared_params
-from rmtp_plugins._spp_path import removal_count, removal_mask, removed_params
-from rmtp_plugins._spp_modules import ConstantBranch, SlicedLinear
+from rmtp_plugins.spp.groups import find_units, gated, group_params, shared_params
+from rmtp_plugins.spp.path import removal_count, removal_mask, removed_params
+from rmtp_plugins.spp.modules import ConstantBranch, SlicedLinear
 from rmtp_plugins.spp import PATH_FILE, SppParams, SppPruner, extract, search
 
 TINY = {"num_classes": 10, "in_chans": 1}

@@ -1,13 +1,13 @@
 """The structured groups ``spp`` gates and slices, per model family, behind one interface.
 
-* ViT (:mod:`._spp_heads`, :mod:`._spp_mlp`): the heads of ``blocks.i.attn`` and the hidden
+* ViT (:mod:`.heads`, :mod:`.mlp`): the heads of ``blocks.i.attn`` and the hidden
   neurons of ``blocks.i.mlp``.
-* ConvNeXt (:mod:`._spp_mlp`): the hidden channels of ``stages.i.blocks.j.mlp`` (Linear or 1×1
+* ConvNeXt (:mod:`.mlp`): the hidden channels of ``stages.i.blocks.j.mlp`` (Linear or 1×1
   conv MLP).
-* ResNet (:mod:`._spp_resnet`): the output channels of ``conv1`` (basic blocks and bottlenecks)
+* ResNet (:mod:`.channels`): the output channels of ``conv1`` (basic blocks and bottlenecks)
   and ``conv2`` (bottlenecks) of ``layerI.J``.
 
-A *unit* (:class:`~._spp_unit.Unit`) is one set of groups with its producer (the layer whose
+A *unit* (:class:`~.unit.Unit`) is one set of groups with its producer (the layer whose
 outputs are the groups) and consumer (the layer reading them). **Where a gate acts:** every gate
 multiplies its group's channels at the consumer's input, through a forward pre-hook on the
 consumer, so the weights are untouched during the search and γ = 1 is exactly the model as it
@@ -30,13 +30,13 @@ from torch import nn
 from rmtp.architecture import Coupling, PrunableLayer
 from rmtp.errors import RmtpError
 from rmtp.gemm import gemm_view
-from rmtp_plugins._spp_conv_modules import ConstantChannels, RemovedConv2d
-from rmtp_plugins._spp_heads import attention_problem, head_unit, slice_heads
-from rmtp_plugins._spp_mlp import mlp_problem, neuron_unit, slice_neurons
-from rmtp_plugins._spp_modules import ConstantBranch
-from rmtp_plugins._spp_path import Shared
-from rmtp_plugins._spp_resnet import channel_problem, channel_unit, slice_channels
-from rmtp_plugins._spp_unit import KIND_OF, Kind, Unit, gate_shape
+from rmtp_plugins.spp.conv_modules import ConstantChannels, RemovedConv2d
+from rmtp_plugins.spp.heads import attention_problem, head_unit, slice_heads
+from rmtp_plugins.spp.mlp import mlp_problem, neuron_unit, slice_neurons
+from rmtp_plugins.spp.modules import ConstantBranch
+from rmtp_plugins.spp.path import Shared
+from rmtp_plugins.spp.channels import channel_problem, channel_unit, slice_channels
+from rmtp_plugins.spp.unit import KIND_OF, Kind, Unit, gate_shape
 
 __all__ = ["Kind", "Unit", "attention_problem", "find_units", "gated", "group_params", "mlp_problem",
            "shared_params", "slice_unit"]
@@ -94,7 +94,7 @@ _NM_GROUPS = (4, 8, 16)
 
 def nm_pattern(weight: torch.Tensor) -> tuple[int, int] | None:
     """The N:M pattern ``weight`` carries (every group of m consecutive inputs, in the GEMM layout
-    of :mod:`._nm_masks`, holds at most n nonzeros and nearly all exactly n), or ``None``.
+    of :mod:`.masks`, holds at most n nonzeros and nearly all exactly n), or ``None``.
 
     Unstructured zeros give groups with varying counts and are not mistaken for a pattern."""
     matrix = gemm_view(weight.detach())

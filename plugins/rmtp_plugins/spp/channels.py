@@ -30,7 +30,7 @@ from timm.layers import DropBlock2d
 from torch import nn
 
 from rmtp.architecture import Coupling
-from rmtp_plugins._spp_conv_modules import (
+from rmtp_plugins.spp.conv_modules import (
     RemovedConv2d,
     RemovedNorm,
     SlicedBatchNorm2d,
@@ -38,7 +38,7 @@ from rmtp_plugins._spp_conv_modules import (
     ZeroInputConv2d,
     conv_geometry,
 )
-from rmtp_plugins._spp_unit import Unit
+from rmtp_plugins.spp.unit import Unit
 
 _CONVS = (nn.Conv2d, SlicedConv2d)
 _NORMS = (nn.BatchNorm2d, SlicedBatchNorm2d)

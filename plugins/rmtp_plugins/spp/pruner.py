@@ -2,13 +2,13 @@
 
 (Ding et al., "Adaptive Pruning of Pretrained Transformer via Differential Inclusions", ICLR 2025.)
 
-1. **Gates** (:mod:`._spp_groups`): one gate per structured group of the selected blocks,
+1. **Gates** (:mod:`.groups`): one gate per structured group of the selected blocks,
    multiplying the group's channels where the next layer reads them; the weights stay frozen. The
    groups are the architecture's couplings (:meth:`rmtp.architecture.Architecture.couplings`):
    timm ViT: attention heads and MLP hidden neurons; timm ConvNeXt: MLP hidden channels; timm
    ResNet: the output channels of ``conv1`` (basic blocks) and of ``conv1`` and ``conv2``
    (bottlenecks).
-2. **Search** (:mod:`._spp_path`): split LBI on the gates, driven by the task loss (cross-entropy on
+2. **Search** (:mod:`.path`): split LBI on the gates, driven by the task loss (cross-entropy on
    the calibration images, or KD from the dense model). Groups enter the sparse path variable Γ
    one by one; each group's entry step is its rank.
 3. **Extraction**: for every requested ``ratio`` the latest-entering groups are sliced out for
@@ -28,7 +28,7 @@ from __future__ import annotations
 import copy
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -37,10 +37,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from rmtp.errors import RmtpError
-from rmtp.hookspecs import hookimpl
 from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams, weight_footprint
 from rmtp.training import kd_loss
-from rmtp_plugins._spp_conv_modules import (
+from rmtp_plugins.spp.conv_modules import (
     ConstantChannels,
     RemovedConv2d,
     RemovedNorm,
@@ -48,9 +47,9 @@ from rmtp_plugins._spp_conv_modules import (
     SlicedConv2d,
     ZeroInputConv2d,
 )
-from rmtp_plugins._spp_groups import Unit, find_units, gated, group_params, shared_params, slice_unit
-from rmtp_plugins._spp_modules import AttentionHeads, ConstantBranch, SlicedLinear
-from rmtp_plugins._spp_path import (
+from rmtp_plugins.spp.groups import Unit, find_units, gated, group_params, shared_params, slice_unit
+from rmtp_plugins.spp.modules import AttentionHeads, ConstantBranch, SlicedLinear
+from rmtp_plugins.spp.path import (
     LbiSettings,
     SolutionPath,
     Shared,
@@ -59,7 +58,7 @@ from rmtp_plugins._spp_path import (
     removal_mask,
     split_lbi,
 )
-from rmtp_plugins._spp_unit import weight_shape
+from rmtp_plugins.spp.unit import weight_shape
 
 __all__ = ["AttentionHeads", "ConstantBranch", "ConstantChannels", "RemovedConv2d", "RemovedNorm",
            "SlicedBatchNorm2d", "SlicedConv2d", "SlicedLinear", "SppParams", "SppPruner", "ZeroInputConv2d",
@@ -294,7 +293,3 @@ def path_report(units: list[Unit], path: SolutionPath, order: list[int], sizes: 
             "entered": path.entered, "groups": groups, "losses": path.losses,
             "levels": {f"{r:g}": results[r] for r in sorted(results)}}
 
-
-@hookimpl
-def register_pruners(register: Callable[[type], None]) -> None:
-    register(SppPruner)

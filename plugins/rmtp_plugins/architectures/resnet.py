@@ -17,7 +17,7 @@ from torch import nn
 
 from rmtp.architecture import Coupling
 from rmtp.hookspecs import hookimpl
-from rmtp_plugins._timm_family import LayerRule, TimmFamily, children_present
+from rmtp_plugins.architectures.timm_family import LayerRule, TimmFamily, children_present
 
 
 class ResNetArchitecture(TimmFamily):

@@ -4,8 +4,8 @@ The MLP is ``fc1 → act → fc2`` with ``fc1``/``fc2`` plain Linears (ViT, Conv
 channels-last MLP) or 1×1 convolutions (ConvNeXt with ``conv_mlp=True``, channels first). A
 neuron's gate multiplies its activation before ``fc2`` (a forward pre-hook); removing it drops its
 ``fc1`` row / output channel and its ``fc2`` column / input channel. An MLP that loses every neuron
-becomes a constant branch holding ``fc2``'s bias (:class:`~._spp_modules.ConstantBranch`
-channels-last, :class:`~._spp_conv_modules.ConstantChannels` channels-first); a ConvNeXt block
+becomes a constant branch holding ``fc2``'s bias (:class:`~.modules.ConstantBranch`
+channels-last, :class:`~.conv_modules.ConstantChannels` channels-first); a ConvNeXt block
 then still applies its layer scale ``gamma`` and drop-path to it, exactly as to the gated MLP.
 
 Refused: MLPs that are not timm's ``Mlp`` (SwiGLU/GLU mix two halves of the hidden layer;
@@ -20,10 +20,10 @@ import torch
 from timm.layers import GlobalResponseNormMlp, Mlp
 from torch import nn
 
-from rmtp_plugins._spp_conv_modules import ConstantChannels, SlicedConv2d
-from rmtp_plugins._spp_heads import plain_linear
-from rmtp_plugins._spp_modules import ConstantBranch, SlicedLinear
-from rmtp_plugins._spp_unit import Unit
+from rmtp_plugins.spp.conv_modules import ConstantChannels, SlicedConv2d
+from rmtp_plugins.spp.heads import plain_linear
+from rmtp_plugins.spp.modules import ConstantBranch, SlicedLinear
+from rmtp_plugins.spp.unit import Unit
 
 _CONVS = (nn.Conv2d, SlicedConv2d)
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from rmtp.architecture import Coupling
 from rmtp.hookspecs import hookimpl
-from rmtp_plugins._timm_family import LayerRule, TimmFamily, mlp_coupling
+from rmtp_plugins.architectures.timm_family import LayerRule, TimmFamily, mlp_coupling
 
 
 class ConvNextArchitecture(TimmFamily):

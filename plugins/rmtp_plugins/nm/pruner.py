@@ -3,7 +3,7 @@ prune–restore.
 
 An N:M mask keeps at most n of every m consecutive input weights of each output row (2:4, 4:8,
 6:12, 8:16, 12:16, any 1 ≤ n < m), the pattern sparse tensor cores execute at n/m of the dense
-MACs. Layout (:mod:`._nm_masks`): a Linear's groups run along ``in_features``; a Conv2d is the
+MACs. Layout (:mod:`.masks`): a Linear's groups run along ``in_features``; a Conv2d is the
 GEMM matrix out × (R·S·C) with the input channel fastest, so a group is m consecutive input
 channels at one output channel and kernel position (C must be a multiple of m). Grouped and
 depthwise convs are refused (they are never prunable layers anyway).
@@ -17,9 +17,9 @@ The steps, in order (formulas in ``docs/nm.md``):
    layers, c_l = exp(z_scale·z_l); scores become s̃ = c_l·s / rms_l(s) and the per-layer pattern
    (n:m or one of ``patterns``, e.g. ``dense`` or ``6:8``) is chosen to minimise the removed
    Σ s̃² subject to Σ MACs_l·density_l ≤ ``target_macs``·Σ MACs_l (greedy multiple-choice knapsack,
-   :mod:`._nm_budget`). MACs_l = positions per image × out × K, positions measured on calibration data.
+   :mod:`.budget`). MACs_l = positions per image × out × K, positions measured on calibration data.
 3. **Permutation** (``permute``). Input channels reordered so high scores land in different groups
-   (:mod:`._nm_permute`), applied to the producing layer's output rows where the architecture
+   (:mod:`.permute`), applied to the producing layer's output rows where the architecture
    allows (ViT fc2←fc1, proj←v rows within heads; ResNet conv2←conv1, conv3←conv2; ConvNeXt
    fc2←fc1), else as a saved index (:class:`PermutedInput`, survives save/load) when
    ``permute_index``.
@@ -46,18 +46,17 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from rmtp.errors import RmtpError
-from rmtp.hookspecs import hookimpl
 from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams, weight_footprint
 from rmtp.spectral.options import TwConfidence
 from rmtp.gemm import from_gemm, gemm_view
-from rmtp_plugins._nm_budget import Option, allocate, layer_factor, mp_signal, z_scores
-from rmtp_plugins._nm_export import (
+from rmtp_plugins.nm.budget import Option, allocate, layer_factor, mp_signal, z_scores
+from rmtp_plugins.nm.export import (
     SemiStructuredReport,
     semi_structured_kernel,
     semi_structured_problem,
     to_semi_structured,
 )
-from rmtp_plugins._nm_masks import (
+from rmtp_plugins.nm.masks import (
     NMCheck,
     channel_index,
     channel_rows,
@@ -70,7 +69,7 @@ from rmtp_plugins._nm_masks import (
     restore_mask,
     scores_for,
 )
-from rmtp_plugins._nm_permute import PermutedInput, apply_permutation, find_absorber, plain, search_permutation
+from rmtp_plugins.nm.permute import PermutedInput, apply_permutation, find_absorber, plain, search_permutation
 
 __all__ = ["NMCheck", "NmParams", "NmPruner", "PermutedInput", "SemiStructuredReport", "check_nm",
            "collect_input_stats", "semi_structured_kernel", "semi_structured_problem", "to_semi_structured"]
@@ -157,7 +156,7 @@ class InputStats:
 
 
 def _columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The GEMM input rows of a layer: (positions, K), K in the layout of :mod:`._nm_masks`."""
+    """The GEMM input rows of a layer: (positions, K), K in the layout of :mod:`.masks`."""
     if isinstance(module, nn.Linear):
         return x.reshape(-1, x.shape[-1])
     pad = module._reversed_padding_repeated_twice
@@ -423,12 +422,3 @@ class NmPruner(Pruner):
         return LayerRow(plan.name, shape, shape, params_before, params_after, nonzeros_before, nonzeros_after,
                         budget=density, kept_fraction=kept, note=note, detail=detail)
 
-
-@hookimpl
-def register_pruners(register) -> None:  # noqa: ANN001 - pluggy passes the registry's callback
-    register(NmPruner)
-
-
-@hookimpl
-def register_kernels(register) -> None:  # noqa: ANN001 - pluggy passes the registry's callback
-    register(semi_structured_kernel)  # rmtp bench runs 2:4 Linear layers on sparse kernels on CUDA

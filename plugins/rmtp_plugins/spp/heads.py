@@ -5,7 +5,7 @@ input columns of ``attn.proj`` that belong to head h). Removing head h drops its
 of ``attn.qkv`` (3·head_dim rows, at offsets 0, D, 2D of the fused projection, D = heads·head_dim)
 and its columns of ``attn.proj``; new head counts are recorded with the :class:`AttentionHeads`
 patch so the model saves and reloads. An attention that loses every head becomes a
-:class:`~._spp_modules.ConstantBranch` holding ``proj``'s bias.
+:class:`~.modules.ConstantBranch` holding ``proj``'s bias.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from timm.models.vision_transformer import Attention
 from torch import nn
 
 from rmtp.modules import apply_patch, patches_of
-from rmtp_plugins._spp_modules import AttentionHeads, ConstantBranch, SlicedLinear
-from rmtp_plugins._spp_unit import Unit
+from rmtp_plugins.spp.modules import AttentionHeads, ConstantBranch, SlicedLinear
+from rmtp_plugins.spp.unit import Unit
 
 _LINEARS = (nn.Linear, SlicedLinear)
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from rmtp.errors import DeviceError, RmtpError
-from rmtp_plugins._nm_masks import check_nm
+from rmtp_plugins.nm.masks import check_nm
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 #: Oldest GPU generation with sparse tensor cores (Ampere, sm_80).

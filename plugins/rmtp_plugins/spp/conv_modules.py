@@ -5,7 +5,7 @@
   treat them as one.
 * :class:`ConstantChannels` — a channels-first ConvNeXt MLP (``conv_mlp=True``) whose every hidden
   channel was removed: it outputs ``fc2``'s bias at every position (the channels-last MLP uses
-  :class:`~._spp_modules.ConstantBranch`).
+  :class:`~.modules.ConstantBranch`).
 * :class:`RemovedConv2d`, :class:`RemovedNorm`, :class:`ZeroInputConv2d` — a ResNet inner path
   whose every channel was removed. The convolution that produced the channels becomes a
   ``RemovedConv2d``: it outputs *one* zero channel at the conv's output size, so the activation,
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from rmtp.modules import rebuildable
-from rmtp_plugins._spp_modules import copy_parameters, sliced_parameters
+from rmtp_plugins.spp.modules import copy_parameters, sliced_parameters
 
 
 def conv_geometry(conv: nn.Module) -> dict[str, list[int]]:

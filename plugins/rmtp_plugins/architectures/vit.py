@@ -19,7 +19,7 @@ from torch import nn
 
 from rmtp.architecture import Coupling
 from rmtp.hookspecs import hookimpl
-from rmtp_plugins._timm_family import LayerRule, TimmFamily, children_present, mlp_coupling
+from rmtp_plugins.architectures.timm_family import LayerRule, TimmFamily, children_present, mlp_coupling
 
 _QKV = LayerRule(r"blocks\.\d+\.attn\.qkv", "qkv")
 
