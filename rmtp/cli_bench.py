@@ -59,8 +59,7 @@ def bench(
 ) -> None:
     """Compare models side by side: latency, throughput, peak memory, MACs, params, nonzeros (and top-1)."""
     from rmtp.atomic import check_writable, write_errors, write_json_atomic
-    from rmtp.bench import benchmark_models, parse_batches
-    from rmtp.bench_report import check_plotting, render_bench, write_plots
+    from rmtp.bench import benchmark_models, check_plotting, parse_batches, render_bench, write_plots
     from rmtp.cli import user_errors
     from rmtp.render import RichProgress, stderr, stdout
 

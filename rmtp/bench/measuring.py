@@ -1,78 +1,41 @@
-"""Side-by-side speed, memory, size and accuracy of models: the library behind ``rmtp bench``.
+"""Measuring ``rmtp bench``'s figures: settings, placement, kernels, top-1, and the timed batches.
 
-The numbers decide whether a pruned model is worth deploying, so they are measured the way a
-performance engineer would (``docs/bench.md`` has the method, its limits and the JSON schema):
-
-* every model is loaded, placed (device, dtype, memory format, optionally ``torch.compile``) and
-  given its input batch before anything is timed; all timing runs under ``torch.inference_mode``
-  with a fixed, reported number of threads;
-* per batch size: a first call (compile time with ``--compile``), a warm-up, then interleaved
-  rounds (A B, B A, A B …) so a shared machine's drift hits every model alike; each figure is the
-  median over rounds with its quartiles, and each ratio is the median of per-round ratios against
-  the first model (paired, so drift slower than one round cancels);
-* CUDA is timed with events after a synchronize; peak memory is the peak of live tensor bytes
-  during one call (CUDA's max-allocated delta; on the CPU from the profiler's allocation events),
-  and on the CPU also the process's peak-RSS delta (see :mod:`rmtp.measure`).
-
-The first model is the baseline; one rmtp output folder alone is compared with the dense model it
-records. Results are plain dataclasses; :meth:`BenchReport.to_dict` is the versioned JSON
-(``"schema": "rmtp-bench/1"``) and :mod:`rmtp.bench_report` draws the tables and plots.
-
-    from rmtp.bench import benchmark_models
-    report = benchmark_models(["runs/quickstart"], batches=[1, 32])
-    report.batches[1].results[1].throughput_ratio.median   # speed-up of the pruned model at batch 32
+Every option is checked before any model is loaded. Each model's size and MACs are counted where
+it was built, then it is placed (device, dtype, memory format, kernels, optionally
+``torch.compile``) and given its input batch before anything is timed. Per batch size: a first
+call (the compile time with ``--compile``), then :func:`rmtp.measure.interleaved_timing`, then
+peak memory; an allocator running out becomes one line naming the batch and the model.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import logging
-import os
-import platform
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from rmtp import measure
-from rmtp.architecture import ModelSpec, timm_name_hint
-from rmtp.data import DataSpec, build_data, data_input_size, model_input_size, saved_split_seed
+from rmtp.bench.environment import device_name, host_environment, loadavg
+from rmtp.bench.loading import Candidate, load_candidates
+from rmtp.bench.schema import BatchResult, BatchRun, BenchError, BenchModel, BenchReport, BenchSettings, EvalData
+from rmtp.data import build_data, data_input_size, model_input_size
 from rmtp.device import resolve_device
-from rmtp.errors import PluginError, RmtpError
 from rmtp.progress import NULL_PROGRESS, Progress
 
-__all__ = [
-    "DTYPES",
-    "SCHEMA",
-    "BatchResult",
-    "BatchRun",
-    "BenchError",
-    "BenchModel",
-    "BenchReport",
-    "BenchSettings",
-    "Candidate",
-    "EvalData",
-    "benchmark",
-    "benchmark_models",
-    "load_candidates",
-    "parse_batches",
-]
+__all__ = ["DEFAULT_BATCHES", "DEFAULT_ROUNDS", "DTYPES", "KERNEL_HOOK", "MIN_ROUNDS", "benchmark",
+           "benchmark_models", "parse_batches"]
 
-#: Identifies the JSON layout of :meth:`BenchReport.to_dict`; bumped on any incompatible change.
-SCHEMA = "rmtp-bench/1"
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DEFAULT_BATCHES = (1, 32)
 DEFAULT_ROUNDS = 16
 MIN_ROUNDS = 3
-TIMM_PREFIX = "timm:"
 #: Name of the optional per-module hook through which a model says (and may switch) its kernels.
 KERNEL_HOOK = "rmtp_kernel"
 #: Share of exact zeros above which a model on dense kernels gets a note saying they save nothing.
@@ -85,52 +48,6 @@ _FP16_ON_CPU = (
     "(the reference ViT ran ~20x slower than in fp32 here), so the figures would describe no real "
     "deployment; use fp32 or bf16 on cpu, or fp16 on cuda"
 )
-
-
-class BenchError(RmtpError):
-    """A benchmark cannot run as asked (bad option, unknown model source, a model that fails)."""
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-@dataclass(frozen=True)
-class EvalData:
-    """The val split ``--eval`` measures top-1 on: a recipe's ``data:`` section and its seed."""
-
-    spec: DataSpec
-    seed: int = 0
-    #: Where it was read from (a recipe.yaml, a checkpoint card), for the report.
-    source: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "seed": self.seed, "data": self.spec.model_dump(mode="json")}
-
-
-@dataclass
-class Candidate:
-    """One model to benchmark, already built (on the CPU in fp32 unless the caller chose otherwise).
-
-    :func:`benchmark` moves ``model`` to the device and dtype in place and sets eval mode.
-    """
-
-    label: str
-    model: nn.Module
-    #: What was given on the command line, or where the model came from.
-    source: str = ""
-    #: ``folder`` (rmtp output), ``baseline`` (a folder's dense model), ``checkpoint``, ``timm``, ``module``.
-    kind: str = "module"
-    timm_name: str | None = None
-    arch: str | None = None
-    #: Per-sample input shape (C, H, W); default: the images of its eval data (a folder's recipe, a
-    #: card), else what the model says (timm config, patch embed).
-    input_shape: tuple[int, ...] | None = None
-    #: The val data this model's origin names (a folder's recipe, a checkpoint card), if any.
-    eval_data: EvalData | None = None
-    #: An rmtp folder's record of the dense model it was pruned from.
-    baseline: ModelSpec | None = None
-    #: Remarks carried into the report (e.g. a baseline rebuilt with fresh random weights).
-    notes: list[str] = field(default_factory=list)
 
 
 def parse_batches(text: str) -> list[int]:
@@ -149,329 +66,6 @@ def parse_batches(text: str) -> list[int]:
             raise BenchError(f"--batch {text!r}: batch sizes must be at least 1, got {size}; {allowed}")
         sizes.append(size)
     return sorted(set(sizes))
-
-
-def load_candidates(sources: Sequence[str], *, model_name: str | None = None,
-                    model_kwargs: dict[str, Any] | None = None) -> list[Candidate]:
-    """Build the models ``sources`` name, in order; one rmtp folder alone gets its dense baseline first.
-
-    A source is an rmtp output folder, a checkpoint file (``.safetensors``/``.pth``/``.pt``/``.bin``)
-    described by ``model_name`` + ``model_kwargs`` or by a card ``<stem>.json`` next to it (keys
-    ``timm_name``, ``kwargs``, optionally ``data``), or ``timm:NAME`` (random init, ``model_kwargs``
-    passed to ``timm.create_model``).
-    """
-    if not sources:
-        raise BenchError("give at least one model: an rmtp output folder, a checkpoint file or timm:NAME")
-    kwargs = dict(model_kwargs or {})
-    candidates: list[Candidate] = []
-    for text in sources:
-        candidates.append(_load_source(str(text), model_name, kwargs))
-    if len(candidates) == 1 and candidates[0].kind == "folder":
-        candidates.insert(0, _folder_baseline(candidates[0]))
-    _unique_labels(candidates)
-    return candidates
-
-
-def _load_source(text: str, model_name: str | None, kwargs: dict[str, Any]) -> Candidate:
-    from rmtp import saving
-
-    if text.startswith(TIMM_PREFIX):
-        name = text[len(TIMM_PREFIX):].strip()
-        if not name:
-            raise BenchError(f"model {text!r}: give a timm model name after 'timm:', e.g. timm:resnet18")
-        model = _build_timm(name, kwargs, None, where=f"model {text!r}")
-        return Candidate(label=text, model=model, source=text, kind="timm", timm_name=name, arch=_arch_of(name))
-    path = Path(text)
-    if path.is_dir():
-        if not saving.is_saved_model(path):
-            raise BenchError(f"model {text!r}: a folder but not an rmtp output folder (no {saving.META_FILE}); "
-                             f"give an rmtp output folder, a checkpoint file or timm:NAME")
-        loaded = saving.load(path)
-        return Candidate(label=text, model=loaded.model, source=text, kind="folder", timm_name=loaded.spec.name,
-                         arch=loaded.arch, eval_data=_folder_eval_data(path), baseline=loaded.baseline)
-    if path.is_file():
-        return _load_checkpoint(path, text, model_name, kwargs)
-    raise BenchError(f"model {text!r}: no such file or folder; give an rmtp output folder, a checkpoint file "
-                     f"or timm:NAME")
-
-
-def _load_checkpoint(path: Path, text: str, model_name: str | None, kwargs: dict[str, Any]) -> Candidate:
-    card_path = path.with_suffix(".json")
-    card: dict[str, Any] = {}
-    if model_name is None:
-        if not card_path.is_file():
-            raise BenchError(f"checkpoint {text}: which timm model is it? pass --model NAME (and --kwargs JSON), "
-                             f"or put a card {card_path.name} with timm_name and kwargs next to it")
-        card = _read_card(card_path)
-        name = card["timm_name"]
-        model_kwargs = {**card.get("kwargs", {}), **kwargs}
-    else:
-        name, model_kwargs = model_name, kwargs
-    model = _build_timm(name, model_kwargs, path, where=f"checkpoint {text}")
-    return Candidate(label=text, model=model, source=text, kind="checkpoint", timm_name=name, arch=_arch_of(name),
-                     eval_data=_card_eval_data(card, card_path) if card else None)
-
-
-def _read_card(path: Path) -> dict[str, Any]:
-    try:
-        card = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BenchError(f"model card {path}: not readable JSON: {exc}") from None
-    if not isinstance(card, dict) or not isinstance(card.get("timm_name"), str):
-        raise BenchError(f"model card {path}: needs a string 'timm_name' (and a 'kwargs' object)")
-    if not isinstance(card.get("kwargs", {}), dict):
-        raise BenchError(f"model card {path}: 'kwargs' must be an object")
-    return card
-
-
-def _card_eval_data(card: dict[str, Any], path: Path) -> EvalData | None:
-    data = card.get("data")
-    if not isinstance(data, dict):
-        return None
-    fields = {k: v for k, v in data.items() if k in DataSpec.model_fields}
-    if fields.get("root"):
-        fields["root"] = (path.parent / fields["root"]).resolve()
-    seed = data.get("split_seed", card.get("seed", 0))
-    return _eval_data(fields, seed, str(path))
-
-
-def _folder_eval_data(folder: Path) -> EvalData | None:
-    from rmtp.saving import RECIPE_FILE, read_saved_recipe
-
-    try:
-        recipe = read_saved_recipe(folder)
-    except RmtpError as exc:
-        raise BenchError(str(exc)) from None
-    if recipe is None:
-        return None
-    return _eval_data(recipe.get("data") or {}, saved_split_seed(recipe), str(folder / RECIPE_FILE))
-
-
-def _eval_data(fields: dict[str, Any], seed: Any, source: str) -> EvalData:
-    from pydantic import ValidationError
-
-    if not isinstance(seed, int) or seed < 0:
-        raise BenchError(f"{source}: split seed must be a non-negative integer, got {seed!r}")
-    try:
-        spec = DataSpec.model_validate({**fields, "split_seed": seed})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise BenchError(f"{source}: data.{where}: {first['msg']}") from None
-    return EvalData(spec=spec, seed=seed, source=source)
-
-
-def _folder_baseline(pruned: Candidate) -> Candidate:
-    """The dense model an rmtp folder records, rebuilt by its architecture plugin."""
-    from rmtp.plugins import get_plugins
-
-    folder, baseline = pruned.source, pruned.baseline
-    if baseline is None or pruned.arch is None:
-        raise BenchError(f"{folder} records no dense baseline; name the baseline first: rmtp bench BASELINE {folder}")
-    try:
-        model = get_plugins().architecture(baseline.arch or pruned.arch).create(baseline)
-    except RmtpError as exc:
-        raise BenchError(f"{folder}: cannot rebuild its dense baseline ({exc}); name a baseline first: "
-                         f"rmtp bench BASELINE {folder}") from None
-    origin = str(baseline.checkpoint) if baseline.checkpoint else (
-        "timm pretrained" if baseline.pretrained else "random init")
-    notes = []
-    if baseline.checkpoint is None and not baseline.pretrained:
-        notes.append("the run started from random weights, so its dense model was rebuilt with new random weights: "
-                     "size and speed are comparable, top-1 is not the run's")
-    return Candidate(label=f"{folder} (dense)", model=model,
-                     source=f"dense baseline of {folder}: {baseline.name} ({origin})", kind="baseline",
-                     timm_name=baseline.name, arch=pruned.arch, eval_data=pruned.eval_data, notes=notes)
-
-
-def _build_timm(name: str, kwargs: dict[str, Any], checkpoint: Path | None, *, where: str) -> nn.Module:
-    import timm
-
-    from rmtp.checkpoint import load_state_dict_into, read_state_dict
-
-    if not timm.is_model(name.split(".")[0]):
-        raise BenchError(f"{where}: timm has no model {name!r}{timm_name_hint(name)}")
-    try:
-        model = timm.create_model(name, pretrained=False, **kwargs)
-    except (TypeError, ValueError, AssertionError) as exc:
-        raise BenchError(f"{where}: timm rejected the kwargs {kwargs} for {name!r}: {exc}") from None
-    if checkpoint is not None:
-        load_state_dict_into(model, read_state_dict(checkpoint), source=str(checkpoint))
-    return model.eval()
-
-
-def _arch_of(name: str) -> str | None:
-    from rmtp.plugins import get_plugins
-
-    try:
-        return get_plugins().architecture_for(name).name
-    except PluginError:
-        return None  # bench does not need an architecture plugin; it is only reported
-
-
-def _unique_labels(candidates: list[Candidate]) -> None:
-    seen: dict[str, int] = {}
-    for c in candidates:
-        seen[c.label] = seen.get(c.label, 0) + 1
-        if seen[c.label] > 1:
-            c.label = f"{c.label} #{seen[c.label]}"
-
-
-# --------------------------------------------------------------------------- results
-
-
-@dataclass
-class BenchSettings:
-    """How the figures were measured (all of it goes into the JSON)."""
-
-    device: str
-    device_name: str
-    dtype: str
-    compile: bool
-    channels_last: bool
-    batches: list[int]
-    rounds: int
-    warmup_s: float
-    block_s: float
-    threads: int
-    interop_threads: int
-    timer: str
-    memory_method: str | None
-    rss_method: str | None = None
-    eval: EvalData | None = None
-    cudnn_benchmark: bool | None = None
-    matmul_tf32: bool | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "device": self.device, "device_name": self.device_name, "dtype": self.dtype, "compile": self.compile,
-            "channels_last": self.channels_last, "batches": list(self.batches), "rounds": self.rounds,
-            "order": "interleaved, rotated each round", "warmup_s": self.warmup_s, "block_s": self.block_s,
-            "threads": self.threads, "interop_threads": self.interop_threads, "timer": self.timer,
-            "memory_method": self.memory_method, "rss_method": self.rss_method,
-            "eval": self.eval.to_dict() if self.eval else None,
-            "cudnn_benchmark": self.cudnn_benchmark, "matmul_tf32": self.matmul_tf32,
-        }
-
-
-@dataclass
-class BenchModel:
-    """Batch-independent figures of one model, with ratios to the baseline (the first model)."""
-
-    index: int
-    label: str
-    source: str
-    kind: str
-    timm_name: str | None
-    arch: str | None
-    input_shape: tuple[int, ...]
-    params: int
-    nonzeros: int
-    #: Multiply-accumulates of one image (batch of one), attention included.
-    macs: int
-    attention_macs: int
-    #: Bytes of parameters and buffers in the benchmarked dtype.
-    weights_bytes: int
-    #: Which kernels run the model: ``dense`` unless a module's ``rmtp_kernel`` hook says otherwise.
-    kernel: str
-    top1: float | None = None
-    eval_images: int | None = None
-    notes: list[str] = field(default_factory=list)
-    #: params, nonzeros, macs, attention_macs, weights_bytes: this model / the baseline.
-    ratios: dict[str, float | None] = field(default_factory=dict)
-    #: Top-1 minus the baseline's, in points (None without ``--eval``).
-    top1_delta: float | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "index": self.index, "label": self.label, "source": self.source, "kind": self.kind,
-            "timm_name": self.timm_name, "arch": self.arch, "input_shape": list(self.input_shape),
-            "params": self.params, "nonzeros": self.nonzeros, "macs": self.macs,
-            "attention_macs": self.attention_macs, "weights_bytes": self.weights_bytes, "kernel": self.kernel,
-            "top1": self.top1, "eval_images": self.eval_images, "top1_delta": self.top1_delta,
-            "ratios": dict(self.ratios), "notes": list(self.notes),
-        }
-
-
-@dataclass
-class BatchResult:
-    """Timed figures of one model at one batch size."""
-
-    model: int
-    label: str
-    #: Per-call latency of the whole batch, over rounds (milliseconds).
-    latency_ms: measure.Spread
-    #: Images per second, over rounds (batch / per-round latency).
-    throughput: measure.Spread
-    #: Per-round latency / the baseline's latency in the same round (paired).
-    latency_ratio: measure.Spread
-    #: Per-round throughput / the baseline's: the speed-up (> 1 is faster).
-    throughput_ratio: measure.Spread
-    #: Bytes of tensors alive at the peak of one call, above those alive before it (activations,
-    #: workspace, output; weights and input excluded). Same meaning on CPU and CUDA.
-    peak_mem_bytes: int | None
-    peak_mem_ratio: float | None
-    #: CPU only: the process's resident-set peak during one call above its level before (what the
-    #: OS saw; allocator slack and non-PyTorch buffers included). None on CUDA or where unsupported.
-    peak_rss_bytes: int | None
-    #: Duration of the very first call at this batch size: with --compile, the compile time.
-    first_call_s: float
-    #: Calls per timed block and warm-up calls made.
-    iters: int
-    warmup_calls: int
-    samples_ms: list[float] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model, "label": self.label, "latency_ms": self.latency_ms.to_dict(),
-            "throughput": self.throughput.to_dict(), "latency_ratio": self.latency_ratio.to_dict(),
-            "throughput_ratio": self.throughput_ratio.to_dict(), "peak_mem_bytes": self.peak_mem_bytes,
-            "peak_mem_ratio": self.peak_mem_ratio, "peak_rss_bytes": self.peak_rss_bytes,
-            "first_call_s": self.first_call_s, "iters": self.iters,
-            "warmup_calls": self.warmup_calls, "samples_ms": list(self.samples_ms),
-        }
-
-
-@dataclass
-class BatchRun:
-    batch: int
-    results: list[BatchResult]
-    #: Graphs torch.compile built after the first calls (warm-up and timing): 0 means no recompiles.
-    recompiles: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"batch": self.batch, "recompiles": self.recompiles, "results": [r.to_dict() for r in self.results]}
-
-
-@dataclass
-class BenchReport:
-    settings: BenchSettings
-    environment: dict[str, Any]
-    models: list[BenchModel]
-    batches: list[BatchRun]
-    notes: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    created: str = ""
-
-    @property
-    def baseline(self) -> BenchModel:
-        return self.models[0]
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "schema": SCHEMA,
-            "created": self.created,
-            "seconds": self.seconds,
-            "environment": dict(self.environment),
-            "settings": self.settings.to_dict(),
-            "baseline": 0,
-            "models": [m.to_dict() for m in self.models],
-            "batches": [b.to_dict() for b in self.batches],
-            "notes": list(self.notes),
-        }
-
-
-# --------------------------------------------------------------------------- benchmark
 
 
 def benchmark_models(sources: Sequence[str], *, device: str = "cpu", batches: Sequence[int] = DEFAULT_BATCHES,
@@ -513,7 +107,7 @@ def benchmark(candidates: Sequence[Candidate], *, device: str = "cpu", batches: 
         raise BenchError("give at least one model to benchmark")
     started = time.perf_counter()
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    load_before = _loadavg()
+    load_before = loadavg()
     with measure.torch_threads(threads) as n_threads, _cuda_flags(dev) as cuda_flags, \
             _compile_limits(compile, len(candidates) * len(batch_list)):
         models = [_static_figures(i, c) for i, c in enumerate(candidates)]
@@ -527,14 +121,14 @@ def benchmark(candidates: Sequence[Candidate], *, device: str = "cpu", batches: 
             runs = [_time_batch(b, candidates, models, runners, dev, torch_dtype, channels_last, compile, rounds,
                                 warmup_s, block_s, progress) for b in batch_list]
     settings = BenchSettings(
-        device=str(dev), device_name=_device_name(dev), dtype=dtype, compile=compile, channels_last=channels_last,
+        device=str(dev), device_name=device_name(dev), dtype=dtype, compile=compile, channels_last=channels_last,
         batches=batch_list, rounds=rounds, warmup_s=warmup_s, block_s=block_s, threads=n_threads,
         interop_threads=torch.get_num_interop_threads(),
         timer="cuda events after synchronize" if dev.type == "cuda" else "time.perf_counter",
         memory_method=measure.MEMORY_METHODS[dev.type],
         rss_method=measure.MEMORY_METHODS["rss"] if dev.type == "cpu" and measure.peak_rss_supported() else None,
         eval=eval_data, **cuda_flags)
-    report = BenchReport(settings=settings, environment=_environment(load_before), models=models, batches=runs,
+    report = BenchReport(settings=settings, environment=host_environment(load_before), models=models, batches=runs,
                          seconds=time.perf_counter() - started, created=created)
     report.notes.extend(_report_notes(report))
     return report
@@ -841,46 +435,6 @@ def _report_notes(report: BenchReport) -> list[str]:
     if report.settings.device == "cpu" and report.settings.rss_method is None:
         notes.append("peak RSS is not measured on this platform (needs Linux /proc/self/clear_refs and glibc)")
     return notes
-
-
-# --------------------------------------------------------------------------- environment
-
-
-def _device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return _cpu_name()
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def _loadavg() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except (OSError, AttributeError):
-        return None
-
-
-def _environment(load_before: float | None) -> dict[str, Any]:
-    from rmtp.report import environment
-
-    env: dict[str, Any] = dict(environment())
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 0
-    env.update({"cpu": _cpu_name(), "cpu_cores": cores, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                "loadavg_1min_start": load_before, "loadavg_1min_end": _loadavg()})
-    return env
 
 
 def _shape(shape: Sequence[int]) -> str:

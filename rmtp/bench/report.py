@@ -19,7 +19,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from rmtp.atomic import save_figure_atomic
-from rmtp.bench import BatchRun, BenchError, BenchModel, BenchReport
+from rmtp.bench.schema import BatchRun, BenchError, BenchModel, BenchReport
 from rmtp.measure import Spread
 from rmtp.render import human, stdout
 

@@ -1,0 +1,53 @@
+"""The host a benchmark ran on, recorded with its figures: CPU or GPU name, cores, load, versions.
+
+The 1-minute load average before and after the run is what tells a reader (and the report's
+notes) whether the machine was busy while it was timed.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+import torch
+
+__all__ = ["cpu_name", "device_name", "host_environment", "loadavg"]
+
+
+def device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return cpu_name()
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def loadavg() -> float | None:
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (OSError, AttributeError):
+        return None
+
+
+def host_environment(load_before: float | None) -> dict[str, Any]:
+    """Versions (:func:`rmtp.report.environment`), CPU, usable cores and the load before and now."""
+    from rmtp.report import environment
+
+    env: dict[str, Any] = dict(environment())
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 0
+    env.update({"cpu": cpu_name(), "cpu_cores": cores, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+                "loadavg_1min_start": load_before, "loadavg_1min_end": loadavg()})
+    return env
