@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from rmtp.architecture import ModelSpec
 from rmtp.cli import build_app
-from rmtp.cli_spectrum import parse_kwargs
+from rmtp.cli.spectrum import parse_kwargs
 from rmtp.errors import RmtpError
 from rmtp.lowrank import LowRankLinear
 from rmtp.plugins import get_plugins

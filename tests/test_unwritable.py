@@ -72,7 +72,7 @@ def test_prune_says_in_one_line_when_the_json_fails_after_the_run(tmp_path: Path
     def disk_full(path, data):  # noqa: ANN001, ANN202
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr("rmtp.cli.write_json_atomic", disk_full)
+    monkeypatch.setattr("rmtp.cli.app.write_json_atomic", disk_full)
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe([{"prune": "magnitude"}], output=tmp_path / "out"))
     result = runner.invoke(build_app(), ["prune", str(recipe), "--json", str(tmp_path / "report.json")])
     assert result.exit_code == 1 and "Traceback" not in result.output

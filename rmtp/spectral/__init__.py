@@ -5,6 +5,7 @@
 - :mod:`rmtp.spectral.tracy_widom`: the TW1 law for the optional edge margin;
 - :mod:`rmtp.spectral.layers`: ``analyze_model`` → one :class:`LayerSpectrum` per matrix;
 - :mod:`rmtp.spectral.analysis`: ``analyze(source)`` → :class:`SpectrumReport` (``rmtp analyze-spectrum``).
+- :mod:`rmtp.spectral.report`: a :class:`SpectrumReport` as a rich table, CSV and ESD plots.
 
 The formulas, defaults and what is skipped are in ``docs/spectral.md``.
 """

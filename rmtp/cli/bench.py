@@ -14,6 +14,7 @@ import typer
 from rich.markup import escape
 
 from rmtp.bench import DEFAULT_ROUNDS, BenchError
+from rmtp.cli.exits import user_errors
 
 
 def _parse_kwargs(text: str | None) -> dict[str, Any] | None:
@@ -60,7 +61,6 @@ def bench(
     """Compare models side by side: latency, throughput, peak memory, MACs, params, nonzeros (and top-1)."""
     from rmtp.atomic import check_writable, write_errors, write_json_atomic
     from rmtp.bench import benchmark_models, check_plotting, parse_batches, render_bench, write_plots
-    from rmtp.cli import user_errors
     from rmtp.render import RichProgress, stderr, stdout
 
     with user_errors():

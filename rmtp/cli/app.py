@@ -1,15 +1,14 @@
-"""The ``rmtp`` command line: thin commands over the library API.
+"""The root ``rmtp`` Typer app and its recipe commands: ``prune``, ``validate``, ``list``.
 
-Each command parses its options, makes one library call and renders the result. User errors
-(bad recipe, missing file, unknown plugin, no GPU) arrive as :class:`rmtp.errors.RmtpError` and
-leave as red lines on stderr with exit code 1, never a traceback.
+:func:`build_app` adds ``analyze-spectrum`` (:mod:`rmtp.cli.spectrum`), ``bench``
+(:mod:`rmtp.cli.bench`) and the commands plugins register; :func:`main` is the ``rmtp`` script.
+Each command parses its options, makes one library call and renders the result; errors end it
+through :func:`rmtp.cli.exits.user_errors`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -18,38 +17,12 @@ from rich.markup import escape
 
 from rmtp import __version__
 from rmtp.atomic import check_writable, write_errors, write_json_atomic
-from rmtp.errors import RecipeError, RmtpError
+from rmtp.cli.exits import user_errors
+from rmtp.errors import RmtpError
 
 if TYPE_CHECKING:
     from rmtp.plugins import Plugins
     from rmtp.recipe import Recipe
-
-
-
-#: What Ctrl-C leaves behind, unless a command knows better: every file rmtp writes is written
-#: to a temporary name and renamed into place, so an interrupted command never leaves half a file.
-INTERRUPTED = "interrupted: no file was left half-written (rmtp writes each one whole, or not at all)"
-
-
-@contextmanager
-def user_errors(interrupted: str | Callable[[], str] = INTERRUPTED) -> Iterator[None]:
-    """Turn library errors into red lines on stderr and exit code 1, and Ctrl-C into one line
-    saying what was kept (``interrupted``, or a function that tells) and exit code 130."""
-    from rmtp.render import stderr
-
-    try:
-        yield
-    except KeyboardInterrupt:
-        message = interrupted() if callable(interrupted) else interrupted
-        stderr.print(f"[yellow]{escape(message)}[/]")
-        raise typer.Exit(130) from None
-    except RecipeError as exc:
-        for problem in exc.problems:
-            stderr.print(f"[red]error:[/] {escape(problem)}")
-        raise typer.Exit(1) from None
-    except RmtpError as exc:
-        stderr.print(f"[red]error:[/] {escape(str(exc))}")
-        raise typer.Exit(1) from None
 
 
 def _version(value: bool) -> None:
@@ -152,8 +125,8 @@ def build_app(plugins: Plugins | None = None) -> typer.Typer:
     app.command()(prune)
     app.command()(validate)
     app.command("list")(list_plugins)
-    from rmtp.cli_spectrum import analyze_spectrum; app.command("analyze-spectrum")(analyze_spectrum)  # noqa: E702
-    from rmtp.cli_bench import bench; app.command()(bench)  # noqa: E702
+    from rmtp.cli.spectrum import analyze_spectrum; app.command("analyze-spectrum")(analyze_spectrum)  # noqa: E702
+    from rmtp.cli.bench import bench; app.command()(bench)  # noqa: E702
     (plugins or get_plugins()).manager.hook.register_commands(app=app)
     return app
 

@@ -8,6 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from rmtp.cli.exits import user_errors
 from rmtp.errors import RmtpError
 
 
@@ -74,10 +75,9 @@ def analyze_spectrum(
 ) -> None:
     """Fit the Marchenko–Pastur law to every prunable weight matrix of a model and report its signal rank."""
     from rmtp.atomic import write_errors, write_json_atomic
-    from rmtp.cli import user_errors
     from rmtp.render import RichProgress, stderr
     from rmtp.spectral.analysis import analyze
-    from rmtp.spectrum_report import render_spectrum, write_csv_atomic, write_plots
+    from rmtp.spectral.report import render_spectrum, write_csv_atomic, write_plots
 
     with user_errors():
         _check_destinations(json_path, csv_path, plot_dir)
