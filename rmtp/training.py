@@ -292,21 +292,9 @@ def train(
     if config.distill is not None and teacher is None:
         raise RmtpError("finetune.distill is set but there is no teacher model to distil from")
     device = torch.device(device)
-    if config.seed is not None:
-        torch.manual_seed(config.seed)
-    seed = config.seed if config.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)))
+    seed = _run_seed(config)
     world = distributed.world_size()
-    global_batch = config.batch_size or bundle.batch_size
-    if global_batch % world:
-        raise RmtpError(f"finetune.batch_size {global_batch} does not split evenly over {world} processes")
-    sampler = None
-    if world > 1:
-        sampler = DistributedSampler(bundle.train, num_replicas=world, rank=distributed.rank(), shuffle=True,
-                                     seed=seed)
-        loader = DataLoader(bundle.train, batch_size=global_batch // world, sampler=sampler,
-                            num_workers=bundle.num_workers)
-    else:
-        loader = bundle.loader("train", shuffle=True, seed=seed, batch_size=global_batch)
+    loader, sampler = _train_loader(bundle, config, seed, world)
     val_loader = bundle.loader("val")
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
@@ -322,67 +310,18 @@ def train(
         teacher.to(device).eval()
     else:
         teacher = None  # distill unset: a teacher passed anyway is not used
-
-    masks = [(p, m.to(device)) for p, m in zero_masks(model, keep_zeros)]
-    penalized = penalized_weights(model, penalize)
-    forward = DistributedDataParallel(model) if world > 1 else model
-    groups = param_groups(model, config.weight_decay)
-    if not groups:
-        raise RmtpError("training: the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(groups, lr=config.lr)
-    params = [p for g in groups for p in g["params"]]
+    run = _prepare_steps(model, teacher, config, device, world, keep_zeros, penalize, aug_generator,
+                         total_steps, warmup_steps)
 
     result = TrainResult()
     started = time.perf_counter()
-    step = 0
-    lr = config.lr
     try:
         for epoch in range(1, config.epochs + 1):
             epoch_start = time.perf_counter()
-            model.train()
-            if sampler is not None:
-                sampler.set_epoch(epoch)
-            loss_sum, seen = 0.0, 0
-            for batch_index, (images, targets) in enumerate(loader, start=1):
-                lr = lr_at(step, total_steps=total_steps, warmup_steps=warmup_steps,
-                           lr=config.lr, min_lr_ratio=config.min_lr_ratio)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                images, targets = images.to(device), targets.to(device)
-                if config.augment:
-                    images = augment_batch(images, aug_generator)
-                teacher_logits = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_logits = teacher(images)
-                logits = forward(images)
-                loss = training_loss(logits, targets, teacher_logits, config)
-                penalty = elastic_net(penalized, config.l1, config.l2)
-                if penalty is not None:
-                    loss = loss + penalty
-                if not torch.isfinite(loss):
-                    raise RmtpError(f"training diverged: loss is {loss.item()} at epoch {epoch}, "
-                                    f"step {batch_index} (lower lr or set grad_clip)")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                for param, mask in masks:
-                    if param.grad is not None:
-                        param.grad.mul_(mask)
-                if config.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-                optimizer.step()
-                with torch.no_grad():
-                    for param, mask in masks:
-                        param.mul_(mask)
-                step += 1
-                loss_sum += float(loss.detach()) * targets.numel()
-                seen += targets.numel()
-                if on_batch is not None:
-                    on_batch(batch_index, steps_per_epoch)
-            loss_sum, seen = distributed.all_reduce_sum([loss_sum, float(seen)], device)
+            train_loss = _train_epoch(run, model, loader, sampler, epoch, steps_per_epoch, on_batch)
             val_top1 = top1(model, val_loader, device=device)
-            stats = EpochStats(epoch=epoch, train_loss=loss_sum / max(1, seen), val_top1=val_top1,
-                               lr=lr, seconds=time.perf_counter() - epoch_start)
+            stats = EpochStats(epoch=epoch, train_loss=train_loss, val_top1=val_top1,
+                               lr=run.lr, seconds=time.perf_counter() - epoch_start)
             result.history.append(stats)
             if on_epoch is not None:
                 on_epoch(stats)
@@ -393,3 +332,141 @@ def train(
     result.final_val_top1 = result.history[-1].val_top1
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _run_seed(config: TrainConfig) -> int:
+    """The seed of the run's shuffle and augmentation. With ``config.seed`` torch is seeded too
+    (init-independent randomness: dropout), so the run repeats; without it a seed is drawn from
+    torch's current state, so two unseeded runs differ but each still shuffles consistently."""
+    if config.seed is not None:
+        torch.manual_seed(config.seed)
+    return config.seed if config.seed is not None else int(torch.randint(0, 2**31 - 1, (1,)))
+
+
+def _train_loader(bundle: DataBundle, config: TrainConfig, seed: int,
+                  world: int) -> tuple[DataLoader, DistributedSampler | None]:
+    """The shuffled train loader (seeded by ``seed``) and, under torchrun, its sampler.
+
+    ``batch_size`` is the *global* batch: with ``world`` processes each gets its share of every
+    epoch through a DistributedSampler and batches of ``global / world``, so a recipe means the
+    same optimisation on 1 or N processes (which is why it must split evenly).
+    """
+    global_batch = config.batch_size or bundle.batch_size
+    if global_batch % world:
+        raise RmtpError(f"finetune.batch_size {global_batch} does not split evenly over {world} processes")
+    if world > 1:
+        sampler = DistributedSampler(bundle.train, num_replicas=world, rank=distributed.rank(), shuffle=True,
+                                     seed=seed)
+        loader = DataLoader(bundle.train, batch_size=global_batch // world, sampler=sampler,
+                            num_workers=bundle.num_workers)
+        return loader, sampler
+    return bundle.loader("train", shuffle=True, seed=seed, batch_size=global_batch), None
+
+
+@dataclass
+class _Steps:
+    """What every optimizer step of one run shares, and where the run is in its schedule.
+
+    ``step`` counts optimizer steps across epochs (the lr schedule spans the whole run); ``lr``
+    is the last step's learning rate, which :class:`EpochStats` reports.
+    """
+
+    config: TrainConfig
+    device: torch.device
+    #: The model, or its DistributedDataParallel wrapper under torchrun (which averages gradients).
+    forward: nn.Module
+    teacher: nn.Module | None
+    optimizer: torch.optim.Optimizer
+    #: Every trainable parameter, clipped together by ``grad_clip``.
+    params: list[nn.Parameter]
+    masks: list[tuple[nn.Parameter, torch.Tensor]]
+    penalized: list[nn.Parameter]
+    aug_generator: torch.Generator
+    total_steps: int
+    warmup_steps: int
+    step: int = 0
+    lr: float = 0.0
+
+
+def _prepare_steps(model: nn.Module, teacher: nn.Module | None, config: TrainConfig, device: torch.device,
+                   world: int, keep_zeros: Sequence[str], penalize: Sequence[str], aug_generator: torch.Generator,
+                   total_steps: int, warmup_steps: int) -> _Steps:
+    """Masks, penalised weights, the DDP wrapper and AdamW for a model already on ``device``.
+
+    The keep-zeros masks are taken now, before any step, so they record the pruner's zeros only.
+    """
+    masks = [(p, m.to(device)) for p, m in zero_masks(model, keep_zeros)]
+    penalized = penalized_weights(model, penalize)
+    forward = DistributedDataParallel(model) if world > 1 else model
+    groups = param_groups(model, config.weight_decay)
+    if not groups:
+        raise RmtpError("training: the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    params = [p for g in groups for p in g["params"]]
+    return _Steps(config=config, device=device, forward=forward, teacher=teacher, optimizer=optimizer, params=params,
+                  masks=masks, penalized=penalized, aug_generator=aug_generator, total_steps=total_steps,
+                  warmup_steps=warmup_steps, lr=config.lr)
+
+
+def _train_epoch(run: _Steps, model: nn.Module, loader: DataLoader, sampler: DistributedSampler | None, epoch: int,
+                 steps_per_epoch: int, on_batch: Callable[[int, int], None] | None) -> float:
+    """One pass over the train split in train mode; the mean train loss over all processes.
+
+    ``sampler.set_epoch`` reshuffles each process's shard differently every epoch (the same way
+    on every process, so the shards stay disjoint).
+    """
+    model.train()
+    if sampler is not None:
+        sampler.set_epoch(epoch)
+    loss_sum, seen = 0.0, 0
+    for batch_index, (images, targets) in enumerate(loader, start=1):
+        loss = _train_step(run, images, targets, epoch, batch_index)
+        loss_sum += float(loss.detach()) * targets.numel()
+        seen += targets.numel()
+        if on_batch is not None:
+            on_batch(batch_index, steps_per_epoch)
+    loss_sum, seen = distributed.all_reduce_sum([loss_sum, float(seen)], run.device)
+    return loss_sum / max(1, seen)
+
+
+def _train_step(run: _Steps, images: torch.Tensor, targets: torch.Tensor, epoch: int,
+                batch_index: int) -> torch.Tensor:
+    """One optimizer step on one batch; returns its loss (penalty included).
+
+    The lr is set from the schedule before the step. Gradients of masked entries are zeroed
+    before clipping (so they neither count in the norm nor feed AdamW's moments) and the weights
+    are re-masked after the step, so pruned zeros stay exactly zero (see :func:`train`).
+    """
+    config = run.config
+    run.lr = lr_at(run.step, total_steps=run.total_steps, warmup_steps=run.warmup_steps,
+                   lr=config.lr, min_lr_ratio=config.min_lr_ratio)
+    for group in run.optimizer.param_groups:
+        group["lr"] = run.lr
+    images, targets = images.to(run.device), targets.to(run.device)
+    if config.augment:
+        images = augment_batch(images, run.aug_generator)
+    teacher_logits = None
+    if run.teacher is not None:
+        with torch.no_grad():
+            teacher_logits = run.teacher(images)
+    logits = run.forward(images)
+    loss = training_loss(logits, targets, teacher_logits, config)
+    penalty = elastic_net(run.penalized, config.l1, config.l2)
+    if penalty is not None:
+        loss = loss + penalty
+    if not torch.isfinite(loss):
+        raise RmtpError(f"training diverged: loss is {loss.item()} at epoch {epoch}, "
+                        f"step {batch_index} (lower lr or set grad_clip)")
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    for param, mask in run.masks:
+        if param.grad is not None:
+            param.grad.mul_(mask)
+    if config.grad_clip is not None:
+        torch.nn.utils.clip_grad_norm_(run.params, config.grad_clip)
+    run.optimizer.step()
+    with torch.no_grad():
+        for param, mask in run.masks:
+            param.mul_(mask)
+    run.step += 1
+    return loss
