@@ -1,6 +1,13 @@
 """rmtp: random-matrix-theory guided pruning for timm vision models.
 
-The library API the CLI is built on::
+The library API the CLI is built on. For a model in hand (:mod:`rmtp.api`)::
+
+    import rmtp
+    report = rmtp.prune(model, "svd-mp", margin=1.0)      # StepReport: rows, stats, baseline
+    rmtp.finetune(model, data, epochs=1, distill={}, teacher=dense)
+    rmtp.evaluate(model, data, dense=dense, latency=True)
+
+For recipes and saved folders::
 
     import rmtp
     recipe = rmtp.load_recipe("recipes/quickstart.yaml")
@@ -20,6 +27,12 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
+    "prune": "rmtp.api",
+    "finetune": "rmtp.api",
+    "evaluate": "rmtp.api",
+    "build_data": "rmtp.api",
+    "frozen_copy": "rmtp.api",
+    "infer_architecture": "rmtp.api",
     "load_recipe": "rmtp.recipe",
     "parse_recipe": "rmtp.recipe",
     "Recipe": "rmtp.recipe",
@@ -57,3 +70,8 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'rmtp' has no attribute {name!r}")
     return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    """The lazy exports too, so ``dir(rmtp)`` and tab completion show the API."""
+    return sorted({*globals(), *_EXPORTS})

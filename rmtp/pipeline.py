@@ -5,6 +5,9 @@ The path of one run: validated :class:`~rmtp.recipe.Recipe` → architecture plu
 (prune / finetune / evaluate) runs and yields a :class:`~rmtp.report.StepReport` → the model,
 resolved recipe and report are saved atomically.
 
+Each step is the same call the in-memory API makes (:mod:`rmtp.steps`: ``prune_step``,
+``finetune_step``, ``evaluate_step``), so a recipe and ``rmtp.prune(model, ...)`` cannot drift apart.
+
 The plugins of a run are passed down, not fetched again: ``run_recipe(plugins=...)``, by default the
 ones the recipe was validated against, build the model (and load a saved folder); a prune step
 runs the pruner class validation resolved (:class:`~rmtp.recipe.ResolvedPrune`) and asks it, not
@@ -25,19 +28,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from rmtp import distributed, measure, saving
+from rmtp import distributed, saving, steps
 from rmtp.architecture import Architecture, ModelSpec
 from rmtp.data import DataBundle, build_data
 from rmtp.device import resolve_device
 from rmtp.errors import CheckpointError, PluginError
-from rmtp.layers import select_layers
 from rmtp.plugins import Plugins, get_plugins
 from rmtp.progress import NULL_PROGRESS, Progress
-from rmtp.pruner import PruneContext
 from rmtp.recipe import EvaluateStep, FinetuneStep, Recipe, ResolvedPrune, step_label
 from rmtp.report import ModelStats, RunReport, StepReport, environment
 from rmtp.step_output import StagedOutput
-from rmtp.training import train
 
 
 @dataclass
@@ -202,36 +202,29 @@ def _reason(exc: BaseException) -> str:
 
 
 def _stats(run: _Run, model: nn.Module, top1: float | None = None) -> ModelStats:
-    summary = measure.model_summary(model, run.input_shape, device=run.device)
-    return ModelStats(params=summary["params"], nonzeros=summary["nonzeros"], macs=summary["macs"],
-                      attention_macs=summary["attention_macs"], top1=top1)
+    return steps.model_stats(model, run.input_shape, run.device, top1)
 
 
 def _top1(run: _Run, model: nn.Module, description: str) -> float:
-    loader = run.data.loader("val")
-    with run.progress.task(description, total=len(loader)) as advance:
-        return measure.top1(model, loader, device=run.device, progress=lambda done, total: advance())
+    return steps.top1_with_progress(model, run.data.loader("val"), run.device, run.progress, description)
 
 
 def _prune(run: _Run, index: int, step: ResolvedPrune) -> StepReport:
     pruner_cls = step.pruner_cls
-    layers = select_layers(pruner_cls.candidate_layers(run.arch, run.model), step.layers)
-    calibration = run.data.loader("calibration") if pruner_cls.calibration_needed() else None
-    ctx = PruneContext(model=run.model, arch=run.arch, layers=layers, device=run.device, seed=run.recipe.seed + index,
-                       dense_model=run.dense, calibration=calibration, progress=run.progress, output=run.extras,
-                       preview_images=lambda n: _first_images(run.data.val, n, run.device))
     extras_before = len(run.extras.names) if run.extras is not None else 0
     if run.extras is not None:
         run.extras.step = index
-    rows = pruner_cls().prune(ctx, step.params)
-    run.model.eval()
+    report = steps.prune_step(
+        run.model, pruner_cls, step.params, arch=run.arch, layers=step.layers, device=run.device,
+        seed=run.recipe.seed + index, input_shape=run.input_shape, dense=run.dense,
+        calibration=run.data.loader("calibration") if pruner_cls.calibration_needed() else None,
+        progress=run.progress, output=run.extras, preview_images=lambda n: _first_images(run.data.val, n, run.device),
+        index=index, label=step.label)
     if pruner_cls.prunes_weights():  # what later finetune penalties act on
-        run.pruned_layers.update(row.layer for row in rows if row.skipped is None)
-    notes = [] if layers else ["the step's layer filter selected no layers; nothing was pruned"]
+        run.pruned_layers.update(row.layer for row in report.rows if row.skipped is None)
     if run.extras is not None and len(run.extras.names) > extras_before:
-        notes.append(f"also saved in the output folder: {', '.join(run.extras.names[extras_before:])}")
-    return StepReport(index=index, kind="prune", name=step.label, rows=rows,
-                      stats=_stats(run, run.model), seconds=0.0, notes=notes)
+        report.notes.append(f"also saved in the output folder: {', '.join(run.extras.names[extras_before:])}")
+    return report
 
 
 def _first_images(dataset: torch.utils.data.Dataset, n: int, device: torch.device) -> torch.Tensor:
@@ -243,47 +236,12 @@ def _finetune(run: _Run, index: int, step: FinetuneStep) -> StepReport:
     config = step.finetune
     if config.seed is None:
         config = config.model_copy(update={"seed": run.recipe.seed + index})
-    epochs_total = config.epochs
-    keep_zeros = _masked_layers(run.model)
-    history: list[dict] = []
-    with run.progress.task(f"fine-tuning ({epochs_total} epochs)", total=epochs_total) as advance:
-        def on_epoch(stats) -> None:  # noqa: ANN001 - EpochStats
-            history.append(stats.__dict__.copy())
-            advance(loss=f"{stats.train_loss:.3f}", top1=f"{stats.val_top1:.2f}")
-
-        result = train(run.model, run.data, config, device=run.device,
-                       teacher=run.dense if config.distill is not None else None,
-                       keep_zeros=keep_zeros, penalize=sorted(run.pruned_layers), on_epoch=on_epoch)
-    run.model.eval()
-    return StepReport(index=index, kind="finetune", name=step_label(step), rows=[],
-                      stats=_stats(run, run.model, result.final_val_top1), seconds=0.0, history=history)
-
-
-def _masked_layers(model: nn.Module) -> list[str]:
-    """Linear/Conv layers whose weight has exact zeros: their zero pattern is a mask to keep fixed.
-
-    Derived from the weights rather than remembered from earlier steps, so it also holds for a
-    model loaded from a saved folder, and for the factors of split layers. Norm weights are not
-    masks (timm zero-initialises some BatchNorm scales) and are left free.
-    """
-    return [name for name, module in model.named_modules()
-            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) and bool((module.weight == 0).any())]
+    return steps.finetune_step(run.model, run.data, config, device=run.device, input_shape=run.input_shape,
+                               teacher=run.dense, penalize=sorted(run.pruned_layers), progress=run.progress,
+                               index=index, label=step_label(step))
 
 
 def _evaluate(run: _Run, index: int, step: EvaluateStep) -> StepReport:
-    top1 = _top1(run, run.model, "evaluating")
-    stats = _stats(run, run.model, top1)
-    notes = []
-    if run.dense_top1 is not None:
-        notes.append(f"top-1 {top1:.2f}% vs dense {run.dense_top1:.2f}% ({top1 - run.dense_top1:+.2f} points)")
-    if step.evaluate.latency:
-        settings = step.evaluate
-        with run.progress.task("timing dense vs pruned", total=settings.latency_rounds) as advance:
-            timing = measure.paired_speedup(run.dense, run.model, run.input_shape, batch=settings.latency_batch,
-                                            device=run.device, rounds=settings.latency_rounds,
-                                            threads=settings.latency_threads, on_round=lambda done: advance())
-        stats.dense_latency_ms, stats.latency_ms = timing.dense_ms.median, timing.pruned_ms.median
-        stats.speedup = timing.to_dict()
-        notes.append(timing.describe())
-    return StepReport(index=index, kind="evaluate", name=step_label(step), rows=[], stats=stats,
-                      seconds=0.0, notes=notes)
+    return steps.evaluate_step(run.model, run.data.loader("val"), step.evaluate, device=run.device,
+                               input_shape=run.input_shape, dense=run.dense, dense_top1=run.dense_top1,
+                               progress=run.progress, index=index, label=step_label(step))

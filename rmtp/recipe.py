@@ -201,7 +201,7 @@ def parse_recipe(raw: Any, *, source: Path | None = None, plugins: Plugins | Non
         shape = _RecipeShape.model_validate(raw)
     except ValidationError as exc:
         # Keep going into the steps, so one run of `rmtp validate` lists every problem.
-        problems.extend(_format_errors(label, exc, _RecipeShape))
+        problems.extend(format_errors(label, exc, _RecipeShape))
         shape = None
 
     plugins = plugins or get_plugins()
@@ -276,7 +276,7 @@ def _validate_step(label: str, where: str, raw_step: dict[str, Any], problems: l
     try:
         return model_cls.model_validate(raw_step)
     except ValidationError as exc:
-        problems.extend(_format_errors(label, exc, model_cls, prefix=where))
+        problems.extend(format_errors(label, exc, model_cls, prefix=where))
         return None
 
 
@@ -290,7 +290,7 @@ def _validate_pruner(label: str, where: str, step: PruneStep, plugins: Plugins,
     try:
         params = params_cls.model_validate(step.params)
     except ValidationError as exc:
-        problems.extend(_format_errors(label, exc, params_cls, prefix=f"{where}.params"))
+        problems.extend(format_errors(label, exc, params_cls, prefix=f"{where}.params"))
         return None
     return ResolvedPrune(pruner_cls=pruner_cls, params=params, layers=step.layers, name=step.name)
 
@@ -302,7 +302,7 @@ def _check_timm_name(label: str, name: str, problems: list[str]) -> None:
         problems.append(f"{label}: model.name: timm has no model {name!r}{timm_name_hint(name)}")
 
 
-def _format_errors(label: str, exc: ValidationError, model_cls: type[BaseModel], prefix: str = "") -> list[str]:
+def format_errors(label: str, exc: ValidationError, model_cls: type[BaseModel], prefix: str = "") -> list[str]:
     """One line per pydantic error: file, key path, what is wrong, what was given."""
     lines = []
     for error in exc.errors(include_url=False):

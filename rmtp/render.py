@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from rich.console import Console
+from rich.console import Console, Group
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgressBar
@@ -18,7 +18,9 @@ from rich.table import Table
 
 from rmtp.plugins import Plugins
 from rmtp.progress import Progress
-from rmtp.report import ModelStats, RunReport, StepReport
+
+if TYPE_CHECKING:  # reports render themselves through this module (StepReport.__rich__)
+    from rmtp.report import ModelStats, RunReport, StepReport
 
 stdout = Console(highlight=False)
 if not stdout.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
@@ -104,15 +106,30 @@ def _stats_cells(stats: ModelStats, dense: ModelStats) -> list[str]:
             human(stats.attention_macs), top1, latency]
 
 
-def render_step(step: StepReport, console: Console = stdout) -> None:
+def step_renderable(step: StepReport) -> Group:
+    """What :func:`render_step` prints, as one rich renderable: the per-layer table (prune), the
+    epochs (finetune), the before → after figures when the step carries them, and its notes."""
+    parts: list[Any] = []
     if step.rows:
-        console.print(step_table(step))
+        parts.append(step_table(step))
     elif step.kind == "finetune" and step.history:
         last = step.history[-1]
-        console.print(f"[bold]step {step.index} · finetune[/] {len(step.history)} epoch(s), "
-                      f"last loss {last['train_loss']:.4f}, val top-1 {last['val_top1']:.2f}%")
-    for note in step.notes:
-        console.print(f"  [dim]{escape(note)}[/]")
+        parts.append(f"[bold]step {step.index} · finetune[/] {len(step.history)} epoch(s), "
+                     f"last loss {last['train_loss']:.4f}, val top-1 {last['val_top1']:.2f}%")
+    elif step.kind == "evaluate" and step.stats.top1 is not None:
+        parts.append(f"[bold]step {step.index} · evaluate[/] top-1 {step.stats.top1:.2f}%, params "
+                     f"{human(step.stats.params)}, MACs {human(step.stats.macs)}")
+    if step.baseline is not None:
+        before, after = step.baseline, step.stats
+        parts.append(f"params {_change(before.params, after.params)}, nonzeros "
+                     f"{_change(before.nonzeros, after.nonzeros)}, MACs {_change(before.macs, after.macs)}")
+    parts.extend(f"  [dim]{escape(note)}[/]" for note in step.notes)
+    return Group(*parts)
+
+
+def render_step(step: StepReport, console: Console = stdout) -> None:
+    for part in step_renderable(step).renderables:
+        console.print(part)
 
 
 def render_report(report: RunReport, console: Console = stdout) -> None:

@@ -41,9 +41,12 @@ class StepReport:
     seconds: float
     notes: list[str] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)  # per-epoch figures of a finetune step
+    #: The model's figures before this step, where the caller measured them (``rmtp.prune`` does;
+    #: a recipe's report has the dense model's instead).
+    baseline: ModelStats | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "index": self.index,
             "kind": self.kind,
             "name": self.name,
@@ -53,6 +56,16 @@ class StepReport:
             "notes": list(self.notes),
             "history": list(self.history),
         }
+        if self.baseline is not None:
+            out["baseline"] = self.baseline.to_dict()
+        return out
+
+    def __rich__(self) -> Any:
+        """The step as ``rmtp prune`` draws it (table, notes, before → after), for ``rich.print``
+        and notebooks."""
+        from rmtp.render import step_renderable
+
+        return step_renderable(self)
 
 
 @dataclass

@@ -1,0 +1,205 @@
+"""rmtp for a model in hand: ``rmtp.prune``, ``rmtp.finetune`` and ``rmtp.evaluate``.
+
+A notebook does in a few lines what a recipe does::
+
+    import rmtp, timm
+    model = timm.create_model("vit_small_patch16_224", pretrained=True)
+    data = rmtp.build_data({"name": "imagefolder", "root": "imagenet"}, model)
+    dense = rmtp.frozen_copy(model)
+    report = rmtp.prune(model, "svd-mp", margin=1.0)             # MP-edge low rank, in place
+    rmtp.finetune(model, data, epochs=1, distill={}, teacher=dense)
+    print(rmtp.evaluate(model, data, dense=dense, latency=True))
+
+Each call validates its keyword arguments with the same pydantic models a recipe uses (a pruner's
+``Params``, ``finetune``'s :class:`~rmtp.training.TrainConfig`, ``evaluate``'s params) and fails
+with the same one-line messages; it then runs the same :mod:`rmtp.steps` function a recipe step
+runs and returns the same :class:`~rmtp.report.StepReport` (``.rows``, ``.stats``, ``.to_dict()``,
+rendered by rich when printed in a console or notebook).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ValidationError
+from torch import nn
+from torch.utils.data import DataLoader
+
+from rmtp import steps
+from rmtp.architecture import Architecture
+from rmtp.data import DataBundle, DataSpec, model_input_size
+from rmtp.errors import PluginError, RecipeError
+from rmtp.layers import LayerFilter
+from rmtp.plugins import Plugins, get_plugins
+from rmtp.progress import NULL_PROGRESS, Progress
+from rmtp.pruner import Pruner
+from rmtp.report import StepReport
+
+DataLike = DataBundle | DataSpec | Mapping[str, Any]
+
+__all__ = ["build_data", "evaluate", "finetune", "frozen_copy", "infer_architecture", "prune"]
+
+
+def prune(model: nn.Module, pruner: str | type[Pruner], /, *, arch: str | Architecture | None = None,
+          layers: str | Sequence[str] | Mapping[str, Any] | LayerFilter | None = None,
+          calibration: DataLoader | None = None, dense: nn.Module | None = None,
+          device: str | torch.device | None = None, seed: int = 0, input_shape: tuple[int, ...] | None = None,
+          plugins: Plugins | None = None, progress: Progress = NULL_PROGRESS, **params: Any) -> StepReport:
+    """Apply one pruner to ``model`` in place; return its report (per-layer rows, stats before/after).
+
+    ``pruner``: a registered name (``"svd-mp"``, ``"n:m"``, ``"tome"``, ... see ``rmtp list``) or a
+    :class:`~rmtp.pruner.Pruner` class. ``**params`` are its params, validated as in a recipe.
+    ``arch``: the architecture plugin (name or instance); inferred from a timm model when omitted.
+    ``layers``: a recipe's ``layers:`` filter (glob(s), ``{"include": [...], "exclude": [...]}``);
+    ``None`` takes every non-optional prunable layer, and is what token pruners need.
+    ``calibration``: train images (a DataLoader of (images, labels)) for pruners that need them
+    (``spp``, ``n:m`` with Wanda scores or restore); refused clearly when missing.
+    ``dense``: the reference/teacher (spp's KD loss); a frozen copy of ``model`` taken before
+    pruning when omitted and the pruner may use it.
+    ``device``: where to prune (default: where ``model``'s parameters are). ``input_shape``: one
+    input (C, H, W) for the MAC counts (default: the timm model's input size).
+    """
+    plugins = plugins or get_plugins()
+    pruner_cls = _pruner_class(pruner, plugins)
+    label = f"rmtp.prune({pruner_cls.name!r})"
+    validated = _validate(label, pruner_cls.Params, params, prefix="")
+    layer_filter = _layer_filter(label, layers)
+    architecture = _architecture(model, arch, plugins)
+    device = _device(model, device)
+    shape = tuple(input_shape) if input_shape is not None else model_input_size(model)
+    model.to(device).eval()
+    before = steps.model_stats(model, shape, device)
+    if dense is None:
+        dense = frozen_copy(model)
+    report = steps.prune_step(model, pruner_cls, validated, arch=architecture, layers=layer_filter, device=device,
+                              seed=seed, input_shape=shape, dense=dense, calibration=calibration, progress=progress)
+    report.baseline = before
+    return report
+
+
+def finetune(model: nn.Module, data: DataLike, /, *, teacher: nn.Module | None = None,
+             device: str | torch.device | None = None, penalize: Sequence[str] = (),
+             progress: Progress = NULL_PROGRESS, **config: Any) -> StepReport:
+    """Fine-tune ``model`` in place on ``data`` (a :class:`~rmtp.data.DataBundle`, or a recipe's
+    ``data:`` section as a mapping, built for ``model``); ``**config`` are a recipe's ``finetune:``
+    keys (``epochs``, ``lr``, ``distill``, ...). ``distill`` needs ``teacher`` (the dense model).
+    Exact zeros of masked layers (n:m, magnitude) stay zero."""
+    from rmtp.training import TrainConfig
+
+    train_config = _validate("rmtp.finetune", TrainConfig, config, prefix="")
+    device = _device(model, device)
+    bundle = _bundle("rmtp.finetune", data, model)
+    shape = tuple(bundle.val[0][0].shape)
+    return steps.finetune_step(model, bundle, train_config, device=device, input_shape=shape, teacher=teacher,
+                               penalize=penalize, progress=progress)
+
+
+def evaluate(model: nn.Module, data: DataLike | DataLoader, /, *, dense: nn.Module | None = None,
+             device: str | torch.device | None = None, progress: Progress = NULL_PROGRESS,
+             **settings: Any) -> StepReport:
+    """Top-1, params and MACs of ``model`` on ``data``'s val split (or on a DataLoader of (images,
+    labels)); ``latency=True`` (with ``dense``) also times it against the dense model in interleaved
+    rounds (``latency_batch``, ``latency_rounds``, ``latency_threads``, as in a recipe)."""
+    from rmtp.recipe import EvaluateParams
+
+    params = _validate("rmtp.evaluate", EvaluateParams, settings, prefix="")
+    device = _device(model, device)
+    loader = data if isinstance(data, DataLoader) else _bundle("rmtp.evaluate", data, model).loader("val")
+    shape = tuple(loader.dataset[0][0].shape)
+    dense_top1 = None
+    if dense is not None:
+        dense_top1 = steps.top1_with_progress(dense, loader, device, progress, "evaluating dense model")
+    return steps.evaluate_step(model.to(device), loader, params, device=device, input_shape=shape, dense=dense,
+                               dense_top1=dense_top1, progress=progress)
+
+
+def build_data(spec: DataSpec | Mapping[str, Any], model: nn.Module) -> DataBundle:
+    """The train/val/calibration splits of a recipe's ``data:`` section (a mapping such as
+    ``{"name": "imagefolder", "root": "imagenet"}``, or a :class:`~rmtp.data.DataSpec`), shaped
+    for ``model``: what a recipe run would use. ``bundle.loader("calibration")`` feeds pruners."""
+    return _bundle("rmtp.build_data", spec, model)
+
+
+def frozen_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` in eval mode with gradients off: the dense reference and teacher."""
+    return copy.deepcopy(model).eval().requires_grad_(False)
+
+
+def infer_architecture(model: nn.Module, plugins: Plugins | None = None) -> Architecture:
+    """The architecture plugin for a model in hand: by the timm name it was built as
+    (``model.pretrained_cfg["architecture"]``), checked against the model's structure."""
+    plugins = plugins or get_plugins()
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    name = cfg.get("architecture") if isinstance(cfg, Mapping) else None
+    if not name:
+        raise PluginError(f"cannot tell which architecture a {type(model).__qualname__} is (it carries no timm "
+                          f"pretrained_cfg); pass arch= ({plugins.architectures.known_hint('')})")
+    architecture = plugins.architecture_for(name)
+    check = getattr(architecture, "check_structure", None)
+    if check is not None:
+        check(model, name)
+    return architecture
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _pruner_class(pruner: str | type[Pruner], plugins: Plugins) -> type[Pruner]:
+    if isinstance(pruner, type) and issubclass(pruner, Pruner):
+        return pruner
+    if not isinstance(pruner, str):
+        raise PluginError(f"rmtp.prune: pruner must be a registered name or a Pruner class, got {type(pruner).__name__}")
+    return plugins.pruners.get(pruner)
+
+
+def _architecture(model: nn.Module, arch: str | Architecture | None, plugins: Plugins) -> Architecture:
+    if isinstance(arch, Architecture):
+        return arch
+    if isinstance(arch, str):
+        return plugins.architecture(arch)
+    return infer_architecture(model, plugins)
+
+
+def _validate(label: str, model_cls: type[BaseModel], values: Mapping[str, Any], prefix: str) -> Any:
+    from rmtp.recipe import format_errors
+
+    try:
+        return model_cls.model_validate(dict(values))
+    except ValidationError as exc:
+        raise RecipeError(format_errors(label, exc, model_cls, prefix=prefix)) from None
+
+
+def _layer_filter(label: str, layers: Any) -> LayerFilter | None:
+    if layers is None or isinstance(layers, LayerFilter):
+        return layers
+    raw = [layers] if isinstance(layers, str) else layers
+    raw = dict(raw) if isinstance(raw, Mapping) else list(raw)
+    layer_filter = _validate(label, LayerFilter, {"include": raw} if isinstance(raw, list) else raw, prefix="layers")
+    problems = layer_filter.problems()
+    if problems:
+        raise RecipeError([f"{label}: layers.{p}" for p in problems])
+    return layer_filter
+
+
+def _device(model: nn.Module, device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        from rmtp.device import resolve_device
+
+        return resolve_device(device, option="device=")
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
+
+
+def _bundle(label: str, data: DataLike, model: nn.Module) -> DataBundle:
+    from rmtp.data import build_data as build_splits
+
+    if isinstance(data, DataBundle):
+        return data
+    if not isinstance(data, (DataSpec, Mapping)):
+        raise RecipeError([f"{label}: data must be a DataBundle (rmtp.build_data), a recipe's data: section as a "
+                           f"mapping, or (evaluate only) a DataLoader; got {type(data).__name__}"])
+    spec = data if isinstance(data, DataSpec) else _validate(label, DataSpec, data, prefix="data")
+    return build_splits(spec, model)

@@ -1,0 +1,129 @@
+"""One prune, finetune or evaluate step on a model in hand: what a recipe step and the library calls
+:func:`rmtp.prune`, :func:`rmtp.finetune` and :func:`rmtp.evaluate` both run.
+
+The recipe pipeline (:mod:`rmtp.pipeline`) and the in-memory API (:mod:`rmtp.api`) differ only in
+where their inputs come from (a validated recipe; a user's model, loaders and keyword arguments).
+The work itself, and the :class:`~rmtp.report.StepReport` it yields, is here once, so the two
+paths cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from rmtp import measure
+from rmtp.architecture import Architecture
+from rmtp.errors import RmtpError
+from rmtp.layers import LayerFilter, select_layers
+from rmtp.progress import NULL_PROGRESS, Progress
+from rmtp.pruner import PruneContext, Pruner, PrunerParams, StepOutput
+from rmtp.report import ModelStats, StepReport
+
+if TYPE_CHECKING:
+    from rmtp.data import DataBundle
+    from rmtp.recipe import EvaluateParams
+    from rmtp.training import TrainConfig
+
+
+def model_stats(model: nn.Module, input_shape: tuple[int, ...], device: torch.device,
+                top1: float | None = None) -> ModelStats:
+    """Params, nonzeros and MACs (attention included) of ``model`` for one input of ``input_shape``."""
+    summary = measure.model_summary(model, input_shape, device=device)
+    return ModelStats(params=summary["params"], nonzeros=summary["nonzeros"], macs=summary["macs"],
+                      attention_macs=summary["attention_macs"], top1=top1)
+
+
+def prune_step(model: nn.Module, pruner_cls: type[Pruner], params: PrunerParams, *, arch: Architecture,
+               layers: LayerFilter | None, device: torch.device, seed: int, input_shape: tuple[int, ...],
+               dense: nn.Module | None = None, calibration: DataLoader | None = None,
+               progress: Progress = NULL_PROGRESS, output: StepOutput | None = None,
+               preview_images: Callable[[int], torch.Tensor] | None = None, index: int = 0,
+               label: str | None = None) -> StepReport:
+    """Apply one pruner to ``model`` (in place) and report what it did.
+
+    ``layers`` filters the pruner's candidate layers (``None``: every non-optional one). A pruner
+    whose :meth:`~rmtp.pruner.Pruner.calibration_needed` is true and gets no ``calibration`` is
+    refused before it starts, naming what to pass.
+    """
+    name = label or pruner_cls.name
+    if pruner_cls.calibration_needed() and calibration is None:
+        raise RmtpError(f"{pruner_cls.name} needs calibration data (a DataLoader of (images, labels) from the "
+                        f"train split, e.g. calibration=bundle.loader('calibration')), and none was given")
+    selected = select_layers(pruner_cls.candidate_layers(arch, model), layers)
+    ctx = PruneContext(model=model, arch=arch, layers=selected, device=device, seed=seed, dense_model=dense,
+                       calibration=calibration if pruner_cls.calibration_needed() else None, progress=progress,
+                       output=output, preview_images=preview_images)
+    rows = pruner_cls().prune(ctx, params)
+    model.eval()
+    notes = [] if selected or rows else ["the step's layer filter selected no layers; nothing was pruned"]
+    return StepReport(index=index, kind="prune", name=name, rows=rows,
+                      stats=model_stats(model, input_shape, device), seconds=0.0, notes=notes)
+
+
+def finetune_step(model: nn.Module, data: DataBundle, config: TrainConfig, *, device: torch.device,
+                  input_shape: tuple[int, ...], teacher: nn.Module | None = None, penalize: Sequence[str] = (),
+                  progress: Progress = NULL_PROGRESS, index: int = 0, label: str = "finetune") -> StepReport:
+    """Fine-tune ``model`` in place (distilling from ``teacher`` when ``config.distill`` is set); the
+    exact zeros of masked layers stay zero, ``penalize`` names the layers elastic-net acts on."""
+    from rmtp.training import train
+
+    if config.distill is not None and teacher is None:
+        raise RmtpError("finetune: distill is set but no teacher was given (pass the dense model as teacher)")
+    history: list[dict] = []
+    with progress.task(f"fine-tuning ({config.epochs} epochs)", total=config.epochs) as advance:
+        def on_epoch(stats) -> None:  # noqa: ANN001 - EpochStats
+            history.append(stats.__dict__.copy())
+            advance(loss=f"{stats.train_loss:.3f}", top1=f"{stats.val_top1:.2f}")
+
+        result = train(model, data, config, device=device, teacher=teacher if config.distill is not None else None,
+                       keep_zeros=masked_layers(model), penalize=list(penalize), on_epoch=on_epoch)
+    model.eval()
+    return StepReport(index=index, kind="finetune", name=label, rows=[],
+                      stats=model_stats(model, input_shape, device, result.final_val_top1), seconds=0.0,
+                      history=history)
+
+
+def masked_layers(model: nn.Module) -> list[str]:
+    """Linear/Conv layers whose weight has exact zeros: their zero pattern is a mask to keep fixed.
+
+    Derived from the weights rather than remembered from earlier steps, so it also holds for a
+    model loaded from a saved folder, and for the factors of split layers. Norm weights are not
+    masks (timm zero-initialises some BatchNorm scales) and are left free.
+    """
+    return [name for name, module in model.named_modules()
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) and bool((module.weight == 0).any())]
+
+
+def top1_with_progress(model: nn.Module, loader: DataLoader, device: torch.device, progress: Progress,
+                       description: str) -> float:
+    """Top-1 (percent) of ``model`` on ``loader``, one progress tick per batch."""
+    with progress.task(description, total=len(loader)) as advance:
+        return measure.top1(model, loader, device=device, progress=lambda done, total: advance())
+
+
+def evaluate_step(model: nn.Module, loader: DataLoader, settings: EvaluateParams, *, device: torch.device,
+                  input_shape: tuple[int, ...], dense: nn.Module | None = None, dense_top1: float | None = None,
+                  progress: Progress = NULL_PROGRESS, index: int = 0, label: str = "evaluate") -> StepReport:
+    """Top-1 on ``loader``, params, MACs, and (``settings.latency``) the speed-up over ``dense``,
+    timed in interleaved rounds as ``rmtp bench`` times."""
+    top1 = top1_with_progress(model, loader, device, progress, "evaluating")
+    stats = model_stats(model, input_shape, device, top1)
+    notes = []
+    if dense_top1 is not None:
+        notes.append(f"top-1 {top1:.2f}% vs dense {dense_top1:.2f}% ({top1 - dense_top1:+.2f} points)")
+    if settings.latency:
+        if dense is None:
+            raise RmtpError("evaluate: latency compares against the dense model, and none was given (pass dense=)")
+        with progress.task("timing dense vs pruned", total=settings.latency_rounds) as advance:
+            timing = measure.paired_speedup(dense, model, input_shape, batch=settings.latency_batch, device=device,
+                                            rounds=settings.latency_rounds, threads=settings.latency_threads,
+                                            on_round=lambda done: advance())
+        stats.dense_latency_ms, stats.latency_ms = timing.dense_ms.median, timing.pruned_ms.median
+        stats.speedup = timing.to_dict()
+        notes.append(timing.describe())
+    return StepReport(index=index, kind="evaluate", name=label, rows=[], stats=stats, seconds=0.0, notes=notes)
