@@ -1,0 +1,53 @@
+"""``build_data``: the train/val/calibration splits a ``data:`` section describes, shaped for a model."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset, TensorDataset
+
+from rmtp.data.bundle import DataBundle, split_indices
+from rmtp.data.digits import DIGITS_CLASSES, digits_tensors
+from rmtp.data.fit import check_class_count, check_digits_size, model_input_size
+from rmtp.data.imagefolder import imagefolder_splits
+from rmtp.data.spec import DataSpec
+
+
+def data_input_size(spec: DataSpec, model: nn.Module) -> tuple[int, int, int]:
+    """(channels, height, width) of the images ``spec`` gives ``model``: the digits at ``img_size``
+    when set (a ResNet or ConvNeXt accepts any size, and its timm config says 224), else what the
+    model expects (:func:`model_input_size`, which imagefolder transforms follow too)."""
+    in_chans, height, width = model_input_size(model)
+    if spec.name == "digits" and spec.img_size is not None:
+        return in_chans, spec.img_size, spec.img_size
+    return in_chans, height, width
+
+
+def build_data(spec: DataSpec, model: nn.Module) -> DataBundle:
+    """Build the train/val/calibration splits ``spec`` describes, shaped for ``model``.
+
+    The splits depend on ``spec.split_seed`` only, never on a run's seed: a checkpoint trained on
+    one split (the reference model: split seed 0) must be evaluated on images it has not seen,
+    whatever seed a recipe fine-tunes with.
+
+    Data that cannot fit the model (class count vs the model's head, channels, a digits size the
+    model cannot take) is refused here, before any work, as a :class:`DataError`.
+    """
+    seed = spec.split_seed
+    in_chans, height, _ = model_input_size(model)
+    if spec.name == "digits":
+        check_digits_size(spec, model, in_chans)
+        check_class_count("data: digits", DIGITS_CLASSES, model)
+        images, labels = digits_tensors(spec.img_size or height, in_chans)
+        full: Dataset = TensorDataset(images, labels)
+        train_idx, val_idx = split_indices(len(labels), spec.val_fraction, seed)
+        train, val, num_classes = Subset(full, train_idx), Subset(full, val_idx), DIGITS_CLASSES
+    else:
+        train, val, num_classes = imagefolder_splits(spec, model, seed)
+    if spec.eval_limit is not None and len(val) > spec.eval_limit:
+        val = Subset(val, list(range(spec.eval_limit)))
+    n_cal = min(spec.calibration_size, len(train))
+    cal_idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed + 1))[:n_cal]
+    calibration = Subset(train, cal_idx.tolist())
+    return DataBundle(train=train, val=val, calibration=calibration, num_classes=num_classes,
+                      batch_size=spec.batch_size, num_workers=spec.num_workers)

@@ -1,0 +1,242 @@
+"""Image folders: class subfolders like torchvision's ``ImageFolder``, read in the model's channels.
+
+The layout is checked by folder names only (cheap on ImageNet); an image that cannot be decoded is
+only found when read, mid-run, and is then named (:class:`ImageReadError`), from a DataLoader worker too.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset, Subset
+
+from rmtp.data.bundle import split_indices
+from rmtp.data.fit import check_class_count, class_count_problem, model_input_size
+from rmtp.data.spec import DataSpec
+from rmtp.errors import DataError
+
+#: PIL mode an imagefolder image is converted to, by the model's input channels.
+IMAGE_MODES = {1: "L", 3: "RGB"}
+#: What PIL raises for a file it cannot identify or decode (UnidentifiedImageError and truncated
+#: files are OSErrors; bad PNG chunks are SyntaxErrors; bad headers struct/zlib errors).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error)
+
+
+class ImageReadError(DataError):
+    """An imagefolder file that cannot be decoded, named with its path.
+
+    Raised inside a DataLoader worker, torch re-raises it in the main process as
+    ``ImageReadError("Caught ImageReadError in DataLoader worker process 0. Original Traceback
+    ...")``; the constructor keeps only the original one-line message, so wherever the loader was
+    made (``DataBundle.loader``, the fine-tuning loop's own), the CLI prints one red line.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(_unwrap_worker_message(message, type(self)))
+
+
+def _unwrap_worker_message(message: str, cls: type) -> str:
+    """The original message inside a torch worker re-raise (the last ``module.Class: ...`` line)."""
+    marker = f"{cls.__module__}.{cls.__qualname__}: "
+    if message.startswith("Caught ") and marker in message:
+        return message.rsplit(marker, 1)[1].strip()
+    return message
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _entries(folder: Path) -> list[os.DirEntry]:
+    try:
+        return list(os.scandir(folder))
+    except OSError as exc:  # unreadable (permissions), vanished, not a folder
+        raise DataError(f"data.root: cannot list {folder}: {exc.strerror or exc}") from None
+
+
+def _class_folders(folder: Path) -> list[str]:
+    """The class subfolders of ``folder``, sorted; hidden ones (.ipynb_checkpoints, .git) are not
+    classes: torchvision would count them and shift every label."""
+    return sorted(e.name for e in _entries(folder) if e.is_dir() and not _hidden(e.name))
+
+
+def _require_classes(folder: Path) -> list[str]:
+    classes = _class_folders(folder)
+    if classes:
+        return classes
+    loose = [e.name for e in _entries(folder) if e.is_file() and _is_image_name(e.name)]
+    if loose:
+        raise DataError(f"data.root: {folder} holds images but no class subfolders; "
+                        f"put each class's images in its own subfolder ({folder}/<class>/{loose[0]})")
+    raise DataError(f"data.root: {folder} is empty or has no class subfolders with images")
+
+
+def _is_image_name(name: str) -> bool:
+    """An image by its extension, like torchvision's; hidden files are not (macOS copies leave
+    ``._name.png`` resource forks that no decoder reads)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return not _hidden(name) and name.lower().endswith(IMG_EXTENSIONS)
+
+
+def imagefolder_layout(root: Path) -> tuple[list[Path], list[str]]:
+    """(the folders to read: [train, val] or [root], the class names) of an imagefolder root.
+
+    Lists folders only, never images, so ``rmtp validate`` can afford it on ImageNet. Refuses a
+    root with only one of train/ and val/ (it would be read as one folder with a class called
+    "train"), and train/ and val/ with different class folders (labels would mean different things).
+    """
+    train, val = root / "train", root / "val"
+    if train.is_dir() and val.is_dir():
+        train_classes, val_classes = _require_classes(train), _require_classes(val)
+        if train_classes != val_classes:
+            raise DataError(f"data.root: {train} and {val} have different class folders "
+                            f"({_class_difference(train_classes, val_classes)})")
+        return [train, val], train_classes
+    if train.is_dir() or val.is_dir():
+        have, missing = ("train", "val") if train.is_dir() else ("val", "train")
+        raise DataError(f"data.root: {root} has {have}/ but no {missing}/; add {root / missing}, "
+                        f"or set data.root to {root / have} to split it by data.val_fraction")
+    return [root], _require_classes(root)
+
+
+def _class_difference(train: list[str], val: list[str]) -> str:
+    parts = []
+    for name, only in (("train/", sorted(set(train) - set(val))), ("val/", sorted(set(val) - set(train)))):
+        if only:
+            shown = ", ".join(only[:5]) + (f" and {len(only) - 5} more" if len(only) > 5 else "")
+            parts.append(f"only in {name}: {shown}")
+    return "; ".join(parts) or "same names, different order"
+
+
+def imagefolder_problems(root: Path, model_kwargs: dict[str, Any]) -> list[str]:
+    """What ``rmtp validate`` can tell cheaply about an imagefolder root and the model's kwargs:
+    the layout, ``num_classes`` vs the class folders, an ``in_chans`` images cannot be given in."""
+    problems = []
+    in_chans = model_kwargs.get("in_chans")
+    if isinstance(in_chans, int) and in_chans not in IMAGE_MODES:
+        problems.append(_channels_problem(root, in_chans))
+    try:
+        _, classes = imagefolder_layout(root)
+    except DataError as exc:
+        return [*problems, str(exc)]
+    num_classes = model_kwargs.get("num_classes")
+    if isinstance(num_classes, int) and not isinstance(num_classes, bool):
+        problem = class_count_problem(f"data.root: {root}", len(classes), num_classes)
+        problems.extend([problem] if problem else [])
+    return problems
+
+
+def _channels_problem(root: Path | None, in_chans: int) -> str:
+    return (f"data.root: {root}: imagefolder images are read as greyscale (1 channel) or RGB (3), "
+            f"but the model takes {in_chans} channels (model.kwargs.in_chans: {in_chans}); use 1 or 3")
+
+
+class _ImageLoader:
+    """Open, decode and convert one image to the model's mode; a file that cannot be decoded is an
+    :class:`ImageReadError` naming it, not PIL's traceback mid-run. A class, so workers can pickle it."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+
+    def __call__(self, path: str) -> Any:
+        from PIL import Image
+
+        try:
+            with open(path, "rb") as file:
+                return Image.open(file).convert(self.mode)
+        except (*_DECODE_ERRORS, Image.DecompressionBombError) as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            raise ImageReadError(f"data.root: cannot read image {path}: {reason}") from exc
+
+
+def _normalisation(config: dict[str, Any], in_chans: int) -> dict[str, Any]:
+    """timm's config with one mean/std value per input channel.
+
+    Pretrained configs give three (RGB) values; a greyscale model gets their plain average
+    (ImageNet: mean 0.449, std 0.226), a neutral choice since greyscale is a mix of the three.
+    """
+    mean, std = tuple(config["mean"]), tuple(config["std"])
+    if in_chans == 1 and len(mean) != 1:
+        mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
+    return {**config, "mean": mean, "std": std}
+
+
+def _image_mode(root: Path, in_chans: int) -> str:
+    if in_chans not in IMAGE_MODES:
+        raise DataError(_channels_problem(root, in_chans))
+    return IMAGE_MODES[in_chans]
+
+
+class ImageFiles(Dataset):
+    """(image, label) pairs of image files: torchvision's ImageFolder with the classes given rather
+    than scanned (so hidden folders stay out) and :class:`_ImageLoader` reading the files.
+
+    Same attributes as ImageFolder (``classes``, ``samples``, ``targets``).
+    """
+
+    def __init__(self, folder: Path, classes: list[str], transform: Any, loader: _ImageLoader) -> None:
+        from torchvision.datasets.folder import make_dataset
+
+        self.root = folder
+        self.classes = list(classes)
+        self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
+        self.samples = make_dataset(str(folder), self.class_to_idx, is_valid_file=_is_image_path, allow_empty=True)
+        self.targets = [target for _, target in self.samples]
+        self.transform, self.loader = transform, loader
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        path, target = self.samples[index]
+        return self.transform(self.loader(path)), target
+
+
+def _is_image_path(path: str) -> bool:
+    return _is_image_name(os.path.basename(path))
+
+
+def _read_folder(folder: Path, classes: list[str], transform: Any, loader: _ImageLoader) -> Dataset:
+    """The images of ``folder``'s ``classes``; a class folder without images is refused by name."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    dataset = ImageFiles(folder, classes, transform, loader)
+    empty = [classes[i] for i in sorted(set(range(len(classes))) - set(dataset.targets))]
+    if empty:
+        shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        raise DataError(f"data.root: {folder}: no images in class folder(s) {shown} "
+                        f"(looked for {', '.join(IMG_EXTENSIONS)})")
+    return dataset
+
+
+def imagefolder_splits(spec: DataSpec, model: nn.Module, seed: int) -> tuple[Dataset, Dataset, int]:
+    import timm.data
+
+    root = spec.root
+    if root is None or not root.is_dir():
+        raise DataError(f"data.root: {root} is not a folder (imagefolder needs class subfolders)")
+    input_size = model_input_size(model)
+    mode = _image_mode(root, input_size[0])
+    folders, classes = imagefolder_layout(root)
+    check_class_count(f"data.root: {root}", len(classes), model)
+    # The model's own input size wins over its pretrained config (a ViT built with img_size=384
+    # keeps a 224 pretrained_cfg).
+    config = _normalisation(timm.data.resolve_data_config({"input_size": input_size}, model=model), input_size[0])
+    transform = timm.data.create_transform(**config, is_training=False)
+    loader = _ImageLoader(mode)
+    if len(folders) == 2:
+        train, val = (_read_folder(folder, classes, transform, loader) for folder in folders)
+        return train, val, len(classes)
+    full = _read_folder(root, classes, transform, loader)
+    train_idx, val_idx = split_indices(len(full), spec.val_fraction, seed)
+    if not train_idx:
+        raise DataError(f"data.root: {root} has only {len(full)} image(s): too few to split into train "
+                        f"and val by data.val_fraction {spec.val_fraction}")
+    return Subset(full, train_idx), Subset(full, val_idx), len(classes)
