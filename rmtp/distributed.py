@@ -58,6 +58,12 @@ def process_group(device: torch.device) -> Iterator[None]:
         dist.destroy_process_group()
 
 
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if world_size() > 1:
+        dist.barrier()
+
+
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
     """Sum floats over ranks (identity in a single process)."""
     if world_size() == 1:

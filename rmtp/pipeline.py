@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import random
 import time
 from collections.abc import Callable
@@ -28,16 +29,18 @@ import numpy as np
 import torch
 from torch import nn
 
-from rmtp import distributed, saving, steps
+from rmtp import distributed, saving, sources, steps
 from rmtp.architecture import Architecture, ModelSpec
 from rmtp.data import DataBundle, build_data
 from rmtp.device import resolve_device
-from rmtp.errors import CheckpointError, PluginError
+from rmtp.errors import CheckpointError, PluginError, RmtpError
 from rmtp.plugins import Plugins, get_plugins
 from rmtp.progress import NULL_PROGRESS, Progress
 from rmtp.recipe import EvaluateStep, FinetuneStep, Recipe, ResolvedPrune, step_label
 from rmtp.report import ModelStats, RunReport, StepReport, environment
+from rmtp.resume import Checkpoint, Checkpointer, RunProgress, checkpoint_root, read_checkpoint, recipe_changes
 from rmtp.step_output import StagedOutput
+from rmtp.training import TrainState
 
 
 @dataclass
@@ -64,6 +67,7 @@ class _Run:
     dense_top1: float | None = None
     pruned_layers: set[str] = field(default_factory=set)  # what the finetune penalties act on
     extras: StagedOutput | None = None  # prune steps' extra artefacts (None: the run saves nothing)
+    checkpointer: Checkpointer | None = None  # None: the run writes no checkpoints
 
 
 def seed_everything(seed: int) -> None:
@@ -80,12 +84,16 @@ def build_model(recipe: Recipe, plugins: Plugins) -> tuple[nn.Module, ModelSpec,
         return loaded.model, loaded.spec, loaded.baseline or loaded.spec, plugins.architecture(loaded.arch)
     spec = ModelSpec(name=section.name, arch=section.arch, kwargs=dict(section.kwargs),
                      pretrained=section.pretrained, checkpoint=section.checkpoint)
-    arch = plugins.architecture_for(spec.name, spec.arch)
-    return arch.create(spec), spec, spec, arch
+    arch = sources.architecture_for(plugins, spec.name, spec.arch)
+    model = arch.create(spec)
+    # What the pruned model records: an hf-hub: name as its architecture and config kwargs, so the
+    # saved folder loads without the hub; the dense baseline keeps the name it came from.
+    name, kwargs = sources.resolved_name_and_kwargs(spec.name, spec.kwargs)
+    return model, dataclasses.replace(spec, name=name, kwargs=kwargs), spec, arch
 
 
 def run_recipe(recipe: Recipe, *, plugins: Plugins | None = None, progress: Progress = NULL_PROGRESS,
-               on_step: Callable[[StepReport], None] | None = None) -> RunResult:
+               on_step: Callable[[StepReport], None] | None = None, resume: bool = False) -> RunResult:
     """Run every step of ``recipe`` in order; save the result when the recipe has ``output``.
 
     ``plugins`` build the model (architectures, saved folders); by default those the recipe was
@@ -94,13 +102,18 @@ def run_recipe(recipe: Recipe, *, plugins: Plugins | None = None, progress: Prog
 
     Under ``torchrun`` every process runs the recipe (fine-tuning is data-parallel) and only rank 0
     reports progress, calls ``on_step`` and saves.
+
+    With an output folder (and ``output.checkpoints``) the run checkpoints beside it
+    (:mod:`rmtp.resume`); ``resume=True`` continues a killed run from its last checkpoint: finished
+    steps are not redone (their reports are restored and passed to ``on_step`` again), a fine-tune
+    continues mid-epoch, and the result is the one an uninterrupted run gives.
     """
     if plugins is None:
         plugins = recipe.plugins if recipe.plugins is not None else get_plugins()
     device = distributed.local_device(resolve_device(recipe.device, option="device:"))
     with distributed.process_group(device), _hold_output(recipe):
         return _run(recipe, plugins, device, progress if distributed.is_main_process() else NULL_PROGRESS,
-                    on_step if distributed.is_main_process() else None)
+                    on_step if distributed.is_main_process() else None, resume)
 
 
 def _hold_output(recipe: Recipe) -> contextlib.AbstractContextManager:
@@ -112,8 +125,9 @@ def _hold_output(recipe: Recipe) -> contextlib.AbstractContextManager:
 
 
 def _run(recipe: Recipe, plugins: Plugins, device: torch.device, progress: Progress,
-         on_step: Callable[[StepReport], None] | None) -> RunResult:
+         on_step: Callable[[StepReport], None] | None, resume: bool) -> RunResult:
     started = time.perf_counter()
+    checkpoint = _checkpoint_to_resume(recipe) if resume else None
     seed_everything(recipe.seed)
     try:
         model, spec, baseline, arch = build_model(recipe, plugins)
@@ -123,36 +137,76 @@ def _run(recipe: Recipe, plugins: Plugins, device: torch.device, progress: Progr
     data = build_data(recipe.data, model)
     input_shape = tuple(data.val[0][0].shape)  # per sample, no batch dimension
     dense = copy.deepcopy(model).eval().requires_grad_(False)
+    if checkpoint is not None:  # the pruned structure and weights as they were, not pruned again
+        model = saving.load(checkpoint.model_dir, plugins=plugins).model.to(device).eval()
     run = _Run(recipe, plugins, arch, model, dense, data, device, input_shape, progress)
+    if recipe.output is not None and recipe.output.checkpoints:
+        run.checkpointer = Checkpointer(recipe.output.dir, spec=spec, arch=arch, baseline=baseline,
+                                        recipe=recipe.to_dict())
     if recipe.output is not None and distributed.is_main_process():
-        run.extras = StagedOutput(recipe.output.dir, spec=spec, arch=arch, baseline=baseline, recipe=recipe)
+        staging = run.checkpointer.staging if run.checkpointer is not None else None
+        run.extras = StagedOutput(recipe.output.dir, spec=spec, arch=arch, baseline=baseline, recipe=recipe,
+                                  staging=staging, kept=checkpoint.progress.extras if checkpoint else None)
+    failed = True
     try:
-        return _run_steps(run, recipe, spec, baseline, started, on_step)
+        result = _run_steps(run, recipe, spec, baseline, started, on_step, checkpoint)
+        failed = False
+        return result
     finally:
-        if run.extras is not None:
-            run.extras.discard()
+        resumable = failed and run.checkpointer is not None and run.checkpointer.generation > 0
+        if run.extras is not None and not resumable:
+            run.extras.discard()  # a failed run with a checkpoint keeps its staged extras for --resume
+        if run.checkpointer is not None and not resumable:
+            run.checkpointer.remove()  # done, or failed before its first checkpoint
+
+
+def _checkpoint_to_resume(recipe: Recipe) -> Checkpoint:
+    """The run's last checkpoint, refused in one line when there is none or the recipe changed."""
+    if recipe.output is None:
+        raise RmtpError("--resume: the recipe has no output.dir, so its runs write no checkpoint to resume from")
+    checkpoint = read_checkpoint(recipe.output.dir)
+    if checkpoint is None:
+        raise RmtpError(f"--resume: no checkpoint of {recipe.output.dir} to resume (none at "
+                        f"{checkpoint_root(recipe.output.dir)}: the run finished, or never checkpointed); "
+                        f"run without --resume to start")
+    changes = recipe_changes(checkpoint.recipe, recipe.to_dict())
+    if changes:
+        raise RmtpError(f"--resume: the recipe changed since the checkpoint ({'; '.join(changes)}); restore it, "
+                        f"or run without --resume to start over")
+    return checkpoint
 
 
 def _run_steps(run: _Run, recipe: Recipe, spec: ModelSpec, baseline: ModelSpec, started: float,
-               on_step: Callable[[StepReport], None] | None) -> RunResult:
+               on_step: Callable[[StepReport], None] | None, checkpoint: Checkpoint | None) -> RunResult:
     arch, dense, device = run.arch, run.dense, run.device
-
-    if any(isinstance(step, (EvaluateStep, FinetuneStep)) for step in recipe.steps):
+    done = checkpoint.progress if checkpoint is not None else RunProgress(next_step=0)
+    run.pruned_layers = set(done.pruned_layers)
+    if checkpoint is not None:
+        run.dense_top1 = done.dense_top1
+    elif any(isinstance(step, (EvaluateStep, FinetuneStep)) for step in recipe.steps):
         run.dense_top1 = _top1(run, dense, "evaluating dense model")
     report = RunReport(recipe=str(recipe.path) if recipe.path else None, model=spec.name, arch=arch.name,
                        seed=recipe.seed, device=str(device), dense=_stats(run, dense, run.dense_top1),
                        environment=environment())
+    for finished in done.reports:
+        report.steps.append(StepReport.from_dict(finished))
+        if on_step is not None:
+            on_step(report.steps[-1])
     for index, step in enumerate(recipe.plan):
+        if index < done.next_step:
+            continue
         step_started = time.perf_counter()
         seed_everything(recipe.seed + index)
         if isinstance(step, ResolvedPrune):
             step_report = _prune(run, index, step)
         elif isinstance(step, FinetuneStep):
-            step_report = _finetune(run, index, step)
+            step_report = _finetune(run, index, step, report, done.train if index == done.next_step else None)
         else:
             step_report = _evaluate(run, index, step)
         step_report.seconds = time.perf_counter() - step_started
         report.steps.append(step_report)
+        if run.checkpointer is not None and index < len(recipe.plan) - 1:
+            _checkpoint(run, report, index + 1, model_changed=not isinstance(step, EvaluateStep))
         if on_step is not None:
             on_step(step_report)
 
@@ -162,6 +216,14 @@ def _run_steps(run: _Run, recipe: Recipe, spec: ModelSpec, baseline: ModelSpec, 
         output_dir = _save_output(run, recipe, spec, baseline, report)
     report.seconds = time.perf_counter() - started
     return RunResult(model=run.model, dense_model=dense, report=report, output_dir=output_dir)
+
+
+def _checkpoint(run: _Run, report: RunReport, next_step: int, *, train: TrainState | None = None,
+                model_changed: bool = True) -> None:
+    run.checkpointer.write(run.model, RunProgress(
+        next_step=next_step, reports=[step.to_dict() for step in report.steps], pruned_layers=sorted(run.pruned_layers),
+        dense_top1=run.dense_top1, extras=list(run.extras.names) if run.extras is not None else [], train=train),
+        model_changed=model_changed)
 
 
 def _save_output(run: _Run, recipe: Recipe, spec: ModelSpec, baseline: ModelSpec, report: RunReport) -> Path:
@@ -232,13 +294,18 @@ def _first_images(dataset: torch.utils.data.Dataset, n: int, device: torch.devic
     return torch.stack([dataset[i][0] for i in range(count)]).to(device)
 
 
-def _finetune(run: _Run, index: int, step: FinetuneStep) -> StepReport:
+def _finetune(run: _Run, index: int, step: FinetuneStep, report: RunReport,
+              resume: TrainState | None) -> StepReport:
     config = step.finetune
     if config.seed is None:
         config = config.model_copy(update={"seed": run.recipe.seed + index})
+    on_checkpoint = None
+    if run.checkpointer is not None:
+        def on_checkpoint(state: TrainState) -> None:
+            _checkpoint(run, report, index, train=state)
     return steps.finetune_step(run.model, run.data, config, device=run.device, input_shape=run.input_shape,
                                teacher=run.dense, penalize=sorted(run.pruned_layers), progress=run.progress,
-                               index=index, label=step_label(step))
+                               index=index, label=step_label(step), resume=resume, on_checkpoint=on_checkpoint)
 
 
 def _evaluate(run: _Run, index: int, step: EvaluateStep) -> StepReport:

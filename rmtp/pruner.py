@@ -19,15 +19,17 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
-import torch
 from pydantic import BaseModel, ConfigDict
-from torch import nn
-from torch.utils.data import DataLoader
 
 from rmtp.architecture import Architecture, PrunableLayer
 from rmtp.progress import NULL_PROGRESS, Progress
+
+if TYPE_CHECKING:  # torch is imported where a pruner runs, so `rmtp list` and `validate` need none
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader
 
 PrunerKind = Literal["weight", "mask", "token"]
 
@@ -68,6 +70,13 @@ class LayerRow:
         out = asdict(self)
         out["sparsity"] = self.sparsity
         return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LayerRow:
+        """Inverse of :meth:`to_dict` (a checkpoint's reports are read back with it)."""
+        fields = {k: v for k, v in data.items() if k != "sparsity"}
+        fields["shape_before"], fields["shape_after"] = tuple(fields["shape_before"]), tuple(fields["shape_after"])
+        return cls(**fields)
 
 
 class StepOutput(Protocol):
@@ -166,6 +175,8 @@ def weight_footprint(module: nn.Module) -> tuple[tuple[int, ...], int, int]:
     For a replaced layer (e.g. a low-rank pair) the shape is that of its effective weight when
     the module exposes ``effective_shape``, so before/after shapes read the same way.
     """
+    import torch
+
     params = list(module.parameters())
     n_params = sum(p.numel() for p in params)
     nonzeros = sum(int(torch.count_nonzero(p)) for p in params)

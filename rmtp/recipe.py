@@ -3,7 +3,9 @@
 A recipe is validated completely before any model is built: structure (pydantic models with
 unknown keys forbidden), every pruner name against the registry, every pruner's params against
 that pruner's own schema, file paths, layer-filter patterns, the output folder. Every problem is
-reported as ``file: key.path: message (got value)``, all at once.
+reported as ``file: key.path: message (got value)``, all at once; the checks that need timm (the
+model name, its architecture plugin, an imagefolder's fit to the model) run once the rest is clean,
+so that a typo is answered without waiting seconds for torch.
 
 What validation resolved travels with the :class:`Recipe`: the plugins it was checked against and,
 for every prune step, a :class:`ResolvedPrune` (the pruner class and its validated params), so a
@@ -20,13 +22,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from rmtp.architecture import timm_name_hint
 from rmtp.atomic import check_writable
-from rmtp.data import DataSpec, imagefolder_problems
-from rmtp.errors import PluginError, RecipeError, RmtpError, short_repr
+from rmtp.data.spec import DataSpec
+from rmtp.errors import CheckpointError, PluginError, RecipeError, RmtpError, short_repr
 from rmtp.layers import LayerFilter
 from rmtp.plugins import Plugins, get_plugins
 from rmtp.pruner import Pruner, PrunerParams
 from rmtp.safe_yaml import read_yaml_file
-from rmtp.training import TrainConfig
+from rmtp.training.config import TrainConfig
 
 
 class _Strict(BaseModel):
@@ -36,11 +38,15 @@ class _Strict(BaseModel):
 class ModelSection(_Strict):
     """``model:``: a timm model by name, built by an architecture plugin."""
 
-    name: str = Field(description="timm model name, e.g. vit_base_patch16_224")
+    name: str | None = Field(None, description="timm model name: vit_base_patch16_224, NAME.tag, timm/NAME.tag or "
+                                               "hf-hub:org/name; optional when checkpoint is a folder in timm's hub "
+                                               "layout (config.json) or an rmtp output folder")
     arch: str | None = Field(None, description="architecture plugin; inferred from the name when omitted")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to timm.create_model (img_size, depth, num_classes, ...)")
     pretrained: bool = Field(False, description="load timm's pretrained weights (needs network access)")
-    checkpoint: Path | None = Field(None, description=".safetensors/.pth file, relative to the recipe")
+    checkpoint: Path | None = Field(None, description=".safetensors/.pth/.bin file, a folder in timm's hub layout "
+                                                      "(config.json + model.safetensors) or an rmtp output folder, "
+                                                      "relative to the recipe")
 
 
 class EvaluateParams(_Strict):
@@ -58,6 +64,9 @@ class OutputSection(_Strict):
     dir: Path = Field(description="output folder, relative to the recipe")
     overwrite: bool = Field(False, description="replace an existing folder (atomically)")
     save_model: bool = Field(True, description="write model.safetensors (off: report only)")
+    checkpoints: bool = Field(True, description="checkpoint beside the output (<dir>.checkpoint/) after each "
+                                                "step and during fine-tunes, so `rmtp prune --resume` can "
+                                                "continue a killed run; removed when the run completes")
 
 
 class PruneStep(_Strict):
@@ -226,30 +235,6 @@ def parse_recipe(raw: Any, *, source: Path | None = None, plugins: Plugins | Non
     if shape is None:
         raise RecipeError(problems)
 
-    model = shape.model
-    if model.checkpoint is not None:
-        model = model.model_copy(update={"checkpoint": (base / model.checkpoint).resolve()})
-        if not model.checkpoint.exists():
-            problems.append(f"{label}: model.checkpoint: {model.checkpoint} does not exist")
-    if model.arch is not None and model.arch not in plugins.architectures:
-        problems.append(f"{label}: model.arch: unknown architecture {model.arch!r}; {plugins.architectures.known_hint(model.arch)}")
-    else:
-        try:
-            plugins.architecture_for(model.name, model.arch)
-        except PluginError as exc:
-            problems.append(f"{label}: model.name: {exc}")
-    _check_timm_name(label, model.name, problems)
-
-    data = shape.data
-    if data.root is not None:
-        data = data.model_copy(update={"root": (base / data.root).resolve()})
-    if data.name == "imagefolder" and (data.root is None or not data.root.is_dir()):
-        problems.append(f"{label}: data.root: imagefolder needs an existing folder, got {data.root}")
-    elif data.name == "imagefolder":
-        # Folder names only (cheap on ImageNet); a saved rmtp folder brings its own kwargs.
-        kwargs = {} if model.checkpoint is not None and model.checkpoint.is_dir() else model.kwargs
-        problems.extend(f"{label}: {problem}" for problem in imagefolder_problems(data.root, kwargs))
-
     output = shape.output
     if output is not None:
         output = output.model_copy(update={"dir": (base / output.dir).resolve()})
@@ -260,8 +245,31 @@ def parse_recipe(raw: Any, *, source: Path | None = None, plugins: Plugins | Non
                 check_writable(output.dir, what="output.dir", is_dir=True)
             except RmtpError as exc:
                 problems.append(f"{label}: {exc}")
-    if problems:
+    if problems:  # what follows needs timm (and torch): seconds a typo above should not wait for
         raise RecipeError(problems)
+
+    model = _validate_model(label, base, shape.model, plugins, problems)
+
+    data = shape.data
+    if data.root is not None:
+        data = data.model_copy(update={"root": (base / data.root).resolve()})
+    if data.name == "imagefolder" and (data.root is None or not data.root.is_dir()):
+        problems.append(f"{label}: data.root: imagefolder needs an existing folder, got {data.root}")
+    elif data.name == "imagefolder":
+        from rmtp.data import imagefolder_problems
+
+        # Folder names only (cheap on ImageNet); a saved rmtp folder brings its own kwargs.
+        kwargs = {} if model.checkpoint is not None and model.checkpoint.is_dir() else model.kwargs
+        problems.extend(f"{label}: {problem}" for problem in imagefolder_problems(data.root, kwargs))
+
+    if shape.device == "cpu":  # the device is known: refuse now what it cannot run, not after the pruning
+        for index, step in enumerate(steps):
+            if isinstance(step, FinetuneStep) and step.finetune.precision == "fp16":
+                problems.append(f"{label}: steps[{index}].finetune.precision: fp16 needs a CUDA device (device: cpu); "
+                                f"on the CPU use bf16")
+
+    if problems:  # once each: an unknown model name is what the architecture and timm checks both say
+        raise RecipeError(list(dict.fromkeys(problems)))
     return Recipe(path=source, model=model, data=data, steps=steps, output=output, seed=shape.seed,
                   device=shape.device, resolved=resolved, plugins=plugins)
 
@@ -295,10 +303,81 @@ def _validate_pruner(label: str, where: str, step: PruneStep, plugins: Plugins,
     return ResolvedPrune(pruner_cls=pruner_cls, params=params, layers=step.layers, name=step.name)
 
 
-def _check_timm_name(label: str, name: str, problems: list[str]) -> None:
+def _validate_model(label: str, base: Path, model: ModelSection, plugins: Plugins,
+                    problems: list[str]) -> ModelSection:
+    """``model:`` with its checkpoint resolved against the recipe's folder and, for a folder in
+    timm's hub layout, the name, kwargs and weights file its config.json gives; problems appended."""
+    from rmtp import sources
+
+    if model.checkpoint is not None:
+        model = model.model_copy(update={"checkpoint": (base / model.checkpoint).resolve()})
+        if not model.checkpoint.exists():
+            problems.append(f"{label}: model.checkpoint: {model.checkpoint} does not exist")
+        else:
+            try:
+                model = _model_from_checkpoint(model)
+            except RmtpError as exc:
+                problems.append(f"{label}: {exc}")
+                return model
+    if model.name is None:
+        problems.append(f"{label}: model.name: required, unless model.checkpoint is a folder in timm's hub layout "
+                        f"(config.json beside model.safetensors) or an rmtp output folder")
+        return model
+    name = sources.normalise_name(model.name)
+    if name != model.name:
+        model = model.model_copy(update={"name": name})
+    try:
+        registry = sources.registry_name(name)  # an hf-hub: name's config.json (hub or local cache)
+    except RmtpError as exc:
+        problems.append(f"{label}: {exc}")
+        return model
+    if model.arch is not None and model.arch not in plugins.architectures:
+        problems.append(f"{label}: model.arch: unknown architecture {model.arch!r}; {plugins.architectures.known_hint(model.arch)}")
+    else:
+        try:
+            plugins.architecture_for(registry, model.arch)
+        except PluginError as exc:
+            problems.append(f"{label}: model.name: {exc}")
+    _check_timm_name(label, name, registry, problems)
+    return model
+
+
+def _model_from_checkpoint(model: ModelSection) -> ModelSection:
+    """An rmtp output folder fills a missing name from its record; a folder in timm's hub layout (or a
+    weights file with timm's config.json beside it, when no name is given) gives name and kwargs."""
+    from rmtp import saving, sources
+
+    checkpoint = model.checkpoint
+    assert checkpoint is not None
+    if saving.is_saved_model(checkpoint):
+        if model.name is not None:
+            return model
+        spec = saving.read_spec(checkpoint)
+        return model.model_copy(update={"name": spec.name, "arch": model.arch or spec.arch})
+    hub = sources.hub_folder(checkpoint) if checkpoint.is_dir() or model.name is None else None
+    if hub is None:
+        if checkpoint.is_dir():
+            raise CheckpointError(f"model.checkpoint: {checkpoint} is a folder, but not an rmtp output folder (no "
+                                  f"{saving.META_FILE}) nor in timm's hub layout (no {sources.CONFIG_FILE})")
+        return model
+    architecture = hub.config.architecture
+    if model.name is not None and sources.normalise_name(model.name).split(".")[0] != architecture.split(".")[0]:
+        raise CheckpointError(f"model.name: {model.name!r}, but {hub.config.source} says the weights are a "
+                              f"{architecture!r}; drop model.name (the config decides) or give the checkpoint file")
+    return model.model_copy(update={"name": architecture, "kwargs": {**hub.config.kwargs, **model.kwargs},
+                                    "checkpoint": hub.weights})
+
+
+def _check_timm_name(label: str, name: str, registry: str, problems: list[str]) -> None:
     import timm
 
-    if not timm.is_model(name.split(".")[0]):
+    if timm.is_model(registry.split(".")[0]):
+        return
+    if registry != name:  # an hf-hub: repo whose config names a model this timm lacks
+        from rmtp.sources import unknown_architecture
+
+        problems.append(f"{label}: {unknown_architecture(name, registry)}")
+    else:
         problems.append(f"{label}: model.name: timm has no model {name!r}{timm_name_hint(name)}")
 
 

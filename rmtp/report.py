@@ -60,6 +60,15 @@ class StepReport:
             out["baseline"] = self.baseline.to_dict()
         return out
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> StepReport:
+        """Inverse of :meth:`to_dict` (a checkpoint's finished steps are read back with it)."""
+        baseline = data.get("baseline")
+        return cls(index=data["index"], kind=data["kind"], name=data["name"],
+                   rows=[LayerRow.from_dict(row) for row in data["layers"]], stats=ModelStats(**data["stats"]),
+                   seconds=data["seconds"], notes=list(data["notes"]), history=list(data["history"]),
+                   baseline=ModelStats(**baseline) if baseline is not None else None)
+
     def __rich__(self) -> Any:
         """The step as ``rmtp prune`` draws it (table, notes, before → after), for ``rich.print``
         and notebooks."""

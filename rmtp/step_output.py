@@ -44,12 +44,21 @@ class StagedOutput:
     """
 
     def __init__(self, out_dir: Path, *, spec: ModelSpec, arch: Architecture, baseline: ModelSpec,
-                 recipe: Recipe) -> None:
+                 recipe: Recipe, staging: Path | None = None, kept: list[str] | None = None) -> None:
+        """``staging``: a fixed staging folder that outlives a killed run (the checkpoint's), instead
+        of a temporary one; ``kept``: the entries a resumed run's checkpoint recorded there, which
+        stay (anything else in it was written after that checkpoint and is dropped)."""
         self.out_dir, self.spec, self.arch, self.baseline, self.recipe = out_dir, spec, arch, baseline, recipe
-        self.names: list[str] = []
+        self.names: list[str] = list(kept or [])
         self.step = 0  # index of the step now running (the pipeline sets it)
+        self._fixed = staging
         self._staging: Path | None = None
         self._held = contextlib.ExitStack()  # the output folder's lock, from staging to discard
+        if staging is not None and staging.is_dir():
+            for entry in staging.iterdir():
+                if entry.name not in self.names:
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            self._staging = staging if self.names else None
 
     def free_name(self, name: str) -> str:
         """``name``, or ``step<k>-<name>`` when an earlier step of the run already used it."""
@@ -62,7 +71,11 @@ class StagedOutput:
             raise RmtpError(f"step output {name!r} was already written by an earlier step of this run")
         if self._staging is None:
             self._held.enter_context(saving.output_lock(self.out_dir))
-            self._staging = make_temp_dir(self.out_dir, "extras.partial")
+            if self._fixed is not None:
+                self._fixed.mkdir(parents=True, exist_ok=True)
+                self._staging = self._fixed
+            else:
+                self._staging = make_temp_dir(self.out_dir, "extras.partial")
         self.names.append(name)
         return self._staging / name
 

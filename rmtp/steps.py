@@ -27,7 +27,7 @@ from rmtp.report import ModelStats, StepReport
 if TYPE_CHECKING:
     from rmtp.data import DataBundle
     from rmtp.recipe import EvaluateParams
-    from rmtp.training import TrainConfig
+    from rmtp.training import TrainConfig, TrainState
 
 
 def model_stats(model: nn.Module, input_shape: tuple[int, ...], device: torch.device,
@@ -67,22 +67,35 @@ def prune_step(model: nn.Module, pruner_cls: type[Pruner], params: PrunerParams,
 
 def finetune_step(model: nn.Module, data: DataBundle, config: TrainConfig, *, device: torch.device,
                   input_shape: tuple[int, ...], teacher: nn.Module | None = None, penalize: Sequence[str] = (),
-                  progress: Progress = NULL_PROGRESS, index: int = 0, label: str = "finetune") -> StepReport:
+                  progress: Progress = NULL_PROGRESS, index: int = 0, label: str = "finetune",
+                  resume: TrainState | None = None,
+                  on_checkpoint: Callable[[TrainState], None] | None = None) -> StepReport:
     """Fine-tune ``model`` in place (distilling from ``teacher`` when ``config.distill`` is set); the
-    exact zeros of masked layers stay zero, ``penalize`` names the layers elastic-net acts on."""
+    exact zeros of masked layers stay zero, ``penalize`` names the layers elastic-net acts on.
+
+    The progress bar advances per optimizer step, showing the epoch, loss, lr, images/s and the
+    epoch's ETA (the bar's own ETA covers the whole fine-tune). ``resume`` / ``on_checkpoint``
+    are :func:`rmtp.training.train`'s: continue from a checkpoint, and receive new ones.
+    """
     from rmtp.training import train
 
     if config.distill is not None and teacher is None:
         raise RmtpError("finetune: distill is set but no teacher was given (pass the dense model as teacher)")
     history: list[dict] = []
-    with progress.task(f"fine-tuning ({config.epochs} epochs)", total=config.epochs) as advance:
+    keep_zeros = masked_layers(model) if resume is None else list(resume.mask_layers)  # as they began
+    with progress.task(f"fine-tuning ({config.epochs} epochs)") as advance:
+        def on_batch(step) -> None:  # noqa: ANN001 - BatchProgress
+            advance(epoch=f"{step.epoch}/{step.epochs}", loss=f"{step.loss:.3f}", lr=f"{step.lr:.2e}",
+                    **{"img/s": f"{step.images_per_second:.0f}", "epoch ETA": f"{step.eta_seconds:.0f}s"})
+
         def on_epoch(stats) -> None:  # noqa: ANN001 - EpochStats
             history.append(stats.__dict__.copy())
-            advance(loss=f"{stats.train_loss:.3f}", top1=f"{stats.val_top1:.2f}")
 
         result = train(model, data, config, device=device, teacher=teacher if config.distill is not None else None,
-                       keep_zeros=masked_layers(model), penalize=list(penalize), on_epoch=on_epoch)
+                       keep_zeros=keep_zeros, penalize=list(penalize), on_epoch=on_epoch, on_batch=on_batch,
+                       resume=resume, on_checkpoint=on_checkpoint)
     model.eval()
+    history = [stats.__dict__.copy() for stats in result.history]
     return StepReport(index=index, kind="finetune", name=label, rows=[],
                       stats=model_stats(model, input_shape, device, result.final_val_top1), seconds=0.0,
                       history=history)

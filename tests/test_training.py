@@ -42,7 +42,7 @@ def test_tiny_vit_learns_digits(bundle):
     seen: list[EpochStats] = []
     batches: list[tuple[int, int]] = []
     result = train(model, bundle, TrainConfig(epochs=2, seed=0, **FAST), device="cpu",
-                   on_epoch=seen.append, on_batch=lambda i, n: batches.append((i, n)))
+                   on_epoch=seen.append, on_batch=lambda p: batches.append((p.step, p.steps)))
     assert [s.epoch for s in seen] == [1, 2] and result.history == seen
     assert result.final_val_top1 == seen[-1].val_top1
     assert seen[1].train_loss < seen[0].train_loss

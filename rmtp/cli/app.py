@@ -45,6 +45,9 @@ def prune(
     recipe: RecipeArg,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the summary, not the per-layer tables.")] = False,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue a killed run of this recipe from its last "
+                                         "checkpoint (<output.dir>.checkpoint/): finished steps are not redone, "
+                                         "a fine-tune continues mid-epoch. Refused if the recipe changed.")] = False,
 ) -> None:
     """Run a recipe: build the model, apply its steps in order, print reports, save the result."""
     from rmtp.distributed import is_main_process
@@ -58,7 +61,7 @@ def prune(
         loaded = load_recipe(recipe)
     started = time.time()
     with user_errors(interrupted=lambda: _kept_after_interrupt(loaded, started)):
-        result = run_recipe(loaded, progress=RichProgress(), on_step=None if quiet else render_step)
+        result = run_recipe(loaded, progress=RichProgress(), on_step=None if quiet else render_step, resume=resume)
     if not is_main_process():  # under torchrun only rank 0 reports
         return
     render_report(result.report)
@@ -80,20 +83,24 @@ def _kept_after_interrupt(recipe: Recipe, started: float) -> str:
             return f"interrupted after the result was saved: {folder} holds the complete new output"
     except OSError:
         pass
+    from rmtp.resume import checkpoint_root
+
     before = f"{folder} is as it was before the run" if folder.exists() else f"{folder} was not created"
-    return f"interrupted: the run's result was not saved; {before}"
+    again = ""
+    if (checkpoint_root(folder) / "latest.json").is_file():
+        again = f"; `rmtp prune {recipe.path or 'RECIPE'} --resume` continues from the last checkpoint"
+    return f"interrupted: the run's result was not saved; {before}{again}"
 
 
 def validate(recipe: RecipeArg) -> None:
     """Check a recipe completely (structure, plugin names, params, paths) without running it."""
     from rmtp.recipe import load_recipe, step_label
-    from rmtp.render import stdout
-
-    from rmtp.preflight import preflight
-    from rmtp.render import stderr
+    from rmtp.render import stderr, stdout
 
     with user_errors():
-        loaded = load_recipe(recipe)
+        loaded = load_recipe(recipe)  # a bad recipe is answered before torch is imported
+        from rmtp.preflight import preflight
+
         checked = preflight(loaded)  # the model's structure, built on the meta device (no weights)
     for warning in checked.warnings:
         stderr.print(f"[yellow]warning:[/] {escape(warning)}")
@@ -110,10 +117,28 @@ def list_plugins() -> None:
         stdout.print(plugins_table(get_plugins()))
 
 
+def _show_flags_as_flags() -> None:
+    """Typer's rich help prints a value type beside every option, flags included (``--quiet
+    <bool>``, ``--help <bool>``), although a flag takes no value: print none for flags (and
+    counters). A no-op on a Typer without ``TyperOption.display_type_rich``, and when done."""
+    from typer.core import TyperOption
+
+    display = getattr(TyperOption, "display_type_rich", None)
+    if display is None or getattr(display, "rmtp_flags", False):
+        return
+
+    def display_type_rich(self: TyperOption, ctx: typer.Context) -> str | None:
+        return None if self.is_flag or self.count else display(self, ctx)
+
+    display_type_rich.rmtp_flags = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
+
+
 def build_app(plugins: Plugins | None = None) -> typer.Typer:
     """The ``rmtp`` Typer app: built-in commands, then the commands plugins add (``register_commands``)."""
     from rmtp.plugins import get_plugins
 
+    _show_flags_as_flags()
     app = typer.Typer(
         name="rmtp",
         help="Make timm vision models (ViT, ConvNeXt, ResNet) smaller and faster, guided by random matrix theory.",

@@ -1,0 +1,97 @@
+"""What a fine-tune (or a reference model's training) is told to do: the ``finetune:`` step's keys.
+
+Validated with pydantic before any model is built, like every part of a recipe; the device-bound
+checks (fp16 needs CUDA) run again where the device is known (:func:`rmtp.training.train`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+#: Largest shift, in pixels, of the ``augment`` random translation.
+AUGMENT_SHIFT = 2
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+class MixupConfig(BaseModel):
+    """``finetune.mixup``: timm's :class:`timm.data.Mixup` on each train batch (soft targets,
+    label smoothing folded in). Needs even batches: the train loader drops a ragged last one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mixup_alpha: float = Field(0.8, ge=0.0, le=100.0, description="Beta(α, α) of mixup (0: off)")
+    cutmix_alpha: float = Field(0.0, ge=0.0, le=100.0, description="Beta(α, α) of cutmix (0: off)")
+    prob: float = Field(1.0, ge=0.0, le=1.0, description="chance a batch is mixed at all")
+    switch_prob: float = Field(0.5, ge=0.0, le=1.0, description="with both on: chance of cutmix instead of mixup")
+    mode: Literal["batch", "pair", "elem"] = Field("batch", description="one mix per batch, pair or element")
+
+    @model_validator(mode="after")
+    def _something_mixes(self) -> MixupConfig:
+        if self.mixup_alpha == 0.0 and self.cutmix_alpha == 0.0:
+            raise ValueError("mixup: set mixup_alpha or cutmix_alpha above 0 (or drop mixup)")
+        return self
+
+
+class DistillConfig(BaseModel):
+    """Knowledge distillation from a teacher (the dense model, when fine-tuning a pruned one)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    weight: float = Field(1.0, ge=0.0, le=1.0,
+                          description="share of the KD loss in the total: (1-w)*CE + w*KD")
+    temperature: float = Field(2.0, gt=0.0, le=100.0,
+                               description="softmax temperature of both teacher and student logits")
+
+
+class TrainConfig(BaseModel):
+    """How to train or fine-tune: the ``finetune`` step's params and the reference model's settings."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    epochs: int = Field(1, ge=1, le=10_000, description="passes over the train split")
+    lr: float = Field(1e-4, gt=0.0, le=10.0, description="peak learning rate (after warm-up)")
+    weight_decay: float = Field(0.05, ge=0.0, le=10.0,
+                                description="AdamW decoupled weight decay (never on norms, biases, "
+                                            "pos_embed, cls_token)")
+    batch_size: int | None = Field(None, ge=1, le=65_536,
+                                   description="train batch size (default: the data's batch size)")
+    warmup_epochs: float = Field(0.0, ge=0.0, le=10_000,
+                                 description="linear warm-up length in epochs (fractions allowed)")
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0,
+                                description="floor of the cosine decay, as a share of lr")
+    grad_clip: float | None = Field(1.0, gt=0.0,
+                                    description="clip the global gradient norm to this (None: no clipping)")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0,
+                                   description="label smoothing of the cross-entropy term")
+    distill: DistillConfig | None = Field(None,
+                                          description="distil from a teacher (needs a teacher model)")
+    l1: float = Field(0.0, ge=0.0, le=1.0,
+                      description="elastic-net L1 penalty λ₁·Σ|w| on the pruned layers' weights")
+    l2: float = Field(0.0, ge=0.0, le=1.0,
+                      description="elastic-net L2 penalty λ₂·Σw² on the pruned layers' weights")
+    augment: bool = Field(False, description=f"random translation by up to ±{AUGMENT_SHIFT} px "
+                                             "(pad + random crop of each batch), seeded")
+    seed: int | None = Field(None, ge=0, description="seed of init-independent randomness: shuffle, "
+                                                     "augmentation, dropout (None: not seeded)")
+    precision: Precision = Field("fp32", description="autocast dtype of forward passes: fp32 (off), bf16 "
+                                                     "(CPU and CUDA), fp16 (CUDA only, with a GradScaler)")
+    channels_last: bool = Field(False, description="student, teacher and images in torch.channels_last")
+    accumulate: int = Field(1, ge=1, le=4096, description="batches per optimizer step (gradients summed; "
+                                                          "the lr schedule counts optimizer steps)")
+    mixup: MixupConfig | None = Field(None, description="timm Mixup/CutMix on each train batch")
+    compile: bool = Field(False, description="torch.compile the student's forward (first steps are slow)")
+    num_workers: int | None = Field(None, ge=0, le=256, description="train loader workers (None: data.num_workers)")
+    pin_memory: bool = Field(False, description="pinned host memory for the train loader (faster copies to CUDA)")
+    persistent_workers: bool = Field(False, description="keep train loader workers alive between epochs")
+    checkpoint_every: int | None = Field(None, ge=1, description="with an output folder: also checkpoint every "
+                                                                 "this many optimizer steps (always at each "
+                                                                 "epoch end), for --resume")
+
+    @model_validator(mode="after")
+    def _loader_settings(self) -> TrainConfig:
+        if self.persistent_workers and self.num_workers == 0:
+            raise ValueError("persistent_workers needs num_workers > 0")
+        return self
