@@ -28,6 +28,19 @@ def _gather(t: Tensor, index: Tensor) -> Tensor:
     return t.gather(1, index.unsqueeze(-1).expand(-1, -1, t.shape[-1]))
 
 
+def descending_order(scores: Tensor) -> Tensor:
+    """Indices that sort ``scores`` ``(B, n)`` in descending order, ties to the lower index.
+
+    A stable descending sort. ONNX has no stable Sort (torch's exporters cannot translate
+    ``sort(stable=True)``), so while exporting to ONNX this is a TopK over all ``n``: ONNX
+    specifies that TopK puts the lower index first among equal values, exactly the stable order,
+    and onnxruntime does so. Eager and ``torch.export`` keep ``torch.sort(stable=True)``.
+    """
+    if torch.onnx.is_in_onnx_export():
+        return torch.topk(scores, scores.shape[-1], dim=-1, largest=True, sorted=True).indices
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices
+
+
 def _ones(x: Tensor) -> Tensor:
     return x.new_ones(x.shape[0], x.shape[1], 1)
 
@@ -83,7 +96,7 @@ def prune_tokens(x: Tensor, scores: Tensor, n_keep: int, npt: int, *, fuse: bool
     """
     n = x.shape[1] - npt
     n_top = n_keep - 1 if fuse else n_keep
-    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    order = descending_order(scores)
     keep_pos = _with_prefix(order[:, :n_top].sort(dim=-1).values, npt)
     if not (fuse and n_top < n):
         return (_gather(x, keep_pos), _gather(size, keep_pos) if size is not None else None,
@@ -143,7 +156,7 @@ def bipartite_matching(metric: Tensor, r: int, a_start: int, b_start: int, *, or
         metric = metric / metric.norm(dim=-1, keepdim=True)
         similarity = metric[:, a_start::2] @ metric[:, b_start::2].transpose(-1, -2)
         best, partner = similarity.max(dim=-1)
-        order = torch.sort(best, dim=-1, descending=True, stable=True).indices
+        order = descending_order(best)
         src_idx = order[:, :r]
         unmerged_idx = order[:, r:]
         if ordered:

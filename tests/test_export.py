@@ -1,0 +1,207 @@
+"""rmtp export: every pruner's output written as ONNX and pt2, run by a real runtime, and refusals.
+
+Each saved fixture (tests/fixtures/saved/: one tiny folder per kind of replaced layer and patch)
+is exported in both formats; the file is then run here, apart from export_model's own check
+(onnxruntime, or torch.export.load), on the fixture's stored input and compared with the PyTorch
+model and with the stored logits.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import rmtp
+from rmtp.errors import RmtpError
+from rmtp.export import TOLERANCE, ExportError, ExportReport, export_model
+
+from conftest import tiny_recipe, write_recipe
+
+ort = pytest.importorskip("onnxruntime")
+
+SAVED = Path(__file__).resolve().parent / "fixtures" / "saved"
+NAMES = sorted(p.name for p in SAVED.iterdir() if p.is_dir())
+
+
+def run_file(path: Path, fmt: str, x: torch.Tensor) -> torch.Tensor:
+    """The exported file run by its runtime: onnxruntime on the CPU, or the reloaded pt2 program."""
+    if fmt == "onnx":
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return torch.from_numpy(session.run(None, {session.get_inputs()[0].name: x.numpy()})[0])
+    with open(path, "rb") as handle:
+        return torch.export.load(handle).module()(x)
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_there_is_a_fixture_per_pruner_kind() -> None:
+    assert len(NAMES) == 11
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+@pytest.mark.parametrize("name", NAMES)
+def test_every_saved_pruner_output_exports_and_runs_in_its_runtime(tmp_path: Path, name: str, fmt: str) -> None:
+    expected = load_file(SAVED / name / "expected.safetensors")
+    x = expected["input"]
+    out = tmp_path / f"model.{fmt}"
+    report = export_model(SAVED / name, out, format=fmt, batch=x.shape[0], input_shape=x.shape[1:])
+    assert report.path == out and report.bytes == out.stat().st_size > 0
+    assert report.format == fmt and report.batch == x.shape[0] and report.input_shape == tuple(x.shape[1:])
+    assert report.max_abs_diff <= TOLERANCE and "random" in report.inputs
+    assert leftovers(tmp_path) == []
+    with torch.no_grad():
+        y = run_file(out, fmt, x)
+        reference = rmtp.load(SAVED / name).model(x)
+    assert y.shape == expected["logits"].shape
+    assert float((y - reference).abs().max()) <= TOLERANCE
+    assert float((y - expected["logits"]).abs().max()) <= TOLERANCE
+
+
+@pytest.fixture(scope="module")
+def run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real run: the tiny ViT (random init), magnitude masks then ToMe, saved with its digits recipe.
+
+    Not svd-mp before ToMe here: on an untrained ViT every weight is MP noise, svd-mp keeps rank ~1,
+    and ToMe's similarities then all tie at ±1 to float rounding, so which tokens merge is decided by
+    the runtime's rounding (the trained digits ViT's svd-mp + tome exports within 4e-6: the benchmark).
+    """
+    from rmtp.pipeline import run_recipe
+    from rmtp.recipe import load_recipe
+
+    root = tmp_path_factory.mktemp("export")
+    torch.manual_seed(0)
+    recipe = tiny_recipe([{"prune": "magnitude", "params": {"sparsity": 0.3}}, {"prune": "tome", "params": {"r": 2}}],
+                         output=root / "run")
+    recipe["data"]["eval_limit"] = 64
+    run_recipe(load_recipe(write_recipe(root / "r.yaml", recipe)))
+    return root / "run"
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_check_compares_on_real_val_images(tmp_path: Path, run_folder: Path, fmt: str) -> None:
+    out = tmp_path / f"model.{fmt}"
+    report = export_model(run_folder, out, format=fmt, batch=4, check=True, check_images=16)
+    assert report.inputs == "val images" and report.images == 16 and report.input_shape == (1, 16, 16)
+    assert report.max_abs_diff <= TOLERANCE
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["path"] == str(out) and data["input_shape"] == [1, 16, 16] and data["images"] == 16
+    assert isinstance(report, ExportReport) and report.exporter and report.seconds > 0
+    loaded = rmtp.load(run_folder)
+    from rmtp.data import DataSpec, build_data
+    val = build_data(DataSpec(name="digits", eval_limit=64), loaded.model).val
+    x = torch.stack([val[i][0] for i in range(4, 8)])
+    with torch.no_grad():
+        assert float((run_file(out, fmt, x) - loaded.model(x)).abs().max()) <= TOLERANCE
+
+
+def test_an_nn_module_exports_with_an_explicit_input_shape_and_random_inputs(tmp_path: Path) -> None:
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).train()
+    report = export_model(model, tmp_path / "m.onnx", format="onnx", batch=2, check=True, check_images=6,
+                          input_shape=(1, 6, 6))
+    assert report.images == 6 and "random" in report.inputs and "nn.Module" in report.inputs
+    assert model.training, "the model's mode is restored"
+    with pytest.raises(ExportError, match=r"input_shape=\(C, H, W\)"):
+        export_model(model, tmp_path / "m2.onnx", format="onnx")
+
+
+# ------------------------------------------------------------------------------------ refusals
+
+
+def test_an_unknown_format_is_refused_before_anything(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match="choose one of onnx, pt2"):
+        export_model(SAVED / "svd-mp-vit", tmp_path / "model.tflite", format="tflite")  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_an_unwritable_target_is_refused_and_nothing_is_written(tmp_path: Path, fmt: str) -> None:
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(RmtpError, match="a-file is a file, not a folder"):
+        export_model(SAVED / "svd-mp-vit", tmp_path / "a-file" / f"model.{fmt}", format=fmt)
+    with pytest.raises(RmtpError, match="not writable"):
+        export_model(SAVED / "svd-mp-vit", Path("/proc/rmtp-test") / f"model.{fmt}", format=fmt)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
+
+
+def _semi_structured_linear() -> nn.Linear:
+    """A Linear holding a real ``torch.sparse`` 2:4 semi-structured weight (the CUTLASS layout),
+    built on the CPU from its packed parts; no kernel runs on it here, so no GPU is needed."""
+    from torch.sparse import SparseSemiStructuredTensorCUTLASS
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "prototype stage"
+        weight = SparseSemiStructuredTensorCUTLASS(torch.Size([32, 64]), torch.zeros(32, 32),
+                                                   torch.zeros(32, 4, dtype=torch.int16), None, None, None)
+    layer = nn.Linear(64, 32)
+    layer.weight = nn.Parameter(weight, requires_grad=False)
+    return layer
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "pt2"])
+def test_semi_structured_weights_are_refused_with_the_reason(tmp_path: Path, fmt: str) -> None:
+    model = nn.Sequential(nn.Flatten(), _semi_structured_linear())
+    with pytest.raises(ExportError) as caught:
+        export_model(model, tmp_path / f"model.{fmt}", format=fmt, input_shape=(1, 8, 8))
+    message = str(caught.value)
+    assert "\n" not in message and "1.weight" in message and "2:4 semi-structured" in message and "CUDA" in message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_weights_off_the_cpu_or_not_fp32_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match=r"weights are bfloat16 \(e.g. weight\); .*model.float\(\)"):
+        export_model(nn.Linear(4, 2).to(torch.bfloat16), tmp_path / "m.pt2", format="pt2", input_shape=(1, 1, 4))
+    with pytest.raises(ExportError, match=r"weights are on meta .*model.cpu\(\)"):
+        export_model(nn.Linear(4, 2, device="meta"), tmp_path / "m.pt2", format="pt2", input_shape=(1, 1, 4))
+    assert list(tmp_path.iterdir()) == []
+
+
+class _TracedBranch(nn.Module):
+    """Python control flow on a tensor's value: tracing bakes in the branch the example input took,
+    so the ONNX graph computes something else for inputs that take the other one."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if bool(x.sum() > 0) else x * 3
+
+
+def test_a_failed_verification_keeps_the_previous_file_and_leaves_no_temp(tmp_path: Path) -> None:
+    out = tmp_path / "model.onnx"
+    out.write_bytes(b"the previous export")
+    with pytest.raises(ExportError, match=r"onnxruntime: max \|difference\| .* > 0.0001"):
+        export_model(_TracedBranch(), out, format="onnx", check=True, check_images=16, input_shape=(1, 2, 2))
+    assert out.read_bytes() == b"the previous export" and leftovers(tmp_path) == []
+    out = tmp_path / "model.pt2"
+    out.write_bytes(b"the previous export")
+    with pytest.raises(ExportError, match="torch.export cannot export this model"):  # data-dependent branch
+        export_model(_TracedBranch(), out, format="pt2", input_shape=(1, 2, 2))
+    assert out.read_bytes() == b"the previous export" and leftovers(tmp_path) == []
+
+
+def test_onnx_without_onnxruntime_says_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+    with pytest.raises(ExportError, match=r'pip install "rmtp\[export\]"'):
+        export_model(SAVED / "svd-mp-vit", tmp_path / "model.onnx", format="onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_token_order_under_onnx_export_is_the_stable_sort_on_ties(tmp_path: Path) -> None:
+    """ToMe and token-cls rank tokens with a stable sort; exported, that is a TopK that onnxruntime
+    must break ties in the same way (lower index first)."""
+    from rmtp_plugins.tokens.merge import descending_order
+
+    class Order(nn.Module):
+        def forward(self, scores: torch.Tensor) -> torch.Tensor:
+            return descending_order(scores).float()
+
+    scores = torch.randint(0, 3, (4, 1, 1, 50)).float()  # many ties
+    export_model(Order(), tmp_path / "order.onnx", format="onnx", batch=4, input_shape=(1, 1, 50))
+    got = run_file(tmp_path / "order.onnx", "onnx", scores)
+    assert torch.equal(got.long(), torch.sort(scores, dim=-1, descending=True, stable=True).indices)
