@@ -138,20 +138,28 @@ class Architecture(ABC):
         """Build the model ``spec`` describes: random init, timm pretrained weights, or a local checkpoint."""
         import timm
 
+        from rmtp import sources
         from rmtp.checkpoint import load_state_dict_into, read_state_dict
 
-        if not timm.is_model(spec.name.split(".")[0]):
-            raise PluginError(f"model.name: timm has no model {spec.name!r}{timm_name_hint(spec.name)}")
+        name = sources.normalise_name(spec.name)  # timm/NAME.tag; hf-hub: names are timm's to read
+        if not sources.is_hub_name(name) and not timm.is_model(name.split(".")[0]):
+            raise PluginError(f"model.name: timm has no model {spec.name!r}{timm_name_hint(name)}")
         if spec.pretrained and spec.checkpoint:
             raise CheckpointError("model: give either pretrained: true or checkpoint, not both")
         try:
-            model = timm.create_model(spec.name, pretrained=spec.pretrained, **spec.kwargs)
+            model = timm.create_model(name, pretrained=spec.pretrained, **spec.kwargs)
         except (OSError, RuntimeError) as exc:
+            what = (f"model.pretrained: could not fetch pretrained weights for {spec.name!r}" if spec.pretrained
+                    else f"model.name: could not read {spec.name!r}")
+            failure = sources.fetch_failure(what, sources.pretrained_repo(name), exc) \
+                if spec.pretrained or sources.is_hub_name(name) else None
+            if failure is not None:
+                raise failure from exc
             if spec.pretrained:
                 raise CheckpointError(
-                    f"model.pretrained: could not fetch pretrained weights for {spec.name!r} "
-                    f"(timm needs network access to the Hugging Face hub; offline, download the "
-                    f"weights elsewhere and pass model.checkpoint): {exc.__class__.__name__}: {exc}"
+                    f"{what} (timm needs network access to the Hugging Face hub; offline, download the "
+                    f"weights elsewhere and pass model.checkpoint): {exc.__class__.__name__}: "
+                    f"{' '.join(str(exc).split())}"
                 ) from exc
             raise _kwargs_rejected(spec, exc) from exc
         except Exception as exc:  # noqa: BLE001 - kwargs are user input: an unknown layer name (KeyError),

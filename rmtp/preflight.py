@@ -73,7 +73,7 @@ def _check_classes(label: str, root: Path, model: nn.Module) -> None:
 
 
 def _meta_model(recipe: Recipe, plugins: Plugins) -> tuple[nn.Module, Architecture]:
-    from rmtp import saving
+    from rmtp import saving, sources
 
     section = recipe.model
     with torch.device("meta"):  # no pretrained download, no checkpoint read: structure only
@@ -85,5 +85,5 @@ def _meta_model(recipe: Recipe, plugins: Plugins) -> tuple[nn.Module, Architectu
             except Exception as exc:  # noqa: BLE001 - a replacement class that cannot live on meta
                 raise CheckpointError(str(exc)) from None
         spec = ModelSpec(name=section.name, arch=section.arch, kwargs=dict(section.kwargs))
-        arch = plugins.architecture_for(spec.name, spec.arch)
+        arch = sources.architecture_for(plugins, spec.name, spec.arch)  # an hf-hub: name: its config.json
         return arch.create(spec), arch

@@ -183,6 +183,18 @@ def _spec_from(data: dict[str, Any] | None) -> ModelSpec | None:
                      pretrained=bool(data.get("pretrained")), checkpoint=Path(checkpoint) if checkpoint else None)
 
 
+def read_spec(path: str | Path) -> ModelSpec:
+    """The timm model a saved folder was built on (name, kwargs, and its architecture plugin's name),
+    read from ``rmtp_model.json`` alone: what a recipe naming the folder without ``model.name`` uses."""
+    path = Path(path)
+    meta = read_meta(path)
+    try:
+        spec = _spec_from(meta["model"])
+        return ModelSpec(name=spec.name, arch=meta.get("arch") or spec.arch, kwargs=dict(spec.kwargs))
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{path / META_FILE}: missing or malformed field {exc}") from None
+
+
 def rebuild_structure(path: str | Path, *, plugins: Plugins) -> tuple[nn.Module, Architecture]:
     """The saved model's modules (base timm model with its replaced layers), without reading its
     weights or applying its patches: what ``rmtp validate`` checks a recipe against, built under
