@@ -84,10 +84,13 @@ def test_no_split_qkv_and_min_dim() -> None:
     assert "qkv as one matrix" in result.output and "head" in result.output
 
 
-def test_bare_checkpoint_needs_a_model_name(tmp_path: Path) -> None:
+def test_bare_checkpoint_by_key_or_with_a_model_name(tmp_path: Path) -> None:
     bare = tmp_path / "weights.safetensors"
     shutil.copy(DIGITS, bare)
-    line = one_error_line(invoke(bare))
+    result = invoke(bare)  # no name, card or config.json: analysed by state-dict key
+    assert result.exit_code == 0, result.output
+    assert "no architecture known" in result.output and "blocks.0.attn.qkv.weight[q]" in result.output
+    line = one_error_line(invoke(bare, "--kwargs", TINY_KWARGS))  # kwargs of which model?
     assert "which timm model is this checkpoint? pass --model NAME" in line and "weights.json" in line
     card = json.loads((REPO / "models" / "digits_vit.json").read_text())
     result = invoke(bare, "--model", card["timm_name"], "--kwargs", json.dumps(card["kwargs"]))

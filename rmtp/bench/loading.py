@@ -1,9 +1,12 @@
 """The models ``rmtp bench`` compares, built from what the command line names.
 
 A source is an rmtp output folder (loaded as saved; alone, its recorded dense baseline is rebuilt
-and put first), a checkpoint file described by ``--model``/``--kwargs`` or by a card
-``<stem>.json`` next to it, or ``timm:NAME`` (random init). Each becomes a :class:`Candidate`,
-with the val data its origin names (a folder's recipe, a card's ``data``) for ``--eval``.
+and put first), a folder in timm's hub layout (``config.json`` + ``model.safetensors``, see
+:mod:`rmtp.sources`), a checkpoint file described by ``--model``/``--kwargs``, by a card
+``<stem>.json`` next to it or by timm's ``config.json`` beside it, or ``timm:NAME`` (random init;
+``NAME`` may be ``hf-hub:org/name``, whose config.json timm reads from the hub or its local cache).
+Each becomes a :class:`Candidate`, with the val data its origin names (a folder's recipe, a card's
+``data``) for ``--eval``.
 """
 
 from __future__ import annotations
@@ -16,10 +19,11 @@ from typing import Any
 
 from torch import nn
 
+from rmtp import sources as model_sources
 from rmtp.architecture import ModelSpec, timm_name_hint
 from rmtp.bench.schema import BenchError, EvalData
 from rmtp.data import DataSpec, saved_split_seed
-from rmtp.errors import PluginError, RmtpError
+from rmtp.errors import RmtpError
 
 __all__ = ["TIMM_PREFIX", "Candidate", "load_candidates"]
 
@@ -56,9 +60,10 @@ def load_candidates(sources: Sequence[str], *, model_name: str | None = None,
                     model_kwargs: dict[str, Any] | None = None) -> list[Candidate]:
     """Build the models ``sources`` name, in order; one rmtp folder alone gets its dense baseline first.
 
-    A source is an rmtp output folder, a checkpoint file (``.safetensors``/``.pth``/``.pt``/``.bin``)
-    described by ``model_name`` + ``model_kwargs`` or by a card ``<stem>.json`` next to it (keys
-    ``timm_name``, ``kwargs``, optionally ``data``), or ``timm:NAME`` (random init, ``model_kwargs``
+    A source is an rmtp output folder, a folder in timm's hub layout, a checkpoint file
+    (``.safetensors``/``.pth``/``.pt``/``.bin``) described by ``model_name`` + ``model_kwargs``, by a
+    card ``<stem>.json`` next to it (keys ``timm_name``, ``kwargs``, optionally ``data``) or by timm's
+    ``config.json`` beside it, or ``timm:NAME`` / ``hf-hub:org/name`` (random init, ``model_kwargs``
     passed to ``timm.create_model``).
     """
     if not sources:
@@ -76,17 +81,22 @@ def load_candidates(sources: Sequence[str], *, model_name: str | None = None,
 def _load_source(text: str, model_name: str | None, kwargs: dict[str, Any]) -> Candidate:
     from rmtp import saving
 
-    if text.startswith(TIMM_PREFIX):
-        name = text[len(TIMM_PREFIX):].strip()
+    if text.startswith(TIMM_PREFIX) or model_sources.is_hub_name(text):
+        name = text[len(TIMM_PREFIX):].strip() if text.startswith(TIMM_PREFIX) else text
         if not name:
             raise BenchError(f"model {text!r}: give a timm model name after 'timm:', e.g. timm:resnet18")
+        name = model_sources.normalise_name(name)
         model = _build_timm(name, kwargs, None, where=f"model {text!r}")
         return Candidate(label=text, model=model, source=text, kind="timm", timm_name=name, arch=_arch_of(name))
     path = Path(text)
     if path.is_dir():
         if not saving.is_saved_model(path):
-            raise BenchError(f"model {text!r}: a folder but not an rmtp output folder (no {saving.META_FILE}); "
-                             f"give an rmtp output folder, a checkpoint file or timm:NAME")
+            hub = _hub_folder(path, text)
+            if hub is None:
+                raise BenchError(f"model {text!r}: a folder but not an rmtp output folder (no {saving.META_FILE}) "
+                                 f"nor in timm's hub layout (no {model_sources.CONFIG_FILE}); give an rmtp output folder, "
+                                 f"a hub-layout folder, a checkpoint file or timm:NAME")
+            return _load_hub(hub, text, model_name, kwargs)
         loaded = saving.load(path)
         return Candidate(label=text, model=loaded.model, source=text, kind="folder", timm_name=loaded.spec.name,
                          arch=loaded.arch, eval_data=_folder_eval_data(path), baseline=loaded.baseline)
@@ -101,8 +111,12 @@ def _load_checkpoint(path: Path, text: str, model_name: str | None, kwargs: dict
     card: dict[str, Any] = {}
     if model_name is None:
         if not card_path.is_file():
+            hub = _hub_folder(path, text)
+            if hub is not None:
+                return _load_hub(hub, text, None, kwargs)
             raise BenchError(f"checkpoint {text}: which timm model is it? pass --model NAME (and --kwargs JSON), "
-                             f"or put a card {card_path.name} with timm_name and kwargs next to it")
+                             f"or put a card {card_path.name} with timm_name and kwargs next to it (or timm's "
+                             f"{model_sources.CONFIG_FILE})")
         card = _read_card(card_path)
         name = card["timm_name"]
         model_kwargs = {**card.get("kwargs", {}), **kwargs}
@@ -111,6 +125,24 @@ def _load_checkpoint(path: Path, text: str, model_name: str | None, kwargs: dict
     model = _build_timm(name, model_kwargs, path, where=f"checkpoint {text}")
     return Candidate(label=text, model=model, source=text, kind="checkpoint", timm_name=name, arch=_arch_of(name),
                      eval_data=_card_eval_data(card, card_path) if card else None)
+
+
+def _hub_folder(path: Path, text: str) -> model_sources.HubFolder | None:
+    try:
+        return model_sources.hub_folder(path)
+    except RmtpError as exc:
+        raise BenchError(f"model {text!r}: {exc}") from None
+
+
+def _load_hub(hub: model_sources.HubFolder, text: str, model_name: str | None, kwargs: dict[str, Any]) -> Candidate:
+    """A folder in timm's hub layout (or its weights file): its config.json names the model and its kwargs."""
+    name = hub.config.architecture
+    if model_name is not None and model_sources.normalise_name(model_name).split(".")[0] != name.split(".")[0]:
+        raise BenchError(f"model {text!r}: --model {model_name}, but {hub.config.source} says it is a {name!r}; "
+                         f"drop --model")
+    model = _build_timm(name, {**hub.config.kwargs, **kwargs}, hub.weights, where=f"checkpoint {hub.weights}")
+    return Candidate(label=text, model=model, source=text, kind="checkpoint", timm_name=name, arch=_arch_of(name),
+                     notes=[f"model from {hub.config.source}: {name}"])
 
 
 def _read_card(path: Path) -> dict[str, Any]:
@@ -190,12 +222,19 @@ def _build_timm(name: str, kwargs: dict[str, Any], checkpoint: Path | None, *, w
 
     from rmtp.checkpoint import load_state_dict_into, read_state_dict
 
-    if not timm.is_model(name.split(".")[0]):
+    hub = model_sources.is_hub_name(name)  # timm reads the architecture from the repo's config.json
+    if not hub and not timm.is_model(name.split(".")[0]):
         raise BenchError(f"{where}: timm has no model {name!r}{timm_name_hint(name)}")
     try:
         model = timm.create_model(name, pretrained=False, **kwargs)
-    except (TypeError, ValueError, AssertionError) as exc:
-        raise BenchError(f"{where}: timm rejected the kwargs {kwargs} for {name!r}: {exc}") from None
+    except Exception as exc:
+        failure = model_sources.fetch_failure(f"{where}: could not read {name!r}", model_sources.hub_repo(name),
+                                              exc) if hub else None
+        if failure is not None:
+            raise BenchError(str(failure)) from None
+        if isinstance(exc, (TypeError, ValueError, AssertionError)):
+            raise BenchError(f"{where}: timm rejected the kwargs {kwargs} for {name!r}: {exc}") from None
+        raise
     if checkpoint is not None:
         load_state_dict_into(model, read_state_dict(checkpoint), source=str(checkpoint))
     return model.eval()
@@ -205,8 +244,8 @@ def _arch_of(name: str) -> str | None:
     from rmtp.plugins import get_plugins
 
     try:
-        return get_plugins().architecture_for(name).name
-    except PluginError:
+        return model_sources.architecture_for(get_plugins(), name).name
+    except RmtpError:
         return None  # bench does not need an architecture plugin; it is only reported
 
 

@@ -46,11 +46,14 @@ def parse_kwargs(values: list[str] | None) -> dict[str, Any] | None:
 def analyze_spectrum(
     checkpoint: Annotated[str, typer.Argument(
         metavar="CKPT", show_default=False,
-        help="A .safetensors/.pth state dict, a saved rmtp output folder, or timm:NAME (random init unless "
-             "--pretrained).")],
+        help="A .safetensors/.pth/.bin state dict, a saved rmtp output folder, a folder in timm's hub layout "
+             "(config.json + model.safetensors), or timm:NAME (random init unless --pretrained; NAME may be "
+             "NAME.tag, timm/NAME.tag or hf-hub:org/name).")],
     model: Annotated[Optional[str], typer.Option(
         "--model", help="timm name of a bare checkpoint. Without it, a model card <ckpt stem>.json beside the "
-                        "checkpoint (fields timm_name, kwargs; e.g. models/digits_vit.json) is used when present.")] = None,
+                        "checkpoint (fields timm_name, kwargs; e.g. models/digits_vit.json), or else timm's "
+                        "config.json, is used when present; with neither, every 2-D/4-D weight is analysed by its "
+                        "state-dict key.")] = None,
     arch: Annotated[Optional[str], typer.Option(
         "--arch", help="Architecture plugin (vit, convnext, resnet, ...) when it cannot be inferred from the name.")] = None,
     kwargs: Annotated[Optional[list[str]], typer.Option(

@@ -1,8 +1,12 @@
 """``rmtp analyze-spectrum`` as a library call: open a model from wherever it is, analyse every layer.
 
 :func:`open_model` accepts what the command accepts: ``timm:NAME`` (random init, or timm's
-pretrained weights), a ``.safetensors``/``.pth`` state dict (the timm name and kwargs from
-options or from a card ``<stem>.json`` beside it), or a saved rmtp output folder.
+pretrained weights; ``NAME`` may be ``NAME.tag``, ``timm/NAME.tag`` or ``hf-hub:org/name``, which
+also stands alone), a ``.safetensors``/``.pth``/``.bin`` state dict (the timm name and kwargs from
+options, from a card ``<stem>.json`` beside it, or from timm's ``config.json`` beside it), a
+folder in timm's hub layout (``config.json`` + ``model.safetensors``: :mod:`rmtp.sources`), or a
+saved rmtp output folder. A state dict with none of these is still analysed, by key
+(:func:`rmtp.spectral.layers.analyze_state_dict`).
 :func:`analyze` opens it, runs :func:`rmtp.spectral.layers.analyze_model` and returns a
 :class:`SpectrumReport`, the one object the table, JSON, CSV and plots are all rendered from.
 """
@@ -16,12 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from rmtp import sources
 from rmtp.architecture import Architecture, ModelSpec
 from rmtp.errors import CheckpointError, PluginError, RmtpError
 from rmtp.progress import NULL_PROGRESS, Progress
-from rmtp.spectral.layers import MIN_DIM, LayerSpectrum, analyze_model
+from rmtp.spectral.layers import MIN_DIM, LayerSpectrum, analyze_model, analyze_state_dict
 from rmtp.spectral.mp import check_alpha, check_tw_confidence
 
 SCHEMA = "rmtp-spectrum-report/1"
@@ -30,13 +36,15 @@ TIMM_PREFIX = "timm:"
 
 @dataclass
 class OpenedModel:
-    """A model ready for analysis, with the description a report needs."""
+    """A model ready for analysis, with the description a report needs; or, for a state dict no
+    model is known for (``kind`` ``"state-dict"``), only its tensors (``model``, ``arch``, ``spec`` None)."""
 
-    model: nn.Module
-    arch: Architecture
-    spec: ModelSpec
-    kind: str  # "timm" | "checkpoint" | "folder"
+    model: nn.Module | None
+    arch: Architecture | None
+    spec: ModelSpec | None
+    kind: str  # "timm" | "checkpoint" | "folder" | "state-dict"
     notes: list[str] = field(default_factory=list)
+    state_dict: dict[str, torch.Tensor] | None = field(default=None, repr=False)
 
 
 def card_path(checkpoint: Path) -> Path:
@@ -70,19 +78,25 @@ def open_model(
     from rmtp.plugins import get_plugins
 
     plugins = get_plugins()
-    if source.startswith(TIMM_PREFIX):
-        name = source[len(TIMM_PREFIX):].strip()
+    if source.startswith(TIMM_PREFIX) or sources.is_hub_name(source):
+        name = (source[len(TIMM_PREFIX):] if source.startswith(TIMM_PREFIX) else source).strip()
         if not name:
             raise PluginError(f"{source!r}: give a timm model name after 'timm:', e.g. timm:vit_base_patch16_224")
         if model_name and model_name != name:
             raise PluginError(f"{source!r} already names the model; drop --model {model_name}")
-        adapter = plugins.architecture_for(name, arch)
+        name = sources.normalise_name(name)
+        adapter = sources.architecture_for(plugins, name, arch)  # an hf-hub: name: its config.json's architecture
         spec = ModelSpec(name=name, arch=adapter.name, kwargs=dict(kwargs or {}), pretrained=pretrained)
         notes = [] if pretrained else ["random init (timm's initialisation): pass --pretrained for trained weights"]
         return OpenedModel(_create(adapter, spec), adapter, spec, "timm", notes)
 
     path = Path(source)
     if path.is_dir():
+        from rmtp.saving import is_saved_model
+
+        hub = None if is_saved_model(path) else sources.hub_folder(path)
+        if hub is not None:
+            return _open_hub(hub, plugins, model_name=model_name, arch=arch, kwargs=kwargs, pretrained=pretrained)
         return _open_folder(path, model_name=model_name, arch=arch, kwargs=kwargs, pretrained=pretrained)
     return _open_checkpoint(path, plugins, model_name=model_name, arch=arch, kwargs=kwargs, pretrained=pretrained)
 
@@ -90,8 +104,11 @@ def open_model(
 def _open_folder(path: Path, *, model_name: str | None, arch: str | None, kwargs: dict[str, Any] | None,
                  pretrained: bool) -> OpenedModel:
     from rmtp.plugins import get_plugins
-    from rmtp.saving import load
+    from rmtp.saving import META_FILE, is_saved_model, load
 
+    if not is_saved_model(path):
+        raise CheckpointError(f"{path}: not an rmtp model folder (no {META_FILE}) nor in timm's hub layout "
+                              f"(no {sources.CONFIG_FILE})")
     given = [flag for flag, value in (("--model", model_name), ("--arch", arch), ("--kwargs", kwargs),
                                       ("--pretrained", pretrained)) if value]
     if given:
@@ -102,7 +119,7 @@ def _open_folder(path: Path, *, model_name: str | None, arch: str | None, kwargs
 
 def _open_checkpoint(path: Path, plugins: Any, *, model_name: str | None, arch: str | None,
                      kwargs: dict[str, Any] | None, pretrained: bool) -> OpenedModel:
-    from rmtp.checkpoint import load_state_dict_into, read_state_dict
+    from rmtp.checkpoint import read_state_dict
 
     if pretrained:
         raise CheckpointError(f"{path}: --pretrained fetches timm's weights and a checkpoint brings its own; give one")
@@ -115,20 +132,58 @@ def _open_checkpoint(path: Path, plugins: Any, *, model_name: str | None, arch: 
         card = None
     name = model_name or (card["timm_name"] if card else None)
     if not name:
-        raise CheckpointError(
-            f"{path}: which timm model is this checkpoint? pass --model NAME (and --kwargs if it was built with "
-            f"non-default ones), or put a model card {card_file.name} with timm_name and kwargs beside it"
-        )
+        hub = sources.hub_folder(path)  # timm's config.json beside the weights
+        if hub is not None:
+            return _open_hub(hub, plugins, model_name=None, arch=arch, kwargs=kwargs, pretrained=False,
+                             state_dict=state_dict)
+        if arch or kwargs:
+            raise CheckpointError(
+                f"{path}: which timm model is this checkpoint? pass --model NAME (and --kwargs if it was built with "
+                f"non-default ones), or put a model card {card_file.name} with timm_name and kwargs beside it"
+            )
+        notes.append(f"no architecture known (no --model, no model card {card_file.name}, no timm "
+                     f"{sources.CONFIG_FILE} beside it): layers are named by their state-dict keys; pass --model NAME "
+                     f"for the architecture's layers")
+        return OpenedModel(None, None, None, "state-dict", notes, state_dict=state_dict)
     merged = {**(card["kwargs"] if card else {}), **(kwargs or {})}
     if card is not None:
         notes.append(f"model from card {card_file}: {name} {json.dumps(merged, sort_keys=True)}"
                      + (" (--kwargs override)" if kwargs else ""))
     adapter = plugins.architecture_for(name, arch or (card or {}).get("arch"))
-    spec = ModelSpec(name=name, arch=adapter.name, kwargs=merged)
-    model = _create(adapter, spec)
-    load_state_dict_into(model, state_dict, source=str(path))
-    return OpenedModel(model.eval(), adapter, ModelSpec(name=name, arch=adapter.name, kwargs=merged, checkpoint=path),
-                       "checkpoint", notes)
+    return _load(adapter, ModelSpec(name=name, arch=adapter.name, kwargs=merged, checkpoint=path), state_dict, notes)
+
+
+def _open_hub(hub: sources.HubFolder, plugins: Any, *, model_name: str | None, arch: str | None,
+              kwargs: dict[str, Any] | None, pretrained: bool,
+              state_dict: dict[str, torch.Tensor] | None = None) -> OpenedModel:
+    """A folder in timm's hub layout, or its weights file: the config.json names the model and its kwargs."""
+    from rmtp.checkpoint import read_state_dict
+
+    if pretrained:
+        raise CheckpointError(f"{hub.folder}: --pretrained fetches timm's weights and a checkpoint brings its own; "
+                              f"give one")
+    name = hub.config.architecture
+    if model_name and sources.normalise_name(model_name).split(".")[0] != name.split(".")[0]:
+        raise CheckpointError(f"{hub.folder}: --model {model_name}, but {hub.config.source} says the weights are a "
+                              f"{name!r}; drop --model")
+    merged = {**hub.config.kwargs, **(kwargs or {})}
+    notes = [f"model from {hub.config.source}: {name} {json.dumps(merged, sort_keys=True)}"
+             + (" (--kwargs override)" if kwargs else "")]
+    adapter = sources.architecture_for(plugins, name, arch)
+    if state_dict is None:
+        state_dict = read_state_dict(hub.weights)
+    return _load(adapter, ModelSpec(name=name, arch=adapter.name, kwargs=merged, checkpoint=hub.weights), state_dict,
+                 notes)
+
+
+def _load(adapter: Architecture, spec: ModelSpec, state_dict: dict[str, torch.Tensor],
+          notes: list[str]) -> OpenedModel:
+    """``spec``'s model built by ``adapter`` with ``state_dict`` loaded strictly (from ``spec.checkpoint``)."""
+    from rmtp.checkpoint import load_state_dict_into
+
+    model = _create(adapter, ModelSpec(name=spec.name, arch=spec.arch, kwargs=dict(spec.kwargs)))
+    load_state_dict_into(model, state_dict, source=str(spec.checkpoint))
+    return OpenedModel(model.eval(), adapter, spec, "checkpoint", notes)
 
 
 def _create(adapter: Architecture, spec: ModelSpec) -> nn.Module:
@@ -147,8 +202,8 @@ class SpectrumReport:
 
     source: str
     kind: str
-    spec: ModelSpec
-    arch: str
+    spec: ModelSpec | None  # None for a state dict analysed by key (kind "state-dict")
+    arch: str | None
     settings: dict[str, Any]
     layers: list[LayerSpectrum]
     seconds: float
@@ -189,7 +244,8 @@ class SpectrumReport:
             "schema": SCHEMA,
             "source": self.source,
             "kind": self.kind,
-            "model": {**self.spec.to_dict(), "arch": self.arch},
+            "model": {**self.spec.to_dict(), "arch": self.arch} if self.spec is not None else
+                     {"name": None, "arch": None, "kwargs": {}, "pretrained": False, "checkpoint": self.source},
             "settings": dict(self.settings),
             "summary": self.summary(),
             "layers": [layer.to_dict() for layer in self.layers],
@@ -229,9 +285,15 @@ def analyze(
     check_settings(alpha=alpha, tw_confidence=tw_confidence, min_dim=min_dim)
     opened = open_model(source, model_name=model_name, arch=arch, kwargs=kwargs, pretrained=pretrained)
     start = time.perf_counter()
-    layers = analyze_model(opened.model, opened.arch, split_qkv=split_qkv, min_dim=min_dim, alpha=alpha,
-                           tw_confidence=tw_confidence, progress=progress, threads=threads)
+    options: dict[str, Any] = {"split_qkv": split_qkv, "min_dim": min_dim, "alpha": alpha,
+                               "tw_confidence": tw_confidence, "progress": progress, "threads": threads}
+    if opened.model is None or opened.arch is None:
+        assert opened.state_dict is not None
+        layers = analyze_state_dict(opened.state_dict, **options)
+    else:
+        layers = analyze_model(opened.model, opened.arch, **options)
     seconds = time.perf_counter() - start
     settings = {"alpha": alpha, "tw_confidence": tw_confidence, "min_dim": min_dim, "split_qkv": split_qkv}
-    return SpectrumReport(source=source, kind=opened.kind, spec=opened.spec, arch=opened.arch.name,
+    return SpectrumReport(source=source, kind=opened.kind, spec=opened.spec,
+                          arch=opened.arch.name if opened.arch is not None else None,
                           settings=settings, layers=layers, seconds=seconds, notes=opened.notes)

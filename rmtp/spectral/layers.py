@@ -6,6 +6,7 @@ Marchenko–Pastur law to them (:func:`rmtp.spectral.mp.fit_mp`). Layers that ca
 are listed too, each with the reason: too small for statistics, a grouped or depthwise
 convolution (one small filter per group, not one matrix), a layer a pruner has replaced, a
 module without a weight matrix, non-finite weights. Nothing is left out silently.
+:func:`analyze_state_dict` does the same for bare weights with no architecture, by key.
 
 SVDs (``torch.linalg.svdvals``) run in float32 (float64 weights stay float64): the weights are
 float32, LAPACK's float32 SVD is about twice as fast as float64, and its error, ~1e-7 of the
@@ -16,7 +17,7 @@ parallel, each single-threaded (see :func:`analyze_model`).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -185,12 +186,60 @@ def analyze_model(
     meanwhile and restored after. Threaded LAPACK gains little on matrices of this size and, on
     a busy machine, its spinning threads can make a small SVD a hundred times slower.
     """
+    _check(alpha, tw_confidence, min_dim)
+    jobs = _plan(model, arch, layers, split_qkv=split_qkv, min_dim=min_dim)
+    return _run(jobs, alpha=alpha, tw_confidence=tw_confidence, progress=progress, threads=threads)
+
+
+def analyze_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    *,
+    split_qkv: bool = True,
+    min_dim: int = MIN_DIM,
+    alpha: float = 0.25,
+    tw_confidence: float | None = None,
+    progress: Progress = NULL_PROGRESS,
+    threads: int | None = None,
+) -> list[LayerSpectrum]:
+    """:func:`analyze_model` for weights with no architecture: every 2-D and 4-D floating-point
+    tensor of ``state_dict``, in key order, named by its key (``blocks.0.attn.qkv.weight``).
+
+    A key containing ``qkv`` whose rows divide by 3 is split into its q, k and v thirds (timm's
+    fused layout) unless ``split_qkv`` is false. A 4-D weight with one input channel per filter (a
+    depthwise conv, or a 1-channel stem) is listed as skipped, as are matrices with min(M, N) below
+    ``min_dim``; grouped convs with more channels per group cannot be told from the weight alone.
+    The fit and the rows are those of :func:`analyze_model`.
+    """
+    _check(alpha, tw_confidence, min_dim)
+    jobs: list[_Job] = []
+    for key, weight in state_dict.items():
+        if not isinstance(weight, torch.Tensor) or weight.ndim not in (2, 4) or not weight.is_floating_point():
+            continue
+        qkv = "qkv" in key and weight.shape[0] % 3 == 0
+        role = "qkv" if qkv else ("conv" if weight.ndim == 4 else "linear")
+        if weight.ndim == 4 and weight.shape[1] == 1:
+            reason = ("one input channel per filter (a depthwise conv, or a 1-channel stem): one small filter per "
+                      "output channel, not one weight matrix")
+            jobs.append(_Job(LayerSpectrum(name=key, module=key, role=role, weight_shape=tuple(weight.shape),
+                                           shape=None, skipped=reason, module_params=weight.numel())))
+            continue
+        dim = weight.shape[0] // 3
+        parts = {"q": slice(0, dim), "k": slice(dim, 2 * dim), "v": slice(2 * dim, 3 * dim)} \
+            if qkv and split_qkv else None
+        jobs += _matrix_jobs(key, key, role, weight, parts, optional=False, min_dim=min_dim)
+    return _run(jobs, alpha=alpha, tw_confidence=tw_confidence, progress=progress, threads=threads)
+
+
+def _check(alpha: float, tw_confidence: float | None, min_dim: int) -> None:
     check_alpha(alpha)
     if tw_confidence is not None:
         check_tw_confidence(tw_confidence)
     if min_dim < 1:
         raise ValueError(f"min_dim must be at least 1, got {min_dim}")
-    jobs = _plan(model, arch, layers, split_qkv=split_qkv, min_dim=min_dim)
+
+
+def _run(jobs: list[_Job], *, alpha: float, tw_confidence: float | None, progress: Progress,
+         threads: int | None) -> list[LayerSpectrum]:
     results: list[LayerSpectrum] = []
     with progress.task("spectra", total=len(jobs)) as advance:
         for job, singular_values in zip(jobs, _singular_values(jobs, threads)):
@@ -208,19 +257,26 @@ def _plan(model: nn.Module, arch: Architecture, layers: Iterable[PrunableLayer |
         if reason is not None:
             jobs.append(_Job(_skip(name, role, module, reason, optional=optional)))
             continue
-        weight = module.weight
-        matrix = weight_matrix(weight)
         parts = arch.qkv_split(name, module) if split_qkv else None
-        for part, rows in (parts.items() if parts else [(None, None)]):
-            block = matrix if rows is None else matrix[rows]
-            span = None if rows is None else rows.indices(weight.shape[0])[:2]
-            shape = (int(block.shape[0]), int(block.shape[1]))
-            row = LayerSpectrum(name=name if part is None else f"{name}[{part}]", module=name, role=role,
-                                weight_shape=tuple(weight.shape), shape=shape, optional=optional, rows=span)
-            if min(shape) < min_dim:
-                jobs.append(_Job(replace(row, skipped=f"too small: min(M, N) = {min(shape)} < min_dim {min_dim}")))
-            else:
-                jobs.append(_Job(row, block))
+        jobs += _matrix_jobs(name, name, role, module.weight, parts, optional=optional, min_dim=min_dim)
+    return jobs
+
+
+def _matrix_jobs(name: str, module: str, role: str, weight: torch.Tensor, parts: dict[str, slice] | None, *,
+                 optional: bool, min_dim: int) -> list[_Job]:
+    """The rows of one weight: the whole matrix, or its q, k, v blocks; too small ones skipped."""
+    jobs = []
+    matrix = weight_matrix(weight)
+    for part, rows in (parts.items() if parts else [(None, None)]):
+        block = matrix if rows is None else matrix[rows]
+        span = None if rows is None else rows.indices(weight.shape[0])[:2]
+        shape = (int(block.shape[0]), int(block.shape[1]))
+        row = LayerSpectrum(name=name if part is None else f"{name}[{part}]", module=module, role=role,
+                            weight_shape=tuple(weight.shape), shape=shape, optional=optional, rows=span)
+        if min(shape) < min_dim:
+            jobs.append(_Job(replace(row, skipped=f"too small: min(M, N) = {min(shape)} < min_dim {min_dim}")))
+        else:
+            jobs.append(_Job(row, block))
     return jobs
 
 

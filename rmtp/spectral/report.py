@@ -53,6 +53,8 @@ def _settings_line(report: SpectrumReport) -> str:
 
 
 def _model_line(report: SpectrumReport) -> str:
+    if report.spec is None:
+        return f"state dict {report.source} (no architecture: layers by key)"
     if report.kind == "timm":
         weights = "pretrained" if report.spec.pretrained else "random init"
         return f"{report.spec.name} ({report.arch}, {weights})"
