@@ -128,3 +128,12 @@ def test_compiled_student_matches_eager() -> None:
     a = train(eager, data, TrainConfig(epochs=1, lr=1e-3, seed=0), device="cpu")
     b = train(compiled, data, TrainConfig(epochs=1, lr=1e-3, seed=0, compile=True), device="cpu")
     assert abs(a.history[0].train_loss - b.history[0].train_loss) < 1e-3
+
+
+def test_max_steps_stops_the_run_and_fits_the_schedule(bundle) -> None:
+    seen: list[BatchProgress] = []
+    model = _vit()
+    result = train(model, bundle, TrainConfig(epochs=3, lr=1e-3, seed=0, max_steps=5, warmup_epochs=0.0),
+                   device="cpu", on_batch=seen.append)
+    assert [p.step for p in seen] == [1, 2, 3, 4, 5] and len(result.history) == 1
+    assert seen[-1].lr < seen[0].lr  # the cosine ran over the 5 steps, not over 3 epochs

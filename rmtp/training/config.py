@@ -86,6 +86,8 @@ class TrainConfig(BaseModel):
     num_workers: int | None = Field(None, ge=0, le=256, description="train loader workers (None: data.num_workers)")
     pin_memory: bool = Field(False, description="pinned host memory for the train loader (faster copies to CUDA)")
     persistent_workers: bool = Field(False, description="keep train loader workers alive between epochs")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps in all (the lr "
+                                                          "schedule is fitted to them): smoke runs of big recipes")
     checkpoint_every: int | None = Field(None, ge=1, description="with an output folder: also checkpoint every "
                                                                  "this many optimizer steps (always at each "
                                                                  "epoch end), for --resume")

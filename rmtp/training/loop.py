@@ -160,6 +160,8 @@ def train(
         raise RmtpError("training: the train split is empty")
     steps_per_epoch = math.ceil(batches_per_epoch / config.accumulate)
     total_steps = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
     warmup_steps = min(total_steps, round(config.warmup_epochs * steps_per_epoch))
     aug_generator = torch.Generator().manual_seed(seed + 1)
 
@@ -193,6 +195,8 @@ def train(
             result.history.append(stats)
             if on_epoch is not None:
                 on_epoch(stats)
+            if run.step >= total_steps:
+                break  # max_steps reached
             if on_checkpoint is not None and epoch < config.epochs:
                 on_checkpoint(_state(run, epoch + 1, 0, result, shuffle_state=_shuffle_generator(loader).get_state()))
     finally:
@@ -379,6 +383,8 @@ def _train_epoch(run: _Steps, model: nn.Module, loader: DataLoader, sampler: Res
         group.append((images, targets))
         if len(group) < accumulate and batch_index < batches:
             continue
+        if run.step >= run.total_steps:
+            break  # max_steps reached mid-epoch
         loss = _train_step(run, group, epoch, batch_index)
         images_seen += sum(t.shape[0] for _, t in group)
         group = []
