@@ -28,6 +28,7 @@ from rmtp.layers import LayerFilter
 from rmtp.plugins import Plugins, get_plugins
 from rmtp.pruner import Pruner, PrunerParams
 from rmtp.safe_yaml import read_yaml_file
+from rmtp.precision import Precision
 from rmtp.training.config import TrainConfig
 
 
@@ -56,6 +57,8 @@ class EvaluateParams(_Strict):
     latency_batch: int = Field(1, ge=1, le=1024, description="batch size for the latency measurement")
     latency_rounds: int = Field(15, ge=3, le=1000, description="interleaved timing rounds (median and IQR over them)")
     latency_threads: int | None = Field(None, ge=1, le=1024, description="CPU threads while timing (null: torch's current setting)")
+    precision: Precision = Field("fp32", description="autocast of the top-1 passes: fp32, bf16 (CPU and CUDA), fp16 "
+                                                     "(CUDA); latency is timed in fp32")
 
 
 class OutputSection(_Strict):
@@ -266,6 +269,9 @@ def parse_recipe(raw: Any, *, source: Path | None = None, plugins: Plugins | Non
         for index, step in enumerate(steps):
             if isinstance(step, FinetuneStep) and step.finetune.precision == "fp16":
                 problems.append(f"{label}: steps[{index}].finetune.precision: fp16 needs a CUDA device (device: cpu); "
+                                f"on the CPU use bf16")
+            if isinstance(step, EvaluateStep) and step.evaluate.precision == "fp16":
+                problems.append(f"{label}: steps[{index}].evaluate.precision: fp16 needs a CUDA device (device: cpu); "
                                 f"on the CPU use bf16")
 
     if problems:  # once each: an unknown model name is what the architecture and timm checks both say

@@ -113,10 +113,10 @@ def masked_layers(model: nn.Module) -> list[str]:
 
 
 def top1_with_progress(model: nn.Module, loader: DataLoader, device: torch.device, progress: Progress,
-                       description: str) -> float:
+                       description: str, precision: str = "fp32") -> float:
     """Top-1 (percent) of ``model`` on ``loader``, one progress tick per batch."""
     with progress.task(description, total=len(loader)) as advance:
-        return measure.top1(model, loader, device=device, progress=lambda done, total: advance())
+        return measure.top1(model, loader, device=device, progress=lambda done, total: advance(), precision=precision)
 
 
 def evaluate_step(model: nn.Module, loader: DataLoader, settings: EvaluateParams, *, device: torch.device,
@@ -124,7 +124,7 @@ def evaluate_step(model: nn.Module, loader: DataLoader, settings: EvaluateParams
                   progress: Progress = NULL_PROGRESS, index: int = 0, label: str = "evaluate") -> StepReport:
     """Top-1 on ``loader``, params, MACs, and (``settings.latency``) the speed-up over ``dense``,
     timed in interleaved rounds as ``rmtp bench`` times."""
-    top1 = top1_with_progress(model, loader, device, progress, "evaluating")
+    top1 = top1_with_progress(model, loader, device, progress, "evaluating", settings.precision)
     stats = model_stats(model, input_shape, device, top1)
     notes = []
     if dense_top1 is not None:

@@ -137,3 +137,16 @@ def test_max_steps_stops_the_run_and_fits_the_schedule(bundle) -> None:
                    device="cpu", on_batch=seen.append)
     assert [p.step for p in seen] == [1, 2, 3, 4, 5] and len(result.history) == 1
     assert seen[-1].lr < seen[0].lr  # the cosine ran over the 5 steps, not over 3 epochs
+
+
+def test_evaluate_in_bf16_and_fp16_refused_on_cpu(bundle) -> None:
+    import rmtp
+
+    model = _vit()
+    fp32 = rmtp.evaluate(model, bundle).stats.top1
+    bf16 = rmtp.evaluate(model, bundle, precision="bf16").stats.top1
+    assert abs(fp32 - bf16) <= 5.0  # a random-init model: argmax ties may flip, the pass must run
+    with pytest.raises(RmtpError, match="precision: fp16 needs a CUDA device"):
+        rmtp.evaluate(model, bundle, precision="fp16")
+    with pytest.raises(RecipeError, match=r"steps\[0\]\.evaluate\.precision: fp16 needs a CUDA device"):
+        parse_recipe(tiny_recipe([{"evaluate": {"precision": "fp16"}}]))

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from rmtp.device import DeviceLike, resolve_device
 from rmtp.errors import DataError
+from rmtp.precision import autocast, check_precision
 from rmtp.measure.running import check_model_on, evaluating
 
 __all__ = ["ProgressCallback", "top1"]
@@ -31,17 +32,20 @@ def _total_batches(loader: DataLoader, limit: int | None) -> int | None:
 
 
 def top1(model: nn.Module, loader: DataLoader, *, device: DeviceLike,
-         progress: ProgressCallback | None = None, limit: int | None = None) -> float:
+         progress: ProgressCallback | None = None, limit: int | None = None, precision: str = "fp32") -> float:
     """Top-1 accuracy in percent over a loader of ``(images, labels)`` batches.
 
     Runs in eval mode under ``inference_mode`` (restoring the model's modes afterwards).
     ``limit`` caps the number of images (the last batch is cut), for quick checks.
     ``progress(done_batches, total_batches)`` is called after every batch so the caller can
     drive a progress bar; ``total_batches`` is None for loaders without a length.
+    ``precision`` (``fp32``, ``bf16``, ``fp16`` on CUDA) runs the forward passes under autocast
+    (:mod:`rmtp.precision`), as a fine-tune in that precision trains.
     """
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
     dev = resolve_device(device)
+    check_precision(precision, dev, option="precision")
     check_model_on(model, dev)
     total_batches = _total_batches(loader, limit)
     correct = seen = done = 0
@@ -51,7 +55,8 @@ def top1(model: nn.Module, loader: DataLoader, *, device: DeviceLike,
                 images, labels = images[: limit - seen], labels[: limit - seen]
             images = images.to(dev, non_blocking=True)
             labels = labels.to(dev, non_blocking=True)
-            logits = model(images)
+            with autocast(precision, dev):
+                logits = model(images)
             correct += int((logits.argmax(dim=-1) == labels).sum())
             seen += int(labels.shape[0])
             done += 1

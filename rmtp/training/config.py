@@ -10,10 +10,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from rmtp.precision import Precision
+
 #: Largest shift, in pixels, of the ``augment`` random translation.
 AUGMENT_SHIFT = 2
 
-Precision = Literal["fp32", "bf16", "fp16"]
 
 
 class MixupConfig(BaseModel):

@@ -33,6 +33,7 @@ from rmtp import distributed
 from rmtp.data import DataBundle
 from rmtp.errors import RmtpError
 from rmtp.measure import top1
+from rmtp.precision import autocast, check_precision
 from rmtp.training.config import TrainConfig
 from rmtp.training.pieces import (
     augment_batch,
@@ -44,8 +45,6 @@ from rmtp.training.pieces import (
     zero_masks,
 )
 from rmtp.training.state import ResumableShuffle, SkippingSampler, TrainState, rng_states, set_rng_states
-
-_AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -93,8 +92,7 @@ class BatchProgress:
 
 def check_device_settings(config: TrainConfig, device: torch.device) -> None:
     """Refuse, in one line, settings this device cannot run (fp16 autocast, pinned memory off CUDA)."""
-    if config.precision == "fp16" and device.type != "cuda":
-        raise RmtpError(f"finetune.precision: fp16 needs a CUDA device (got {device}); on the CPU use bf16")
+    check_precision(config.precision, device, option="finetune.precision")
 
 
 def train(
@@ -189,7 +187,7 @@ def train(
         for epoch in range(first_epoch, config.epochs + 1):
             epoch_start = time.perf_counter()
             train_loss = _train_epoch(run, model, loader, shuffle, epoch, result, on_batch, on_checkpoint)
-            val_top1 = top1(model, val_loader, device=device)
+            val_top1 = top1(model, val_loader, device=device, precision=config.precision)
             stats = EpochStats(epoch=epoch, train_loss=train_loss, val_top1=val_top1,
                                lr=run.lr, seconds=time.perf_counter() - epoch_start)
             result.history.append(stats)
@@ -286,10 +284,7 @@ class _Steps:
     seen: int = 0
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        dtype = _AUTOCAST_DTYPES.get(self.config.precision)
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return autocast(self.config.precision, self.device)
 
 
 def _prepare_steps(model: nn.Module, teacher: nn.Module | None, config: TrainConfig, device: torch.device,
