@@ -3,7 +3,9 @@
 ``digits`` is scikit-learn's embedded ``load_digits`` (1,797 real 8×8 handwritten digits, no
 download), upsampled to the model's input size: the default for the quickstart and the tests.
 ``imagefolder`` reads class subfolders like torchvision's ``ImageFolder``, converted to the model's
-channels (greyscale or RGB) and through timm's eval transform for the model.
+channels (greyscale or RGB) and through timm's eval transform of the model's pretrained config,
+each value overridable by a ``data:`` key, or ``resize: native`` for none
+(:mod:`rmtp.data.preprocessing`; the resolved values are ``DataBundle.preprocessing``).
 Splits are fixed by the seed, so every step of a run, and every rerun, sees the same images.
 
 Data that does not fit the model (class count, channels, size, layout) is refused by
@@ -19,14 +21,43 @@ from rmtp.data.imagefolder import (
     IMAGE_MODES,
     ImageFiles,
     ImageReadError,
+    ImageSizeError,
     imagefolder_layout,
     imagefolder_problems,
 )
-from rmtp.data.spec import DataSpec, saved_split_seed
+from rmtp.data.preprocessing import ImageTransforms, describe_preprocessing
+from rmtp.data.spec import (
+    CROP_MODES,
+    INTERPOLATIONS,
+    NATIVE,
+    DataSpec,
+    saved_split_seed,
+)
 from rmtp.errors import DataError
 
 __all__ = [
-    "DIGITS_CLASSES", "DIGITS_MEAN", "DIGITS_STD", "IMAGE_MODES", "DataBundle", "DataError", "DataSpec",
-    "ImageFiles", "ImageReadError", "build_data", "class_count_problem", "data_input_size", "digits_tensors",
-    "imagefolder_layout", "imagefolder_problems", "model_input_size", "model_num_classes", "saved_split_seed",
+    "CROP_MODES",
+    "DIGITS_CLASSES",
+    "DIGITS_MEAN",
+    "DIGITS_STD",
+    "IMAGE_MODES",
+    "INTERPOLATIONS",
+    "NATIVE",
+    "DataBundle",
+    "DataError",
+    "DataSpec",
+    "ImageFiles",
+    "ImageReadError",
+    "ImageSizeError",
+    "ImageTransforms",
+    "build_data",
+    "class_count_problem",
+    "data_input_size",
+    "describe_preprocessing",
+    "digits_tensors",
+    "imagefolder_layout",
+    "imagefolder_problems",
+    "model_input_size",
+    "model_num_classes",
+    "saved_split_seed",
 ]

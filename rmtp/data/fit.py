@@ -67,30 +67,39 @@ def check_class_count(where: str, data_classes: int, model: nn.Module) -> None:
 
 
 def check_digits_size(spec: DataSpec, model: nn.Module, in_chans: int) -> None:
-    """Refuse a ``data.img_size`` the model cannot take, by one forward pass of a blank image.
+    """Refuse a ``data.img_size`` the model cannot take (:func:`model_takes`)."""
+    if spec.img_size is None:
+        return
+    side = spec.img_size
+    problem = model_takes(model, in_chans, (side, side))
+    if problem is not None:
+        _, height, width = model_input_size(model)
+        raise DataError(f"data.img_size: the model cannot take {side}x{side} digits ({problem}); "
+                        f"remove data.img_size to use the model's input size ({height}x{width}), "
+                        f"or choose a size it accepts")
+
+
+def model_takes(model: nn.Module, in_chans: int, size: tuple[int, int]) -> str | None:
+    """Why ``model`` cannot take images of ``size`` (height, width), by one forward pass of a blank
+    image; None when it can.
 
     Conv nets take most sizes but not every one (a ConvNeXt needs 32 px), a ViT only its own
     ``img_size``; a trial forward is the one check that knows every model. Skipped at the model's
     own input size, which always fits.
     """
-    if spec.img_size is None:
-        return
     _, height, width = model_input_size(model)
-    side = spec.img_size
-    if (side, side) == (height, width):
-        return
+    if tuple(size) == (height, width):
+        return None
     param = next(model.parameters(), None)
-    blank = torch.zeros(1, in_chans, side, side, device=param.device if param is not None else "cpu")
+    blank = torch.zeros(1, in_chans, *size, device=param.device if param is not None else "cpu")
     # Modes restored module by module: a part the caller froze in eval stays in eval.
     modes = {module: module.training for module in model.modules()}
     try:
         with torch.no_grad():
             model.eval()(blank)
     except (RuntimeError, AssertionError, ValueError) as exc:
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise DataError(f"data.img_size: the model cannot take {side}x{side} digits ({reason}); "
-                        f"remove data.img_size to use the model's input size ({height}x{width}), "
-                        f"or choose a size it accepts") from None
+        return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     finally:
         for module, training in modes.items():
             module.training = training
+    return None

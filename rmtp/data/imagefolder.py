@@ -6,6 +6,7 @@ only found when read, mid-run, and is then named (:class:`ImageReadError`), from
 
 from __future__ import annotations
 
+import copy
 import os
 import struct
 import zlib
@@ -16,9 +17,15 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset, Subset
 
-from rmtp.data.bundle import split_indices
-from rmtp.data.fit import check_class_count, class_count_problem, model_input_size
-from rmtp.data.spec import DataSpec
+from rmtp.data.fit import (
+    check_class_count,
+    class_count_problem,
+    model_input_size,
+    model_takes,
+)
+from rmtp.data.preprocessing import ImageTransforms, resolve_transforms
+from rmtp.data.spec import NATIVE, DataSpec
+from rmtp.data.splits import split_indices
 from rmtp.errors import DataError
 
 #: PIL mode an imagefolder image is converted to, by the model's input channels.
@@ -39,6 +46,11 @@ class ImageReadError(DataError):
 
     def __init__(self, message: str) -> None:
         super().__init__(_unwrap_worker_message(message, type(self)))
+
+
+class ImageSizeError(ImageReadError):
+    """An imagefolder file whose size differs from the others' under ``data.resize: native``
+    (images are batched as they are, so every one must have the size the model was trained on)."""
 
 
 def _unwrap_worker_message(message: str, cls: type) -> str:
@@ -156,18 +168,6 @@ class _ImageLoader:
             raise ImageReadError(f"data.root: cannot read image {path}: {reason}") from exc
 
 
-def _normalisation(config: dict[str, Any], in_chans: int) -> dict[str, Any]:
-    """timm's config with one mean/std value per input channel.
-
-    Pretrained configs give three (RGB) values; a greyscale model gets their plain average
-    (ImageNet: mean 0.449, std 0.226), a neutral choice since greyscale is a mix of the three.
-    """
-    mean, std = tuple(config["mean"]), tuple(config["std"])
-    if in_chans == 1 and len(mean) != 1:
-        mean, std = (sum(mean) / len(mean),), (sum(std) / len(std),)
-    return {**config, "mean": mean, "std": std}
-
-
 def _image_mode(root: Path, in_chans: int) -> str:
     if in_chans not in IMAGE_MODES:
         raise DataError(_channels_problem(root, in_chans))
@@ -181,7 +181,8 @@ class ImageFiles(Dataset):
     Same attributes as ImageFolder (``classes``, ``samples``, ``targets``).
     """
 
-    def __init__(self, folder: Path, classes: list[str], transform: Any, loader: _ImageLoader) -> None:
+    def __init__(self, folder: Path, classes: list[str], transform: Any, loader: _ImageLoader,
+                 native_size: tuple[int, int] | None = None) -> None:
         from torchvision.datasets.folder import make_dataset
 
         self.root = folder
@@ -190,24 +191,48 @@ class ImageFiles(Dataset):
         self.samples = make_dataset(str(folder), self.class_to_idx, is_valid_file=_is_image_path, allow_empty=True)
         self.targets = [target for _, target in self.samples]
         self.transform, self.loader = transform, loader
+        #: (height, width) every image must have (``data.resize: native``), else None.
+        self.native_size = native_size
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         path, target = self.samples[index]
-        return self.transform(self.loader(path)), target
+        image = self.loader(path)
+        if self.native_size is not None and (image.height, image.width) != tuple(self.native_size):
+            height, width = self.native_size
+            raise ImageSizeError(f"data.resize: native: image {path} is {image.width}x{image.height} (width x height) "
+                                 f"but the first one is {width}x{height}; native size needs every image at one size, "
+                                 f"or set data.resize to resize them")
+        return self.transform(image), target
+
+    def with_transform(self, transform: Any) -> ImageFiles:
+        """The same files and labels through another transform (one that gives every image one size)."""
+        clone = copy.copy(self)
+        clone.transform, clone.native_size = transform, None
+        return clone
+
+
+def with_transform(dataset: Dataset, transform: Any) -> Dataset:
+    """``dataset`` (:class:`ImageFiles`, or a Subset of one) with ``transform`` instead of its own."""
+    if isinstance(dataset, Subset):
+        return Subset(with_transform(dataset.dataset, transform), dataset.indices)
+    if isinstance(dataset, ImageFiles):
+        return dataset.with_transform(transform)
+    raise TypeError(f"only image files take another transform, not {type(dataset).__name__}")
 
 
 def _is_image_path(path: str) -> bool:
     return _is_image_name(os.path.basename(path))
 
 
-def _read_folder(folder: Path, classes: list[str], transform: Any, loader: _ImageLoader) -> Dataset:
-    """The images of ``folder``'s ``classes``; a class folder without images is refused by name."""
+def _read_folder(folder: Path, classes: list[str], loader: _ImageLoader) -> ImageFiles:
+    """The images of ``folder``'s ``classes`` (no transform yet); a class folder without images is
+    refused by name."""
     from torchvision.datasets.folder import IMG_EXTENSIONS
 
-    dataset = ImageFiles(folder, classes, transform, loader)
+    dataset = ImageFiles(folder, classes, None, loader)
     empty = [classes[i] for i in sorted(set(range(len(classes))) - set(dataset.targets))]
     if empty:
         shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
@@ -216,27 +241,74 @@ def _read_folder(folder: Path, classes: list[str], transform: Any, loader: _Imag
     return dataset
 
 
-def imagefolder_splits(spec: DataSpec, model: nn.Module, seed: int) -> tuple[Dataset, Dataset, int]:
-    import timm.data
+def native_image_size(root: Path) -> tuple[int, int]:
+    """(height, width) of the first image of an imagefolder root (the one ``data.resize: native``
+    takes as every image's size), found without listing the whole folder."""
+    folders, classes = imagefolder_layout(root)
+    for name in classes:
+        for folder, _, files in sorted(os.walk(folders[0] / name, followlinks=True)):
+            for file in sorted(files):
+                if _is_image_name(file):
+                    return _image_size(os.path.join(folder, file))
+    raise DataError(f"data.root: {folders[0]} has no images in its class folders")
 
+
+def _image_size(path: str) -> tuple[int, int]:
+    """(height, width) of one image, from its header (the pixels are not decoded)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.height, image.width
+    except (*_DECODE_ERRORS, Image.DecompressionBombError) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise ImageReadError(f"data.root: cannot read image {path}: {reason}") from exc
+
+
+def _eval_size(spec: DataSpec, model: nn.Module, in_chans: int, first: ImageFiles) -> tuple[int, int]:
+    """(height, width) images reach the model at: ``data.resize``, the first image's for ``native``,
+    else the model's own input size (which wins over its pretrained config: a ViT built with
+    img_size=384 keeps a 224 pretrained_cfg). A size the model cannot take is refused here."""
+    _, height, width = model_input_size(model)
+    if spec.resize is None:
+        return height, width
+    if spec.resize == NATIVE:
+        size = _image_size(first.samples[0][0])
+        problem = model_takes(model, in_chans, size)
+        if problem is not None:
+            raise DataError(f"data.resize: native: the model cannot take the images' own {size[1]}x{size[0]} "
+                            f"({problem}); set data.resize to a size it takes ({width}x{height})")
+        return size
+    size = (spec.resize, spec.resize) if isinstance(spec.resize, int) else tuple(spec.resize)
+    problem = model_takes(model, in_chans, size)
+    if problem is not None:
+        raise DataError(f"data.resize: the model cannot take {size[1]}x{size[0]} images ({problem}); remove "
+                        f"data.resize to use the model's input size ({width}x{height}), or choose a size it accepts")
+    return size
+
+
+def imagefolder_splits(spec: DataSpec, model: nn.Module, seed: int) -> tuple[Dataset, Dataset, int, ImageTransforms]:
+    """The train and val splits of ``spec.root``, the class count, and their resolved preprocessing."""
     root = spec.root
     if root is None or not root.is_dir():
         raise DataError(f"data.root: {root} is not a folder (imagefolder needs class subfolders)")
-    input_size = model_input_size(model)
-    mode = _image_mode(root, input_size[0])
+    in_chans = model_input_size(model)[0]
+    mode = _image_mode(root, in_chans)
     folders, classes = imagefolder_layout(root)
     check_class_count(f"data.root: {root}", len(classes), model)
-    # The model's own input size wins over its pretrained config (a ViT built with img_size=384
-    # keeps a 224 pretrained_cfg).
-    config = _normalisation(timm.data.resolve_data_config({"input_size": input_size}, model=model), input_size[0])
-    transform = timm.data.create_transform(**config, is_training=False)
     loader = _ImageLoader(mode)
-    if len(folders) == 2:
-        train, val = (_read_folder(folder, classes, transform, loader) for folder in folders)
-        return train, val, len(classes)
-    full = _read_folder(root, classes, transform, loader)
+    datasets = [_read_folder(folder, classes, loader) for folder in folders]
+    size = _eval_size(spec, model, in_chans, datasets[0])
+    native = spec.resize == NATIVE
+    transforms = resolve_transforms(spec, model, in_chans, size, native=native)
+    transform = transforms.eval_transform()
+    for dataset in datasets:
+        dataset.transform, dataset.native_size = transform, (size if native else None)
+    if len(datasets) == 2:
+        return datasets[0], datasets[1], len(classes), transforms
+    full = datasets[0]
     train_idx, val_idx = split_indices(len(full), spec.val_fraction, seed)
     if not train_idx:
         raise DataError(f"data.root: {root} has only {len(full)} image(s): too few to split into train "
                         f"and val by data.val_fraction {spec.val_fraction}")
-    return Subset(full, train_idx), Subset(full, val_idx), len(classes)
+    return Subset(full, train_idx), Subset(full, val_idx), len(classes), transforms

@@ -3,9 +3,29 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
+
+#: Interpolation names timm's transforms take (``timm.data.transforms.str_to_interp_mode``).
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
+Interpolation = Literal["nearest", "bilinear", "bicubic", "box", "hamming", "lanczos"]
+#: timm's eval crop modes: ``center`` keeps the aspect ratio (shorter edge resized, centre cropped),
+#: ``squash`` resizes each edge (aspect ratio not kept), ``border`` fits the longer edge and pads.
+CROP_MODES = ("center", "squash", "border")
+#: ``data.resize: native``: images reach the model at their own size (no resize, no crop).
+NATIVE = "native"
+#: The ``data:`` keys that set imagefolder preprocessing (each defaults to the model's pretrained config).
+PREPROCESSING_KEYS = ("resize", "interpolation", "crop_pct", "crop_mode", "mean", "std")
+#: What digits use instead, said where an imagefolder key is given for digits.
+DIGITS_PREPROCESSING = ("the 8x8 digits are upsampled to data.img_size (torch bilinear), scaled to [0, 1] "
+                        "and normalised with mean 0.5, std 0.5")
+
+
+def problem(message: str) -> PydanticCustomError:
+    """A validation error whose message is printed as is (no "Value error, " prefix)."""
+    return PydanticCustomError("rmtp_data", message)
 
 
 class DataSpec(BaseModel):
@@ -16,6 +36,18 @@ class DataSpec(BaseModel):
     name: Literal["digits", "imagefolder"] = "digits"
     root: Path | None = Field(None, description="imagefolder: a folder with train/ and val/ subfolders, or one folder to split")
     img_size: int | None = Field(None, ge=8, le=1024, description="digits: side to upsample to (default: the model's input size)")
+    resize: int | tuple[int, int] | Literal["native"] | None = Field(
+        None, description="imagefolder: the size images reach the model (timm's input_size), an int or [height, width]; "
+                          "'native': no resizing or cropping at all (default: the model's input size)")
+    interpolation: Interpolation | None = Field(None, description="imagefolder: resize interpolation (default: the model's pretrained config)")
+    crop_pct: float | None = Field(None, gt=0.0, le=1.0, description="imagefolder: resize to resize / crop_pct, then crop; "
+                                                                       "1.0: no crop (default: the model's pretrained config)")
+    crop_mode: Literal["center", "squash", "border"] | None = Field(None, description="imagefolder: timm's crop mode "
+                                                                                      "(default: the model's pretrained config)")
+    mean: tuple[float, ...] | None = Field(None, description="imagefolder: normalisation mean, one value per channel or one "
+                                                             "for all (default: the model's pretrained config)")
+    std: tuple[float, ...] | None = Field(None, description="imagefolder: normalisation std, one value per channel or one "
+                                                            "for all (default: the model's pretrained config)")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share held out for validation when the data has no val/ folder")
     calibration_size: int = Field(256, ge=1, description="images from the train split that pruners needing calibration see")
     batch_size: int = Field(64, ge=1, le=4096)
@@ -25,6 +57,52 @@ class DataSpec(BaseModel):
                                                   "independent of the recipe's seed, so changing the run's "
                                                   "seed never moves images between train and val")
 
+    @field_validator("img_size")
+    @classmethod
+    def _img_size_is_for_digits(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is not None and info.data.get("name") == "imagefolder":
+            raise problem("img_size is the digits' upsampling side; for imagefolder set data.resize (the size "
+                           "images reach the model), or data.resize: native for no resizing")
+        return value
+
+    @field_validator("resize", mode="before")
+    @classmethod
+    def _resize_shape(cls, value: Any) -> Any:
+        if value is None or value == NATIVE:
+            return value
+        sides = [value] if isinstance(value, int) else value
+        if (not isinstance(sides, (list, tuple)) or len(sides) not in (1, 2)
+                or not all(isinstance(side, int) and not isinstance(side, bool) and 1 <= side <= 4096 for side in sides)):
+            raise problem("resize takes a side (an int), [height, width] (1 to 4096 px), or 'native' "
+                           "(images at their own size: no resizing or cropping)")
+        return value if isinstance(value, int) else (sides[0], sides[-1])
+
+    @field_validator("mean", "std", mode="before")
+    @classmethod
+    def _per_channel(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None:
+            return value
+        values = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        if (not isinstance(values, (list, tuple)) or not values
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)):
+            raise problem(f"{info.field_name} takes one number per input channel (3 for RGB, 1 for greyscale), "
+                           "or one number for every channel")
+        if info.field_name == "std" and not all(v > 0 for v in values):
+            raise problem("std values must be greater than 0")
+        return tuple(float(v) for v in values)
+
+    @field_validator(*PREPROCESSING_KEYS)
+    @classmethod
+    def _preprocessing_is_for_imagefolder(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None:
+            return value
+        if info.data.get("name", "digits") == "digits":
+            raise problem(f"{info.field_name} sets imagefolder preprocessing; digits use a fixed one "
+                           f"({DIGITS_PREPROCESSING})")
+        if info.field_name in ("interpolation", "crop_pct", "crop_mode") and info.data.get("resize") == NATIVE:
+            raise problem(f"{info.field_name} has no effect with data.resize: native (images reach the model at "
+                           "their own size, never resized or cropped); remove one of the two")
+        return value
 
 
 def saved_split_seed(recipe: dict) -> object:
