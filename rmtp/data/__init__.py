@@ -5,7 +5,8 @@ download), upsampled to the model's input size: the default for the quickstart a
 ``imagefolder`` reads class subfolders like torchvision's ``ImageFolder``, converted to the model's
 channels (greyscale or RGB) and through timm's eval transform of the model's pretrained config,
 each value overridable by a ``data:`` key, or ``resize: native`` for none
-(:mod:`rmtp.data.preprocessing`; the resolved values are ``DataBundle.preprocessing``).
+(:mod:`rmtp.data.preprocessing`; the resolved values are ``DataBundle.preprocessing``). The train
+split can take timm's training transform instead (``DataBundle.train_with``, :class:`TrainAugment`).
 Splits are fixed by the seed, so every step of a run, and every rerun, sees the same images.
 
 Data that does not fit the model (class count, channels, size, layout) is refused by
@@ -13,6 +14,7 @@ Data that does not fit the model (class count, channels, size, layout) is refuse
 and is then named (:class:`ImageReadError`), from a DataLoader worker too.
 """
 
+from rmtp.data.augment import TrainAugment, train_transform
 from rmtp.data.build import build_data, data_input_size
 from rmtp.data.bundle import DataBundle
 from rmtp.data.digits import DIGITS_CLASSES, DIGITS_MEAN, DIGITS_STD, digits_tensors
@@ -50,6 +52,7 @@ __all__ = [
     "ImageReadError",
     "ImageSizeError",
     "ImageTransforms",
+    "TrainAugment",
     "build_data",
     "class_count_problem",
     "data_input_size",
@@ -60,4 +63,5 @@ __all__ = [
     "model_input_size",
     "model_num_classes",
     "saved_split_seed",
+    "train_transform",
 ]

@@ -8,7 +8,10 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from rmtp.data.augment import TrainAugment, train_transform
+from rmtp.data.imagefolder import with_transform
 from rmtp.data.preprocessing import ImageTransforms, describe_preprocessing
+from rmtp.errors import DataError
 
 
 @dataclass
@@ -35,9 +38,36 @@ class DataBundle:
         """The preprocessing in one line, for the terminal (empty when not known)."""
         return describe_preprocessing(self.preprocessing) if self.preprocessing else ""
 
+    def train_with(self, augment: TrainAugment) -> Dataset:
+        """The train split (same images, labels and order) through timm's training transform:
+        ``timm.data.create_transform(input_size, is_training=True, ...)`` with ``augment``'s values,
+        this run's input size and mean/std (:func:`rmtp.data.augment.train_transform`).
+
+        imagefolder only: the digits are tensors, not PIL images; they keep their ±2 px shift
+        augmentation (``finetune: augment: true``). The calibration and val splits keep the eval transform.
+        """
+        if self.transforms is None:
+            raise DataError("timm's training augmentation needs data: imagefolder (PIL images); the digits are "
+                            "tensors and keep their own augmentation (random ±2 px shifts, finetune augment: true)")
+        return with_transform(self.train, train_transform(augment, self.transforms))
+
     def loader(self, split: Literal["train", "val", "calibration"], *, shuffle: bool = False,
-               seed: int = 0, batch_size: int | None = None) -> DataLoader:
+               seed: int = 0, batch_size: int | None = None, num_workers: int | None = None,
+               pin_memory: bool = False, persistent_workers: bool = False,
+               augment: TrainAugment | None = None) -> DataLoader:
+        """A DataLoader over ``split``: seeded shuffling, ``batch_size`` and ``num_workers``
+        defaulting to the data's; ``pin_memory``/``persistent_workers`` as torch's (the latter needs
+        workers); ``augment``: the train split through timm's training transform (:meth:`train_with`)."""
+        workers = self.num_workers if num_workers is None else num_workers
+        if persistent_workers and workers == 0:
+            raise DataError("persistent_workers: true keeps DataLoader workers alive between epochs, but "
+                            "num_workers is 0 (no workers); set num_workers > 0 or drop persistent_workers")
+        if augment is not None and split != "train":
+            raise DataError(f"augment is for the train split; the {split} split keeps the eval transform")
         dataset = {"train": self.train, "val": self.val, "calibration": self.calibration}[split]
+        if augment is not None:
+            dataset = self.train_with(augment)
         generator = torch.Generator().manual_seed(seed)
         return DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=shuffle,
-                          generator=generator, num_workers=self.num_workers)
+                          generator=generator, num_workers=workers, pin_memory=pin_memory,
+                          persistent_workers=persistent_workers)
