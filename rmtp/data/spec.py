@@ -96,7 +96,7 @@ class DataSpec(BaseModel):
     def _preprocessing_is_for_imagefolder(cls, value: Any, info: ValidationInfo) -> Any:
         if value is None:
             return value
-        if info.data.get("name", "digits") == "digits":
+        if info.data.get("name") == "digits":
             raise problem(f"{info.field_name} sets imagefolder preprocessing; digits use a fixed one "
                            f"({DIGITS_PREPROCESSING})")
         if info.field_name in ("interpolation", "crop_pct", "crop_mode") and info.data.get("resize") == NATIVE:
