@@ -9,6 +9,7 @@ model and with the stored logits.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import warnings
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from torch import nn
+from typer.testing import CliRunner
 
 import rmtp
 from rmtp.errors import RmtpError
@@ -205,3 +207,56 @@ def test_token_order_under_onnx_export_is_the_stable_sort_on_ties(tmp_path: Path
     export_model(Order(), tmp_path / "order.onnx", format="onnx", batch=4, input_shape=(1, 1, 50))
     got = run_file(tmp_path / "order.onnx", "onnx", scores)
     assert torch.equal(got.long(), torch.sort(scores, dim=-1, descending=True, stable=True).indices)
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def invoke(*args: str):
+    from rmtp.cli import build_app
+
+    return CliRunner().invoke(build_app(), [str(a) for a in args])
+
+
+def one_error_line(result) -> str:  # noqa: ANN001 - click Result
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
+    return lines[0]
+
+
+def test_cli_writes_model_file_into_the_run_folder_by_default(tmp_path: Path) -> None:
+    fmt = "onnx"  # pt2 through the CLI: test_cli_errors_are_one_line_and_write_nothing and the library tests
+    folder = shutil.copytree(SAVED / "tome-vit", tmp_path / "run")
+    result = invoke("export", folder, "--format", fmt, "--batch", "3")
+    assert result.exit_code == 0, result.output
+    out = folder / f"model.{fmt}"
+    assert f"model.{fmt}" in result.output and "3 × 1 × 12 × 12" in result.output and "max |diff|" in result.output
+    x = torch.randn(3, 1, 12, 12)
+    with torch.no_grad():
+        assert float((run_file(out, fmt, x) - rmtp.load(folder).model(x)).abs().max()) <= TOLERANCE
+
+
+def test_cli_check_on_a_run_with_json(tmp_path: Path, run_folder: Path) -> None:
+    out, report = tmp_path / "deploy" / "vit.onnx", tmp_path / "export.json"
+    result = invoke("export", run_folder, "-f", "onnx", "-o", out, "--batch", "8", "--check", "--check-images", "16",
+                    "--json", report)
+    assert result.exit_code == 0, result.output
+    assert "16 val images" in result.output
+    data = json.loads(report.read_text())
+    assert data["path"] == str(out) and data["images"] == 16 and data["batch"] == 8 and data["max_abs_diff"] <= TOLERANCE
+    assert out.stat().st_size == data["bytes"]
+
+
+def test_cli_errors_are_one_line_and_write_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = shutil.copytree(SAVED / "svd-mp-vit", tmp_path / "run")
+    before = sorted(p.name for p in folder.iterdir())
+    assert one_error_line(invoke("export", folder, "--format", "tflite")) == \
+        "error: --format tflite: choose one of onnx, pt2"
+    assert "not writable" in one_error_line(invoke("export", folder, "--format", "pt2", "-o", "/proc/rmtp-test/m.pt2"))
+    assert "not writable" in one_error_line(invoke("export", folder, "--format", "pt2", "--json", "/proc/rmtp-test/r.json"))
+    assert "no rmtp_model.json" in one_error_line(invoke("export", tmp_path, "--format", "pt2", "-o", tmp_path / "m.pt2"))
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    line = one_error_line(invoke("export", folder, "--format", "onnx"))
+    assert line.endswith('pip install "rmtp[export]"')
+    assert sorted(p.name for p in folder.iterdir()) == before

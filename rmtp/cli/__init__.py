@@ -8,6 +8,7 @@ leave as red lines on stderr with exit code 1, never a traceback.
   and the recipe commands ``prune``, ``validate``, ``list``;
 - :mod:`rmtp.cli.spectrum`: ``rmtp analyze-spectrum``;
 - :mod:`rmtp.cli.bench`: ``rmtp bench``;
+- :mod:`rmtp.cli.export`: ``rmtp export``;
 - :mod:`rmtp.cli.exits`: :func:`user_errors`, how every command (a plugin's too) turns errors and
   Ctrl-C into one line and an exit code.
 

@@ -152,6 +152,7 @@ def build_app(plugins: Plugins | None = None) -> typer.Typer:
     app.command("list")(list_plugins)
     from rmtp.cli.spectrum import analyze_spectrum; app.command("analyze-spectrum")(analyze_spectrum)  # noqa: E702
     from rmtp.cli.bench import bench; app.command()(bench)  # noqa: E702
+    from rmtp.cli.export import export; app.command()(export)  # noqa: E702
     (plugins or get_plugins()).manager.hook.register_commands(app=app)
     return app
 

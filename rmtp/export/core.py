@@ -1,0 +1,192 @@
+"""``export_model``: the source (a folder or a module), the inputs it is checked on, the atomic write."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from rmtp.atomic import check_writable, replace_atomically, write_errors
+from rmtp.errors import short_repr
+from rmtp.export.refusals import (
+    DEFAULT_OPSET,
+    ExportError,
+    Format,
+    check_options,
+    export_problems,
+)
+from rmtp.export.runtimes import discrete_hint, onnx_writer, ort_version, pt2_writer
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
+_SEED = 0
+
+
+@dataclass
+class ExportReport:
+    """What :func:`export_model` wrote and how it was checked."""
+
+    path: Path
+    format: str
+    bytes: int
+    input_shape: tuple[int, ...]
+    batch: int
+    max_abs_diff: float
+    images: int
+    inputs: str
+    exporter: str
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["path"] = str(self.path)
+        data["input_shape"] = list(self.input_shape)
+        return data
+
+
+def export_model(source: str | os.PathLike | nn.Module, path: str | os.PathLike, *,
+                 format: Format,
+                 batch: int = 1, check: bool = False, check_images: int = 32, opset: int | None = None,
+                 input_shape: Sequence[int] | None = None) -> ExportReport:
+    """Write ``source`` to ``path`` as ``format`` (``"onnx"`` or ``"pt2"``), verified, atomically.
+
+    ``source``: an rmtp output folder (loaded with :func:`rmtp.load`; its input shape is what its
+    saved recipe's data gives the model, else :func:`rmtp.data.model_input_size`) or an
+    ``nn.Module`` with ``input_shape`` ``(C, H, W)``. ``input_shape`` also overrides a folder's.
+    ``batch``: the exported graph's (static) batch size. ``check``: compare outputs on
+    ``check_images`` val images of the folder's dataset, in batches of ``batch`` (random inputs,
+    said so in the report, when there is no data: an ``nn.Module``, a folder without a recipe).
+    ``opset``: ONNX opset (default 17). Raises :class:`ExportError` (one line) on a refusal, a
+    failed export or a difference above :data:`TOLERANCE`.
+    """
+    started = time.perf_counter()
+    fmt = check_options(format, batch, check_images, opset)
+    path = Path(path)
+    check_writable(path, what="export", is_dir=False)
+    model, shape, data, no_data = _source(source, input_shape, want_data=check)
+    problems = export_problems(model, fmt)
+    if problems:
+        raise ExportError(f"cannot export {_name(source)} to {fmt}: " + "; ".join(problems))
+    inputs, described = _inputs(data, no_data, shape, batch, check_images if check else batch)
+    with _eval_mode(model), torch.no_grad():
+        expected = [model(x) for x in inputs]
+        for out in expected:
+            if not isinstance(out, Tensor):
+                raise ExportError(f"cannot export {_name(source)}: its forward returns {type(out).__name__}, "
+                                  f"not one tensor")
+        opset_used = opset or DEFAULT_OPSET
+        hint = discrete_hint(model)
+        writer = (onnx_writer(model, inputs, expected, opset_used, hint) if fmt == "onnx"
+                  else pt2_writer(model, inputs, expected, hint))
+        result: dict[str, float] = {}
+        with write_errors("export", path, consequence="nothing was written"):
+            replace_atomically(path, lambda tmp: result.update(diff=writer(tmp)))
+    exporter = (f"torch.onnx.export (TorchScript, opset {opset_used}) + onnxruntime {ort_version()}"
+                if fmt == "onnx" else f"torch.export (torch {torch.__version__.split('+')[0]})")
+    return ExportReport(path=path, format=fmt, bytes=path.stat().st_size, input_shape=tuple(shape), batch=batch,
+                        max_abs_diff=result["diff"], images=len(inputs) * batch, inputs=described,
+                        exporter=exporter, seconds=round(time.perf_counter() - started, 3))
+
+
+# ----------------------------------------------------------------------------------- the source
+
+
+def _name(source: object) -> str:
+    return str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
+
+
+def _source(source: object, input_shape: Sequence[int] | None, *, want_data: bool
+            ) -> tuple[nn.Module, tuple[int, ...], Dataset | None, str]:
+    """(model, (C, H, W), val images or None, why there are none)."""
+    shape = _shape(input_shape) if input_shape is not None else None
+    if isinstance(source, nn.Module):
+        if shape is None:
+            raise ExportError(f"export of an nn.Module ({type(source).__name__}) needs input_shape=(C, H, W)")
+        return source, shape, None, "an nn.Module carries no data"
+    if not isinstance(source, (str, os.PathLike)):
+        raise ExportError(f"export source must be an rmtp output folder or an nn.Module, got {type(source).__name__}")
+    from rmtp.data import build_data, data_input_size
+    from rmtp.saving import load
+
+    folder = Path(source)
+    loaded = load(folder)
+    spec = _saved_data(folder)
+    if shape is None:
+        shape = tuple(data_input_size(spec, loaded.model)) if spec is not None else _model_shape(loaded.model)
+    if spec is None:
+        return loaded.model, shape, None, f"{folder} has no recipe.yaml, so no data"
+    return loaded.model, shape, build_data(spec, loaded.model).val if want_data else None, ""
+
+
+def _model_shape(model: nn.Module) -> tuple[int, ...]:
+    from rmtp.data import model_input_size
+
+    return tuple(model_input_size(model))
+
+
+def _shape(value: Sequence[int]) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in value)
+    except (TypeError, ValueError):
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise ExportError(f"export input_shape must be (C, H, W), got {short_repr(value)}")
+    return shape
+
+
+def _saved_data(folder: Path) -> Any:
+    """The DataSpec of the folder's saved recipe, or None when it has none."""
+    from pydantic import ValidationError
+
+    from rmtp.data import DataSpec, saved_split_seed
+    from rmtp.saving import RECIPE_FILE, read_saved_recipe
+
+    recipe = read_saved_recipe(folder)
+    if recipe is None:
+        return None
+    try:
+        return DataSpec(**{**(recipe.get("data") or {}), "split_seed": saved_split_seed(recipe)})
+    except (ValidationError, TypeError) as exc:
+        raise ExportError(f"{folder / RECIPE_FILE}: data: not a valid data section: {short_repr(str(exc), 200)}") from None
+
+
+def _inputs(data: Dataset | None, no_data: str, shape: tuple[int, ...], batch: int, count: int
+            ) -> tuple[list[Tensor], str]:
+    """Batches of ``batch`` to compare on: the first val images (whole batches, at least one), or
+    seeded random ones when there is no data; and how the report describes them."""
+    batches = max(1, count // batch)
+    if data is None:
+        generator = torch.Generator().manual_seed(_SEED)
+        inputs = [torch.randn(batch, *shape, generator=generator) for _ in range(batches)]
+        why = f" ({no_data})" if no_data else ""
+        return inputs, f"random normal inputs, seed {_SEED}{why}"
+    if len(data) < batch:
+        raise ExportError(f"export --check: the val split has {len(data)} images, fewer than one batch of {batch}")
+    batches = min(batches, len(data) // batch)
+    images = [data[i][0] for i in range(batches * batch)]
+    inputs = [torch.stack(images[i * batch:(i + 1) * batch]) for i in range(batches)]
+    if tuple(inputs[0].shape[1:]) != shape:
+        raise ExportError(f"export --check: val images are {tuple(inputs[0].shape[1:])}, the export's input is {shape}")
+    return inputs, "val images"
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode while it is exported (dropout off), as it was afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, mode in modes.items():
+            module.train(mode)
+
+
