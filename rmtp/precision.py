@@ -9,15 +9,16 @@ compared in fp32.
 from __future__ import annotations
 
 import contextlib
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from rmtp.errors import RmtpError
 
+if TYPE_CHECKING:  # recipes name precisions before torch is imported (rmtp validate stays fast)
+    import torch
+
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 
 
 def check_precision(precision: str, device: torch.device, *, option: str) -> None:
@@ -30,7 +31,9 @@ def check_precision(precision: str, device: torch.device, *, option: str) -> Non
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
     """``torch.autocast`` for ``precision`` on ``device``'s type (a no-op context for fp32)."""
+    import torch
+
     dtype = _DTYPES.get(precision)
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))

@@ -265,6 +265,11 @@ def parse_recipe(raw: Any, *, source: Path | None = None, plugins: Plugins | Non
         kwargs = {} if model.checkpoint is not None and model.checkpoint.is_dir() else model.kwargs
         problems.extend(f"{label}: {problem}" for problem in imagefolder_problems(data.root, kwargs))
 
+    for index, step in enumerate(steps):  # timm's training transform works on PIL images
+        if isinstance(step, FinetuneStep) and not isinstance(step.finetune.augment, bool) \
+                and shape.data.name != "imagefolder":
+            problems.append(f"{label}: steps[{index}].finetune.augment: timm's training augmentation needs data: "
+                            f"imagefolder; the {shape.data.name} images are tensors (augment: true shifts them)")
     if shape.device == "cpu":  # the device is known: refuse now what it cannot run, not after the pruning
         for index, step in enumerate(steps):
             if isinstance(step, FinetuneStep) and step.finetune.precision == "fp16":

@@ -94,16 +94,6 @@ def test_train_augment_validates(keys: dict, message: str) -> None:
     assert caught.value.errors()[0]["msg"].startswith(message)
 
 
-def test_mixup_fn() -> None:
-    assert TrainAugment().mixup_fn(10) is None
-    mixup = TrainAugment(mixup=0.8, cutmix=1.0).mixup_fn(10, label_smoothing=0.1)
-    assert isinstance(mixup, timm.data.Mixup)
-    assert (mixup.mixup_alpha, mixup.cutmix_alpha, mixup.label_smoothing, mixup.num_classes) == (0.8, 1.0, 0.1, 10)
-
-
-# --- loader settings ---------------------------------------------------------------------------------
-
-
 def test_loader_settings(digits_folder: Path) -> None:
     from conftest import TINY_VIT
 

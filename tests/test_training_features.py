@@ -150,3 +150,38 @@ def test_evaluate_in_bf16_and_fp16_refused_on_cpu(bundle) -> None:
         rmtp.evaluate(model, bundle, precision="fp16")
     with pytest.raises(RecipeError, match=r"steps\[0\]\.evaluate\.precision: fp16 needs a CUDA device"):
         parse_recipe(tiny_recipe([{"evaluate": {"precision": "fp16"}}]))
+
+
+def _png_folder(root, model, per_class: int = 6):
+    """A real image folder: digits written as PNG files in class subfolders (train/ and val/)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for split, offset in (("train", 0), ("val", 500)):
+        for label in range(3):
+            folder = root / split / str(label)
+            folder.mkdir(parents=True)
+            images = digits.images[digits.target == label][offset // 100: offset // 100 + per_class]
+            for i, image in enumerate(images):
+                Image.fromarray((image * 255 / 16).astype("uint8")).convert("RGB").resize((32, 32)).save(folder / f"{i}.png")
+    return root
+
+
+def test_timm_augmentation_trains_an_imagefolder_model(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", layers=[1, 1, 1, 1], channels=[8, 8, 8, 8], num_classes=3)
+    model.pretrained_cfg = {**model.pretrained_cfg, "input_size": (3, 32, 32), "crop_pct": 1.0}
+    data = build_data(DataSpec(name="imagefolder", root=_png_folder(tmp_path / "images", model), batch_size=6), model)
+    config = TrainConfig(epochs=1, lr=1e-3, seed=0, augment={"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25})
+    result = train(model, data, config, device="cpu")
+    assert torch.isfinite(torch.tensor(result.history[0].train_loss))
+    assert TrainConfig(augment="timm").augment.hflip == 0.5  # timm's create_transform defaults
+
+
+def test_timm_augmentation_is_refused_for_digits_before_any_work() -> None:
+    with pytest.raises(RecipeError, match=r"steps\[0\]\.finetune\.augment: timm's training augmentation needs "
+                                          r"data: imagefolder"):
+        parse_recipe(tiny_recipe([{"finetune": {"augment": "timm"}}]))
+    with pytest.raises(ValidationError, match="augment takes true/false"):
+        TrainConfig(augment="yes")

@@ -23,8 +23,8 @@ class TrainAugment(BaseModel):
 
     :meth:`rmtp.data.DataBundle.train_with` gives the train split through
     ``timm.data.create_transform(input_size, is_training=True, ...)`` with these values, the run's
-    input size and its mean/std; the defaults are ``create_transform``'s own. ``mixup``/``cutmix``
-    are batch-level (``timm.data.Mixup``, :meth:`mixup_fn`), applied by the training loop.
+    input size and its mean/std; the defaults are ``create_transform``'s own. Mixup/CutMix are
+    batch-level and work on any data: ``finetune: mixup:`` (:class:`rmtp.training.MixupConfig`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -44,10 +44,6 @@ class TrainAugment(BaseModel):
     interpolation: TrainInterpolation | None = Field(
         None, description="random resized crop interpolation; null: the data's (data.interpolation, else the "
                           "model's pretrained config)")
-    mixup: float = Field(0.0, ge=0.0, description="mixup alpha (timm.data.Mixup); 0: off")
-    cutmix: float = Field(0.0, ge=0.0, description="cutmix alpha; 0: off")
-    mixup_prob: float = Field(1.0, ge=0.0, le=1.0, description="probability of mixup or cutmix per batch")
-    mixup_switch_prob: float = Field(0.5, ge=0.0, le=1.0, description="probability of cutmix instead of mixup when both are on")
 
     @field_validator("auto_augment")
     @classmethod
@@ -87,19 +83,6 @@ class TrainAugment(BaseModel):
             bound = "0 < low <= high <= 1" if info.field_name == "scale" else "0 < low <= high"
             raise problem(f"{info.field_name} is a [low, high] range with {bound}")
         return value
-
-    def mixup_fn(self, num_classes: int, label_smoothing: float = 0.0) -> Any:
-        """``timm.data.Mixup`` for these settings (soft targets: train with
-        ``timm.loss.SoftTargetCrossEntropy``), or None when mixup and cutmix are off.
-
-        timm mixes within a batch and needs an even batch size (drop the last batch if odd)."""
-        if not (self.mixup > 0 or self.cutmix > 0):
-            return None
-        from timm.data import Mixup
-
-        return Mixup(mixup_alpha=self.mixup, cutmix_alpha=self.cutmix, prob=self.mixup_prob,
-                     switch_prob=self.mixup_switch_prob, mode="batch", label_smoothing=label_smoothing,
-                     num_classes=num_classes)
 
 
 def train_transform(augment: TrainAugment, transforms: ImageTransforms) -> Any:

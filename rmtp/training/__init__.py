@@ -11,22 +11,29 @@ and distils with.
 
 from __future__ import annotations
 
-from rmtp.training.config import AUGMENT_SHIFT, DistillConfig, MixupConfig, Precision, TrainConfig
-from rmtp.training.loop import BatchProgress, EpochStats, TrainResult, check_device_settings, train
-from rmtp.training.pieces import (
-    NO_DECAY_TOKENS,
-    augment_batch,
-    elastic_net,
-    kd_loss,
-    lr_at,
-    param_groups,
-    penalized_weights,
-    training_loss,
-    zero_masks,
-)
-from rmtp.training.state import ResumableShuffle, TrainState
+import importlib
+from typing import Any
 
-__all__ = ["AUGMENT_SHIFT", "NO_DECAY_TOKENS", "BatchProgress", "DistillConfig", "EpochStats", "MixupConfig",
-           "Precision", "ResumableShuffle", "TrainConfig", "TrainResult", "TrainState", "augment_batch",
-           "check_device_settings", "elastic_net", "kd_loss", "lr_at", "param_groups", "penalized_weights",
-           "train", "training_loss", "zero_masks"]
+# Lazy, so that recipes (which need only the config) validate without importing torch.
+_EXPORTS = {
+    **dict.fromkeys(("AUGMENT_SHIFT", "DistillConfig", "MixupConfig", "TrainConfig"), "rmtp.training.config"),
+    "Precision": "rmtp.precision",
+    **dict.fromkeys(("BatchProgress", "EpochStats", "TrainResult", "check_device_settings", "train"),
+                    "rmtp.training.loop"),
+    **dict.fromkeys(("NO_DECAY_TOKENS", "augment_batch", "elastic_net", "kd_loss", "lr_at", "param_groups",
+                     "penalized_weights", "training_loss", "zero_masks"), "rmtp.training.pieces"),
+    **dict.fromkeys(("ResumableShuffle", "TrainState"), "rmtp.training.state"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rmtp.training' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

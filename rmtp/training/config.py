@@ -6,10 +6,11 @@ checks (fp16 needs CUDA) run again where the device is known (:func:`rmtp.traini
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from rmtp.data.augment import TrainAugment
 from rmtp.precision import Precision
 
 #: Largest shift, in pixels, of the ``augment`` random translation.
@@ -73,8 +74,19 @@ class TrainConfig(BaseModel):
                       description="elastic-net L1 penalty λ₁·Σ|w| on the pruned layers' weights")
     l2: float = Field(0.0, ge=0.0, le=1.0,
                       description="elastic-net L2 penalty λ₂·Σw² on the pruned layers' weights")
-    augment: bool = Field(False, description=f"random translation by up to ±{AUGMENT_SHIFT} px "
-                                             "(pad + random crop of each batch), seeded")
+    augment: bool | TrainAugment = Field(False, description=f"true: random translation by up to ±{AUGMENT_SHIFT} "
+                                                            "px (pad + random crop of each batch, seeded; digits); "
+                                                            "timm (or a mapping of its keys: auto_augment, re_prob, "
+                                                            "hflip, ...): timm's training transform (imagefolder)")
+
+    @field_validator("augment", mode="before")
+    @classmethod
+    def _timm_augment(cls, value: Any) -> Any:
+        if value == "timm":
+            return TrainAugment()
+        if isinstance(value, str):
+            raise ValueError(f"augment takes true/false (shift), timm, or a mapping of timm's keys; got {value!r}")
+        return value
     seed: int | None = Field(None, ge=0, description="seed of init-independent randomness: shuffle, "
                                                      "augmentation, dropout (None: not seeded)")
     precision: Precision = Field("fp32", description="autocast dtype of forward passes: fp32 (off), bf16 "

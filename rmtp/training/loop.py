@@ -31,6 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from rmtp import distributed
 from rmtp.data import DataBundle
+from rmtp.data.augment import TrainAugment
 from rmtp.errors import RmtpError
 from rmtp.measure import top1
 from rmtp.precision import autocast, check_precision
@@ -241,7 +242,8 @@ def _train_loader(bundle: DataBundle, config: TrainConfig, seed: int,
             bundle.train, num_replicas=world, rank=distributed.rank(), shuffle=True, seed=seed))
     else:
         sampler = ResumableShuffle(bundle.train, generator)
-    loader = DataLoader(bundle.train, batch_size=global_batch // world, sampler=sampler, generator=generator,
+    dataset = bundle.train_with(config.augment) if isinstance(config.augment, TrainAugment) else bundle.train
+    loader = DataLoader(dataset, batch_size=global_batch // world, sampler=sampler, generator=generator,
                         num_workers=workers, pin_memory=config.pin_memory,
                         persistent_workers=config.persistent_workers, drop_last=config.mixup is not None)
     return loader, sampler
@@ -437,7 +439,7 @@ def _forward_backward(run: _Steps, images: torch.Tensor, targets: torch.Tensor, 
     """Forward (teacher too, under autocast), loss in fp32, backward of ``loss / group_size``."""
     config = run.config
     images, targets = images.to(run.device, non_blocking=True), targets.to(run.device, non_blocking=True)
-    if config.augment:
+    if config.augment is True:  # the shift; timm's augmentation is in the train split's transform
         images = augment_batch(images, run.aug_generator)
     if run.mixup is not None:
         images, targets = run.mixup(images, targets)
