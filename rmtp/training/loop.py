@@ -365,7 +365,7 @@ def _train_epoch(run: _Steps, model: nn.Module, loader: DataLoader, sampler: Res
     checkpoint had done (``sampler.skip``), with the loss so far carried over.
     """
     model.train()
-    if isinstance(sampler, SkippingSampler):
+    if not isinstance(sampler, ResumableShuffle):  # a DistributedSampler reshuffles per epoch
         sampler.set_epoch(epoch)
     done = sampler.skip // (loader.batch_size or 1)
     if not done:

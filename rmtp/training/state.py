@@ -25,31 +25,10 @@ import torch
 from torch.utils.data import RandomSampler, Sampler
 
 
-class ResumableShuffle(Sampler[int]):
-    """``RandomSampler(data, generator=generator)``, with ``skip`` samples of the next epoch left out.
-
-    The permutation comes from the same generator calls as a shuffling DataLoader's, so only the
-    skipped prefix differs; ``skip`` applies to one epoch and resets.
-    """
-
-    def __init__(self, data: Sized, generator: torch.Generator) -> None:
-        self.inner = RandomSampler(data, generator=generator)
-        self.skip = 0
-
-    def __iter__(self) -> Iterator[int]:
-        skip, self.skip = self.skip, 0
-        indices = iter(self.inner)
-        for _ in range(skip):
-            next(indices)
-        yield from indices
-
-    def __len__(self) -> int:
-        return len(self.inner) - self.skip
-
-
 class SkippingSampler(Sampler[int]):
-    """Any sampler (a DistributedSampler under torchrun) with the first ``skip`` indices of its next
-    epoch left out; ``set_epoch`` passes through."""
+    """A sampler with the first ``skip`` indices of its next epoch left out (``skip`` then resets),
+    so a resumed epoch starts where its checkpoint stopped without loading the samples before it.
+    ``set_epoch`` passes through to a DistributedSampler."""
 
     def __init__(self, inner: Sampler[int]) -> None:
         self.inner = inner
@@ -67,6 +46,14 @@ class SkippingSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.inner) - self.skip
+
+
+class ResumableShuffle(SkippingSampler):
+    """``RandomSampler(data, generator=generator)`` that can skip: the permutation comes from the
+    same generator calls as a shuffling DataLoader's, so runs are bit-identical with and without it."""
+
+    def __init__(self, data: Sized, generator: torch.Generator) -> None:
+        super().__init__(RandomSampler(data, generator=generator))
 
 
 def rng_states() -> dict[str, Any]:
