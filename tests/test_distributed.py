@@ -41,3 +41,47 @@ def test_finetune_runs_data_parallel_under_torchrun(tmp_path: Path) -> None:
         weight = loaded.get_submodule(row["layer"]).weight
         assert int(torch.count_nonzero(weight)) <= row["nonzeros_after"]
     assert report["final"]["top1"] == pytest.approx(finetune["stats"]["top1"])
+
+
+def _torchrun(recipe: Path, cwd: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO / "tests")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "rmtp", "prune", str(recipe), "--quiet", *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd, start_new_session=True)
+
+
+@pytest.mark.slow
+def test_a_killed_torchrun_run_resumes_to_the_uninterrupted_weights(tmp_path: Path) -> None:
+    import time
+
+    from rmtp.resume import checkpoint_root, read_checkpoint
+
+    def recipe(name: str) -> Path:
+        raw = tiny_recipe([{"prune": "magnitude", "params": {"sparsity": 0.5}},
+                           {"finetune": {"epochs": 2, "lr": 1e-3, "batch_size": 32, "checkpoint_every": 3,
+                                         "distill": {"weight": 0.5}}}], output=tmp_path / name)
+        raw["data"]["batch_size"] = 32
+        return write_recipe(tmp_path / f"{name}.yaml", raw)
+
+    reference = _torchrun(recipe("reference"), tmp_path)
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()[-3000:]
+    run = _torchrun(recipe("killed"), tmp_path)
+    root, deadline = checkpoint_root(tmp_path / "killed"), time.time() + 240
+    while time.time() < deadline:
+        state = read_checkpoint(tmp_path / "killed") if (root / "latest.json").is_file() else None
+        if state is not None and state.progress.train is not None and state.progress.train.batches_done > 0:
+            break
+        assert run.poll() is None, "the run finished before a mid-epoch checkpoint was seen"
+        time.sleep(0.05)
+    # torchrun's workers run in sessions of their own: kill every process of this run by its recipe
+    subprocess.run(["pkill", "-KILL", "-f", str(tmp_path / "killed.yaml")], check=False)
+    run.wait(timeout=60)
+    time.sleep(1.0)
+    assert not (tmp_path / "killed").exists() and sorted(p.name for p in root.glob("gen-*/train-rank*.pt")) \
+        == ["train-rank1.pt"]
+    resumed = _torchrun(tmp_path / "killed.yaml", tmp_path, "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
+    want, got = rmtp.load(tmp_path / "reference").model.state_dict(), rmtp.load(tmp_path / "killed").model.state_dict()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=0, rtol=0, msg=key)
