@@ -7,12 +7,14 @@ them, at a run's resolved input size and mean/std.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from rmtp.data.preprocessing import ImageTransforms
 from rmtp.data.spec import problem
+
+if TYPE_CHECKING:  # TrainAugment is part of a recipe (finetune.augment), which validates without torch
+    from rmtp.data.preprocessing import ImageTransforms
 
 #: Training may also pick an interpolation at random per image (timm's ``random``: bilinear or bicubic).
 TrainInterpolation = Literal["nearest", "bilinear", "bicubic", "box", "hamming", "lanczos", "random"]
