@@ -10,22 +10,33 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console, Group
+from rich.console import Console, ConsoleOptions, Group, RenderResult
+from rich.cells import cell_len
 from rich.markup import escape
+from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichProgressBar
 from rich.table import Table
+from rich.text import Text
 
-from rmtp.plugins import Plugins
 from rmtp.progress import Progress
 
 if TYPE_CHECKING:  # reports render themselves through this module (StepReport.__rich__)
+    from rmtp.plugins import Plugins
     from rmtp.report import ModelStats, RunReport, StepReport
 
-stdout = Console(highlight=False)
+# emoji=False: rich would turn the ":m:" of "n:m" (and any :name: in a layer, a note, a path) into
+# an emoji code (nⓂ); rmtp prints names, never emoji.
+stdout = Console(highlight=False, emoji=False)
 if not stdout.is_terminal:  # piped or captured: do not squeeze tables into 80 columns
     stdout.width = max(stdout.width, 140)
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
+
+
+def markup(text: str) -> Text:
+    """Console markup as a :class:`~rich.text.Text` with emoji codes left alone, for renderables that
+    other consoles (a notebook's, ``rich.print``'s) draw too."""
+    return Text.from_markup(text, emoji=False)
 
 
 def human(n: float | int | None) -> str:
@@ -46,40 +57,147 @@ def _fraction(value: float | None) -> str:
     return "–" if value is None else f"{value:.1%}"
 
 
-def step_table(step: StepReport) -> Table:
-    """Per-layer rows of a prune step: shape, budget, kept, sparsity, params and nonzeros."""
-    detail_keys: list[str] = []
-    for row in step.rows:
-        detail_keys.extend(k for k in row.detail if k not in detail_keys)
-    table = Table(title=f"step {step.index} · {escape(step.kind)} · {escape(step.name)}", title_justify="left")
-    notes = ["note"] if any(row.note for row in step.rows) else []
-    for column in ("layer", "shape", "budget", "kept", "sparsity", "params", "nonzeros", *detail_keys, *notes):
-        table.add_column(column, justify="left" if column in ("layer", "shape") else "right",
-                         no_wrap=column in ("layer", "shape", "params"))
-    for row in step.rows:
+#: The per-layer columns in the order a table shows them; ``DETAIL`` stands for the pruner's own
+#: figures (``LayerRow.detail``, in the order the pruner gives them).
+DETAIL = "<detail>"
+_COLUMN_ORDER = ("layer", "shape", "budget", "kept", "sparsity", "params", "nonzeros", DETAIL, "note")
+
+#: Which columns a step table keeps when the terminal is too narrow for all of them, most important
+#: first, per pruner kind; the last ones are hidden first. The pruner's detail figures come after
+#: layer, shape, params, kept and sparsity (for token pruners, whose blocks keep their shape and
+#: weights, right after kept), last ones first; budget, nonzeros and the free note go before them.
+COLUMN_PRIORITY: dict[str, tuple[str, ...]] = {
+    "weight": ("layer", "kept", "params", "shape", "sparsity", DETAIL, "budget", "nonzeros", "note"),
+    "mask": ("layer", "kept", "sparsity", "params", "shape", DETAIL, "budget", "nonzeros", "note"),
+    "token": ("layer", "kept", DETAIL, "params", "budget", "shape", "sparsity", "nonzeros", "note"),
+}
+_NO_WRAP = ("layer", "shape", "params")
+_UNBOUNDED = 100_000
+
+
+class StepTable:
+    """The per-layer table of a prune step, with the columns that fit the width it is drawn at.
+
+    A rich renderable: the columns are chosen when a console draws it (``rmtp prune``, a notebook's
+    ``StepReport.__rich__``), so that no row wraps. Columns are hidden least important first
+    (:data:`COLUMN_PRIORITY`, by the pruner's kind) until the table's natural width fits; a caption
+    names the hidden ones. ``wide`` shows every column whatever the width (``rmtp prune --wide``).
+    Every figure stays in the report's JSON either way.
+    """
+
+    def __init__(self, step: StepReport, *, wide: bool = False):
+        self.step = step
+        self.wide = wide
+        detail_keys: list[str] = []
+        for row in step.rows:
+            detail_keys.extend(k for k in row.detail if k not in detail_keys)
+        self.detail_keys = detail_keys
+        notes = ["note"] if any(row.note for row in step.rows) else []
+        self.columns = [c for c in _COLUMN_ORDER if c not in (DETAIL, "note")]
+        self.columns[self.columns.index("nonzeros") + 1:] = [*detail_keys, *notes]
+
+    def drop_order(self) -> list[str]:
+        """The columns in the order they are hidden when space runs out (least important first)."""
+        priority = COLUMN_PRIORITY.get(self._kind(), COLUMN_PRIORITY["weight"])
+        ranked: list[str] = []
+        for name in priority:
+            ranked.extend(self.detail_keys if name == DETAIL else [name])
+        ranked = [c for c in ranked if c in self.columns]
+        return [c for c in reversed(ranked) if c != "layer"]
+
+    def fit(self, console: Console, width: int) -> tuple[list[str], list[str]]:
+        """(shown, hidden) columns for ``width``: all of them when ``wide`` or when they fit."""
+        shown = list(self.columns)
+        if self.wide:
+            return shown, []
+        hidden: list[str] = []
+        unbounded = console.options.update_width(_UNBOUNDED)  # a measurement is capped at the width given
+        for column in self.drop_order():
+            if self.natural_width(console, shown, unbounded) <= width:
+                break
+            shown.remove(column)
+            hidden.append(column)
+        return shown, [c for c in self.columns if c in hidden]
+
+    def natural_width(self, console: Console, shown: list[str], options: ConsoleOptions | None = None) -> int:
+        """The width of the table with the ``shown`` columns when no cell wraps."""
+        options = options or console.options.update_width(_UNBOUNDED)
+        return Measurement.get(console, options, self.table(shown)).maximum
+
+    def table(self, shown: list[str], caption: str | None = None) -> Table:
+        """The table with only the ``shown`` columns."""
+        step = self.step
+        table = Table(title=Text(f"step {step.index} · {step.kind} · {step.name}"), title_justify="left",
+                      caption=Text(caption, style="dim") if caption else None, caption_justify="left")
+        for column in shown:
+            table.add_column(Text(column), justify="left" if column in ("layer", "shape", "note") else "right",
+                             no_wrap=column in _NO_WRAP)
+        for row in step.rows:
+            cells = self._cells(row)
+            table.add_row(*(Text(cells[c]) for c in shown))
+        return table
+
+    @staticmethod
+    def caption(hidden: list[str], width: int) -> str:
+        """One line naming the hidden columns (as many as ``width`` allows) and how to see them."""
+        tail = " (--wide or --json shows them)"
+        for count in range(len(hidden), 0, -1):
+            names = ", ".join(hidden[:count]) + (f" +{len(hidden) - count} more" if count < len(hidden) else "")
+            text = f"hidden: {names}{tail}"
+            if cell_len(text) <= width:
+                return text
+        return f"{len(hidden)} columns hidden (--wide, --json)"
+
+    def _kind(self) -> str:
+        from rmtp.errors import RmtpError
+        from rmtp.plugins import get_plugins
+
+        try:  # the pruner's kind (weight, mask, token); a report can outlive the plugin that made it
+            return get_plugins().pruners.get(self.step.name).kind
+        except RmtpError:  # a step under its own name, or a pruner no longer installed
+            return "token" if any("tokens_in" in row.detail for row in self.step.rows) else "weight"
+
+    def _cells(self, row: Any) -> dict[str, str]:
         shape = _shape(row.shape_before)
         if row.shape_after != row.shape_before:
             shape += f" → {_shape(row.shape_after)}"
         kept = str(row.kept_rank) if row.kept_rank is not None else _fraction(row.kept_fraction)
-        table.add_row(
-            escape(row.layer), shape, _fraction(row.budget), kept, _fraction(row.sparsity),
-            _change(row.params_before, row.params_after), human(row.nonzeros_after),
-            *(_cell(row.detail.get(k)) for k in detail_keys),
-            *([escape(row.note)] if notes else []),
-        )
-    return table
+        cells = {"layer": row.layer, "shape": shape, "budget": _fraction(row.budget), "kept": kept,
+                 "sparsity": _fraction(row.sparsity), "params": _change(row.params_before, row.params_after),
+                 "nonzeros": human(row.nonzeros_after), "note": row.note}
+        cells.update({k: _plain(row.detail.get(k)) for k in self.detail_keys})
+        return cells
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:
+        yield self._fitted(console, options.max_width)
+
+    def __rich_measure__(self, console: Console, options: ConsoleOptions) -> Measurement:
+        return Measurement.get(console, options, self._fitted(console, options.max_width))
+
+    def _fitted(self, console: Console, width: int) -> Table:
+        shown, hidden = self.fit(console, width)
+        if not hidden:
+            return self.table(shown)
+        return self.table(shown, self.caption(hidden, self.natural_width(console, shown)))
+
+
+def step_table(step: StepReport, *, wide: bool = False) -> StepTable:
+    """Per-layer rows of a prune step: shape, budget, kept, sparsity, params, nonzeros and the
+    pruner's detail figures, as many as fit the width it is drawn at (all with ``wide``)."""
+    return StepTable(step, wide=wide)
 
 
 def _change(before: int, after: int) -> str:
     return human(before) if before == after else f"{human(before)} → {human(after)}"
 
 
-def _cell(value: Any) -> str:
+def _plain(value: Any) -> str:
+    """A detail figure as table text: ``–`` for none, floats to 4 significant digits."""
     if value is None:
         return "–"
     if isinstance(value, float):
         return f"{value:.4g}"
-    return escape(str(value))
+    return str(value)
 
 
 def summary_table(report: RunReport) -> Table:
@@ -106,30 +224,41 @@ def _stats_cells(stats: ModelStats, dense: ModelStats) -> list[str]:
             human(stats.attention_macs), top1, latency]
 
 
-def step_renderable(step: StepReport) -> Group:
-    """What :func:`render_step` prints, as one rich renderable: the per-layer table (prune), the
-    epochs (finetune), the before → after figures when the step carries them, and its notes."""
+def step_renderable(step: StepReport, *, wide: bool = False) -> Group:
+    """What :func:`render_step` prints, as one rich renderable: the per-layer table (prune; its
+    columns fit the width it is drawn at, all of them with ``wide``), the epochs (finetune), the
+    before → after figures when the step carries them, and its notes."""
     parts: list[Any] = []
     if step.rows:
-        parts.append(step_table(step))
+        parts.append(step_table(step, wide=wide))
     elif step.kind == "finetune" and step.history:
         last = step.history[-1]
-        parts.append(f"[bold]step {step.index} · finetune[/] {len(step.history)} epoch(s), "
-                     f"last loss {last['train_loss']:.4f}, val top-1 {last['val_top1']:.2f}%")
+        parts.append(markup(f"[bold]step {step.index} · finetune[/] {len(step.history)} epoch(s), "
+                            f"last loss {last['train_loss']:.4f}, val top-1 {last['val_top1']:.2f}%"))
     elif step.kind == "evaluate" and step.stats.top1 is not None:
-        parts.append(f"[bold]step {step.index} · evaluate[/] top-1 {step.stats.top1:.2f}%, params "
-                     f"{human(step.stats.params)}, MACs {human(step.stats.macs)}")
+        parts.append(markup(f"[bold]step {step.index} · evaluate[/] top-1 {step.stats.top1:.2f}%, params "
+                            f"{human(step.stats.params)}, MACs {human(step.stats.macs)}"))
     if step.baseline is not None:
         before, after = step.baseline, step.stats
-        parts.append(f"params {_change(before.params, after.params)}, nonzeros "
-                     f"{_change(before.nonzeros, after.nonzeros)}, MACs {_change(before.macs, after.macs)}")
-    parts.extend(f"  [dim]{escape(note)}[/]" for note in step.notes)
+        parts.append(Text(f"params {_change(before.params, after.params)}, nonzeros "
+                          f"{_change(before.nonzeros, after.nonzeros)}, MACs {_change(before.macs, after.macs)}"))
+    parts.extend(markup(f"  [dim]{escape(note)}[/]") for note in step.notes)
     return Group(*parts)
 
 
-def render_step(step: StepReport, console: Console = stdout) -> None:
-    for part in step_renderable(step).renderables:
-        console.print(part)
+def render_step(step: StepReport, console: Console = stdout, *, wide: bool = False) -> None:
+    """Print a step's report; ``wide``: every table column, rows as long as they need (not cut to
+    the terminal: a terminal wraps them, a file or pipe keeps one line per row)."""
+    for part in step_renderable(step, wide=wide).renderables:
+        if wide and isinstance(part, StepTable):
+            width = console.width  # print(width=...) is capped at the console's: widen it for the table
+            console.width = max(part.natural_width(console, part.columns), width)
+            try:
+                console.print(part.table(part.columns), crop=False)
+            finally:
+                console.width = width
+        else:
+            console.print(part)
 
 
 def render_report(report: RunReport, console: Console = stdout) -> None:
@@ -162,10 +291,12 @@ class RichProgress(Progress):
 
     @contextmanager
     def task(self, description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TimeRemainingColumn(), TextColumn("{task.fields[info]}")]
+        # Plain text, not markup: a label like "n:m: masks" is printed as it is (markup would read
+        # ":m:" as an emoji code, whatever the console's emoji setting).
+        columns = [TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}", markup=False)]
         with RichProgressBar(*columns, console=self.console, transient=True) as bar:
-            task_id = bar.add_task(escape(description), total=total, info="")
+            task_id = bar.add_task(description, total=total, info="")
 
             def advance(advance: int = 1, **fields: Any) -> None:
                 info = "  ".join(f"{k} {v}" for k, v in fields.items())
