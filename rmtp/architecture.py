@@ -15,11 +15,12 @@ import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
-
-from torch import nn
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from rmtp.errors import CheckpointError, PluginError, short_repr
+
+if TYPE_CHECKING:  # the contract loads without torch (`rmtp list`, `rmtp validate`); models bring it
+    from torch import nn
 
 
 @dataclass(frozen=True)

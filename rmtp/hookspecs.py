@@ -44,5 +44,16 @@ def register_kernels(register: Callable[[Callable[..., str | None]], None]) -> N
 
 
 @hookspec
+def import_saved_types() -> None:
+    """Import the modules that define this plugin's saved types (``@rmtp.rebuildable`` replacement
+    modules, ``@rmtp.modules.model_patch`` patches), so that a saved model using them can be loaded.
+
+    Only for a plugin whose entry-point module does not import them itself (to keep ``rmtp list``,
+    ``rmtp validate`` and ``--help`` free of torch): rmtp calls it, once, the first time it meets a
+    type id it does not know, or lists the known ones. It must only import modules.
+    """
+
+
+@hookspec
 def register_commands(app) -> None:  # noqa: ANN001 - a typer.Typer; kept untyped so plugins need not import typer
     """Add CLI commands to rmtp's ``typer.Typer`` app: ``app.command()(fn)`` or ``app.add_typer(...)``."""

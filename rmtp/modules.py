@@ -59,6 +59,7 @@ class TypeRegistry(Generic[T]):
         self._classes: dict[str, T] = {}
         self._ids: dict[type, str] = {}
         self._aliases: dict[str, str] = {}
+        self._completed = False
 
     def add(self, cls: T, type_id: str, aliases: Iterable[str] = ()) -> None:
         """Register ``cls`` as ``type_id``; ``aliases`` are the names folders saved it under before."""
@@ -90,6 +91,16 @@ class TypeRegistry(Generic[T]):
         for alias in aliases:
             self._aliases[alias] = type_id
 
+    def _complete(self) -> None:
+        """Have the plugins that import their saved types lazily import them now (once per process:
+        hook ``import_saved_types``), before an id is called unknown or the known ones are listed."""
+        if self._completed:
+            return
+        self._completed = True  # first: importing those modules registers into this registry
+        from rmtp.plugins import get_plugins
+
+        get_plugins().import_saved_types()
+
     def _owner(self, type_id: str) -> str:
         cls = self._classes.get(type_id)
         return type_name(cls) if cls is not None else "not registered"
@@ -102,16 +113,25 @@ class TypeRegistry(Generic[T]):
         """The class a saved ``type`` names: an id, or an alias of one (``None``: unknown)."""
         if not isinstance(name, str):
             return None
+        cls = self._lookup(name)
+        if cls is None and not self._completed:
+            self._complete()
+            cls = self._lookup(name)
+        return cls
+
+    def _lookup(self, name: str) -> T | None:
         cls = self._classes.get(name)
         if cls is None and name in self._aliases:
             cls = self._classes.get(self._aliases[name])
         return cls
 
     def ids(self) -> list[str]:
+        self._complete()
         return sorted(self._classes)
 
     def aliases(self) -> dict[str, str]:
         """Old name → id, a copy."""
+        self._complete()
         return dict(self._aliases)
 
     def known(self) -> str:

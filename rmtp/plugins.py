@@ -91,6 +91,14 @@ class Plugins:
     architectures: Registry[Architecture] = field(default_factory=lambda: Registry("architecture", Architecture))
     #: ``rmtp bench`` kernel providers, in registration order (see ``hookspecs.register_kernels``).
     kernels: list[Callable[..., str | None]] = field(default_factory=list)
+    _saved_types_imported: bool = field(default=False, repr=False, compare=False)
+
+    def import_saved_types(self) -> None:
+        """Have every plugin import the modules defining its saved types (hook ``import_saved_types``),
+        once: :mod:`rmtp.modules` asks before it answers that a saved type id is unknown."""
+        if not self._saved_types_imported:
+            self._saved_types_imported = True
+            self.manager.hook.import_saved_types()
 
     def architecture(self, name: str) -> Architecture:
         return self.architectures.get(name)()
@@ -103,12 +111,20 @@ class Plugins:
         if len(matching) == 1:
             return matching[0]()
         if not matching:
+            import timm
+
+            from rmtp.architecture import timm_name_hint
+
+            if not timm.is_model(model_name.split(".")[0]):  # a typo, not a missing plugin
+                raise PluginError(f"timm has no model {model_name!r}{timm_name_hint(model_name)}")
             raise PluginError(
-                f"no architecture plugin covers timm model {model_name!r}; set model.arch "
+                f"no architecture plugin covers timm model {model_name!r}; name one (model.arch in a recipe, "
+                f"--arch on the command line) if its layers are laid out like a known family's "
                 f"({self.architectures.known_hint('')})"
             )
         names = ", ".join(cls.name for cls in matching)
-        raise PluginError(f"several architecture plugins cover {model_name!r} ({names}); set model.arch")
+        raise PluginError(f"several architecture plugins cover {model_name!r} ({names}); name one (model.arch in a "
+                          f"recipe, --arch on the command line)")
 
 
 def disabled_from_env() -> set[str]:

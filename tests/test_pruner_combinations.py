@@ -97,7 +97,7 @@ def test_second_round_macs_before_of_a_split_qkv() -> None:
     subtracted for a skipped split qkv under ``target_params``, are overstated (here 768 vs 384).
     Expected: current_cost equals the weights the split layer holds."""
     from rmtp.lowrank import BlockLowRankLinear
-    from rmtp_plugins.svd_mp import _Plan
+    from rmtp_plugins.svd_mp.factoring import _Plan
 
     layer = BlockLowRankLinear(64, [1, 1, 1], [64, 64, 64], edges=[1.0, 1.0, 1.0])
     held = layer.first.weight.numel() + sum(s.weight.numel() for s in layer.seconds)

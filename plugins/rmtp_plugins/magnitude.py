@@ -10,13 +10,15 @@ Only ``weight`` tensors are pruned; biases and norms stay. Zeroed weights stay z
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from pydantic import Field
 
 from rmtp.hookspecs import hookimpl
 from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams, weight_footprint
+
+if TYPE_CHECKING:  # imported where the pruner runs: `rmtp list` and `rmtp validate` load no torch
+    import torch
 
 
 class MagnitudeParams(PrunerParams):
@@ -33,6 +35,8 @@ class MagnitudePruner(Pruner):
     def prune(self, ctx: PruneContext, params: MagnitudeParams) -> list[LayerRow]:
         if not ctx.layers:  # a filter that matched nothing: nothing to prune (the step report says so)
             return []
+        import torch
+
         modules = [ctx.module(layer) for layer in ctx.layers]
         before = [weight_footprint(module) for module in modules]
         weights = [module.weight for module in modules]
@@ -55,6 +59,8 @@ class MagnitudePruner(Pruner):
 
 def _keep_masks(weights: list[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
     """Boolean masks keeping the ``(1 - sparsity)`` largest-magnitude entries over all ``weights``."""
+    import torch
+
     scores = torch.cat([w.detach().abs().flatten().float() for w in weights])
     n_keep = scores.numel() - round(sparsity * scores.numel())
     keep = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)

@@ -28,55 +28,36 @@ records. Results are plain dataclasses; :meth:`BenchReport.to_dict` is the versi
   kernels, top-1, the timed batches, out-of-memory as one line);
 - :mod:`rmtp.bench.schema`: the result dataclasses and their JSON, and :class:`BenchError`;
 - :mod:`rmtp.bench.environment`: the host recorded with the figures (CPU/GPU, cores, load);
-- :mod:`rmtp.bench.report`: rich tables and PNG plots of a :class:`BenchReport`.
+- :mod:`rmtp.bench.report`: rich tables and PNG plots of a :class:`BenchReport`;
+- :mod:`rmtp.bench.defaults`: the default batch sizes and timing rounds.
 """
 
 from __future__ import annotations
 
-from rmtp.bench.loading import TIMM_PREFIX, Candidate, load_candidates
-from rmtp.bench.measuring import (
-    DEFAULT_BATCHES,
-    DEFAULT_ROUNDS,
-    DTYPES,
-    KERNEL_HOOK,
-    MIN_ROUNDS,
-    benchmark,
-    benchmark_models,
-    parse_batches,
-)
-from rmtp.bench.report import check_plotting, render_bench, write_plots
-from rmtp.bench.schema import (
-    SCHEMA,
-    BatchResult,
-    BatchRun,
-    BenchError,
-    BenchModel,
-    BenchReport,
-    BenchSettings,
-    EvalData,
-)
+import importlib
+from typing import Any
 
-__all__ = [
-    "DEFAULT_BATCHES",
-    "DEFAULT_ROUNDS",
-    "DTYPES",
-    "KERNEL_HOOK",
-    "MIN_ROUNDS",
-    "SCHEMA",
-    "TIMM_PREFIX",
-    "BatchResult",
-    "BatchRun",
-    "BenchError",
-    "BenchModel",
-    "BenchReport",
-    "BenchSettings",
-    "Candidate",
-    "EvalData",
-    "benchmark",
-    "benchmark_models",
-    "check_plotting",
-    "load_candidates",
-    "parse_batches",
-    "render_bench",
-    "write_plots",
-]
+#: Public name → the module defining it, imported on first use (PEP 562): ``rmtp bench --help``
+#: and :mod:`rmtp.bench.defaults` load no torch.
+_EXPORTS = {
+    **dict.fromkeys(("DEFAULT_BATCHES", "DEFAULT_ROUNDS", "MIN_ROUNDS"), "rmtp.bench.defaults"),
+    **dict.fromkeys(("TIMM_PREFIX", "Candidate", "load_candidates"), "rmtp.bench.loading"),
+    **dict.fromkeys(("DTYPES", "KERNEL_HOOK", "benchmark", "benchmark_models", "parse_batches"),
+                    "rmtp.bench.measuring"),
+    **dict.fromkeys(("check_plotting", "render_bench", "write_plots"), "rmtp.bench.report"),
+    **dict.fromkeys(("SCHEMA", "BatchResult", "BatchRun", "BenchError", "BenchModel", "BenchReport",
+                     "BenchSettings", "EvalData"), "rmtp.bench.schema"),
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rmtp.bench' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

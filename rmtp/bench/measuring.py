@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from rmtp import measure
+from rmtp.bench.defaults import DEFAULT_BATCHES, DEFAULT_ROUNDS, MIN_ROUNDS
 from rmtp.bench.environment import device_name, host_environment, loadavg
 from rmtp.bench.loading import Candidate, load_candidates
 from rmtp.bench.schema import BatchResult, BatchRun, BenchError, BenchModel, BenchReport, BenchSettings, EvalData
@@ -33,9 +34,6 @@ __all__ = ["DEFAULT_BATCHES", "DEFAULT_ROUNDS", "DTYPES", "KERNEL_HOOK", "MIN_RO
            "benchmark_models", "parse_batches"]
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-DEFAULT_BATCHES = (1, 32)
-DEFAULT_ROUNDS = 16
-MIN_ROUNDS = 3
 #: Name of the optional per-module hook through which a model says (and may switch) its kernels.
 KERNEL_HOOK = "rmtp_kernel"
 #: Share of exact zeros above which a model on dense kernels gets a note saying they save nothing.

@@ -8,6 +8,7 @@ through :func:`rmtp.cli.exits.user_errors`.
 
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -45,6 +46,8 @@ def prune(
     recipe: RecipeArg,
     json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the summary, not the per-layer tables.")] = False,
+    wide: Annotated[bool, typer.Option("--wide", help="Per-layer tables with every column, however wide (by default "
+                                       "the least important ones are hidden to fit the terminal).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a killed run of this recipe from its last "
                                          "checkpoint (<output.dir>.checkpoint/): finished steps are not redone, "
                                          "a fine-tune continues mid-epoch. Refused if the recipe changed.")] = False,
@@ -61,7 +64,8 @@ def prune(
         loaded = load_recipe(recipe)
     started = time.time()
     with user_errors(interrupted=lambda: _kept_after_interrupt(loaded, started)):
-        result = run_recipe(loaded, progress=RichProgress(), on_step=None if quiet else render_step, resume=resume)
+        on_step = None if quiet else functools.partial(render_step, wide=wide)
+        result = run_recipe(loaded, progress=RichProgress(), on_step=on_step, resume=resume)
     if not is_main_process():  # under torchrun only rank 0 reports
         return
     render_report(result.report)

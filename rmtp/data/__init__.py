@@ -14,54 +14,34 @@ Data that does not fit the model (class count, channels, size, layout) is refuse
 and is then named (:class:`ImageReadError`), from a DataLoader worker too.
 """
 
-from rmtp.data.augment import TrainAugment, train_transform
-from rmtp.data.build import build_data, data_input_size
-from rmtp.data.bundle import DataBundle
-from rmtp.data.digits import DIGITS_CLASSES, DIGITS_MEAN, DIGITS_STD, digits_tensors
-from rmtp.data.fit import class_count_problem, model_input_size, model_num_classes
-from rmtp.data.imagefolder import (
-    IMAGE_MODES,
-    ImageFiles,
-    ImageReadError,
-    ImageSizeError,
-    imagefolder_layout,
-    imagefolder_problems,
-)
-from rmtp.data.preprocessing import ImageTransforms, describe_preprocessing
-from rmtp.data.spec import (
-    CROP_MODES,
-    INTERPOLATIONS,
-    NATIVE,
-    DataSpec,
-    saved_split_seed,
-)
-from rmtp.errors import DataError
+from __future__ import annotations
 
-__all__ = [
-    "CROP_MODES",
-    "DIGITS_CLASSES",
-    "DIGITS_MEAN",
-    "DIGITS_STD",
-    "IMAGE_MODES",
-    "INTERPOLATIONS",
-    "NATIVE",
-    "DataBundle",
-    "DataError",
-    "DataSpec",
-    "ImageFiles",
-    "ImageReadError",
-    "ImageSizeError",
-    "ImageTransforms",
-    "TrainAugment",
-    "build_data",
-    "class_count_problem",
-    "data_input_size",
-    "describe_preprocessing",
-    "digits_tensors",
-    "imagefolder_layout",
-    "imagefolder_problems",
-    "model_input_size",
-    "model_num_classes",
-    "saved_split_seed",
-    "train_transform",
-]
+import importlib
+from typing import Any
+
+# Lazy (PEP 562), so that a recipe, which needs only DataSpec, validates without importing torch.
+_EXPORTS = {
+    **dict.fromkeys(("TrainAugment", "train_transform"), "rmtp.data.augment"),
+    **dict.fromkeys(("build_data", "data_input_size"), "rmtp.data.build"),
+    "DataBundle": "rmtp.data.bundle",
+    **dict.fromkeys(("DIGITS_CLASSES", "DIGITS_MEAN", "DIGITS_STD", "digits_tensors"), "rmtp.data.digits"),
+    **dict.fromkeys(("class_count_problem", "model_input_size", "model_num_classes"), "rmtp.data.fit"),
+    **dict.fromkeys(("IMAGE_MODES", "ImageFiles", "ImageReadError", "ImageSizeError", "imagefolder_layout",
+                     "imagefolder_problems"), "rmtp.data.imagefolder"),
+    **dict.fromkeys(("ImageTransforms", "describe_preprocessing"), "rmtp.data.preprocessing"),
+    **dict.fromkeys(("CROP_MODES", "INTERPOLATIONS", "NATIVE", "DataSpec", "saved_split_seed"), "rmtp.data.spec"),
+    "DataError": "rmtp.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rmtp.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

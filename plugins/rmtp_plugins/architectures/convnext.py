@@ -10,12 +10,14 @@ convolution(s) and the classifier ``head.fc`` are optional.
 from __future__ import annotations
 
 from collections.abc import Callable
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from rmtp.architecture import Coupling
 from rmtp.hookspecs import hookimpl
 from rmtp_plugins.architectures.timm_family import LayerRule, TimmFamily, mlp_coupling
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class ConvNextArchitecture(TimmFamily):

@@ -12,12 +12,14 @@ not covered.
 from __future__ import annotations
 
 from collections.abc import Callable
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from rmtp.architecture import Coupling
 from rmtp.hookspecs import hookimpl
 from rmtp_plugins.architectures.timm_family import LayerRule, TimmFamily, children_present
+
+if TYPE_CHECKING:
+    from torch import nn
 
 
 class ResNetArchitecture(TimmFamily):

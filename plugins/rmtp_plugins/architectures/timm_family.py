@@ -16,17 +16,21 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass
-from typing import ClassVar
-
-from torch import nn
+from typing import TYPE_CHECKING, ClassVar
 
 from rmtp.architecture import Architecture, Coupling, ModelSpec, PrunableLayer
 from rmtp.errors import PluginError
-from rmtp.modules import is_replacement
 
-#: Module types a pruner can treat as one weight matrix. Anything else at a matching name (an
-#: ``nn.Identity`` head when ``num_classes=0``, a pruner's replacement module) is not a candidate.
-PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d)
+if TYPE_CHECKING:  # torch is imported by the methods that are handed a model, so that `rmtp list`
+    from torch import nn  # and `rmtp validate` load this plugin without it
+
+
+def prunable_types() -> tuple[type[nn.Module], ...]:
+    """Module types a pruner can treat as one weight matrix. Anything else at a matching name (an
+    ``nn.Identity`` head when ``num_classes=0``, a pruner's replacement module) is not a candidate."""
+    from torch import nn
+
+    return (nn.Linear, nn.Conv2d)
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,8 @@ class LayerRule:
 
 def is_grouped_conv(module: nn.Module) -> bool:
     """A grouped or depthwise convolution: its weight is ``groups`` separate matrices, not one."""
+    from torch import nn
+
     return isinstance(module, nn.Conv2d) and module.groups > 1
 
 
@@ -112,14 +118,16 @@ class TimmFamily(Architecture):
         convolutions never are (their weight is not one matrix), nor, unless ``include_replaced``,
         are layers a pruner has already replaced.
         """
+        from rmtp.modules import is_replacement
+
         if not self._blocks(model):
             raise self._not_this_family("the model", f"it has no blocks named like {self.block_pattern!r}")
-        layers = []
+        layers, types = [], prunable_types()
         for name, module in model.named_modules():
             rule = self._rule_for(name)
             if rule is None:
                 continue
-            plain = isinstance(module, PRUNABLE_TYPES) and not is_grouped_conv(module)
+            plain = isinstance(module, types) and not is_grouped_conv(module)
             if not plain and not (include_replaced and is_replacement(module)):
                 continue
             layers.append(PrunableLayer(name=name, role=rule.role, optional=rule.optional))
@@ -153,6 +161,8 @@ def mlp_coupling(model: nn.Module, mlp_name: str) -> Coupling | None:
         return None
     if not (_has_submodule(mlp, "fc1") and _has_submodule(mlp, "fc2")):
         return None
+    from torch import nn
+
     norms = tuple(p for p in children_present(mlp, mlp_name, ("norm", "grn"))
                   if not isinstance(model.get_submodule(p), nn.Identity))
     return Coupling("neurons", mlp_name, f"{mlp_name}.fc1", f"{mlp_name}.fc2",

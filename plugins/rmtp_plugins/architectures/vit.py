@@ -14,12 +14,14 @@ biases outside ``qkv`` and calls ``F.linear(x, qkv.weight, bias)``, so a pruner 
 from __future__ import annotations
 
 from collections.abc import Callable
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from rmtp.architecture import Coupling
 from rmtp.hookspecs import hookimpl
 from rmtp_plugins.architectures.timm_family import LayerRule, TimmFamily, children_present, mlp_coupling
+
+if TYPE_CHECKING:
+    from torch import nn
 
 _QKV = LayerRule(r"blocks\.\d+\.attn\.qkv", "qkv")
 
@@ -51,6 +53,8 @@ class VitArchitecture(TimmFamily):
 
     def qkv_split(self, layer_name: str, module: nn.Module) -> dict[str, slice] | None:
         """q, k and v as thirds of ``attn.qkv``'s output rows, the order timm's attention unbinds them in."""
+        from torch import nn
+
         if not _QKV.matches(layer_name) or not isinstance(module, nn.Linear) or module.out_features % 3:
             return None
         dim = module.out_features // 3

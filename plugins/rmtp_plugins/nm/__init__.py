@@ -3,35 +3,79 @@ layer budgets, channel permutation and prune–restore (``docs/nm.md``).
 
 Modules, one job each:
 
-* :mod:`.pruner`: ``NmPruner`` and its params, the steps in order (scores, budget, permutation,
-  masks) and the report rows.
+* :mod:`.params`: ``NmParams`` and the pattern names (no torch: ``rmtp list`` and ``rmtp validate``
+  load only this package and it).
+* :mod:`.pruner`: the steps in order (scores, budget, permutation, masks) and the report rows;
+  :class:`NmPruner` imports it when it runs.
 * :mod:`.masks`: N:M mask arithmetic (layout, masks, the validity check, Wanda scores, restore).
 * :mod:`.budget`: the MP signal per layer and the multiple-choice knapsack over patterns.
 * :mod:`.permute`: the channel-permutation search and applying it (to the producer the
   architecture's couplings name, or as a saved :class:`PermutedInput` index).
 * :mod:`.export`: 2:4 semi-structured sparse tensors for CUDA kernels (``rmtp bench``).
 
-This package is the plugin: it registers the pruner and the semi-structured kernel hook.
+This package is the plugin: it declares the pruner and registers it and the semi-structured
+kernel hook. The other public names are imported from their modules on first use.
 """
 
 from __future__ import annotations
 
-from rmtp.hookspecs import hookimpl
-from rmtp_plugins.nm.pruner import (
-    NMCheck,
-    NmParams,
-    NmPruner,
-    PermutedInput,
-    SemiStructuredReport,
-    check_nm,
-    collect_input_stats,
-    semi_structured_kernel,
-    semi_structured_problem,
-    to_semi_structured,
-)
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["NMCheck", "NmParams", "NmPruner", "PermutedInput", "SemiStructuredReport", "check_nm",
-           "collect_input_stats", "semi_structured_kernel", "semi_structured_problem", "to_semi_structured"]
+from rmtp.hookspecs import hookimpl
+from rmtp.pruner import LayerRow, PruneContext, Pruner
+from rmtp_plugins.nm.params import NmParams
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+_LAZY = {
+    "NMCheck": "rmtp_plugins.nm.masks",
+    "check_nm": "rmtp_plugins.nm.masks",
+    "PermutedInput": "rmtp_plugins.nm.permute",
+    "collect_input_stats": "rmtp_plugins.nm.pruner",
+    "SemiStructuredReport": "rmtp_plugins.nm.export",
+    "semi_structured_problem": "rmtp_plugins.nm.export",
+    "to_semi_structured": "rmtp_plugins.nm.export",
+}
+
+__all__ = sorted(["NmParams", "NmPruner", "semi_structured_kernel", *_LAZY])
+
+
+class NmPruner(Pruner):
+    name = "n:m"
+    description = ("N:M structured sparsity (2:4, 4:8, …) with Marchenko–Pastur layer budgets, channel "
+                   "permutation and prune–restore.")
+    kind = "mask"
+    Params = NmParams
+    #: Wanda scores, prune–restore and the MAC count read calibration data; plain magnitude scores
+    #: read one batch only (to count each layer's positions per image for the MAC budget).
+    needs_calibration = True
+
+    def prune(self, ctx: PruneContext, params: NmParams) -> list[LayerRow]:
+        from rmtp_plugins.nm.pruner import prune  # the scores, budget, permutations and masks (torch)
+
+        return prune(ctx, params)
+
+
+def semi_structured_kernel(module: nn.Module, *, device: torch.device, dtype: torch.dtype) -> str | None:
+    """The ``rmtp bench`` kernel provider: 2:4 Linear layers on CUDA's semi-structured sparse
+    kernels (:func:`rmtp_plugins.nm.export.semi_structured_kernel`, imported on the first call)."""
+    from rmtp_plugins.nm.export import semi_structured_kernel as provider
+
+    return provider(module, device=device, dtype=dtype)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rmtp_plugins.nm' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 @hookimpl
@@ -42,3 +86,8 @@ def register_pruners(register) -> None:  # noqa: ANN001 - pluggy passes the regi
 @hookimpl
 def register_kernels(register) -> None:  # noqa: ANN001 - pluggy passes the registry's callback
     register(semi_structured_kernel)  # rmtp bench runs 2:4 Linear layers on sparse kernels on CUDA
+
+
+@hookimpl
+def import_saved_types() -> None:
+    import rmtp_plugins.nm.permute  # noqa: F401 - registers PermutedInput (nm.permuted_input)

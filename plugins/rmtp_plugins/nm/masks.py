@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from rmtp.gemm import gemm_view
+from rmtp_plugins.nm.params import parse_pattern, pattern_name  # noqa: F401 - their first home
 
 # --------------------------------------------------------------------------------------------
 # Layout
@@ -62,24 +63,6 @@ def channel_rows(matrix: torch.Tensor, weight_shape: tuple[int, ...]) -> torch.T
 # --------------------------------------------------------------------------------------------
 # Masks and the validity check
 # --------------------------------------------------------------------------------------------
-
-
-def parse_pattern(text: str) -> tuple[int, int] | None:
-    """``"2:4"`` → (2, 4); ``"dense"`` → None. Raises ValueError for anything else."""
-    text = text.strip()
-    if text == "dense":
-        return None
-    parts = text.split(":")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-        raise ValueError(f"pattern {text!r} is neither 'dense' nor 'N:M' with integers N < M")
-    n, m = int(parts[0]), int(parts[1])
-    if not 1 <= n < m:
-        raise ValueError(f"pattern {text!r} needs 1 <= N < M")
-    return n, m
-
-
-def pattern_name(pattern: tuple[int, int] | None) -> str:
-    return "dense" if pattern is None else f"{pattern[0]}:{pattern[1]}"
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:

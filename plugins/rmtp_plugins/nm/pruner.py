@@ -38,107 +38,30 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 
 from rmtp.errors import RmtpError
-from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams, weight_footprint
-from rmtp.spectral.options import TwConfidence
+from rmtp.pruner import LayerRow, PruneContext, weight_footprint
 from rmtp.gemm import from_gemm, gemm_view
 from rmtp_plugins.nm.budget import Option, allocate, layer_factor, mp_signal, z_scores
-from rmtp_plugins.nm.export import (
-    SemiStructuredReport,
-    semi_structured_kernel,
-    semi_structured_problem,
-    to_semi_structured,
-)
 from rmtp_plugins.nm.masks import (
-    NMCheck,
     channel_index,
     channel_rows,
     check_nm,
     layout_problem,
     nm_mask,
-    parse_pattern,
     pattern_name,
     reconstruction_error,
     restore_mask,
     scores_for,
 )
-from rmtp_plugins.nm.permute import PermutedInput, apply_permutation, find_absorber, plain, search_permutation
+from rmtp_plugins.nm.params import NmParams, Pattern, pattern_density
+from rmtp_plugins.nm.permute import apply_permutation, find_absorber, plain, search_permutation
 
-__all__ = ["NMCheck", "NmParams", "NmPruner", "PermutedInput", "SemiStructuredReport", "check_nm",
-           "collect_input_stats", "semi_structured_kernel", "semi_structured_problem", "to_semi_structured"]
-
-Pattern = tuple[int, int] | None
-
-
-class NmParams(PrunerParams):
-    n: int = Field(2, ge=1, le=1023, description="keep at most n of every m consecutive input weights of a row")
-    m: int = Field(4, ge=2, le=1024, description="group size along the input dimension (n < m)")
-    score: Literal["magnitude", "wanda"] = Field(
-        "magnitude", description="weight importance: |w|, or |w|·‖x‖ over the calibration activations (Wanda)")
-    budget: Literal["mp", "uniform"] = Field(
-        "mp", description="mp: patterns per layer from the Marchenko–Pastur signal under target_macs; "
-                          "uniform: n:m on every layer")
-    target_macs: float = Field(0.6, gt=0.0, le=1.0,
-                               description="mp: keep at most this share of the pruned layers' dense MACs "
-                                           "(sparse execution: an n:m layer costs n/m)")
-    patterns: tuple[str, ...] = Field(("dense",), description="mp: the alternatives to n:m a layer may get "
-                                                              "('dense' or 'N:M', e.g. ['dense', '6:8'])")
-    z_scale: float = Field(0.5, ge=0.0, le=5.0,
-                           description="mp: strength of the MP signal, layer factor exp(z_scale·z); 0: scores only")
-    permute: bool = Field(False, description="reorder input channels before masking so strong weights "
-                                             "fall into different groups")
-    permute_index: bool = Field(True, description="permute layers with no producer to absorb it too, by a "
-                                                  "saved index gather before the layer (else leave them)")
-    restore: bool = Field(False, description="prune–restore: over-prune, then restore within the pattern the "
-                                             "weights that most lower the calibration output error")
-    restore_overprune: int = Field(1, ge=1, description="restore: weights per group pruned beyond n first "
-                                                        "(at most n)")
-    alpha: float = Field(0.25, gt=0.0, lt=0.5, description="mp: MP fit on the [alpha, 1-alpha] quantile band")
-    tw_confidence: TwConfidence = Field(None,
-                                        description="mp: add a Tracy–Widom margin to the edge at this confidence")
-    min_dim: int = Field(32, ge=2, description="mp: matrices with min(M,N) below this get no MP signal (z = 0)")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> NmParams:
-        if self.n >= self.m:
-            raise ValueError(f"n={self.n} must be smaller than m={self.m}")
-        if self.restore and self.restore_overprune > self.n:
-            raise ValueError(f"restore_overprune={self.restore_overprune} exceeds n={self.n}")
-        options = self.options()  # raises for a malformed pattern
-        if self.budget == "uniform":
-            extra = sorted({"target_macs", "patterns", "z_scale"} & self.model_fields_set)
-            if extra:
-                raise ValueError(f"{', '.join(extra)}: only used with budget: mp")
-            return self
-        sparsest = min(options, key=_density)
-        if self.target_macs < _density(sparsest) - 1e-12:
-            raise ValueError(f"target_macs={self.target_macs} is below the sparsest allowed pattern "
-                             f"{pattern_name(sparsest)} ({_density(sparsest):.3g}); add a sparser pattern")
-        return self
-
-    def main(self) -> tuple[int, int]:
-        return self.n, self.m
-
-    def options(self) -> list[Pattern]:
-        """n:m first, then the extra patterns (duplicates dropped)."""
-        out: list[Pattern] = [self.main()]
-        for text in self.patterns if self.budget == "mp" else ():
-            pattern = parse_pattern(text)
-            if pattern not in out:
-                out.append(pattern)
-        return out
-
-
-def _density(pattern: Pattern) -> float:
-    return 1.0 if pattern is None else pattern[0] / pattern[1]
-
+__all__ = ["InputStats", "collect_input_stats", "prune"]
 
 # --------------------------------------------------------------------------------------------
 # Calibration statistics
@@ -214,7 +137,7 @@ def collect_input_stats(model: nn.Module, layers: dict[str, nn.Module], loader, 
 
 
 # --------------------------------------------------------------------------------------------
-# The pruner
+# The pruner's steps (NmPruner.prune runs prune)
 # --------------------------------------------------------------------------------------------
 
 
@@ -240,185 +163,185 @@ class _Plan:
         return self.shape[1] * (self.shape[2] * self.shape[3] if len(self.shape) == 4 else 1)
 
 
-class NmPruner(Pruner):
-    name = "n:m"
-    description = ("N:M structured sparsity (2:4, 4:8, …) with Marchenko–Pastur layer budgets, channel "
-                   "permutation and prune–restore.")
-    kind = "mask"
-    Params = NmParams
-    #: Wanda scores, prune–restore and the MAC count read calibration data; plain magnitude scores
-    #: read one batch only (to count each layer's positions per image for the MAC budget).
-    needs_calibration = True
-
-    def prune(self, ctx: PruneContext, params: NmParams) -> list[LayerRow]:
-        plans = [self._plan(ctx, layer.name, params) for layer in ctx.layers]
-        active = [p for p in plans if p.skipped is None]
-        before = {p.name: weight_footprint(ctx.module(p.name)) for p in plans}
-        notes = self._calibrate(ctx, active, params)
-        if params.budget == "uniform":
-            for plan in active:
-                plan.pattern = params.main()
-        else:
-            self._budget(ctx, active, params)
-        nm_plans = [p for p in active if p.pattern is not None]
-        if params.permute:
-            with ctx.progress.task("n:m: channel permutations", total=len(nm_plans)) as advance:
-                for plan in nm_plans:
-                    self._permute(ctx, plan, params)
-                    advance()
-        with ctx.progress.task("n:m: masks", total=len(nm_plans)) as advance:
+def prune(ctx: PruneContext, params: NmParams) -> list[LayerRow]:
+    plans = [_plan(ctx, layer.name, params) for layer in ctx.layers]
+    active = [p for p in plans if p.skipped is None]
+    before = {p.name: weight_footprint(ctx.module(p.name)) for p in plans}
+    notes = _calibrate(ctx, active, params)
+    if params.budget == "uniform":
+        for plan in active:
+            plan.pattern = params.main()
+    else:
+        _budget(ctx, active, params)
+    nm_plans = [p for p in active if p.pattern is not None]
+    if params.permute:
+        with ctx.progress.task("n:m: channel permutations", total=len(nm_plans)) as advance:
             for plan in nm_plans:
-                self._mask(ctx, plan, params)
+                _permute(ctx, plan, params)
                 advance()
-        return [self._row(ctx, plan, before[plan.name], params, notes) for plan in plans]
+    with ctx.progress.task("n:m: masks", total=len(nm_plans)) as advance:
+        for plan in nm_plans:
+            _mask(ctx, plan, params)
+            advance()
+    return [_row(ctx, plan, before[plan.name], params, notes) for plan in plans]
 
-    # ---------------------------------------------------------------- planning
 
-    def _plan(self, ctx: PruneContext, name: str, params: NmParams) -> _Plan:
-        module = plain(ctx.module(name))
-        if not isinstance(module, (nn.Linear, nn.Conv2d)):
-            return _Plan(name, (), skipped=f"not a Linear/Conv2d ({type(module).__name__})")
-        shape = tuple(module.weight.shape)
-        groups = module.groups if isinstance(module, nn.Conv2d) else 1
-        plan = _Plan(name, shape)
-        problems = []
-        for pattern in params.options():
-            problem = None if pattern is None else layout_problem(shape, pattern[1], groups=groups)
-            if problem is None:
-                plan.options.append(pattern)
-            else:
-                problems.append(problem)
-        if not any(p is not None for p in plan.options):
-            plan.skipped = problems[0] if problems else "no N:M pattern applies"
-        return plan
+# ---------------------------------------------------------------- planning
 
-    def _calibrate(self, ctx: PruneContext, plans: list[_Plan], params: NmParams) -> str:
-        """Input statistics of every active layer; returns a note for the rows ('' if none)."""
-        wanda, restore = params.score == "wanda", params.restore
-        if ctx.calibration is None:
-            if wanda or restore:
-                needs = "score: wanda" if wanda else "restore"
-                raise RmtpError(f"n:m: {needs} needs calibration data, and none was given")
+
+def _plan(ctx: PruneContext, name: str, params: NmParams) -> _Plan:
+    module = plain(ctx.module(name))
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        return _Plan(name, (), skipped=f"not a Linear/Conv2d ({type(module).__name__})")
+    shape = tuple(module.weight.shape)
+    groups = module.groups if isinstance(module, nn.Conv2d) else 1
+    plan = _Plan(name, shape)
+    problems = []
+    for pattern in params.options():
+        problem = None if pattern is None else layout_problem(shape, pattern[1], groups=groups)
+        if problem is None:
+            plan.options.append(pattern)
+        else:
+            problems.append(problem)
+    if not any(p is not None for p in plan.options):
+        plan.skipped = problems[0] if problems else "no N:M pattern applies"
+    return plan
+
+
+def _calibrate(ctx: PruneContext, plans: list[_Plan], params: NmParams) -> str:
+    """Input statistics of every active layer; returns a note for the rows ('' if none)."""
+    wanda, restore = params.score == "wanda", params.restore
+    if ctx.calibration is None:
+        if wanda or restore:
+            needs = "score: wanda" if wanda else "restore"
+            raise RmtpError(f"n:m: {needs} needs calibration data, and none was given")
+        for plan in plans:
+            plan.stats = InputStats(positions=1.0)
+            plan.macs = plan.shape[0] * plan.k
+        return "MACs counted as weights (no calibration data)"
+    modules = {p.name: plain(ctx.module(p.name)) for p in plans}
+    with ctx.progress.task("n:m: calibration statistics"):
+        stats = collect_input_stats(ctx.model, modules, ctx.calibration, ctx.device, squares=wanda,
+                                    gram=restore, max_batches=None if (wanda or restore) else 1)
+    for plan in plans:
+        plan.stats = stats[plan.name]
+        plan.macs = plan.stats.positions * plan.shape[0] * plan.k
+    return ""
+
+
+def _scores(ctx: PruneContext, plan: _Plan, params: NmParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """(GEMM matrix, scores) of a layer as it is now."""
+    matrix = gemm_view(plain(ctx.module(plan.name)).weight.detach())
+    sq = plan.stats.sq if params.score == "wanda" else None
+    return matrix, scores_for(matrix, sq.to(matrix.device) if sq is not None else None)
+
+
+def _budget(ctx: PruneContext, plans: list[_Plan], params: NmParams) -> None:
+    if params.z_scale > 0:
+        with ctx.progress.task("n:m: MP fits", total=len(plans)) as advance:
             for plan in plans:
-                plan.stats = InputStats(positions=1.0)
-                plan.macs = plan.shape[0] * plan.k
-            return "MACs counted as weights (no calibration data)"
-        modules = {p.name: plain(ctx.module(p.name)) for p in plans}
-        with ctx.progress.task("n:m: calibration statistics"):
-            stats = collect_input_stats(ctx.model, modules, ctx.calibration, ctx.device, squares=wanda,
-                                        gram=restore, max_batches=None if (wanda or restore) else 1)
-        for plan in plans:
-            plan.stats = stats[plan.name]
-            plan.macs = plan.stats.positions * plan.shape[0] * plan.k
-        return ""
+                module = plain(ctx.module(plan.name))
+                blocks = ctx.arch.qkv_split(plan.name, module) if isinstance(module, nn.Linear) else None
+                signal = mp_signal(gemm_view(module.weight), blocks, alpha=params.alpha,
+                                   tw_confidence=params.tw_confidence, min_dim=params.min_dim)
+                plan.signal, plan.edge = signal.share, signal.edge
+                advance()
+    for plan, z in zip(plans, z_scores([p.signal for p in plans])):
+        plan.z = z
+    choices = []
+    for plan in plans:
+        _, scores = _scores(ctx, plan, params)
+        energy = scores.double().pow(2)
+        mean = float(energy.mean())
+        factor = layer_factor(plan.z, params.z_scale) ** 2 / mean if mean > 0 else 0.0
+        options = []
+        for pattern in plan.options:
+            removed = 0.0 if pattern is None else float(energy[~nm_mask(scores, *pattern)].sum())
+            options.append(Option(pattern, plan.macs * pattern_density(pattern), factor * removed))
+        choices.append(options)
+    total = sum(p.macs for p in plans)
+    for plan, option in zip(plans, allocate(choices, params.target_macs * total)):
+        plan.pattern = option.pattern
 
-    def _scores(self, ctx: PruneContext, plan: _Plan, params: NmParams) -> tuple[torch.Tensor, torch.Tensor]:
-        """(GEMM matrix, scores) of a layer as it is now."""
-        matrix = gemm_view(plain(ctx.module(plan.name)).weight.detach())
-        sq = plan.stats.sq if params.score == "wanda" else None
-        return matrix, scores_for(matrix, sq.to(matrix.device) if sq is not None else None)
 
-    def _budget(self, ctx: PruneContext, plans: list[_Plan], params: NmParams) -> None:
-        if params.z_scale > 0:
-            with ctx.progress.task("n:m: MP fits", total=len(plans)) as advance:
-                for plan in plans:
-                    module = plain(ctx.module(plan.name))
-                    blocks = ctx.arch.qkv_split(plan.name, module) if isinstance(module, nn.Linear) else None
-                    signal = mp_signal(gemm_view(module.weight), blocks, alpha=params.alpha,
-                                       tw_confidence=params.tw_confidence, min_dim=params.min_dim)
-                    plan.signal, plan.edge = signal.share, signal.edge
-                    advance()
-        for plan, z in zip(plans, z_scores([p.signal for p in plans])):
-            plan.z = z
-        choices = []
-        for plan in plans:
-            _, scores = self._scores(ctx, plan, params)
-            energy = scores.double().pow(2)
-            mean = float(energy.mean())
-            factor = layer_factor(plan.z, params.z_scale) ** 2 / mean if mean > 0 else 0.0
-            options = []
-            for pattern in plan.options:
-                removed = 0.0 if pattern is None else float(energy[~nm_mask(scores, *pattern)].sum())
-                options.append(Option(pattern, plan.macs * _density(pattern), factor * removed))
-            choices.append(options)
-        total = sum(p.macs for p in plans)
-        for plan, option in zip(plans, allocate(choices, params.target_macs * total)):
-            plan.pattern = option.pattern
+# ---------------------------------------------------------------- permutation and masks
 
-    # ---------------------------------------------------------------- permutation and masks
 
-    def _permute(self, ctx: PruneContext, plan: _Plan, params: NmParams) -> None:
-        n, m = plan.pattern
-        absorber = find_absorber(ctx.model, plan.name, ctx.arch.couplings(ctx.model))
-        if absorber is None and not params.permute_index:
-            plan.perm = "none (no producer)"
-            return
-        _, scores = self._scores(ctx, plan, params)
-        energy = channel_rows(scores.double().pow(2), plan.shape)
-        perm = search_permutation(energy, n, m, blocks=absorber.blocks if absorber else None)
-        if torch.equal(perm, torch.arange(perm.numel())):
-            plan.perm = "identity"
-            return
-        kind = apply_permutation(ctx.model, plan.name, perm, absorber, allow_index=params.permute_index)
-        plan.perm = f"{kind}: {absorber.what}" if kind == "real" else "index"
-        index = channel_index(perm, plan.shape)
-        stats = plan.stats
-        if stats.sq is not None:
-            stats.sq = stats.sq[index.to(stats.sq.device)]
-        if stats.gram is not None:
-            index = index.to(stats.gram.device)
-            stats.gram = stats.gram[index][:, index]
+def _permute(ctx: PruneContext, plan: _Plan, params: NmParams) -> None:
+    n, m = plan.pattern
+    absorber = find_absorber(ctx.model, plan.name, ctx.arch.couplings(ctx.model))
+    if absorber is None and not params.permute_index:
+        plan.perm = "none (no producer)"
+        return
+    _, scores = _scores(ctx, plan, params)
+    energy = channel_rows(scores.double().pow(2), plan.shape)
+    perm = search_permutation(energy, n, m, blocks=absorber.blocks if absorber else None)
+    if torch.equal(perm, torch.arange(perm.numel())):
+        plan.perm = "identity"
+        return
+    kind = apply_permutation(ctx.model, plan.name, perm, absorber, allow_index=params.permute_index)
+    plan.perm = f"{kind}: {absorber.what}" if kind == "real" else "index"
+    index = channel_index(perm, plan.shape)
+    stats = plan.stats
+    if stats.sq is not None:
+        stats.sq = stats.sq[index.to(stats.sq.device)]
+    if stats.gram is not None:
+        index = index.to(stats.gram.device)
+        stats.gram = stats.gram[index][:, index]
 
-    def _mask(self, ctx: PruneContext, plan: _Plan, params: NmParams) -> None:
-        n, m = plan.pattern
-        weight = plain(ctx.module(plan.name)).weight
-        matrix, scores = self._scores(ctx, plan, params)
-        keep = nm_mask(scores, n, m)
-        if params.restore:
-            gram = plan.stats.gram.to(matrix.device)
-            restored = restore_mask(matrix, scores, gram, n, m, params.restore_overprune)
-            plain_err = reconstruction_error(matrix, keep, gram)
-            restored_err = reconstruction_error(matrix, restored, gram)
-            if restored_err <= plain_err:
-                keep = restored
-                change = (restored_err / plain_err - 1) if plain_err > 0 else 0.0
-                plan.restore = f"{change:+.1%} err"
-            else:
-                plan.restore = "kept plain (restore no better)"
-        with torch.no_grad():
-            weight.copy_(from_gemm(matrix * keep.to(matrix.dtype), plan.shape))
 
-    # ---------------------------------------------------------------- report
+def _mask(ctx: PruneContext, plan: _Plan, params: NmParams) -> None:
+    n, m = plan.pattern
+    weight = plain(ctx.module(plan.name)).weight
+    matrix, scores = _scores(ctx, plan, params)
+    keep = nm_mask(scores, n, m)
+    if params.restore:
+        gram = plan.stats.gram.to(matrix.device)
+        restored = restore_mask(matrix, scores, gram, n, m, params.restore_overprune)
+        plain_err = reconstruction_error(matrix, keep, gram)
+        restored_err = reconstruction_error(matrix, restored, gram)
+        if restored_err <= plain_err:
+            keep = restored
+            change = (restored_err / plain_err - 1) if plain_err > 0 else 0.0
+            plan.restore = f"{change:+.1%} err"
+        else:
+            plan.restore = "kept plain (restore no better)"
+    with torch.no_grad():
+        weight.copy_(from_gemm(matrix * keep.to(matrix.dtype), plan.shape))
 
-    def _row(self, ctx: PruneContext, plan: _Plan, before: tuple, params: NmParams, notes: str) -> LayerRow:
-        shape, params_before, nonzeros_before = before
-        module = ctx.module(plan.name)
-        _, params_after, nonzeros_after = weight_footprint(module)
-        if plan.skipped is not None:
-            return LayerRow(plan.name, shape, shape, params_before, params_after, nonzeros_before, nonzeros_after,
-                            skipped=plan.skipped, note=f"skipped: {plan.skipped}")
-        detail: dict = {"pattern": pattern_name(plan.pattern)}
-        if params.budget == "mp":
-            detail["signal u"] = plan.signal
-            detail["z"] = round(plan.z, 3)
-        detail["MACs"] = round(plan.macs)
-        detail["sparse MACs"] = round(plan.macs * _density(plan.pattern))
-        if params.permute:
-            detail["perm"] = plan.perm
-        if params.restore:
-            detail["restore"] = plan.restore
-        density = _density(plan.pattern)
-        weight = plain(module).weight
-        kept = float((weight != 0).float().mean())
-        note = notes
-        if plan.pattern is None:
-            reason = "kept dense by the MP budget"
-            return LayerRow(plan.name, shape, shape, params_before, params_after, nonzeros_before, nonzeros_after,
-                            budget=1.0, kept_fraction=kept, skipped=reason, note="; ".join(filter(None, [reason, note])),
-                            detail=detail)
-        check = check_nm(weight, *plan.pattern)
-        if not check.ok:  # cannot happen: masks are N:M by construction
-            raise AssertionError(f"n:m: {plan.name} violates {pattern_name(plan.pattern)} in {check.bad_groups} groups")
+
+# ---------------------------------------------------------------- report
+
+
+def _row(ctx: PruneContext, plan: _Plan, before: tuple, params: NmParams, notes: str) -> LayerRow:
+    shape, params_before, nonzeros_before = before
+    module = ctx.module(plan.name)
+    _, params_after, nonzeros_after = weight_footprint(module)
+    if plan.skipped is not None:
         return LayerRow(plan.name, shape, shape, params_before, params_after, nonzeros_before, nonzeros_after,
-                        budget=density, kept_fraction=kept, note=note, detail=detail)
+                        skipped=plan.skipped, note=f"skipped: {plan.skipped}")
+    detail: dict = {"pattern": pattern_name(plan.pattern)}
+    if params.budget == "mp":
+        detail["signal u"] = plan.signal
+        detail["z"] = round(plan.z, 3)
+    detail["MACs"] = round(plan.macs)
+    detail["sparse MACs"] = round(plan.macs * pattern_density(plan.pattern))
+    if params.permute:
+        detail["perm"] = plan.perm
+    if params.restore:
+        detail["restore"] = plan.restore
+    density = pattern_density(plan.pattern)
+    weight = plain(module).weight
+    kept = float((weight != 0).float().mean())
+    note = notes
+    if plan.pattern is None:
+        reason = "kept dense by the MP budget"
+        return LayerRow(plan.name, shape, shape, params_before, params_after, nonzeros_before, nonzeros_after,
+                        budget=1.0, kept_fraction=kept, skipped=reason, note="; ".join(filter(None, [reason, note])),
+                        detail=detail)
+    check = check_nm(weight, *plan.pattern)
+    if not check.ok:  # cannot happen: masks are N:M by construction
+        raise AssertionError(f"n:m: {plan.name} violates {pattern_name(plan.pattern)} in {check.bad_groups} groups")
+    return LayerRow(plan.name, shape, shape, params_before, params_after, nonzeros_before, nonzeros_after,
+                    budget=density, kept_fraction=kept, note=note, detail=detail)
 

@@ -3,43 +3,72 @@ whole family of structured sparsity levels sliced from it (``docs/spp.md``).
 
 Modules, one job each:
 
-* :mod:`.pruner`: ``SppPruner`` and its params, the search driver, extraction of each level and
-  the saved path.
+* :mod:`.params`: ``SppParams`` (no torch: ``rmtp list`` and ``rmtp validate`` load only this
+  package and it).
+* :mod:`.pruner`: the search driver, extraction of each level and the saved path;
+  :class:`SppPruner` imports it when it runs.
 * :mod:`.path`: split linearized Bregman iteration on the gates and reading levels off the path.
 * :mod:`.groups`: the units behind a step's layers (from the architecture's couplings), gating
   them and dispatching the slicing to :mod:`.heads` (attention heads), :mod:`.mlp` (MLP hidden
   neurons) and :mod:`.channels` (ResNet inner channels); :mod:`.unit` holds the unit.
 * :mod:`.modules`, :mod:`.conv_modules`: the sliced and removed modules a saved model is rebuilt
   from (stable type ids ``spp.*``).
+
+This package is the plugin: it declares the pruner and registers it; the other public names are
+imported from their modules on first use.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
+from typing import Any
 
 from rmtp.hookspecs import hookimpl
-from rmtp_plugins.spp.pruner import (
-    PATH_FILE,
-    AttentionHeads,
-    ConstantBranch,
-    ConstantChannels,
-    RemovedConv2d,
-    RemovedNorm,
-    SlicedBatchNorm2d,
-    SlicedConv2d,
-    SlicedLinear,
-    SppParams,
-    SppPruner,
-    ZeroInputConv2d,
-    extract,
-    search,
-)
+from rmtp.pruner import LayerRow, PruneContext, Pruner
+from rmtp_plugins.spp.params import SppParams
 
-__all__ = ["PATH_FILE", "AttentionHeads", "ConstantBranch", "ConstantChannels", "RemovedConv2d", "RemovedNorm",
-           "SlicedBatchNorm2d", "SlicedConv2d", "SlicedLinear", "SppParams", "SppPruner", "ZeroInputConv2d",
-           "extract", "search"]
+_LAZY = {
+    **dict.fromkeys(("PATH_FILE", "extract", "search"), "rmtp_plugins.spp.pruner"),
+    **dict.fromkeys(("AttentionHeads", "ConstantBranch", "SlicedLinear"), "rmtp_plugins.spp.modules"),
+    **dict.fromkeys(("ConstantChannels", "RemovedConv2d", "RemovedNorm", "SlicedBatchNorm2d", "SlicedConv2d",
+                     "ZeroInputConv2d"), "rmtp_plugins.spp.conv_modules"),
+}
+
+__all__ = sorted(["SppParams", "SppPruner", *_LAZY])
+
+
+class SppPruner(Pruner):
+    name = "spp"
+    description = ("Solution Path Pruning: split-LBI gate search orders heads, MLP neurons or conv channels "
+                   "once; slices any sparsity level (or several) from that path.")
+    kind = "weight"
+    Params = SppParams
+    needs_calibration = True
+
+    def prune(self, ctx: PruneContext, params: SppParams) -> list[LayerRow]:
+        from rmtp_plugins.spp.pruner import prune  # the gate search and the slicing (torch)
+
+        return prune(ctx, params)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'rmtp_plugins.spp' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 @hookimpl
 def register_pruners(register: Callable[[type], None]) -> None:
     register(SppPruner)
+
+
+@hookimpl
+def import_saved_types() -> None:
+    import rmtp_plugins.spp.conv_modules  # noqa: F401 - spp.sliced_conv2d, spp.removed_conv2d, …
+    import rmtp_plugins.spp.modules  # noqa: F401 - spp.sliced_linear, spp.constant_branch, spp.attention_heads

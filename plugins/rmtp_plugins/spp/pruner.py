@@ -29,28 +29,17 @@ import copy
 import itertools
 import math
 from collections.abc import Iterator
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 from torch.utils.data import DataLoader
 
 from rmtp.errors import RmtpError
-from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams, weight_footprint
+from rmtp.pruner import LayerRow, PruneContext, weight_footprint
 from rmtp.training import kd_loss
-from rmtp_plugins.spp.conv_modules import (
-    ConstantChannels,
-    RemovedConv2d,
-    RemovedNorm,
-    SlicedBatchNorm2d,
-    SlicedConv2d,
-    ZeroInputConv2d,
-)
 from rmtp_plugins.spp.groups import Unit, find_units, gated, group_params, shared_params, slice_unit
-from rmtp_plugins.spp.modules import AttentionHeads, ConstantBranch, SlicedLinear
 from rmtp_plugins.spp.path import (
-    LbiSettings,
     SolutionPath,
     Shared,
     removal_count,
@@ -58,62 +47,12 @@ from rmtp_plugins.spp.path import (
     removal_mask,
     split_lbi,
 )
+from rmtp_plugins.spp.params import SppParams
 from rmtp_plugins.spp.unit import weight_shape
 
-__all__ = ["AttentionHeads", "ConstantBranch", "ConstantChannels", "RemovedConv2d", "RemovedNorm",
-           "SlicedBatchNorm2d", "SlicedConv2d", "SlicedLinear", "SppParams", "SppPruner", "ZeroInputConv2d",
-           "extract"]
+__all__ = ["PATH_FILE", "extract", "path_report", "prune", "search", "unit_footprint", "variant_name"]
 
 PATH_FILE = "spp_path.json"
-
-
-class SppParams(PrunerParams):
-    ratio: float | None = Field(None, gt=0.0, lt=1.0, description="share to remove (see target); or use ratios")
-    ratios: tuple[float, ...] | None = Field(
-        None, min_length=1, description="several shares from one search, each saved as <output>/spp-<ratio>/")
-    keep: float | None = Field(None, gt=0.0, lt=1.0,
-                               description="with ratios: the one later steps continue with (default: the first)")
-    target: Literal["params", "groups"] = Field(
-        "params", description="ratio of the gated branches' params, or of the number of groups")
-    structures: tuple[Literal["heads", "neurons", "channels"], ...] = Field(
-        ("heads", "neurons", "channels"), min_length=1,
-        description="which groups to gate: attention heads, MLP neurons (ViT, ConvNeXt), ResNet inner channels")
-    kappa: float = Field(1.0, gt=0.0, le=1e3, description="κ: damping of the gate step, scale of Γ")
-    lam: float = Field(2.0, gt=0.0, le=1e6, description="λ: threshold of Γ = κ·soft(Z, λ); λ·κ ≥ 1 keeps "
-                                                         "groups the loss ignores out of the path")
-    nu: float = Field(10.0, gt=0.0, le=1e6, description="ν: coupling ‖γ − Γ‖²/(2ν) (smaller pulls gates harder)")
-    lr: float = Field(0.5, gt=0.0, le=100.0, description="α: step size of the iteration")
-    steps: int = Field(200, ge=1, le=1_000_000, description="iterations (one calibration batch each)")
-    batch_size: int = Field(64, ge=1, le=65_536, description="calibration images per iteration")
-    loss: Literal["ce", "kd"] = Field("ce", description="task loss: cross-entropy on the labels, or KL to "
-                                                        "the dense model's logits (temperature 1)")
-    fold_gates: bool = Field(False, description="fold the searched gates of kept groups into the weights "
-                                                "(else kept groups keep their dense weights, gate 1)")
-
-    @model_validator(mode="after")
-    def _consistent(self) -> SppParams:
-        if (self.ratio is None) == (self.ratios is None):
-            raise ValueError("give exactly one of ratio (one sparsity level) or ratios (a list)")
-        if self.ratios is not None:
-            bad = [r for r in self.ratios if not 0.0 < r < 1.0]
-            if bad:
-                raise ValueError(f"ratios must lie in (0, 1), got {bad}")
-            if len(set(self.ratios)) != len(self.ratios):
-                raise ValueError(f"ratios has duplicates: {list(self.ratios)}")
-        if self.keep is not None and self.keep not in self.levels():
-            raise ValueError(f"keep={self.keep} is not one of the ratios {list(self.levels())}")
-        if len(set(self.structures)) != len(self.structures):
-            raise ValueError(f"structures has duplicates: {list(self.structures)}")
-        return self
-
-    def levels(self) -> tuple[float, ...]:
-        return self.ratios if self.ratios is not None else (self.ratio,)
-
-    def kept_level(self) -> float:
-        return self.keep if self.keep is not None else self.levels()[0]
-
-    def settings(self) -> LbiSettings:
-        return LbiSettings(kappa=self.kappa, lam=self.lam, nu=self.nu, lr=self.lr, steps=self.steps)
 
 
 def variant_name(ratio: float) -> str:
@@ -189,83 +128,75 @@ def extract(model: nn.Module, units: list[Unit], remove: torch.Tensor,
     return kept
 
 
-class SppPruner(Pruner):
-    name = "spp"
-    description = ("Solution Path Pruning: split-LBI gate search orders heads, MLP neurons or conv channels "
-                   "once; slices any sparsity level (or several) from that path.")
-    kind = "weight"
-    Params = SppParams
-    needs_calibration = True
-
-    def prune(self, ctx: PruneContext, params: SppParams) -> list[LayerRow]:
-        couplings = ctx.arch.couplings(ctx.model)
-        offered = sorted({c.kind for c in couplings}, key=("heads", "neurons", "channels").index)
-        if not offered:
-            raise RmtpError(f"spp: the {ctx.arch.name} architecture declares no couplings (attention heads, MLP "
-                            f"neurons or conv channels shared by two layers), so spp has nothing to gate; "
-                            f"vit, convnext and resnet declare them (Architecture.couplings)")
-        if not set(params.structures) & set(offered):
-            raise RmtpError(f"spp: structures {list(params.structures)} select nothing in a {ctx.arch.name} model, "
-                            f"which has {', '.join(offered)}")
-        units = find_units(ctx.model, couplings, ctx.layers, params.structures)
-        if not units:
-            return []
-        sizes = group_params(units)
-        shared = shared_params(ctx.model, units)
-        path = search(ctx, units, params)
-        order = path.order()
-        folded = path.gamma if params.fold_gates else None
-        before = {u.path: unit_footprint(ctx.model, u) for u in units}
-        levels = {r: removal_count(r, sizes, order, params.target, shared) for r in params.levels()}
-        results: dict[float, dict[str, Any]] = {}
-        kept_level = params.kept_level()
-        for ratio in [r for r in params.levels() if r != kept_level] + [kept_level]:
-            target = ctx.model if ratio == kept_level else copy.deepcopy(ctx.model)
-            remove = removal_mask(order, levels[ratio])
-            kept = extract(target, units, remove, folded)
-            rows = [self._row(target, unit, count, before[unit.path], path, params) for unit, count in kept]
-            results[ratio] = self._summary(ratio, remove, sizes, shared, rows)
-            if ctx.output is not None:
-                ctx.output.save_model(ctx.output.free_name(variant_name(ratio)), target, {
-                    "pruner": self.name, "ratio": ratio, "kept_by_later_steps": ratio == kept_level,
-                    "params": params.model_dump(mode="json"), **results[ratio],
-                    "rows": [row.to_dict() for row in rows]})
-            if ratio == kept_level:
-                final_rows = rows
+def prune(ctx: PruneContext, params: SppParams) -> list[LayerRow]:
+    couplings = ctx.arch.couplings(ctx.model)
+    offered = sorted({c.kind for c in couplings}, key=("heads", "neurons", "channels").index)
+    if not offered:
+        raise RmtpError(f"spp: the {ctx.arch.name} architecture declares no couplings (attention heads, MLP "
+                        f"neurons or conv channels shared by two layers), so spp has nothing to gate; "
+                        f"vit, convnext and resnet declare them (Architecture.couplings)")
+    if not set(params.structures) & set(offered):
+        raise RmtpError(f"spp: structures {list(params.structures)} select nothing in a {ctx.arch.name} model, "
+                        f"which has {', '.join(offered)}")
+    units = find_units(ctx.model, couplings, ctx.layers, params.structures)
+    if not units:
+        return []
+    sizes = group_params(units)
+    shared = shared_params(ctx.model, units)
+    path = search(ctx, units, params)
+    order = path.order()
+    folded = path.gamma if params.fold_gates else None
+    before = {u.path: unit_footprint(ctx.model, u) for u in units}
+    levels = {r: removal_count(r, sizes, order, params.target, shared) for r in params.levels()}
+    results: dict[float, dict[str, Any]] = {}
+    kept_level = params.kept_level()
+    for ratio in [r for r in params.levels() if r != kept_level] + [kept_level]:
+        target = ctx.model if ratio == kept_level else copy.deepcopy(ctx.model)
+        remove = removal_mask(order, levels[ratio])
+        kept = extract(target, units, remove, folded)
+        rows = [_row(target, unit, count, before[unit.path], path, params) for unit, count in kept]
+        results[ratio] = _summary(ratio, remove, sizes, shared, rows)
         if ctx.output is not None:
-            ctx.output.write_json(ctx.output.free_name(PATH_FILE),
-                                  path_report(units, path, order, sizes, params, results))
-        return final_rows
+            ctx.output.save_model(ctx.output.free_name(variant_name(ratio)), target, {
+                "pruner": "spp", "ratio": ratio, "kept_by_later_steps": ratio == kept_level,
+                "params": params.model_dump(mode="json"), **results[ratio],
+                "rows": [row.to_dict() for row in rows]})
+        if ratio == kept_level:
+            final_rows = rows
+    if ctx.output is not None:
+        ctx.output.write_json(ctx.output.free_name(PATH_FILE),
+                              path_report(units, path, order, sizes, params, results))
+    return final_rows
 
-    @staticmethod
-    def _summary(ratio: float, remove: torch.Tensor, sizes: torch.Tensor, shared: tuple[Shared, ...],
-                 rows: list[LayerRow]) -> dict[str, Any]:
-        before = sum(r.params_before for r in rows)
-        after = sum(r.params_after for r in rows)
-        return {"groups_removed": int(remove.sum()), "groups": int(remove.numel()),
-                "group_share_removed": float(remove.float().mean()) if remove.numel() else 0.0,
-                "params_removed": before - after, "params_of_gated_branches": before,
-                "param_share_removed": (before - after) / before if before else 0.0,
-                "group_params_removed": int(removed_params(remove, sizes, shared))}
 
-    @staticmethod
-    def _row(model: nn.Module, unit: Unit, kept: int, before: tuple, path: SolutionPath,
-             params: SppParams) -> LayerRow:
-        shape_before, params_before, nonzeros_before = before
-        shape_after, params_after, nonzeros_after = unit_footprint(model, unit)
-        entries = path.entry[unit.gates]
-        entered = int(torch.isfinite(entries).sum())
-        noun = unit.noun
-        gone = " (branch removed)" if unit.kind != "channel" else " (inner path removed: the branch is constant)"
-        note = f"{noun} {unit.count} → {kept}" + (gone if kept == 0 else "")
-        first_entry = float(entries.min()) if entered else math.inf
-        return LayerRow(
-            unit.path, tuple(shape_before), tuple(shape_after), params_before, params_after,
-            nonzeros_before, nonzeros_after, budget=params_after / params_before if params_before else None,
-            kept_fraction=kept / unit.count, note=note,
-            detail={noun: f"{unit.count} → {kept}", "entered": f"{entered}/{unit.count}",
-                    "first entry": "never" if math.isinf(first_entry) else int(first_entry),
-                    "target": f"{params.target} {params.kept_level():g}"})
+def _summary(ratio: float, remove: torch.Tensor, sizes: torch.Tensor, shared: tuple[Shared, ...],
+             rows: list[LayerRow]) -> dict[str, Any]:
+    before = sum(r.params_before for r in rows)
+    after = sum(r.params_after for r in rows)
+    return {"groups_removed": int(remove.sum()), "groups": int(remove.numel()),
+            "group_share_removed": float(remove.float().mean()) if remove.numel() else 0.0,
+            "params_removed": before - after, "params_of_gated_branches": before,
+            "param_share_removed": (before - after) / before if before else 0.0,
+            "group_params_removed": int(removed_params(remove, sizes, shared))}
+
+
+def _row(model: nn.Module, unit: Unit, kept: int, before: tuple, path: SolutionPath,
+         params: SppParams) -> LayerRow:
+    shape_before, params_before, nonzeros_before = before
+    shape_after, params_after, nonzeros_after = unit_footprint(model, unit)
+    entries = path.entry[unit.gates]
+    entered = int(torch.isfinite(entries).sum())
+    noun = unit.noun
+    gone = " (branch removed)" if unit.kind != "channel" else " (inner path removed: the branch is constant)"
+    note = f"{noun} {unit.count} → {kept}" + (gone if kept == 0 else "")
+    first_entry = float(entries.min()) if entered else math.inf
+    return LayerRow(
+        unit.path, tuple(shape_before), tuple(shape_after), params_before, params_after,
+        nonzeros_before, nonzeros_after, budget=params_after / params_before if params_before else None,
+        kept_fraction=kept / unit.count, note=note,
+        detail={noun: f"{unit.count} → {kept}", "entered": f"{entered}/{unit.count}",
+                "first entry": "never" if math.isinf(first_entry) else int(first_entry),
+                "target": f"{params.target} {params.kept_level():g}"})
 
 
 def unit_footprint(model: nn.Module, unit: Unit) -> tuple[tuple[int, ...], int, int]:

@@ -16,6 +16,6 @@ from rmtp.hookspecs import hookimpl
 
 @hookimpl
 def register_commands(app) -> None:  # noqa: ANN001 - a typer.Typer
-    from rmtp_plugins.tokens.visualize import token_map_command
+    from rmtp_plugins.tokens.cli import token_map_command
 
     app.command("token-map")(token_map_command)

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import re
 from abc import abstractmethod
-from typing import Annotated, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
-import torch
 from pydantic import Field, model_validator
-from torch import nn
 
-from rmtp.data import model_input_size
 from rmtp.errors import PluginError
-from rmtp.modules import apply_patch
 from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams, weight_footprint
-from rmtp_plugins.tokens.patch import Method, TokenPlan, TokenReduction
+from rmtp_plugins.tokens.plan import Method, TokenPlan
 from rmtp_plugins.tokens.schedule import keep_ratios, token_counts
+
+if TYPE_CHECKING:  # the patch and the MAC counts are imported where a pruner runs: the
+    import torch  # declarations load no torch (`rmtp list`, `rmtp validate`)
+    from torch import nn
 
 KeepRatio = Annotated[float, Field(gt=0.0, le=1.0)]
 
@@ -67,6 +67,12 @@ class TokenPruner(Pruner):
         """The patch config for a model of ``depth`` blocks."""
 
     def prune(self, ctx: PruneContext, params: PrunerParams) -> list[LayerRow]:
+        from torch import nn
+
+        from rmtp.data import model_input_size
+        from rmtp.modules import apply_patch
+        from rmtp_plugins.tokens.patch import TokenReduction
+
         model = ctx.model
         _refuse_layer_filter(ctx)
         blocks = getattr(model, "blocks", None)
@@ -122,6 +128,7 @@ def _refuse_layer_filter(ctx: PruneContext) -> None:
 def block_macs(model: nn.Module, input_shape: tuple[int, ...], device: torch.device | str = "cpu") -> list[int]:
     """MACs of each ``blocks.{i}`` for one image of ``input_shape``, attention included (as
     :mod:`rmtp.measure` counts them: FlopCounterMode, CPU fused attention added)."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     from rmtp.measure import FLOP_FORMULAS

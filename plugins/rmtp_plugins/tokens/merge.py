@@ -17,10 +17,10 @@ Besides the tokens, two optional per-token tensors travel with the sequence:
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from torch import Tensor
+
+from rmtp_plugins.tokens.plan import ABSets
 
 
 def _gather(t: Tensor, index: Tensor) -> Tensor:
@@ -117,13 +117,6 @@ def prune_tokens(x: Tensor, scores: Tensor, n_keep: int, npt: int, *, fuse: bool
 
 
 # -------------------------------------------------------------------------------------- merging
-
-
-#: Which tokens alternate into ToMe's sets A and B. ``sequence``: every token, prefix tokens included
-#: (which stay protected), as facebookresearch/ToMe's ``bipartite_soft_matching`` does; ``patches``:
-#: the patch tokens only, the prefix split off first (rmtp's tome before it matched ToMe; kept so that
-#: folders saved then still reproduce their outputs).
-ABSets = Literal["sequence", "patches"]
 
 
 def ab_starts(npt: int, sets: ABSets = "sequence") -> tuple[int, int]:

@@ -14,7 +14,7 @@ from pydantic import Field
 
 from rmtp.hookspecs import hookimpl
 from rmtp_plugins.tokens.base import PruneScheduleParams, TokenPruner
-from rmtp_plugins.tokens.patch import TokenPlan
+from rmtp_plugins.tokens.plan import TokenPlan
 
 
 class TokenClsParams(PruneScheduleParams):
@@ -37,3 +37,8 @@ class TokenClsPruner(TokenPruner):
 @hookimpl
 def register_pruners(register) -> None:  # noqa: ANN001 - pluggy passes the registry's callback
     register(TokenClsPruner)
+
+
+@hookimpl
+def import_saved_types() -> None:
+    import rmtp_plugins.tokens.patch  # noqa: F401 - registers the token patch (tokens.reduction)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from rmtp.hookspecs import hookimpl
 from rmtp_plugins.tokens.base import PruneScheduleParams, TokenPruner
-from rmtp_plugins.tokens.patch import TokenPlan
+from rmtp_plugins.tokens.plan import TokenPlan
 
 
 class TokenMeanParams(PruneScheduleParams):
@@ -31,3 +31,8 @@ class TokenMeanPruner(TokenPruner):
 @hookimpl
 def register_pruners(register) -> None:  # noqa: ANN001 - pluggy passes the registry's callback
     register(TokenMeanPruner)
+
+
+@hookimpl
+def import_saved_types() -> None:
+    import rmtp_plugins.tokens.patch  # noqa: F401 - registers the token patch (tokens.reduction)

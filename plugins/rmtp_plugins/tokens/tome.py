@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 from rmtp.errors import PluginError
 from rmtp.hookspecs import hookimpl
 from rmtp_plugins.tokens.base import TokenParams, TokenPruner
-from rmtp_plugins.tokens.patch import TokenPlan
+from rmtp_plugins.tokens.plan import TokenPlan
 from rmtp_plugins.tokens.schedule import tome_r_list
 
 
@@ -60,3 +60,8 @@ class TomePruner(TokenPruner):
 @hookimpl
 def register_pruners(register) -> None:  # noqa: ANN001 - pluggy passes the registry's callback
     register(TomePruner)
+
+
+@hookimpl
+def import_saved_types() -> None:
+    import rmtp_plugins.tokens.patch  # noqa: F401 - registers the token patch (tokens.reduction)

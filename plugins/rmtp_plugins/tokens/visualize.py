@@ -1,4 +1,5 @@
-"""Which patches each final token covers: ``rmtp token-map RUN_DIR`` and the functions behind it.
+"""Which patches each final token covers: the functions behind ``rmtp token-map RUN_DIR``
+(:mod:`.cli`).
 
 For a token-reduced model (``tome``, or ``token-cls`` / ``token-mean`` with or without fusion) the
 forward pass is traced (:func:`~rmtp_plugins.tokens.patch.trace_sources`) and every patch of the
@@ -10,13 +11,11 @@ are darkened.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
-
 import torch
-import typer
 from torch import Tensor, nn
 
 from rmtp.errors import RmtpError
+from rmtp_plugins.tokens.cli import token_map_command  # noqa: F401 - the command, defined torch-free there
 from rmtp_plugins.tokens.patch import trace_sources
 
 
@@ -114,19 +113,3 @@ def visualize_run(folder: str | Path, out: str | Path | None = None, images: int
         raise RmtpError(f"{folder}: the val split is empty")
     batch = torch.stack([val[i][0] for i in range(count)])
     return save_token_map(loaded.model, batch, out)
-
-
-def token_map_command(
-    folder: Annotated[Path, typer.Argument(help="A saved token-reduced model (an rmtp output folder).")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="PNG to write (default: FOLDER/token_map.png).")] = None,
-    images: Annotated[int, typer.Option("--images", "-n", min=1, max=64, help="How many val images to draw.")] = 8,
-) -> None:
-    """Draw which patches each token of a token-reduced model (tome, token-cls, token-mean) covers."""
-    from rich.markup import escape
-
-    from rmtp.cli import user_errors
-    from rmtp.render import stdout
-
-    with user_errors():
-        path = visualize_run(folder, out, images)
-    stdout.print(f"[green]wrote[/] {escape(str(path))}")

@@ -1,0 +1,64 @@
+"""The ``spp`` pruner's params: plain pydantic, no torch, so that ``rmtp list`` and ``rmtp validate``
+load none (the search itself is :mod:`.pruner`)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import Field, model_validator
+
+from rmtp.pruner import PrunerParams
+
+if TYPE_CHECKING:
+    from rmtp_plugins.spp.path import LbiSettings
+
+
+class SppParams(PrunerParams):
+    ratio: float | None = Field(None, gt=0.0, lt=1.0, description="share to remove (see target); or use ratios")
+    ratios: tuple[float, ...] | None = Field(
+        None, min_length=1, description="several shares from one search, each saved as <output>/spp-<ratio>/")
+    keep: float | None = Field(None, gt=0.0, lt=1.0,
+                               description="with ratios: the one later steps continue with (default: the first)")
+    target: Literal["params", "groups"] = Field(
+        "params", description="ratio of the gated branches' params, or of the number of groups")
+    structures: tuple[Literal["heads", "neurons", "channels"], ...] = Field(
+        ("heads", "neurons", "channels"), min_length=1,
+        description="which groups to gate: attention heads, MLP neurons (ViT, ConvNeXt), ResNet inner channels")
+    kappa: float = Field(1.0, gt=0.0, le=1e3, description="κ: damping of the gate step, scale of Γ")
+    lam: float = Field(2.0, gt=0.0, le=1e6, description="λ: threshold of Γ = κ·soft(Z, λ); λ·κ ≥ 1 keeps "
+                                                         "groups the loss ignores out of the path")
+    nu: float = Field(10.0, gt=0.0, le=1e6, description="ν: coupling ‖γ − Γ‖²/(2ν) (smaller pulls gates harder)")
+    lr: float = Field(0.5, gt=0.0, le=100.0, description="α: step size of the iteration")
+    steps: int = Field(200, ge=1, le=1_000_000, description="iterations (one calibration batch each)")
+    batch_size: int = Field(64, ge=1, le=65_536, description="calibration images per iteration")
+    loss: Literal["ce", "kd"] = Field("ce", description="task loss: cross-entropy on the labels, or KL to "
+                                                        "the dense model's logits (temperature 1)")
+    fold_gates: bool = Field(False, description="fold the searched gates of kept groups into the weights "
+                                                "(else kept groups keep their dense weights, gate 1)")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SppParams:
+        if (self.ratio is None) == (self.ratios is None):
+            raise ValueError("give exactly one of ratio (one sparsity level) or ratios (a list)")
+        if self.ratios is not None:
+            bad = [r for r in self.ratios if not 0.0 < r < 1.0]
+            if bad:
+                raise ValueError(f"ratios must lie in (0, 1), got {bad}")
+            if len(set(self.ratios)) != len(self.ratios):
+                raise ValueError(f"ratios has duplicates: {list(self.ratios)}")
+        if self.keep is not None and self.keep not in self.levels():
+            raise ValueError(f"keep={self.keep} is not one of the ratios {list(self.levels())}")
+        if len(set(self.structures)) != len(self.structures):
+            raise ValueError(f"structures has duplicates: {list(self.structures)}")
+        return self
+
+    def levels(self) -> tuple[float, ...]:
+        return self.ratios if self.ratios is not None else (self.ratio,)
+
+    def kept_level(self) -> float:
+        return self.keep if self.keep is not None else self.levels()[0]
+
+    def settings(self) -> LbiSettings:
+        from rmtp_plugins.spp.path import LbiSettings
+
+        return LbiSettings(kappa=self.kappa, lam=self.lam, nu=self.nu, lr=self.lr, steps=self.steps)

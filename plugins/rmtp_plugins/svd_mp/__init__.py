@@ -1,0 +1,83 @@
+"""``svd-mp``: drop the singular directions inside the Marchenko–Pastur bulk, split layers in two.
+
+For every selected layer the 2-D weight W (M×N; a conv as out × in·k_h·k_w; a fused qkv as its
+q, k, v blocks when ``split_qkv``) is decomposed, W = U·S·Vᵀ, and the MP law is fitted to its
+spectrum (:func:`rmtp.spectral.mp.fit_mp`). Directions whose singular value lies above the
+bulk's edge s₊ (times ``margin``) carry signal; the rest is treated as noise and dropped.
+
+* Rank per matrix: k = #{s > margin·s₊}, clamped to [``min_rank``, ``max_rank_fraction``·min(M,N)].
+* With ``target_params`` the ranks are instead allocated across all selected layers at once: every
+  singular direction is scored by how far it stands above its own layer's edge (s / s₊), and the
+  best-scored directions are kept until the selected layers hold ``target_params`` of their
+  original weight count. Layers whose split would not pay count at their dense size.
+* When k·(M+N) < M·N the layer is replaced by two thin layers (:mod:`rmtp.lowrank`), so params and
+  MACs really drop; otherwise it stays dense and, by default, the rank-k reconstruction is written
+  back (``when_split_does_not_pay: keep`` leaves it untouched). The report says which.
+* ``coefficient_pruning`` then zeroes that fraction of the smallest entries of each layer's new
+  weights (the factors, or the dense reconstruction): the seeds' direct coefficient pruning. The
+  zeros are reported as nonzeros and stay zero through a later ``finetune`` step.
+* A layer an earlier round already split (prune → finetune → prune, the seeds' Algorithm 3) holds
+  a rank-k matrix: no noise bulk is left to fit, so its directions are measured against the edge s₊
+  fitted on the dense weights, which the split layer carries (:mod:`rmtp.lowrank`). Fine-tuning
+  with the ``l2``/``l1`` penalties shrinks the directions the task does not need, and the second
+  round cuts those that fell under ``margin``·s₊ (the exact SVD of the factor product is cheap).
+
+This package is the plugin (entry point ``svd-mp``): the params and the pruner's declaration here,
+the work in :mod:`.factoring`, which ``prune`` imports when it runs, so that ``rmtp list`` and
+``rmtp validate`` load no torch.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from rmtp.hookspecs import hookimpl
+from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams
+from rmtp.param_types import TwConfidence
+
+
+class SvdMpParams(PrunerParams):
+    margin: float = Field(1.0, gt=0.0, le=100.0,
+                          description="scale on the MP singular-value threshold s₊ (above 1 keeps fewer directions)")
+    min_rank: int = Field(1, ge=1, description="never keep fewer directions per matrix")
+    max_rank_fraction: float = Field(1.0, gt=0.0, le=1.0, description="never keep more than this share of min(M,N)")
+    target_params: float | None = Field(None, gt=0.0, lt=1.0,
+                                        description="keep this share of the selected layers' dense weights "
+                                                    "(split layers count at their original size), ranks "
+                                                    "allocated globally by s/s₊ (default: each layer's own edge)")
+    split_qkv: bool = Field(True, description="fit and factor a fused qkv as separate q, k, v blocks")
+    coefficient_pruning: float = Field(0.0, ge=0.0, lt=1.0,
+                                       description="then zero this share of the smallest entries of the new weights")
+    when_split_does_not_pay: Literal["reconstruct", "keep"] = Field(
+        "reconstruct", description="a layer whose split would not save params: write back its rank-k "
+                                   "reconstruction, or keep it unchanged")
+    alpha: float = Field(0.25, gt=0.0, lt=0.5, description="BEMA fit on the [alpha, 1-alpha] quantile band")
+    tw_confidence: TwConfidence = Field(None,
+                                        description="add a Tracy–Widom margin to the edge at this confidence")
+    min_dim: int = Field(32, ge=2, description="matrices with min(M,N) below this are skipped (too few "
+                                                "singular values for statistics)")
+
+
+class SvdMpPruner(Pruner):
+    name = "svd-mp"
+    description = "Keep singular directions above the Marchenko–Pastur edge; split layers into two thin ones."
+    kind = "weight"
+    Params = SvdMpParams
+    revisits_replaced_layers = True
+
+    def prune(self, ctx: PruneContext, params: SvdMpParams) -> list[LayerRow]:
+        from rmtp_plugins.svd_mp.factoring import prune  # the SVDs and splits (torch), imported when run
+
+        return prune(ctx, params)
+
+
+@hookimpl
+def register_pruners(register) -> None:  # noqa: ANN001 - pluggy passes the registry's callback
+    register(SvdMpPruner)
+
+
+@hookimpl
+def import_saved_types() -> None:
+    import rmtp.lowrank  # noqa: F401 - registers the low-rank layers a saved svd-mp model is rebuilt from

@@ -1,0 +1,263 @@
+"""How ``svd-mp`` prunes (:class:`rmtp_plugins.svd_mp.SvdMpPruner` runs :func:`prune`): the SVD and
+MP fit of every selected matrix, the ranks (per layer, or allocated globally under
+``target_params``), the splits into two thin layers, and the report rows. The method itself is
+described in :mod:`rmtp_plugins.svd_mp`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from rmtp.lowrank import LOW_RANK_TYPES, factor_svds, factorize, factorize_blocks, refactorize
+from rmtp.pruner import LayerRow, PruneContext, weight_footprint
+from rmtp.spectral.mp import MPFit, fit_mp, weight_matrix
+
+if TYPE_CHECKING:
+    from rmtp_plugins.svd_mp import SvdMpParams
+
+
+@dataclass
+class _Matrix:
+    """One matrix to factor: a whole layer, or one block (q, k or v) of a fused projection."""
+
+    label: str
+    rows: slice
+    u: torch.Tensor
+    s: torch.Tensor
+    vh: torch.Tensor
+    fit: MPFit | None
+    s_plus: float
+    rank: int = 0
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.u.shape[0], self.vh.shape[1])
+
+
+@dataclass
+class _Plan:
+    """What svd-mp will do to one layer."""
+
+    name: str
+    module: nn.Module
+    matrices: list[_Matrix] = field(default_factory=list)
+    skipped: str | None = None
+
+    @property
+    def already_split(self) -> bool:
+        return isinstance(self.module, LOW_RANK_TYPES)
+
+    @property
+    def rows_cols(self) -> tuple[int, int]:
+        """(M, N) of the layer's effective matrix (a split layer's original dense shape)."""
+        if self.already_split:
+            rows, *cols = self.module.effective_shape
+            return rows, math.prod(cols)
+        weight = weight_matrix(self.module.weight)
+        return weight.shape[0], weight.shape[1]
+
+    def current_cost(self) -> int:
+        """Weight entries the layer holds now (biases excluded; a split qkv's blocks each count
+        only their own second factor)."""
+        return sum(p.numel() for name, p in self.module.named_parameters() if not name.endswith("bias"))
+
+    def split_cost(self) -> int:
+        _, cols = self.rows_cols
+        return sum(m.rank * (cols + m.shape[0]) for m in self.matrices)
+
+    def dense_cost(self) -> int:
+        """Weight entries of the layer's dense matrix; a skipped layer that has none (a conv another
+        pruner removed) counts what it holds."""
+        if not self.already_split and not isinstance(getattr(self.module, "weight", None), torch.Tensor):
+            return self.current_cost()
+        rows, cols = self.rows_cols
+        return rows * cols
+
+    def cost(self) -> int:
+        """Weight entries this layer holds after pruning (a split that does not pay stays dense)."""
+        return min(self.split_cost(), self.dense_cost())
+
+
+def prune(ctx: PruneContext, params: SvdMpParams) -> list[LayerRow]:
+    plans = _plan(ctx, params)
+    if params.target_params is not None:
+        _allocate_globally(plans, params)
+    rows = []
+    with ctx.progress.task("svd-mp: replacing layers", total=len(plans)) as advance:
+        for plan in plans:
+            rows.append(_apply(ctx, plan, params))
+            advance()
+    return rows
+
+
+def _plan(ctx: PruneContext, params: SvdMpParams) -> list[_Plan]:
+    plans = []
+    with ctx.progress.task("svd-mp: SVD + MP fit", total=len(ctx.layers)) as advance:
+        for layer in ctx.layers:
+            plans.append(_plan_layer(ctx, layer.name, ctx.module(layer), params))
+            advance()
+    return plans
+
+
+def _plan_layer(ctx: PruneContext, name: str, module: nn.Module, params: SvdMpParams) -> _Plan:
+    plan = _Plan(name=name, module=module)
+    if isinstance(module, LOW_RANK_TYPES):
+        return _plan_split_layer(plan, params)
+    if not isinstance(module, (nn.Linear, nn.Conv2d)):
+        plan.skipped = f"not a Linear/Conv2d ({type(module).__name__})"
+        return plan
+    if isinstance(module, nn.Conv2d) and module.groups != 1:
+        plan.skipped = f"grouped conv (groups={module.groups}) is not one matrix"
+        return plan
+    matrix = weight_matrix(module.weight.detach()).to("cpu", torch.float64)
+    blocks = ctx.arch.qkv_split(name, module) if params.split_qkv and isinstance(module, nn.Linear) else None
+    for label, rows in (blocks or {"": slice(0, matrix.shape[0])}).items():
+        part = matrix[rows]
+        if min(part.shape) < params.min_dim:
+            plan.skipped = f"min(M,N)={min(part.shape)} < min_dim={params.min_dim}: too few singular values"
+            plan.matrices = []
+            return plan
+        u, s, vh = torch.linalg.svd(part, full_matrices=False)
+        fit = fit_mp(s, tuple(part.shape), alpha=params.alpha, tw_confidence=params.tw_confidence)
+        m = _Matrix(label=label, rows=rows, u=u, s=s, vh=vh, fit=fit, s_plus=fit.s_plus)
+        m.rank = _clamp(int((s > params.margin * fit.s_plus).sum()), m, params)
+        plan.matrices.append(m)
+    return plan
+
+
+def _plan_split_layer(plan: _Plan, params: SvdMpParams) -> _Plan:
+    """A layer an earlier round split: truncate its factor product against the recorded dense edge."""
+    edges = plan.module.mp_edges
+    if edges is None:
+        plan.skipped = (f"already split ({type(plan.module).__name__}) with no recorded MP edge: "
+                        f"not made by svd-mp, nothing to measure its rank against")
+        return plan
+    parts = factor_svds(plan.module)
+    for index, ((rows, u, s, vh), edge) in enumerate(zip(parts, edges)):
+        m = _Matrix(label=f"[{index}]" if len(parts) > 1 else "", rows=rows, u=u, s=s, vh=vh, fit=None,
+                    s_plus=edge)
+        m.rank = _clamp(int((s > params.margin * edge).sum()), m, params)
+        plan.matrices.append(m)
+    return plan
+
+
+def _apply(ctx: PruneContext, plan: _Plan, params: SvdMpParams) -> LayerRow:
+    shape, params_before, nonzeros_before = weight_footprint(plan.module)
+    if plan.skipped:
+        return LayerRow(plan.name, shape, shape, params_before, params_before, nonzeros_before, nonzeros_before,
+                        skipped=plan.skipped, note=f"skipped: {plan.skipped}")
+    rows, cols = plan.rows_cols
+    macs_before = plan.current_cost()
+    pays = plan.split_cost() < plan.dense_cost()
+    if plan.already_split:
+        if [m.rank for m in plan.matrices] == list(getattr(plan.module, "ranks", [plan.module.rank])):
+            new, mode = plan.module, "split, rank unchanged"
+        else:
+            new = refactorize(plan.module, [(m.u, m.s, m.vh, m.rank) for m in plan.matrices])
+            ctx.model.set_submodule(plan.name, new)
+            mode = "split, rank cut"
+        pays = True
+    elif pays:
+        if len(plan.matrices) == 1:
+            m = plan.matrices[0]
+            new = factorize(plan.module, m.u, m.s, m.vh, m.rank, edge=m.s_plus)
+        else:
+            new = factorize_blocks(plan.module, [(m.rows, m.u, m.s, m.vh, m.rank) for m in plan.matrices],
+                                   edges=[m.s_plus for m in plan.matrices])
+        ctx.model.set_submodule(plan.name, new)
+        mode = "split"
+    elif params.when_split_does_not_pay == "reconstruct":
+        _write_reconstruction(plan.module.weight, plan.matrices)
+        new, mode = plan.module, "dense, rank-k reconstruction"
+    else:
+        new, mode = plan.module, "dense, unchanged (split would not pay)"
+    if params.coefficient_pruning > 0:
+        _prune_coefficients(new, params.coefficient_pruning)
+    shape_after, params_after, nonzeros_after = weight_footprint(new)
+    ranks = [m.rank for m in plan.matrices]
+    rank_text = "/".join(map(str, ranks)) if len(ranks) > 1 else str(ranks[0])
+    edges = [m.s_plus for m in plan.matrices]
+    heavy = [m.label or "W" for m in plan.matrices if m.fit is not None and not m.fit.bulk_is_mp]
+    macs_after = plan.split_cost() if pays else rows * cols
+    return LayerRow(
+        plan.name, shape, shape_after, params_before, params_after, nonzeros_before, nonzeros_after,
+        budget=params_after / params_before, kept_rank=sum(ranks),
+        note=mode + (f"; bulk not MP-like in {', '.join(heavy)}" if heavy else ""),
+        detail={"mode": mode.split(",")[0], "rank": f"{rank_text} of {min(rows, cols)}",
+                "edge s₊": edges[0] if len(edges) == 1 else "/".join(f"{e:.3g}" for e in edges),
+                "MACs/pos": f"{macs_before} → {macs_after}"},
+    )
+
+
+
+
+def _clamp(rank: int, matrix: _Matrix, params: SvdMpParams) -> int:
+    """``rank`` within [min_rank, max_rank_fraction·min(M,N)], and never above the directions the
+    matrix has (a split layer's k: later rounds only cut, ``min_rank`` never grows it back)."""
+    full = min(matrix.shape)
+    ceiling = max(params.min_rank, math.floor(params.max_rank_fraction * full))
+    return min(max(params.min_rank, min(rank, ceiling, full)), matrix.s.numel())
+
+
+def _allocate_globally(plans: list[_Plan], params: SvdMpParams) -> None:
+    """Set ranks so the selected layers keep ``target_params`` of their weights, best s/s₊ first.
+
+    Lowering the score threshold τ only ever adds directions, so the cost is monotone in τ and
+    the loosest τ that fits the budget is found by bisection over the observed scores.
+    """
+    active = [p for p in plans if not p.skipped]
+    budget = params.target_params * sum(p.dense_cost() for p in plans) - sum(p.current_cost() for p in plans if p.skipped)
+    scores = {id(m): (m.s / m.s_plus) for p in active for m in p.matrices}
+
+    def set_threshold(tau: float) -> int:
+        for plan in active:
+            for m in plan.matrices:
+                m.rank = _clamp(int((scores[id(m)] > tau).sum()), m, params)
+        return sum(p.cost() for p in active)
+
+    candidates = torch.cat([s for s in scores.values()]).unique().sort().values.tolist() if scores else []
+    lo, hi = 0, len(candidates)  # answer index in [lo, hi]; hi means "above every score" (min ranks)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if set_threshold(candidates[mid]) <= budget:
+            hi = mid
+        else:
+            lo = mid + 1
+    set_threshold(candidates[lo] if lo < len(candidates) else math.inf)
+
+
+def _write_reconstruction(weight: torch.Tensor, matrices: list[_Matrix]) -> None:
+    """Write each matrix's rank-k reconstruction U_k·S_k·V_kᵀ into ``weight``'s rows, in place.
+
+    Built on a copy of the (out, in·kh·kw) matrix and written back with ``copy_`` into the
+    parameter itself: ``weight_matrix`` is a view only of a contiguous weight, and a channels_last
+    conv's reshape is a copy, so assigning into it used to drop the reconstruction silently while
+    the report said it was written. ``copy_`` goes by logical index, whatever the strides.
+    """
+    with torch.no_grad():
+        matrix = weight_matrix(weight).clone()
+        for m in matrices:
+            approx = (m.u[:, :m.rank] * m.s[:m.rank]) @ m.vh[:m.rank]
+            matrix[m.rows] = approx.to(device=matrix.device, dtype=matrix.dtype)
+        weight.copy_(matrix.reshape(weight.shape))
+
+
+def _prune_coefficients(module: nn.Module, fraction: float) -> None:
+    """Zero the ``fraction`` smallest-magnitude entries over the module's Linear/Conv weights."""
+    weights = [m.weight for m in module.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    scores = torch.cat([w.detach().abs().flatten() for w in weights])
+    n_zero = round(fraction * scores.numel())
+    if n_zero == 0:
+        return
+    drop = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
+    drop[torch.sort(scores, stable=True).indices[:n_zero]] = True
+    offset = 0
+    with torch.no_grad():
+        for w in weights:
+            w.masked_fill_(drop[offset:offset + w.numel()].view_as(w), 0.0)
+            offset += w.numel()
