@@ -268,7 +268,7 @@ def test_cuda_without_a_gpu_is_one_line_exit_1(checkpoint: Path) -> None:
     (["--dtype", "fp16"], "error: dtype fp16 is refused on cpu"),
     (["--rounds", "2"], "error: rounds must be at least 3"),
     (["--threads", "0"], "error: threads must be at least 1, got 0"),
-    (["--kwargs", "[1]"], "error: --kwargs '[1]': give a JSON object"),
+    (["--kwargs", "[1]"], "error: --kwargs: expected a JSON object or key=value, got [1]"),
 ])
 def test_bad_options_are_one_line_exit_1(checkpoint: Path, args: list[str], message: str) -> None:
     result = invoke("bench", str(checkpoint), *args)

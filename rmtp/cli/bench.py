@@ -6,28 +6,15 @@ Every user error (bad option, missing model, no GPU) is one red line on stderr a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.markup import escape
 
-from rmtp.bench import DEFAULT_ROUNDS, BenchError
+from rmtp.bench.defaults import DEFAULT_ROUNDS
 from rmtp.cli.exits import user_errors
-
-
-def _parse_kwargs(text: str | None) -> dict[str, Any] | None:
-    if text is None:
-        return None
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise BenchError(f"--kwargs {text!r}: not valid JSON ({exc.msg}); give an object, e.g. "
-                         f"'{{\"num_classes\": 10}}'") from None
-    if not isinstance(value, dict):
-        raise BenchError(f"--kwargs {text!r}: give a JSON object, e.g. '{{\"num_classes\": 10}}'")
-    return value
+from rmtp.cli.options import KWARGS_HELP, KWARGS_METAVAR, parse_kwargs
 
 
 def bench(
@@ -55,8 +42,8 @@ def bench(
         "--plot", help="Folder to write throughput.png and accuracy_vs_macs.png into.")] = None,
     model_name: Annotated[str | None, typer.Option(
         "--model", help="timm name of checkpoint files (default: the <stem>.json card next to each).")] = None,
-    kwargs: Annotated[str | None, typer.Option(
-        "--kwargs", help="JSON object of timm.create_model kwargs for checkpoints and timm:NAME models.")] = None,
+    kwargs: Annotated[list[str] | None, typer.Option(
+        "--kwargs", metavar=KWARGS_METAVAR, help=f"{KWARGS_HELP}; for checkpoints and timm:NAME models.")] = None,
 ) -> None:
     """Compare models side by side: latency, throughput, peak memory, MACs, params, nonzeros (and top-1)."""
     from rmtp.atomic import check_writable, write_errors, write_json_atomic
@@ -65,7 +52,7 @@ def bench(
 
     with user_errors():
         batches = parse_batches(batch)
-        model_kwargs = _parse_kwargs(kwargs)
+        model_kwargs = parse_kwargs(kwargs)
         if json_path is not None:  # before the models are loaded and timed
             check_writable(json_path, what="--json", is_dir=False)
         if plot is not None:

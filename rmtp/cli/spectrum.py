@@ -2,45 +2,15 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Optional
 
 import typer
 
 from rmtp.cli.exits import user_errors
-from rmtp.errors import RmtpError
+from rmtp.cli.options import KWARGS_HELP, KWARGS_METAVAR, parse_kwargs
 
-
-def parse_kwargs(values: list[str] | None) -> dict[str, Any] | None:
-    """``--kwargs`` values: each a JSON object, or ``key=value`` pairs separated by commas.
-
-    A value is read as JSON when it parses (``32``, ``4.0``, ``true``, ``[1, 2]``), else kept as a
-    string; later keys override earlier ones.
-    """
-    if not values:
-        return None
-    merged: dict[str, Any] = {}
-    for value in values:
-        text = value.strip()
-        if text.startswith("{"):
-            try:
-                parsed = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise RmtpError(f"--kwargs: not a valid JSON object ({exc.msg} at char {exc.pos}): {text}") from None
-            if not isinstance(parsed, dict):  # e.g. '{}' followed by more text never gets here; a list does not start with '{'
-                raise RmtpError(f"--kwargs: expected a JSON object, got {text}")
-            merged.update(parsed)
-            continue
-        for pair in filter(None, (p.strip() for p in text.split(","))):
-            key, sep, raw = pair.partition("=")
-            if not sep or not key.strip():
-                raise RmtpError(f"--kwargs: expected key=value, got {pair!r}")
-            try:
-                merged[key.strip()] = json.loads(raw)
-            except json.JSONDecodeError:
-                merged[key.strip()] = raw.strip()
-    return merged
+__all__ = ["analyze_spectrum", "parse_kwargs"]
 
 
 def analyze_spectrum(
@@ -57,8 +27,7 @@ def analyze_spectrum(
     arch: Annotated[Optional[str], typer.Option(
         "--arch", help="Architecture plugin (vit, convnext, resnet, ...) when it cannot be inferred from the name.")] = None,
     kwargs: Annotated[Optional[list[str]], typer.Option(
-        "--kwargs", help="timm.create_model kwargs: a JSON object ('{\"img_size\": 32}') or key=value[,key=value]; "
-                         "repeatable; overrides the model card's.")] = None,
+        "--kwargs", metavar=KWARGS_METAVAR, help=f"{KWARGS_HELP}; overrides the model card's.")] = None,
     pretrained: Annotated[bool, typer.Option(
         "--pretrained", help="timm:NAME only: load timm's pretrained weights (needs network access).")] = False,
     alpha: Annotated[float, typer.Option(
