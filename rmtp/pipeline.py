@@ -187,7 +187,8 @@ def _run_steps(run: _Run, recipe: Recipe, spec: ModelSpec, baseline: ModelSpec, 
         run.dense_top1 = _top1(run, dense, "evaluating dense model")
     report = RunReport(recipe=str(recipe.path) if recipe.path else None, model=spec.name, arch=arch.name,
                        seed=recipe.seed, device=str(device), dense=_stats(run, dense, run.dense_top1),
-                       environment=environment())
+                       environment=environment(),
+                       preprocessing={**run.data.preprocessing, "description": run.data.describe()})
     for finished in done.reports:
         report.steps.append(StepReport.from_dict(finished))
         if on_step is not None:

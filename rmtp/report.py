@@ -89,6 +89,9 @@ class RunReport:
     output_dir: str | None = None
     seconds: float = 0.0
     environment: dict[str, str] = field(default_factory=dict)
+    #: What the images went through (``DataBundle.preprocessing``, resolved: the recipe's keys over
+    #: the model's pretrained config) with its one-line ``description``.
+    preprocessing: dict[str, Any] = field(default_factory=dict)
 
     @property
     def final(self) -> ModelStats:
@@ -105,6 +108,7 @@ class RunReport:
             "seconds": self.seconds,
             "output_dir": self.output_dir,
             "environment": dict(self.environment),
+            "preprocessing": dict(self.preprocessing),
             "dense": self.dense.to_dict(),
             "final": self.final.to_dict(),
             "steps": [step.to_dict() for step in self.steps],

@@ -206,3 +206,17 @@ def test_pruner_capabilities_default_to_the_documented_attributes() -> None:
         (False, True, ["plain"])
     assert (Revisits.calibration_needed(), Revisits.prunes_weights(), Revisits.candidate_layers(Arch(), None)) == \
         (True, False, ["replaced too"])
+
+
+def test_the_report_records_and_prints_the_preprocessing(tmp_path) -> None:
+    from rich.console import Console
+
+    from rmtp.recipe import parse_recipe
+    from rmtp.render import render_report
+
+    result = run_recipe(parse_recipe(tiny_recipe([{"evaluate": {}}], data={"name": "digits", "eval_limit": 32})))
+    recorded = result.report.to_dict()["preprocessing"]
+    assert recorded["name"] == "digits" and recorded["input_size"] == [1, 16, 16]
+    console = Console(width=200, record=True)
+    render_report(result.report, console)
+    assert "data: preprocessing (digits, fixed): 8x8 → 16x16 bilinear" in console.export_text()
