@@ -263,6 +263,8 @@ def render_step(step: StepReport, console: Console = stdout, *, wide: bool = Fal
 
 def render_report(report: RunReport, console: Console = stdout) -> None:
     console.print(summary_table(report))
+    if report.preprocessing.get("description"):
+        console.print(f"[dim]data: {escape(report.preprocessing['description'])}[/]")
     if report.output_dir:
         console.print(f"saved to [bold]{escape(report.output_dir)}[/] in {report.seconds:.1f} s")
 
