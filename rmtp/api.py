@@ -47,7 +47,8 @@ def prune(model: nn.Module, pruner: str | type[Pruner], /, *, arch: str | Archit
           layers: str | Sequence[str] | Mapping[str, Any] | LayerFilter | None = None,
           calibration: DataLoader | None = None, dense: nn.Module | None = None,
           device: str | torch.device | None = None, seed: int = 0, input_shape: tuple[int, ...] | None = None,
-          plugins: Plugins | None = None, progress: Progress = NULL_PROGRESS, **params: Any) -> StepReport:
+          plugins: Plugins | None = None, progress: Progress = NULL_PROGRESS, precision: str = "fp32",
+          **params: Any) -> StepReport:
     """Apply one pruner to ``model`` in place; return its report (per-layer rows, stats before/after).
 
     ``pruner``: a registered name (``"svd-mp"``, ``"n:m"``, ``"tome"``, ... see ``rmtp list``) or a
@@ -60,7 +61,8 @@ def prune(model: nn.Module, pruner: str | type[Pruner], /, *, arch: str | Archit
     ``dense``: the reference/teacher (spp's KD loss); a frozen copy of ``model`` taken before
     pruning when omitted and the pruner may use it.
     ``device``: where to prune (default: where ``model``'s parameters are). ``input_shape``: one
-    input (C, H, W) for the MAC counts (default: the timm model's input size).
+    input (C, H, W) for the MAC counts (default: the timm model's input size). ``precision``:
+    autocast of the pruner's calibration passes (``fp32``, ``bf16``, ``fp16`` on CUDA).
     """
     plugins = plugins or get_plugins()
     pruner_cls = _pruner_class(pruner, plugins)
@@ -75,7 +77,8 @@ def prune(model: nn.Module, pruner: str | type[Pruner], /, *, arch: str | Archit
     if dense is None:
         dense = frozen_copy(model)
     report = steps.prune_step(model, pruner_cls, validated, arch=architecture, layers=layer_filter, device=device,
-                              seed=seed, input_shape=shape, dense=dense, calibration=calibration, progress=progress)
+                              seed=seed, input_shape=shape, dense=dense, calibration=calibration, progress=progress,
+                              precision=precision)
     report.baseline = before
     return report
 

@@ -15,6 +15,7 @@ prints: the pipeline renders the rows.
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -120,6 +121,15 @@ class PruneContext:
     #: (e.g. token maps) only. Never choose anything from them: that would tune the model to the
     #: images its accuracy is reported on.
     preview_images: Callable[[int], torch.Tensor] | None = None
+    #: The step's ``precision`` (``fp32``, ``bf16``, ``fp16`` on CUDA): calibration passes that run
+    #: the model (spp's search, n:m's activation statistics) run under :meth:`autocast`.
+    precision: str = "fp32"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """``torch.autocast`` for the step's precision on ``device`` (a no-op for fp32)."""
+        from rmtp.precision import autocast
+
+        return autocast(self.precision, self.device)
 
     def module(self, layer: PrunableLayer | str) -> nn.Module:
         return self.model.get_submodule(layer if isinstance(layer, str) else layer.name)

@@ -77,6 +77,8 @@ class PruneStep(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     layers: LayerFilter | None = None
     name: str | None = None
+    precision: Precision = Field("fp32", description="autocast of the pruner's calibration passes (spp's search, "
+                                                     "n:m's activation statistics): fp32, bf16, fp16 (CUDA)")
 
 
 class FinetuneStep(_Strict):
@@ -132,6 +134,7 @@ class ResolvedPrune:
     params: PrunerParams
     layers: LayerFilter | None = None
     name: str | None = None
+    precision: str = "fp32"
 
     @property
     def label(self) -> str:
@@ -275,6 +278,9 @@ def parse_recipe(raw: Any, *, source: Path | None = None, plugins: Plugins | Non
             if isinstance(step, FinetuneStep) and step.finetune.precision == "fp16":
                 problems.append(f"{label}: steps[{index}].finetune.precision: fp16 needs a CUDA device (device: cpu); "
                                 f"on the CPU use bf16")
+            if isinstance(step, PruneStep) and step.precision == "fp16":
+                problems.append(f"{label}: steps[{index}].precision: fp16 needs a CUDA device (device: cpu); "
+                                f"on the CPU use bf16")
             if isinstance(step, EvaluateStep) and step.evaluate.precision == "fp16":
                 problems.append(f"{label}: steps[{index}].evaluate.precision: fp16 needs a CUDA device (device: cpu); "
                                 f"on the CPU use bf16")
@@ -311,7 +317,8 @@ def _validate_pruner(label: str, where: str, step: PruneStep, plugins: Plugins,
     except ValidationError as exc:
         problems.extend(format_errors(label, exc, params_cls, prefix=f"{where}.params"))
         return None
-    return ResolvedPrune(pruner_cls=pruner_cls, params=params, layers=step.layers, name=step.name)
+    return ResolvedPrune(pruner_cls=pruner_cls, params=params, layers=step.layers, name=step.name,
+                         precision=step.precision)
 
 
 def _validate_model(label: str, base: Path, model: ModelSection, plugins: Plugins,

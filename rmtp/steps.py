@@ -20,6 +20,7 @@ from rmtp import measure
 from rmtp.architecture import Architecture
 from rmtp.errors import RmtpError
 from rmtp.layers import LayerFilter, select_layers
+from rmtp.precision import check_precision
 from rmtp.progress import NULL_PROGRESS, Progress
 from rmtp.pruner import PruneContext, Pruner, PrunerParams, StepOutput
 from rmtp.report import ModelStats, StepReport
@@ -43,7 +44,7 @@ def prune_step(model: nn.Module, pruner_cls: type[Pruner], params: PrunerParams,
                dense: nn.Module | None = None, calibration: DataLoader | None = None,
                progress: Progress = NULL_PROGRESS, output: StepOutput | None = None,
                preview_images: Callable[[int], torch.Tensor] | None = None, index: int = 0,
-               label: str | None = None) -> StepReport:
+               label: str | None = None, precision: str = "fp32") -> StepReport:
     """Apply one pruner to ``model`` (in place) and report what it did.
 
     ``layers`` filters the pruner's candidate layers (``None``: every non-optional one). A pruner
@@ -54,10 +55,11 @@ def prune_step(model: nn.Module, pruner_cls: type[Pruner], params: PrunerParams,
     if pruner_cls.calibration_needed() and calibration is None:
         raise RmtpError(f"{pruner_cls.name} needs calibration data (a DataLoader of (images, labels) from the "
                         f"train split, e.g. calibration=bundle.loader('calibration')), and none was given")
+    check_precision(precision, device, option="precision")
     selected = select_layers(pruner_cls.candidate_layers(arch, model), layers)
     ctx = PruneContext(model=model, arch=arch, layers=selected, device=device, seed=seed, dense_model=dense,
                        calibration=calibration if pruner_cls.calibration_needed() else None, progress=progress,
-                       output=output, preview_images=preview_images)
+                       output=output, preview_images=preview_images, precision=precision)
     rows = pruner_cls().prune(ctx, params)
     model.eval()
     notes = [] if selected or rows else ["the step's layer filter selected no layers; nothing was pruned"]

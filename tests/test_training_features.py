@@ -185,3 +185,26 @@ def test_timm_augmentation_is_refused_for_digits_before_any_work() -> None:
         parse_recipe(tiny_recipe([{"finetune": {"augment": "timm"}}]))
     with pytest.raises(ValidationError, match="augment takes true/false"):
         TrainConfig(augment="yes")
+
+
+def test_calibration_passes_run_in_the_steps_precision(bundle) -> None:
+    """spp's search and n:m's Wanda statistics under bf16 autocast: the forward passes see bf16
+    activations (a hook on a Linear records its input dtype), the results stay close to fp32."""
+    import rmtp
+
+    seen: dict[str, set[torch.dtype]] = {}
+    for pruner, params in (("n:m", {"n": 2, "m": 4, "score": "wanda"}), ("spp", {"ratio": 0.3, "steps": 3})):
+        for precision in ("fp32", "bf16"):
+            model = _vit()
+            dtypes = seen.setdefault(f"{pruner} {precision}", set())
+            model.blocks[0].mlp.fc1.register_forward_hook(lambda m, args, out, d=dtypes: d.add(out.dtype))
+            report = rmtp.prune(model, pruner, calibration=bundle.loader("calibration"), precision=precision,
+                                **params)
+            assert report.stats.params <= report.baseline.params
+    # the MAC count after pruning runs in fp32 either way; only the calibration passes are bf16
+    assert seen == {"n:m fp32": {torch.float32}, "n:m bf16": {torch.float32, torch.bfloat16},
+                    "spp fp32": {torch.float32}, "spp bf16": {torch.float32, torch.bfloat16}}
+    with pytest.raises(RmtpError, match="precision: fp16 needs a CUDA device"):
+        rmtp.prune(_vit(), "n:m", n=2, m=4, calibration=bundle.loader("calibration"), precision="fp16")
+    with pytest.raises(RecipeError, match=r"steps\[0\]\.precision: fp16 needs a CUDA device"):
+        parse_recipe(tiny_recipe([{"prune": "spp", "params": {"ratio": 0.3}, "precision": "fp16"}]))

@@ -94,10 +94,14 @@ def _columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def collect_input_stats(model: nn.Module, layers: dict[str, nn.Module], loader, device: torch.device, *,
-                        squares: bool, gram: bool, max_batches: int | None = None) -> dict[str, InputStats]:
-    """Run ``loader``'s images through ``model`` (eval, no grad) and gather, for each named layer, the
-    positions per image and optionally Σx² per input column and the Gram matrix Σxxᵀ (GEMM K order).
+                        squares: bool, gram: bool, max_batches: int | None = None,
+                        precision: str = "fp32") -> dict[str, InputStats]:
+    """Run ``loader``'s images through ``model`` (eval, no grad, under ``precision``'s autocast) and
+    gather, for each named layer, the positions per image and optionally Σx² per input column and
+    the Gram matrix Σxxᵀ (GEMM K order, accumulated in fp32/fp64 whatever the activations' dtype).
     ``layers`` maps names to the plain Linear/Conv2d modules to watch."""
+    from rmtp.precision import autocast
+
     stats = {name: InputStats() for name in layers}
     current = {"images": 0}
 
@@ -128,7 +132,8 @@ def collect_input_stats(model: nn.Module, layers: dict[str, nn.Module], loader, 
                 break
             images = batch[0] if isinstance(batch, (list, tuple)) else batch
             current["images"] = images.shape[0]
-            model(images.to(device))
+            with autocast(precision, device):
+                model(images.to(device))
     model.train(was_training)
     for entry in stats.values():
         if entry.batches:
@@ -221,7 +226,8 @@ def _calibrate(ctx: PruneContext, plans: list[_Plan], params: NmParams) -> str:
         return "MACs counted as weights (no calibration data)"
     modules = {p.name: plain(ctx.module(p.name)) for p in plans}
     with ctx.progress.task("n:m: calibration statistics"):
-        stats = collect_input_stats(ctx.model, modules, ctx.calibration, ctx.device, squares=wanda,
+        stats = collect_input_stats(ctx.model, modules, ctx.calibration, ctx.device, precision=ctx.precision,
+                                    squares=wanda,
                                     gram=restore, max_batches=None if (wanda or restore) else 1)
     for plan in plans:
         plan.stats = stats[plan.name]

@@ -85,11 +85,12 @@ def search(ctx: PruneContext, units: list[Unit], params: SppParams) -> SolutionP
         images, labels = next(batches)
         images, labels = images.to(ctx.device), labels.to(ctx.device)
         holder["gates"] = gates
-        logits = model(images)
+        with ctx.autocast():  # the step's precision; the loss in fp32
+            logits = model(images).float()
         if params.loss == "ce":
             return torch.nn.functional.cross_entropy(logits, labels)
-        with torch.no_grad():
-            teacher = ctx.dense_model(images)
+        with torch.no_grad(), ctx.autocast():
+            teacher = ctx.dense_model(images).float()
         return kd_loss(logits, teacher, 1.0)
 
     was_training = model.training
