@@ -54,7 +54,7 @@ def test_steps_run_in_recipe_order_and_save(tmp_path: Path) -> None:
     assert saved_report["steps"][0]["layers"][0]["layer"] == "blocks.0.mlp.fc1"
     saved_recipe = yaml.safe_load((tmp_path / "out" / "recipe.yaml").read_text())
     assert saved_recipe["steps"][0] == {"prune": "magnitude", "params": {"sparsity": 0.5, "scope": "global"},
-                                        "layers": {"include": ["blocks.*.mlp.*"], "exclude": []}}
+                                        "layers": {"include": ["blocks.*.mlp.*"], "exclude": []}, "precision": "fp32"}
 
 
 def test_saved_folder_can_be_the_next_recipe_model(tmp_path: Path) -> None:
