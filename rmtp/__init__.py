@@ -21,8 +21,7 @@ without cycles.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from rmtp.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -65,13 +64,4 @@ _EXPORTS = {
 __all__ = ["__version__", *_EXPORTS]
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'rmtp' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    """The lazy exports too, so ``dir(rmtp)`` and tab completion show the API."""
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -34,8 +34,7 @@ records. Results are plain dataclasses; :meth:`BenchReport.to_dict` is the versi
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from rmtp.lazy import lazy_exports
 
 #: Public name → the module defining it, imported on first use (PEP 562): ``rmtp bench --help``
 #: and :mod:`rmtp.bench.defaults` load no torch.
@@ -52,12 +51,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'rmtp.bench' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

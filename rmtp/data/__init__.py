@@ -16,8 +16,7 @@ and is then named (:class:`ImageReadError`), from a DataLoader worker too.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from rmtp.lazy import lazy_exports
 
 # Lazy (PEP 562), so that a recipe, which needs only DataSpec, validates without importing torch.
 _EXPORTS = {
@@ -36,12 +35,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'rmtp.data' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

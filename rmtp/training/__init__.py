@@ -11,8 +11,7 @@ and distils with.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from rmtp.lazy import lazy_exports
 
 # Lazy, so that recipes (which need only the config) validate without importing torch.
 _EXPORTS = {
@@ -28,12 +27,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'rmtp.training' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -19,10 +19,10 @@ kernel hook. The other public names are imported from their modules on first use
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from rmtp.hookspecs import hookimpl
+from rmtp.lazy import lazy_exports
 from rmtp.pruner import LayerRow, PruneContext, Pruner
 from rmtp_plugins.nm.params import NmParams
 
@@ -67,15 +67,7 @@ def semi_structured_kernel(module: nn.Module, *, device: torch.device, dtype: to
     return provider(module, device=device, dtype=dtype)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'rmtp_plugins.nm' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 @hookimpl

@@ -20,11 +20,10 @@ imported from their modules on first use.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
-from typing import Any
 
 from rmtp.hookspecs import hookimpl
+from rmtp.lazy import lazy_exports
 from rmtp.pruner import LayerRow, PruneContext, Pruner
 from rmtp_plugins.spp.params import SppParams
 
@@ -52,15 +51,7 @@ class SppPruner(Pruner):
         return prune(ctx, params)
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'rmtp_plugins.spp' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 @hookimpl
