@@ -32,6 +32,7 @@ from rmtp import steps
 from rmtp.architecture import Architecture
 from rmtp.data import DataBundle, DataSpec, model_input_size
 from rmtp.errors import PluginError, RecipeError
+from rmtp.latency.settings import LatencySettings
 from rmtp.layers import LayerFilter
 from rmtp.plugins import Plugins, get_plugins
 from rmtp.progress import NULL_PROGRESS, Progress
@@ -48,7 +49,7 @@ def prune(model: nn.Module, pruner: str | type[Pruner], /, *, arch: str | Archit
           calibration: DataLoader | None = None, dense: nn.Module | None = None,
           device: str | torch.device | None = None, seed: int = 0, input_shape: tuple[int, ...] | None = None,
           plugins: Plugins | None = None, progress: Progress = NULL_PROGRESS, precision: str = "fp32",
-          **params: Any) -> StepReport:
+          latency: LatencySettings | Mapping[str, Any] | None = None, **params: Any) -> StepReport:
     """Apply one pruner to ``model`` in place; return its report (per-layer rows, stats before/after).
 
     ``pruner``: a registered name (``"svd-mp"``, ``"n:m"``, ``"tome"``, ... see ``rmtp list``) or a
@@ -63,12 +64,18 @@ def prune(model: nn.Module, pruner: str | type[Pruner], /, *, arch: str | Archit
     ``device``: where to prune (default: where ``model``'s parameters are). ``input_shape``: one
     input (C, H, W) for the MAC counts (default: the timm model's input size). ``precision``:
     autocast of the pruner's calibration passes (``fp32``, ``bf16``, ``fp16`` on CUDA).
+    ``latency``: a recipe step's ``latency:`` keys (``batch``, ``threads``, ``cost``, ...) or a
+    :class:`~rmtp.latency.LatencySettings`: how svd-mp/n:m's ``only_if_faster`` and the speed
+    targets time replacements. Speed targets are relative to ``dense``: pass the original dense
+    model to share one budget across several calls.
     """
     plugins = plugins or get_plugins()
     pruner_cls = _pruner_class(pruner, plugins)
     label = f"rmtp.prune({pruner_cls.name!r})"
     validated = _validate(label, pruner_cls.Params, params, prefix="")
     layer_filter = _layer_filter(label, layers)
+    if latency is not None and not isinstance(latency, LatencySettings):
+        latency = _validate(label, LatencySettings, dict(latency), prefix="latency")
     architecture = _architecture(model, arch, plugins)
     device = _device(model, device)
     shape = tuple(input_shape) if input_shape is not None else model_input_size(model)
@@ -78,7 +85,7 @@ def prune(model: nn.Module, pruner: str | type[Pruner], /, *, arch: str | Archit
         dense = frozen_copy(model)
     report = steps.prune_step(model, pruner_cls, validated, arch=architecture, layers=layer_filter, device=device,
                               seed=seed, input_shape=shape, dense=dense, calibration=calibration, progress=progress,
-                              precision=precision)
+                              precision=precision, latency=latency)
     report.baseline = before
     return report
 

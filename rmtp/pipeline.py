@@ -282,7 +282,7 @@ def _prune(run: _Run, index: int, step: ResolvedPrune) -> StepReport:
         seed=run.recipe.seed + index, input_shape=run.input_shape, dense=run.dense,
         calibration=run.data.loader("calibration") if pruner_cls.calibration_needed() else None,
         progress=run.progress, output=run.extras, preview_images=lambda n: _first_images(run.data.val, n, run.device),
-        index=index, label=step.label, precision=step.precision)
+        index=index, label=step.label, precision=step.precision, latency=step.latency)
     if pruner_cls.prunes_weights():  # what later finetune penalties act on
         run.pruned_layers.update(row.layer for row in report.rows if row.skipped is None)
     if run.extras is not None and len(run.extras.names) > extras_before:

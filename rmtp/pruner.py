@@ -29,6 +29,9 @@ from rmtp.progress import NULL_PROGRESS, Progress
 
 if TYPE_CHECKING:  # torch is imported where a pruner runs, so `rmtp list` and `validate` need none
     import torch
+
+    from rmtp.latency.cost import CostModel
+    from rmtp.latency.settings import LatencySettings
     from torch import nn
     from torch.utils.data import DataLoader
 
@@ -124,6 +127,25 @@ class PruneContext:
     #: The step's ``precision`` (``fp32``, ``bf16``, ``fp16`` on CUDA): calibration passes that run
     #: the model (spp's search, n:m's activation statistics) run under :meth:`autocast`.
     precision: str = "fp32"
+    #: One model input (C, H, W): the shape layers are timed at (``latency``).
+    input_shape: tuple[int, ...] | None = None
+    #: How replacements are timed (the step's ``latency:``); ``None``: the defaults.
+    latency: LatencySettings | None = None
+    #: Set by a pruner that planned in time (:meth:`rmtp.latency.target.SpeedTarget.record`): its
+    #: predicted whole-model speed-up, which ``prune_step`` then measures.
+    speed_plan: dict[str, Any] | None = None
+    _cost: CostModel | None = field(default=None, repr=False)
+
+    def cost_model(self) -> CostModel:
+        """The step's latency cost model (built on first use, then shared by the step)."""
+        if self._cost is None:
+            from rmtp.data import model_input_size
+            from rmtp.latency.cost import cost_model
+            from rmtp.latency.settings import LatencySettings
+
+            shape = self.input_shape or model_input_size(self.model)
+            self._cost = cost_model(self.latency or LatencySettings(), self.device, shape, self.progress)
+        return self._cost
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """``torch.autocast`` for the step's precision on ``device`` (a no-op for fp32)."""

@@ -14,7 +14,7 @@ run never looks a pruner up again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +24,7 @@ from rmtp.architecture import timm_name_hint
 from rmtp.atomic import check_writable
 from rmtp.data.spec import DataSpec
 from rmtp.errors import CheckpointError, PluginError, RecipeError, RmtpError, short_repr
+from rmtp.latency.settings import LatencySettings
 from rmtp.layers import LayerFilter
 from rmtp.plugins import Plugins, get_plugins
 from rmtp.pruner import Pruner, PrunerParams
@@ -79,6 +80,9 @@ class PruneStep(_Strict):
     name: str | None = None
     precision: Precision = Field("fp32", description="autocast of the pruner's calibration passes (spp's search, "
                                                      "n:m's activation statistics): fp32, bf16, fp16 (CUDA)")
+    latency: LatencySettings | None = Field(None, description="how replacements are timed for only_if_faster and "
+                                                              "speed targets (batch and threads default to the "
+                                                              "next timed evaluate step's)")
 
 
 class FinetuneStep(_Strict):
@@ -135,6 +139,7 @@ class ResolvedPrune:
     layers: LayerFilter | None = None
     name: str | None = None
     precision: str = "fp32"
+    latency: LatencySettings | None = None
 
     @property
     def label(self) -> str:
@@ -240,6 +245,8 @@ def parse_recipe(raw: Any, *, source: Path | None = None, plugins: Plugins | Non
                 problems.extend(f"{label}: {where}.layers.{p}" for p in step.layers.problems())
     if shape is None:
         raise RecipeError(problems)
+    for index, prune in resolved.items():
+        resolved[index] = replace(prune, latency=_latency_settings(steps, index))
 
     output = shape.output
     if output is not None:
@@ -289,6 +296,23 @@ def parse_recipe(raw: Any, *, source: Path | None = None, plugins: Plugins | Non
         raise RecipeError(list(dict.fromkeys(problems)))
     return Recipe(path=source, model=model, data=data, steps=steps, output=output, seed=shape.seed,
                   device=shape.device, resolved=resolved, plugins=plugins)
+
+
+def _latency_settings(steps: list[Step], index: int) -> LatencySettings:
+    """The prune step's ``latency:``, with ``batch`` and ``threads`` it leaves unset taken from the
+    first later ``evaluate`` step that times latency: the speed the recipe will report is the
+    speed its budget is planned in."""
+    step = steps[index]
+    settings = step.latency if isinstance(step, PruneStep) and step.latency is not None else LatencySettings()
+    timed = next((s.evaluate for s in steps[index + 1:] if isinstance(s, EvaluateStep) and s.evaluate.latency), None)
+    if timed is None:
+        return settings
+    update: dict[str, Any] = {}
+    if "batch" not in settings.model_fields_set:
+        update["batch"] = timed.latency_batch
+    if "threads" not in settings.model_fields_set and timed.latency_threads is not None:
+        update["threads"] = timed.latency_threads
+    return settings.model_copy(update=update)
 
 
 def _validate_step(label: str, where: str, raw_step: dict[str, Any], problems: list[str]) -> Step | None:

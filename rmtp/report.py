@@ -44,6 +44,9 @@ class StepReport:
     #: The model's figures before this step, where the caller measured them (``rmtp.prune`` does;
     #: a recipe's report has the dense model's instead).
     baseline: ModelStats | None = None
+    #: A prune step that planned in time: its predicted speed-up over dense (``predicted_speedup``,
+    #: ``target_speedup``, ``cost``) and, where timed after it, ``measured`` (PairedSpeedup.to_dict()).
+    speed: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -58,6 +61,8 @@ class StepReport:
         }
         if self.baseline is not None:
             out["baseline"] = self.baseline.to_dict()
+        if self.speed is not None:
+            out["speed"] = dict(self.speed)
         return out
 
     @classmethod
@@ -67,7 +72,7 @@ class StepReport:
         return cls(index=data["index"], kind=data["kind"], name=data["name"],
                    rows=[LayerRow.from_dict(row) for row in data["layers"]], stats=ModelStats(**data["stats"]),
                    seconds=data["seconds"], notes=list(data["notes"]), history=list(data["history"]),
-                   baseline=ModelStats(**baseline) if baseline is not None else None)
+                   baseline=ModelStats(**baseline) if baseline is not None else None, speed=data.get("speed"))
 
     def __rich__(self) -> Any:
         """The step as ``rmtp prune`` draws it (table, notes, before → after), for ``rich.print``

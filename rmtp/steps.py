@@ -27,6 +27,7 @@ from rmtp.report import ModelStats, StepReport
 
 if TYPE_CHECKING:
     from rmtp.data import DataBundle
+    from rmtp.latency.settings import LatencySettings
     from rmtp.recipe import EvaluateParams
     from rmtp.training import TrainConfig, TrainState
 
@@ -44,12 +45,15 @@ def prune_step(model: nn.Module, pruner_cls: type[Pruner], params: PrunerParams,
                dense: nn.Module | None = None, calibration: DataLoader | None = None,
                progress: Progress = NULL_PROGRESS, output: StepOutput | None = None,
                preview_images: Callable[[int], torch.Tensor] | None = None, index: int = 0,
-               label: str | None = None, precision: str = "fp32") -> StepReport:
+               label: str | None = None, precision: str = "fp32",
+               latency: LatencySettings | None = None) -> StepReport:
     """Apply one pruner to ``model`` (in place) and report what it did.
 
     ``layers`` filters the pruner's candidate layers (``None``: every non-optional one). A pruner
     whose :meth:`~rmtp.pruner.Pruner.calibration_needed` is true and gets no ``calibration`` is
-    refused before it starts, naming what to pass.
+    refused before it starts, naming what to pass. ``latency`` says how replacements are timed
+    (svd-mp/n:m ``only_if_faster``, speed targets); a pruner that planned in time has its predicted
+    speed-up measured against ``dense`` after it ran, and both go in the report.
     """
     name = label or pruner_cls.name
     if pruner_cls.calibration_needed() and calibration is None:
@@ -59,12 +63,40 @@ def prune_step(model: nn.Module, pruner_cls: type[Pruner], params: PrunerParams,
     selected = select_layers(pruner_cls.candidate_layers(arch, model), layers)
     ctx = PruneContext(model=model, arch=arch, layers=selected, device=device, seed=seed, dense_model=dense,
                        calibration=calibration if pruner_cls.calibration_needed() else None, progress=progress,
-                       output=output, preview_images=preview_images, precision=precision)
+                       output=output, preview_images=preview_images, precision=precision,
+                       input_shape=tuple(input_shape), latency=latency)
     rows = pruner_cls().prune(ctx, params)
     model.eval()
     notes = [] if selected or rows else ["the step's layer filter selected no layers; nothing was pruned"]
+    speed = _check_speed(ctx, notes) if ctx.speed_plan is not None else None
     return StepReport(index=index, kind="prune", name=name, rows=rows,
-                      stats=model_stats(model, input_shape, device), seconds=0.0, notes=notes)
+                      stats=model_stats(model, input_shape, device), seconds=0.0, notes=notes, speed=speed)
+
+
+def _check_speed(ctx: PruneContext, notes: list[str]) -> dict:
+    """The pruner's predicted speed-up, and (measured cost, ``verify_rounds`` > 0) the whole model
+    timed against dense, so the report shows how far the prediction was from the clock."""
+    from rmtp.latency.target import speed_report
+    from rmtp.precision import autocast
+
+    plan = dict(ctx.speed_plan)
+    cost = ctx.cost_model()
+    settings = cost.settings
+    if plan.get("note"):
+        notes.append(plan["note"])
+    line = f"speed: {speed_report(plan)}"
+    if cost.kind == "measured" and settings.verify_rounds and ctx.dense_model is not None:
+        with ctx.progress.task("latency: timing dense vs pruned", total=settings.verify_rounds) as advance, \
+                autocast(settings.precision, ctx.device):
+            timing = measure.paired_speedup(ctx.dense_model, ctx.model, ctx.cost_model().input_shape,
+                                            batch=settings.batch, device=ctx.device, rounds=settings.verify_rounds,
+                                            threads=settings.threads, on_round=lambda done: advance())
+        plan["measured"] = timing.to_dict()
+        r = timing.ratio
+        plan["prediction_error"] = plan["predicted_speedup"] / r.median - 1
+        line += f"; measured ×{r.median:.2f} [{r.q1:.2f}–{r.q3:.2f}] ({plan['prediction_error']:+.1%} off)"
+    notes.append(line)
+    return plan
 
 
 def finetune_step(model: nn.Module, data: DataBundle, config: TrainConfig, *, device: torch.device,

@@ -53,3 +53,14 @@ def _fresh_plugins(monkeypatch: pytest.MonkeyPatch):
     reset_plugins()
     yield
     reset_plugins()
+
+
+# Speed decisions (svd-mp/n:m only_if_faster, speed targets) predict time by MACs in the suite:
+# deterministic, nothing timed, and what rmtp decided before it measured time. Set in the
+# environment so that recipe runs in subprocesses inherit it; tests of the measured cost model
+# pass `cost: measured` explicitly, and the cost table never lands in the user's cache.
+import os as _os  # noqa: E402
+import tempfile as _tempfile  # noqa: E402
+
+_os.environ["RMTP_LATENCY_COST"] = "macs"
+_os.environ["RMTP_LATENCY_CACHE"] = _tempfile.mkdtemp(prefix="rmtp-latency-test-")

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from rmtp.hookspecs import hookimpl
 from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams
@@ -58,6 +58,30 @@ class SvdMpParams(PrunerParams):
                                         description="add a Tracy–Widom margin to the edge at this confidence")
     min_dim: int = Field(32, ge=2, description="matrices with min(M,N) below this are skipped (too few "
                                                 "singular values for statistics)")
+    only_if_faster: bool | None = Field(None, description="leave a layer dense when its split is not faster on "
+                                                          "the target (the step's latency:); default on, off "
+                                                          "under target_params (a params budget)")
+    target_speedup: float | None = Field(None, gt=1.0, le=100.0,
+                                         description="choose ranks (best s/s₊ first) so the model runs this many "
+                                                     "times faster than the recipe's dense model, measured")
+    target_latency_ms: float | None = Field(None, gt=0.0,
+                                            description="as target_speedup, as a time per batch of latency.batch")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> SvdMpParams:
+        budgets = [k for k in ("target_params", "target_speedup", "target_latency_ms")
+                   if getattr(self, k) is not None]
+        if len(budgets) > 1:
+            raise ValueError(f"give one budget, not {' and '.join(budgets)}")
+        if self.only_if_faster is False and budgets and budgets[0] != "target_params":
+            raise ValueError(f"{budgets[0]} splits only layers that are faster; drop only_if_faster: false")
+        return self
+
+    def faster_only(self) -> bool:
+        """Whether a split must be faster on the target (``only_if_faster``, resolved)."""
+        if self.only_if_faster is not None:
+            return self.only_if_faster
+        return self.target_params is None
 
 
 class SvdMpPruner(Pruner):

@@ -16,6 +16,7 @@ from torch import nn
 from rmtp.lowrank import LOW_RANK_TYPES, factor_svds, factorize, factorize_blocks, refactorize
 from rmtp.pruner import LayerRow, PruneContext, weight_footprint
 from rmtp.spectral.mp import MPFit, fit_mp, weight_matrix
+from rmtp_plugins.svd_mp.speed import plan_in_time, uses_time
 
 if TYPE_CHECKING:
     from rmtp_plugins.svd_mp import SvdMpParams
@@ -47,6 +48,11 @@ class _Plan:
     module: nn.Module
     matrices: list[_Matrix] = field(default_factory=list)
     skipped: str | None = None
+    #: Why a split that would save weights stays dense (not faster on the target), or None.
+    dense_reason: str | None = None
+    #: The split's predicted speed-up over the dense layer, where it was timed.
+    layer_speedup: float | None = None
+    speed: object = None
 
     @property
     def already_split(self) -> bool:
@@ -87,6 +93,8 @@ def prune(ctx: PruneContext, params: SvdMpParams) -> list[LayerRow]:
     plans = _plan(ctx, params)
     if params.target_params is not None:
         _allocate_globally(plans, params)
+    if uses_time(params):
+        plan_in_time(ctx, plans, params, _clamp)
     rows = []
     with ctx.progress.task("svd-mp: replacing layers", total=len(plans)) as advance:
         for plan in plans:
@@ -153,7 +161,7 @@ def _apply(ctx: PruneContext, plan: _Plan, params: SvdMpParams) -> LayerRow:
                         skipped=plan.skipped, note=f"skipped: {plan.skipped}")
     rows, cols = plan.rows_cols
     macs_before = plan.current_cost()
-    pays = plan.split_cost() < plan.dense_cost()
+    pays = plan.split_cost() < plan.dense_cost() and plan.dense_reason is None
     if plan.already_split:
         if [m.rank for m in plan.matrices] == list(getattr(plan.module, "ranks", [plan.module.rank])):
             new, mode = plan.module, "split, rank unchanged"
@@ -171,6 +179,8 @@ def _apply(ctx: PruneContext, plan: _Plan, params: SvdMpParams) -> LayerRow:
                                    edges=[m.s_plus for m in plan.matrices])
         ctx.model.set_submodule(plan.name, new)
         mode = "split"
+    elif plan.dense_reason is not None:
+        new, mode = plan.module, f"dense, unchanged ({plan.dense_reason})"
     elif params.when_split_does_not_pay == "reconstruct":
         _write_reconstruction(plan.module.weight, plan.matrices)
         new, mode = plan.module, "dense, rank-k reconstruction"
@@ -190,7 +200,8 @@ def _apply(ctx: PruneContext, plan: _Plan, params: SvdMpParams) -> LayerRow:
         note=mode + (f"; bulk not MP-like in {', '.join(heavy)}" if heavy else ""),
         detail={"mode": mode.split(",")[0], "rank": f"{rank_text} of {min(rows, cols)}",
                 "edge s₊": edges[0] if len(edges) == 1 else "/".join(f"{e:.3g}" for e in edges),
-                "MACs/pos": f"{macs_before} → {macs_after}"},
+                "MACs/pos": f"{macs_before} → {macs_after}",
+                **({"split speed": f"×{plan.layer_speedup:.2f}"} if plan.layer_speedup is not None else {})},
     )
 
 

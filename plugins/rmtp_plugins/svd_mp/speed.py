@@ -1,0 +1,161 @@
+"""svd-mp in time: which splits are faster on the target, and the ranks that reach a speed target.
+
+Each layer whose split would save weights is timed on a grid of ranks (every block of a fused qkv
+at the same share t of its break-even rank k* = M·N/(M+N), so Σk·(M+N) = t·M·N), interleaved with
+the dense layer, through the step's cost model (:mod:`rmtp.latency`); a rank in between is read
+by linear interpolation in the total rank. Then:
+
+* ``only_if_faster``: a split whose predicted time is not below the dense layer's by
+  ``latency.min_gain`` (measured costs; any saving for ``cost: macs``) stays dense, unchanged;
+* ``target_speedup`` / ``target_latency_ms``: every singular direction is scored by s/s₊ (as
+  ``target_params`` does), and the loosest score threshold whose ranks make the model fast enough
+  is found by bisection: raising the threshold only cuts ranks, so the predicted time falls
+  monotonically (timings are made monotone in rank first), and the directions kept are the ones
+  standing highest above their layer's noise edge.
+
+Layers an earlier round already split are cut as before and not timed: cutting a rank never
+makes a split slower, and their savings are left out of the prediction (conservative).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from rmtp.latency.cost import interpolate, monotone, round_up
+from rmtp.latency.target import SpeedTarget, speed_target
+from rmtp.lowrank import factorize, factorize_blocks
+from rmtp.pruner import PruneContext
+
+if TYPE_CHECKING:
+    from rmtp_plugins.svd_mp import SvdMpParams
+    from rmtp_plugins.svd_mp.factoring import _Matrix, _Plan
+
+
+@dataclass
+class LayerSpeed:
+    """One layer's dense time and its split's time on the grid of total ranks."""
+
+    dense: float
+    ranks: list[int] = field(default_factory=list)
+    split: list[float] = field(default_factory=list)
+    exact: bool = False  # cost: macs (no noise margin needed)
+
+    def split_time(self, total_rank: int) -> float:
+        return interpolate(self.ranks, self.split, total_rank)
+
+
+def uses_time(params: SvdMpParams) -> bool:
+    return params.target_speedup is not None or params.target_latency_ms is not None or bool(params.faster_only())
+
+
+def plan_in_time(ctx: PruneContext, plans: list[_Plan], params: SvdMpParams,
+                 clamp) -> None:  # noqa: ANN001 - factoring._clamp
+    """Time the candidate splits, then set ranks for the speed target (if any) and mark the
+    layers that stay dense (``plan.dense_reason``); records the prediction on ``ctx``."""
+    target = speed_target(ctx, params.target_speedup, params.target_latency_ms)
+    candidates = [p for p in plans if not p.skipped and not p.already_split]
+    speeds = _time_grids(ctx, candidates)
+    timed = [p for p in candidates if p.name in speeds]
+    predicting = target.target_speedup is not None or target.target_latency_ms is not None \
+        or target.cost.kind == "measured"  # only_if_faster by MACs decides per layer: no model run
+    if predicting:
+        target.calibrate(ctx, [p.name for p in timed], [speeds[p.name].dense for p in timed])
+    round_to = ctx.cost_model().settings.round_to
+    min_gain = 0.0 if target.cost.kind == "macs" else ctx.cost_model().settings.min_gain
+
+    def savings() -> list[float]:
+        out = []
+        for plan in candidates:
+            speed = speeds.get(plan.name)
+            plan.speed = speed
+            if speed is None:
+                continue
+            split = speed.split_time(sum(m.rank for m in plan.matrices))
+            if plan.split_cost() < plan.dense_cost() and split < speed.dense * (1 - min_gain):
+                out.append(speed.dense - split)
+        return out
+
+    if target.goal is not None:
+        _reach(target, candidates, params, clamp, round_to, savings)
+    elif round_to:
+        for plan in candidates:
+            for m in plan.matrices:
+                m.rank = round_up(m.rank, round_to, min(m.shape))
+    saved = savings()
+    for plan in candidates:
+        speed = speeds.get(plan.name)
+        if speed is None or plan.split_cost() >= plan.dense_cost():
+            continue
+        split = speed.split_time(sum(m.rank for m in plan.matrices))
+        ratio = speed.dense / split if split > 0 else math.inf
+        plan.layer_speedup = ratio
+        if not split < speed.dense * (1 - min_gain):
+            plan.dense_reason = (f"split not faster: ×{ratio:.2f} of dense speed predicted ({target.cost.kind}"
+                                 f"{'' if min_gain == 0 else f', needs ×{1 / (1 - min_gain):.2f}'})")
+    if predicting:
+        target.record(ctx, saved, target.shortfall(saved, "svd-mp on these layers"))
+
+
+def _reach(target: SpeedTarget, plans: list[_Plan], params: SvdMpParams, clamp, round_to: int | None,
+           savings) -> None:  # noqa: ANN001
+    """Loosest s/s₊ threshold whose ranks reach ``target`` (the most compressed if none does)."""
+    scores = {id(m): m.s / m.s_plus for p in plans for m in p.matrices}
+
+    def set_threshold(tau: float) -> bool:
+        for plan in plans:
+            for m in plan.matrices:
+                rank = clamp(int((scores[id(m)] > tau).sum()), m, params)
+                m.rank = round_up(rank, round_to, min(m.shape)) if round_to else rank
+        return target.reached(savings())
+
+    candidates = torch.cat(list(scores.values())).unique().sort().values.tolist() if scores else []
+    lo, hi = 0, len(candidates)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if set_threshold(candidates[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    set_threshold(candidates[lo] if lo < len(candidates) else math.inf)
+
+
+def _time_grids(ctx: PruneContext, plans: list[_Plan]) -> dict[str, LayerSpeed]:
+    cost = ctx.cost_model()
+    settings = cost.settings
+    inputs = cost.layer_inputs(ctx.model, [p.name for p in plans])
+    speeds: dict[str, LayerSpeed] = {}
+    with ctx.progress.task(f"svd-mp: timing splits ({cost.kind})", total=len(plans)) as advance:
+        for plan in plans:
+            shape = inputs.get(plan.name)
+            if shape is None and isinstance(plan.module, torch.nn.Linear):  # not reached by a random batch
+                shape = (settings.batch, plan.module.in_features)
+            if shape is not None and plan.split_cost() < plan.dense_cost():
+                speeds[plan.name] = _grid(cost, plan, shape, settings.grid, settings.round_to)
+            advance()
+    return speeds
+
+
+def _grid(cost, plan: _Plan, input_shape: tuple[int, ...], points: int,  # noqa: ANN001 - CostModel
+          round_to: int | None) -> LayerSpeed:
+    _, cols = plan.rows_cols
+    caps = [max(1, math.floor(m.shape[0] * cols / (m.shape[0] + cols))) for m in plan.matrices]
+    grid: dict[int, list[int]] = {}
+    for share in sorted({1 / 16, *((i + 1) / points for i in range(points))}):
+        ranks = [min(max(1, round_up(round(share * cap), round_to, cap)), m.s.numel())
+                 for cap, m in zip(caps, plan.matrices)]
+        grid.setdefault(sum(ranks), ranks)
+    modules = [_split(plan, ranks) for ranks in grid.values()]
+    times = cost.seconds([plan.module, *modules], input_shape, what=plan.name)
+    return LayerSpeed(dense=times[0], ranks=list(grid), split=monotone(times[1:]), exact=cost.kind == "macs")
+
+
+def _split(plan: _Plan, ranks: list[int]) -> torch.nn.Module:
+    matrices: list[_Matrix] = plan.matrices
+    if len(matrices) == 1:
+        m = matrices[0]
+        return factorize(plan.module, m.u, m.s, m.vh, ranks[0])
+    return factorize_blocks(plan.module, [(m.rows, m.u, m.s, m.vh, k) for m, k in zip(matrices, ranks)])

@@ -1,0 +1,97 @@
+"""The cost table: measured per-call seconds of layers, one JSON file per device, precision, batch
+and thread count, so that a second run on the same machine times nothing.
+
+A key names what was timed exactly: the module's type and ``repr`` (which carries its widths,
+rank, kernel size, stride...) plus its input shape. Two layers of the same shape in different
+blocks share one entry. The file is rewritten atomically after each measurement, so a killed run
+leaves the previous table or the new one; a table that does not parse is refused with its path
+(delete it to re-measure) rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rmtp.atomic import write_json_atomic
+from rmtp.errors import RmtpError
+
+FORMAT_VERSION = 1
+
+
+class LatencyError(RmtpError):
+    """The latency cost model cannot run as asked (unknown device, unreadable table)."""
+
+
+def module_key(module: Any, input_shape: tuple[int, ...]) -> str:
+    """A stable key for timing ``module`` on an input of ``input_shape``: its type, its repr and
+    the head count of attention submodules (not in timm's repr), hashed; plus the shape."""
+    heads = [str(getattr(m, "num_heads")) for m in module.modules() if hasattr(m, "num_heads")]
+    text = f"{type(module).__module__}.{type(module).__qualname__}|{module!r}|heads={','.join(heads)}"
+    digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+    return f"{type(module).__name__}:{digest}:{'x'.join(map(str, input_shape))}"
+
+
+def device_name(device: Any) -> str:
+    """What the times were measured on: the GPU's name, or the CPU's model name (from /proc/cpuinfo
+    where it exists) and architecture."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.lower().startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name} ({platform.machine()})"
+
+
+def table_path(folder: Path, device: str, precision: str, batch: int, threads: int) -> Path:
+    slug = re.sub(r"[^A-Za-z0-9]+", "-", device).strip("-").lower()[:80] or "device"
+    return folder / f"{slug}-{precision}-b{batch}-t{threads}.json"
+
+
+@dataclass
+class CostTable:
+    """Seconds per call by :func:`module_key`, for one device/precision/batch/threads."""
+
+    path: Path
+    header: dict[str, Any]
+    entries: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, path: Path, header: dict[str, Any]) -> CostTable:
+        """The table at ``path`` (empty if there is none yet). A table written for other settings
+        (its header differs: another torch, device or batch) starts empty and is overwritten."""
+        if not path.exists():
+            return cls(path, header)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            entries = data["entries"]
+            if not isinstance(entries, dict):
+                raise TypeError("entries is not a mapping")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise LatencyError(f"latency cost table {path} is unreadable ({exc}); delete it to measure again") from None
+        if data.get("header") != header:
+            return cls(path, header)
+        return cls(path, header, entries)
+
+    def seconds(self, key: str) -> float | None:
+        entry = self.entries.get(key)
+        return float(entry["seconds"]) if entry is not None else None
+
+    def record(self, key: str, seconds: float, what: str) -> None:
+        self.entries[key] = {"seconds": seconds, "what": what}
+
+    def save(self) -> None:
+        write_json_atomic(self.path, {"format_version": FORMAT_VERSION, "header": self.header,
+                                      "entries": dict(sorted(self.entries.items()))})

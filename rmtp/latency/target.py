@@ -1,0 +1,98 @@
+"""A step's speed budget in whole-model time: what ``target_speedup`` / ``target_latency_ms`` mean
+and how a pruner's plan is judged against them.
+
+Every speed target is relative to the recipe's **dense** model (``ctx.dense_model``), not to the
+model the step receives: in a recipe that prunes weights and then tokens, each step's target is
+the speed-up of the whole recipe so far, so the two share one budget (the later step only needs
+what the earlier one left). The dense and the current model are timed against each other once;
+a pruner then predicts its plan's time as the current time minus its layers' savings
+(:func:`rmtp.latency.cost.predicted_seconds`), and reaches the target at the least loss of its
+own score.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from rmtp.latency.cost import CostModel, predicted_seconds
+from rmtp.latency.table import LatencyError
+
+if TYPE_CHECKING:
+    from rmtp.pruner import PruneContext
+
+
+@dataclass
+class SpeedTarget:
+    """The dense model's time, the current model's, and the time the step must reach.
+
+    Per-layer savings come from the cost table (layers timed alone); they are counted in the
+    model's time through ``scale``: the candidate layers' measured share of the current model
+    (:meth:`~rmtp.latency.cost.CostModel.in_context`) over the sum of their dense times alone.
+    """
+
+    cost: CostModel
+    target_speedup: float | None
+    target_latency_ms: float | None
+    dense: float = 0.0
+    now: float = 0.0
+    #: Time the pruned model may take (same unit as ``dense``); None without a target.
+    goal: float | None = None
+    scale: float = 1.0
+
+    def calibrate(self, ctx: PruneContext, names: Sequence[str], isolated: Sequence[float]) -> None:
+        """Time the dense model, the current one and the named layers' share of it, together;
+        ``isolated``: those layers' dense times alone (from :meth:`CostModel.seconds`)."""
+        dense = ctx.dense_model if ctx.dense_model is not None else ctx.model
+        with ctx.progress.task(f"latency: timing dense vs current model ({self.cost.kind})"):
+            self.dense, self.now, layers = self.cost.in_context(dense, ctx.model, list(names))
+        total = sum(isolated)
+        self.scale = layers / total if names and total > 0 else 1.0
+        if self.target_latency_ms is not None:
+            self.goal = self.target_latency_ms / 1e3
+            self.target_speedup = self.dense / self.goal
+        elif self.target_speedup is not None:
+            self.goal = self.dense / self.target_speedup
+
+    def predicted(self, savings: Sequence[float]) -> float:
+        """The pruned model's time after the per-layer ``savings`` (timed alone)."""
+        return predicted_seconds(self.now, [self.scale * s for s in savings])
+
+    def speedup(self, savings: Sequence[float]) -> float:
+        """Predicted whole-model speed-up over dense after saving ``savings`` (per-layer)."""
+        return self.dense / self.predicted(savings)
+
+    def reached(self, savings: Sequence[float]) -> bool:
+        return self.goal is not None and self.predicted(savings) <= self.goal * (1 + 1e-9)
+
+    def record(self, ctx: PruneContext, savings: Sequence[float], note: str = "") -> None:
+        """Tell the step's report what this plan predicts (``prune_step`` measures it after)."""
+        ctx.speed_plan = {"predicted_speedup": self.speedup(savings), "target_speedup": self.target_speedup,
+                          "start_speedup": self.dense / self.now, "cost": self.cost.describe(),
+                          "in_context_scale": self.scale, "note": note}
+
+    def shortfall(self, savings: Sequence[float], what: str) -> str:
+        """A report note when the target is out of reach ('' when it is reached)."""
+        if self.goal is None or self.reached(savings):
+            return ""
+        return (f"target ×{self.target_speedup:.2f} not reachable by {what}: predicted ×{self.speedup(savings):.2f} "
+                f"at its most compressed")
+
+
+def speed_target(ctx: PruneContext, target_speedup: float | None, target_latency_ms: float | None) -> SpeedTarget:
+    """A step's speed budget (times are taken by :meth:`SpeedTarget.calibrate`, once the pruner knows
+    which layers it may replace)."""
+    cost = ctx.cost_model()
+    if target_latency_ms is not None and cost.kind != "measured":
+        raise LatencyError("target_latency_ms is a time and needs latency.cost: measured (cost: macs predicts "
+                           "by MACs); use target_speedup instead")
+    return SpeedTarget(cost=cost, target_speedup=target_speedup, target_latency_ms=target_latency_ms)
+
+
+def speed_report(plan: dict[str, Any] | None) -> str:
+    """One line: the plan's predicted speed-up (and target), for a step's notes."""
+    if not plan:
+        return ""
+    target = f" (target ×{plan['target_speedup']:.2f})" if plan.get("target_speedup") else ""
+    return f"predicted ×{plan['predicted_speedup']:.2f} over dense{target}, cost model: {plan['cost']}"
