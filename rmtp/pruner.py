@@ -134,18 +134,20 @@ class PruneContext:
     #: Set by a pruner that planned in time (:meth:`rmtp.latency.target.SpeedTarget.record`): its
     #: predicted whole-model speed-up, which ``prune_step`` then measures.
     speed_plan: dict[str, Any] | None = None
-    _cost: CostModel | None = field(default=None, repr=False)
+    #: The step's latency cost model: built from ``latency`` on first use by :meth:`cost_model`, or
+    #: given (a table of known costs, a user's own :class:`~rmtp.latency.cost.CostModel`).
+    cost: CostModel | None = field(default=None, repr=False)
 
     def cost_model(self) -> CostModel:
         """The step's latency cost model (built on first use, then shared by the step)."""
-        if self._cost is None:
+        if self.cost is None:
             from rmtp.data import model_input_size
             from rmtp.latency.cost import cost_model
             from rmtp.latency.settings import LatencySettings
 
             shape = self.input_shape or model_input_size(self.model)
-            self._cost = cost_model(self.latency or LatencySettings(), self.device, shape, self.progress)
-        return self._cost
+            self.cost = cost_model(self.latency or LatencySettings(), self.device, shape, self.progress)
+        return self.cost
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """``torch.autocast`` for the step's precision on ``device`` (a no-op for fp32)."""

@@ -32,7 +32,11 @@ def module_key(module: Any, input_shape: tuple[int, ...]) -> str:
     """A stable key for timing ``module`` on an input of ``input_shape``: its type, its repr and
     the head count of attention submodules (not in timm's repr), hashed; plus the shape."""
     heads = [str(getattr(m, "num_heads")) for m in module.modules() if hasattr(m, "num_heads")]
-    text = f"{type(module).__module__}.{type(module).__qualname__}|{module!r}|heads={','.join(heads)}"
+    # A weight converted to a sparse kernel's layout (2:4 semi-structured) has the dense repr.
+    layouts = sorted({type(p.data).__name__ for p in module.parameters()} - {"Tensor"})
+    layouts += sorted({str(p.dtype) for p in module.parameters()})
+    text = (f"{type(module).__module__}.{type(module).__qualname__}|{module!r}|heads={','.join(heads)}"
+            f"|layouts={','.join(layouts)}")
     digest = hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
     return f"{type(module).__name__}:{digest}:{'x'.join(map(str, input_shape))}"
 

@@ -63,6 +63,11 @@ class SpeedTarget:
         """Predicted whole-model speed-up over dense after saving ``savings`` (per-layer)."""
         return self.dense / self.predicted(savings)
 
+    @property
+    def needed(self) -> float:
+        """Time the step must save, in the model (≤ 0: the model is already fast enough)."""
+        return self.now - self.goal if self.goal is not None else 0.0
+
     def reached(self, savings: Sequence[float]) -> bool:
         return self.goal is not None and self.predicted(savings) <= self.goal * (1 + 1e-9)
 

@@ -63,6 +63,14 @@ class NmParams(PrunerParams):
     tw_confidence: TwConfidence = Field(None,
                                         description="mp: add a Tracy–Widom margin to the edge at this confidence")
     min_dim: int = Field(32, ge=2, description="mp: matrices with min(M,N) below this get no MP signal (z = 0)")
+    only_if_faster: bool = Field(True, description="leave a layer dense when its pattern is not faster on the "
+                                                   "target (the step's latency:): on a CPU, or without a 2:4 "
+                                                   "kernel, that is every layer; false: prune for MACs only")
+    target_speedup: float | None = Field(None, gt=1.0, le=100.0,
+                                         description="mp: choose patterns (least damage per time saved) so the "
+                                                     "model runs this many times faster than the recipe's dense model")
+    target_latency_ms: float | None = Field(None, gt=0.0,
+                                            description="mp: as target_speedup, as a time per batch of latency.batch")
 
     @model_validator(mode="after")
     def _consistent(self) -> NmParams:
@@ -71,8 +79,15 @@ class NmParams(PrunerParams):
         if self.restore and self.restore_overprune > self.n:
             raise ValueError(f"restore_overprune={self.restore_overprune} exceeds n={self.n}")
         options = self.options()  # raises for a malformed pattern
+        speed = [k for k in ("target_speedup", "target_latency_ms") if getattr(self, k) is not None]
+        if len(speed) > 1:
+            raise ValueError("give target_speedup or target_latency_ms, not both")
+        if speed and "target_macs" in self.model_fields_set:
+            raise ValueError(f"give one budget, not target_macs and {speed[0]}")
+        if speed and not self.only_if_faster:
+            raise ValueError(f"{speed[0]} keeps only patterns that are faster; drop only_if_faster: false")
         if self.budget == "uniform":
-            extra = sorted({"target_macs", "patterns", "z_scale"} & self.model_fields_set)
+            extra = sorted({"target_macs", "patterns", "z_scale", *speed} & self.model_fields_set)
             if extra:
                 raise ValueError(f"{', '.join(extra)}: only used with budget: mp")
             return self

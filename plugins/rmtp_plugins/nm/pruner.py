@@ -46,6 +46,7 @@ from torch import nn
 from rmtp.errors import RmtpError
 from rmtp.pruner import LayerRow, PruneContext, weight_footprint
 from rmtp.gemm import from_gemm, gemm_view
+from rmtp_plugins.nm import speed
 from rmtp_plugins.nm.budget import Option, allocate, layer_factor, mp_signal, z_scores
 from rmtp_plugins.nm.masks import (
     channel_index,
@@ -162,6 +163,10 @@ class _Plan:
     pattern: Pattern = None
     perm: str = "–"
     restore: str = "–"
+    #: Why a layer the budget gave a pattern stays dense (not faster on the target), or None.
+    dense_reason: str | None = None
+    #: The pattern's predicted speed-up over the dense layer, where it was timed.
+    layer_speedup: float | None = None
 
     @property
     def k(self) -> int:
@@ -173,11 +178,17 @@ def prune(ctx: PruneContext, params: NmParams) -> list[LayerRow]:
     active = [p for p in plans if p.skipped is None]
     before = {p.name: weight_footprint(ctx.module(p.name)) for p in plans}
     notes = _calibrate(ctx, active, params)
+    target, times = speed.start(ctx, active, params) if speed.uses_time(params) else (None, {})
     if params.budget == "uniform":
         for plan in active:
             plan.pattern = params.main()
     else:
-        _budget(ctx, active, params)
+        _budget(ctx, active, params, target, times)
+    if target is not None:
+        speed.keep_dense_if_slower(ctx, active, times)
+        if target.goal is not None or target.cost.kind == "measured":
+            saved = speed.savings(active, times)
+            target.record(ctx, saved, target.shortfall(saved, "n:m on these layers"))
     nm_plans = [p for p in active if p.pattern is not None]
     if params.permute:
         with ctx.progress.task("n:m: channel permutations", total=len(nm_plans)) as advance:
@@ -242,7 +253,10 @@ def _scores(ctx: PruneContext, plan: _Plan, params: NmParams) -> tuple[torch.Ten
     return matrix, scores_for(matrix, sq.to(matrix.device) if sq is not None else None)
 
 
-def _budget(ctx: PruneContext, plans: list[_Plan], params: NmParams) -> None:
+def _budget(ctx: PruneContext, plans: list[_Plan], params: NmParams, target: speed.SpeedTarget | None = None,
+            times: dict[str, speed.LayerTimes] | None = None) -> None:
+    """Patterns per layer: least MP-weighted damage within ``target_macs`` of the MACs or, with a
+    speed target, within the time budget (each option costing its predicted time)."""
     if params.z_scale > 0:
         with ctx.progress.task("n:m: MP fits", total=len(plans)) as advance:
             for plan in plans:
@@ -265,6 +279,16 @@ def _budget(ctx: PruneContext, plans: list[_Plan], params: NmParams) -> None:
             removed = 0.0 if pattern is None else float(energy[~nm_mask(scores, *pattern)].sum())
             options.append(Option(pattern, plan.macs * pattern_density(pattern), factor * removed))
         choices.append(options)
+    if target is not None and target.goal is not None:
+        timed = [i for i, p in enumerate(plans) if p.name in times]
+        for i in timed:  # untimed layers (not reached by a batch) stay dense
+            choices[i] = [Option(o.pattern, times[plans[i].name].time(o.pattern), o.damage) for o in choices[i]]
+        for plan in (p for i, p in enumerate(plans) if i not in set(timed)):
+            plan.pattern = None
+        picked = allocate([choices[i] for i in timed], speed.time_budget(target, plans, times))
+        for i, option in zip(timed, picked):
+            plans[i].pattern = option.pattern
+        return
     total = sum(p.macs for p in plans)
     for plan, option in zip(plans, allocate(choices, params.target_macs * total)):
         plan.pattern = option.pattern
@@ -336,12 +360,15 @@ def _row(ctx: PruneContext, plan: _Plan, before: tuple, params: NmParams, notes:
         detail["perm"] = plan.perm
     if params.restore:
         detail["restore"] = plan.restore
+    if plan.layer_speedup is not None:
+        detail["speed"] = f"×{plan.layer_speedup:.2f}"
     density = pattern_density(plan.pattern)
     weight = plain(module).weight
     kept = float((weight != 0).float().mean())
     note = notes
     if plan.pattern is None:
-        reason = "kept dense by the MP budget"
+        reason = plan.dense_reason or ("kept dense by the speed budget" if params.target_speedup or
+                                       params.target_latency_ms else "kept dense by the MP budget")
         return LayerRow(plan.name, shape, shape, params_before, params_after, nonzeros_before, nonzeros_after,
                         budget=1.0, kept_fraction=kept, skipped=reason, note="; ".join(filter(None, [reason, note])),
                         detail=detail)

@@ -25,10 +25,36 @@ class TokenParams(PrunerParams):
 
     visualize: int = Field(0, ge=0, le=64, description="write token_map-<pruner>.png to the output folder: "
                                                        "which patches were kept or merged, for this many val images")
+    target_speedup: float | None = Field(None, gt=1.0, le=100.0,
+                                         description="choose the schedule's strength (r_max, or tome's r) so the "
+                                                     "model runs this many times faster than the recipe's dense "
+                                                     "model, measured (the step's latency:)")
+    target_latency_ms: float | None = Field(None, gt=0.0,
+                                            description="as target_speedup, as a time per batch of latency.batch")
+
+    #: The schedule key a speed target chooses, and the explicit per-block key that excludes one.
+    strength_key: ClassVar[str] = ""
+    explicit_key: ClassVar[str] = ""
+
+    @model_validator(mode="after")
+    def _one_speed_budget(self) -> TokenParams:
+        speed = [k for k in ("target_speedup", "target_latency_ms") if getattr(self, k) is not None]
+        if len(speed) > 1:
+            raise ValueError("give target_speedup or target_latency_ms, not both")
+        if speed and self.strength_key and {self.strength_key, self.explicit_key} & self.model_fields_set:
+            raise ValueError(f"{speed[0]} chooses {self.strength_key}; drop "
+                             f"{' / '.join(sorted({self.strength_key, self.explicit_key} & self.model_fields_set))}")
+        return self
+
+    def speed_target_set(self) -> bool:
+        return self.target_speedup is not None or self.target_latency_ms is not None
 
 
 class PruneScheduleParams(TokenParams):
     """Params of the attention-scored pruners: the seed's schedule, or an explicit per-block list."""
+
+    strength_key: ClassVar[str] = "r_max"
+    explicit_key: ClassVar[str] = "keep"
 
     r_max: float = Field(0.6, ge=0.0, le=1.0,
                          description="largest share pruned: keep(l) = 1 − r_max·((l+1)/L)^α")
@@ -79,6 +105,8 @@ class TokenPruner(Pruner):
         if not isinstance(blocks, nn.Sequential):
             raise PluginError(f"{self.name} patches timm VisionTransformer models (their blocks); "
                               f"{type(model).__qualname__} has no `blocks` sequence")
+        if params.speed_target_set():
+            params = self._reach_speed(ctx, blocks, params)
         plan = self.plan(params, len(blocks))
         patch = TokenReduction(**plan.model_dump())
         input_shape = model_input_size(model)
@@ -104,6 +132,19 @@ class TokenPruner(Pruner):
         if params.visualize and rows:
             rows[0].note = self._visualize(ctx, params.visualize)
         return rows
+
+    def speed_strengths(self, ctx: PruneContext) -> list[object]:
+        """The values of the schedule's strength a speed target searches, gentlest first."""
+        return [i / 200 for i in range(201)]  # r_max in steps of 0.005
+
+    def _reach_speed(self, ctx: PruneContext, blocks: nn.Sequential, params: TokenParams) -> TokenParams:
+        from rmtp_plugins.tokens.speed import reach
+
+        key = params.strength_key
+        chosen, _ = reach(ctx, blocks, params, self.speed_strengths(ctx),
+                          lambda value: params.model_copy(update={key: value}),
+                          lambda candidate: self.plan(candidate, len(blocks)), key)
+        return chosen
 
     def _visualize(self, ctx: PruneContext, images: int) -> str:
         """Write the token map of the first ``images`` val images; returns the note for the report."""

@@ -15,7 +15,7 @@ RUN_DIR`` draws the same for a saved run: which patches merged, for a few val im
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 from pydantic import Field, model_validator
 
@@ -34,6 +34,9 @@ class TomeParams(TokenParams):
                                                                                "block, replacing r/ramp")
     prop_attn: bool = Field(True, description="proportional attention: add log(token size) to the logits")
 
+    strength_key: ClassVar[str] = "r"
+    explicit_key: ClassVar[str] = "r_list"
+
     @model_validator(mode="after")
     def _list_or_ramp(self) -> TomeParams:
         if self.r_list is not None and self.model_fields_set & {"r", "ramp"}:
@@ -46,6 +49,9 @@ class TomePruner(TokenPruner):
     description = "ViT token merging (ToMe): bipartite soft matching, proportional attention, r per block."
     method = "tome"
     Params = TomeParams
+
+    def speed_strengths(self, ctx) -> list[object]:  # noqa: ANN001 - PruneContext
+        return list(range(ctx.model.patch_embed.num_patches // 2 + 1))  # r: at most half the patches
 
     def plan(self, params: TomeParams, depth: int) -> TokenPlan:
         if params.r_list is None:
