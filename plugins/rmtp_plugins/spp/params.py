@@ -33,13 +33,21 @@ class SppParams(PrunerParams):
     batch_size: int = Field(64, ge=1, le=65_536, description="calibration images per iteration")
     loss: Literal["ce", "kd"] = Field("ce", description="task loss: cross-entropy on the labels, or KL to "
                                                         "the dense model's logits (temperature 1)")
+    target_speedup: float | None = Field(None, gt=1.0, le=100.0,
+                                         description="instead of ratio: slice the least-removing level of the "
+                                                     "path that runs this many times faster than the recipe's "
+                                                     "dense model, measured (the step's latency:)")
+    target_latency_ms: float | None = Field(None, gt=0.0,
+                                            description="as target_speedup, as a time per batch of latency.batch")
     fold_gates: bool = Field(False, description="fold the searched gates of kept groups into the weights "
                                                 "(else kept groups keep their dense weights, gate 1)")
 
     @model_validator(mode="after")
     def _consistent(self) -> SppParams:
-        if (self.ratio is None) == (self.ratios is None):
-            raise ValueError("give exactly one of ratio (one sparsity level) or ratios (a list)")
+        given = [k for k in ("ratio", "ratios", "target_speedup", "target_latency_ms") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of ratio (one sparsity level), ratios (a list), target_speedup or "
+                             f"target_latency_ms (a speed budget){f'; got {given}' if given else ''}")
         if self.ratios is not None:
             bad = [r for r in self.ratios if not 0.0 < r < 1.0]
             if bad:
@@ -53,7 +61,13 @@ class SppParams(PrunerParams):
         return self
 
     def levels(self) -> tuple[float, ...]:
-        return self.ratios if self.ratios is not None else (self.ratio,)
+        """The ratios to slice (a speed target's ratio is chosen when the step runs)."""
+        if self.ratios is not None:
+            return self.ratios
+        return (self.ratio,) if self.ratio is not None else ()
+
+    def speed_target_set(self) -> bool:
+        return self.target_speedup is not None or self.target_latency_ms is not None
 
     def kept_level(self) -> float:
         return self.keep if self.keep is not None else self.levels()[0]

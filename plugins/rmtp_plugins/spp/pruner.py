@@ -146,6 +146,11 @@ def prune(ctx: PruneContext, params: SppParams) -> list[LayerRow]:
     shared = shared_params(ctx.model, units)
     path = search(ctx, units, params)
     order = path.order()
+    if params.speed_target_set():
+        from rmtp_plugins.spp.speed import choose_ratio
+
+        ratio, _ = choose_ratio(ctx, units, order, sizes, shared, params)
+        params = params.model_copy(update={"ratio": ratio})
     folded = path.gamma if params.fold_gates else None
     before = {u.path: unit_footprint(ctx.model, u) for u in units}
     levels = {r: removal_count(r, sizes, order, params.target, shared) for r in params.levels()}

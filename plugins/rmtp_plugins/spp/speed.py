@@ -1,0 +1,82 @@
+"""spp in time: the least-removing level of the solution path that reaches a speed target.
+
+The search orders the groups once; a level (``ratio``) removes the latest-entering ones. For a
+candidate level the model is sliced on a copy, and every *container* of a unit (the module
+holding both its producer and consumer: ``blocks.i.attn`` for heads, ``blocks.i.mlp`` for MLP
+neurons, a ResNet block for its inner channels; units sharing one are sliced together) is timed
+against its dense self by the step's cost model (:mod:`rmtp.latency`, cached by the sliced
+widths). The level's predicted time is the model's time minus those savings, counted in the
+model through the measured in-context share; the smallest ratio (in steps of 0.01) that reaches
+the target is bisected for, since removing more groups never makes a branch slower.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from rmtp.latency.target import speed_target
+from rmtp.pruner import PruneContext
+from rmtp_plugins.spp.params import SppParams
+from rmtp_plugins.spp.path import Shared, removal_count, removal_mask
+from rmtp_plugins.spp.unit import Unit
+
+RATIOS = [i / 100 for i in range(1, 100)]
+
+
+def container(unit: Unit) -> str:
+    """The innermost module holding the unit's producer and consumer."""
+    first, second = unit.producer.split("."), unit.consumer.split(".")
+    common = []
+    for a, b in zip(first, second):
+        if a != b:
+            break
+        common.append(a)
+    return ".".join(common) or unit.path
+
+
+def choose_ratio(ctx: PruneContext, units: list[Unit], order: list[int], sizes: torch.Tensor,
+                 shared: tuple[Shared, ...], params: SppParams) -> tuple[float, str]:
+    """The ratio to slice at and a note for the report; records the prediction on ``ctx``."""
+    from rmtp_plugins.spp.pruner import extract
+
+    target = speed_target(ctx, params.target_speedup, params.target_latency_ms)
+    cost = ctx.cost_model()
+    names = sorted({container(u) for u in units})
+    shapes = cost.layer_inputs(ctx.model, names)
+    names = [n for n in names if n in shapes]
+    isolated = [cost.seconds([ctx.model.get_submodule(n)], shapes[n], what=n)[0] for n in names]
+    target.calibrate(ctx, names, isolated)
+    memo: dict[float, list[float]] = {}
+
+    def savings(ratio: float) -> list[float]:
+        if ratio not in memo:
+            sliced = copy.deepcopy(ctx.model)
+            extract(sliced, units, removal_mask(order, removal_count(ratio, sizes, order, params.target, shared)))
+            out = []
+            for name in names:
+                dense, cut = cost.seconds([ctx.model.get_submodule(name), sliced.get_submodule(name)], shapes[name],
+                                          what=name)
+                out.append(dense - cut)
+            memo[ratio] = out
+        return memo[ratio]
+
+    lo, hi = 0, len(RATIOS) - 1
+    with ctx.progress.task(f"spp: timing levels ({cost.kind})"):
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if target.reached(savings(RATIOS[mid])):
+                hi = mid
+            else:
+                lo = mid + 1
+    ratio = RATIOS[lo]
+    saved = savings(ratio)
+    note = "; ".join(filter(None, [f"ratio {ratio:g} ({params.target}) chosen for the speed target",
+                                   target.shortfall(saved, f"spp up to ratio {RATIOS[-1]}")]))
+    target.record(ctx, saved, note)
+    return ratio, note
+
+
+__all__ = ["RATIOS", "choose_ratio", "container", "nn"]
