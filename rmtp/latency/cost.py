@@ -225,10 +225,11 @@ def round_up(value: int, multiple: int | None, ceiling: int) -> int:
 
 def rank_grid(low: int, high: int, points: int, round_to: int | None = None) -> list[int]:
     """``points`` distinct integers from ``low`` to ``high`` (both included), evenly spaced, each
-    rounded up to ``round_to`` when given (and capped at ``high``)."""
+    rounded up to ``round_to`` when given (and capped at ``high``; ``low`` too, so every value is a
+    multiple of ``round_to`` or ``high``)."""
     if high < low:
         raise ValueError(f"rank_grid: high {high} below low {low}")
-    values = {low, high}
+    values = {round_up(low, round_to, high), high}
     for i in range(points):
         value = round(low + (high - low) * i / max(points - 1, 1))
         values.add(round_up(value, round_to, high))

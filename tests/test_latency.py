@@ -1,0 +1,405 @@
+"""rmtp.latency: the cost table and its cache, grids and interpolation, the cost models, and the
+speed decisions they drive (svd-mp only_if_faster / target_speedup, recipe plumbing, reports).
+
+No test asserts a timing: which layer is faster is decided here by injected or MAC-based cost
+models; the measured path is only checked for what it writes and reports (speed claims are
+benchmarks, ``benchmarks/latency_budgets.py``, not tests).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import rmtp
+from rmtp.api import frozen_copy
+from rmtp.errors import RecipeError
+from rmtp.latency import LatencySettings
+from rmtp.latency import cost as cost_module
+from rmtp.latency.cost import (
+    CostModel,
+    MacsCost,
+    MeasuredCost,
+    cost_model,
+    interpolate,
+    monotone,
+    rank_grid,
+    round_up,
+)
+from rmtp.latency.table import CostTable, LatencyError, device_name, module_key, table_path
+from rmtp.latency.target import speed_target
+from rmtp.lowrank import LOW_RANK_TYPES, LowRankLinear
+from rmtp.plugins import get_plugins
+from rmtp.pruner import PruneContext
+from rmtp.recipe import load_recipe
+from rmtp.report import StepReport
+from rmtp_plugins.svd_mp import SvdMpParams, SvdMpPruner
+
+from conftest import TINY_VIT, tiny_recipe, write_recipe
+
+CPU = torch.device("cpu")
+
+
+def _measured(tmp_path: Path, **settings) -> LatencySettings:
+    """Measured cost with the shortest timing the settings allow (nothing here asserts a time)."""
+    return LatencySettings(**{"cost": "measured", "rounds": 3, "block_ms": 2, "threads": 1, "cache": tmp_path,
+                              **settings})
+
+
+def _two_linears() -> list[nn.Module]:
+    torch.manual_seed(0)
+    return [nn.Linear(32, 32), nn.Linear(32, 8)]
+
+
+# ---------------------------------------------------------------------------------- cost table / cache
+
+def test_measured_costs_are_cached_per_device_precision_batch_threads(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    first = MeasuredCost(_measured(tmp_path), CPU, (32,))
+    times = first.seconds(_two_linears(), (4, 32), what="pair")
+    assert len(times) == 2 and all(t > 0 and math.isfinite(t) for t in times) and first.timed == 2
+    files = sorted(tmp_path.glob("*.json"))
+    assert files == [table_path(tmp_path, device_name(CPU), "fp32", 1, 1)] == [first.table.path]
+    slug = files[0].name
+    assert slug.endswith("-fp32-b1-t1.json") and len(slug) > len("-fp32-b1-t1.json")  # device slug first
+    data = json.loads(files[0].read_text(encoding="utf-8"))
+    assert data["header"] == {"device": device_name(CPU), "torch": torch.__version__, "precision": "fp32",
+                              "batch": 1, "threads": 1}
+    keys = [module_key(m, (4, 32)) for m in _two_linears()]
+    assert sorted(data["entries"]) == sorted(keys)
+    assert [data["entries"][k]["seconds"] for k in keys] == times
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("a cached cost was timed again")
+
+    monkeypatch.setattr(cost_module, "interleaved_timing", no_timing)
+    second = MeasuredCost(_measured(tmp_path), CPU, (32,))  # a fresh process would start like this
+    assert second.seconds(_two_linears(), (4, 32)) == times and second.timed == 0
+    with pytest.raises(AssertionError, match="timed again"):  # the patch is live: a new layer would be timed
+        second.seconds([nn.Linear(32, 16)], (4, 32))
+    monkeypatch.undo()
+
+    other = MeasuredCost(_measured(tmp_path, batch=2), CPU, (32,))
+    assert other.table.path != first.table.path and other.table.path.name.endswith("-fp32-b2-t1.json")
+    assert other.table.entries == {}  # batch 1's entries are not batch 2's
+    other.seconds(_two_linears(), (4, 32))
+    assert other.timed == 2 and len(list(tmp_path.glob("*.json"))) == 2
+
+
+def test_corrupt_table_is_refused_with_its_path(tmp_path: Path) -> None:
+    path = table_path(tmp_path, device_name(CPU), "fp32", 1, 1)
+    path.write_text("{not json", encoding="utf-8")
+    with pytest.raises(LatencyError, match="unreadable") as info:
+        MeasuredCost(_measured(tmp_path), CPU, (32,))
+    assert str(path) in str(info.value) and "delete it" in str(info.value)
+    path.write_text(json.dumps({"header": {}, "entries": [1, 2]}), encoding="utf-8")  # parses, wrong shape
+    with pytest.raises(LatencyError, match="entries is not a mapping"):
+        CostTable.open(path, {})
+
+
+def test_table_of_other_settings_starts_empty(tmp_path: Path) -> None:
+    cost = MeasuredCost(_measured(tmp_path), CPU, (32,))
+    cost.seconds(_two_linears(), (4, 32))
+    path = cost.table.path
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["header"]["torch"] = "0.0.0-another-torch"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    again = MeasuredCost(_measured(tmp_path), CPU, (32,))
+    assert again.table.entries == {}
+    again.seconds(_two_linears(), (4, 32))
+    assert again.timed == 2  # re-measured, and the file now carries this torch's header
+    assert json.loads(path.read_text(encoding="utf-8"))["header"]["torch"] == torch.__version__
+
+
+def test_module_key_names_what_was_timed() -> None:
+    a, b = nn.Linear(32, 32), nn.Linear(32, 32)
+    assert module_key(a, (4, 32)) == module_key(b, (4, 32))  # weights do not matter, shapes do
+    assert module_key(a, (4, 32)) != module_key(a, (8, 32))
+    assert module_key(a, (4, 32)) != module_key(nn.Linear(32, 64), (4, 32))
+    assert module_key(a, (4, 32)) != module_key(nn.Linear(32, 32, bias=False), (4, 32))
+    assert module_key(a, (4, 32)) != module_key(nn.Linear(32, 32).double(), (4, 32))
+    assert module_key(LowRankLinear(32, 4, 32), (4, 32)) != module_key(LowRankLinear(32, 8, 32), (4, 32))
+    assert module_key(LowRankLinear(32, 4, 32), (4, 32)) == module_key(LowRankLinear(32, 4, 32), (4, 32))
+    from timm.models.vision_transformer import Attention
+
+    assert repr(Attention(32, num_heads=2)) == repr(Attention(32, num_heads=4))  # why heads are keyed
+    assert module_key(Attention(32, num_heads=2), (1, 17, 32)) != module_key(Attention(32, num_heads=4), (1, 17, 32))
+
+
+# ---------------------------------------------------------------------------------- grids
+
+def test_interpolate_exact_linear_and_extended() -> None:
+    xs, ys = [1, 3, 5], [10.0, 30.0, 20.0]
+    assert [interpolate(xs, ys, x) for x in xs] == ys
+    assert interpolate(xs, ys, 2) == pytest.approx(20.0)
+    assert interpolate(xs, ys, 4) == pytest.approx(25.0)
+    assert interpolate(xs, ys, 0) == pytest.approx(0.0)  # first segment's slope (10/unit) below the grid
+    assert interpolate(xs, ys, 7) == pytest.approx(10.0)  # last segment's slope (-5/unit) above it
+    assert interpolate([4], [2.5], 100) == 2.5
+    with pytest.raises(ValueError):
+        interpolate([1, 2], [1.0], 1)
+
+
+def test_rank_grid_round_up_and_monotone() -> None:
+    grid = rank_grid(1, 40, 5)
+    assert grid == sorted(set(grid)) and grid[0] == 1 and grid[-1] == 40 and len(grid) == 5
+    assert all(1 <= g <= 40 for g in grid)
+    rounded = rank_grid(1, 40, 5, round_to=8)
+    assert rounded == sorted(set(rounded)) and rounded[-1] == 40
+    assert all(g % 8 == 0 or g == 40 for g in rounded) and all(1 <= g <= 40 for g in rounded), rounded
+    assert all(g % 16 == 0 or g == 20 for g in rank_grid(3, 20, 4, round_to=16))
+    assert rank_grid(7, 7, 5) == [7]
+    with pytest.raises(ValueError):
+        rank_grid(5, 4, 3)
+    assert [round_up(v, 8, 40) for v in (1, 8, 9, 33, 39)] == [8, 8, 16, 40, 40]
+    assert round_up(13, None, 40) == 13 and round_up(50, None, 40) == 40 and round_up(17, 8, 20) == 20
+    assert monotone([3.0, 1.0, 4.0, 2.0, 5.0]) == [3.0, 3.0, 4.0, 4.0, 5.0]
+    assert monotone([]) == []
+
+
+# ---------------------------------------------------------------------------------- cost models
+
+def test_unknown_device_is_refused_for_measured_cost_only() -> None:
+    meta = torch.device("meta")
+    with pytest.raises(LatencyError, match="'meta'") as info:
+        cost_model(LatencySettings(cost="measured"), meta, (1, 8, 8))
+    assert "cpu or cuda" in str(info.value) and "cost: macs" in str(info.value)
+    assert isinstance(cost_model(LatencySettings(cost="macs"), meta, (1, 8, 8)), MacsCost)
+
+
+def test_target_latency_ms_needs_measured_cost() -> None:
+    model = nn.Sequential(nn.Linear(8, 8))
+    ctx = PruneContext(model=model, arch=get_plugins().architecture("vit"), layers=[], device=CPU, seed=0,
+                       input_shape=(8,), latency=LatencySettings(cost="macs"))
+    assert ctx.cost_model() is ctx.cost_model() and ctx.cost_model().kind == "macs"  # built once, shared
+    with pytest.raises(LatencyError, match="target_latency_ms .* needs latency.cost: measured"):
+        speed_target(ctx, None, 5.0)
+    assert speed_target(ctx, 2.0, None).target_speedup == 2.0
+
+
+def test_macs_cost_counts_multiply_accumulates() -> None:
+    cost = MacsCost(LatencySettings(cost="macs"), CPU, (64,))
+    assert cost.seconds([nn.Linear(64, 32)], (10, 64)) == [10 * 64 * 32]
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    dense = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 8))
+    macs = MacsCost(LatencySettings(cost="macs", batch=3), CPU, (16,))
+    assert macs.model_seconds([model, dense]) == [3 * (16 * 32 + 32 * 8), 3 * (16 * 64 + 64 * 8)]
+    assert macs.in_context(dense, model, ["0"]) == (3 * (16 * 64 + 64 * 8), 3 * (16 * 32 + 32 * 8), 3 * 16 * 32)
+    assert macs.in_context(model, model, ["0", "2"]) == (3 * 768, 3 * 768, 3 * 768)
+    assert macs.describe() == "macs on cpu, batch 3, fp32"
+
+
+# ---------------------------------------------------------------------------------- svd-mp only_if_faster
+
+class _FixedCost(CostModel):
+    """A cost model that says what it is told: 1.0 per dense Linear call, ``low_rank`` per split."""
+
+    kind = "measured"
+
+    def __init__(self, low_rank: float, input_shape: tuple[int, ...]):
+        super().__init__(LatencySettings(cost="measured"), CPU, input_shape)
+        self.low_rank = low_rank
+        self.calls: list[list[str]] = []
+
+    def seconds(self, modules: Sequence[nn.Module], input_shape: tuple[int, ...], what: str = "") -> list[float]:
+        self.calls.append([type(m).__name__ for m in modules])
+        return [self.low_rank if isinstance(m, LOW_RANK_TYPES) else 1.0 for m in modules]
+
+    def _model_seconds(self, models: Sequence[nn.Module]) -> list[float]:
+        # [model, its copy with the timed layers stubbed]: the layers are 2.0 of the model's 10.0
+        return [10.0] * (len(models) - 1) + [8.0]
+
+
+def _planted(rows: int, cols: int, spikes: list[float], sigma: float = 0.02, seed: int = 0) -> torch.Tensor:
+    """Signal directions of strength θ (in units of the BBP threshold) plus Gaussian noise."""
+    g = torch.Generator().manual_seed(seed)
+    threshold = sigma * (rows * cols) ** 0.25
+    u = torch.linalg.qr(torch.randn(rows, len(spikes), generator=g))[0]
+    v = torch.linalg.qr(torch.randn(cols, len(spikes), generator=g))[0]
+    return (u * torch.tensor(spikes) * threshold) @ v.T + sigma * torch.randn(rows, cols, generator=g)
+
+
+class _TwoLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(120, 200)
+        self.b = nn.Linear(200, 60)
+        with torch.no_grad():
+            self.a.weight.copy_(_planted(200, 120, [4.0, 3.0, 2.5]))  # rank 3: a split pays
+            self.b.weight.copy_(_planted(60, 200, [5.0], seed=1))     # rank 1
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def _context(model: nn.Module, cost: CostModel | None) -> PruneContext:
+    from rmtp.architecture import PrunableLayer
+
+    arch = get_plugins().architecture("vit")  # only its qkv_split is consulted, and these are not qkv
+    return PruneContext(model=model, arch=arch, layers=[PrunableLayer(n, "fc1") for n in ("a", "b")],
+                        device=CPU, seed=0, input_shape=(120,), cost=cost)
+
+
+def test_only_if_faster_keeps_a_slower_split_dense() -> None:
+    model = _TwoLayers()
+    before = {n: model.get_submodule(n).weight.detach().clone() for n in ("a", "b")}
+    cost = _FixedCost(low_rank=5.0, input_shape=(120,))
+    ctx = _context(model, cost)
+    rows = SvdMpPruner().prune(ctx, SvdMpParams())  # only_if_faster: default on
+    assert cost.calls and all(call[0] == "Linear" and set(call[1:]) == {"LowRankLinear"} for call in cost.calls)
+    for row, name in zip(rows, ("a", "b")):
+        layer = model.get_submodule(name)
+        assert type(layer) is nn.Linear and torch.equal(layer.weight, before[name])  # not even reconstructed
+        assert row.note.startswith("dense, unchanged (split not faster: ×0.20 of dense speed predicted")
+        assert "needs ×1.05" in row.note  # min_gain 0.05 of a measured cost
+        assert row.detail["split speed"] == "×0.20" and row.params_after == row.params_before
+    assert [r.kept_rank for r in rows] == [3, 1]
+    assert ctx.speed_plan is not None and ctx.speed_plan["predicted_speedup"] == pytest.approx(1.0)
+
+
+def test_only_if_faster_splits_a_faster_split() -> None:
+    model = _TwoLayers()
+    ctx = _context(model, _FixedCost(low_rank=0.2, input_shape=(120,)))
+    rows = SvdMpPruner().prune(ctx, SvdMpParams())
+    assert all(isinstance(model.get_submodule(n), LowRankLinear) for n in ("a", "b"))
+    assert [r.note for r in rows] == ["split", "split"] and rows[0].detail["split speed"] == "×5.00"
+    # both layers save 0.8 of 1.0 alone; in the model they weigh 2.0 of 10.0 (scale 1): 10 / (10 - 1.6)
+    assert ctx.speed_plan["predicted_speedup"] == pytest.approx(10 / 8.4)
+    assert ctx.speed_plan["in_context_scale"] == pytest.approx(1.0)
+
+
+def test_only_if_faster_off_splits_even_when_told_slower() -> None:
+    model = _TwoLayers()
+    cost = _FixedCost(low_rank=5.0, input_shape=(120,))
+    ctx = _context(model, cost)
+    rows = SvdMpPruner().prune(ctx, SvdMpParams(only_if_faster=False))
+    assert all(isinstance(model.get_submodule(n), LowRankLinear) for n in ("a", "b"))
+    assert [r.note for r in rows] == ["split", "split"] and cost.calls == [] and ctx.speed_plan is None
+
+
+def test_svd_mp_speed_params_validation() -> None:
+    assert SvdMpParams(target_params=0.5).faster_only() is False  # a params budget: no timing
+    assert SvdMpParams(target_params=0.5, only_if_faster=True).faster_only() is True
+    assert SvdMpParams().faster_only() is True
+    with pytest.raises(ValueError, match="give one budget, not target_params and target_speedup"):
+        SvdMpParams(target_params=0.5, target_speedup=2.0)
+    with pytest.raises(ValueError, match="give one budget, not target_speedup and target_latency_ms"):
+        SvdMpParams(target_speedup=2.0, target_latency_ms=3.0)
+    with pytest.raises(ValueError, match="target_speedup splits only layers that are faster"):
+        SvdMpParams(only_if_faster=False, target_speedup=2.0)
+    SvdMpParams(only_if_faster=False, target_params=0.5)  # a params budget may split slower layers
+
+
+# ---------------------------------------------------------------------------------- svd-mp target_speedup
+
+def _vit() -> nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model("vit_tiny_patch16_224", **TINY_VIT).eval()
+
+
+@pytest.fixture(scope="module")
+def vit_runs() -> dict[float, tuple[StepReport, nn.Module]]:
+    """svd-mp target_speedup on the tiny ViT under the suite's cost: macs, one dense model for all."""
+    base = _vit()
+    dense = frozen_copy(base)
+    runs = {}
+    for target in (1.2, 2.0, 3.0, 50.0):
+        model = _vit()
+        model.load_state_dict(base.state_dict())
+        runs[target] = (rmtp.prune(model, "svd-mp", target_speedup=target, dense=dense), model)
+    return runs
+
+
+def test_target_speedup_is_reached_by_macs(vit_runs) -> None:
+    totals = []
+    for target in (1.2, 2.0, 3.0):
+        report, _ = vit_runs[target]
+        speed = report.speed
+        assert speed["target_speedup"] == target and speed["predicted_speedup"] >= target
+        assert speed["cost"] == "macs on cpu, batch 1, fp32" and "measured" not in speed
+        assert speed["start_speedup"] == pytest.approx(1.0)
+        # Under cost: macs the prediction is the real MAC ratio, not an approximation of it: the
+        # in-context share of the layers is their own MAC count (scale 1), a split's MACs are
+        # tokens·k·(M+N), linear in the total rank, so the grid's interpolation is exact, and the
+        # dense and pruned counts hold the same attention / patch-embed / head MACs. Only float
+        # rounding is left.
+        assert report.baseline.macs / report.stats.macs == pytest.approx(speed["predicted_speedup"], rel=1e-9)
+        assert any(n.startswith("speed: predicted ×") for n in report.notes)
+        totals.append(sum(r.kept_rank for r in report.rows))
+    assert totals == sorted(totals, reverse=True) and len(set(totals)) == len(totals)  # faster: fewer ranks
+    macs = [vit_runs[t][0].stats.macs for t in (1.2, 2.0, 3.0)]
+    assert macs == sorted(macs, reverse=True)
+
+
+def test_unreachable_target_gives_the_most_compressed_ranks(vit_runs) -> None:
+    report, model = vit_runs[50.0]
+    assert any("target ×50.00 not reachable" in n for n in report.notes)
+    assert report.speed["predicted_speedup"] < 50
+    assert report.speed["predicted_speedup"] > vit_runs[3.0][0].speed["predicted_speedup"]
+    for row in report.rows:
+        module = model.get_submodule(row.layer)
+        assert isinstance(module, LOW_RANK_TYPES)
+        assert list(getattr(module, "ranks", [getattr(module, "rank", None)])) == [1] * (3 if "qkv" in row.layer else 1)
+
+
+def test_step_report_round_trips_speed(vit_runs) -> None:
+    report, _ = vit_runs[2.0]
+    data = json.loads(json.dumps(report.to_dict()))
+    back = StepReport.from_dict(data)
+    assert back.speed == report.speed and back.speed["predicted_speedup"] >= 2.0
+    assert StepReport.from_dict({k: v for k, v in data.items() if k != "speed"}).speed is None
+
+
+def test_target_speedup_with_round_to_keeps_gemm_friendly_ranks() -> None:
+    model = _vit()
+    report = rmtp.prune(model, "svd-mp", target_speedup=2.0, dense=frozen_copy(model), latency={"round_to": 8})
+    assert report.speed["predicted_speedup"] >= 2.0
+    assert report.baseline.macs / report.stats.macs == pytest.approx(report.speed["predicted_speedup"], rel=1e-9)
+    ranks = [k for row in report.rows if isinstance(m := model.get_submodule(row.layer), LOW_RANK_TYPES)
+             for k in getattr(m, "ranks", [getattr(m, "rank", None)])]
+    assert ranks and all(k % 8 == 0 for k in ranks), ranks
+
+
+# ---------------------------------------------------------------------------------- recipe plumbing
+
+def test_recipe_latency_takes_batch_and_threads_from_the_timed_evaluate(tmp_path: Path) -> None:
+    timed = {"evaluate": {"latency": True, "latency_batch": 8, "latency_threads": 1}}
+    recipe = load_recipe(write_recipe(tmp_path / "a.yaml", tiny_recipe([{"prune": "svd-mp"}, timed])))
+    latency = recipe.resolved[0].latency
+    assert latency.batch == 8 and latency.threads == 1
+    recipe = load_recipe(write_recipe(tmp_path / "b.yaml", tiny_recipe(
+        [{"prune": "svd-mp", "latency": {"batch": 2}}, timed])))
+    assert recipe.resolved[0].latency.batch == 2 and recipe.resolved[0].latency.threads == 1
+    recipe = load_recipe(write_recipe(tmp_path / "c.yaml", tiny_recipe(
+        [{"prune": "svd-mp"}, {"evaluate": {"latency": False, "latency_batch": 8}}])))
+    assert recipe.resolved[0].latency.batch == 1  # an evaluate that times nothing says nothing
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write_recipe(tmp_path / "d.yaml", tiny_recipe([{"prune": "svd-mp", "latency": {"batchh": 2}}])))
+    message = str(info.value)
+    assert "steps[0].latency.batchh: unknown key 'batchh'" in message and "\n" not in message.strip()
+
+
+# ---------------------------------------------------------------------------------- measured, end to end
+
+def test_measured_end_to_end_reports_measured_next_to_predicted(tmp_path: Path) -> None:
+    model = _vit()
+    latency = {"cost": "measured", "batch": 2, "threads": 1, "rounds": 3, "block_ms": 2, "verify_rounds": 3,
+               "cache": str(tmp_path)}
+    report = rmtp.prune(model, "svd-mp", latency=latency)
+    speed = report.speed
+    assert speed["measured"]["ratio"]["median"] > 0 and speed["measured"]["ratio"]["n"] == 3
+    assert math.isfinite(speed["prediction_error"]) and speed["cost"].startswith("measured on cpu, batch 2")
+    assert any(n.startswith("speed:") and "measured ×" in n for n in report.notes)
+    assert [p.name for p in tmp_path.glob("*.json")] and all(p.name.endswith("-fp32-b2-t1.json")
+                                                             for p in tmp_path.glob("*.json"))
+    # every row either split or says why it stayed dense (not faster), with its predicted ratio
+    for row in report.rows:
+        assert row.note.startswith(("split", "dense, unchanged (split not faster: ×")), row.note
+        assert "split speed" in row.detail
