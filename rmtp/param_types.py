@@ -9,9 +9,9 @@ value is given.
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
-from pydantic import AfterValidator
+from pydantic import AfterValidator, Field
 
 
 def _tw_confidence(value: float | None) -> float | None:
@@ -25,3 +25,23 @@ def _tw_confidence(value: float | None) -> float | None:
 TwConfidence = Annotated[Optional[float], AfterValidator(_tw_confidence)]
 """None (the asymptotic edge) or a confidence in [F_TW1(0) ≈ 0.832, 1) for the Tracy–Widom margin
 (:func:`rmtp.spectral.mp.check_tw_confidence`)."""
+
+
+def target_speedup_field(chooses: str) -> Any:
+    """``target_speedup``: the measured whole-model speed-up over the recipe's dense model a step
+    reaches by choosing ``chooses`` (``docs/latency.md``)."""
+    return Field(None, gt=1.0, le=100.0, description=f"choose {chooses} so the model runs this many times faster "
+                                                     f"than the recipe's dense model, measured (the step's latency:)")
+
+
+def target_latency_ms_field() -> Any:
+    """``target_latency_ms``: as ``target_speedup``, as a time per batch of ``latency.batch``."""
+    return Field(None, gt=0.0, description="as target_speedup, as a time per batch of latency.batch")
+
+
+def one_speed_target(params: Any) -> list[str]:
+    """The speed-target keys ``params`` sets, refusing both at once (for a params validator)."""
+    given = [k for k in ("target_speedup", "target_latency_ms") if getattr(params, k) is not None]
+    if len(given) > 1:
+        raise ValueError("give target_speedup or target_latency_ms, not both")
+    return given

@@ -173,7 +173,11 @@ def test_a_recipe_carries_its_plugins_and_resolved_prune_steps(tmp_path: Path) -
                                        {"prune": "magnitude", "params": {"sparsity": 0.2}}]), plugins=plugins)
     assert recipe.plugins is plugins
     first, _, last = recipe.plan
-    assert first == ResolvedPrune(pruner_cls=asks, params=asks.Params(), layers=None, name="probe")
+    from rmtp.latency import LatencySettings
+
+    # latency: the defaults, resolved (no later evaluate times latency to take batch/threads from)
+    assert first == ResolvedPrune(pruner_cls=asks, params=asks.Params(), layers=None, name="probe",
+                                  latency=LatencySettings())
     assert last.pruner_cls is plugins.pruners.get("magnitude") and last.params.sparsity == 0.2
     assert last.label == "magnitude" and first.label == "probe"
     assert "asks" not in rmtp.get_plugins().pruners

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rmtp.param_types import TwConfidence
+from rmtp.param_types import TwConfidence, one_speed_target, target_latency_ms_field, target_speedup_field
 from rmtp.pruner import PrunerParams
 
 Pattern = tuple[int, int] | None
@@ -66,11 +66,8 @@ class NmParams(PrunerParams):
     only_if_faster: bool = Field(True, description="leave a layer dense when its pattern is not faster on the "
                                                    "target (the step's latency:): on a CPU, or without a 2:4 "
                                                    "kernel, that is every layer; false: prune for MACs only")
-    target_speedup: float | None = Field(None, gt=1.0, le=100.0,
-                                         description="mp: choose patterns (least damage per time saved) so the "
-                                                     "model runs this many times faster than the recipe's dense model")
-    target_latency_ms: float | None = Field(None, gt=0.0,
-                                            description="mp: as target_speedup, as a time per batch of latency.batch")
+    target_speedup: float | None = target_speedup_field("patterns (mp: least damage per time saved)")
+    target_latency_ms: float | None = target_latency_ms_field()
 
     @model_validator(mode="after")
     def _consistent(self) -> NmParams:
@@ -79,9 +76,7 @@ class NmParams(PrunerParams):
         if self.restore and self.restore_overprune > self.n:
             raise ValueError(f"restore_overprune={self.restore_overprune} exceeds n={self.n}")
         options = self.options()  # raises for a malformed pattern
-        speed = [k for k in ("target_speedup", "target_latency_ms") if getattr(self, k) is not None]
-        if len(speed) > 1:
-            raise ValueError("give target_speedup or target_latency_ms, not both")
+        speed = one_speed_target(self)
         if speed and "target_macs" in self.model_fields_set:
             raise ValueError(f"give one budget, not target_macs and {speed[0]}")
         if speed and not self.only_if_faster:

@@ -121,11 +121,13 @@ def keep_dense_if_slower(ctx: PruneContext, plans: list[_Plan], times: dict[str,
         if plan.pattern is None or layer is None:
             continue
         t = layer.time(plan.pattern)
-        plan.layer_speedup = layer.dense / t if t > 0 else float("inf")
+        ratio = layer.dense / t if t > 0 else float("inf")
+        if cost.kind != "macs":  # under MACs the sparse MACs column already says it
+            plan.layer_speedup = ratio
         if not t < layer.dense * (1 - min_gain):
             kernel = layer.kernels.get(plan.pattern)
             why = (f"no {pattern_name(plan.pattern)} kernel for it on {ctx.device.type} (runs as the dense GEMM)"
-                   if kernel is None else f"{kernel} not faster: ×{plan.layer_speedup:.2f}")
+                   if kernel is None else f"{kernel} not faster: ×{ratio:.2f}")
             plan.dense_reason = f"kept dense: {why}"
             plan.pattern = None
 

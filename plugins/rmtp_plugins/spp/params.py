@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, model_validator
 
+from rmtp.param_types import target_latency_ms_field, target_speedup_field
 from rmtp.pruner import PrunerParams
 
 if TYPE_CHECKING:
@@ -33,12 +34,8 @@ class SppParams(PrunerParams):
     batch_size: int = Field(64, ge=1, le=65_536, description="calibration images per iteration")
     loss: Literal["ce", "kd"] = Field("ce", description="task loss: cross-entropy on the labels, or KL to "
                                                         "the dense model's logits (temperature 1)")
-    target_speedup: float | None = Field(None, gt=1.0, le=100.0,
-                                         description="instead of ratio: slice the least-removing level of the "
-                                                     "path that runs this many times faster than the recipe's "
-                                                     "dense model, measured (the step's latency:)")
-    target_latency_ms: float | None = Field(None, gt=0.0,
-                                            description="as target_speedup, as a time per batch of latency.batch")
+    target_speedup: float | None = target_speedup_field("the least-removing level of the path (instead of ratio)")
+    target_latency_ms: float | None = target_latency_ms_field()
     fold_gates: bool = Field(False, description="fold the searched gates of kept groups into the weights "
                                                 "(else kept groups keep their dense weights, gate 1)")
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 
 import torch
-from torch import nn
 
 from rmtp.latency.target import speed_target
 from rmtp.pruner import PruneContext
@@ -79,4 +78,4 @@ def choose_ratio(ctx: PruneContext, units: list[Unit], order: list[int], sizes: 
     return ratio, note
 
 
-__all__ = ["RATIOS", "choose_ratio", "container", "nn"]
+__all__ = ["RATIOS", "choose_ratio", "container"]

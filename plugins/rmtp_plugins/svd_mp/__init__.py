@@ -13,6 +13,10 @@ bulk's edge s₊ (times ``margin``) carry signal; the rest is treated as noise a
 * When k·(M+N) < M·N the layer is replaced by two thin layers (:mod:`rmtp.lowrank`), so params and
   MACs really drop; otherwise it stays dense and, by default, the rank-k reconstruction is written
   back (``when_split_does_not_pay: keep`` leaves it untouched). The report says which.
+* Speed (:mod:`.speed`, ``docs/latency.md``): with ``only_if_faster`` (default on, off under
+  ``target_params``) a split predicted not faster on the target by the step's ``latency:`` stays
+  dense and unchanged; ``target_speedup`` / ``target_latency_ms`` set one s/s₊ threshold for all
+  selected layers so the model reaches that measured speed-up over the recipe's dense model.
 * ``coefficient_pruning`` then zeroes that fraction of the smallest entries of each layer's new
   weights (the factors, or the dense reconstruction): the seeds' direct coefficient pruning. The
   zeros are reported as nonzeros and stay zero through a later ``finetune`` step.
@@ -35,7 +39,7 @@ from pydantic import Field, model_validator
 
 from rmtp.hookspecs import hookimpl
 from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams
-from rmtp.param_types import TwConfidence
+from rmtp.param_types import TwConfidence, target_latency_ms_field, target_speedup_field
 
 
 class SvdMpParams(PrunerParams):
@@ -61,11 +65,8 @@ class SvdMpParams(PrunerParams):
     only_if_faster: bool | None = Field(None, description="leave a layer dense when its split is not faster on "
                                                           "the target (the step's latency:); default on, off "
                                                           "under target_params (a params budget)")
-    target_speedup: float | None = Field(None, gt=1.0, le=100.0,
-                                         description="choose ranks (best s/s₊ first) so the model runs this many "
-                                                     "times faster than the recipe's dense model, measured")
-    target_latency_ms: float | None = Field(None, gt=0.0,
-                                            description="as target_speedup, as a time per batch of latency.batch")
+    target_speedup: float | None = target_speedup_field("ranks (best s/s₊ first)")
+    target_latency_ms: float | None = target_latency_ms_field()
 
     @model_validator(mode="after")
     def _one_budget(self) -> SvdMpParams:

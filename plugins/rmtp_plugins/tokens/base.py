@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from rmtp.errors import PluginError
+from rmtp.param_types import one_speed_target, target_latency_ms_field, target_speedup_field
 from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams, weight_footprint
 from rmtp_plugins.tokens.plan import Method, TokenPlan
 from rmtp_plugins.tokens.schedule import keep_ratios, token_counts
@@ -25,12 +26,8 @@ class TokenParams(PrunerParams):
 
     visualize: int = Field(0, ge=0, le=64, description="write token_map-<pruner>.png to the output folder: "
                                                        "which patches were kept or merged, for this many val images")
-    target_speedup: float | None = Field(None, gt=1.0, le=100.0,
-                                         description="choose the schedule's strength (r_max, or tome's r) so the "
-                                                     "model runs this many times faster than the recipe's dense "
-                                                     "model, measured (the step's latency:)")
-    target_latency_ms: float | None = Field(None, gt=0.0,
-                                            description="as target_speedup, as a time per batch of latency.batch")
+    target_speedup: float | None = target_speedup_field("the schedule's strength (r_max, or tome's r)")
+    target_latency_ms: float | None = target_latency_ms_field()
 
     #: The schedule key a speed target chooses, and the explicit per-block key that excludes one.
     strength_key: ClassVar[str] = ""
@@ -38,9 +35,7 @@ class TokenParams(PrunerParams):
 
     @model_validator(mode="after")
     def _one_speed_budget(self) -> TokenParams:
-        speed = [k for k in ("target_speedup", "target_latency_ms") if getattr(self, k) is not None]
-        if len(speed) > 1:
-            raise ValueError("give target_speedup or target_latency_ms, not both")
+        speed = one_speed_target(self)
         if speed and self.strength_key and {self.strength_key, self.explicit_key} & self.model_fields_set:
             raise ValueError(f"{speed[0]} chooses {self.strength_key}; drop "
                              f"{' / '.join(sorted({self.strength_key, self.explicit_key} & self.model_fields_set))}")

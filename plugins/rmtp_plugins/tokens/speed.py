@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from rmtp.latency.cost import interpolate, monotone, rank_grid
-from rmtp.latency.target import SpeedTarget, speed_target
+from rmtp.latency.target import speed_target
 from rmtp.pruner import PruneContext, PrunerParams
 from rmtp_plugins.tokens.plan import TokenPlan
 from rmtp_plugins.tokens.schedule import token_counts
@@ -57,9 +57,9 @@ def block_curves(ctx: PruneContext, blocks: nn.Sequential, n0: int, min_tokens: 
 
 def reach(ctx: PruneContext, blocks: nn.Sequential, params: PrunerParams, strengths: Sequence[object],
           with_strength: Callable[[object], PrunerParams], plan_of: Callable[[PrunerParams], TokenPlan],
-          knob: str) -> tuple[PrunerParams, str]:
+          knob: str) -> tuple[PrunerParams, float]:
     """The params at the gentlest of ``strengths`` (ascending) whose schedule reaches the target
-    (the strongest if none does), and a note for the report."""
+    (the strongest if none does), and its predicted speed-up; the note goes on ``ctx``."""
     target = speed_target(ctx, params.target_speedup, params.target_latency_ms)
     n0 = ctx.model.patch_embed.num_patches
     min_tokens = getattr(params, "min_tokens", 1)
@@ -90,4 +90,4 @@ def reach(ctx: PruneContext, blocks: nn.Sequential, params: PrunerParams, streng
     return chosen, target.speedup(saved)
 
 
-__all__ = ["BlockCurves", "SpeedTarget", "block_curves", "reach"]
+__all__ = ["BlockCurves", "block_curves", "reach"]
