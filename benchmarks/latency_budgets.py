@@ -15,7 +15,7 @@
 3. One figure: top-1 vs measured latency at batch 32 for dense and every method, Pareto front
    marked (``--figure``).
 
-Every time is measured in this run with 1 thread (``--threads``), the cost table in a fresh folder
+The figure needs matplotlib (``pip install -e ".[plot]"``). Every time is measured in this run with 1 thread (``--threads``), the cost table in a fresh folder
 (so the figures include measuring it). Results: a table on stdout, JSON (``--json``) with machine,
 versions and settings.
 """
