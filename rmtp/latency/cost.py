@@ -24,7 +24,8 @@ import bisect
 import math
 import statistics
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 
 import torch
 from torch import nn
@@ -276,21 +277,13 @@ def _dtype(module: nn.Module) -> torch.dtype:
     return param.dtype if param is not None and param.is_floating_point() else torch.float32
 
 
-class _all_evaluating:
-    """Every module in eval mode for the block, modes restored after."""
-
-    def __init__(self, modules: list[nn.Module]):
-        self.modules = modules
-        self.modes: list[bool] = []
-
-    def __enter__(self) -> None:
-        self.modes = [m.training for m in self.modules]
-        for m in self.modules:
-            m.eval()
-
-    def __exit__(self, *exc: object) -> None:
-        for m, mode in zip(self.modules, self.modes):
-            m.train(mode)
+@contextmanager
+def _all_evaluating(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """:func:`rmtp.measure.running.evaluating` for several modules at once."""
+    with ExitStack() as stack:
+        for module in modules:
+            stack.enter_context(evaluating(module))
+        yield
 
 
 def _macs(module: nn.Module, input_shape: tuple[int, ...], device: torch.device) -> int:

@@ -64,6 +64,12 @@ class SpeedTarget:
         return self.dense / self.predicted(savings)
 
     @property
+    def predicts(self) -> bool:
+        """Whether the step predicts whole-model time: for a target, and whenever costs are measured
+        (then the report shows predicted vs measured); ``only_if_faster`` by MACs decides per layer."""
+        return self.target_speedup is not None or self.target_latency_ms is not None or self.cost.kind == "measured"
+
+    @property
     def needed(self) -> float:
         """Time the step must save, in the model (≤ 0: the model is already fast enough)."""
         return self.now - self.goal if self.goal is not None else 0.0

@@ -186,7 +186,7 @@ def prune(ctx: PruneContext, params: NmParams) -> list[LayerRow]:
         _budget(ctx, active, params, target, times)
     if target is not None:
         speed.keep_dense_if_slower(ctx, active, times)
-        if target.goal is not None or target.cost.kind == "measured":
+        if target.predicts:
             saved = speed.savings(active, times)
             target.record(ctx, saved, target.shortfall(saved, "n:m on these layers"))
     nm_plans = [p for p in active if p.pattern is not None]

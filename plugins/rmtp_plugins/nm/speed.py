@@ -100,7 +100,7 @@ def start(ctx: PruneContext, plans: list[_Plan], params: NmParams) -> tuple[Spee
     """Time the patterns; with a speed target, also the dense and current model (calibration)."""
     target = speed_target(ctx, params.target_speedup, params.target_latency_ms)
     times = layer_times(ctx, plans)
-    if params.target_speedup is not None or params.target_latency_ms is not None or target.cost.kind == "measured":
+    if target.predicts:
         timed = [p.name for p in plans if p.name in times]
         target.calibrate(ctx, timed, [times[n].dense for n in timed])
     return target, times

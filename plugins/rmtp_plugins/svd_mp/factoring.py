@@ -52,7 +52,6 @@ class _Plan:
     dense_reason: str | None = None
     #: The split's predicted speed-up over the dense layer, where it was timed.
     layer_speedup: float | None = None
-    speed: object = None
 
     @property
     def already_split(self) -> bool:

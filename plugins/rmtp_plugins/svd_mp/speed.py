@@ -42,7 +42,6 @@ class LayerSpeed:
     dense: float
     ranks: list[int] = field(default_factory=list)
     split: list[float] = field(default_factory=list)
-    exact: bool = False  # cost: macs (no noise margin needed)
 
     def split_time(self, total_rank: int) -> float:
         return interpolate(self.ranks, self.split, total_rank)
@@ -60,9 +59,7 @@ def plan_in_time(ctx: PruneContext, plans: list[_Plan], params: SvdMpParams,
     candidates = [p for p in plans if not p.skipped and not p.already_split]
     speeds = _time_grids(ctx, candidates)
     timed = [p for p in candidates if p.name in speeds]
-    predicting = target.target_speedup is not None or target.target_latency_ms is not None \
-        or target.cost.kind == "measured"  # only_if_faster by MACs decides per layer: no model run
-    if predicting:
+    if target.predicts:
         target.calibrate(ctx, [p.name for p in timed], [speeds[p.name].dense for p in timed])
     round_to = ctx.cost_model().settings.round_to
     min_gain = 0.0 if target.cost.kind == "macs" else ctx.cost_model().settings.min_gain
@@ -71,7 +68,6 @@ def plan_in_time(ctx: PruneContext, plans: list[_Plan], params: SvdMpParams,
         out = []
         for plan in candidates:
             speed = speeds.get(plan.name)
-            plan.speed = speed
             if speed is None:
                 continue
             split = speed.split_time(sum(m.rank for m in plan.matrices))
@@ -97,7 +93,7 @@ def plan_in_time(ctx: PruneContext, plans: list[_Plan], params: SvdMpParams,
         if not split < speed.dense * (1 - min_gain):
             plan.dense_reason = (f"split not faster: ×{ratio:.2f} of dense speed predicted ({target.cost.kind}"
                                  f"{'' if min_gain == 0 else f', needs ×{1 / (1 - min_gain):.2f}'})")
-    if predicting:
+    if target.predicts:
         target.record(ctx, saved, target.shortfall(saved, "svd-mp on these layers"))
 
 
@@ -151,7 +147,7 @@ def _grid(cost, plan: _Plan, input_shape: tuple[int, ...], points: int,  # noqa:
         grid.setdefault(sum(ranks), ranks)
     modules = [_split(plan, ranks) for ranks in grid.values()]
     times = cost.seconds([plan.module, *modules], input_shape, what=plan.name)
-    return LayerSpeed(dense=times[0], ranks=list(grid), split=monotone(times[1:]), exact=cost.kind == "macs")
+    return LayerSpeed(dense=times[0], ranks=list(grid), split=monotone(times[1:]))
 
 
 def _split(plan: _Plan, ranks: list[int]) -> torch.nn.Module:
