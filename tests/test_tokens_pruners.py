@@ -52,8 +52,9 @@ def test_params_take_a_curve_or_a_list_not_both() -> None:
         TokenMeanParams(keep=[0.5, 0.5], alpha=1.5)
     with pytest.raises(ValidationError, match="either r_list"):
         TomeParams(r_list=[1, 2], r=3)
-    for bad in ({"r_max": 1.5}, {"alpha": 0}, {"keep": [0.0]}, {"relative_to": "first"}, {"score_from": "reg"},
-                {"sparsity": 0.5}):
+    # r_max 1 would ask the last block to keep no share at all (keep(L−1) = 1 − r_max)
+    for bad in ({"r_max": 1.5}, {"r_max": 1.0}, {"alpha": 0}, {"keep": [0.0]}, {"relative_to": "first"},
+                {"score_from": "reg"}, {"sparsity": 0.5}):
         with pytest.raises(ValidationError):
             TokenClsParams(**bad)
 

@@ -12,15 +12,19 @@ own score.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from rmtp.latency.cost import CostModel, predicted_seconds
 from rmtp.latency.table import LatencyError
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from rmtp.pruner import PruneContext
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -40,6 +44,9 @@ class SpeedTarget:
     #: Time the pruned model may take (same unit as ``dense``); None without a target.
     goal: float | None = None
     scale: float = 1.0
+    #: Time the per-layer figures leave out: the mean miss of the candidates timed by :meth:`correct`.
+    overhead: float = 0.0
+    misses: list[float] = field(default_factory=list)
 
     def calibrate(self, ctx: PruneContext, names: Sequence[str], isolated: Sequence[float]) -> None:
         """Time the dense model, the current one and the named layers' share of it, together;
@@ -57,7 +64,25 @@ class SpeedTarget:
 
     def predicted(self, savings: Sequence[float]) -> float:
         """The pruned model's time after the per-layer ``savings`` (timed alone)."""
-        return predicted_seconds(self.now, [self.scale * s for s in savings])
+        return max(predicted_seconds(self.now, [self.scale * s for s in savings]) + self.overhead, 1e-12)
+
+    def correct(self, ctx: PruneContext, savings: Sequence[float], candidate: nn.Module) -> float:
+        """Time ``candidate``, the model the plan with ``savings`` makes, against dense in one session;
+        what the per-layer prediction missed joins :attr:`misses`, whose mean becomes :attr:`overhead`
+        for the next prediction. Returns the candidate's measured speed-up over dense.
+
+        Per-layer figures cannot see work a plan adds between layers: a token pruner's scoring,
+        top-k and gather in every reducing block. Taken as a constant time, the miss is right for
+        plans near this one, which is where a search corrected by it looks next; the mean over the
+        candidates timed damps a machine whose speed drifts between two sessions.
+        """
+        dense = ctx.dense_model if ctx.dense_model is not None else ctx.model
+        with ctx.progress.task(f"latency: timing the chosen plan against dense ({self.cost.kind})"):
+            dense_s, candidate_s = self.cost.model_seconds([dense, candidate])
+        in_calibration_units = candidate_s * self.dense / dense_s  # the session's drift cancels in the ratio
+        self.misses.append(in_calibration_units - (self.predicted(savings) - self.overhead))
+        self.overhead = sum(self.misses) / len(self.misses)
+        return dense_s / candidate_s
 
     def speedup(self, savings: Sequence[float]) -> float:
         """Predicted whole-model speed-up over dense after saving ``savings`` (per-layer)."""
@@ -82,6 +107,8 @@ class SpeedTarget:
         ctx.speed_plan = {"predicted_speedup": self.speedup(savings), "target_speedup": self.target_speedup,
                           "start_speedup": self.dense / self.now, "cost": self.cost.describe(),
                           "in_context_scale": self.scale, "note": note}
+        if self.overhead:
+            ctx.speed_plan["overhead_fraction"] = self.overhead / self.dense
 
     def shortfall(self, savings: Sequence[float], what: str) -> str:
         """A report note when the target is out of reach ('' when it is reached)."""
@@ -89,6 +116,22 @@ class SpeedTarget:
             return ""
         return (f"target ×{self.target_speedup:.2f} not reachable by {what}: predicted ×{self.speedup(savings):.2f} "
                 f"at its most compressed")
+
+
+def first_reaching(candidates: Sequence[T], reached: Callable[[T], bool]) -> int:
+    """Index of the first of ``candidates`` that ``reached`` accepts (``len(candidates)`` if none).
+
+    ``candidates`` go from gentlest to strongest, so once one reaches a target every stronger one
+    does; the first is the least loss that reaches it. Bisection: ⌈log₂ n⌉ + 1 calls of ``reached``.
+    """
+    lo, hi = 0, len(candidates)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if reached(candidates[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return lo
 
 
 def speed_target(ctx: PruneContext, target_speedup: float | None, target_latency_ms: float | None) -> SpeedTarget:

@@ -16,7 +16,7 @@ import copy
 
 import torch
 
-from rmtp.latency.target import speed_target
+from rmtp.latency.target import first_reaching, speed_target
 from rmtp.pruner import PruneContext
 from rmtp_plugins.spp.params import SppParams
 from rmtp_plugins.spp.path import Shared, removal_count, removal_mask
@@ -62,15 +62,8 @@ def choose_ratio(ctx: PruneContext, units: list[Unit], order: list[int], sizes: 
             memo[ratio] = out
         return memo[ratio]
 
-    lo, hi = 0, len(RATIOS) - 1
     with ctx.progress.task(f"spp: timing levels ({cost.kind})"):
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if target.reached(savings(RATIOS[mid])):
-                hi = mid
-            else:
-                lo = mid + 1
-    ratio = RATIOS[lo]
+        ratio = RATIOS[min(first_reaching(RATIOS, lambda r: target.reached(savings(r))), len(RATIOS) - 1)]
     saved = savings(ratio)
     note = "; ".join(filter(None, [f"ratio {ratio:g} ({params.target}) chosen for the speed target",
                                    target.shortfall(saved, f"spp up to ratio {RATIOS[-1]}")]))

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from rmtp.latency.cost import interpolate, monotone, round_up
-from rmtp.latency.target import SpeedTarget, speed_target
+from rmtp.latency.target import SpeedTarget, first_reaching, speed_target
 from rmtp.lowrank import factorize, factorize_blocks
 from rmtp.pruner import PruneContext
 
@@ -110,14 +110,8 @@ def _reach(target: SpeedTarget, plans: list[_Plan], params: SvdMpParams, clamp, 
         return target.reached(savings())
 
     candidates = torch.cat(list(scores.values())).unique().sort().values.tolist() if scores else []
-    lo, hi = 0, len(candidates)
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if set_threshold(candidates[mid]):
-            hi = mid
-        else:
-            lo = mid + 1
-    set_threshold(candidates[lo] if lo < len(candidates) else math.inf)
+    first = first_reaching(candidates, set_threshold)
+    set_threshold(candidates[first] if first < len(candidates) else math.inf)
 
 
 def _time_grids(ctx: PruneContext, plans: list[_Plan]) -> dict[str, LayerSpeed]:

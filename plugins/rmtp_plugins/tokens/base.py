@@ -51,8 +51,9 @@ class PruneScheduleParams(TokenParams):
     strength_key: ClassVar[str] = "r_max"
     explicit_key: ClassVar[str] = "keep"
 
-    r_max: float = Field(0.6, ge=0.0, le=1.0,
-                         description="largest share pruned: keep(l) = 1 − r_max·((l+1)/L)^α")
+    r_max: float = Field(0.6, ge=0.0, lt=1.0,
+                         description="largest share pruned: keep(l) = 1 − r_max·((l+1)/L)^α (below 1: the last "
+                                     "block keeps a share; min_tokens is the floor)")
     alpha: float = Field(2.0, gt=0.0, le=100.0, description="sharpness of the schedule (larger: pruning later)")
     start_layer: int = Field(0, ge=0, description="blocks before this one (0-based) keep every token")
     keep: list[KeepRatio] | None = Field(None, description="explicit keep ratio per block, replacing "
@@ -130,7 +131,7 @@ class TokenPruner(Pruner):
 
     def speed_strengths(self, ctx: PruneContext) -> list[object]:
         """The values of the schedule's strength a speed target searches, gentlest first."""
-        return [i / 200 for i in range(201)]  # r_max in steps of 0.005
+        return [i / 200 for i in range(200)]  # r_max in steps of 0.005, below 1 (keep(L−1) = 1 − r_max > 0)
 
     def _reach_speed(self, ctx: PruneContext, blocks: nn.Sequential, params: TokenParams) -> TokenParams:
         from rmtp_plugins.tokens.speed import reach
