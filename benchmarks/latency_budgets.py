@@ -15,8 +15,9 @@
 3. One figure: top-1 vs measured latency at batch 32 for dense and every method, Pareto front
    marked (``--figure``).
 
-The figure needs matplotlib (``pip install -e ".[plot]"``). Every time is measured in this run with 1 thread (``--threads``), the cost table in a fresh folder
-(so the figures include measuring it). Results: a table on stdout, JSON (``--json``) with machine,
+The figure needs matplotlib (``pip install -e ".[plot]"``). Every time is measured in this run
+with 1 thread (``--threads``), the cost table in a fresh folder (so the figures include measuring
+it). Results: a table on stdout, JSON (``--json``) with machine,
 versions and settings.
 """
 
@@ -135,13 +136,14 @@ def main() -> None:
                      "top1": top1, "dense_top1": dense_top1, "notes": notes})
         points.append((label, speed.pruned_ms.median * dense_ms / speed.dense_ms.median, top1))
 
-    print(f"\n{'model':14} {'method':52} {'batch':>5} {'pred':>6} {'measured [IQR]':>20} {'params':>8} "
+    print(f"\n{'model':14} {'method':52} {'batch':>5} {'pred':>6} {'measured [IQR]':>20} {'miss':>6} {'params':>8} "
           f"{'MACs':>9} {'top-1':>6} {'dense':>6}")
     for r in rows:
         m = r["measured"]
         pred = f"×{r['predicted']:.2f}" if r.get("predicted") else "–"
+        miss = f"{r['predicted'] / m['median'] - 1:+.0%}" if r.get("predicted") else "–"
         print(f"{r['model']:14} {r['method'][:52]:52} {r['batch']:>5} {pred:>6} "
-              f"{'×%.2f [%.2f–%.2f]' % (m['median'], m['q1'], m['q3']):>20} {r['params']:>8} {r['macs']:>9} "
+              f"{'×%.2f [%.2f–%.2f]' % (m['median'], m['q1'], m['q3']):>20} {miss:>6} {r['params']:>8} {r['macs']:>9} "
               f"{r['top1']:6.2f} {r['dense_top1']:6.2f}")
     figure = _figure(points, args.figure)
     write_json_atomic(args.json, {
@@ -162,14 +164,14 @@ def _figure(points: list[tuple[str, float, float]], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     from rmtp.atomic import save_figure_atomic
+    from rmtp.bench import pareto_front
 
-    front = [p for p in points if not any(q[1] <= p[1] and q[2] >= p[2] and q != p for q in points)]
+    front = [points[i] for i in pareto_front([(ms, top1) for _, ms, top1 in points])]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for label, ms, top1 in points:
         ax.scatter(ms, top1, s=40, zorder=3, color="black" if (label, ms, top1) in front else "grey")
         ax.annotate(label, (ms, top1), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    line = sorted(front, key=lambda p: p[1])
-    ax.plot([p[1] for p in line], [p[2] for p in line], "--", color="tab:blue", label="Pareto front")
+    ax.plot([p[1] for p in front], [p[2] for p in front], "--", color="tab:blue", label="Pareto front")
     ax.set_xlabel("latency at batch 32, 1 CPU thread (ms, median)")
     ax.set_ylabel("top-1 on digits val (%)")
     ax.set_title("digits ViT: accuracy vs measured latency")

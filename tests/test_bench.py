@@ -329,7 +329,7 @@ def test_cli_json_schema_is_stable_and_plots_are_written(pruned_folder: Path, tm
             assert set(r) == RESULT_KEYS
             for key in ("latency_ms", "throughput", "latency_ratio", "throughput_ratio"):
                 assert set(r[key]) == SPREAD_KEYS
-    for name in ("throughput.png", "accuracy_vs_macs.png"):
+    for name in ("throughput.png", "accuracy_vs_macs.png", "accuracy_vs_latency.png"):
         assert (plots / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -337,7 +337,18 @@ def test_plot_without_eval_skips_the_accuracy_plot(checkpoint: Path, tmp_path: P
     result = invoke("bench", str(checkpoint), "--batch", "1", "--rounds", "3", "--plot", str(tmp_path / "p"))
     assert result.exit_code == 0, result.output
     assert (tmp_path / "p" / "throughput.png").is_file() and not (tmp_path / "p" / "accuracy_vs_macs.png").exists()
-    assert "accuracy_vs_macs.png not written: accuracy needs --eval" in result.output
+    assert not (tmp_path / "p" / "accuracy_vs_latency.png").exists()
+    assert "accuracy_vs_macs.png and accuracy_vs_latency.png not written: accuracy needs --eval" in result.output
+
+
+def test_pareto_front_keeps_the_models_no_other_beats_on_both() -> None:
+    from rmtp.bench import pareto_front
+
+    # (latency, top-1): 0 dense; 1 faster and as accurate; 2 faster, worse; 3 slower and worse than 1;
+    # 4 the fastest; 5 a tie with 2
+    points = [(10.0, 98.0), (8.0, 98.0), (5.0, 96.0), (9.0, 97.0), (4.0, 90.0), (5.0, 96.0)]
+    assert pareto_front(points) == [4, 2, 5, 1]
+    assert pareto_front([]) == [] and pareto_front([(1.0, 50.0)]) == [0]
 
 
 def test_bench_is_a_command_with_help() -> None:

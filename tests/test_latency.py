@@ -184,6 +184,61 @@ def test_target_latency_ms_needs_measured_cost() -> None:
     assert speed_target(ctx, 2.0, None).target_speedup == 2.0
 
 
+class _TimedAs(nn.Module):
+    """A stand-in model whose whole-model time is given: what the per-layer figures cannot see."""
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.seconds = seconds
+
+
+class _ClockCost:
+    """A cost model that reads a stand-in model's time off it (deterministic, nothing timed)."""
+
+    kind = "injected"
+
+    def model_seconds(self, models: Sequence[nn.Module]) -> list[float]:
+        return [m.seconds for m in models]
+
+
+def test_reach_checked_redoes_the_search_with_what_the_whole_model_shows() -> None:
+    """Candidate c saves c seconds per layer figures of a 10 s model; its real model also pays a
+    constant 2 s the figures miss. ×1.5 means ≤ 6.67 s: the figures alone choose c = 4 (6 s),
+    which really takes 8 s; one correction learns the 2 s and moves to c = 6, which holds."""
+    from types import SimpleNamespace
+
+    from rmtp.latency.target import CORRECTIONS, SpeedTarget, reach_checked
+    from rmtp.progress import NULL_PROGRESS
+
+    target = SpeedTarget(cost=_ClockCost(), target_speedup=1.5, target_latency_ms=None, dense=10.0, now=10.0,
+                         goal=10.0 / 1.5)
+    ctx = SimpleNamespace(dense_model=_TimedAs(10.0), model=_TimedAs(10.0), progress=NULL_PROGRESS)
+    built = []
+
+    def build(c: int) -> nn.Module:
+        built.append(c)
+        return _TimedAs(10.0 - c + 2.0)
+
+    assert reach_checked(ctx, target, list(range(10)), lambda c: [float(c)], build) == 6
+    assert built == [4, 6]  # the choice held after the second check
+    assert target.overhead == pytest.approx(2.0) and target.speedup([6.0]) == pytest.approx(10 / 6)
+    assert "+20.0% of dense time" in target.correction_note("it")
+    # no goal (a params budget timed for the report): nothing is built or timed
+    untargeted = SpeedTarget(cost=_ClockCost(), target_speedup=None, target_latency_ms=None, dense=10.0, now=10.0)
+    assert reach_checked(ctx, untargeted, list(range(10)), lambda c: [float(c)], build) == 9 and built == [4, 6]
+    # a plan that never holds stops after CORRECTIONS checks
+    drifting = SpeedTarget(cost=_ClockCost(), target_speedup=1.5, target_latency_ms=None, dense=10.0, now=10.0,
+                           goal=10.0 / 1.5)
+    checks = []
+
+    def worse_each_time(c: int) -> nn.Module:
+        checks.append(c)
+        return _TimedAs(10.0 - c + 3.0 * len(checks))
+
+    reach_checked(ctx, drifting, list(range(10)), lambda c: [float(c)], worse_each_time)
+    assert len(checks) == CORRECTIONS
+
+
 def test_macs_cost_counts_multiply_accumulates() -> None:
     cost = MacsCost(LatencySettings(cost="macs"), CPU, (64,))
     assert cost.seconds([nn.Linear(64, 32)], (10, 64)) == [10 * 64 * 32]

@@ -73,7 +73,10 @@ def test_spp_target_speedup(tiny_vit) -> None:
     report = rmtp.prune(model, "spp", target_speedup=1.3, steps=10, batch_size=32, dense=tiny_vit,
                         calibration=bundle.loader("calibration"))
     assert report.speed["predicted_speedup"] >= 1.3 - 1e-9
-    assert report.baseline.macs / report.stats.macs == pytest.approx(report.speed["predicted_speedup"], rel=0.02)
+    # the sliced model was counted whole and the search redone with what the container figures
+    # missed (the patch embedding and head are untouched, the in-context scale is one figure), so
+    # the prediction is the pruned model's own MACs
+    assert report.baseline.macs / report.stats.macs == pytest.approx(report.speed["predicted_speedup"], rel=1e-3)
     with pytest.raises(rmtp.errors.RecipeError, match="exactly one of ratio"):
         rmtp.prune(rmtp.frozen_copy(tiny_vit), "spp", target_speedup=1.3, ratio=0.3)
 

@@ -12,6 +12,7 @@ a headless machine and leave an interactive session's matplotlib alone.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -25,6 +26,7 @@ from rmtp.render import human, stdout
 
 THROUGHPUT_PNG = "throughput.png"
 ACCURACY_PNG = "accuracy_vs_macs.png"
+LATENCY_PNG = "accuracy_vs_latency.png"
 
 
 def _bytes(n: int | None) -> str:
@@ -158,7 +160,9 @@ def check_plotting() -> None:
 
 def write_plots(report: BenchReport, folder: Path) -> tuple[list[Path], list[str]]:
     """Write ``throughput.png`` (images/s vs batch size, IQR bars, one line per model) and, when
-    top-1 was measured, ``accuracy_vs_macs.png`` (one point per model) into ``folder``.
+    top-1 was measured, ``accuracy_vs_macs.png`` (one point per model) and
+    ``accuracy_vs_latency.png`` (top-1 vs measured latency, a panel per batch size, the Pareto
+    front marked) into ``folder``.
 
     Returns the files written and notes on what was not plotted.
     """
@@ -171,9 +175,21 @@ def write_plots(report: BenchReport, folder: Path) -> tuple[list[Path], list[str
     notes = []
     if any(m.top1 is not None for m in report.models):
         written.append(_accuracy_plot(report, folder / ACCURACY_PNG))
+        written.append(_latency_plot(report, folder / LATENCY_PNG))
     else:
-        notes.append(f"{ACCURACY_PNG} not written: accuracy needs --eval")
+        notes.append(f"{ACCURACY_PNG} and {LATENCY_PNG} not written: accuracy needs --eval")
     return written, notes
+
+
+def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
+    """Indices of the ``(cost, accuracy)`` points on the Pareto front, cheapest first: those that no
+    other point dominates (as cheap or cheaper *and* as accurate or more, better in one of them).
+    Two identical points are both on it."""
+    def dominated(i: int) -> bool:
+        cost, accuracy = points[i]
+        return any(c <= cost and a >= accuracy and (c, a) != (cost, accuracy) for c, a in points)
+
+    return sorted((i for i in range(len(points)) if not dominated(i)), key=lambda i: points[i])
 
 
 def _figure():
@@ -231,5 +247,32 @@ def _accuracy_plot(report: BenchReport, path: Path) -> Path:
     ax.set_title(f"accuracy vs MACs · {report.settings.dtype}", fontsize=9)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
+    save_figure_atomic(figure, path)
+    return path
+
+
+def _latency_plot(report: BenchReport, path: Path) -> Path:
+    """Top-1 against median latency (IQR bars), one panel per batch size: the trade-off a pruned
+    model buys, judged by the clock rather than by MACs."""
+    figure = _figure()
+    runs = report.batches
+    axes = figure.subplots(1, len(runs), sharey=True, squeeze=False)[0]
+    scored = [m for m in report.models if m.top1 is not None]
+    for ax, run in zip(axes, runs):
+        latency = [run.results[m.index].latency_ms for m in scored]
+        for m, spread in zip(scored, latency):
+            ax.errorbar([spread.median], [m.top1], xerr=[[spread.median - spread.q1], [spread.q3 - spread.median]],
+                        marker="*" if m.index == 0 else "o", markersize=8, capsize=3, linestyle="none",
+                        label=_legend(m))
+            ax.annotate(str(m.index), (spread.median, m.top1), textcoords="offset points", xytext=(6, 4),
+                        fontsize=8)
+        front = pareto_front([(spread.median, m.top1) for m, spread in zip(scored, latency)])
+        ax.plot([latency[i].median for i in front], [scored[i].top1 for i in front], "--", color="grey",
+                zorder=0, label="Pareto front")
+        ax.set_xlabel(f"latency at batch {run.batch} (ms, median, IQR bars)")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("top-1 (%)")
+    axes[-1].legend(fontsize=8)
+    figure.suptitle(f"accuracy vs measured latency · {setup_line(report)}", fontsize=9)
     save_figure_atomic(figure, path)
     return path

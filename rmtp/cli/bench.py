@@ -39,7 +39,8 @@ def bench(
     json_path: Annotated[Path | None, typer.Option(
         "--json", help="Also write the results as JSON (schema rmtp-bench/1).")] = None,
     plot: Annotated[Path | None, typer.Option(
-        "--plot", help="Folder to write throughput.png and accuracy_vs_macs.png into.")] = None,
+        "--plot", help="Folder to write throughput.png into, and with --eval accuracy_vs_macs.png and "
+                       "accuracy_vs_latency.png (Pareto front marked).")] = None,
     model_name: Annotated[str | None, typer.Option(
         "--model", help="timm name of checkpoint files (default: the <stem>.json card next to each).")] = None,
     kwargs: Annotated[list[str] | None, typer.Option(

@@ -7,7 +7,9 @@ neurons, a ResNet block for its inner channels; units sharing one are sliced tog
 against its dense self by the step's cost model (:mod:`rmtp.latency`, cached by the sliced
 widths). The level's predicted time is the model's time minus those savings, counted in the
 model through the measured in-context share; the smallest ratio (in steps of 0.01) that reaches
-the target is bisected for, since removing more groups never makes a branch slower.
+the target is bisected for, since removing more groups never makes a branch slower. The chosen
+level's sliced model is then timed against dense and the search redone with what the container
+figures missed (:func:`rmtp.latency.target.reach_checked`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import copy
 
 import torch
 
-from rmtp.latency.target import first_reaching, speed_target
+from rmtp.latency.target import reach_checked, speed_target
 from rmtp.pruner import PruneContext
 from rmtp_plugins.spp.params import SppParams
 from rmtp_plugins.spp.path import Shared, removal_count, removal_mask
@@ -50,22 +52,27 @@ def choose_ratio(ctx: PruneContext, units: list[Unit], order: list[int], sizes: 
     target.calibrate(ctx, names, isolated)
     memo: dict[float, list[float]] = {}
 
+    def sliced(ratio: float) -> torch.nn.Module:
+        model = copy.deepcopy(ctx.model)
+        extract(model, units, removal_mask(order, removal_count(ratio, sizes, order, params.target, shared)))
+        return model
+
     def savings(ratio: float) -> list[float]:
         if ratio not in memo:
-            sliced = copy.deepcopy(ctx.model)
-            extract(sliced, units, removal_mask(order, removal_count(ratio, sizes, order, params.target, shared)))
-            out = []
-            for name in names:
-                dense, cut = cost.seconds([ctx.model.get_submodule(name), sliced.get_submodule(name)], shapes[name],
-                                          what=name)
-                out.append(dense - cut)
-            memo[ratio] = out
+            cut = sliced(ratio)
+            with ctx.progress.task(f"spp: timing level {ratio:g} ({cost.kind})", total=len(names)) as advance:
+                memo[ratio] = []
+                for name in names:
+                    dense, thin = cost.seconds([ctx.model.get_submodule(name), cut.get_submodule(name)],
+                                               shapes[name], what=name)
+                    memo[ratio].append(dense - thin)
+                    advance()
         return memo[ratio]
 
-    with ctx.progress.task(f"spp: timing levels ({cost.kind})"):
-        ratio = RATIOS[min(first_reaching(RATIOS, lambda r: target.reached(savings(r))), len(RATIOS) - 1)]
+    ratio = RATIOS[reach_checked(ctx, target, RATIOS, savings, sliced)]
     saved = savings(ratio)
     note = "; ".join(filter(None, [f"ratio {ratio:g} ({params.target}) chosen for the speed target",
+                                   target.correction_note("what slicing changes between the containers"),
                                    target.shortfall(saved, f"spp up to ratio {RATIOS[-1]}")]))
     target.record(ctx, saved, note)
     return ratio, note

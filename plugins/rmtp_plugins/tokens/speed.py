@@ -11,7 +11,7 @@ whose predicted time reaches the target: least tokens lost, the schedule's own s
 
 The block figures leave out what a patched block adds (scoring, top-k, gather), so the chosen
 schedule's model is then timed against dense and the search redone with the difference
-(:data:`CORRECTIONS` times at most, stopping when the choice holds).
+(:func:`rmtp.latency.target.reach_checked`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from rmtp.latency.cost import interpolate, monotone, rank_grid
-from rmtp.latency.target import first_reaching, speed_target
+from rmtp.latency.target import reach_checked, speed_target
 from rmtp.pruner import PruneContext, PrunerParams
 from rmtp_plugins.tokens.plan import TokenPlan
 from rmtp_plugins.tokens.schedule import token_counts
@@ -60,11 +60,6 @@ def block_curves(ctx: PruneContext, blocks: nn.Sequential, n0: int, min_tokens: 
     return BlockCurves(counts, [monotone(a) for a in attention], [monotone(m) for m in mlp])
 
 
-#: Times the chosen schedule is timed as a whole model and the search redone with what the
-#: per-block figures missed (:meth:`rmtp.latency.target.SpeedTarget.correct`); it settles in one or two.
-CORRECTIONS = 3
-
-
 def patched_copy(model: nn.Module, plan: TokenPlan) -> nn.Module:
     """A copy of ``model`` reducing tokens by ``plan``, to be timed (``model`` is left as it is)."""
     from rmtp.modules import apply_patch
@@ -95,24 +90,12 @@ def reach(ctx: PruneContext, blocks: nn.Sequential, params: PrunerParams, streng
         counts = token_counts(n0, keep=plan.keep, r=plan.r, relative_to=plan.relative_to, min_tokens=plan.min_tokens)
         return [curves.seconds(i, n0, n0) - curves.seconds(i, n_in, n_out) for i, (n_in, n_out) in enumerate(counts)]
 
-    def choose() -> int:
-        first = first_reaching(strengths, lambda strength: target.reached(savings(with_strength(strength))))
-        return min(first, len(strengths) - 1)
-
-    index = choose()
-    for _ in range(CORRECTIONS if target.goal is not None else 0):
-        candidate = with_strength(strengths[index])
-        target.correct(ctx, savings(candidate), patched_copy(ctx.model, plan_of(candidate)))
-        again = choose()
-        if again == index:
-            break
-        index = again
+    index = reach_checked(ctx, target, [with_strength(s) for s in strengths], savings,
+                          lambda candidate: patched_copy(ctx.model, plan_of(candidate)))
     chosen = with_strength(strengths[index])
     saved = savings(chosen)
     short = target.shortfall(saved, f"{knob} up to {strengths[-1]}")
-    corrected = (f"prediction corrected by timing the patched model ({target.overhead / target.dense:+.1%} of "
-                 f"dense time against the per-block figures, which leave out scoring, top-k and gather)"
-                 if target.overhead else "")
+    corrected = target.correction_note("scoring, top-k and gather")
     target.record(ctx, saved, "; ".join(filter(None, [f"{knob} = {strengths[index]} chosen for the speed target",
                                                       corrected, short])))
     return chosen, target.speedup(saved)
