@@ -221,8 +221,8 @@ def test_reach_checked_redoes_the_search_with_what_the_whole_model_shows() -> No
 
     assert reach_checked(ctx, target, list(range(10)), lambda c: [float(c)], build) == 6
     assert built == [4, 6]  # the choice held after the second check
-    assert target.overhead == pytest.approx(2.0) and target.speedup([6.0]) == pytest.approx(10 / 6)
-    assert "+20.0% of dense time" in target.correction_note("it")
+    assert target.miss([6.0]) == pytest.approx(2.0) and target.speedup([6.0]) == pytest.approx(10 / 6)
+    assert "+20.0% of dense time" in target.correction_note([6.0], "it")
     # no goal (a params budget timed for the report): nothing is built or timed
     untargeted = SpeedTarget(cost=_ClockCost(), target_speedup=None, target_latency_ms=None, dense=10.0, now=10.0)
     assert reach_checked(ctx, untargeted, list(range(10)), lambda c: [float(c)], build) == 9 and built == [4, 6]
@@ -237,6 +237,31 @@ def test_reach_checked_redoes_the_search_with_what_the_whole_model_shows() -> No
 
     reach_checked(ctx, drifting, list(range(10)), lambda c: [float(c)], worse_each_time)
     assert len(checks) == CORRECTIONS
+
+
+def test_reach_checked_reads_a_growing_miss_off_the_plans_timed() -> None:
+    """The figures overstate every saving by half: candidate c really takes 10 − c/2 s, so ×1.5
+    (≤ 6.67 s) needs c = 7. A constant miss (the mean of the checks) would settle on c = 6 (7 s,
+    short of the target); the miss read off the checks, linear in the saving, reaches c = 7."""
+    from types import SimpleNamespace
+
+    from rmtp.latency.target import SpeedTarget, reach_checked
+    from rmtp.progress import NULL_PROGRESS
+
+    target = SpeedTarget(cost=_ClockCost(), target_speedup=1.5, target_latency_ms=None, dense=10.0, now=10.0,
+                         goal=10.0 / 1.5)
+    ctx = SimpleNamespace(dense_model=_TimedAs(10.0), model=_TimedAs(10.0), progress=NULL_PROGRESS)
+    built = []
+
+    def build(c: int) -> nn.Module:
+        built.append(c)
+        return _TimedAs(10.0 - c / 2)
+
+    assert reach_checked(ctx, target, list(range(10)), lambda c: [float(c)], build) == 7
+    assert built == [4, 6, 7]
+    assert target.predicted([7.0]) == pytest.approx(6.5)  # exact where it was timed
+    assert target.miss([5.0]) == pytest.approx(2.5)  # linear between the checks (2 at 4, 3 at 6)
+    assert target.miss([0.0]) == pytest.approx(2.0) and target.miss([9.0]) == pytest.approx(3.5)  # constant beyond
 
 
 def test_macs_cost_counts_multiply_accumulates() -> None:

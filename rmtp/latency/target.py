@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from rmtp.latency.cost import CostModel, predicted_seconds
+from rmtp.latency.cost import CostModel, interpolate, predicted_seconds
 from rmtp.latency.table import LatencyError
 
 if TYPE_CHECKING:
@@ -44,9 +44,9 @@ class SpeedTarget:
     #: Time the pruned model may take (same unit as ``dense``); None without a target.
     goal: float | None = None
     scale: float = 1.0
-    #: Time the per-layer figures leave out: the mean miss of the candidates timed by :meth:`correct`.
-    overhead: float = 0.0
-    misses: list[float] = field(default_factory=list)
+    #: What the per-layer figures missed on the plans timed whole by :meth:`correct`: (the plan's
+    #: predicted saving in the model, its measured time less the figures' prediction).
+    checks: list[tuple[float, float]] = field(default_factory=list)
 
     def calibrate(self, ctx: PruneContext, names: Sequence[str], isolated: Sequence[float]) -> None:
         """Time the dense model, the current one and the named layers' share of it, together;
@@ -62,34 +62,56 @@ class SpeedTarget:
         elif self.target_speedup is not None:
             self.goal = self.dense / self.target_speedup
 
+    def _from_figures(self, savings: Sequence[float]) -> tuple[float, float]:
+        """(the plan's saving in the model, the model's time by the per-layer figures alone)."""
+        saved = self.scale * sum(savings)
+        return saved, predicted_seconds(self.now, [saved])
+
+    def miss(self, savings: Sequence[float]) -> float:
+        """Time the per-layer figures leave out of the plan with ``savings``: 0 before any check;
+        else the misses of the plans timed whole, linear in the plan's saving between them and
+        constant beyond (plans timed at one saving count by their mean)."""
+        if not self.checks:
+            return 0.0
+        by_saving: dict[float, list[float]] = {}
+        for saved, miss in self.checks:
+            by_saving.setdefault(saved, []).append(miss)
+        xs = sorted(by_saving)
+        ys = [sum(by_saving[x]) / len(by_saving[x]) for x in xs]
+        saved = min(max(self._from_figures(savings)[0], xs[0]), xs[-1])
+        return interpolate(xs, ys, saved)
+
     def predicted(self, savings: Sequence[float]) -> float:
-        """The pruned model's time after the per-layer ``savings`` (timed alone)."""
-        return max(predicted_seconds(self.now, [self.scale * s for s in savings]) + self.overhead, 1e-12)
+        """The pruned model's time after the per-layer ``savings`` (timed alone), with what the
+        whole-model checks showed they miss."""
+        return max(self._from_figures(savings)[1] + self.miss(savings), 1e-12)
 
     def correct(self, ctx: PruneContext, savings: Sequence[float], candidate: nn.Module) -> float:
         """Time ``candidate``, the model the plan with ``savings`` makes, against dense in one session;
-        what the per-layer prediction missed joins :attr:`misses`, whose mean becomes :attr:`overhead`
-        for the next prediction. Returns the candidate's measured speed-up over dense.
+        what the per-layer prediction missed joins :attr:`checks` for every later prediction.
+        Returns the candidate's measured speed-up over dense.
 
-        Per-layer figures cannot see work a plan adds between layers: a token pruner's scoring,
-        top-k and gather in every reducing block. Taken as a constant time, the miss is right for
-        plans near this one, which is where a search corrected by it looks next; the mean over the
-        candidates timed damps a machine whose speed drifts between two sessions.
+        Per-layer figures cannot see what a plan changes between layers: a token pruner's scoring,
+        top-k and gather in every reducing block, a split or sliced layer's effect on its
+        neighbours (caches, the vector units). The miss grows with the plan (a rank-1 model misses
+        more than a rank-100 one), so it is read off the plans timed, linear in their savings:
+        right at each of them, and a search corrected by it looks next between or beside them.
         """
         dense = ctx.dense_model if ctx.dense_model is not None else ctx.model
         with ctx.progress.task(f"latency: timing the chosen plan against dense ({self.cost.kind})"):
             dense_s, candidate_s = self.cost.model_seconds([dense, candidate])
         in_calibration_units = candidate_s * self.dense / dense_s  # the session's drift cancels in the ratio
-        self.misses.append(in_calibration_units - (self.predicted(savings) - self.overhead))
-        self.overhead = sum(self.misses) / len(self.misses)
+        saved, from_figures = self._from_figures(savings)
+        self.checks.append((saved, in_calibration_units - from_figures))
         return dense_s / candidate_s
 
-    def correction_note(self, what: str) -> str:
-        """The report's words for the correction (``''`` when nothing was corrected); ``what``: what
-        the per-layer figures leave out."""
-        if not self.overhead:
+    def correction_note(self, savings: Sequence[float], what: str) -> str:
+        """The report's words for the correction of the plan with ``savings`` (``''`` when nothing was
+        corrected); ``what``: what the per-layer figures leave out."""
+        miss = self.miss(savings)
+        if abs(miss) < 5e-4 * self.dense:  # nothing missed, to float rounding (cost: macs)
             return ""
-        return (f"prediction corrected by timing the pruned model ({self.overhead / self.dense:+.1%} of dense time "
+        return (f"prediction corrected by timing the pruned model ({miss / self.dense:+.1%} of dense time "
                 f"against the per-layer figures, which leave out {what})")
 
     def speedup(self, savings: Sequence[float]) -> float:
@@ -115,8 +137,8 @@ class SpeedTarget:
         ctx.speed_plan = {"predicted_speedup": self.speedup(savings), "target_speedup": self.target_speedup,
                           "start_speedup": self.dense / self.now, "cost": self.cost.describe(),
                           "in_context_scale": self.scale, "note": note}
-        if self.overhead:
-            ctx.speed_plan["overhead_fraction"] = self.overhead / self.dense
+        if self.checks:
+            ctx.speed_plan["overhead_fraction"] = self.miss(savings) / self.dense
 
     def shortfall(self, savings: Sequence[float], what: str) -> str:
         """A report note when the target is out of reach ('' when it is reached)."""
@@ -151,8 +173,8 @@ def reach_checked(ctx: PruneContext, target: SpeedTarget, candidates: Sequence[T
                   savings: Callable[[T], Sequence[float]], build: Callable[[T], nn.Module]) -> int:
     """Index of the gentlest of ``candidates`` (gentlest first) whose plan reaches ``target``, the
     choice checked on the whole model: the plan's model (``build``) is timed against dense, the
-    search redone with the miss (:meth:`SpeedTarget.correct`), at most :data:`CORRECTIONS` times,
-    until the choice holds. The strongest candidate when none reaches it; no check without a goal.
+    search redone with what the figures missed there (:meth:`SpeedTarget.correct`,
+    :meth:`SpeedTarget.miss`), at most :data:`CORRECTIONS` times, until the choice holds. The strongest candidate when none reaches it; no check without a goal.
 
     Why: per-layer figures are timed alone; a plan changes the model around them too (a token
     pruner's scoring and gather, an spp level's thinner matmuls that no longer fill the vector

@@ -72,7 +72,7 @@ def choose_ratio(ctx: PruneContext, units: list[Unit], order: list[int], sizes: 
     ratio = RATIOS[reach_checked(ctx, target, RATIOS, savings, sliced)]
     saved = savings(ratio)
     note = "; ".join(filter(None, [f"ratio {ratio:g} ({params.target}) chosen for the speed target",
-                                   target.correction_note("what slicing changes between the containers"),
+                                   target.correction_note(saved, "what slicing changes outside the timed containers"),
                                    target.shortfall(saved, f"spp up to ratio {RATIOS[-1]}")]))
     target.record(ctx, saved, note)
     return ratio, note

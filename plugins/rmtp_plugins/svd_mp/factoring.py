@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from rmtp.lowrank import LOW_RANK_TYPES, factor_svds, factorize, factorize_blocks, refactorize
+from rmtp.lowrank import LOW_RANK_TYPES, factor_svds, refactorize
 from rmtp.pruner import LayerRow, PruneContext, weight_footprint
 from rmtp.spectral.mp import MPFit, fit_mp, weight_matrix
-from rmtp_plugins.svd_mp.speed import plan_in_time, uses_time
+from rmtp_plugins.svd_mp.speed import factorized, plan_in_time, uses_time
 
 if TYPE_CHECKING:
     from rmtp_plugins.svd_mp import SvdMpParams
@@ -170,12 +170,7 @@ def _apply(ctx: PruneContext, plan: _Plan, params: SvdMpParams) -> LayerRow:
             mode = "split, rank cut"
         pays = True
     elif pays:
-        if len(plan.matrices) == 1:
-            m = plan.matrices[0]
-            new = factorize(plan.module, m.u, m.s, m.vh, m.rank, edge=m.s_plus)
-        else:
-            new = factorize_blocks(plan.module, [(m.rows, m.u, m.s, m.vh, m.rank) for m in plan.matrices],
-                                   edges=[m.s_plus for m in plan.matrices])
+        new = factorized(plan)
         ctx.model.set_submodule(plan.name, new)
         mode = "split"
     elif plan.dense_reason is not None:

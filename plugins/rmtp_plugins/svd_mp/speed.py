@@ -11,7 +11,9 @@ by linear interpolation in the total rank. Then:
   ``target_params`` does), and the loosest score threshold whose ranks make the model fast enough
   is found by bisection: raising the threshold only cuts ranks, so the predicted time falls
   monotonically (timings are made monotone in rank first), and the directions kept are the ones
-  standing highest above their layer's noise edge.
+  standing highest above their layer's noise edge. The chosen ranks' split model is then timed
+  against dense and the search redone with what the layer figures missed
+  (:func:`rmtp.latency.target.reach_checked`).
 
 Layers an earlier round already split are cut as before and not timed: cutting a rank never
 makes a split slower, and their savings are left out of the prediction (conservative).
@@ -19,6 +21,7 @@ makes a split slower, and their savings are left out of the prediction (conserva
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -26,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from rmtp.latency.cost import interpolate, monotone, round_up
-from rmtp.latency.target import SpeedTarget, first_reaching, speed_target
+from rmtp.latency.target import SpeedTarget, reach_checked, speed_target
 from rmtp.lowrank import factorize, factorize_blocks
 from rmtp.pruner import PruneContext
 
@@ -64,19 +67,27 @@ def plan_in_time(ctx: PruneContext, plans: list[_Plan], params: SvdMpParams,
     round_to = ctx.cost_model().settings.round_to
     min_gain = 0.0 if target.cost.kind == "macs" else ctx.cost_model().settings.min_gain
 
+    def split_now(plan: _Plan) -> float | None:
+        """The plan's predicted split time at its current ranks, None when it would stay dense."""
+        speed = speeds.get(plan.name)
+        if speed is None:
+            return None
+        split = speed.split_time(sum(m.rank for m in plan.matrices))
+        return split if plan.split_cost() < plan.dense_cost() and split < speed.dense * (1 - min_gain) else None
+
     def savings() -> list[float]:
-        out = []
+        return [speeds[p.name].dense - split for p in candidates if (split := split_now(p)) is not None]
+
+    def split_copy() -> torch.nn.Module:
+        """A copy of the model with the splits :func:`savings` counts, at the current ranks."""
+        model = copy.deepcopy(ctx.model)
         for plan in candidates:
-            speed = speeds.get(plan.name)
-            if speed is None:
-                continue
-            split = speed.split_time(sum(m.rank for m in plan.matrices))
-            if plan.split_cost() < plan.dense_cost() and split < speed.dense * (1 - min_gain):
-                out.append(speed.dense - split)
-        return out
+            if split_now(plan) is not None:
+                model.set_submodule(plan.name, factorized(plan))
+        return model
 
     if target.goal is not None:
-        _reach(target, candidates, params, clamp, round_to, savings)
+        _reach(ctx, target, candidates, params, clamp, round_to, savings, split_copy)
     elif round_to:
         for plan in candidates:
             for m in plan.matrices:
@@ -94,24 +105,43 @@ def plan_in_time(ctx: PruneContext, plans: list[_Plan], params: SvdMpParams,
             plan.dense_reason = (f"split not faster: ×{ratio:.2f} of dense speed predicted ({target.cost.kind}"
                                  f"{'' if min_gain == 0 else f', needs ×{1 / (1 - min_gain):.2f}'})")
     if target.predicts:
-        target.record(ctx, saved, target.shortfall(saved, "svd-mp on these layers"))
+        target.record(ctx, saved, "; ".join(filter(None, [
+            target.correction_note(saved, "the split layers' effect on their neighbours' time"),
+            target.shortfall(saved, "svd-mp on these layers")])))
 
 
-def _reach(target: SpeedTarget, plans: list[_Plan], params: SvdMpParams, clamp, round_to: int | None,
-           savings) -> None:  # noqa: ANN001
-    """Loosest s/s₊ threshold whose ranks reach ``target`` (the most compressed if none does)."""
+def _reach(ctx: PruneContext, target: SpeedTarget, plans: list[_Plan], params: SvdMpParams, clamp,
+           round_to: int | None, savings, split_copy) -> None:  # noqa: ANN001
+    """Loosest s/s₊ threshold whose ranks reach ``target`` (the most compressed if none does), the
+    choice checked on the whole split model (:func:`rmtp.latency.target.reach_checked`)."""
     scores = {id(m): m.s / m.s_plus for p in plans for m in p.matrices}
 
-    def set_threshold(tau: float) -> bool:
+    def set_threshold(tau: float) -> None:
         for plan in plans:
             for m in plan.matrices:
                 rank = clamp(int((scores[id(m)] > tau).sum()), m, params)
                 m.rank = round_up(rank, round_to, min(m.shape)) if round_to else rank
-        return target.reached(savings())
+
+    def savings_at(tau: float) -> list[float]:
+        set_threshold(tau)
+        return savings()
+
+    def built_at(tau: float) -> torch.nn.Module:
+        set_threshold(tau)
+        return split_copy()
 
     candidates = torch.cat(list(scores.values())).unique().sort().values.tolist() if scores else []
-    first = first_reaching(candidates, set_threshold)
-    set_threshold(candidates[first] if first < len(candidates) else math.inf)
+    if candidates:
+        set_threshold(candidates[reach_checked(ctx, target, candidates, savings_at, built_at)])
+
+
+def factorized(plan: _Plan) -> torch.nn.Module:
+    """The plan's layer split at its current ranks (what ``factoring._apply`` puts in the model)."""
+    if len(plan.matrices) == 1:
+        m = plan.matrices[0]
+        return factorize(plan.module, m.u, m.s, m.vh, m.rank, edge=m.s_plus)
+    return factorize_blocks(plan.module, [(m.rows, m.u, m.s, m.vh, m.rank) for m in plan.matrices],
+                            edges=[m.s_plus for m in plan.matrices])
 
 
 def _time_grids(ctx: PruneContext, plans: list[_Plan]) -> dict[str, LayerSpeed]:

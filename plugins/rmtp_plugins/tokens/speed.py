@@ -95,7 +95,7 @@ def reach(ctx: PruneContext, blocks: nn.Sequential, params: PrunerParams, streng
     chosen = with_strength(strengths[index])
     saved = savings(chosen)
     short = target.shortfall(saved, f"{knob} up to {strengths[-1]}")
-    corrected = target.correction_note("scoring, top-k and gather")
+    corrected = target.correction_note(saved, "scoring, top-k and gather")
     target.record(ctx, saved, "; ".join(filter(None, [f"{knob} = {strengths[index]} chosen for the speed target",
                                                       corrected, short])))
     return chosen, target.speedup(saved)
