@@ -201,62 +201,62 @@ class _ClockCost:
         return [m.seconds for m in models]
 
 
-def test_reach_checked_redoes_the_search_with_what_the_whole_model_shows() -> None:
-    """Candidate c saves c seconds per layer figures of a 10 s model; its real model also pays a
-    constant 2 s the figures miss. ×1.5 means ≤ 6.67 s: the figures alone choose c = 4 (6 s),
-    which really takes 8 s; one correction learns the 2 s and moves to c = 6, which holds."""
+def _ten_second_model(speedup: float | None = 1.5):
+    """A 10 s dense model to be made ``speedup`` × faster: the target, and a context whose models
+    are timed by :class:`_ClockCost`. Candidate c saves c seconds by the per-layer figures."""
     from types import SimpleNamespace
 
-    from rmtp.latency.target import CORRECTIONS, SpeedTarget, reach_checked
+    from rmtp.latency.target import SpeedTarget
     from rmtp.progress import NULL_PROGRESS
 
-    target = SpeedTarget(cost=_ClockCost(), target_speedup=1.5, target_latency_ms=None, dense=10.0, now=10.0,
-                         goal=10.0 / 1.5)
+    target = SpeedTarget(cost=_ClockCost(), target_speedup=speedup, target_latency_ms=None, dense=10.0, now=10.0,
+                         goal=None if speedup is None else 10.0 / speedup)
     ctx = SimpleNamespace(dense_model=_TimedAs(10.0), model=_TimedAs(10.0), progress=NULL_PROGRESS)
-    built = []
+    return target, ctx
+
+
+def _timed_builds(seconds):  # noqa: ANN001, ANN202
+    """A ``build`` whose candidate c's model takes ``seconds(c, checks so far)``, and the list of the c built."""
+    built: list[int] = []
 
     def build(c: int) -> nn.Module:
         built.append(c)
-        return _TimedAs(10.0 - c + 2.0)
+        return _TimedAs(seconds(c, len(built)))
 
-    assert reach_checked(ctx, target, list(range(10)), lambda c: [float(c)], build) == 6
+    return build, built
+
+
+def test_reach_checked_redoes_the_search_with_what_the_whole_model_shows() -> None:
+    """Each candidate's real model also pays a constant 2 s the figures miss. ×1.5 means ≤ 6.67 s:
+    the figures alone choose c = 4 (6 s), which really takes 8 s; one correction learns the 2 s
+    and moves to c = 6, which holds."""
+    from rmtp.latency.target import CORRECTIONS, reach_checked
+
+    figures = lambda c: [float(c)]  # noqa: E731
+    target, ctx = _ten_second_model()
+    build, built = _timed_builds(lambda c, _: 10.0 - c + 2.0)
+    assert reach_checked(ctx, target, list(range(10)), figures, build) == 6
     assert built == [4, 6]  # the choice held after the second check
     assert target.miss([6.0]) == pytest.approx(2.0) and target.speedup([6.0]) == pytest.approx(10 / 6)
     assert "+20.0% of dense time" in target.correction_note([6.0], "it")
     # no goal (a params budget timed for the report): nothing is built or timed
-    untargeted = SpeedTarget(cost=_ClockCost(), target_speedup=None, target_latency_ms=None, dense=10.0, now=10.0)
-    assert reach_checked(ctx, untargeted, list(range(10)), lambda c: [float(c)], build) == 9 and built == [4, 6]
+    untargeted, _ = _ten_second_model(None)
+    assert reach_checked(ctx, untargeted, list(range(10)), figures, build) == 9 and built == [4, 6]
     # a plan that never holds stops after CORRECTIONS checks
-    drifting = SpeedTarget(cost=_ClockCost(), target_speedup=1.5, target_latency_ms=None, dense=10.0, now=10.0,
-                           goal=10.0 / 1.5)
-    checks = []
-
-    def worse_each_time(c: int) -> nn.Module:
-        checks.append(c)
-        return _TimedAs(10.0 - c + 3.0 * len(checks))
-
-    reach_checked(ctx, drifting, list(range(10)), lambda c: [float(c)], worse_each_time)
-    assert len(checks) == CORRECTIONS
+    drifting, _ = _ten_second_model()
+    build, built = _timed_builds(lambda c, checks: 10.0 - c + 3.0 * checks)
+    reach_checked(ctx, drifting, list(range(10)), figures, build)
+    assert len(built) == CORRECTIONS
 
 
 def test_reach_checked_reads_a_growing_miss_off_the_plans_timed() -> None:
     """The figures overstate every saving by half: candidate c really takes 10 − c/2 s, so ×1.5
     (≤ 6.67 s) needs c = 7. A constant miss (the mean of the checks) would settle on c = 6 (7 s,
     short of the target); the miss read off the checks, linear in the saving, reaches c = 7."""
-    from types import SimpleNamespace
+    from rmtp.latency.target import reach_checked
 
-    from rmtp.latency.target import SpeedTarget, reach_checked
-    from rmtp.progress import NULL_PROGRESS
-
-    target = SpeedTarget(cost=_ClockCost(), target_speedup=1.5, target_latency_ms=None, dense=10.0, now=10.0,
-                         goal=10.0 / 1.5)
-    ctx = SimpleNamespace(dense_model=_TimedAs(10.0), model=_TimedAs(10.0), progress=NULL_PROGRESS)
-    built = []
-
-    def build(c: int) -> nn.Module:
-        built.append(c)
-        return _TimedAs(10.0 - c / 2)
-
+    target, ctx = _ten_second_model()
+    build, built = _timed_builds(lambda c, _: 10.0 - c / 2)
     assert reach_checked(ctx, target, list(range(10)), lambda c: [float(c)], build) == 7
     assert built == [4, 6, 7]
     assert target.predicted([7.0]) == pytest.approx(6.5)  # exact where it was timed
