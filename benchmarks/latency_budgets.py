@@ -131,12 +131,12 @@ def main() -> None:
     finals = {}
     for label, steps in plans.items():
         model = rmtp.frozen_copy(dense).requires_grad_(True)
-        predicted = None
+        predicted, notes = None, []
         for pruner, params in steps:
             report = rmtp.prune(model, pruner, dense=dense, calibration=calibration, input_shape=shape,
                                 latency=latency, **params)
             predicted = (report.speed or {}).get("predicted_speedup")
-            notes = [n for n in report.notes if any(w in n for w in ("chosen", "corrected", "not reachable"))]
+            notes += [f"{pruner}: {n}" for n in report.notes if any(w in n for w in ("chosen", "corrected", "not reachable"))]
         speed = timed(dense, model, shape, 32)  # right after the prune: the state its prediction saw
         top1 = finish(model, dense, bundle)
         finals[label] = model.eval()

@@ -242,11 +242,13 @@ def test_reach_checked_redoes_the_search_with_what_the_whole_model_shows() -> No
     # no goal (a params budget timed for the report): nothing is built or timed
     untargeted, _ = _ten_second_model(None)
     assert reach_checked(ctx, untargeted, list(range(10)), figures, build) == 9 and built == [4, 6]
-    # a plan that never holds stops after CORRECTIONS checks
-    drifting, _ = _ten_second_model()
-    build, built = _timed_builds(lambda c, checks: 10.0 - c + 3.0 * checks)
-    reach_checked(ctx, drifting, list(range(10)), figures, build)
-    assert len(built) == CORRECTIONS
+    # a machine whose miss flips between checks never lets the choice hold: the search stops after
+    # CORRECTIONS checks, with its choice after the last one (6, itself not timed)
+    assert CORRECTIONS == 3
+    flipping, _ = _ten_second_model()
+    build, built = _timed_builds(lambda c, checks: 10.0 - c + (3.0 if checks % 2 else -2.0))
+    assert reach_checked(ctx, flipping, list(range(10)), figures, build) == 6
+    assert built == [4, 7, 5]
 
 
 def test_reach_checked_reads_a_growing_miss_off_the_plans_timed() -> None:

@@ -100,6 +100,9 @@ class SpeedTarget:
         dense = ctx.dense_model if ctx.dense_model is not None else ctx.model
         with ctx.progress.task(f"latency: timing the chosen plan against dense ({self.cost.kind})"):
             dense_s, candidate_s = self.cost.model_seconds([dense, candidate])
+        if not (dense_s > 0 and candidate_s > 0):
+            raise LatencyError(f"latency: a whole-model check timed dense at {dense_s} s and the pruned model at "
+                               f"{candidate_s} s; both must be positive (a cost model that cannot time them)")
         in_calibration_units = candidate_s * self.dense / dense_s  # the session's drift cancels in the ratio
         saved, from_figures = self._from_figures(savings)
         self.checks.append((saved, in_calibration_units - from_figures))
@@ -165,7 +168,8 @@ def first_reaching(candidates: Sequence[T], reached: Callable[[T], bool]) -> int
 
 
 #: Times a chosen plan is timed as a whole model and the search redone with what the per-layer
-#: figures missed (:meth:`SpeedTarget.correct`); it settles in one or two.
+#: figures missed (:meth:`SpeedTarget.correct`). It usually settles in two or three; when it has
+#: not by the last check, the choice returned is the search's after it, not itself timed.
 CORRECTIONS = 3
 
 
@@ -174,7 +178,12 @@ def reach_checked(ctx: PruneContext, target: SpeedTarget, candidates: Sequence[T
     """Index of the gentlest of ``candidates`` (gentlest first) whose plan reaches ``target``, the
     choice checked on the whole model: the plan's model (``build``) is timed against dense, the
     search redone with what the figures missed there (:meth:`SpeedTarget.correct`,
-    :meth:`SpeedTarget.miss`), at most :data:`CORRECTIONS` times, until the choice holds. The strongest candidate when none reaches it; no check without a goal.
+    :meth:`SpeedTarget.miss`), at most :data:`CORRECTIONS` times, until the choice holds. The
+    strongest candidate when none reaches it; no check without a goal.
+
+    The miss is linear between the plans timed, so the prediction may rise over a stretch where a
+    stronger plan measured slower; the bisection stays sound, since every plan timed and found
+    short lies on the gentle side of every plan timed that reached.
 
     Why: per-layer figures are timed alone; a plan changes the model around them too (a token
     pruner's scoring and gather, an spp level's thinner matmuls that no longer fill the vector

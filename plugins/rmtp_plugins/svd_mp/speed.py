@@ -9,8 +9,8 @@ by linear interpolation in the total rank. Then:
   ``latency.min_gain`` (measured costs; any saving for ``cost: macs``) stays dense, unchanged;
 * ``target_speedup`` / ``target_latency_ms``: every singular direction is scored by s/s₊ (as
   ``target_params`` does), and the loosest score threshold whose ranks make the model fast enough
-  is found by bisection: raising the threshold only cuts ranks, so the predicted time falls
-  monotonically (timings are made monotone in rank first), and the directions kept are the ones
+  is found by bisection: raising the threshold only cuts ranks, so the figures' predicted time
+  falls monotonically (timings are made monotone in rank first), and the directions kept are the ones
   standing highest above their layer's noise edge. The chosen ranks' split model is then timed
   against dense and the search redone with what the layer figures missed
   (:func:`rmtp.latency.target.reach_checked`).
