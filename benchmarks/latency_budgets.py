@@ -9,10 +9,11 @@
 2. digits ViT (models/digits_vit.*): ``target_speedup`` (default 1.5, latency batch 32) for svd-mp,
    spp, token-cls (schedule α = 2, the default, and α = 1), and one recipe combining them (svd-mp
    to half the target's gain, then token-cls to the target: both targets are relative to the
-   dense model, so they share one budget). Each: predicted speed-up (the cost model), measured speed-up (median and IQR of
-   per-round ratios, interleaved with dense, right after the prune), params, MACs, top-1 after
-   ``--epochs`` epochs of distillation from the dense model; then every final model timed in the
-   same rounds (``jointly``: one machine state for all, 2 × ``--rounds`` rounds).
+   dense model, so they share one budget). Each: predicted speed-up (the cost model), measured
+   speed-up (median and IQR of per-round ratios, interleaved with dense, right after the prune),
+   params, MACs, top-1 after ``--epochs`` epochs of distillation from the dense model; then every
+   final model timed in the same rounds (``jointly``: one machine state for all, 2 × ``--rounds``
+   rounds).
 3. One figure: top-1 vs measured latency at batch 32 for dense and every method, Pareto front
    marked (``--figure``).
 
@@ -79,12 +80,10 @@ def main() -> None:
 
     def jointly(models, shape, batch):  # noqa: ANN001
         """(latency ms, per-round ratio to models[0]) of each model, all timed in the same rounds."""
-        x = torch.randn((batch, *shape), generator=torch.Generator().manual_seed(0))
-        with measure.torch_threads(args.threads), torch.inference_mode():
-            timings = measure.interleaved_timing([lambda m=m: m(x) for m in models], rounds=2 * args.rounds)
-        dense_s = timings[0].seconds
-        return [(measure.Spread.of([t * 1e3 for t in timing.seconds]),
-                 measure.Spread.of([d / t for d, t in zip(dense_s, timing.seconds)])) for timing in timings]
+        seconds, _ = measure.models_timed_together(models, shape, batch=batch, rounds=2 * args.rounds,
+                                                   threads=args.threads)
+        return [(measure.Spread.of([t * 1e3 for t in each]),
+                 measure.Spread.of([d / t for d, t in zip(seconds[0], each)])) for each in seconds]
 
     rows, points = [], []
     started = time.time()
@@ -136,7 +135,8 @@ def main() -> None:
             report = rmtp.prune(model, pruner, dense=dense, calibration=calibration, input_shape=shape,
                                 latency=latency, **params)
             predicted = (report.speed or {}).get("predicted_speedup")
-            notes += [f"{pruner}: {n}" for n in report.notes if any(w in n for w in ("chosen", "corrected", "not reachable"))]
+            notes += [f"{pruner}: {n}" for n in report.notes
+                      if any(word in n for word in ("chosen", "corrected", "not reachable"))]
         speed = timed(dense, model, shape, 32)  # right after the prune: the state its prediction saw
         top1 = finish(model, dense, bundle)
         finals[label] = model.eval()

@@ -17,7 +17,8 @@ _LAZY = {
     **dict.fromkeys(("CostModel", "MacsCost", "MeasuredCost", "cost_model", "interpolate", "monotone",
                      "predicted_seconds", "rank_grid", "round_up"), "rmtp.latency.cost"),
     **dict.fromkeys(("CostTable", "LatencyError", "module_key"), "rmtp.latency.table"),
-    **dict.fromkeys(("CORRECTIONS", "SpeedTarget", "first_reaching", "reach_checked", "speed_target"), "rmtp.latency.target"),
+    **dict.fromkeys(("CORRECTIONS", "SpeedTarget", "first_reaching", "reach_checked", "speed_target"),
+                    "rmtp.latency.target"),
 }
 
 __all__ = sorted(["COST_ENV", "LatencySettings", *_LAZY])

@@ -8,7 +8,8 @@ dense and the pruned model. Nothing here prints; long loops take an optional ``p
   ``count_macs``, ``model_summary`` (what is counted as a MAC, and the kernels PyTorch misses);
 - :mod:`rmtp.measure.accuracy`: ``top1``;
 - :mod:`rmtp.measure.timing`: ``interleaved_timing``, the one timing method (``rmtp bench``, the
-  recipe's ``evaluate: latency`` through ``paired_speedup``, and the benchmark scripts), with
+  recipe's ``evaluate: latency`` through ``paired_speedup``, several models at once through
+  ``models_timed_together``, and the benchmark scripts), with
   ``time_calls``, ``Spread``, ``torch_threads``, ``synchronize``;
 - :mod:`rmtp.measure.memory`: ``model_bytes``, ``peak_memory_delta``, ``peak_rss_delta``;
 - :mod:`rmtp.measure.running`: how every measurement runs a model (on its own device, in eval
@@ -37,6 +38,7 @@ from rmtp.measure.timing import (
     PairedSpeedup,
     Spread,
     interleaved_timing,
+    models_timed_together,
     paired_speedup,
     synchronize,
     time_calls,
@@ -59,6 +61,7 @@ __all__ = [
     "mac_breakdown",
     "model_bytes",
     "model_summary",
+    "models_timed_together",
     "paired_speedup",
     "peak_memory_delta",
     "peak_rss_delta",

@@ -16,7 +16,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -223,19 +223,31 @@ def torch_threads(threads: int | None) -> Iterator[int]:
         torch.set_num_threads(before)
 
 
+def models_timed_together(models: Sequence[nn.Module], input_shape: tuple[int, ...], *, batch: int,
+                          device: DeviceLike = "cpu", rounds: int = 15, threads: int | None = None,
+                          on_round: Callable[[int], None] | None = None) -> tuple[list[list[float]], int]:
+    """Per-round seconds per call of each of ``models`` on one random batch (of the first model's
+    dtype), all in the same rounds (:func:`interleaved_timing`), in eval mode and with ``threads``
+    fixed for the duration (default: current); and the thread count in force."""
+    if batch < 1:
+        raise ValueError(f"batch must be at least 1, got {batch}")
+    dev = resolve_device(device)
+    with torch_threads(threads) as n_threads, ExitStack() as modes, torch.inference_mode():
+        for model in models:
+            modes.enter_context(evaluating(model))
+        x = torch.randn((batch, *batch_of_one(input_shape)[1:]), device=dev, dtype=input_dtype(models[0]))
+        timings = interleaved_timing([lambda m=m: m(x) for m in models], device=dev, rounds=rounds,
+                                     on_round=on_round)
+    return [timing.seconds for timing in timings], n_threads
+
+
 def paired_speedup(dense: nn.Module, pruned: nn.Module, input_shape: tuple[int, ...], *, batch: int,
                    device: DeviceLike = "cpu", rounds: int = 15, threads: int | None = None,
                    on_round: Callable[[int], None] | None = None) -> PairedSpeedup:
     """Time ``dense`` and ``pruned`` on one random batch the way ``rmtp bench`` does (warm-up,
     rotated rounds, paired ratios), with ``threads`` fixed for the duration (default: current)."""
-    if batch < 1:
-        raise ValueError(f"batch must be at least 1, got {batch}")
-    dev = resolve_device(device)
-    with torch_threads(threads) as n_threads, evaluating(dense), evaluating(pruned), torch.inference_mode():
-        x = torch.randn((batch, *batch_of_one(input_shape)[1:]), device=dev, dtype=input_dtype(dense))
-        timings = interleaved_timing([lambda: dense(x), lambda: pruned(x)], device=dev, rounds=rounds,
-                                     on_round=on_round)
-    dense_s, pruned_s = timings[0].seconds, timings[1].seconds
+    (dense_s, pruned_s), n_threads = models_timed_together([dense, pruned], input_shape, batch=batch, device=device,
+                                                           rounds=rounds, threads=threads, on_round=on_round)
     return PairedSpeedup(dense_ms=Spread.of([s * 1e3 for s in dense_s]), pruned_ms=Spread.of([s * 1e3 for s in pruned_s]),
                          ratio=Spread.of([d / p for d, p in zip(dense_s, pruned_s)]), batch=batch,
                          threads=n_threads, rounds=rounds)
