@@ -32,6 +32,7 @@ _EXPORTS = {
     "build_data": "rmtp.api",
     "frozen_copy": "rmtp.api",
     "infer_architecture": "rmtp.api",
+    "unpatch": "rmtp.api",
     "load_recipe": "rmtp.recipe",
     "parse_recipe": "rmtp.recipe",
     "Recipe": "rmtp.recipe",

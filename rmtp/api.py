@@ -41,7 +41,7 @@ from rmtp.report import StepReport
 
 DataLike = DataBundle | DataSpec | Mapping[str, Any]
 
-__all__ = ["build_data", "evaluate", "finetune", "frozen_copy", "infer_architecture", "prune"]
+__all__ = ["build_data", "evaluate", "finetune", "frozen_copy", "infer_architecture", "prune", "unpatch"]
 
 
 def prune(model: nn.Module, pruner: str | type[Pruner], /, *, arch: str | Architecture | None = None,
@@ -66,8 +66,12 @@ def prune(model: nn.Module, pruner: str | type[Pruner], /, *, arch: str | Archit
     autocast of the pruner's calibration passes (``fp32``, ``bf16``, ``fp16`` on CUDA).
     ``latency``: a recipe step's ``latency:`` keys (``batch``, ``threads``, ``cost``, ...) or a
     :class:`~rmtp.latency.LatencySettings`: how svd-mp/n:m's ``only_if_faster`` and the speed
-    targets time replacements. Speed targets are relative to ``dense``: pass the original dense
-    model to share one budget across several calls.
+    targets time replacements. Unlike a recipe, which takes ``batch`` and ``threads`` from its later
+    ``evaluate: {latency: true}`` step, a call has no later step to read them from: the defaults are
+    batch 1 and torch's threads, where a split that pays at batch 32 may not (pass
+    ``latency={"batch": 32}`` to plan for the batch you will run). Speed targets are relative to
+    ``dense``: pass the original dense model to share one budget across several calls.
+    The model comes back in the train/eval mode it came in (pruners run it in eval mode).
     """
     plugins = plugins or get_plugins()
     pruner_cls = _pruner_class(pruner, plugins)
@@ -76,18 +80,37 @@ def prune(model: nn.Module, pruner: str | type[Pruner], /, *, arch: str | Archit
     layer_filter = _layer_filter(label, layers)
     if latency is not None and not isinstance(latency, LatencySettings):
         latency = _validate(label, LatencySettings, dict(latency), prefix="latency")
-    architecture = _architecture(model, arch, plugins)
+    architecture = _architecture(model, arch, plugins)  # before anything runs the model: a clear refusal
     device = _device(model, device)
     shape = tuple(input_shape) if input_shape is not None else model_input_size(model)
+    modes = _training_modes(model)
     model.to(device).eval()
-    before = steps.model_stats(model, shape, device)
-    if dense is None:
-        dense = frozen_copy(model)
-    report = steps.prune_step(model, pruner_cls, validated, arch=architecture, layers=layer_filter, device=device,
-                              seed=seed, input_shape=shape, dense=dense, calibration=calibration, progress=progress,
-                              precision=precision, latency=latency)
+    try:
+        before = steps.model_stats(model, shape, device)
+        if dense is None:
+            dense = frozen_copy(model)
+        report = steps.prune_step(model, pruner_cls, validated, arch=architecture, layers=layer_filter,
+                                  device=device, seed=seed, input_shape=shape, dense=dense, calibration=calibration,
+                                  progress=progress, precision=precision, latency=latency)
+    finally:
+        _restore_training_modes(model, modes)
     report.baseline = before
     return report
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Remove every forward-pass patch (a token pruner's token reduction) from ``model``, newest
+    first, and return it: its forward is then the plain timm one again, with the same weights.
+
+    Why: token reducers replace a ViT's forward pass and do not stack, so a second token pruner
+    on the same model is refused ("already token-reduced") until the first one's patch is removed.
+    A model with no patch is returned unchanged.
+    """
+    from rmtp.modules import patches_of, remove_patch
+
+    while patches_of(model):
+        remove_patch(model)
+    return model
 
 
 def finetune(model: nn.Module, data: DataLike, /, *, teacher: nn.Module | None = None,
@@ -166,11 +189,30 @@ def _pruner_class(pruner: str | type[Pruner], plugins: Plugins) -> type[Pruner]:
 
 
 def _architecture(model: nn.Module, arch: str | Architecture | None, plugins: Plugins) -> Architecture:
-    if isinstance(arch, Architecture):
-        return arch
-    if isinstance(arch, str):
-        return plugins.architecture(arch)
-    return infer_architecture(model, plugins)
+    """The architecture plugin for ``model``, its structure checked whether named or inferred, so a
+    model it cannot handle gets that one line rather than an error from deep inside a MAC count."""
+    if arch is None:
+        return infer_architecture(model, plugins)
+    architecture = arch if isinstance(arch, Architecture) else plugins.architecture(arch)
+    check = getattr(architecture, "check_structure", None)
+    if check is not None:
+        check(model, "the model")
+    return architecture
+
+
+def _training_modes(model: nn.Module) -> dict[str, bool]:
+    """Each submodule's ``training`` flag by name, so a call that must run the model in eval mode
+    can hand it back as it came (a model being trained stays in train mode)."""
+    return {name: module.training for name, module in model.named_modules()}
+
+
+def _restore_training_modes(model: nn.Module, modes: dict[str, bool]) -> None:
+    """Set each submodule's ``training`` flag back from ``modes``; a module a pruner added (a split
+    layer's factors) takes its parent's flag."""
+    for name, module in model.named_modules():
+        parent = name.rpartition(".")[0]
+        module.training = modes.get(name, modes.get(parent, model.training))
+        modes.setdefault(name, module.training)
 
 
 def _validate(label: str, model_cls: type[BaseModel], values: Mapping[str, Any], prefix: str) -> Any:

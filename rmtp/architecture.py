@@ -43,6 +43,10 @@ class ModelSpec:
         }
 
 
+#: Characters of a model name :func:`timm_name_hint` compares (timm's longest name has 39).
+_HINT_CHARS = 64
+
+
 def timm_name_hint(name: str, n: int = 5) -> str:
     """``"; similar: a, b, …"``, the timm model names closest to ``name`` (difflib similarity,
     closest first), or ``""`` when none is close: the tail of every "timm has no model" message.
@@ -55,7 +59,7 @@ def timm_name_hint(name: str, n: int = 5) -> str:
 
     import timm
 
-    base = name.split(".")[0]
+    base = name.split(".")[0][:_HINT_CHARS]  # difflib is quadratic: a 100,000-character name took minutes
     stem = re.split(r"[_\d]", base)[0] or base
     names = timm.list_models()
     pool = [m for m in names if m.startswith(stem)]
@@ -144,7 +148,7 @@ class Architecture(ABC):
 
         name = sources.normalise_name(spec.name)  # timm/NAME.tag; hf-hub: names are timm's to read
         if not sources.is_hub_name(name) and not timm.is_model(name.split(".")[0]):
-            raise PluginError(f"model.name: timm has no model {spec.name!r}{timm_name_hint(name)}")
+            raise PluginError(f"model.name: timm has no model {short_repr(spec.name, 80)}{timm_name_hint(name)}")
         if spec.pretrained and spec.checkpoint:
             raise CheckpointError("model: give either pretrained: true or checkpoint, not both")
         try:

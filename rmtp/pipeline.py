@@ -21,7 +21,7 @@ import copy
 import dataclasses
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,16 +29,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from rmtp import distributed, saving, sources, steps
+from rmtp import distributed, overwrite, saving, sources, steps
 from rmtp.architecture import Architecture, ModelSpec
 from rmtp.data import DataBundle, build_data
+from rmtp.data.identity import data_changes, data_identity
 from rmtp.device import resolve_device
 from rmtp.errors import CheckpointError, PluginError, RmtpError
 from rmtp.plugins import Plugins, get_plugins
 from rmtp.progress import NULL_PROGRESS, Progress
 from rmtp.recipe import EvaluateStep, FinetuneStep, Recipe, ResolvedPrune, step_label
 from rmtp.report import ModelStats, RunReport, StepReport, environment
-from rmtp.resume import Checkpoint, Checkpointer, RunProgress, checkpoint_root, read_checkpoint, recipe_changes
+from rmtp.resume import (
+    Checkpoint,
+    Checkpointer,
+    RunProgress,
+    checkpoint_root,
+    describe_position,
+    read_checkpoint,
+    recipe_changes,
+)
 from rmtp.step_output import StagedOutput
 from rmtp.training import TrainState
 
@@ -106,7 +115,9 @@ def run_recipe(recipe: Recipe, *, plugins: Plugins | None = None, progress: Prog
     With an output folder (and ``output.checkpoints``) the run checkpoints beside it
     (:mod:`rmtp.resume`); ``resume=True`` continues a killed run from its last checkpoint: finished
     steps are not redone (their reports are restored and passed to ``on_step`` again), a fine-tune
-    continues mid-epoch, and the result is the one an uninterrupted run gives.
+    continues mid-epoch, and the result is the one an uninterrupted run gives. A resume on a changed
+    recipe or changed data is refused, and so is a run without ``resume`` over a checkpoint (it
+    would discard it): both name the way out.
     """
     if plugins is None:
         plugins = recipe.plugins if recipe.plugins is not None else get_plugins()
@@ -121,12 +132,24 @@ def _hold_output(recipe: Recipe) -> contextlib.AbstractContextManager:
     refused before it builds anything, instead of racing this one when both save."""
     if recipe.output is None or not distributed.is_main_process():
         return contextlib.nullcontext()
-    return saving.output_lock(recipe.output.dir, overwrite=recipe.output.overwrite)
+    return _checked_output_lock(recipe)
+
+
+@contextlib.contextmanager
+def _checked_output_lock(recipe: Recipe) -> Iterator[Path]:
+    """:func:`saving.output_lock`, then the overwrite check again under it, before step 0: the folder
+    may have changed since validation, and a refusal now costs nothing, after the run a rescue."""
+    with saving.output_lock(recipe.output.dir, overwrite=recipe.output.overwrite) as out_dir:
+        overwrite.check_replaceable(out_dir, what=f"{recipe.path}: output.dir" if recipe.path else "output.dir",
+                                    keep=recipe.kept_paths())
+        yield out_dir
 
 
 def _run(recipe: Recipe, plugins: Plugins, device: torch.device, progress: Progress,
          on_step: Callable[[StepReport], None] | None, resume: bool) -> RunResult:
     started = time.perf_counter()
+    if not resume:
+        _refuse_unfinished(recipe)
     checkpoint = _checkpoint_to_resume(recipe) if resume else None
     seed_everything(recipe.seed)
     try:
@@ -135,14 +158,16 @@ def _run(recipe: Recipe, plugins: Plugins, device: torch.device, progress: Progr
         raise type(exc)(f"{recipe.path}: {exc}" if recipe.path else str(exc)) from None
     model = model.to(device).eval()
     data = build_data(recipe.data, model)
+    identity = _data_identity(recipe, data, checkpoint)
     input_shape = tuple(data.val[0][0].shape)  # per sample, no batch dimension
     dense = copy.deepcopy(model).eval().requires_grad_(False)
     if checkpoint is not None:  # the pruned structure and weights as they were, not pruned again
-        model = saving.load(checkpoint.model_dir, plugins=plugins).model.to(device).eval()
+        model = _checkpointed_model(recipe, checkpoint, plugins).to(device).eval()
+        progress.note(f"resuming from {checkpoint_root(recipe.output.dir)} at {describe_position(checkpoint)}")
     run = _Run(recipe, plugins, arch, model, dense, data, device, input_shape, progress)
     if recipe.output is not None and recipe.output.checkpoints:
         run.checkpointer = Checkpointer(recipe.output.dir, spec=spec, arch=arch, baseline=baseline,
-                                        recipe=recipe.to_dict())
+                                        recipe=recipe.to_dict(), data=identity)
     if recipe.output is not None and distributed.is_main_process():
         staging = run.checkpointer.staging if run.checkpointer is not None else None
         run.extras = StagedOutput(recipe.output.dir, spec=spec, arch=arch, baseline=baseline, recipe=recipe,
@@ -164,7 +189,10 @@ def _checkpoint_to_resume(recipe: Recipe) -> Checkpoint:
     """The run's last checkpoint, refused in one line when there is none or the recipe changed."""
     if recipe.output is None:
         raise RmtpError("--resume: the recipe has no output.dir, so its runs write no checkpoint to resume from")
-    checkpoint = read_checkpoint(recipe.output.dir)
+    try:
+        checkpoint = read_checkpoint(recipe.output.dir)
+    except CheckpointError as exc:
+        raise CheckpointError(f"--resume: {exc}; {_start_over(recipe)}") from None
     if checkpoint is None:
         raise RmtpError(f"--resume: no checkpoint of {recipe.output.dir} to resume (none at "
                         f"{checkpoint_root(recipe.output.dir)}: the run finished, or never checkpointed); "
@@ -172,8 +200,54 @@ def _checkpoint_to_resume(recipe: Recipe) -> Checkpoint:
     changes = recipe_changes(checkpoint.recipe, recipe.to_dict())
     if changes:
         raise RmtpError(f"--resume: the recipe changed since the checkpoint ({'; '.join(changes)}); restore it, "
-                        f"or run without --resume to start over")
+                        f"or {_start_over(recipe)}")
     return checkpoint
+
+
+def _start_over(recipe: Recipe) -> str:
+    """The way out of a checkpoint that cannot be resumed: a plain run refuses to discard one."""
+    return f"delete {checkpoint_root(recipe.output.dir)} and run without --resume to start over"
+
+
+def _refuse_unfinished(recipe: Recipe) -> None:
+    """A run without ``--resume`` over an unfinished run's checkpoint is refused, naming its progress
+    and both ways out: it used to start over silently, and the checkpoint may hold hours of work."""
+    if recipe.output is None:
+        return
+    root = checkpoint_root(recipe.output.dir)
+    key = f"{recipe.path}: output.dir" if recipe.path else "output.dir"
+    try:
+        checkpoint = read_checkpoint(recipe.output.dir)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{key}: {recipe.output.dir}: an unfinished run's checkpoint at {root} cannot be "
+                              f"resumed ({exc}); delete {root} to start over") from None
+    if checkpoint is not None:
+        raise RmtpError(f"{key}: {recipe.output.dir}: an unfinished run's checkpoint is at {root}, stopped at "
+                        f"{describe_position(checkpoint)}; pass --resume to continue it, or delete {root} to "
+                        f"start over")
+
+
+def _data_identity(recipe: Recipe, data: DataBundle, checkpoint: Checkpoint | None) -> dict | None:
+    """The data's identity (:mod:`rmtp.data.identity`) when a checkpoint records or checks it, else
+    None (its one stat per image file is skipped); a resume on changed data is refused, naming what
+    changed: the shuffle would continue by position over other images."""
+    if checkpoint is None and (recipe.output is None or not recipe.output.checkpoints):
+        return None
+    identity = data_identity(recipe.data, data)
+    if checkpoint is not None and checkpoint.data is not None:  # None: written before rmtp recorded it
+        changes = data_changes(checkpoint.data, identity)
+        if changes:
+            raise RmtpError(f"--resume: the data changed since the checkpoint ({'; '.join(changes)}); restore "
+                            f"it, or {_start_over(recipe)}")
+    return identity
+
+
+def _checkpointed_model(recipe: Recipe, checkpoint: Checkpoint, plugins: Plugins) -> nn.Module:
+    """The checkpoint's model as it was saved; a damaged one says how to start over."""
+    try:
+        return saving.load(checkpoint.model_dir, plugins=plugins).model
+    except CheckpointError as exc:
+        raise CheckpointError(f"--resume: {exc}; {_start_over(recipe)}") from None
 
 
 def _run_steps(run: _Run, recipe: Recipe, spec: ModelSpec, baseline: ModelSpec, started: float,
@@ -241,7 +315,8 @@ def _save_output(run: _Run, recipe: Recipe, spec: ModelSpec, baseline: ModelSpec
     def save_to(folder: Path, overwrite: bool) -> Path:
         report.output_dir = str(folder)
         saved = saving.save(run.model, folder, spec=spec, arch=run.arch, baseline=baseline, recipe=recipe.to_dict(),
-                            report=report.to_dict(), save_weights=recipe.output.save_model, overwrite=overwrite)
+                            report=report.to_dict(), save_weights=recipe.output.save_model, overwrite=overwrite,
+                            extras=run.extras.names)
         run.extras.publish(saved)
         return saved
 

@@ -25,7 +25,7 @@ import pluggy
 
 from rmtp import hookspecs
 from rmtp.architecture import Architecture
-from rmtp.errors import PluginError
+from rmtp.errors import PluginError, short_repr
 from rmtp.pruner import Pruner
 
 ENTRY_POINT_GROUP = "rmtp"
@@ -116,7 +116,7 @@ class Plugins:
             from rmtp.architecture import timm_name_hint
 
             if not timm.is_model(model_name.split(".")[0]):  # a typo, not a missing plugin
-                raise PluginError(f"timm has no model {model_name!r}{timm_name_hint(model_name)}")
+                raise PluginError(f"timm has no model {short_repr(model_name, 80)}{timm_name_hint(model_name)}")
             raise PluginError(
                 f"no architecture plugin covers timm model {model_name!r}; name one (model.arch in a recipe, "
                 f"--arch on the command line) if its layers are laid out like a known family's "

@@ -18,5 +18,9 @@ class Progress:
     def task(self, description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
         yield lambda advance=1, **fields: None
 
+    def note(self, message: str) -> None:
+        """One line a run tells as it goes (``resuming from ... at step 2 of 3``); the library
+        never prints, so this is where such a line goes. Ignored by default."""
+
 
 NULL_PROGRESS = Progress()

@@ -26,6 +26,7 @@ from rmtp.data.spec import DataSpec
 from rmtp.errors import CheckpointError, PluginError, RecipeError, RmtpError, short_repr
 from rmtp.latency.settings import LatencySettings
 from rmtp.layers import LayerFilter
+from rmtp.overwrite import replace_problem
 from rmtp.plugins import Plugins, get_plugins
 from rmtp.pruner import Pruner, PrunerParams
 from rmtp.safe_yaml import read_yaml_file
@@ -66,7 +67,9 @@ class OutputSection(_Strict):
     """``output:``: where the pruned model, resolved recipe and report are written."""
 
     dir: Path = Field(description="output folder, relative to the recipe")
-    overwrite: bool = Field(False, description="replace an existing folder (atomically)")
+    overwrite: bool = Field(False, description="replace an existing rmtp output folder (atomically); a folder with "
+                                            "files rmtp did not write, or holding the recipe, its data, its model or "
+                                            "the current directory, is refused")
     save_model: bool = Field(True, description="write model.safetensors (off: report only)")
     checkpoints: bool = Field(True, description="checkpoint beside the output (<dir>.checkpoint/) after each "
                                                 "step and during fine-tunes, so `rmtp prune --resume` can "
@@ -180,6 +183,10 @@ class Recipe:
         """Step index → validated params, for every prune step."""
         return {index: resolved.params for index, resolved in self.resolved.items()}
 
+    def kept_paths(self) -> dict[str, Path | None]:
+        """What an overwritten output folder must never hold (:mod:`rmtp.overwrite`)."""
+        return kept_paths(self.path, self.data.root, self.model.checkpoint)
+
     def to_dict(self) -> dict[str, Any]:
         """The resolved recipe (defaults filled in, absolute paths), as saved next to the model."""
         steps = []
@@ -198,9 +205,16 @@ class Recipe:
         }
 
 
+def kept_paths(recipe: Path | None, data_root: Path | None, checkpoint: Path | None) -> dict[str, Path | None]:
+    """The recipe's own paths, by the key that names them: an output folder holding one is never replaced."""
+    return {"recipe": recipe, "data.root": data_root, "model.checkpoint": checkpoint}
+
+
 def load_recipe(path: str | Path, *, plugins: Plugins | None = None) -> Recipe:
     """Read and fully validate a recipe file; raise :class:`RecipeError` listing every problem."""
     path = Path(path)
+    if path.is_dir():
+        raise RecipeError([f"{path}: is a folder, not a recipe file{_recipes_inside(path)}"])
     if not path.is_file():
         raise RecipeError([f"{path}: no such recipe file"])
     try:
@@ -208,6 +222,25 @@ def load_recipe(path: str | Path, *, plugins: Plugins | None = None) -> Recipe:
     except RmtpError as exc:
         raise RecipeError([str(exc)]) from None
     return parse_recipe(raw, source=path, plugins=plugins)
+
+
+#: How many of a folder's YAML files a "folder, not a recipe file" message names.
+_SUGGESTED_RECIPES = 3
+
+
+def _recipes_inside(folder: Path) -> str:
+    """``"; did you mean …"`` naming the recipe files in ``folder`` (an output folder's saved
+    recipe.yaml first), or ``""``: a folder given for a recipe is usually one level off."""
+    try:
+        found = sorted(p for p in folder.iterdir() if p.suffix in (".yaml", ".yml") and p.is_file())
+    except OSError:
+        return ""
+    found.sort(key=lambda p: p.name != "recipe.yaml")  # stable: recipe.yaml first, the rest by name
+    if not found:
+        return ""
+    shown = ", ".join(str(p) for p in found[:_SUGGESTED_RECIPES])
+    more = f" (and {len(found) - _SUGGESTED_RECIPES} more)" if len(found) > _SUGGESTED_RECIPES else ""
+    return f"; did you mean {shown}{more}?"
 
 
 def parse_recipe(raw: Any, *, source: Path | None = None, plugins: Plugins | None = None) -> Recipe:
@@ -247,12 +280,18 @@ def parse_recipe(raw: Any, *, source: Path | None = None, plugins: Plugins | Non
         raise RecipeError(problems)
     for index, prune in resolved.items():
         resolved[index] = replace(prune, latency=_latency_settings(steps, index))
+    problems.extend(f"{label}: {problem}" for problem in _latency_cache_problems(resolved))
 
     output = shape.output
     if output is not None:
         output = output.model_copy(update={"dir": (base / output.dir).resolve()})
+        replaced = replace_problem(output.dir, keep=kept_paths(
+            source, base / shape.data.root if shape.data.root else None,
+            base / shape.model.checkpoint if shape.model.checkpoint else None))
         if output.dir.exists() and not output.overwrite:
             problems.append(f"{label}: output.dir: {output.dir} already exists; set output.overwrite: true or choose another folder")
+        elif replaced is not None:
+            problems.append(f"{label}: output.dir: {replaced}")
         else:
             try:  # now, not at the end of the run, when its result would have nowhere to go
                 check_writable(output.dir, what="output.dir", is_dir=True)
@@ -298,6 +337,24 @@ def parse_recipe(raw: Any, *, source: Path | None = None, plugins: Plugins | Non
                   device=shape.device, resolved=resolved, plugins=plugins)
 
 
+def _latency_cache_problems(resolved: dict[int, ResolvedPrune]) -> list[str]:
+    """The cost-table folder of every prune step that will time on the device, checked now (once
+    per folder): a bad ``RMTP_LATENCY_CACHE`` used to surface as a traceback after the timing."""
+    from rmtp.latency.settings import plans_in_time
+
+    problems, seen = [], set()
+    for index, prune in resolved.items():
+        settings = prune.latency or LatencySettings()
+        if settings.cost != "measured" or not plans_in_time(prune.params) or settings.cache_dir() in seen:
+            continue
+        seen.add(settings.cache_dir())
+        try:
+            settings.check_cache()
+        except RmtpError as exc:
+            problems.append(f"steps[{index}]: {exc}")
+    return problems
+
+
 def _latency_settings(steps: list[Step], index: int) -> LatencySettings:
     """The prune step's ``latency:``, with ``batch`` and ``threads`` it leaves unset taken from the
     first later ``evaluate`` step that times latency: the speed the recipe will report is the
@@ -318,7 +375,8 @@ def _latency_settings(steps: list[Step], index: int) -> LatencySettings:
 def _validate_step(label: str, where: str, raw_step: dict[str, Any], problems: list[str]) -> Step | None:
     kinds = [k for k in STEP_KINDS if k in raw_step]
     if len(kinds) != 1:
-        found = ", ".join(sorted(raw_step)) or "nothing"
+        found = ", ".join(_short_key(key) for key in sorted(raw_step, key=str)[:_SHOWN_KEYS]) or "nothing"
+        found += f" and {len(raw_step) - _SHOWN_KEYS} more" if len(raw_step) > _SHOWN_KEYS else ""
         problems.append(f"{label}: {where}: a step needs exactly one of prune, finetune, evaluate (found keys: {found})")
         return None
     model_cls = STEP_KINDS[kinds[0]]
@@ -332,7 +390,8 @@ def _validate_step(label: str, where: str, raw_step: dict[str, Any], problems: l
 def _validate_pruner(label: str, where: str, step: PruneStep, plugins: Plugins,
                      problems: list[str]) -> ResolvedPrune | None:
     if step.prune not in plugins.pruners:
-        problems.append(f"{label}: {where}.prune: unknown pruner {step.prune!r}; {plugins.pruners.known_hint(step.prune)}")
+        problems.append(f"{label}: {where}.prune: unknown pruner {short_repr(step.prune)}; "
+                        f"{plugins.pruners.known_hint(step.prune[:_KEY_CHARS])}")
         return None
     pruner_cls = plugins.pruners.get(step.prune)
     params_cls = pruner_cls.Params
@@ -420,7 +479,8 @@ def _check_timm_name(label: str, name: str, registry: str, problems: list[str]) 
 
         problems.append(f"{label}: {unknown_architecture(name, registry)}")
     else:
-        problems.append(f"{label}: model.name: timm has no model {name!r}{timm_name_hint(name)}")
+        # worded as plugins.architecture_for words it, so that the two reports dedupe into one
+        problems.append(f"{label}: model.name: timm has no model {short_repr(name, 80)}{timm_name_hint(name)}")
 
 
 def format_errors(label: str, exc: ValidationError, model_cls: type[BaseModel], prefix: str = "") -> list[str]:
@@ -431,7 +491,7 @@ def format_errors(label: str, exc: ValidationError, model_cls: type[BaseModel], 
         path = _loc_to_path(loc, prefix)
         if error["type"] == "extra_forbidden":
             allowed = _allowed_keys(model_cls, loc[:-1])
-            message = f"unknown key {loc[-1]!r}" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
+            message = f"unknown key {short_repr(loc[-1])}" + (f"; allowed: {', '.join(allowed)}" if allowed else "")
         elif error["type"] == "missing":
             message = "required key is missing"
         else:
@@ -446,8 +506,21 @@ def _loc_to_path(loc: list[Any], prefix: str) -> str:
         if isinstance(part, int):
             path += f"[{part}]"
         else:
-            path += f".{part}" if path else str(part)
+            path += f".{_short_key(part)}" if path else _short_key(part)
     return path
+
+
+#: Longest key a key path shows whole (a 100,000-character key made a 200 KB message); the
+#: "unknown key"/"unknown pruner" text bounds its repr with short_repr.
+_KEY_CHARS = 60
+#: How many of a step's keys "found keys: …" lists.
+_SHOWN_KEYS = 8
+
+
+def _short_key(key: Any) -> str:
+    """A key as it appears in a key path, cut to :data:`_KEY_CHARS` characters with an ellipsis."""
+    text = str(key)
+    return text if len(text) <= _KEY_CHARS else text[: _KEY_CHARS - 1] + "…"
 
 
 def _allowed_keys(model_cls: type[BaseModel], loc: list[Any]) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from rich.console import Console, ConsoleOptions, Group, RenderResult
@@ -162,6 +163,8 @@ class StepTable:
         if row.shape_after != row.shape_before:
             shape += f" → {_shape(row.shape_after)}"
         kept = str(row.kept_rank) if row.kept_rank is not None else _fraction(row.kept_fraction)
+        if row.skipped:  # said where it is always shown: the reason itself is in the note column and notes
+            kept = "skipped"
         cells = {"layer": row.layer, "shape": shape, "budget": _fraction(row.budget), "kept": kept,
                  "sparsity": _fraction(row.sparsity), "params": _change(row.params_before, row.params_after),
                  "nonzeros": human(row.nonzeros_after), "note": row.note}
@@ -206,12 +209,62 @@ def summary_table(report: RunReport) -> Table:
                   title_justify="left")
     for column in ("stage", "params", "nonzeros", "MACs", "attn MACs", "top-1", "latency", "seconds"):
         table.add_column(column, justify="left" if column == "stage" else "right")
-    table.add_row("dense", *_stats_cells(report.dense, report.dense), "–")
+    table.add_row("dense", *_stats_cells(_dense_with_latency(report), report.dense), "–")
     for step in report.steps:
         label = step.kind if step.name == step.kind else f"{step.kind} {step.name}"
+        label += f" ({_skipped_count(step)})" if _skipped_count(step) else ""
         table.add_row(f"{step.index} {escape(label)}", *_stats_cells(step.stats, report.dense),
                       f"{step.seconds:.1f}")
     return table
+
+
+def _dense_with_latency(report: RunReport) -> ModelStats:
+    """The dense model's figures with the latency the last timed step measured for it (the dense
+    model is timed only next to a pruned one, in an ``evaluate: {latency: true}`` step)."""
+    timed = [step.stats.dense_latency_ms for step in report.steps if step.stats.dense_latency_ms is not None]
+    return replace(report.dense, latency_ms=timed[-1]) if timed else report.dense
+
+
+def _skipped_count(step: StepReport) -> str:
+    """'nothing pruned' / 'k of n skipped' for a prune step that left layers as they were, else ''."""
+    skipped = sum(1 for row in step.rows if row.skipped)
+    if not skipped:
+        return ""
+    return "nothing pruned" if skipped == len(step.rows) else f"{skipped} of {len(step.rows)} layers skipped"
+
+
+def headline(report: RunReport) -> str:
+    """One line of what the run achieved against the dense model: params, MACs, top-1 (the last
+    evaluated), and the last measured speed-up where its verdict allows a figure. '' without steps."""
+    if not report.steps:
+        return ""
+    dense, final = report.dense, report.final
+    parts = [f"params {human(dense.params)} → {human(final.params)}{_times(final.params, dense.params)}",
+             f"MACs {human(dense.macs)} → {human(final.macs)}{_times(final.macs, dense.macs)}"]
+    if final.nonzeros != final.params:
+        parts.insert(1, f"nonzeros {human(final.nonzeros)}{_times(final.nonzeros, dense.nonzeros)}")
+    top1 = next((step.stats.top1 for step in reversed(report.steps) if step.stats.top1 is not None), None)
+    if top1 is not None and dense.top1 is not None:
+        parts.append(f"top-1 {dense.top1:.2f}% → {top1:.2f}% ({top1 - dense.top1:+.2f})")
+    speedup = next((step.stats.speedup for step in reversed(report.steps) if step.stats.speedup), None)
+    if speedup is not None:
+        parts.append(_speed_phrase(speedup))
+    return "result: " + ", ".join(parts)
+
+
+def _times(value: int, reference: int) -> str:
+    return f" (×{value / reference:.2f})" if reference and value != reference else ""
+
+
+def _speed_phrase(speedup: dict[str, Any]) -> str:
+    """A measured speed-up (``PairedSpeedup.to_dict()``) in a few words, a figure only where its
+    verdict says it means something."""
+    r, at = speedup["ratio"], f"at batch {speedup['batch']}"
+    if speedup["verdict"] in ("faster", "slower"):
+        return f"×{r['median']:.2f} [{r['q1']:.2f}–{r['q3']:.2f}] speed-up {at}"
+    if speedup["verdict"] == "same":
+        return f"not measurably faster {at}"
+    return f"speed-up not measurable {at} (timings too noisy)"
 
 
 def _stats_cells(stats: ModelStats, dense: ModelStats) -> list[str]:
@@ -240,8 +293,10 @@ def step_renderable(step: StepReport, *, wide: bool = False) -> Group:
                             f"{human(step.stats.params)}, MACs {human(step.stats.macs)}"))
     if step.baseline is not None:
         before, after = step.baseline, step.stats
+        skipped = _skipped_count(step)
         parts.append(Text(f"params {_change(before.params, after.params)}, nonzeros "
-                          f"{_change(before.nonzeros, after.nonzeros)}, MACs {_change(before.macs, after.macs)}"))
+                          f"{_change(before.nonzeros, after.nonzeros)}, MACs {_change(before.macs, after.macs)}"
+                          + (f"; {skipped} (why: below)" if skipped else "")))
     parts.extend(markup(f"  [dim]{escape(note)}[/]") for note in step.notes)
     return Group(*parts)
 
@@ -263,6 +318,8 @@ def render_step(step: StepReport, console: Console = stdout, *, wide: bool = Fal
 
 def render_report(report: RunReport, console: Console = stdout) -> None:
     console.print(summary_table(report))
+    if headline(report):
+        console.print(markup(f"[bold]{escape(headline(report))}[/]"))
     if report.preprocessing.get("description"):
         console.print(f"[dim]data: {escape(report.preprocessing['description'])}[/]")
     if report.output_dir:
@@ -297,7 +354,10 @@ class RichProgress(Progress):
         # ":m:" as an emoji code, whatever the console's emoji setting).
         columns = [TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                    TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}", markup=False)]
-        with RichProgressBar(*columns, console=self.console, transient=True) as bar:
+        # Off where nothing is interactive (a pipe, a file, CI): a transient bar shows nothing there,
+        # and rich would still end each one with an empty line.
+        with RichProgressBar(*columns, console=self.console, transient=True,
+                             disable=not self.console.is_interactive) as bar:
             task_id = bar.add_task(description, total=total, info="")
 
             def advance(advance: int = 1, **fields: Any) -> None:
@@ -305,3 +365,7 @@ class RichProgress(Progress):
                 bar.update(task_id, advance=advance, **({"info": info} if fields else {}))
 
             yield advance
+
+    def note(self, message: str) -> None:
+        """The line on the progress console (stderr), kept: it says what the run is doing."""
+        self.console.print(message, markup=False, highlight=False)

@@ -17,13 +17,24 @@ Everything is read back with ``torch.load(weights_only=True)`` and :func:`rmtp.s
 any untrusted file. The folder is removed when the run completes. ``rmtp prune recipe.yaml
 --resume`` continues from it without redoing finished steps (the pruned structure is rebuilt from
 ``model/``, not re-pruned) and refuses, naming the keys, a recipe that changed since.
+
+``latest.json`` also records the data's identity (:func:`rmtp.data.identity.data_identity`: per
+split, the image count and a digest of the files), so a resume on changed data is refused too.
+Checkpoints written before that field existed have no ``data`` and still resume, unchecked: the
+field is optional, so the schema stays ``rmtp-checkpoint/1`` and older rmtp reads newer checkpoints.
+
+A run without ``--resume`` over a checkpoint is refused by :mod:`rmtp.pipeline` (it would discard
+hours of work): the way to start over is to delete the folder. Every field is checked when read
+back: a damaged or hand-edited checkpoint is a :class:`~rmtp.errors.CheckpointError` naming the
+file and the field, never a ``KeyError``. Its messages name no option: the run that reads it
+(:mod:`rmtp.pipeline`) says what to do.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -33,7 +44,7 @@ from torch import nn
 
 from rmtp import distributed, saving
 from rmtp.atomic import write_json_atomic
-from rmtp.errors import CheckpointError
+from rmtp.errors import CheckpointError, short_repr
 
 if TYPE_CHECKING:
     from rmtp.architecture import Architecture, ModelSpec
@@ -71,6 +82,32 @@ class Checkpoint:
     progress: RunProgress
     model_dir: Path
     recipe: dict[str, Any]
+    data: dict[str, Any] | None = None  # None: written before rmtp recorded the data's identity
+
+
+def describe_position(checkpoint: Checkpoint) -> str:
+    """Where the checkpointed run stands, for the lines that name it (``step 2 of 3 (finetune),
+    epoch 1 of 2, after batch 12``): hours of work are easier to keep, or let go, when seen.
+    Read from the checkpoint's own recipe (a resume has checked it equal to the current one)."""
+    steps = checkpoint.recipe["steps"]
+    index, train = checkpoint.progress.next_step, checkpoint.progress.train
+    step = steps[index] if isinstance(steps[index], dict) else {}
+    text = f"step {index + 1} of {len(steps)} ({_saved_step_label(step)})"
+    if train is None:
+        return f"{text}, from its start"
+    finetune = step.get("finetune")
+    epochs = finetune.get("epochs") if isinstance(finetune, dict) else None
+    text += f", epoch {train.epoch}" + (f" of {epochs}" if isinstance(epochs, int) else "")
+    return f"{text}, after batch {train.batches_done}" if train.batches_done else f"{text}, from its first batch"
+
+
+def _saved_step_label(step: dict[str, Any]) -> str:
+    """:func:`rmtp.recipe.step_label` of a step as a saved, resolved recipe holds it."""
+    if step.get("name"):
+        return str(step["name"])
+    if "prune" in step:
+        return str(step["prune"])
+    return "finetune" if "finetune" in step else "evaluate"
 
 
 class Checkpointer:
@@ -78,9 +115,9 @@ class Checkpointer:
     own training state under torchrun)."""
 
     def __init__(self, out_dir: Path, *, spec: ModelSpec, arch: Architecture, baseline: ModelSpec,
-                 recipe: dict[str, Any]) -> None:
+                 recipe: dict[str, Any], data: dict[str, Any] | None = None) -> None:
         self.root = checkpoint_root(out_dir)
-        self.spec, self.arch, self.baseline, self.recipe = spec, arch, baseline, recipe
+        self.spec, self.arch, self.baseline, self.recipe, self.data = spec, arch, baseline, recipe, data
         latest = _read_latest(self.root)
         self.generation = latest["generation"] if latest else 0
         self.model_generation = latest["model_generation"] if latest else None
@@ -120,7 +157,7 @@ class Checkpointer:
             model_generation = generation if with_model else self.model_generation
             write_json_atomic(self.root / LATEST_FILE, {"schema": SCHEMA, "generation": generation,
                                                         "model_generation": model_generation,
-                                                        "recipe": self.recipe})
+                                                        "recipe": self.recipe, "data": self.data})
             keep = {f"gen-{generation:06d}", f"gen-{model_generation:06d}"}
             for old in self.root.glob("gen-*"):
                 if old.name not in keep:
@@ -136,31 +173,104 @@ class Checkpointer:
 
 
 def read_checkpoint(out_dir: Path) -> Checkpoint | None:
-    """The last checkpoint next to ``out_dir``, or ``None`` when there is none."""
+    """The last checkpoint next to ``out_dir``, or ``None`` when there is none; a damaged or
+    hand-edited one is a :class:`CheckpointError` naming the file and field."""
     root = checkpoint_root(out_dir)
     latest = _read_latest(root)
     if latest is None:
         return None
-    from rmtp.training import TrainState
-
     generation = root / f"gen-{latest['generation']:06d}"
     model_dir = root / f"gen-{latest['model_generation']:06d}" / MODEL_DIR
-    try:
-        payload = torch.load(generation / RUN_FILE, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - a damaged or foreign file: one line, not a traceback
-        raise CheckpointError(f"--resume: cannot read {generation / RUN_FILE}: {exc.__class__.__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+    if not model_dir.is_dir():
+        raise CheckpointError(f"{root / LATEST_FILE} names the model of generation {latest['model_generation']}, "
+                              f"but {model_dir} is missing")
+    run_file = generation / RUN_FILE
+    payload = _load_torch(run_file)
     if not isinstance(payload, dict) or payload.get("schema") != SCHEMA:
-        raise CheckpointError(f"--resume: {generation / RUN_FILE} is not an rmtp checkpoint ({SCHEMA})")
-    train = payload["train"]
-    rank = distributed.rank()
-    if train is not None and rank > 0:
-        train = torch.load(generation / f"train-rank{rank}.pt", map_location="cpu", weights_only=True)
-    progress = RunProgress(next_step=payload["next_step"], reports=payload["reports"],
-                           pruned_layers=list(payload["pruned_layers"]), dense_top1=payload["dense_top1"],
-                           extras=list(payload["extras"]),
-                           train=TrainState.from_payload(train) if train is not None else None)
-    return Checkpoint(progress=progress, model_dir=model_dir, recipe=latest["recipe"])
+        raise CheckpointError(f"{run_file} is not an rmtp checkpoint ({SCHEMA})")
+    progress = _progress(payload, run_file, steps=len(latest["recipe"]["steps"]))
+    if progress.train is not None and distributed.rank() > 0:
+        rank_file = generation / f"train-rank{distributed.rank()}.pt"
+        progress.train = _train_state(_load_torch(rank_file), rank_file)
+    return Checkpoint(progress=progress, model_dir=model_dir, recipe=latest["recipe"], data=latest.get("data"))
+
+
+def _load_torch(path: Path) -> Any:
+    """``torch.load(weights_only=True)``, any failure (missing, damaged, a pickle that would run
+    code) as one line."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - a damaged or foreign file: one line, not a traceback
+        raise CheckpointError(f"cannot read {path}: {exc.__class__.__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+
+
+def _progress(payload: dict[str, Any], path: Path, *, steps: int) -> RunProgress:
+    """``run.pt``'s fields, each checked, as a :class:`RunProgress` (``steps``: the recipe's count)."""
+    next_step = _field(payload, "next_step", path, lambda v: _is_int(v) and 0 <= v < steps,
+                       f"a step index below the recipe's {steps} steps")
+    reports = _field(payload, "reports", path, lambda v: isinstance(v, list) and len(v) == next_step,
+                     f"a list of the {next_step} finished steps' reports")
+    _check_reports(reports, path)
+    progress = RunProgress(
+        next_step=next_step, reports=reports,
+        pruned_layers=list(_field(payload, "pruned_layers", path, _is_str_list, "a list of layer names")),
+        dense_top1=_field(payload, "dense_top1", path, lambda v: v is None or _is_number(v), "a number or None"),
+        extras=list(_field(payload, "extras", path, _is_str_list, "a list of file names")))
+    train = _field(payload, "train", path, lambda v: v is None or isinstance(v, dict), "a training state or None")
+    progress.train = _train_state(train, path) if train is not None else None
+    return progress
+
+
+def _check_reports(reports: list[Any], path: Path) -> None:
+    from rmtp.report import StepReport
+
+    for index, report in enumerate(reports):
+        try:
+            StepReport.from_dict(report)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{path}: reports[{index}] is not a step report ({exc.__class__.__name__}: "
+                                  f"{exc}); the file was edited or damaged") from None
+
+
+def _train_state(payload: Any, path: Path) -> TrainState:
+    """A :class:`~rmtp.training.TrainState` from its payload, its counters checked."""
+    from rmtp.training import TrainState
+
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path}: the training state is {short_repr(payload, 60)}, not a dict; "
+                              f"the file was edited or damaged")
+    for key in ("epoch", "batches_done", "step"):
+        _field(payload, key, path, lambda v: _is_int(v) and v >= 0, "a count (an int, 0 or more)", where="train.")
+    try:
+        return TrainState.from_payload(payload)
+    except TypeError as exc:  # a field missing or unknown
+        raise CheckpointError(f"{path}: the training state does not fit ({exc}); the file was edited or "
+                              f"damaged") from None
+
+
+def _field(mapping: dict[str, Any], key: str, path: Path, valid: Callable[[Any], bool], expected: str, *,
+           where: str = "") -> Any:
+    """``mapping[key]`` when ``valid``, else one line naming the file, the key and what it should be."""
+    if key not in mapping:
+        raise CheckpointError(f"{path}: no '{where}{key}' ({expected}); the file was edited or damaged")
+    value = mapping[key]
+    if not valid(value):
+        raise CheckpointError(f"{path}: '{where}{key}' is {short_repr(value, 60)}, not {expected}; "
+                              f"the file was edited or damaged")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_str_list(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and all(isinstance(item, str) for item in value)
 
 
 def recipe_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
@@ -205,7 +315,14 @@ def _read_latest(root: Path) -> dict[str, Any] | None:
     try:
         latest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"--resume: cannot read {path}: {exc}") from None
+        raise CheckpointError(f"cannot read {path}: {exc}") from None
     if not isinstance(latest, dict) or latest.get("schema") != SCHEMA:
-        raise CheckpointError(f"--resume: {path} is not an rmtp checkpoint ({SCHEMA})")
+        raise CheckpointError(f"{path} is not an rmtp checkpoint ({SCHEMA})")
+    generation = _field(latest, "generation", path, lambda v: _is_int(v) and v >= 1, "a generation number")
+    _field(latest, "model_generation", path, lambda v: _is_int(v) and 1 <= v <= generation,
+           f"a generation number up to {generation}")
+    _field(latest, "recipe", path, lambda v: isinstance(v, dict) and isinstance(v.get("steps"), list)
+           and len(v["steps"]) > 0, "a resolved recipe with steps")
+    if latest.get("data") is not None:  # absent in checkpoints written before it was recorded
+        _field(latest, "data", path, lambda v: isinstance(v, dict), "the data's identity")
     return latest

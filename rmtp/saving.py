@@ -4,7 +4,9 @@ A saved model is a folder::
 
     model.safetensors   the weights (replaced layers included)
     rmtp_model.json     how to rebuild it: timm name + kwargs, architecture, replaced layers,
-                        forward-pass patches (token reduction), and the dense baseline it came from
+                        forward-pass patches (token reduction), the dense baseline it came from, and
+                        ``files``: every entry rmtp put in the folder (what ``overwrite`` may replace:
+                        :mod:`rmtp.overwrite`, docs/output.md)
     recipe.yaml         the resolved recipe that produced it (when it came from a recipe)
     report.json         the run's report (when it came from a recipe)
 
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +55,7 @@ from rmtp.checkpoint import load_state_dict_into, read_state_dict, write_safeten
 from rmtp.errors import CheckpointError, RmtpError
 from rmtp.modules import apply_patches, apply_replacements, describe_patches, describe_replacements
 from rmtp.output_folder import hold, make_temp_dir, move_into_place, remove_entry
+from rmtp.overwrite import META_FILE, RECIPE_FILE, REPORT_FILE, WEIGHTS_FILE, check_replaceable
 
 if TYPE_CHECKING:
     from rmtp.plugins import Plugins
@@ -62,10 +66,9 @@ FORMAT = "rmtp-model"
 #: which every rmtp reads.
 FORMAT_VERSION = 3
 _FORMAT_VERSION_WITHOUT_TYPES = 1
-WEIGHTS_FILE = "model.safetensors"
-META_FILE = "rmtp_model.json"
-RECIPE_FILE = "recipe.yaml"
-REPORT_FILE = "report.json"
+# WEIGHTS_FILE, META_FILE, RECIPE_FILE, REPORT_FILE: the files of a saved folder, named in
+# rmtp.overwrite (torch-free, for `rmtp validate`) and imported above; step outputs are listed in
+# rmtp_model.json's ``files``.
 
 
 @dataclass
@@ -79,6 +82,17 @@ class LoadedModel:
     meta: dict[str, Any]
 
 
+def architecture_name(arch: Architecture | str) -> str:
+    """The registered name of ``arch``, given as a plugin or by name (``LoadedModel.arch`` is a name,
+    so ``save(loaded.model, out, spec=loaded.spec, arch=loaded.arch)`` works); a name no installed
+    plugin provides is a :class:`~rmtp.errors.PluginError`, not a folder that cannot be loaded."""
+    if isinstance(arch, Architecture):
+        return arch.name
+    from rmtp.plugins import get_plugins
+
+    return get_plugins().architecture(arch).name
+
+
 def is_saved_model(path: Path) -> bool:
     return path.is_dir() and (path / META_FILE).is_file()
 
@@ -89,23 +103,28 @@ def output_lock(out_dir: str | Path, *, overwrite: bool = True) -> AbstractConte
     return hold(out_dir, overwrite=overwrite, restorable=is_saved_model)
 
 
-def save(model: nn.Module, out_dir: str | Path, *, spec: ModelSpec, arch: Architecture,
+def save(model: nn.Module, out_dir: str | Path, *, spec: ModelSpec, arch: Architecture | str,
          baseline: ModelSpec | None = None, recipe: dict[str, Any] | None = None,
          report: dict[str, Any] | None = None, save_weights: bool = True,
-         overwrite: bool = False) -> Path:
+         overwrite: bool = False, extras: Sequence[str] = ()) -> Path:
     """Write ``model`` (and optionally its recipe and report) to ``out_dir`` atomically.
 
     Holds :func:`output_lock` while it writes (a run that already holds it keeps it), so two
     processes saving to one folder never interleave: the second gets an :class:`RmtpError`.
+    ``overwrite`` replaces only an rmtp output folder with nothing foreign in it and not holding
+    the current directory (:mod:`rmtp.overwrite`); anything else is refused and left as it was.
+    ``extras``: the entries the caller adds to the folder once it is saved (a run's step outputs),
+    recorded in ``rmtp_model.json`` so that a later overwrite knows them as rmtp's own.
     """
     out_dir = Path(out_dir)
     with output_lock(out_dir, overwrite=overwrite):
         if os.path.lexists(out_dir) and not out_dir.is_dir():
             raise RmtpError(f"output folder {out_dir} is a file, not a folder")
+        check_replaceable(out_dir)
         staging = make_temp_dir(out_dir, "partial")
         try:
             _write_folder(staging, model, spec=spec, arch=arch, baseline=baseline, recipe=recipe, report=report,
-                          save_weights=save_weights)
+                          save_weights=save_weights, extras=extras)
             move_into_place(staging, out_dir)
         except BaseException:
             remove_entry(staging)
@@ -113,21 +132,24 @@ def save(model: nn.Module, out_dir: str | Path, *, spec: ModelSpec, arch: Archit
     return out_dir
 
 
-def _write_folder(folder: Path, model: nn.Module, *, spec: ModelSpec, arch: Architecture,
+def _write_folder(folder: Path, model: nn.Module, *, spec: ModelSpec, arch: Architecture | str,
                   baseline: ModelSpec | None, recipe: dict[str, Any] | None, report: dict[str, Any] | None,
-                  save_weights: bool) -> None:
+                  save_weights: bool, extras: Sequence[str]) -> None:
     """Fill the staging ``folder``; nothing here is visible under the output name until it is whole."""
     replaced, patches = describe_replacements(model), describe_patches(model)
     meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION if replaced or patches else _FORMAT_VERSION_WITHOUT_TYPES,
         "rmtp_version": __version__,
-        "arch": arch.name,
+        "arch": architecture_name(arch),
         "model": {**spec.to_dict(), "checkpoint": None, "pretrained": False},
         "replaced": replaced,
         "patches": patches,
         "baseline": baseline.to_dict() if baseline else None,
         "has_weights": save_weights,
+        "files": [name for name, written in ((WEIGHTS_FILE, save_weights), (META_FILE, True),
+                                              (RECIPE_FILE, recipe is not None), (REPORT_FILE, report is not None))
+                  if written] + list(extras),
     }
     if save_weights:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -157,10 +179,18 @@ def read_saved_recipe(folder: Path) -> dict[str, Any] | None:
 
 
 def read_meta(path: Path) -> dict[str, Any]:
+    """``rmtp_model.json`` of a saved folder, checked; whatever ``path`` is, a one-line CheckpointError.
+
+    A checkpoint file given where a folder is expected (``rmtp.load("model.safetensors")``) would
+    otherwise surface as the OS's NotADirectoryError, naming a path that never existed.
+    """
+    _check_is_folder(path)
     try:
         meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{path}: not an rmtp model folder (no {META_FILE})") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path / META_FILE}: cannot read it: {exc.strerror or exc}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{path / META_FILE}: not valid JSON: {exc}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
@@ -173,6 +203,14 @@ def read_meta(path: Path) -> dict[str, Any]:
             f"{path}: saved by a newer rmtp (format {version} > {FORMAT_VERSION}); upgrade rmtp"
         )
     return meta
+
+
+def _check_is_folder(path: Path) -> None:
+    """Refuse a path that exists but is not a folder, saying it is a file (a missing one is "no
+    rmtp_model.json" below)."""
+    if path.is_dir() or not os.path.lexists(path):
+        return
+    raise CheckpointError(f"{path}: a file, not an rmtp output folder (a folder with {META_FILE})")
 
 
 def _spec_from(data: dict[str, Any] | None) -> ModelSpec | None:

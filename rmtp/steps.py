@@ -9,6 +9,7 @@ paths cannot drift apart.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -22,11 +23,12 @@ from rmtp.errors import RmtpError
 from rmtp.layers import LayerFilter, select_layers
 from rmtp.precision import check_precision
 from rmtp.progress import NULL_PROGRESS, Progress
-from rmtp.pruner import PruneContext, Pruner, PrunerParams, StepOutput
+from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams, StepOutput
 from rmtp.report import ModelStats, StepReport
 
 if TYPE_CHECKING:
     from rmtp.data import DataBundle
+    from rmtp.latency.cost import CostModel
     from rmtp.latency.settings import LatencySettings
     from rmtp.recipe import EvaluateParams
     from rmtp.training import TrainConfig, TrainState
@@ -60,17 +62,67 @@ def prune_step(model: nn.Module, pruner_cls: type[Pruner], params: PrunerParams,
         raise RmtpError(f"{pruner_cls.name} needs calibration data (a DataLoader of (images, labels) from the "
                         f"train split, e.g. calibration=bundle.loader('calibration')), and none was given")
     check_precision(precision, device, option="precision")
+    _check_latency_cache(params, latency)
     selected = select_layers(pruner_cls.candidate_layers(arch, model), layers)
     ctx = PruneContext(model=model, arch=arch, layers=selected, device=device, seed=seed, dense_model=dense,
                        calibration=calibration if pruner_cls.calibration_needed() else None, progress=progress,
                        output=output, preview_images=preview_images, precision=precision,
                        input_shape=tuple(input_shape), latency=latency)
+    load_before = _loadavg()
     rows = pruner_cls().prune(ctx, params)
     model.eval()
     notes = [] if selected or rows else ["the step's layer filter selected no layers; nothing was pruned"]
+    notes.extend(filter(None, [skipped_note(rows)]))
     speed = _check_speed(ctx, notes) if ctx.speed_plan is not None else None
+    notes.extend(filter(None, [busy_timing_note(ctx.cost, ctx.device, load_before)]))
     return StepReport(index=index, kind="prune", name=name, rows=rows,
                       stats=model_stats(model, input_shape, device), seconds=0.0, notes=notes, speed=speed)
+
+
+def skipped_note(rows: Sequence[LayerRow], most: int = 3) -> str:
+    """'' unless the pruner left layers as they were (rows with ``skipped``): then how many, and why,
+    grouped by reason, most common first. Why: a pruner that skips every layer (n:m on a CPU, where
+    no N:M kernel is faster) otherwise reads as a step that ran; the reasons sit in a per-layer
+    column a narrow table hides."""
+    skipped = [row.skipped for row in rows if row.skipped]
+    if not skipped:
+        return ""
+    counts = Counter(skipped).most_common()
+    reasons = "; ".join(f"{reason} ({count})" for reason, count in counts[:most])
+    if len(counts) > most:
+        reasons += f"; {len(counts) - most} other reasons"
+    head = f"nothing pruned: all {len(rows)} layers skipped" if len(skipped) == len(rows) else \
+        f"{len(skipped)} of {len(rows)} layers skipped"
+    return f"{head}: {reasons}"
+
+
+def _check_latency_cache(params: PrunerParams, latency: LatencySettings | None) -> None:
+    """A step that will time refuses an unwritable cost-table folder now, not after timing."""
+    from rmtp.latency.settings import LatencySettings, plans_in_time
+
+    if plans_in_time(params):
+        (latency or LatencySettings()).check_cache()
+
+
+def _loadavg() -> float | None:
+    from rmtp.bench.environment import loadavg
+
+    return loadavg()
+
+
+def busy_timing_note(cost: CostModel | None, device: torch.device, load_before: float | None) -> str:
+    """'' unless the step timed on the device (``cost`` measured) while the machine was busy: then
+    the warning ``rmtp bench`` gives, since the step chose by those timings."""
+    if cost is None or cost.kind != "measured":
+        return ""
+    from rmtp.bench.environment import busy_note, usable_cores
+
+    busy = busy_note([load_before, _loadavg()], usable_cores())
+    if not busy:
+        return ""
+    threads = getattr(cost, "threads", None) or 1
+    advice = "; try latency.threads: 1" if device.type == "cpu" and threads > 1 else ""
+    return f"{busy}; the step's speed choices and figures may be off: prune on an idle machine{advice}"
 
 
 def _check_speed(ctx: PruneContext, notes: list[str]) -> dict:

@@ -75,14 +75,15 @@ def test_ctrl_c_says_in_one_line_that_the_previous_output_is_intact(tmp_path: Pa
     recipe = tiny_recipe([{"evaluate": {}}], output=tmp_path / "out")
     recipe["output"]["overwrite"] = True
     path = write_recipe(tmp_path / "recipe.yaml", recipe)
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "previous.txt").write_text("kept")
+    (tmp_path / "out").mkdir()  # a previous output: only those may be overwritten
+    (tmp_path / "out" / "rmtp_model.json").write_text('{"format": "rmtp-model"}')
+    (tmp_path / "out" / "report.json").write_text("kept")
     monkeypatch.setattr(rmtp.pipeline, "run_recipe", _interrupt)
     result = _cli("prune", str(path))
     assert result.exit_code == 130
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("interrupted") and "is as it was before the run" in lines[0]
-    assert (tmp_path / "out" / "previous.txt").read_text() == "kept"
+    assert (tmp_path / "out" / "report.json").read_text() == "kept"
 
 
 def test_ctrl_c_before_any_output_existed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

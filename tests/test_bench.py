@@ -16,6 +16,7 @@ from rmtp.bench import (
     SCHEMA,
     BenchError,
     Candidate,
+    EvalData,
     benchmark,
     benchmark_models,
     load_candidates,
@@ -23,6 +24,7 @@ from rmtp.bench import (
 )
 from rmtp.checkpoint import write_safetensors_atomic
 from rmtp.cli import build_app
+from rmtp.data import DataSpec
 from rmtp.errors import DeviceError
 from rmtp.measure import count_macs, count_params
 
@@ -372,6 +374,34 @@ def test_a_conv_folder_is_timed_on_the_images_its_recipe_used(tmp_path: Path) ->
     run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", recipe)))
     report = benchmark(load_candidates([str(tmp_path / "out")]), batches=[1], **FAST)
     assert [m.input_shape for m in report.models] == [(1, 16, 16), (1, 16, 16)]  # dense baseline and pruned
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("order", [("digits_vit", "digits_resnet"), ("digits_resnet", "digits_vit")])
+def test_eval_gives_each_model_its_own_preprocessing(tmp_path: Path, order: tuple[str, str]) -> None:
+    """The ViT's card says img_size null (its own 32 px), the ResNet's 32: whichever comes first, the
+    other is not scored on the first one's preprocessing (the ResNet at timm's 224 px scored ~11%)."""
+    sources = []
+    for stem in order:  # the committed models, their cards limited to 96 val images to keep this cheap
+        shutil.copy(REPO / "models" / f"{stem}.safetensors", tmp_path / f"{stem}.safetensors")
+        card = json.loads((REPO / "models" / f"{stem}.json").read_text())
+        card["data"]["eval_limit"] = 96
+        (tmp_path / f"{stem}.json").write_text(json.dumps(card))
+        sources.append(str(tmp_path / f"{stem}.safetensors"))
+    report = benchmark_models(sources, batches=[1], evaluate=True, threads=1, **FAST)
+    assert [m.eval_images for m in report.models] == [96, 96]
+    assert all(m.top1 > 90 for m in report.models), [(m.label, m.top1) for m in report.models]
+    assert any("preprocessed as" in note for note in report.models[1].notes)
+
+
+def test_eval_refuses_models_whose_val_data_differ() -> None:
+    first = EvalData(DataSpec(name="digits", split_seed=0), seed=0, source="a.json")
+    other = EvalData(DataSpec(name="digits", split_seed=1), seed=1, source="b.json")
+    with pytest.raises(BenchError, match=r"--eval: b names other val data \(b\.json\) than a\.json: split_seed 1 vs 0"):
+        benchmark([Candidate("a", tiny_vit(), eval_data=first), Candidate("b", tiny_vit(), eval_data=other)],
+                  batches=[1], eval_data=first, **FAST)
 
 
 class _Greedy(torch.nn.Module):

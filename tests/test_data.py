@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -270,3 +271,26 @@ def test_validate_catches_imagefolder_problems(tmp_path: Path) -> None:
         parse_recipe(recipe)
     recipe["model"]["kwargs"]["in_chans"] = 1
     assert parse_recipe(recipe).data.root == tmp_path / "images"
+
+
+def test_validate_names_class_folders_without_images(tmp_path: Path) -> None:
+    """Empty class folders passed validation and failed only when the run read the data."""
+    from rmtp.errors import RecipeError
+    from rmtp.recipe import parse_recipe
+
+    from conftest import tiny_recipe
+
+    root = tmp_path / "images"
+    _write_folder(root, classes=2, per_class=1)
+    for name in ("c", "d", "e", "f", "g", "h", "nested"):
+        (root / name).mkdir()
+    (root / "c" / "notes.txt").write_text("not an image")
+    (root / "nested" / "deeper").mkdir()  # an image below a class folder is that class's, as in torchvision
+    shutil.copy(root / "class0" / "0.png", root / "nested" / "deeper" / "0.png")
+    recipe = tiny_recipe([{"evaluate": {}}])
+    recipe["data"] = {"name": "imagefolder", "root": str(root)}
+    recipe["model"]["kwargs"] = {**recipe["model"]["kwargs"], "num_classes": 9}
+    with pytest.raises(RecipeError) as caught:
+        parse_recipe(recipe)
+    assert caught.value.problems == [f"<recipe>: data.root: {root}: no images in class folder(s) c, d, e, f, g "
+                                     f"and 1 more (looked for .jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp)"]

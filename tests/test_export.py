@@ -166,6 +166,49 @@ def test_weights_off_the_cpu_or_not_fp32_are_refused(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
+def test_an_existing_file_is_replaced_only_with_overwrite(tmp_path: Path) -> None:
+    out = tmp_path / "notes.onnx"
+    out.write_bytes(b"someone's unrelated file")
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 2))
+    with pytest.raises(ExportError, match=r"notes\.onnx: already exists; nothing was written .*--overwrite"):
+        export_model(model, out, format="onnx", input_shape=(1, 2, 2))
+    assert out.read_bytes() == b"someone's unrelated file" and leftovers(tmp_path) == []
+    export_model(model, out, format="onnx", input_shape=(1, 2, 2), overwrite=True)
+    assert out.read_bytes() != b"someone's unrelated file"
+
+
+class _Greedy(nn.Module):
+    """Above batch 1 its forward asks the real CPU allocator for 16 TiB per image: an out-of-memory
+    error at once, nothing actually allocated."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > 1:
+            torch.empty(x.shape[0] * 2**44, dtype=torch.uint8)
+        return x.flatten(1)
+
+
+def test_a_batch_too_large_is_refused_or_one_line_out_of_memory(tmp_path: Path) -> None:
+    with pytest.raises(ExportError, match=r"export batch must be a whole number 1\.\.4096, got 100000"):
+        export_model(_Greedy(), tmp_path / "m.pt2", format="pt2", batch=100_000, input_shape=(1, 2, 2))
+    with pytest.raises(ExportError, match=r"export batch 8 does not fit in CPU memory \(tried to allocate \d+ "
+                                          r"bytes\); nothing was written; try a smaller --batch"):
+        export_model(_Greedy(), tmp_path / "m.pt2", format="pt2", batch=8, input_shape=(1, 2, 2))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_refuses_a_file_source_a_huge_batch_and_an_existing_output(tmp_path: Path) -> None:
+    checkpoint = Path(__file__).resolve().parents[1] / "models" / "digits_vit.safetensors"
+    out = tmp_path / "x.onnx"
+    line = one_error_line(invoke("export", checkpoint, "-f", "onnx", "-o", out))
+    assert line.endswith("digits_vit.safetensors: a file, not an rmtp output folder (a folder with rmtp_model.json)")
+    folder = SAVED / "svd-mp-vit"
+    line = one_error_line(invoke("export", folder, "-f", "onnx", "-o", out, "--batch", "100000"))
+    assert line == "error: export batch must be a whole number 1..4096, got 100000"
+    out.write_text("keep me")
+    assert "already exists" in one_error_line(invoke("export", folder, "-f", "onnx", "-o", out))
+    assert out.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["x.onnx"]
+
+
 class _TracedBranch(nn.Module):
     """Python control flow on a tensor's value: tracing bakes in the branch the example input took,
     so the ONNX graph computes something else for inputs that take the other one."""
@@ -178,12 +221,13 @@ def test_a_failed_verification_keeps_the_previous_file_and_leaves_no_temp(tmp_pa
     out = tmp_path / "model.onnx"
     out.write_bytes(b"the previous export")
     with pytest.raises(ExportError, match=r"onnxruntime: max \|difference\| .* > 0.0001"):
-        export_model(_TracedBranch(), out, format="onnx", check=True, check_images=16, input_shape=(1, 2, 2))
+        export_model(_TracedBranch(), out, format="onnx", check=True, check_images=16, input_shape=(1, 2, 2),
+                     overwrite=True)
     assert out.read_bytes() == b"the previous export" and leftovers(tmp_path) == []
     out = tmp_path / "model.pt2"
     out.write_bytes(b"the previous export")
     with pytest.raises(ExportError, match="torch.export cannot export this model"):  # data-dependent branch
-        export_model(_TracedBranch(), out, format="pt2", input_shape=(1, 2, 2))
+        export_model(_TracedBranch(), out, format="pt2", input_shape=(1, 2, 2), overwrite=True)
     assert out.read_bytes() == b"the previous export" and leftovers(tmp_path) == []
 
 

@@ -49,6 +49,36 @@ def test_missing_file_is_a_recipe_error(tmp_path: Path) -> None:
         load_recipe(tmp_path / "nope.yaml")
 
 
+def test_a_folder_is_not_a_recipe_file_and_its_recipes_are_suggested(tmp_path: Path) -> None:
+    with pytest.raises(RecipeError, match=r"is a folder, not a recipe file$"):
+        load_recipe(tmp_path)
+    for name in ("b.yaml", "recipe.yaml", "a.yml", "c.yaml", "notes.txt"):
+        (tmp_path / name).write_text("")
+    with pytest.raises(RecipeError) as info:
+        load_recipe(tmp_path)
+    assert info.value.problems == [f"{tmp_path}: is a folder, not a recipe file; did you mean "
+                                   f"{tmp_path / 'recipe.yaml'}, {tmp_path / 'a.yml'}, {tmp_path / 'b.yaml'} "
+                                   f"(and 1 more)?"]
+
+
+def test_huge_keys_and_names_give_short_messages(tmp_path: Path) -> None:
+    """A 100,000-character key made a 200 KB message (the key twice, whole); now each is cut."""
+    huge = "k" * 100_000
+    recipe = tiny_recipe([{"prune": "magnitude", "params": {huge: 1}}, {huge: {}}, {"prune": huge}])
+    recipe[huge] = 1
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write_recipe(tmp_path / "r.yaml", recipe))
+    problems = info.value.problems
+    recipe = tiny_recipe([{"evaluate": {}}])
+    recipe["model"]["name"] = huge  # checked against timm only once the rest is valid
+    with pytest.raises(RecipeError) as info:
+        load_recipe(write_recipe(tmp_path / "r.yaml", recipe))
+    problems += info.value.problems
+    assert len(problems) == 5, problems
+    assert all(len(problem) < 400 for problem in problems), [len(problem) for problem in problems]
+    assert all("kkkkk" in problem and ("…" in problem or "..." in problem) for problem in problems)
+
+
 def test_good_recipe_resolves_defaults_and_paths(tmp_path: Path) -> None:
     recipe_path = write_recipe(tmp_path / "r.yaml", tiny_recipe(
         [{"prune": "magnitude", "params": {"sparsity": 0.3}, "layers": ["blocks.0.*"]},

@@ -12,6 +12,7 @@ from torch import nn
 
 import rmtp
 from rmtp.architecture import ModelSpec
+from rmtp.checkpoint import write_safetensors_atomic
 from rmtp.errors import CheckpointError, RmtpError
 from rmtp.modules import rebuildable
 from rmtp.plugins import get_plugins
@@ -111,3 +112,13 @@ def test_damaged_folder_gives_one_clear_error(tmp_path: Path, damage, message: s
     damage(tmp_path / "m")
     with pytest.raises(CheckpointError, match=message):
         rmtp.load(tmp_path / "m")
+
+
+def test_a_file_given_as_a_folder_is_one_clear_error(tmp_path: Path) -> None:
+    """A checkpoint file passed to rmtp.load was the OS's NotADirectoryError on '<file>/rmtp_model.json'."""
+    model, _ = _tiny()
+    checkpoint = tmp_path / "model.safetensors"
+    write_safetensors_atomic(model.state_dict(), checkpoint)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: a file, not an rmtp output folder \(a folder "
+                                              r"with rmtp_model\.json\)$"):
+        rmtp.load(checkpoint)

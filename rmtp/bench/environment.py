@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-__all__ = ["cpu_name", "device_name", "host_environment", "loadavg"]
+__all__ = ["busy_note", "cpu_name", "device_name", "host_environment", "loadavg", "usable_cores"]
 
 
 def device_name(dev: torch.device) -> str:
@@ -39,15 +40,30 @@ def loadavg() -> float | None:
         return None
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity where the OS tells)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 0
+
+
+def busy_note(loads: Sequence[float | None], cores: int) -> str:
+    """'' unless a 1-minute load taken around the timing (``None``: unknown) exceeded the usable
+    ``cores``; then the words that say the timings are noisy. ``rmtp bench`` and prune steps that
+    time share it, so a busy machine reads the same wherever it spoiled a figure."""
+    known = [x for x in loads if x is not None]
+    if not known or not cores or max(known) <= cores:
+        return ""
+    return f"the machine was busy (1-min load {max(known)} on {cores} cores): timings are noisy"
+
+
 def host_environment(load_before: float | None) -> dict[str, Any]:
     """Versions (:func:`rmtp.report.environment`), CPU, usable cores and the load before and now."""
     from rmtp.report import environment
 
     env: dict[str, Any] = dict(environment())
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count() or 0
-    env.update({"cpu": cpu_name(), "cpu_cores": cores, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    env.update({"cpu": cpu_name(), "cpu_cores": usable_cores(),
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                 "loadavg_1min_start": load_before, "loadavg_1min_end": loadavg()})
     return env

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,11 +23,14 @@ from torch import nn
 
 from rmtp import measure
 from rmtp.bench.defaults import DEFAULT_BATCHES, DEFAULT_ROUNDS, MIN_ROUNDS
-from rmtp.bench.environment import device_name, host_environment, loadavg
+from rmtp.bench.environment import busy_note, device_name, host_environment, loadavg
 from rmtp.bench.loading import Candidate, load_candidates
 from rmtp.bench.schema import BatchResult, BatchRun, BenchError, BenchModel, BenchReport, BenchSettings, EvalData
-from rmtp.data import build_data, data_input_size, model_input_size
+from rmtp.data import DataSpec, build_data, data_input_size, model_input_size
+from rmtp.data.spec import PREPROCESSING_KEYS
 from rmtp.device import resolve_device
+from rmtp.errors import short_repr
+from rmtp.oom import allocation_detail, is_out_of_memory
 from rmtp.progress import NULL_PROGRESS, Progress
 
 __all__ = ["DEFAULT_BATCHES", "DEFAULT_ROUNDS", "DTYPES", "KERNEL_HOOK", "MIN_ROUNDS", "benchmark",
@@ -76,7 +79,8 @@ def benchmark_models(sources: Sequence[str], *, device: str = "cpu", batches: Se
 
     Settings are checked before any model is loaded. With ``evaluate``, top-1 is measured on
     ``eval_data``, or when it is None on the val data the first source that names one records
-    (a folder's recipe.yaml, a checkpoint card's ``data``).
+    (a folder's recipe.yaml, a checkpoint card's ``data``); a model whose own data names other
+    preprocessing keeps it, one whose data names other val images is refused.
     """
     _check_settings(device, batches, dtype, rounds, threads, warmup_s, block_s)
     candidates = load_candidates(sources, model_name=model_name, model_kwargs=model_kwargs)
@@ -298,9 +302,18 @@ class _CastLoader:
 
 def _evaluate(candidates: Sequence[Candidate], models: list[BenchModel], eval_data: EvalData, dev: torch.device,
               dtype: torch.dtype, channels_last: bool, progress: Progress) -> None:
-    """Top-1 of every model on the same seeded val split, in the benchmarked dtype, uncompiled."""
-    for c, m in zip(candidates, models):
-        data = build_data(eval_data.spec, c.model)
+    """Top-1 of every model on the same seeded val split, in the benchmarked dtype, uncompiled.
+
+    The val images are ``eval_data``'s; each model sees them through its own preprocessing
+    (:func:`_eval_spec`), so a model trained at another size than the first is not scored on
+    images it was never meant to see.
+    """
+    specs = [_eval_spec(c, eval_data) for c in candidates]  # all refusals before any model is evaluated
+    for c, m, spec in zip(candidates, models, specs):
+        if spec != eval_data.spec and c.eval_data is not None:
+            m.notes.append(f"top-1 on the val images of {eval_data.source}, preprocessed as {c.eval_data.source} "
+                           f"says ({_preprocessing_text(spec)})")
+        data = build_data(spec, c.model)
         loader = data.loader("val")
         with progress.task(f"evaluating {c.label}", total=len(loader)) as advance:
             m.top1 = measure.top1(c.model, _CastLoader(loader, dtype, channels_last), device=dev,
@@ -311,6 +324,51 @@ def _evaluate(candidates: Sequence[Candidate], models: list[BenchModel], eval_da
         m.top1_delta = None if m.top1 is None or base is None else m.top1 - base
 
 
+#: DataSpec fields that pick the val images: models whose own data differ in one cannot share a val set.
+_VAL_SET_KEYS = ("name", "root", "val_fraction", "split_seed")
+#: DataSpec fields that only say how an image reaches a model: each model keeps its own.
+_OWN_PREPROCESSING_KEYS = ("img_size", *PREPROCESSING_KEYS)
+
+
+def _eval_spec(c: Candidate, shared: EvalData) -> DataSpec:
+    """The val images ``shared`` names, preprocessed the way ``c``'s own data (recipe, card) says.
+
+    A card's ``img_size: null`` means "the model's own input size", so applying the first model's
+    data section to every model would feed, say, a ResNet trained on 32 px digits 224 px ones and
+    report a silently wrong top-1. A model naming no data of its own takes ``shared`` whole. Models
+    whose data pick other val images (another dataset, root, split) are refused: their top-1
+    figures would not be comparable.
+    """
+    own = c.eval_data
+    if own is None or own.spec == shared.spec:
+        return shared.spec
+    differ = [key for key in _VAL_SET_KEYS if _val_set_value(own.spec, key) != _val_set_value(shared.spec, key)]
+    if differ:
+        detail = "; ".join(f"{key} {short_repr(_shown(own.spec, key), 60)} vs "
+                           f"{short_repr(_shown(shared.spec, key), 60)}" for key in differ)
+        raise BenchError(f"--eval: {c.label} names other val data ({own.source}) than {shared.source}: {detail}; "
+                         f"top-1 needs one val set: bench these models separately, or without --eval")
+    return shared.spec.model_copy(update={key: getattr(own.spec, key) for key in _OWN_PREPROCESSING_KEYS})
+
+
+def _val_set_value(spec: DataSpec, key: str) -> Any:
+    """A field compared as the images it selects (a root by its resolved path)."""
+    value = getattr(spec, key)
+    return Path(value).expanduser().resolve() if key == "root" and value is not None else value
+
+
+def _shown(spec: DataSpec, key: str) -> Any:
+    """A field as an error line shows it (a root as its text, not ``PosixPath(...)``)."""
+    value = getattr(spec, key)
+    return str(value) if isinstance(value, Path) else value
+
+
+def _preprocessing_text(spec: DataSpec) -> str:
+    """The preprocessing fields a spec sets, e.g. ``img_size 32``; the model's own input size if none."""
+    shown = [f"{key} {getattr(spec, key)}" for key in _OWN_PREPROCESSING_KEYS if getattr(spec, key) is not None]
+    return ", ".join(shown) if shown else "the model's own input size"
+
+
 def _time_batch(batch: int, candidates: Sequence[Candidate], models: list[BenchModel], runners: list[Callable],
                 dev: torch.device, dtype: torch.dtype, channels_last: bool, compile: bool, rounds: int,
                 warmup_s: float, block_s: float, progress: Progress) -> BatchRun:
@@ -319,33 +377,23 @@ def _time_batch(batch: int, candidates: Sequence[Candidate], models: list[BenchM
                                    warmup_s, block_s, progress)
 
 
-#: How allocators say they ran out: CUDA raises torch.OutOfMemoryError; the CPU allocator a
-#: RuntimeError with this text ("DefaultCPUAllocator: can't allocate memory"), or MemoryError.
-_OOM_MESSAGES = ("can't allocate memory", "out of memory", "cannot allocate memory")
-
-
 @contextmanager
 def _fits_in_memory(batch: int, what: str | None, dev: torch.device) -> Iterator[None]:
     """Turn an allocator's out-of-memory error into one line naming the batch and the model."""
     try:
         yield
     except (MemoryError, RuntimeError) as exc:
-        if not _is_out_of_memory(exc):
+        if not is_out_of_memory(exc):
             raise
         raise _out_of_memory(batch, what, dev, exc) from None
-
-
-def _is_out_of_memory(exc: BaseException) -> bool:
-    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
-        isinstance(exc, RuntimeError) and any(text in str(exc).lower() for text in _OOM_MESSAGES))
 
 
 def _out_of_memory(batch: int, what: str | None, dev: torch.device, exc: BaseException) -> BenchError:
     if dev.type == "cuda":
         torch.cuda.empty_cache()  # give back what the failed batch cached, for the caller's next try
-    detail = re.search(r"tried to allocate [^.(]+", str(exc))
+    detail = allocation_detail(exc)
     return BenchError(f"--batch {batch}{f' with {what}' if what else ''} does not fit in {dev.type.upper()} memory"
-                      f"{f' ({detail.group(0).strip()})' if detail else ''}; try a smaller --batch")
+                      f"{f' ({detail})' if detail else ''}; try a smaller --batch")
 
 
 def _time_batch_fitting(batch: int, candidates: Sequence[Candidate], models: list[BenchModel],
@@ -401,7 +449,7 @@ def _first_call(fn: Callable[[], Any], m: BenchModel, batch: int, dev: torch.dev
         fn()
         measure.synchronize(dev)
     except Exception as exc:  # any failure of the model's forward is the user's to see, in one line
-        if _is_out_of_memory(exc):
+        if is_out_of_memory(exc):
             raise _out_of_memory(batch, f"model {m.label!r}", dev, exc) from None
         what = "torch.compile of" if compile else "forward pass of"
         raise BenchError(f"{m.label}: {what} a batch of {batch} × {_shape(m.input_shape)} "
@@ -423,13 +471,12 @@ def _report_notes(report: BenchReport) -> list[str]:
             notes.append(f"batch {run.batch}: torch.compile built {run.recompiles} more graph(s) after the first "
                          f"calls, so some timed calls may have included compilation")
     env, threads = report.environment, report.settings.threads
-    loads = [x for x in (env.get("loadavg_1min_start"), env.get("loadavg_1min_end")) if x is not None]
-    cores = env.get("cpu_cores") or 0
-    if loads and cores and max(loads) > cores:
+    busy = busy_note([env.get("loadavg_1min_start"), env.get("loadavg_1min_end")], env.get("cpu_cores") or 0)
+    if busy:
         advice = f"; {threads} threads on a busy machine wait for descheduled threads: try --threads 1" \
             if report.settings.device == "cpu" and threads > 1 else ""
-        notes.append(f"the machine was busy (1-min load {max(loads)} on {cores} cores): timings are noisy; "
-                     f"trust a speed-up only outside the noise floor of a same-model run (rmtp bench X X){advice}")
+        notes.append(f"{busy}; trust a speed-up only outside the noise floor of a same-model run "
+                     f"(rmtp bench X X){advice}")
     if report.settings.device == "cpu" and report.settings.rss_method is None:
         notes.append("peak RSS is not measured on this platform (needs Linux /proc/self/clear_refs and glibc)")
     return notes

@@ -50,7 +50,8 @@ def prune(
                                        "the least important ones are hidden to fit the terminal).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a killed run of this recipe from its last "
                                          "checkpoint (<output.dir>.checkpoint/): finished steps are not redone, "
-                                         "a fine-tune continues mid-epoch. Refused if the recipe changed.")] = False,
+                                         "a fine-tune continues mid-epoch. Refused if the recipe or its data "
+                                         "changed. Without it, a run over such a checkpoint is refused.")] = False,
 ) -> None:
     """Run a recipe: build the model, apply its steps in order, print reports, save the result."""
     from rmtp.distributed import is_main_process

@@ -34,7 +34,9 @@ def bench(
              "balances who runs first).")] = DEFAULT_ROUNDS,
     threads: Annotated[int | None, typer.Option(help="torch intra-op threads (default: torch's current).")] = None,
     evaluate: Annotated[bool, typer.Option(
-        "--eval", help="Also measure top-1 on the val data of the first folder's recipe (or a checkpoint card).",
+        "--eval", help="Also measure top-1 on the val data of the first folder's recipe (or a checkpoint card), "
+                       "each model through its own recipe's or card's preprocessing; models naming other val data "
+                       "are refused.",
     )] = False,
     json_path: Annotated[Path | None, typer.Option(
         "--json", help="Also write the results as JSON (schema rmtp-bench/1).")] = None,

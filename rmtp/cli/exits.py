@@ -2,21 +2,25 @@
 
 User errors (bad recipe, missing file, unknown plugin, no GPU) arrive as
 :class:`rmtp.errors.RmtpError` and leave as red lines with exit code 1, never a traceback; Ctrl-C
-leaves one line saying what was kept, and exit code 130. Every command, built-in or a plugin's
+leaves one line saying what was kept, and exit code 130; SIGTERM (a scheduler's stop) the same
+cleanup and line, and exit code 143. Every command, built-in or a plugin's
 (``register_commands``), wraps its library calls in :func:`user_errors`.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from types import FrameType
 
 import typer
 from rich.markup import escape
 
 from rmtp.errors import RecipeError, RmtpError
 
-__all__ = ["INTERRUPTED", "user_errors"]
+__all__ = ["INTERRUPTED", "Terminated", "user_errors"]
 
 
 #: What Ctrl-C leaves behind, unless a command knows better: every file rmtp writes is written
@@ -24,18 +28,47 @@ __all__ = ["INTERRUPTED", "user_errors"]
 INTERRUPTED = "interrupted: no file was left half-written (rmtp writes each one whole, or not at all)"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, what schedulers (Slurm, Kubernetes, torchrun) send before a kill, raised like
+    Ctrl-C's KeyboardInterrupt: the same cleanup runs (the output lock is released, a checkpoint
+    kept for ``--resume``) and the same one line is printed, instead of a silent death."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated()
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """While the block runs, SIGTERM raises :class:`Terminated`; the previous handler is restored
+    after. Only the main thread can set signal handlers (elsewhere SIGTERM keeps its handler)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 @contextmanager
 def user_errors(interrupted: str | Callable[[], str] = INTERRUPTED) -> Iterator[None]:
     """Turn library errors into red lines on stderr and exit code 1, and Ctrl-C into one line
-    saying what was kept (``interrupted``, or a function that tells) and exit code 130."""
+    saying what was kept (``interrupted``, or a function that tells) and exit code 130; SIGTERM
+    into the same line, saying so, and exit code 143 (128 + SIGTERM, what schedulers expect)."""
     from rmtp.render import stderr
 
     try:
-        yield
-    except KeyboardInterrupt:
+        with _sigterm_as_interrupt():
+            yield
+    except KeyboardInterrupt as exc:
         message = interrupted() if callable(interrupted) else interrupted
+        if isinstance(exc, Terminated):
+            message = (f"terminated (SIGTERM){message[len('interrupted'):]}" if message.startswith("interrupted")
+                       else f"terminated (SIGTERM): {message}")
         stderr.print(f"[yellow]{escape(message)}[/]")
-        raise typer.Exit(130) from None
+        raise typer.Exit(128 + signal.SIGTERM if isinstance(exc, Terminated) else 130) from None
     except RecipeError as exc:
         for problem in exc.problems:
             stderr.print(f"[red]error:[/] {escape(problem)}")

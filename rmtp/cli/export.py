@@ -38,6 +38,9 @@ def export(
     check_images: Annotated[int, typer.Option("--check-images", help="How many val images --check compares on.")] = 32,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default 17).")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace the output file if it exists (without it, an existing file is refused and "
+                            "left as it is).")] = False,
 ) -> None:
     """Write a saved model as a file a runtime executes (ONNX or torch.export's pt2), verified."""
     from rmtp.atomic import check_writable, write_errors, write_json_atomic
@@ -52,7 +55,7 @@ def export(
             check_writable(json_path, what="--json", is_dir=False)
         target = out if out is not None else run_dir / DEFAULT_NAMES[fmt]
         report = export_model(run_dir, target, format=fmt, batch=batch, check=check,  # type: ignore[arg-type]
-                              check_images=check_images, opset=opset)
+                              check_images=check_images, opset=opset, overwrite=overwrite)
     stdout.print(report_table(report))
     if json_path is not None:
         with user_errors(), write_errors("--json", json_path, consequence="the report is printed above only"):

@@ -129,20 +129,58 @@ def _class_difference(train: list[str], val: list[str]) -> str:
 
 def imagefolder_problems(root: Path, model_kwargs: dict[str, Any]) -> list[str]:
     """What ``rmtp validate`` can tell cheaply about an imagefolder root and the model's kwargs:
-    the layout, ``num_classes`` vs the class folders, an ``in_chans`` images cannot be given in."""
+    the layout, ``num_classes`` vs the class folders, class folders with no image (which would
+    otherwise pass validation and fail when the run reads the data), an ``in_chans`` images
+    cannot be given in."""
     problems = []
     in_chans = model_kwargs.get("in_chans")
     if isinstance(in_chans, int) and in_chans not in IMAGE_MODES:
         problems.append(_channels_problem(root, in_chans))
     try:
-        _, classes = imagefolder_layout(root)
+        folders, classes = imagefolder_layout(root)
     except DataError as exc:
         return [*problems, str(exc)]
     num_classes = model_kwargs.get("num_classes")
     if isinstance(num_classes, int) and not isinstance(num_classes, bool):
         problem = class_count_problem(f"data.root: {root}", len(classes), num_classes)
         problems.extend([problem] if problem else [])
+    for folder in folders:
+        empty = [name for name in classes if not _has_image(folder / name)]
+        problems.extend([_empty_classes_problem(folder, empty)] if empty else [])
     return problems
+
+
+def _has_image(folder: Path) -> bool:
+    """Whether ``folder`` or a folder below it (links followed, as torchvision does) holds an image.
+
+    Stops at the first image and reads folders lazily, so on a real dataset it costs about one
+    directory read per class; validation stays affordable on ImageNet.
+    """
+    pending, seen = [str(folder)], set()
+    while pending:
+        current = pending.pop()
+        real = os.path.realpath(current)
+        if real in seen:  # a link back up the tree
+            continue
+        seen.add(real)
+        try:
+            with os.scandir(current) as entries:
+                for entry in entries:
+                    if entry.is_dir():
+                        pending.append(entry.path)
+                    elif _is_image_name(entry.name):
+                        return True
+        except OSError:
+            continue  # unreadable: reading the data will name it
+    return False
+
+
+def _empty_classes_problem(folder: Path, empty: list[str], shown: int = 5) -> str:
+    """The class folders with no image, at most ``shown`` named."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    names = ", ".join(empty[:shown]) + (f" and {len(empty) - shown} more" if len(empty) > shown else "")
+    return f"data.root: {folder}: no images in class folder(s) {names} (looked for {', '.join(IMG_EXTENSIONS)})"
 
 
 def _channels_problem(root: Path | None, in_chans: int) -> str:
@@ -230,14 +268,10 @@ def _is_image_path(path: str) -> bool:
 def _read_folder(folder: Path, classes: list[str], loader: _ImageLoader) -> ImageFiles:
     """The images of ``folder``'s ``classes`` (no transform yet); a class folder without images is
     refused by name."""
-    from torchvision.datasets.folder import IMG_EXTENSIONS
-
     dataset = ImageFiles(folder, classes, None, loader)
     empty = [classes[i] for i in sorted(set(range(len(classes))) - set(dataset.targets))]
     if empty:
-        shown = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
-        raise DataError(f"data.root: {folder}: no images in class folder(s) {shown} "
-                        f"(looked for {', '.join(IMG_EXTENSIONS)})")
+        raise DataError(_empty_classes_problem(folder, empty))
     return dataset
 
 

@@ -23,6 +23,7 @@ from rmtp.export.refusals import (
     export_problems,
 )
 from rmtp.export.runtimes import discrete_hint, onnx_writer, ort_version, pt2_writer
+from rmtp.oom import allocation_detail, is_out_of_memory
 
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
@@ -55,7 +56,7 @@ class ExportReport:
 def export_model(source: str | os.PathLike | nn.Module, path: str | os.PathLike, *,
                  format: Format,
                  batch: int = 1, check: bool = False, check_images: int = 32, opset: int | None = None,
-                 input_shape: Sequence[int] | None = None) -> ExportReport:
+                 input_shape: Sequence[int] | None = None, overwrite: bool = False) -> ExportReport:
     """Write ``source`` to ``path`` as ``format`` (``"onnx"`` or ``"pt2"``), verified, atomically.
 
     ``source``: an rmtp output folder (loaded with :func:`rmtp.load`; its input shape is what its
@@ -64,18 +65,38 @@ def export_model(source: str | os.PathLike | nn.Module, path: str | os.PathLike,
     ``batch``: the exported graph's (static) batch size. ``check``: compare outputs on
     ``check_images`` val images of the folder's dataset, in batches of ``batch`` (random inputs,
     said so in the report, when there is no data: an ``nn.Module``, a folder without a recipe).
-    ``opset``: ONNX opset (default 17). Raises :class:`ExportError` (one line) on a refusal, a
-    failed export or a difference above :data:`TOLERANCE`.
+    ``opset``: ONNX opset (default 17). ``overwrite``: replace an existing file at ``path``;
+    without it an existing file is refused and left as it is (``-o`` naming an unrelated file by
+    mistake must not destroy it). Raises :class:`ExportError` (one line) on a refusal, a failed
+    export or a difference above :data:`TOLERANCE`.
     """
     started = time.perf_counter()
     fmt = check_options(format, batch, check_images, opset)
     path = Path(path)
     check_writable(path, what="export", is_dir=False)
+    if not overwrite and os.path.lexists(path):
+        raise ExportError(f"export: {path}: already exists; nothing was written (overwrite=True, --overwrite on "
+                          f"the command line, replaces it)")
     model, shape, data, no_data = _source(source, input_shape, want_data=check)
     problems = export_problems(model, fmt)
     if problems:
         raise ExportError(f"cannot export {_name(source)} to {fmt}: " + "; ".join(problems))
-    inputs, described = _inputs(data, no_data, shape, batch, check_images if check else batch)
+    with _fits_in_memory(batch):
+        inputs, described, opset_used, result = _write(model, source, fmt, path, data, no_data, shape, batch,
+                                                       check_images if check else batch, opset)
+    exporter = (f"torch.onnx.export (TorchScript, opset {opset_used}) + onnxruntime {ort_version()}"
+                if fmt == "onnx" else f"torch.export (torch {torch.__version__.split('+')[0]})")
+    return ExportReport(path=path, format=fmt, bytes=path.stat().st_size, input_shape=tuple(shape), batch=batch,
+                        max_abs_diff=result["diff"], images=len(inputs) * batch, inputs=described,
+                        exporter=exporter, seconds=round(time.perf_counter() - started, 3))
+
+
+def _write(model: nn.Module, source: object, fmt: str, path: Path, data: Dataset | None, no_data: str,
+           shape: tuple[int, ...], batch: int, count: int, opset: int | None
+           ) -> tuple[list[Tensor], str, int, dict[str, float]]:
+    """Run the model on its check inputs, export it and check the file, put in place only if it passes;
+    (the inputs, how they are described, the opset, {"diff": max |difference|})."""
+    inputs, described = _inputs(data, no_data, shape, batch, count)
     with _eval_mode(model), torch.no_grad():
         expected = [model(x) for x in inputs]
         for out in expected:
@@ -89,11 +110,21 @@ def export_model(source: str | os.PathLike | nn.Module, path: str | os.PathLike,
         result: dict[str, float] = {}
         with write_errors("export", path, consequence="nothing was written"):
             replace_atomically(path, lambda tmp: result.update(diff=writer(tmp)))
-    exporter = (f"torch.onnx.export (TorchScript, opset {opset_used}) + onnxruntime {ort_version()}"
-                if fmt == "onnx" else f"torch.export (torch {torch.__version__.split('+')[0]})")
-    return ExportReport(path=path, format=fmt, bytes=path.stat().st_size, input_shape=tuple(shape), batch=batch,
-                        max_abs_diff=result["diff"], images=len(inputs) * batch, inputs=described,
-                        exporter=exporter, seconds=round(time.perf_counter() - started, 3))
+    return inputs, described, opset_used, result
+
+
+@contextlib.contextmanager
+def _fits_in_memory(batch: int) -> Iterator[None]:
+    """An allocator running out while the model runs, is exported or is checked means the batch is
+    too large for this machine: one line saying so (the file is not written), not a traceback."""
+    try:
+        yield
+    except (MemoryError, RuntimeError, ExportError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        detail = allocation_detail(exc)
+        raise ExportError(f"export batch {batch} does not fit in CPU memory{f' ({detail})' if detail else ''}; "
+                          f"nothing was written; try a smaller --batch") from None
 
 
 # ----------------------------------------------------------------------------------- the source

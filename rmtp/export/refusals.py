@@ -19,6 +19,10 @@ MIN_OPSET, MAX_OPSET = 14, 20  # what torch's TorchScript exporter writes for th
 #: protobuf's hard limit on one message: an ONNX file above it needs external data files.
 ONNX_LIMIT_BYTES = 2 * 1024**3
 INSTALL_HINT = 'pip install "rmtp[export]"'
+#: Largest static batch an exported graph may have: above it a deployment graph is implausible, and
+#: the forward passes that trace and check it would ask the allocator for tens of GB (a
+#: ``--batch 100000`` typo). The same bound as a recipe's ``data.batch_size``.
+MAX_BATCH = 4096
 
 
 class ExportError(RmtpError):
@@ -67,9 +71,10 @@ def export_problems(model: nn.Module, format: str = "onnx") -> list[str]:
 def check_options(fmt: object, batch: object, check_images: object, opset: object) -> str:
     if fmt not in FORMATS:
         raise ExportError(f"export format {short_repr(fmt)}: choose one of {', '.join(FORMATS)}")
-    for name, value, low in (("batch", batch, 1), ("check_images", check_images, 1)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise ExportError(f"export {name} must be a whole number >= {low}, got {short_repr(value)}")
+    for name, value, high in (("batch", batch, MAX_BATCH), ("check_images", check_images, None)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1 or (high is not None and value > high):
+            allowed = f"1..{high}" if high is not None else ">= 1"
+            raise ExportError(f"export {name} must be a whole number {allowed}, got {short_repr(value)}")
     if opset is not None:
         if fmt != "onnx":
             raise ExportError("export opset is for --format onnx only")

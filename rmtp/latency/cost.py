@@ -38,7 +38,7 @@ from rmtp.precision import autocast, check_precision
 from rmtp.progress import NULL_PROGRESS, Progress
 
 __all__ = ["CostModel", "MacsCost", "MeasuredCost", "cost_model", "interpolate", "predicted_seconds",
-           "rank_grid", "round_up"]
+           "rank_grid", "round_up", "same_structure"]
 
 MEASURABLE_DEVICES = ("cpu", "cuda")
 
@@ -100,6 +100,10 @@ class CostModel(ABC):
         copy of ``model`` whose named layers return a ready-made output at no cost. Timing all
         three together keeps them comparable on a machine whose speed drifts (a cost table's
         entries may be hours old; only their ratios are used). For ``cost: macs``, MACs.
+
+        A ``model`` that is the dense one in all that sets its time (:func:`same_structure`: a
+        first step's copy) is timed once and is ×1.00 of it: two timings of one computation
+        differ only by noise, which a busy machine made ×0.62.
         """
         import copy
 
@@ -109,9 +113,10 @@ class CostModel(ABC):
             stubbed = copy.deepcopy(model)
             for name, (_, out_shape) in shapes.items():
                 stubbed.set_submodule(name, _Ready(out_shape, self.device, _dtype(model)))
-        models = [dense, model] if dense is not model else [model]
+        same = dense is model or same_structure(dense, model)
+        models = [model] if same else [dense, model]
         times = self.model_seconds(models + ([stubbed] if stubbed is not None else []))
-        dense_s, now_s = (times[0], times[1]) if dense is not model else (times[0], times[0])
+        dense_s, now_s = (times[0], times[0]) if same else (times[0], times[1])
         without = times[-1] if stubbed is not None else now_s
         if self.kind == "macs":  # MACs add up: the layers' share is their own count
             return dense_s, now_s, sum(self.seconds([model.get_submodule(n)], shape)[0]
@@ -270,6 +275,33 @@ class _Ready(nn.Module):
 
     def forward(self, *args: object, **kwargs: object) -> torch.Tensor:
         return self.out
+
+
+def same_structure(a: nn.Module, b: nn.Module) -> bool:
+    """Whether ``a`` and ``b`` run the same computation, weight values aside: the same modules
+    (type, repr, plain attributes such as timm's ``fused_attn``, forward overrides and hooks), the
+    same parameters and buffers (shape, dtype, layout, device) and the same rmtp patches. What
+    only a weight's values change (a mask's zeros) runs as the same dense kernels."""
+    return _structure(a) == _structure(b)
+
+
+def _structure(model: nn.Module) -> tuple:
+    modules = [(name, type(m), m.extra_repr(), "forward" in vars(m), len(m._forward_hooks),
+                len(m._forward_pre_hooks),
+                sorted((k, v) for k, v in vars(m).items()
+                       if k != "training" and not k.startswith("_") and isinstance(v, (bool, int, float, str))))
+               for name, m in model.named_modules()]
+    tensors = [(name, type(t.data), tuple(t.shape), t.dtype, t.layout, t.device)
+               for name, t in [*model.named_parameters(), *model.named_buffers()]]
+    return modules, tensors, _patches(model)
+
+
+def _patches(model: nn.Module) -> list[tuple[type, str]]:
+    """rmtp's forward-pass patches on ``model`` (what :func:`rmtp.modules.patches_of` returns), found
+    by what they are, objects with ``rmtp_config`` in a list attribute: importing rmtp.modules here
+    would close an import cycle (rmtp.plugins → rmtp.pruner → here → rmtp.modules → rmtp.plugins)."""
+    return [(type(patch), repr(patch.rmtp_config())) for value in vars(model).values() if isinstance(value, list)
+            for patch in value if callable(getattr(patch, "rmtp_config", None))]
 
 
 def _dtype(module: nn.Module) -> torch.dtype:

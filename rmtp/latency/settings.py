@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -68,3 +68,29 @@ class LatencySettings(BaseModel):
 
     def cache_dir(self) -> Path:
         return self.cache if self.cache is not None else default_cache_dir()
+
+    def cache_source(self) -> str:
+        """What names :meth:`cache_dir`, for an error: the key, the variable, or the default."""
+        if self.cache is not None:
+            return "latency.cache"
+        return CACHE_ENV if os.environ.get(CACHE_ENV) else "the latency cache (default; set RMTP_LATENCY_CACHE)"
+
+    def check_cache(self) -> None:
+        """Refuse a cost-table folder rmtp cannot write (a file, a read-only folder) before any timing:
+        the table is saved after the first layer is timed, and a run that learned this from a
+        traceback had timed for 42–59 s. Only for ``cost: measured``, the one that writes it."""
+        if self.cost != "measured":
+            return
+        from rmtp.atomic import check_writable
+
+        check_writable(self.cache_dir(), what=self.cache_source(), is_dir=True)
+
+
+def plans_in_time(params: Any) -> bool:
+    """Whether a prune step with ``params`` times on the device: a speed target, or ``only_if_faster``
+    on (svd-mp resolves its default through ``faster_only()``). The speed keys are the shared
+    ones of :mod:`rmtp.param_types`, so this reads them by name."""
+    if getattr(params, "target_speedup", None) is not None or getattr(params, "target_latency_ms", None) is not None:
+        return True
+    faster_only = getattr(params, "faster_only", None)
+    return bool(faster_only()) if callable(faster_only) else bool(getattr(params, "only_if_faster", False))

@@ -26,6 +26,10 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+#: In-context scales outside this range are not what caches do to a layer but an error of the
+#: measurement (a busy machine): a layer does not take 20 times longer in the model than alone.
+SANE_SCALE = (0.25, 4.0)
+
 
 @dataclass
 class SpeedTarget:
@@ -47,6 +51,10 @@ class SpeedTarget:
     #: What the per-layer figures missed on the plans timed whole by :meth:`correct`: (the plan's
     #: predicted saving in the model, its measured time less the figures' prediction).
     checks: list[tuple[float, float]] = field(default_factory=list)
+    #: Why the step keeps another plan than its search chose, or none (:meth:`keep_measured`); ''.
+    fallback: str = ""
+    #: What went wrong with the measurement itself (a scale out of :data:`SANE_SCALE`), for the report.
+    warnings: list[str] = field(default_factory=list)
 
     def calibrate(self, ctx: PruneContext, names: Sequence[str], isolated: Sequence[float]) -> None:
         """Time the dense model, the current one and the named layers' share of it, together;
@@ -55,12 +63,28 @@ class SpeedTarget:
         with ctx.progress.task(f"latency: timing dense vs current model ({self.cost.kind})"):
             self.dense, self.now, layers = self.cost.in_context(dense, ctx.model, list(names))
         total = sum(isolated)
-        self.scale = layers / total if names and total > 0 else 1.0
+        self.scale = self._sane(layers / total) if names and total > 0 else 1.0
         if self.target_latency_ms is not None:
             self.goal = self.target_latency_ms / 1e3
             self.target_speedup = self.dense / self.goal
         elif self.target_speedup is not None:
             self.goal = self.dense / self.target_speedup
+
+    def _sane(self, scale: float) -> float:
+        """``scale`` if it lies in :data:`SANE_SCALE`; else 1 (the figures as timed alone), and a
+        warning saying the measurement failed, rather than a prediction multiplied by noise."""
+        low, high = SANE_SCALE
+        if low <= scale <= high:
+            return scale
+        self.warnings.append(f"latency: the timed layers took {scale:.3g}× their time alone inside the model, "
+                             f"outside the sane ×{low:g}–×{high:g}: an error of the measurement (a busy "
+                             f"machine?), so their figures are used as timed alone")
+        return 1.0
+
+    @property
+    def start_speedup(self) -> float:
+        """The speed-up over dense of the model the step received (1 for the dense model itself)."""
+        return self.dense / self.now if self.now > 0 else 1.0
 
     def _from_figures(self, savings: Sequence[float]) -> tuple[float, float]:
         """(the plan's saving in the model, the model's time by the per-layer figures alone)."""
@@ -70,8 +94,9 @@ class SpeedTarget:
     def miss(self, savings: Sequence[float]) -> float:
         """Time the per-layer figures leave out of the plan with ``savings``: 0 before any check;
         else the misses of the plans timed whole, linear in the plan's saving between them and
-        constant beyond (plans timed at one saving count by their mean)."""
-        if not self.checks:
+        constant beyond (plans timed at one saving count by their mean). A plan that replaces
+        nothing (no savings) leaves the model as it is and misses nothing."""
+        if not self.checks or not savings:
             return 0.0
         by_saving: dict[float, list[float]] = {}
         for saved, miss in self.checks:
@@ -137,18 +162,57 @@ class SpeedTarget:
 
     def record(self, ctx: PruneContext, savings: Sequence[float], note: str = "") -> None:
         """Tell the step's report what this plan predicts (``prune_step`` measures it after)."""
+        notes = [note, self.fallback, *self.warnings, self._assumed_batch()]
         ctx.speed_plan = {"predicted_speedup": self.speedup(savings), "target_speedup": self.target_speedup,
-                          "start_speedup": self.dense / self.now, "cost": self.cost.describe(),
-                          "in_context_scale": self.scale, "note": note}
+                          "start_speedup": self.start_speedup, "cost": self.cost.describe(),
+                          "in_context_scale": self.scale, "note": "; ".join(filter(None, notes))}
         if self.checks:
             ctx.speed_plan["overhead_fraction"] = self.miss(savings) / self.dense
+
+    def _assumed_batch(self) -> str:
+        """For a measured target whose batch nobody gave: which batch it was planned at, since the
+        speed-up at batch 1 is not the one at 32 (most targets missed in use were planned at 1)."""
+        if self.goal is None or self.cost.kind != "measured" or "batch" in self.cost.settings.model_fields_set:
+            return ""
+        return (f"planned at batch {self.cost.settings.batch}, assumed: no latency.batch was given (nor a later "
+                f"timed evaluate step's latency_batch); set it to the batch the model will serve at")
 
     def shortfall(self, savings: Sequence[float], what: str) -> str:
         """A report note when the target is out of reach ('' when it is reached)."""
         if self.goal is None or self.reached(savings):
             return ""
-        return (f"target ×{self.target_speedup:.2f} not reachable by {what}: predicted ×{self.speedup(savings):.2f} "
-                f"at its most compressed")
+        where = "for the plan kept" if self.checks else "at its most compressed"
+        return (f"target ×{self.target_speedup:.2f} not reachable by {what}: "
+                f"predicted ×{self.speedup(savings):.2f} {where}")
+
+    def keep_measured(self, timed: dict[int, float], chosen: int) -> int | None:
+        """The plan to keep of those timed whole (``timed``: index → measured speed-up over dense),
+        ``chosen`` being the search's choice; None: keep the model as the step received it.
+
+        Only a plan measured faster than the model as it came is kept: of those, the gentlest
+        (lowest index) that reached the target, else the fastest. A choice that measured slower,
+        or was never timed (the corrections ran out), is not kept on a prediction; why goes to
+        :attr:`fallback` for the report.
+        """
+        start = self.start_speedup
+        faster = {i: s for i, s in timed.items() if s > start}
+        goal = self.target_speedup
+        reaching = sorted(i for i, s in faster.items() if goal is not None and s >= goal * (1 - 1e-9))
+        keep = reaching[0] if reaching else max(faster, key=faster.__getitem__, default=None)
+        if keep != chosen:
+            self.fallback = self._fallback_note(timed, chosen, keep, bool(reaching))
+        return keep
+
+    def _fallback_note(self, timed: dict[int, float], chosen: int, keep: int | None, reached: bool) -> str:
+        """The report's words for :meth:`keep_measured` keeping ``keep`` rather than ``chosen``."""
+        start = f"the model as it came (×{self.start_speedup:.2f} over dense)"
+        if keep is None:
+            return (f"no plan timed whole was faster than {start}: the fastest measured ×{max(timed.values()):.2f}; "
+                    f"the step keeps the model unchanged")
+        choice = (f"the search's choice measured ×{timed[chosen]:.2f} over dense" if chosen in timed
+                  else "the search's last choice was not timed whole")
+        what = "the gentlest plan timed that reached the target" if reached else "the fastest plan timed"
+        return f"{choice}: kept {what} instead (measured ×{timed[keep]:.2f})"
 
 
 def first_reaching(candidates: Sequence[T], reached: Callable[[T], bool]) -> int:
@@ -169,17 +233,21 @@ def first_reaching(candidates: Sequence[T], reached: Callable[[T], bool]) -> int
 
 #: Times a chosen plan is timed as a whole model and the search redone with what the per-layer
 #: figures missed (:meth:`SpeedTarget.correct`). It usually settles in two or three; when it has
-#: not by the last check, the choice returned is the search's after it, not itself timed.
+#: not by the last check, the search's choice after it is not itself timed, so a plan that was
+#: timed is kept instead (:meth:`SpeedTarget.keep_measured`).
 CORRECTIONS = 3
 
 
 def reach_checked(ctx: PruneContext, target: SpeedTarget, candidates: Sequence[T],
-                  savings: Callable[[T], Sequence[float]], build: Callable[[T], nn.Module]) -> int:
+                  savings: Callable[[T], Sequence[float]], build: Callable[[T], nn.Module]) -> int | None:
     """Index of the gentlest of ``candidates`` (gentlest first) whose plan reaches ``target``, the
     choice checked on the whole model: the plan's model (``build``) is timed against dense, the
     search redone with what the figures missed there (:meth:`SpeedTarget.correct`,
-    :meth:`SpeedTarget.miss`), at most :data:`CORRECTIONS` times, until the choice holds. The
-    strongest candidate when none reaches it; no check without a goal.
+    :meth:`SpeedTarget.miss`), at most :data:`CORRECTIONS` times, until the choice holds. What is
+    kept was measured (:meth:`SpeedTarget.keep_measured`): a choice that measured slower than the
+    model as it came, or was not timed, gives way to the gentlest plan timed that reached the
+    target, else the fastest timed; None (keep the model unchanged) when no plan timed was faster.
+    Without a goal, the strongest candidate and no check.
 
     The miss is linear between the plans timed, so the prediction may rise over a stretch where a
     stronger plan measured slower; the bisection stays sound, since every plan timed and found
@@ -193,13 +261,16 @@ def reach_checked(ctx: PruneContext, target: SpeedTarget, candidates: Sequence[T
         return min(first_reaching(candidates, lambda c: target.reached(savings(c))), len(candidates) - 1)
 
     index = choose()
-    for _ in range(CORRECTIONS if target.goal is not None else 0):
-        target.correct(ctx, savings(candidates[index]), build(candidates[index]))
+    if target.goal is None:
+        return index
+    timed: dict[int, float] = {}
+    for _ in range(CORRECTIONS):
+        timed[index] = target.correct(ctx, savings(candidates[index]), build(candidates[index]))
         again = choose()
         if again == index:
             break
         index = again
-    return index
+    return target.keep_measured(timed, index)
 
 
 def speed_target(ctx: PruneContext, target_speedup: float | None, target_latency_ms: float | None) -> SpeedTarget:

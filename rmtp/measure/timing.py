@@ -199,10 +199,17 @@ class PairedSpeedup:
                  f"{self.dense_ms.median:.2f} ms [{self.dense_ms.q1:.2f}–{self.dense_ms.q3:.2f}]")
         if self.verdict == "noisy":
             return (f"{times}; no speed-up figure: the per-round ratios spread ×{r.q1:.2f}–×{r.q3:.2f} (IQR), too wide "
-                    f"to mean anything on this machine ({settings}; try `latency_threads: 1` or `rmtp bench`)")
+                    f"to mean anything on this machine ({settings}; {self._noise_advice()})")
         if self.verdict == "same":
             return f"{times}; not measurably faster or slower: ratios ×{r.q1:.2f}–×{r.q3:.2f} (IQR) contain ×1 ({settings})"
         return f"{times}; ×{r.median:.2f} [{r.q1:.2f}–{r.q3:.2f}] speed-up, median of per-round ratios ({settings})"
+
+    def _noise_advice(self) -> str:
+        """What may steady a noisy timing: fewer threads only where it ran on several (advice to set
+        what is already set would send a user in circles), else a quieter machine or more rounds."""
+        if self.threads > 1:
+            return "try `latency_threads: 1` or `rmtp bench`"
+        return "time it on an idle machine, or with more `latency_rounds` or `rmtp bench --rounds`"
 
     def to_dict(self) -> dict[str, Any]:
         return {"dense_ms": self.dense_ms.to_dict(), "pruned_ms": self.pruned_ms.to_dict(),

@@ -150,6 +150,8 @@ def prune(ctx: PruneContext, params: SppParams) -> list[LayerRow]:
         from rmtp_plugins.spp.speed import choose_ratio
 
         ratio, _ = choose_ratio(ctx, units, order, sizes, shared, params)
+        if ratio is None:  # slicing made the model slower at every level timed: leave it (the notes say)
+            return []
         params = params.model_copy(update={"ratio": ratio})
     folded = path.gamma if params.fold_gates else None
     before = {u.path: unit_footprint(ctx.model, u) for u in units}

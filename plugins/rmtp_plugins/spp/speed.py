@@ -39,8 +39,9 @@ def container(unit: Unit) -> str:
 
 
 def choose_ratio(ctx: PruneContext, units: list[Unit], order: list[int], sizes: torch.Tensor,
-                 shared: tuple[Shared, ...], params: SppParams) -> tuple[float, str]:
-    """The ratio to slice at and a note for the report; records the prediction on ``ctx``."""
+                 shared: tuple[Shared, ...], params: SppParams) -> tuple[float | None, str]:
+    """The ratio to slice at and a note for the report; records the prediction on ``ctx``. None:
+    slice nothing, since no level timed whole was faster than the model as it came."""
     from rmtp_plugins.spp.pruner import extract
 
     target = speed_target(ctx, params.target_speedup, params.target_latency_ms)
@@ -69,7 +70,11 @@ def choose_ratio(ctx: PruneContext, units: list[Unit], order: list[int], sizes: 
                     advance()
         return memo[ratio]
 
-    ratio = RATIOS[reach_checked(ctx, target, RATIOS, savings, sliced)]
+    index = reach_checked(ctx, target, RATIOS, savings, sliced)
+    if index is None:  # no level timed whole was faster than the model as it came (the fallback note says)
+        target.record(ctx, [], "no level of the path chosen for the speed target")
+        return None, ctx.speed_plan["note"]
+    ratio = RATIOS[index]
     saved = savings(ratio)
     note = "; ".join(filter(None, [f"ratio {ratio:g} ({params.target}) chosen for the speed target",
                                    target.correction_note(saved, "what slicing changes outside the timed containers"),

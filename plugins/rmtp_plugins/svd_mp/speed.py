@@ -6,14 +6,17 @@ the dense layer, through the step's cost model (:mod:`rmtp.latency`); a rank in 
 by linear interpolation in the total rank. Then:
 
 * ``only_if_faster``: a split whose predicted time is not below the dense layer's by
-  ``latency.min_gain`` (measured costs; any saving for ``cost: macs``) stays dense, unchanged;
+  ``latency.min_gain`` (measured costs; any saving for ``cost: macs``) stays dense, unchanged; with
+  measured costs the split model is then timed whole against dense, and if it is not faster than
+  the model as it came every layer stays dense (:func:`_check_whole`);
 * ``target_speedup`` / ``target_latency_ms``: every singular direction is scored by s/s₊ (as
   ``target_params`` does), and the loosest score threshold whose ranks make the model fast enough
   is found by bisection: raising the threshold only cuts ranks, so the figures' predicted time
   falls monotonically (timings are made monotone in rank first), and the directions kept are the ones
   standing highest above their layer's noise edge. The chosen ranks' split model is then timed
   against dense and the search redone with what the layer figures missed
-  (:func:`rmtp.latency.target.reach_checked`).
+  (:func:`rmtp.latency.target.reach_checked`); a choice that measures no faster than the model
+  as it came is not kept.
 
 Layers an earlier round already split are cut as before and not timed: cutting a rank never
 makes a split slower, and their savings are left out of the prediction (conservative).
@@ -70,7 +73,7 @@ def plan_in_time(ctx: PruneContext, plans: list[_Plan], params: SvdMpParams,
     def split_now(plan: _Plan) -> float | None:
         """The plan's predicted split time at its current ranks, None when it would stay dense."""
         speed = speeds.get(plan.name)
-        if speed is None:
+        if speed is None or plan.dense_reason is not None:
             return None
         split = speed.split_time(sum(m.rank for m in plan.matrices))
         return split if plan.split_cost() < plan.dense_cost() and split < speed.dense * (1 - min_gain) else None
@@ -87,11 +90,15 @@ def plan_in_time(ctx: PruneContext, plans: list[_Plan], params: SvdMpParams,
         return model
 
     if target.goal is not None:
-        _reach(ctx, target, candidates, params, clamp, round_to, savings, split_copy)
-    elif round_to:
-        for plan in candidates:
-            for m in plan.matrices:
-                m.rank = round_up(m.rank, round_to, min(m.shape))
+        if not _reach(ctx, target, candidates, params, clamp, round_to, savings, split_copy):
+            _keep_dense(candidates, split_now)
+    else:
+        if round_to:
+            for plan in candidates:
+                for m in plan.matrices:
+                    m.rank = round_up(m.rank, round_to, min(m.shape))
+        if target.cost.kind == "measured" and savings():
+            _check_whole(ctx, target, candidates, savings, split_copy, split_now)
     saved = savings()
     for plan in candidates:
         speed = speeds.get(plan.name)
@@ -110,10 +117,31 @@ def plan_in_time(ctx: PruneContext, plans: list[_Plan], params: SvdMpParams,
             target.shortfall(saved, "svd-mp on these layers")])))
 
 
+#: A layer's row when its split was left out because the split model, timed whole, was not faster.
+WHOLE_NOT_FASTER = "the split model, timed whole, was not faster: see the step's notes"
+
+
+def _keep_dense(plans: list[_Plan], split_now) -> None:  # noqa: ANN001 - plan_in_time's closure
+    """Every layer that would split stays dense, unchanged (the whole split model was not faster)."""
+    for plan in [p for p in plans if split_now(p) is not None]:
+        plan.dense_reason = WHOLE_NOT_FASTER
+
+
+def _check_whole(ctx: PruneContext, target: SpeedTarget, plans: list[_Plan], savings, split_copy,  # noqa: ANN001
+                 split_now) -> None:  # noqa: ANN001
+    """``only_if_faster`` on the whole model (measured cost, no target): each split is faster
+    alone, but together in the model they can be slower (a default run measured ×0.69 where the
+    figures said ×1.15), so the split model is timed against dense and, unless it is faster than
+    the model as it came, every layer stays dense and the report says so."""
+    if target.keep_measured({0: target.correct(ctx, savings(), split_copy())}, 0) is None:
+        _keep_dense(plans, split_now)
+
+
 def _reach(ctx: PruneContext, target: SpeedTarget, plans: list[_Plan], params: SvdMpParams, clamp,
-           round_to: int | None, savings, split_copy) -> None:  # noqa: ANN001
-    """Loosest s/s₊ threshold whose ranks reach ``target`` (the most compressed if none does), the
-    choice checked on the whole split model (:func:`rmtp.latency.target.reach_checked`)."""
+           round_to: int | None, savings, split_copy) -> bool:  # noqa: ANN001
+    """Loosest s/s₊ threshold whose ranks reach ``target`` (the fastest measured if none does), the
+    choice checked on the whole split model (:func:`rmtp.latency.target.reach_checked`). False when
+    no split model timed was faster than the model as it came: then no layer should split."""
     scores = {id(m): m.s / m.s_plus for p in plans for m in p.matrices}
 
     def set_threshold(tau: float) -> None:
@@ -131,8 +159,11 @@ def _reach(ctx: PruneContext, target: SpeedTarget, plans: list[_Plan], params: S
         return split_copy()
 
     candidates = torch.cat(list(scores.values())).unique().sort().values.tolist() if scores else []
-    if candidates:
-        set_threshold(candidates[reach_checked(ctx, target, candidates, savings_at, built_at)])
+    if not candidates:
+        return True
+    index = reach_checked(ctx, target, candidates, savings_at, built_at)
+    set_threshold(candidates[index if index is not None else 0])
+    return index is not None
 
 
 def factorized(plan: _Plan) -> torch.nn.Module:

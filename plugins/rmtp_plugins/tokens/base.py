@@ -102,7 +102,10 @@ class TokenPruner(Pruner):
             raise PluginError(f"{self.name} patches timm VisionTransformer models (their blocks); "
                               f"{type(model).__qualname__} has no `blocks` sequence")
         if params.speed_target_set():
-            params = self._reach_speed(ctx, blocks, params)
+            chosen = self._reach_speed(ctx, blocks, params)
+            if chosen is None:  # every schedule timed whole was slower than the model as it came: leave it
+                return []
+            params = chosen
         plan = self.plan(params, len(blocks))
         patch = TokenReduction(**plan.model_dump())
         input_shape = model_input_size(model)
@@ -133,7 +136,7 @@ class TokenPruner(Pruner):
         """The values of the schedule's strength a speed target searches, gentlest first."""
         return [i / 200 for i in range(200)]  # r_max in steps of 0.005, below 1 (keep(L−1) = 1 − r_max > 0)
 
-    def _reach_speed(self, ctx: PruneContext, blocks: nn.Sequential, params: TokenParams) -> TokenParams:
+    def _reach_speed(self, ctx: PruneContext, blocks: nn.Sequential, params: TokenParams) -> TokenParams | None:
         from rmtp_plugins.tokens.speed import reach
 
         key = params.strength_key

@@ -233,7 +233,8 @@ class TokenVisionTransformer(VisionTransformer):
 def model_problem(model: nn.Module, plan: TokenPlan) -> str | None:
     """Why the token patch cannot handle ``model`` (``None`` if it can)."""
     if any(isinstance(p, TokenReduction) for p in patches_of(model)):
-        return "it is already token-reduced (remove that patch first; token reducers do not stack)"
+        return ("it is already token-reduced (token reducers do not stack: remove that patch first with "
+                "rmtp.unpatch(model))")
     if type(model) is not VisionTransformer:
         return (f"it is a {type(model).__module__}.{type(model).__qualname__}, not timm's VisionTransformer "
                 f"(subclasses such as distilled DeiT, and other families such as Eva, relative-position or "

@@ -72,9 +72,10 @@ def patched_copy(model: nn.Module, plan: TokenPlan) -> nn.Module:
 
 def reach(ctx: PruneContext, blocks: nn.Sequential, params: PrunerParams, strengths: Sequence[object],
           with_strength: Callable[[object], PrunerParams], plan_of: Callable[[PrunerParams], TokenPlan],
-          knob: str) -> tuple[PrunerParams, float]:
+          knob: str) -> tuple[PrunerParams | None, float]:
     """The params at the gentlest of ``strengths`` (ascending) whose schedule reaches the target
-    (the strongest if none does), and its predicted speed-up; the note goes on ``ctx``."""
+    (the fastest measured if none does), and its predicted speed-up; the note goes on ``ctx``.
+    None: patch nothing, since no schedule timed whole was faster than the model as it came."""
     target = speed_target(ctx, params.target_speedup, params.target_latency_ms)
     n0 = ctx.model.patch_embed.num_patches
     min_tokens = getattr(params, "min_tokens", 1)
@@ -92,6 +93,9 @@ def reach(ctx: PruneContext, blocks: nn.Sequential, params: PrunerParams, streng
 
     index = reach_checked(ctx, target, [with_strength(s) for s in strengths], savings,
                           lambda candidate: patched_copy(ctx.model, plan_of(candidate)))
+    if index is None:  # the fallback note says why
+        target.record(ctx, [], f"no {knob} chosen for the speed target")
+        return None, target.speedup([])
     chosen = with_strength(strengths[index])
     saved = savings(chosen)
     short = target.shortfall(saved, f"{knob} up to {strengths[-1]}")
