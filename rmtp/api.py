@@ -58,7 +58,8 @@ def prune(model: nn.Module, pruner: str | type[Pruner], /, *, arch: str | Archit
     ``layers``: a recipe's ``layers:`` filter (glob(s), ``{"include": [...], "exclude": [...]}``);
     ``None`` takes every non-optional prunable layer, and is what token pruners need.
     ``calibration``: train images (a DataLoader of (images, labels)) for pruners that need them
-    (``spp``, ``n:m`` with Wanda scores or restore); refused clearly when missing.
+    (``spp``, ``n:m`` with Wanda scores or restore; refused clearly when missing) or use them when
+    given (``svd-mp`` then fits its factors on the activation-whitened weights).
     ``dense``: the reference/teacher (spp's KD loss); a frozen copy of ``model`` taken before
     pruning when omitted and the pruner may use it.
     ``device``: where to prune (default: where ``model``'s parameters are). ``input_shape``: one

@@ -355,7 +355,7 @@ def _prune(run: _Run, index: int, step: ResolvedPrune) -> StepReport:
     report = steps.prune_step(
         run.model, pruner_cls, step.params, arch=run.arch, layers=step.layers, device=run.device,
         seed=run.recipe.seed + index, input_shape=run.input_shape, dense=run.dense,
-        calibration=run.data.loader("calibration") if pruner_cls.calibration_needed() else None,
+        calibration=run.data.loader("calibration") if pruner_cls.calibration_use(step.params) == "required" else None,
         progress=run.progress, output=run.extras, preview_images=lambda n: _first_images(run.data.val, n, run.device),
         index=index, label=step.label, precision=step.precision, latency=step.latency)
     if pruner_cls.prunes_weights():  # what later finetune penalties act on

@@ -7,7 +7,7 @@ One contract serves three kinds of pruners:
 * **token** pruners change the forward pass of attention blocks.
 
 Each gets a :class:`PruneContext` (the model, its architecture adapter, the layers the recipe
-step selected, calibration data when :meth:`Pruner.calibration_needed` says so, the frozen dense
+step selected, calibration data when :meth:`Pruner.calibration_use` asks for it, the frozen dense
 model) and its params, already validated against its ``Params`` pydantic model. It mutates
 ``ctx.model`` and returns one :class:`LayerRow` per layer (or block) it touched. A pruner never
 prints: the pipeline renders the rows.
@@ -36,6 +36,8 @@ if TYPE_CHECKING:  # torch is imported where a pruner runs, so `rmtp list` and `
     from torch.utils.data import DataLoader
 
 PrunerKind = Literal["weight", "mask", "token"]
+#: How a pruner uses calibration data (:meth:`Pruner.calibration_use`).
+CalibrationUse = Literal["required", "optional", "unused"]
 
 
 class PrunerParams(BaseModel):
@@ -164,7 +166,7 @@ class Pruner(ABC):
 
     Besides :meth:`prune`, a pruner answers three questions the pipeline (and ``rmtp validate``)
     asks it instead of branching on its attributes: :meth:`candidate_layers`,
-    :meth:`calibration_needed` and :meth:`prunes_weights`. Their defaults follow the class
+    :meth:`calibration_needed` (refined per step by :meth:`calibration_use`) and :meth:`prunes_weights`. Their defaults follow the class
     attributes ``revisits_replaced_layers``, ``needs_calibration`` and ``kind``, so a pruner usually
     sets those; one that needs more overrides the classmethod.
     """
@@ -194,6 +196,18 @@ class Pruner(ABC):
     def calibration_needed(cls) -> bool:
         """Whether :meth:`prune` needs ``ctx.calibration`` (default: ``needs_calibration``)."""
         return bool(cls.needs_calibration)
+
+    @classmethod
+    def calibration_use(cls, params: PrunerParams | None = None) -> CalibrationUse:
+        """How a step with these ``params`` uses calibration data: ``"required"`` (refused without
+        it; a recipe step loads its data's calibration split), ``"optional"`` (used when the caller
+        passes it, ``rmtp.prune(..., calibration=)``; a recipe step does not load it, so recipes
+        keep their data-free behaviour) or ``"unused"`` (never given). Default: ``"required"`` when
+        :meth:`calibration_needed`, else ``"unused"``.
+
+        Why params: a pruner may work with or without data (svd-mp whitens when it has some), and
+        whether a step asks for it can depend on a param (svd-mp's ``whiten``)."""
+        return "required" if cls.calibration_needed() else "unused"
 
     @classmethod
     def prunes_weights(cls) -> bool:

@@ -52,20 +52,22 @@ def prune_step(model: nn.Module, pruner_cls: type[Pruner], params: PrunerParams,
     """Apply one pruner to ``model`` (in place) and report what it did.
 
     ``layers`` filters the pruner's candidate layers (``None``: every non-optional one). A pruner
-    whose :meth:`~rmtp.pruner.Pruner.calibration_needed` is true and gets no ``calibration`` is
-    refused before it starts, naming what to pass. ``latency`` says how replacements are timed
+    whose :meth:`~rmtp.pruner.Pruner.calibration_use` is ``"required"`` and gets no ``calibration``
+    is refused before it starts, naming what to pass; one that says ``"optional"`` gets it when
+    given (svd-mp then whitens), one that says ``"unused"`` never sees it. ``latency`` says how replacements are timed
     (svd-mp/n:m ``only_if_faster``, speed targets); a pruner that planned in time has its predicted
     speed-up measured against ``dense`` after it ran, and both go in the report.
     """
     name = label or pruner_cls.name
-    if pruner_cls.calibration_needed() and calibration is None:
+    use = pruner_cls.calibration_use(params)
+    if use == "required" and calibration is None:
         raise RmtpError(f"{pruner_cls.name} needs calibration data (a DataLoader of (images, labels) from the "
                         f"train split, e.g. calibration=bundle.loader('calibration')), and none was given")
     check_precision(precision, device, option="precision")
     _check_latency_cache(params, latency)
     selected = select_layers(pruner_cls.candidate_layers(arch, model), layers)
     ctx = PruneContext(model=model, arch=arch, layers=selected, device=device, seed=seed, dense_model=dense,
-                       calibration=calibration if pruner_cls.calibration_needed() else None, progress=progress,
+                       calibration=None if use == "unused" else calibration, progress=progress,
                        output=output, preview_images=preview_images, precision=precision,
                        input_shape=tuple(input_shape), latency=latency)
     load_before = _loadavg()

@@ -136,7 +136,7 @@ def test_conv_groups_run_along_input_channels_at_each_kernel_position() -> None:
                                   {"kernel_size": (1, 3), "padding": "same", "padding_mode": "reflect"}])
 def test_gemm_layout_and_calibration_columns_reproduce_the_conv(conv) -> None:
     """A·colsᵀ with the layout's A and the calibration's im2col columns is the convolution itself."""
-    from rmtp_plugins.nm.pruner import _columns
+    from rmtp.layerwise import input_columns as _columns
 
     torch.manual_seed(0)
     layer = nn.Conv2d(8, 5, bias=False, **conv)
@@ -237,7 +237,7 @@ def test_conv_input_norms_match_explicit_loops() -> None:
     out_h, out_w = (7 + 2 - 3) // 2 + 1, (6 + 2 - 3) // 2 + 1
     for b, i, j, r, s, c in itertools.product(range(3), range(out_h), range(out_w), range(3), range(3), range(4)):
         expected[r, s, c] += float(padded[b, c, 2 * i + r, 2 * j + s]) ** 2
-    torch.testing.assert_close(stats["0"].sq, expected.reshape(-1), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(stats["0"].sq_norms, expected.reshape(-1), rtol=1e-6, atol=1e-9)
     assert stats["0"].positions == out_h * out_w
 
 

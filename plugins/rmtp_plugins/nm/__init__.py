@@ -8,6 +8,7 @@ Modules, one job each:
 * :mod:`.pruner`: the steps in order (scores, budget, permutation, masks) and the report rows;
   :class:`NmPruner` imports it when it runs.
 * :mod:`.masks`: N:M mask arithmetic (layout, masks, the validity check, Wanda scores, restore).
+* :mod:`.sparsegpt`: SparseGPT's column sweep (masks with the OBS update of the kept weights).
 * :mod:`.budget`: the MP signal per layer and the multiple-choice knapsack over patterns.
 * :mod:`.permute`: the channel-permutation search and applying it (to the producer the
   architecture's couplings name, or as a saved :class:`PermutedInput` index).
@@ -34,7 +35,7 @@ _LAZY = {
     "NMCheck": "rmtp_plugins.nm.masks",
     "check_nm": "rmtp_plugins.nm.masks",
     "PermutedInput": "rmtp_plugins.nm.permute",
-    "collect_input_stats": "rmtp_plugins.nm.pruner",
+    "collect_input_stats": "rmtp.layerwise",
     "SemiStructuredReport": "rmtp_plugins.nm.export",
     "semi_structured_problem": "rmtp_plugins.nm.export",
     "to_semi_structured": "rmtp_plugins.nm.export",

@@ -39,8 +39,15 @@ def pattern_density(pattern: Pattern) -> float:
 class NmParams(PrunerParams):
     n: int = Field(2, ge=1, le=1023, description="keep at most n of every m consecutive input weights of a row")
     m: int = Field(4, ge=2, le=1024, description="group size along the input dimension (n < m)")
-    score: Literal["magnitude", "wanda"] = Field(
-        "magnitude", description="weight importance: |w|, or |w|·‖x‖ over the calibration activations (Wanda)")
+    score: Literal["magnitude", "wanda", "sparsegpt"] = Field(
+        "magnitude", description="weight importance: |w|, or |w|·‖x‖ over the calibration activations (Wanda), "
+                                 "or sparsegpt: masks chosen layer by layer with the OBS update of the kept "
+                                 "weights on calibration activations (SparseGPT; budget and permutation rank "
+                                 "as wanda)")
+    percdamp: float = Field(0.01, gt=0.0, le=1.0, description="sparsegpt: Hessian damping, as a share of its "
+                                                              "mean diagonal")
+    blocksize: int = Field(128, ge=1, le=65536, description="sparsegpt: columns per lazy-update block (rounded "
+                                                            "down to a multiple of m)")
     budget: Literal["mp", "uniform"] = Field(
         "mp", description="mp: patterns per layer from the Marchenko–Pastur signal under target_macs; "
                           "uniform: n:m on every layer")
@@ -73,6 +80,10 @@ class NmParams(PrunerParams):
     def _consistent(self) -> NmParams:
         if self.n >= self.m:
             raise ValueError(f"n={self.n} must be smaller than m={self.m}")
+        if self.score == "sparsegpt" and self.restore:
+            raise ValueError("restore and score: sparsegpt both fit the mask to the calibration error; use one")
+        if self.score != "sparsegpt" and {"percdamp", "blocksize"} & self.model_fields_set:
+            raise ValueError("percdamp and blocksize are only used with score: sparsegpt")
         if self.restore and self.restore_overprune > self.n:
             raise ValueError(f"restore_overprune={self.restore_overprune} exceeds n={self.n}")
         options = self.options()  # raises for a malformed pattern

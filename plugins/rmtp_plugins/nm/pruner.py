@@ -12,6 +12,8 @@ The steps, in order (formulas in ``docs/nm.md``):
 
 1. **Scores.** ``magnitude``: s = |w|. ``wanda``: s = |w|·‖x_k‖, with ‖x_k‖² = Σ_t x_tk² over every
    calibration position t (token, or output pixel × kernel offset) that weight column k multiplies.
+   ``sparsegpt`` ranks as ``wanda`` for the budget and the permutation (its saliency w²/[H⁻¹]_kk²
+   with H⁻¹ replaced by its diagonal is Wanda's score squared, up to a constant).
 2. **Budget.** ``uniform``: every layer gets n:m. ``mp``: each layer l gets a signal share
    u_l = Σ max(s_i² − σ₊², 0) / Σ s_i² (energy above its fitted MP edge σ₊), z-scored across the
    layers, c_l = exp(z_scale·z_l); scores become s̃ = c_l·s / rms_l(s) and the per-layer pattern
@@ -26,7 +28,9 @@ The steps, in order (formulas in ``docs/nm.md``):
 4. **Masks.** Top-n scores per group. With ``restore``: keep the top n − ``restore_overprune`` per
    group, then greedily restore, inside groups with room, the weight that most lowers the layer's
    calibration output error ‖(W − Ŵ)X‖²; the restored mask is used only if its error is no higher
-   than the plain mask's.
+   than the plain mask's. With ``sparsegpt`` (:mod:`.sparsegpt`): layer by layer in forward
+   order (:func:`rmtp.layerwise.compress_sequentially`), on the inputs of the model as pruned so
+   far, the mask is chosen group by group with the OBS update of the weights not yet visited.
 
 Masks are exact zeros, so a later ``finetune`` keeps them fixed (gradients masked, weights
 re-masked each step) and they survive save/load. On CUDA, :func:`to_semi_structured` converts 2:4
@@ -36,14 +40,13 @@ weight's pattern.
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rmtp.errors import RmtpError
+from rmtp.layerwise import LayerInputs, collect_input_stats, compress_sequentially
 from rmtp.pruner import LayerRow, PruneContext, weight_footprint
 from rmtp.gemm import from_gemm, gemm_view
 from rmtp_plugins.nm import speed
@@ -60,87 +63,10 @@ from rmtp_plugins.nm.masks import (
     scores_for,
 )
 from rmtp_plugins.nm.params import NmParams, Pattern, pattern_density
-from rmtp_plugins.nm.permute import apply_permutation, find_absorber, plain, search_permutation
+from rmtp_plugins.nm.permute import PermutedInput, apply_permutation, find_absorber, plain, search_permutation
+from rmtp_plugins.nm.sparsegpt import output_error, sparsegpt
 
-__all__ = ["InputStats", "collect_input_stats", "prune"]
-
-# --------------------------------------------------------------------------------------------
-# Calibration statistics
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class InputStats:
-    """What a layer's inputs look like on the calibration data, in the GEMM K order."""
-
-    positions: float = 0.0  # GEMM rows per image (tokens; output pixels of a conv)
-    batches: int = 0
-    sq: torch.Tensor | None = None  # Σ_t x_tk²
-    gram: torch.Tensor | None = None  # Σ_t x_t x_tᵀ
-
-
-def _columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The GEMM input rows of a layer: (positions, K), K in the layout of :mod:`.masks`."""
-    if isinstance(module, nn.Linear):
-        return x.reshape(-1, x.shape[-1])
-    pad = module._reversed_padding_repeated_twice
-    if any(pad):
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, pad, mode=mode)
-    cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=0, stride=module.stride)
-    b, _, positions = cols.shape
-    c = module.in_channels
-    rs = module.kernel_size[0] * module.kernel_size[1]
-    return cols.reshape(b, c, rs, positions).permute(0, 3, 2, 1).reshape(b * positions, rs * c)
-
-
-def collect_input_stats(model: nn.Module, layers: dict[str, nn.Module], loader, device: torch.device, *,
-                        squares: bool, gram: bool, max_batches: int | None = None,
-                        precision: str = "fp32") -> dict[str, InputStats]:
-    """Run ``loader``'s images through ``model`` (eval, no grad, under ``precision``'s autocast) and
-    gather, for each named layer, the positions per image and optionally Σx² per input column and
-    the Gram matrix Σxxᵀ (GEMM K order, accumulated in fp32/fp64 whatever the activations' dtype).
-    ``layers`` maps names to the plain Linear/Conv2d modules to watch."""
-    from rmtp.precision import autocast
-
-    stats = {name: InputStats() for name in layers}
-    current = {"images": 0}
-
-    def hook(name: str, module: nn.Module):
-        def record(_module, args):
-            cols = _columns(module, args[0].detach())
-            entry = stats[name]
-            entry.positions += cols.shape[0] / current["images"]  # averaged over batches below
-            entry.batches += 1
-            if squares or gram:
-                cols = cols.float()
-            if squares:
-                part = cols.double().pow(2).sum(0)
-                entry.sq = part if entry.sq is None else entry.sq + part
-            if gram:
-                part = cols.T @ cols
-                entry.gram = part if entry.gram is None else entry.gram + part
-        return record
-
-    was_training = model.training
-    model.eval()
-    with ExitStack() as stack, torch.no_grad():
-        for name, module in layers.items():
-            handle = module.register_forward_pre_hook(hook(name, module))
-            stack.callback(handle.remove)
-        for index, batch in enumerate(loader):
-            if max_batches is not None and index >= max_batches:
-                break
-            images = batch[0] if isinstance(batch, (list, tuple)) else batch
-            current["images"] = images.shape[0]
-            with autocast(precision, device):
-                model(images.to(device))
-    model.train(was_training)
-    for entry in stats.values():
-        if entry.batches:
-            entry.positions /= entry.batches
-    return stats
-
+__all__ = ["collect_input_stats", "prune"]  # collect_input_stats: its first home, now rmtp.layerwise
 
 # --------------------------------------------------------------------------------------------
 # The pruner's steps (NmPruner.prune runs prune)
@@ -155,7 +81,7 @@ class _Plan:
     shape: tuple[int, ...]
     options: list[Pattern] = field(default_factory=list)
     skipped: str | None = None
-    stats: InputStats | None = None
+    stats: LayerInputs | None = None
     macs: float = 0.0
     signal: float | None = None
     edge: float | None = None
@@ -163,6 +89,8 @@ class _Plan:
     pattern: Pattern = None
     perm: str = "–"
     restore: str = "–"
+    #: sparsegpt: the layer's relative output error on its calibration inputs after the update.
+    refit: str = "–"
     #: Why a layer the budget gave a pattern stays dense (not faster on the target), or None.
     dense_reason: str | None = None
     #: The pattern's predicted speed-up over the dense layer, where it was timed.
@@ -195,10 +123,13 @@ def prune(ctx: PruneContext, params: NmParams) -> list[LayerRow]:
             for plan in nm_plans:
                 _permute(ctx, plan, params)
                 advance()
-    with ctx.progress.task("n:m: masks", total=len(nm_plans)) as advance:
-        for plan in nm_plans:
-            _mask(ctx, plan, params)
-            advance()
+    if params.score == "sparsegpt":
+        _sparsegpt_masks(ctx, nm_plans, params)
+    else:
+        with ctx.progress.task("n:m: masks", total=len(nm_plans)) as advance:
+            for plan in nm_plans:
+                _mask(ctx, plan, params)
+                advance()
     return [_row(ctx, plan, before[plan.name], params, notes) for plan in plans]
 
 
@@ -226,13 +157,13 @@ def _plan(ctx: PruneContext, name: str, params: NmParams) -> _Plan:
 
 def _calibrate(ctx: PruneContext, plans: list[_Plan], params: NmParams) -> str:
     """Input statistics of every active layer; returns a note for the rows ('' if none)."""
-    wanda, restore = params.score == "wanda", params.restore
+    wanda, restore = params.score != "magnitude", params.restore  # sparsegpt: wanda ranks for budget, permutation
     if ctx.calibration is None:
         if wanda or restore:
-            needs = "score: wanda" if wanda else "restore"
+            needs = f"score: {params.score}" if wanda else "restore"
             raise RmtpError(f"n:m: {needs} needs calibration data, and none was given")
         for plan in plans:
-            plan.stats = InputStats(positions=1.0)
+            plan.stats = LayerInputs()
             plan.macs = plan.shape[0] * plan.k
         return "MACs counted as weights (no calibration data)"
     modules = {p.name: plain(ctx.module(p.name)) for p in plans}
@@ -249,7 +180,7 @@ def _calibrate(ctx: PruneContext, plans: list[_Plan], params: NmParams) -> str:
 def _scores(ctx: PruneContext, plan: _Plan, params: NmParams) -> tuple[torch.Tensor, torch.Tensor]:
     """(GEMM matrix, scores) of a layer as it is now."""
     matrix = gemm_view(plain(ctx.module(plan.name)).weight.detach())
-    sq = plan.stats.sq if params.score == "wanda" else None
+    sq = plan.stats.sq_norms if params.score != "magnitude" else None  # sparsegpt ranks as Wanda before its masks
     return matrix, scores_for(matrix, sq.to(matrix.device) if sq is not None else None)
 
 
@@ -313,8 +244,8 @@ def _permute(ctx: PruneContext, plan: _Plan, params: NmParams) -> None:
     plan.perm = f"{kind}: {absorber.what}" if kind == "real" else "index"
     index = channel_index(perm, plan.shape)
     stats = plan.stats
-    if stats.sq is not None:
-        stats.sq = stats.sq[index.to(stats.sq.device)]
+    if stats.sq_norms is not None:
+        stats.sq_norms = stats.sq_norms[index.to(stats.sq_norms.device)]
     if stats.gram is not None:
         index = index.to(stats.gram.device)
         stats.gram = stats.gram[index][:, index]
@@ -340,6 +271,42 @@ def _mask(ctx: PruneContext, plan: _Plan, params: NmParams) -> None:
         weight.copy_(from_gemm(matrix * keep.to(matrix.dtype), plan.shape))
 
 
+def _sparsegpt_masks(ctx: PruneContext, plans: list[_Plan], params: NmParams) -> None:
+    """SparseGPT masks and weight updates, layer by layer in forward order, each layer's Hessian
+    taken from its inputs in the model as pruned so far (the reference's sequential driver,
+    ``opt.py::opt_sequential``, does this block by block; here it is per layer). Patterns come from
+    the budget and permutations are already applied, so the inputs are the permuted ones."""
+    by_layer = {_inner_name(ctx, plan.name): plan for plan in plans}
+
+    def compress(name: str, module: nn.Module, inputs: LayerInputs) -> None:
+        _sparsegpt_layer(by_layer[name], module, inputs, params)
+
+    compress_sequentially(ctx.model, list(by_layer), ctx.calibration, ctx.device, compress=compress,
+                          progress=ctx.progress, precision=ctx.precision, description="n:m: sparsegpt masks")
+
+
+def _inner_name(ctx: PruneContext, name: str) -> str:
+    """The name of the Linear/Conv2d itself: inside a :class:`PermutedInput`, its ``.layer``, which
+    receives the permuted input the mask is chosen for."""
+    return f"{name}.layer" if isinstance(ctx.module(name), PermutedInput) else name
+
+
+def _sparsegpt_layer(plan: _Plan, module: nn.Module, inputs: LayerInputs, params: NmParams) -> None:
+    """Prune one layer with SparseGPT on ``inputs``; a layer no calibration batch reaches gets the
+    magnitude mask and no update (nothing to fit it to), as Wanda's scores fall back to magnitude."""
+    n, m = plan.pattern
+    matrix = gemm_view(module.weight.detach())
+    if inputs.count == 0 or inputs.gram is None:
+        pruned = matrix * nm_mask(scores_for(matrix, None), n, m).to(matrix.dtype)
+        plan.refit = "not reached: magnitude mask"
+    else:
+        gram = inputs.gram.to(matrix.device)
+        pruned = sparsegpt(matrix, gram, inputs.count, n, m, blocksize=params.blocksize,
+                           percdamp=params.percdamp).matrix
+        plan.refit = f"{output_error(matrix, pruned, gram):.2%} err"
+    module.weight.copy_(from_gemm(pruned.to(module.weight.dtype), plan.shape))
+
+
 # ---------------------------------------------------------------- report
 
 
@@ -360,6 +327,8 @@ def _row(ctx: PruneContext, plan: _Plan, before: tuple, params: NmParams, notes:
         detail["perm"] = plan.perm
     if params.restore:
         detail["restore"] = plan.restore
+    if params.score == "sparsegpt":
+        detail["sparsegpt"] = plan.refit
     if plan.layer_speedup is not None:
         detail["speed"] = f"×{plan.layer_speedup:.2f}"
     density = pattern_density(plan.pattern)

@@ -5,7 +5,8 @@ q, k, v blocks when ``split_qkv``) is decomposed, W = U·S·Vᵀ, and the MP law
 spectrum (:func:`rmtp.spectral.mp.fit_mp`). Directions whose singular value lies above the
 bulk's edge s₊ (times ``margin``) carry signal; the rest is treated as noise and dropped.
 
-* Rank per matrix: k = #{s > margin·s₊}, clamped to [``min_rank``, ``max_rank_fraction``·min(M,N)].
+* Rank per matrix: k = #{s > margin·s₊}, clamped to [``min_rank``, ``max_rank_fraction``·min(M,N)];
+  with ``allocation: uniform`` each matrix instead keeps ``target_params`` of its own weights.
 * With ``target_params`` the ranks are instead allocated across all selected layers at once: every
   singular direction is scored by how far it stands above its own layer's edge (s / s₊), and the
   best-scored directions are kept until the selected layers hold ``target_params`` of their
@@ -20,6 +21,13 @@ bulk's edge s₊ (times ``margin``) carry signal; the rest is treated as noise a
 * ``coefficient_pruning`` then zeroes that fraction of the smallest entries of each layer's new
   weights (the factors, or the dense reconstruction): the seeds' direct coefficient pruning. The
   zeros are reported as nonzeros and stay zero through a later ``finetune`` step.
+* With calibration data (``whiten``, :mod:`.whitening`) every matrix is decomposed on its
+  activation-whitened form W·S (S·Sᵀ = E[x·xᵀ] of the layer's inputs), SVD-LLM's truncation-aware
+  whitening: the directions kept are those carrying the most output on real inputs, and the factors
+  written are the output-error optimum at each rank. By default layer by layer (``sequential``,
+  :func:`rmtp.layerwise.compress_sequentially`): each layer is whitened by its inputs in the model
+  compressed so far. The MP edge stays on W (``docs/spectral.md`` says why); budgets
+  (``target_params``, speed targets) rank directions by their whitened singular values.
 * A layer an earlier round already split (prune → finetune → prune, the seeds' Algorithm 3) holds
   a rank-k matrix: no noise bulk is left to fit, so its directions are measured against the edge s₊
   fitted on the dense weights, which the split layer carries (:mod:`rmtp.lowrank`). Fine-tuning
@@ -38,7 +46,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from rmtp.hookspecs import hookimpl
-from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams
+from rmtp.pruner import CalibrationUse, LayerRow, PruneContext, Pruner, PrunerParams
 from rmtp.param_types import TwConfidence, target_latency_ms_field, target_speedup_field
 
 
@@ -67,6 +75,19 @@ class SvdMpParams(PrunerParams):
                                                           "under target_params (a params budget)")
     target_speedup: float | None = target_speedup_field("ranks (best s/s₊ first)")
     target_latency_ms: float | None = target_latency_ms_field()
+    allocation: Literal["global", "uniform"] = Field(
+        "global", description="with target_params: rank by score across all selected layers (global), or "
+                              "every matrix keeps target_params of its own weights (uniform)")
+    whiten: bool | None = Field(
+        None, description="choose and write the factors on the activation-whitened matrix W·S (S·Sᵀ = "
+                          "E[x·xᵀ] of the layer's calibration inputs), so a cut removes the least output "
+                          "error on real inputs: default on when calibration data is passed "
+                          "(rmtp.prune(..., calibration=)); a recipe step whitens only with true, which "
+                          "loads its data's calibration images; false: never")
+    sequential: bool = Field(
+        True, description="when whitening: fit layer by layer, each layer whitened by its inputs in the "
+                          "model compressed so far, so later layers absorb earlier errors (one partial "
+                          "forward pass per layer); false: one pass over the model as it came")
 
     @model_validator(mode="after")
     def _one_budget(self) -> SvdMpParams:
@@ -76,6 +97,8 @@ class SvdMpParams(PrunerParams):
             raise ValueError(f"give one budget, not {' and '.join(budgets)}")
         if self.only_if_faster is False and budgets and budgets[0] != "target_params":
             raise ValueError(f"{budgets[0]} splits only layers that are faster; drop only_if_faster: false")
+        if self.allocation == "uniform" and self.target_params is None:
+            raise ValueError("allocation: uniform shares target_params across the matrices; give target_params")
         return self
 
     def faster_only(self) -> bool:
@@ -91,6 +114,13 @@ class SvdMpPruner(Pruner):
     kind = "weight"
     Params = SvdMpParams
     revisits_replaced_layers = True
+
+    @classmethod
+    def calibration_use(cls, params: PrunerParams | None = None) -> CalibrationUse:
+        """svd-mp works with or without data: ``whiten: true`` requires it (a recipe step loads it),
+        the default uses it when a caller passes it, ``whiten: false`` never sees it."""
+        whiten = getattr(params, "whiten", None)
+        return "required" if whiten is True else "unused" if whiten is False else "optional"
 
     def prune(self, ctx: PruneContext, params: SvdMpParams) -> list[LayerRow]:
         from rmtp_plugins.svd_mp.factoring import prune  # the SVDs and splits (torch), imported when run

@@ -1,7 +1,8 @@
 """How ``svd-mp`` prunes (:class:`rmtp_plugins.svd_mp.SvdMpPruner` runs :func:`prune`): the SVD and
 MP fit of every selected matrix, the ranks (per layer, or allocated globally under
 ``target_params``), the splits into two thin layers, and the report rows. The method itself is
-described in :mod:`rmtp_plugins.svd_mp`.
+described in :mod:`rmtp_plugins.svd_mp`; with calibration data the decompositions are those of the
+whitened matrices (:mod:`.whitening`), fitted layer by layer by default (:func:`_apply_sequentially`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,13 @@ from rmtp.lowrank import LOW_RANK_TYPES, factor_svds, refactorize
 from rmtp.pruner import LayerRow, PruneContext, weight_footprint
 from rmtp.spectral.mp import MPFit, fit_mp, weight_matrix
 from rmtp_plugins.svd_mp.speed import factorized, plan_in_time, uses_time
+from rmtp_plugins.svd_mp.whitening import (
+    input_root,
+    output_error,
+    weight_order_gram,
+    whitened_scores,
+    whitened_svd,
+)
 
 if TYPE_CHECKING:
     from rmtp_plugins.svd_mp import SvdMpParams
@@ -34,10 +42,19 @@ class _Matrix:
     fit: MPFit | None
     s_plus: float
     rank: int = 0
+    #: Whether ``u, s, vh`` are the whitened decomposition (:func:`.whitening.whitened_svd`).
+    whitened: bool = False
+    #: The budgets' score per direction (descending), when not s/s₊ (whitened: :func:`.whitening.whitened_scores`).
+    score: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int]:
         return (self.u.shape[0], self.vh.shape[1])
+
+    def scores(self) -> torch.Tensor:
+        """What ``target_params`` and the speed targets rank this matrix's directions by: s/s₊ on
+        the raw weights, the whitened score with calibration data."""
+        return self.score if self.score is not None else self.s / self.s_plus
 
 
 @dataclass
@@ -52,6 +69,8 @@ class _Plan:
     dense_reason: str | None = None
     #: The split's predicted speed-up over the dense layer, where it was timed.
     layer_speedup: float | None = None
+    #: How the factors were fitted to calibration data ("" without data): for the report.
+    whitening: str = ""
 
     @property
     def already_split(self) -> bool:
@@ -89,11 +108,16 @@ class _Plan:
 
 
 def prune(ctx: PruneContext, params: SvdMpParams) -> list[LayerRow]:
-    plans = _plan(ctx, params)
+    whiten = ctx.calibration is not None and params.whiten is not False
+    sequential = whiten and params.sequential
+    roots = _dense_roots(ctx) if whiten and (not sequential or _ranks_need_data(params)) else {}
+    plans = _plan(ctx, params, roots)
     if params.target_params is not None:
-        _allocate_globally(plans, params)
+        (_allocate_uniformly if params.allocation == "uniform" else _allocate_globally)(plans, params)
     if uses_time(params):
         plan_in_time(ctx, plans, params, _clamp)
+    if sequential:
+        return _apply_sequentially(ctx, plans, params)
     rows = []
     with ctx.progress.task("svd-mp: replacing layers", total=len(plans)) as advance:
         for plan in plans:
@@ -102,16 +126,43 @@ def prune(ctx: PruneContext, params: SvdMpParams) -> list[LayerRow]:
     return rows
 
 
-def _plan(ctx: PruneContext, params: SvdMpParams) -> list[_Plan]:
+def _ranks_need_data(params: SvdMpParams) -> bool:
+    """Whether the ranks depend on the whitened spectra of every layer at once (a global params
+    budget, a speed target), so the dense model's inputs are measured first; the MP edge and a
+    uniform share need no data to set ranks."""
+    global_params = params.target_params is not None and params.allocation == "global"
+    return global_params or params.target_speedup is not None or params.target_latency_ms is not None
+
+
+def _dense_roots(ctx: PruneContext) -> dict[str, torch.Tensor]:
+    """S (S·Sᵀ = E[x·xᵀ], in :func:`weight_matrix`'s column order) of every selected plain layer's
+    inputs, from one pass of the calibration data through the model as it came."""
+    from rmtp.layerwise import collect_input_stats
+
+    modules = {layer.name: ctx.module(layer) for layer in ctx.layers}
+    modules = {name: m for name, m in modules.items()
+               if isinstance(m, nn.Linear) or (isinstance(m, nn.Conv2d) and m.groups == 1)}
+    with ctx.progress.task("svd-mp: calibration inputs (one pass)", total=None):
+        stats = collect_input_stats(ctx.model, modules, ctx.calibration, ctx.device, squares=False, gram=True,
+                                    precision=ctx.precision)
+    return {name: input_root(weight_order_gram(modules[name], s.gram), s.count)
+            for name, s in stats.items() if s.count and s.gram is not None}
+
+
+def _plan(ctx: PruneContext, params: SvdMpParams, roots: dict[str, torch.Tensor]) -> list[_Plan]:
     plans = []
     with ctx.progress.task("svd-mp: SVD + MP fit", total=len(ctx.layers)) as advance:
         for layer in ctx.layers:
-            plans.append(_plan_layer(ctx, layer.name, ctx.module(layer), params))
+            plans.append(_plan_layer(ctx, layer.name, ctx.module(layer), params, roots.get(layer.name)))
             advance()
     return plans
 
 
-def _plan_layer(ctx: PruneContext, name: str, module: nn.Module, params: SvdMpParams) -> _Plan:
+def _plan_layer(ctx: PruneContext, name: str, module: nn.Module, params: SvdMpParams,
+                root: torch.Tensor | None = None) -> _Plan:
+    """The layer's matrices with their SVDs, MP fits and ranks at the edge. ``root``: S of the
+    layer's inputs; then ``u, s, vh`` are the whitened decomposition while the MP fit, and so the
+    edge's rank, stay on the raw weights (the edge certifies weight noise, ``docs/spectral.md``)."""
     plan = _Plan(name=name, module=module)
     if isinstance(module, LOW_RANK_TYPES):
         return _plan_split_layer(plan, params)
@@ -129,12 +180,56 @@ def _plan_layer(ctx: PruneContext, name: str, module: nn.Module, params: SvdMpPa
             plan.skipped = f"min(M,N)={min(part.shape)} < min_dim={params.min_dim}: too few singular values"
             plan.matrices = []
             return plan
-        u, s, vh = torch.linalg.svd(part, full_matrices=False)
-        fit = fit_mp(s, tuple(part.shape), alpha=params.alpha, tw_confidence=params.tw_confidence)
-        m = _Matrix(label=label, rows=rows, u=u, s=s, vh=vh, fit=fit, s_plus=fit.s_plus)
-        m.rank = _clamp(int((s > params.margin * fit.s_plus).sum()), m, params)
+        if root is None:
+            u, s, vh = torch.linalg.svd(part, full_matrices=False)
+            raw = s
+        else:
+            u, s, vh = whitened_svd(part, root)
+            raw = torch.linalg.svdvals(part)
+        fit = fit_mp(raw, tuple(part.shape), alpha=params.alpha, tw_confidence=params.tw_confidence)
+        m = _Matrix(label=label, rows=rows, u=u, s=s, vh=vh, fit=fit, s_plus=fit.s_plus, whitened=root is not None,
+                    score=None if root is None else whitened_scores(s))
+        m.rank = _clamp(int((raw > params.margin * fit.s_plus).sum()), m, params)
         plan.matrices.append(m)
+    if root is not None:
+        plan.whitening = "whitened"
     return plan
+
+
+def _rewhiten(plan: _Plan, root: torch.Tensor) -> None:
+    """Re-decompose the plan's matrices on inputs with root ``root`` (the model compressed so far),
+    keeping the ranks already chosen."""
+    matrix = weight_matrix(plan.module.weight.detach()).to("cpu", torch.float64)
+    for m in plan.matrices:
+        m.u, m.s, m.vh = whitened_svd(matrix[m.rows], root)
+        m.whitened = True
+
+
+def _apply_sequentially(ctx: PruneContext, plans: list[_Plan], params: SvdMpParams) -> list[LayerRow]:
+    """Apply the plans layer by layer in forward order, each plain layer first re-whitened by its
+    inputs in the model as compressed so far (:func:`rmtp.layerwise.compress_sequentially`), so a
+    layer's factors are the output-error optimum on the inputs it will really get: the errors of
+    the layers before it are part of its data, not added on top. Ranks stay those already planned.
+    A layer the calibration data never reaches keeps its planned decomposition."""
+    from rmtp.layerwise import compress_sequentially
+
+    by_name = {plan.name: plan for plan in plans}
+    rows: dict[str, LayerRow] = {}
+
+    def compress(name: str, module: nn.Module, inputs) -> None:  # noqa: ANN001 - rmtp.layerwise.LayerInputs
+        plan = by_name[name]
+        if inputs.count and inputs.gram is not None:
+            _rewhiten(plan, input_root(weight_order_gram(module, inputs.gram), inputs.count))
+            plan.whitening = "whitened, layer by layer"
+        rows[name] = _apply(ctx, plan, params)
+
+    fitted = [plan.name for plan in plans if not plan.skipped and not plan.already_split]
+    compress_sequentially(ctx.model, fitted, ctx.calibration, ctx.device, compress=compress, progress=ctx.progress,
+                          precision=ctx.precision, description="svd-mp: whitened, layer by layer")
+    for plan in plans:
+        if plan.name not in rows:
+            rows[plan.name] = _apply(ctx, plan, params)
+    return [rows[plan.name] for plan in plans]
 
 
 def _plan_split_layer(plan: _Plan, params: SvdMpParams) -> _Plan:
@@ -188,11 +283,15 @@ def _apply(ctx: PruneContext, plan: _Plan, params: SvdMpParams) -> LayerRow:
     edges = [m.s_plus for m in plan.matrices]
     heavy = [m.label or "W" for m in plan.matrices if m.fit is not None and not m.fit.bulk_is_mp]
     macs_after = plan.split_cost() if pays else rows * cols
+    whitened = [m for m in plan.matrices if m.whitened]
+    error = max((output_error(m.s, m.rank) for m in whitened), default=None)
     return LayerRow(
         plan.name, shape, shape_after, params_before, params_after, nonzeros_before, nonzeros_after,
         budget=params_after / params_before, kept_rank=sum(ranks),
-        note=mode + (f"; bulk not MP-like in {', '.join(heavy)}" if heavy else ""),
+        note=mode + (f"; bulk not MP-like in {', '.join(heavy)}" if heavy else "")
+        + (f"; {plan.whitening}" if plan.whitening else ""),
         detail={"mode": mode.split(",")[0], "rank": f"{rank_text} of {min(rows, cols)}",
+                **({"output error": f"{error:.1%}"} if error is not None and "unchanged" not in mode else {}),
                 "edge s₊": edges[0] if len(edges) == 1 else "/".join(f"{e:.3g}" for e in edges),
                 "MACs/pos": f"{macs_before} → {macs_after}",
                 **({"split speed": f"×{plan.layer_speedup:.2f}"} if plan.layer_speedup is not None else {})},
@@ -209,15 +308,28 @@ def _clamp(rank: int, matrix: _Matrix, params: SvdMpParams) -> int:
     return min(max(params.min_rank, min(rank, ceiling, full)), matrix.s.numel())
 
 
+def _allocate_uniformly(plans: list[_Plan], params: SvdMpParams) -> None:
+    """Every matrix keeps ``target_params`` of its own weights: k = ⌊t·M·N/(M+N)⌋ (a fused qkv's
+    blocks each at that share, so the layer holds t·M·N), within the usual clamps. SVD-LLM's
+    allocation; a baseline against which the global one is judged."""
+    for plan in plans:
+        if plan.skipped:
+            continue
+        for m in plan.matrices:
+            rows, cols = m.shape
+            m.rank = _clamp(math.floor(params.target_params * rows * cols / (rows + cols)), m, params)
+
+
 def _allocate_globally(plans: list[_Plan], params: SvdMpParams) -> None:
-    """Set ranks so the selected layers keep ``target_params`` of their weights, best s/s₊ first.
+    """Set ranks so the selected layers keep ``target_params`` of their weights, best score first
+    (s/s₊; whitened, :func:`.whitening.whitened_scores`).
 
     Lowering the score threshold τ only ever adds directions, so the cost is monotone in τ and
     the loosest τ that fits the budget is found by bisection over the observed scores.
     """
     active = [p for p in plans if not p.skipped]
     budget = params.target_params * sum(p.dense_cost() for p in plans) - sum(p.current_cost() for p in plans if p.skipped)
-    scores = {id(m): (m.s / m.s_plus) for p in active for m in p.matrices}
+    scores = {id(m): m.scores() for p in active for m in p.matrices}
 
     def set_threshold(tau: float) -> int:
         for plan in active:

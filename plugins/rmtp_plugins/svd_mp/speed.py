@@ -142,7 +142,7 @@ def _reach(ctx: PruneContext, target: SpeedTarget, plans: list[_Plan], params: S
     """Loosest s/s₊ threshold whose ranks reach ``target`` (the fastest measured if none does), the
     choice checked on the whole split model (:func:`rmtp.latency.target.reach_checked`). False when
     no split model timed was faster than the model as it came: then no layer should split."""
-    scores = {id(m): m.s / m.s_plus for p in plans for m in p.matrices}
+    scores = {id(m): m.scores() for p in plans for m in p.matrices}
 
     def set_threshold(tau: float) -> None:
         for plan in plans:
