@@ -33,6 +33,7 @@ _EXPORTS = {
     "frozen_copy": "rmtp.api",
     "infer_architecture": "rmtp.api",
     "unpatch": "rmtp.api",
+    "reconstruct": "rmtp.api",
     "load_recipe": "rmtp.recipe",
     "parse_recipe": "rmtp.recipe",
     "Recipe": "rmtp.recipe",

@@ -20,7 +20,7 @@ rendered by rich when printed in a console or notebook).
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -41,7 +41,7 @@ from rmtp.report import StepReport
 
 DataLike = DataBundle | DataSpec | Mapping[str, Any]
 
-__all__ = ["build_data", "evaluate", "finetune", "frozen_copy", "infer_architecture", "prune", "unpatch"]
+__all__ = ["build_data", "evaluate", "finetune", "frozen_copy", "infer_architecture", "prune", "reconstruct", "unpatch"]
 
 
 def prune(model: nn.Module, pruner: str | type[Pruner], /, *, arch: str | Architecture | None = None,
@@ -129,6 +129,25 @@ def finetune(model: nn.Module, data: DataLike, /, *, teacher: nn.Module | None =
     shape = tuple(bundle.val[0][0].shape)
     return steps.finetune_step(model, bundle, train_config, device=device, input_shape=shape, teacher=teacher,
                                penalize=penalize, progress=progress)
+
+
+def reconstruct(model: nn.Module, calibration: Iterable, /, *, dense: nn.Module, arch: str | Architecture | None = None,
+                device: str | torch.device | None = None, seed: int = 0, progress: Progress = NULL_PROGRESS,
+                plugins: Plugins | None = None, **config: Any) -> StepReport:
+    """Recover a pruned ``model`` in place, block by block, from unlabeled ``calibration`` images (a
+    DataLoader of (images, labels) batches, labels unused, or of images): each block trained, in
+    forward order, to reproduce ``dense``'s block outputs (:mod:`rmtp.blockwise`). ``**config``
+    are a recipe's ``reconstruct:`` keys (``steps`` per block, ``max_minutes``, ``lr``,
+    ``batch_size``, ``images``). Exact zeros stay zero; the model comes back in eval mode."""
+    from rmtp.blockwise import ReconstructConfig
+
+    settings = _validate("rmtp.reconstruct", ReconstructConfig, config, prefix="")
+    architecture = _architecture(model, arch, plugins or get_plugins())
+    device = _device(model, device)
+    model.to(device).eval()
+    return steps.reconstruct_step(model, dense, calibration, settings, arch=architecture, device=device,
+                                  input_shape=model_input_size(model), seed=seed, progress=progress,
+                                  label="reconstruct")
 
 
 def evaluate(model: nn.Module, data: DataLike | DataLoader, /, *, dense: nn.Module | None = None,

@@ -187,6 +187,12 @@ class Architecture(ABC):
         """For a fused qkv projection, the output-row slices of q, k and v; ``None`` otherwise."""
         return None
 
+    def blocks(self, model: nn.Module) -> list[str]:
+        """The names of ``model``'s repeated blocks in forward order, each taking and returning one
+        tensor: what block-wise reconstruction (:mod:`rmtp.blockwise`) fits one at a time. The
+        default declares none, and such a family is refused by ``reconstruct`` with the reason."""
+        return []
+
     def couplings(self, model: nn.Module) -> list[Coupling]:
         """The producer/consumer pairs of ``model`` that share a hidden dimension, in forward order.
 

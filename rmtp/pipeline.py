@@ -2,7 +2,7 @@
 
 The path of one run: validated :class:`~rmtp.recipe.Recipe` → architecture plugin builds the model
 → a frozen copy of the dense model is kept (baseline and distillation teacher) → each step
-(prune / finetune / evaluate) runs and yields a :class:`~rmtp.report.StepReport` → the model,
+(prune / finetune / reconstruct / evaluate) runs and yields a :class:`~rmtp.report.StepReport` → the model,
 resolved recipe and report are saved atomically.
 
 Each step is the same call the in-memory API makes (:mod:`rmtp.steps`: ``prune_step``,
@@ -37,7 +37,7 @@ from rmtp.device import resolve_device
 from rmtp.errors import CheckpointError, PluginError, RmtpError
 from rmtp.plugins import Plugins, get_plugins
 from rmtp.progress import NULL_PROGRESS, Progress
-from rmtp.recipe import EvaluateStep, FinetuneStep, Recipe, ResolvedPrune, step_label
+from rmtp.recipe import EvaluateStep, FinetuneStep, Recipe, ReconstructStep, ResolvedPrune, step_label
 from rmtp.report import ModelStats, RunReport, StepReport, environment
 from rmtp.resume import (
     Checkpoint,
@@ -276,6 +276,8 @@ def _run_steps(run: _Run, recipe: Recipe, spec: ModelSpec, baseline: ModelSpec, 
             step_report = _prune(run, index, step)
         elif isinstance(step, FinetuneStep):
             step_report = _finetune(run, index, step, report, done.train if index == done.next_step else None)
+        elif isinstance(step, ReconstructStep):
+            step_report = _reconstruct(run, index, step)
         else:
             step_report = _evaluate(run, index, step)
         step_report.seconds = time.perf_counter() - step_started
@@ -382,6 +384,15 @@ def _finetune(run: _Run, index: int, step: FinetuneStep, report: RunReport,
     return steps.finetune_step(run.model, run.data, config, device=run.device, input_shape=run.input_shape,
                                teacher=run.dense, penalize=sorted(run.pruned_layers), progress=run.progress,
                                index=index, label=step_label(step), resume=resume, on_checkpoint=on_checkpoint)
+
+
+def _reconstruct(run: _Run, index: int, step: ReconstructStep) -> StepReport:
+    """Block-wise reconstruction on the calibration split; a killed run redoes the step from its
+    start on ``--resume`` (from the checkpoint after the step before)."""
+    return steps.reconstruct_step(run.model, run.dense, run.data.loader("calibration"), step.reconstruct,
+                                  arch=run.arch, device=run.device, input_shape=run.input_shape,
+                                  seed=run.recipe.seed + index, progress=run.progress, index=index,
+                                  label=step_label(step))
 
 
 def _evaluate(run: _Run, index: int, step: EvaluateStep) -> StepReport:

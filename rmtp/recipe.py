@@ -31,7 +31,7 @@ from rmtp.plugins import Plugins, get_plugins
 from rmtp.pruner import Pruner, PrunerParams
 from rmtp.safe_yaml import read_yaml_file
 from rmtp.precision import Precision
-from rmtp.training.config import TrainConfig
+from rmtp.training.config import ReconstructConfig, TrainConfig
 
 
 class _Strict(BaseModel):
@@ -112,15 +112,31 @@ class EvaluateStep(_Strict):
         return data
 
 
-Step = PruneStep | FinetuneStep | EvaluateStep
-STEP_KINDS: dict[str, type[_Strict]] = {"prune": PruneStep, "finetune": FinetuneStep, "evaluate": EvaluateStep}
+class ReconstructStep(_Strict):
+    reconstruct: ReconstructConfig = Field(default_factory=ReconstructConfig)
+    name: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_means_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("reconstruct") is None:
+            data = {**data, "reconstruct": {}}
+        return data
+
+
+Step = PruneStep | FinetuneStep | ReconstructStep | EvaluateStep
+STEP_KINDS: dict[str, type[_Strict]] = {"prune": PruneStep, "finetune": FinetuneStep, "reconstruct": ReconstructStep,
+                                        "evaluate": EvaluateStep}
 
 
 def step_label(step: Step) -> str:
-    """'svd-mp', 'finetune' or 'evaluate' (or the step's own ``name``): how reports name a step."""
+    """'svd-mp', 'finetune', 'reconstruct' or 'evaluate' (or the step's own ``name``): how reports
+    name a step."""
     if step.name:
         return step.name
-    return step.prune if isinstance(step, PruneStep) else ("finetune" if isinstance(step, FinetuneStep) else "evaluate")
+    if isinstance(step, PruneStep):
+        return step.prune
+    return next(kind for kind, cls in STEP_KINDS.items() if isinstance(step, cls))
 
 
 class _RecipeShape(_Strict):
@@ -151,7 +167,7 @@ class ResolvedPrune:
 
 
 #: A step as the pipeline runs it: prune steps resolved, the others as validated.
-PlannedStep = ResolvedPrune | FinetuneStep | EvaluateStep
+PlannedStep = ResolvedPrune | FinetuneStep | ReconstructStep | EvaluateStep
 
 
 @dataclass
@@ -377,7 +393,7 @@ def _validate_step(label: str, where: str, raw_step: dict[str, Any], problems: l
     if len(kinds) != 1:
         found = ", ".join(_short_key(key) for key in sorted(raw_step, key=str)[:_SHOWN_KEYS]) or "nothing"
         found += f" and {len(raw_step) - _SHOWN_KEYS} more" if len(raw_step) > _SHOWN_KEYS else ""
-        problems.append(f"{label}: {where}: a step needs exactly one of prune, finetune, evaluate (found keys: {found})")
+        problems.append(f"{label}: {where}: a step needs exactly one of {', '.join(STEP_KINDS)} (found keys: {found})")
         return None
     model_cls = STEP_KINDS[kinds[0]]
     try:

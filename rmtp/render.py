@@ -288,6 +288,10 @@ def step_renderable(step: StepReport, *, wide: bool = False) -> Group:
         last = step.history[-1]
         parts.append(markup(f"[bold]step {step.index} · finetune[/] {len(step.history)} epoch(s), "
                             f"last loss {last['train_loss']:.4f}, val top-1 {last['val_top1']:.2f}%"))
+    elif step.kind == "reconstruct" and step.history:
+        parts.append(markup(f"[bold]step {step.index} · reconstruct[/] {len(step.history)} block(s), "
+                            f"{sum(fit['steps'] for fit in step.history)} optimizer steps, params "
+                            f"{human(step.stats.params)}"))
     elif step.kind == "evaluate" and step.stats.top1 is not None:
         parts.append(markup(f"[bold]step {step.index} · evaluate[/] top-1 {step.stats.top1:.2f}%, params "
                             f"{human(step.stats.params)}, MACs {human(step.stats.macs)}"))

@@ -107,7 +107,7 @@ def _saved_step_label(step: dict[str, Any]) -> str:
         return str(step["name"])
     if "prune" in step:
         return str(step["prune"])
-    return "finetune" if "finetune" in step else "evaluate"
+    return next((kind for kind in ("finetune", "reconstruct") if kind in step), "evaluate")
 
 
 class Checkpointer:

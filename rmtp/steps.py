@@ -1,5 +1,6 @@
-"""One prune, finetune or evaluate step on a model in hand: what a recipe step and the library calls
-:func:`rmtp.prune`, :func:`rmtp.finetune` and :func:`rmtp.evaluate` both run.
+"""One prune, finetune, reconstruct or evaluate step on a model in hand: what a recipe step and the
+library calls :func:`rmtp.prune`, :func:`rmtp.finetune`, :func:`rmtp.reconstruct` and
+:func:`rmtp.evaluate` both run.
 
 The recipe pipeline (:mod:`rmtp.pipeline`) and the in-memory API (:mod:`rmtp.api`) differ only in
 where their inputs come from (a validated recipe; a user's model, loaders and keyword arguments).
@@ -10,7 +11,7 @@ paths cannot drift apart.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -30,6 +31,7 @@ if TYPE_CHECKING:
     from rmtp.data import DataBundle
     from rmtp.latency.cost import CostModel
     from rmtp.latency.settings import LatencySettings
+    from rmtp.blockwise import ReconstructConfig
     from rmtp.recipe import EvaluateParams
     from rmtp.training import TrainConfig, TrainState
 
@@ -187,6 +189,57 @@ def finetune_step(model: nn.Module, data: DataBundle, config: TrainConfig, *, de
     return StepReport(index=index, kind="finetune", name=label, rows=[],
                       stats=model_stats(model, input_shape, device, result.final_val_top1), seconds=0.0,
                       history=history)
+
+
+def reconstruct_step(model: nn.Module, dense: nn.Module, calibration: Iterable, config: ReconstructConfig, *,
+                     arch: Architecture, device: torch.device, input_shape: tuple[int, ...], seed: int = 0,
+                     progress: Progress = NULL_PROGRESS, index: int = 0,
+                     label: str = "reconstruct") -> StepReport:
+    """Block-wise reconstruction of ``model`` against ``dense`` on the calibration images
+    (:mod:`rmtp.blockwise`): each block, in forward order, trained to give the dense block's
+    outputs from the inputs the already-reconstructed model feeds it. Refused, before anything
+    runs, for a token-reduced model (its blocks see fewer tokens than the dense ones) and for an
+    architecture that declares no blocks."""
+    from rmtp.modules import patches_of
+    from rmtp.blockwise import calibration_images, reconstruct_blocks
+
+    if patches_of(model):
+        raise RmtpError("reconstruct: the model is token-reduced, so its blocks see other tokens than the dense "
+                        "model's; reconstruct before the token pruner (or rmtp.unpatch(model) first)")
+    blocks = arch.blocks(model)
+    if not blocks:
+        raise RmtpError(f"reconstruct: architecture {arch.name!r} declares no blocks to reconstruct one by one")
+    missing = [name for name in blocks if not _has_module(dense, name)]
+    if missing:
+        raise RmtpError(f"reconstruct: the dense model has no {missing[0]}: give the dense model this one was "
+                        f"pruned from")
+    images = calibration_images(calibration, config.images)
+    fits = reconstruct_blocks(model, dense.to(device).eval(), blocks, images, config=config, device=device,
+                              seed=config.seed if config.seed is not None else seed, progress=progress)
+    kept = [fit for fit in fits if fit.kept]
+    notes = [f"{len(fits)} blocks on {len(images)} calibration images, {sum(f.steps for f in fits)} optimizer "
+             f"steps: output error (‖f(x) − y‖²/‖y‖², median over blocks) "
+             f"{_median([f.error_before for f in fits]):.4g} → {_median([f.error_after for f in fits]):.4g}"]
+    if len(kept) < len(fits):
+        notes.append(f"{len(fits) - len(kept)} block(s) kept as they came: their calibration error rose "
+                     f"({', '.join(f.block for f in fits if not f.kept)}); try a lower lr")
+    return StepReport(index=index, kind="reconstruct", name=label, rows=[],
+                      stats=model_stats(model, input_shape, device), seconds=0.0, notes=notes,
+                      history=[fit.to_dict() for fit in fits])
+
+
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def _median(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
 
 
 def masked_layers(model: nn.Module) -> list[str]:

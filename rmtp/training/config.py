@@ -110,3 +110,19 @@ class TrainConfig(BaseModel):
         if self.persistent_workers and self.num_workers == 0:
             raise ValueError("persistent_workers needs num_workers > 0")
         return self
+
+
+class ReconstructConfig(BaseModel):
+    """A ``reconstruct:`` step's settings (also ``rmtp.reconstruct(...)``'s keywords): block-wise
+    reconstruction, :mod:`rmtp.blockwise`. Here, torch-free, so a recipe validates without torch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(200, ge=1, le=1_000_000, description="optimizer steps per block")
+    max_minutes: float | None = Field(None, gt=0, description="wall-clock budget of the whole step, shared "
+                                                              "equally by the blocks (a block stops early when "
+                                                              "its share is spent); null: steps only")
+    lr: float = Field(1e-3, gt=0, le=1.0, description="Adam learning rate, cosine-decayed to 0 over a block's steps")
+    batch_size: int = Field(32, ge=1, le=4096, description="calibration images per optimizer step")
+    images: int | None = Field(None, ge=1, description="use at most this many calibration images (null: all)")
+    seed: int | None = Field(None, ge=0, description="mini-batch draws (null: the recipe's seed + step index)")

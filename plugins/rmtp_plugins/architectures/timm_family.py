@@ -136,6 +136,10 @@ class TimmFamily(Architecture):
     def _rule_for(self, name: str) -> LayerRule | None:
         return next((rule for rule in self.layer_rules if rule.matches(name)), None)
 
+    def blocks(self, model: nn.Module) -> list[str]:
+        """The modules named like :attr:`block_pattern`, in ``named_modules`` (forward) order."""
+        return [name for name, _ in self._blocks(model)]
+
     def _blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         return [(name, module) for name, module in model.named_modules() if re.fullmatch(self.block_pattern, name)]
 
