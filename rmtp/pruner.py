@@ -166,9 +166,10 @@ class Pruner(ABC):
 
     Besides :meth:`prune`, a pruner answers three questions the pipeline (and ``rmtp validate``)
     asks it instead of branching on its attributes: :meth:`candidate_layers`,
-    :meth:`calibration_needed` (refined per step by :meth:`calibration_use`) and :meth:`prunes_weights`. Their defaults follow the class
-    attributes ``revisits_replaced_layers``, ``needs_calibration`` and ``kind``, so a pruner usually
-    sets those; one that needs more overrides the classmethod.
+    :meth:`calibration_needed` (refined per step by :meth:`calibration_use`) and
+    :meth:`prunes_weights`. Their defaults follow the class attributes ``revisits_replaced_layers``,
+    ``needs_calibration`` and ``kind``, so a pruner usually sets those; one that needs more
+    overrides the classmethod.
     """
 
     name: ClassVar[str]

@@ -24,7 +24,7 @@ DATA = {"name": "digits", "batch_size": 128, "calibration_size": 64, "eval_limit
 #: One step per built-in pruner, with params a tiny ViT takes quickly.
 STEPS = {
     "magnitude": {"sparsity": 0.5, "scope": "global"},
-    "svd-mp": {"margin": 1.0},
+    "svd-mp": {"margin": 1.0, "whiten": True},  # whitened: the recipe step loads calibration, as the call passes it
     "n:m": {"n": 2, "m": 4, "score": "wanda", "budget": "mp", "target_macs": 0.7, "permute": True},
     "spp": {"ratio": 0.3, "steps": 5, "batch_size": 32},
     "token-cls": {"r_max": 0.5, "alpha": 1.5},

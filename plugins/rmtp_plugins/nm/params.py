@@ -48,6 +48,8 @@ class NmParams(PrunerParams):
                                                               "mean diagonal")
     blocksize: int = Field(128, ge=1, le=65536, description="sparsegpt: columns per lazy-update block (rounded "
                                                             "down to a multiple of m)")
+    refit: bool = Field(False, description="sparsegpt: then refit each row's kept weights by least squares on the "
+                                           "calibration inputs (the optimum for the mask; the sweep is greedy)")
     budget: Literal["mp", "uniform"] = Field(
         "mp", description="mp: patterns per layer from the Marchenko–Pastur signal under target_macs; "
                           "uniform: n:m on every layer")
@@ -82,8 +84,9 @@ class NmParams(PrunerParams):
             raise ValueError(f"n={self.n} must be smaller than m={self.m}")
         if self.score == "sparsegpt" and self.restore:
             raise ValueError("restore and score: sparsegpt both fit the mask to the calibration error; use one")
-        if self.score != "sparsegpt" and {"percdamp", "blocksize"} & self.model_fields_set:
-            raise ValueError("percdamp and blocksize are only used with score: sparsegpt")
+        extra = sorted({"percdamp", "blocksize", "refit"} & self.model_fields_set)
+        if self.score != "sparsegpt" and extra:
+            raise ValueError(f"{', '.join(extra)}: only used with score: sparsegpt")
         if self.restore and self.restore_overprune > self.n:
             raise ValueError(f"restore_overprune={self.restore_overprune} exceeds n={self.n}")
         options = self.options()  # raises for a malformed pattern

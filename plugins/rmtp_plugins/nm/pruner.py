@@ -30,7 +30,8 @@ The steps, in order (formulas in ``docs/nm.md``):
    calibration output error ‖(W − Ŵ)X‖²; the restored mask is used only if its error is no higher
    than the plain mask's. With ``sparsegpt`` (:mod:`.sparsegpt`): layer by layer in forward
    order (:func:`rmtp.layerwise.compress_sequentially`), on the inputs of the model as pruned so
-   far, the mask is chosen group by group with the OBS update of the weights not yet visited.
+   far, the mask is chosen group by group with the OBS update of the weights not yet visited;
+   ``refit`` then sets each row's kept weights to their least-squares optimum for that mask.
 
 Masks are exact zeros, so a later ``finetune`` keeps them fixed (gradients masked, weights
 re-masked each step) and they survive save/load. On CUDA, :func:`to_semi_structured` converts 2:4
@@ -64,7 +65,7 @@ from rmtp_plugins.nm.masks import (
 )
 from rmtp_plugins.nm.params import NmParams, Pattern, pattern_density
 from rmtp_plugins.nm.permute import PermutedInput, apply_permutation, find_absorber, plain, search_permutation
-from rmtp_plugins.nm.sparsegpt import output_error, sparsegpt
+from rmtp_plugins.nm.sparsegpt import least_squares_refit, output_error, sparsegpt
 
 __all__ = ["collect_input_stats", "prune"]  # collect_input_stats: its first home, now rmtp.layerwise
 
@@ -90,7 +91,7 @@ class _Plan:
     perm: str = "–"
     restore: str = "–"
     #: sparsegpt: the layer's relative output error on its calibration inputs after the update.
-    refit: str = "–"
+    sparsegpt_err: str = "–"
     #: Why a layer the budget gave a pattern stays dense (not faster on the target), or None.
     dense_reason: str | None = None
     #: The pattern's predicted speed-up over the dense layer, where it was timed.
@@ -298,12 +299,15 @@ def _sparsegpt_layer(plan: _Plan, module: nn.Module, inputs: LayerInputs, params
     matrix = gemm_view(module.weight.detach())
     if inputs.count == 0 or inputs.gram is None:
         pruned = matrix * nm_mask(scores_for(matrix, None), n, m).to(matrix.dtype)
-        plan.refit = "not reached: magnitude mask"
+        plan.sparsegpt_err = "not reached: magnitude mask"
     else:
         gram = inputs.gram.to(matrix.device)
-        pruned = sparsegpt(matrix, gram, inputs.count, n, m, blocksize=params.blocksize,
-                           percdamp=params.percdamp).matrix
-        plan.refit = f"{output_error(matrix, pruned, gram):.2%} err"
+        result = sparsegpt(matrix, gram, inputs.count, n, m, blocksize=params.blocksize, percdamp=params.percdamp)
+        pruned = result.matrix
+        plan.sparsegpt_err = f"{output_error(matrix, pruned, gram):.2%} err"
+        if params.refit:
+            pruned = least_squares_refit(matrix, result.keep, gram, inputs.count, percdamp=params.percdamp)
+            plan.sparsegpt_err += f", refit {output_error(matrix, pruned, gram):.2%}"
     module.weight.copy_(from_gemm(pruned.to(module.weight.dtype), plan.shape))
 
 
@@ -328,7 +332,7 @@ def _row(ctx: PruneContext, plan: _Plan, before: tuple, params: NmParams, notes:
     if params.restore:
         detail["restore"] = plan.restore
     if params.score == "sparsegpt":
-        detail["sparsegpt"] = plan.refit
+        detail["sparsegpt"] = plan.sparsegpt_err
     if plan.layer_speedup is not None:
         detail["speed"] = f"×{plan.layer_speedup:.2f}"
     density = pattern_density(plan.pattern)

@@ -13,7 +13,8 @@ bulk's edge s₊ (times ``margin``) carry signal; the rest is treated as noise a
   original weight count. Layers whose split would not pay count at their dense size.
 * When k·(M+N) < M·N the layer is replaced by two thin layers (:mod:`rmtp.lowrank`), so params and
   MACs really drop; otherwise it stays dense and, by default, the rank-k reconstruction is written
-  back (``when_split_does_not_pay: keep`` leaves it untouched). The report says which.
+  back (``when_split_does_not_pay: keep`` leaves it untouched; the default with calibration data,
+  where the reconstruction saves nothing and only adds output error). The report says which.
 * Speed (:mod:`.speed`, ``docs/latency.md``): with ``only_if_faster`` (default on, off under
   ``target_params``) a split predicted not faster on the target by the step's ``latency:`` stays
   dense and unchanged; ``target_speedup`` / ``target_latency_ms`` set one s/s₊ threshold for all
@@ -24,10 +25,11 @@ bulk's edge s₊ (times ``margin``) carry signal; the rest is treated as noise a
 * With calibration data (``whiten``, :mod:`.whitening`) every matrix is decomposed on its
   activation-whitened form W·S (S·Sᵀ = E[x·xᵀ] of the layer's inputs), SVD-LLM's truncation-aware
   whitening: the directions kept are those carrying the most output on real inputs, and the factors
-  written are the output-error optimum at each rank. By default layer by layer (``sequential``,
-  :func:`rmtp.layerwise.compress_sequentially`): each layer is whitened by its inputs in the model
-  compressed so far. The MP edge stays on W (``docs/spectral.md`` says why); budgets
-  (``target_params``, speed targets) rank directions by their whitened singular values.
+  written are the output-error optimum at each rank, for the inputs of one calibration pass through
+  the model as it came; ``sequential`` whitens each layer by its inputs in the model compressed so
+  far instead (:func:`rmtp.layerwise.compress_sequentially`; no better on a real ViT-Ti, ten times
+  slower). The MP edge stays on W (``docs/spectral.md`` says why); budgets (``target_params``,
+  speed targets) rank directions by their share of their layer's whitened output energy.
 * A layer an earlier round already split (prune → finetune → prune, the seeds' Algorithm 3) holds
   a rank-k matrix: no noise bulk is left to fit, so its directions are measured against the edge s₊
   fitted on the dense weights, which the split layer carries (:mod:`rmtp.lowrank`). Fine-tuning
@@ -62,9 +64,10 @@ class SvdMpParams(PrunerParams):
     split_qkv: bool = Field(True, description="fit and factor a fused qkv as separate q, k, v blocks")
     coefficient_pruning: float = Field(0.0, ge=0.0, lt=1.0,
                                        description="then zero this share of the smallest entries of the new weights")
-    when_split_does_not_pay: Literal["reconstruct", "keep"] = Field(
-        "reconstruct", description="a layer whose split would not save params: write back its rank-k "
-                                   "reconstruction, or keep it unchanged")
+    when_split_does_not_pay: Literal["reconstruct", "keep"] | None = Field(
+        None, description="a layer whose split would not save params: write back its rank-k "
+                          "reconstruction, or keep it unchanged (default: reconstruct on the raw weights, "
+                          "keep when whitening, where a rank-k dense layer only adds output error)")
     alpha: float = Field(0.25, gt=0.0, lt=0.5, description="BEMA fit on the [alpha, 1-alpha] quantile band")
     tw_confidence: TwConfidence = Field(None,
                                         description="add a Tracy–Widom margin to the edge at this confidence")
@@ -85,9 +88,10 @@ class SvdMpParams(PrunerParams):
                           "(rmtp.prune(..., calibration=)); a recipe step whitens only with true, which "
                           "loads its data's calibration images; false: never")
     sequential: bool = Field(
-        True, description="when whitening: fit layer by layer, each layer whitened by its inputs in the "
-                          "model compressed so far, so later layers absorb earlier errors (one partial "
-                          "forward pass per layer); false: one pass over the model as it came")
+        False, description="when whitening: fit layer by layer, each layer whitened by its inputs in the "
+                           "model compressed so far (one partial forward pass per layer, ~10× the time); "
+                           "default: one pass over the model as it came, which scored as well on a real "
+                           "ViT-Ti (docs/spectral.md)")
 
     @model_validator(mode="after")
     def _one_budget(self) -> SvdMpParams:

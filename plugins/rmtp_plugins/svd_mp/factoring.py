@@ -2,7 +2,8 @@
 MP fit of every selected matrix, the ranks (per layer, or allocated globally under
 ``target_params``), the splits into two thin layers, and the report rows. The method itself is
 described in :mod:`rmtp_plugins.svd_mp`; with calibration data the decompositions are those of the
-whitened matrices (:mod:`.whitening`), fitted layer by layer by default (:func:`_apply_sequentially`).
+whitened matrices (:mod:`.whitening`), from one calibration pass, or layer by layer with
+``sequential`` (:func:`_apply_sequentially`).
 """
 
 from __future__ import annotations
@@ -71,6 +72,8 @@ class _Plan:
     layer_speedup: float | None = None
     #: How the factors were fitted to calibration data ("" without data): for the report.
     whitening: str = ""
+    #: Whether this step whitens (calibration data given): set before any layer is fitted.
+    fits_data: bool = False
 
     @property
     def already_split(self) -> bool:
@@ -112,6 +115,8 @@ def prune(ctx: PruneContext, params: SvdMpParams) -> list[LayerRow]:
     sequential = whiten and params.sequential
     roots = _dense_roots(ctx) if whiten and (not sequential or _ranks_need_data(params)) else {}
     plans = _plan(ctx, params, roots)
+    for plan in plans:
+        plan.fits_data = whiten
     if params.target_params is not None:
         (_allocate_uniformly if params.allocation == "uniform" else _allocate_globally)(plans, params)
     if uses_time(params):
@@ -210,7 +215,12 @@ def _apply_sequentially(ctx: PruneContext, plans: list[_Plan], params: SvdMpPara
     inputs in the model as compressed so far (:func:`rmtp.layerwise.compress_sequentially`), so a
     layer's factors are the output-error optimum on the inputs it will really get: the errors of
     the layers before it are part of its data, not added on top. Ranks stay those already planned.
-    A layer the calibration data never reaches keeps its planned decomposition."""
+    A layer the calibration data never reaches keeps its planned decomposition.
+
+    What it fits is the dense layer's map on those inputs (W·X̃), not the dense model's outputs
+    (W·X): :class:`rmtp.layerwise.LayerInputs` carries no cross Gram X̃ᵀX, so it cannot undo the
+    earlier layers' errors, only stop fitting inputs the layer no longer gets. On the real ViT-Ti
+    it scored no better than one pass (docs/spectral.md), hence not the default."""
     from rmtp.layerwise import compress_sequentially
 
     by_name = {plan.name: plan for plan in plans}
@@ -223,7 +233,7 @@ def _apply_sequentially(ctx: PruneContext, plans: list[_Plan], params: SvdMpPara
             plan.whitening = "whitened, layer by layer"
         rows[name] = _apply(ctx, plan, params)
 
-    fitted = [plan.name for plan in plans if not plan.skipped and not plan.already_split]
+    fitted = [plan.name for plan in plans if _changes_weights(plan, params)]
     compress_sequentially(ctx.model, fitted, ctx.calibration, ctx.device, compress=compress, progress=ctx.progress,
                           precision=ctx.precision, description="svd-mp: whitened, layer by layer")
     for plan in plans:
@@ -248,6 +258,25 @@ def _plan_split_layer(plan: _Plan, params: SvdMpParams) -> _Plan:
     return plan
 
 
+def _changes_weights(plan: _Plan, params: SvdMpParams) -> bool:
+    """Whether :func:`_apply` will write new weights for this plain layer (a split, or a rank-k
+    reconstruction), i.e. whether fitting it to calibration inputs matters."""
+    if plan.skipped or plan.already_split or plan.dense_reason is not None:
+        return False
+    return plan.split_cost() < plan.dense_cost() or _reconstructs(plan, params)
+
+
+def _reconstructs(plan: _Plan, params: SvdMpParams) -> bool:
+    """Whether a layer whose split would not pay gets its rank-k reconstruction written back:
+    ``when_split_does_not_pay``, by default yes on raw weights (the seeds' denoising at the edge)
+    and no when whitened. Why: measured on the real ViT-Ti at ``target_params: 0.9``, writing the
+    whitened rank-k matrix into the layers that stay dense scored 47.9% top-1, keeping them 55.7%
+    (docs/spectral.md); such a layer saves nothing, so its truncation is pure output error."""
+    if params.when_split_does_not_pay is not None:
+        return params.when_split_does_not_pay == "reconstruct"
+    return not plan.fits_data
+
+
 def _apply(ctx: PruneContext, plan: _Plan, params: SvdMpParams) -> LayerRow:
     shape, params_before, nonzeros_before = weight_footprint(plan.module)
     if plan.skipped:
@@ -270,7 +299,7 @@ def _apply(ctx: PruneContext, plan: _Plan, params: SvdMpParams) -> LayerRow:
         mode = "split"
     elif plan.dense_reason is not None:
         new, mode = plan.module, f"dense, unchanged ({plan.dense_reason})"
-    elif params.when_split_does_not_pay == "reconstruct":
+    elif _reconstructs(plan, params):
         _write_reconstruction(plan.module.weight, plan.matrices)
         new, mode = plan.module, "dense, rank-k reconstruction"
     else:
