@@ -352,3 +352,33 @@ def test_convnext_and_resnet_layers_split(tmp_path: Path) -> None:
             torch.testing.assert_close(effective, truncated, atol=1e-5, rtol=1e-5)
         model(torch.randn(2, 1, 32, 32))  # still runs
         assert math.isfinite(float(model(torch.randn(1, 1, 32, 32)).detach().sum()))
+
+
+class _Notes(rmtp.progress.Progress):
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+
+
+def test_the_edge_without_data_says_what_it_will_cut_before_it_cuts() -> None:
+    """Honest defaults (issue 21): the MP edge on raw weights can keep a few percent of a pretrained
+    model; the step announces the share it keeps before replacing any layer, with the way out."""
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", **TINY_VIT).eval()  # random weights: almost all noise
+    progress = _Notes()
+    seen_before_replacing: list[int] = []
+    progress.task = lambda *a, **k: (seen_before_replacing.append(len(progress.notes)),  # type: ignore[method-assign]
+                                     rmtp.progress.Progress.task(progress, *a, **k))[1]
+    report = rmtp.prune(model, "svd-mp", progress=progress, min_dim=8, only_if_faster=False)
+    # q, k and v are fitted as three d×d blocks: a qkv layer's directions are 3·d, others min(M, N)
+    full = sum(r.shape_before[0] if r.layer.endswith("qkv") else min(r.shape_before) for r in report.rows)
+    kept = sum(r.kept_rank for r in report.rows) / full
+    assert len(progress.notes) == 1 and "keeps" in progress.notes[0] and "calibration data" in progress.notes[0]
+    assert f"{kept:.1%}" in progress.notes[0]
+    assert seen_before_replacing and seen_before_replacing[-1] == 1  # the note came before the replacing
+    budgeted = _Notes()
+    rmtp.prune(timm.create_model("vit_tiny_patch16_224", **TINY_VIT).eval(), "svd-mp", progress=budgeted,
+               min_dim=8, target_params=0.5)
+    assert budgeted.notes == []  # a budget says what it keeps itself
