@@ -34,6 +34,7 @@ from rmtp.data import DataBundle, DataSpec, model_input_size
 from rmtp.errors import PluginError, RecipeError
 from rmtp.latency.settings import LatencySettings
 from rmtp.layers import LayerFilter
+from rmtp.measure.running import evaluating
 from rmtp.plugins import Plugins, get_plugins
 from rmtp.progress import NULL_PROGRESS, Progress
 from rmtp.pruner import Pruner
@@ -84,17 +85,13 @@ def prune(model: nn.Module, pruner: str | type[Pruner], /, *, arch: str | Archit
     architecture = _architecture(model, arch, plugins)  # before anything runs the model: a clear refusal
     device = _device(model, device)
     shape = tuple(input_shape) if input_shape is not None else model_input_size(model)
-    modes = _training_modes(model)
-    model.to(device).eval()
-    try:
+    with evaluating(model.to(device)):
         before = steps.model_stats(model, shape, device)
         if dense is None:
             dense = frozen_copy(model)
         report = steps.prune_step(model, pruner_cls, validated, arch=architecture, layers=layer_filter,
                                   device=device, seed=seed, input_shape=shape, dense=dense, calibration=calibration,
                                   progress=progress, precision=precision, latency=latency)
-    finally:
-        _restore_training_modes(model, modes)
     report.baseline = before
     return report
 
@@ -218,21 +215,6 @@ def _architecture(model: nn.Module, arch: str | Architecture | None, plugins: Pl
     if check is not None:
         check(model, "the model")
     return architecture
-
-
-def _training_modes(model: nn.Module) -> dict[str, bool]:
-    """Each submodule's ``training`` flag by name, so a call that must run the model in eval mode
-    can hand it back as it came (a model being trained stays in train mode)."""
-    return {name: module.training for name, module in model.named_modules()}
-
-
-def _restore_training_modes(model: nn.Module, modes: dict[str, bool]) -> None:
-    """Set each submodule's ``training`` flag back from ``modes``; a module a pruner added (a split
-    layer's factors) takes its parent's flag."""
-    for name, module in model.named_modules():
-        parent = name.rpartition(".")[0]
-        module.training = modes.get(name, modes.get(parent, model.training))
-        modes.setdefault(name, module.training)
 
 
 def _validate(label: str, model_cls: type[BaseModel], values: Mapping[str, Any], prefix: str) -> Any:

@@ -75,6 +75,15 @@ def _kwargs_rejected(spec: ModelSpec, exc: Exception) -> PluginError:
                        f"{exc.__class__.__name__}: {short_repr(detail, 200)[1:-1] if detail else '(no message)'}")
 
 
+def has_submodule(module: nn.Module, dotted: str) -> bool:
+    """Whether ``module`` has the submodule ``dotted`` (``get_submodule`` raises instead)."""
+    try:
+        module.get_submodule(dotted)
+    except AttributeError:
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class PrunableLayer:
     """One prunable weight layer of a model.

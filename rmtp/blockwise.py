@@ -32,6 +32,7 @@ from torch import nn
 from rmtp.errors import RmtpError
 from rmtp.progress import NULL_PROGRESS, Progress
 from rmtp.training.config import ReconstructConfig
+from rmtp.training.pieces import masked_layers, zero_masks
 
 __all__ = ["BlockFit", "ReconstructConfig", "calibration_images", "capture", "reconstruct_blocks",
            "relative_error"]
@@ -149,7 +150,7 @@ def _train(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, con
     Returns the steps taken (fewer than ``config.steps`` when ``deadline`` came first)."""
     params = [p for p in block.parameters()]
     flags = [p.requires_grad for p in params]
-    masks = list(_zero_masks(block))
+    masks = zero_masks(block, masked_layers(block))  # a pruner's exact zeros: no step revives them
     optimizer = torch.optim.Adam(params, lr=config.lr)
     taken = 0
     try:
@@ -187,14 +188,6 @@ def _batches(count: int, config: ReconstructConfig, generator: torch.Generator) 
             order, position = torch.randperm(count, generator=generator), 0
         yield order[position:position + size]
         position += size
-
-
-def _zero_masks(block: nn.Module) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
-    """(weight, keep-mask) of each Linear/Conv in ``block`` whose weight has exact zeros (a pruner's
-    mask), so the optimizer's steps cannot revive what was pruned."""
-    for module in block.modules():
-        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) and bool((module.weight == 0).any()):
-            yield module.weight, (module.weight.detach() != 0).to(module.weight.dtype)
 
 
 def calibration_images(loader: Iterable, limit: int | None) -> torch.Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -88,40 +88,36 @@ class PruneStep(_Strict):
                                                               "next timed evaluate step's)")
 
 
-class FinetuneStep(_Strict):
+class _StepWithSettings(_Strict):
+    """A step whose one key holds its settings (``BODY``): ``finetune:`` with no body (``null``)
+    means every default, as ``finetune: {}`` does."""
+
+    BODY: ClassVar[str]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_means_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get(cls.BODY) is None:
+            data = {**data, cls.BODY: {}}
+        return data
+
+
+class FinetuneStep(_StepWithSettings):
+    BODY: ClassVar[str] = "finetune"
     finetune: TrainConfig = Field(default_factory=TrainConfig)
     name: str | None = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def _empty_means_defaults(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("finetune") is None:
-            data = {**data, "finetune": {}}
-        return data
 
-
-class EvaluateStep(_Strict):
+class EvaluateStep(_StepWithSettings):
+    BODY: ClassVar[str] = "evaluate"
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     name: str | None = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def _empty_means_defaults(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("evaluate") is None:
-            data = {**data, "evaluate": {}}
-        return data
 
-
-class ReconstructStep(_Strict):
+class ReconstructStep(_StepWithSettings):
+    BODY: ClassVar[str] = "reconstruct"
     reconstruct: ReconstructConfig = Field(default_factory=ReconstructConfig)
     name: str | None = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _empty_means_defaults(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("reconstruct") is None:
-            data = {**data, "reconstruct": {}}
-        return data
 
 
 Step = PruneStep | FinetuneStep | ReconstructStep | EvaluateStep

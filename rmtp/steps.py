@@ -11,6 +11,7 @@ paths cannot drift apart.
 from __future__ import annotations
 
 from collections import Counter
+from statistics import median
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
@@ -19,13 +20,14 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from rmtp import measure
-from rmtp.architecture import Architecture
+from rmtp.architecture import Architecture, has_submodule
 from rmtp.errors import RmtpError
 from rmtp.layers import LayerFilter, select_layers
 from rmtp.precision import check_precision
 from rmtp.progress import NULL_PROGRESS, Progress
 from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams, StepOutput
 from rmtp.report import ModelStats, StepReport
+from rmtp.training.pieces import masked_layers
 
 if TYPE_CHECKING:
     from rmtp.data import DataBundle
@@ -209,7 +211,7 @@ def reconstruct_step(model: nn.Module, dense: nn.Module, calibration: Iterable, 
     blocks = arch.blocks(model)
     if not blocks:
         raise RmtpError(f"reconstruct: architecture {arch.name!r} declares no blocks to reconstruct one by one")
-    missing = [name for name in blocks if not _has_module(dense, name)]
+    missing = [name for name in blocks if not has_submodule(dense, name)]
     if missing:
         raise RmtpError(f"reconstruct: the dense model has no {missing[0]}: give the dense model this one was "
                         f"pruned from")
@@ -219,38 +221,13 @@ def reconstruct_step(model: nn.Module, dense: nn.Module, calibration: Iterable, 
     kept = [fit for fit in fits if fit.kept]
     notes = [f"{len(fits)} blocks on {len(images)} calibration images, {sum(f.steps for f in fits)} optimizer "
              f"steps: output error (‖f(x) − y‖²/‖y‖², median over blocks) "
-             f"{_median([f.error_before for f in fits]):.4g} → {_median([f.error_after for f in fits]):.4g}"]
+             f"{median([f.error_before for f in fits]):.4g} → {median([f.error_after for f in fits]):.4g}"]
     if len(kept) < len(fits):
         notes.append(f"{len(fits) - len(kept)} block(s) kept as they came: their calibration error rose "
                      f"({', '.join(f.block for f in fits if not f.kept)}); try a lower lr")
     return StepReport(index=index, kind="reconstruct", name=label, rows=[],
                       stats=model_stats(model, input_shape, device), seconds=0.0, notes=notes,
                       history=[fit.to_dict() for fit in fits])
-
-
-def _has_module(model: nn.Module, name: str) -> bool:
-    try:
-        model.get_submodule(name)
-    except AttributeError:
-        return False
-    return True
-
-
-def _median(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
-def masked_layers(model: nn.Module) -> list[str]:
-    """Linear/Conv layers whose weight has exact zeros: their zero pattern is a mask to keep fixed.
-
-    Derived from the weights rather than remembered from earlier steps, so it also holds for a
-    model loaded from a saved folder, and for the factors of split layers. Norm weights are not
-    masks (timm zero-initialises some BatchNorm scales) and are left free.
-    """
-    return [name for name, module in model.named_modules()
-            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) and bool((module.weight == 0).any())]
 
 
 def top1_with_progress(model: nn.Module, loader: DataLoader, device: torch.device, progress: Progress,

@@ -41,14 +41,15 @@ def input_dtype(model: nn.Module) -> torch.dtype:
 @contextmanager
 def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     """Eval mode for the duration, then each module's own train/eval flag back, so measuring
-    a model in the middle of fine-tuning does not change how it trains."""
-    flags = [(m, m.training) for m in model.modules()]
+    a model in the middle of fine-tuning does not change how it trains. Flags are kept by module
+    name, so a module put in during the block (a pruner's split layer) takes its parent's flag."""
+    flags = {name: m.training for name, m in model.named_modules()}
     model.eval()
     try:
         yield model
     finally:
-        for m, training in flags:
-            m.training = training
+        for name, m in model.named_modules():  # parents before children
+            m.training = flags.setdefault(name, flags.get(name.rpartition(".")[0], model.training))
 
 
 def batch_of_one(input_shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -147,6 +147,17 @@ def penalized_weights(model: nn.Module, names: Iterable[str]) -> list[nn.Paramet
     return list(weights.values())
 
 
+def masked_layers(model: nn.Module) -> list[str]:
+    """Linear/Conv layers whose weight has exact zeros: their zero pattern is a mask to keep fixed.
+
+    Derived from the weights rather than remembered from earlier steps, so it also holds for a
+    model loaded from a saved folder, and for the factors of split layers. Norm weights are not
+    masks (timm zero-initialises some BatchNorm scales) and are left free.
+    """
+    return [name for name, module in model.named_modules()
+            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) and bool((module.weight == 0).any())]
+
+
 def zero_masks(model: nn.Module, names: Iterable[str]) -> list[tuple[nn.Parameter, torch.Tensor]]:
     """(weight, keep-mask) of each named submodule: the mask is 1 where the weight is non-zero now."""
     masks = []

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from rmtp.architecture import Architecture, Coupling, ModelSpec, PrunableLayer
+from rmtp.architecture import Architecture, Coupling, ModelSpec, PrunableLayer, has_submodule
 from rmtp.errors import PluginError
 
 if TYPE_CHECKING:  # torch is imported by the methods that are handed a model, so that `rmtp list`
@@ -101,7 +101,7 @@ class TimmFamily(Architecture):
             raise self._not_this_family(model_name, f"it has no blocks named like {self.block_pattern!r}")
         for block_name, block in blocks:
             for child in self.block_children:
-                if not _has_submodule(block, child):
+                if not has_submodule(block, child):
                     raise self._not_this_family(model_name, f"block {block_name} has no {child!r}")
             problem = self.block_problem(block)
             if problem:
@@ -153,7 +153,7 @@ class TimmFamily(Architecture):
 
 def children_present(block: nn.Module, block_name: str, names: tuple[str, ...]) -> tuple[str, ...]:
     """The full paths of those of ``names`` (children of ``block``, in the order given) that exist."""
-    return tuple(f"{block_name}.{n}" for n in names if _has_submodule(block, n))
+    return tuple(f"{block_name}.{n}" for n in names if has_submodule(block, n))
 
 
 def mlp_coupling(model: nn.Module, mlp_name: str) -> Coupling | None:
@@ -163,7 +163,7 @@ def mlp_coupling(model: nn.Module, mlp_name: str) -> Coupling | None:
         mlp = model.get_submodule(mlp_name)
     except AttributeError:
         return None
-    if not (_has_submodule(mlp, "fc1") and _has_submodule(mlp, "fc2")):
+    if not (has_submodule(mlp, "fc1") and has_submodule(mlp, "fc2")):
         return None
     from torch import nn
 
@@ -171,11 +171,3 @@ def mlp_coupling(model: nn.Module, mlp_name: str) -> Coupling | None:
                   if not isinstance(model.get_submodule(p), nn.Identity))
     return Coupling("neurons", mlp_name, f"{mlp_name}.fc1", f"{mlp_name}.fc2",
                     between=children_present(mlp, mlp_name, ("act", "drop1", "norm", "grn")), norms=norms)
-
-
-def _has_submodule(module: nn.Module, dotted: str) -> bool:
-    try:
-        module.get_submodule(dotted)
-    except AttributeError:
-        return False
-    return True
