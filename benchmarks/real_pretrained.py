@@ -90,11 +90,30 @@ class Method:
     pending: str = ""
     #: In a run without ``--methods``; an extra row (run by naming it) keeps the default run's time down.
     default: bool = True
+    #: Further prune steps after the first, in order: (pruner, params) each (weights and tokens in one row).
+    then: tuple[tuple[str, Mapping[str, Any]], ...] = ()
+    #: Recovery after the prune steps: ``rmtp.reconstruct``'s settings (block-wise, on the calibration
+    #: images only, no labels), or None for a zero-shot row.
+    reconstruct: Mapping[str, Any] | None = None
+    #: Prune steps after the recovery (token pruners, whose merged tokens block-wise reconstruction
+    #: cannot compare with the dense blocks').
+    after: tuple[tuple[str, Mapping[str, Any]], ...] = ()
+
+    @property
+    def steps(self) -> tuple[tuple[str, Mapping[str, Any]], ...]:
+        """Every prune step of the row, in order (none for dense)."""
+        return ((self.pruner, self.params), *self.then, *self.after) if self.pruner is not None else ()
 
 
 #: 2:4 on every layer; ``only_if_faster: false`` because a CPU has no N:M kernel, so with the
 #: default every layer would be left dense (the rows then measure accuracy at ×1 speed).
 _NM_24 = {"n": 2, "m": 4, "budget": "uniform", "only_if_faster": False}
+
+#: spp's structured cut without training: structured OBS on calibration activations, consumer refitted.
+_SPP_OBS = {"ratio": 0.25, "search": "obs", "structures": ["neurons"]}
+#: Block-wise reconstruction as the rows' recovery: 100 Adam steps of 32 calibration images per block.
+_RC = {"steps": 100}
+_RC_LABEL = "reconstruct (100 steps/block)"
 
 #: The methods, in table order. New method: one line.
 METHODS: tuple[Method, ...] = (
@@ -120,9 +139,28 @@ METHODS: tuple[Method, ...] = (
     # about an hour for ViT-Ti on 2 shared cores (a forward + backward of 64 images took 12-27 s there)
     Method("spp-0.3", "spp ratio 0.3 (25 steps × 16)", "spp", {"ratio": 0.3, "steps": 25, "batch_size": 16},
            calibrate=True),
+    # structured cuts with the consumer refitted, no training (issue 21 item 4): a quarter of every MLP's
+    # neurons (spp search: obs, layer by layer)
+    Method("spp-obs-0.25", "spp obs, 25% of MLP neurons", "spp", _SPP_OBS, calibrate=True,
+           pending="spp search: obs (issue 21 item 4)"),
+    Method("spp-obs-0.1", "spp obs, 10% of MLP neurons", "spp", {**_SPP_OBS, "ratio": 0.1}, calibrate=True,
+           pending="spp search: obs (issue 21 item 4)"),
     Method("token-cls-0.5", "token-cls r_max 0.5", "token-cls", {"r_max": 0.5}),
     Method("tome-r8", "tome r=8", "tome", {"r": 8}),
     Method("tome-r13", "tome r=13", "tome", {"r": 13}),
+    # weights and tokens in one recipe, zero-shot
+    Method("spp-obs-0.25+tome-r13", "spp obs 25% of MLP neurons, then tome r=13", "spp", _SPP_OBS,
+           calibrate=True, then=(("tome", {"r": 13}),), pending="spp search: obs (issue 21 item 4)"),
+    # recovery (issue 21 item 6): block-wise reconstruction on the 256 calibration images, no labels
+    Method("nm-2:4-sparsegpt+rc", f"n:m 2:4, SparseGPT + {_RC_LABEL}", "n:m", {**_NM_24, "score": "sparsegpt"},
+           calibrate=True, reconstruct=_RC),
+    Method("svd-mp-whitened-1p-p0.9+rc", f"svd-mp whitened, target_params 0.9 + {_RC_LABEL}", "svd-mp",
+           {"target_params": 0.9, "whiten": True, "sequential": False}, calibrate=True, reconstruct=_RC),
+    Method("spp-obs-0.25+rc", f"spp obs, 25% of MLP neurons + {_RC_LABEL}", "spp", _SPP_OBS, calibrate=True,
+           reconstruct=_RC, pending="spp search: obs (issue 21 item 4)"),
+    Method("spp-obs-0.25+rc+tome-r13", f"spp obs 25% of MLP neurons + {_RC_LABEL}, then tome r=13", "spp",
+           _SPP_OBS, calibrate=True, reconstruct=_RC, after=(("tome", {"r": 13}),),
+           pending="spp search: obs (issue 21 item 4)"),
 )
 
 
@@ -148,19 +186,25 @@ def unavailable(method: Method, plugins: Any) -> str | None:
 
     from rmtp.errors import PluginError
 
-    try:
-        pruner_cls = plugins.pruners.get(method.pruner)
-    except PluginError as exc:
-        return str(exc)
-    try:
-        params = pruner_cls.Params.model_validate(dict(method.params))
-    except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}" for e in exc.errors())
-        return f"{method.pruner} does not accept {dict(method.params)} here ({problems})"
-    if method.calibrate and not takes_calibration(pruner_cls, params):
+    calibrated = False
+    for pruner, raw in method.steps:
+        try:
+            pruner_cls = plugins.pruners.get(pruner)
+        except PluginError as exc:
+            return str(exc)
+        try:
+            params = pruner_cls.Params.model_validate(dict(raw))
+        except ValidationError as exc:
+            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'params'}: {e['msg']}"
+                                 for e in exc.errors())
+            return f"{pruner} does not accept {dict(raw)} here ({problems})"
+        calibrated = calibrated or takes_calibration(pruner_cls, params)
+    if method.calibrate and not calibrated:
         # rmtp.prune hands calibration images only to pruners that use them: the row would
         # silently be the method without data
         return f"{method.pruner} takes no calibration images in this tree, so the row would not be what it says"
+    if method.reconstruct is not None and not hasattr(__import__("rmtp"), "reconstruct"):
+        return "this tree has no rmtp.reconstruct"
     return None
 
 
@@ -451,9 +495,14 @@ class Row:
     zero_shot: dict[str, Any]
     notes: list[str] = field(default_factory=list)
     speed: dict[str, Any] = field(default_factory=dict)  # batch → ratio and ms spreads
+    #: Every prune step, in order ([pruner, params]), and the recovery after them (None: zero-shot, and
+    #: then ``zero_shot`` is what its name says; else the scores are after recovery).
+    steps: list[list[Any]] = field(default_factory=list)
+    reconstruct: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.key, "label": self.label, "pruner": self.pruner, "params": self.params,
+                "steps": self.steps, "reconstruct": self.reconstruct,
                 "calibrated_on_images": self.calibrated_on, "compression_seconds": self.compression_seconds,
                 "params_count": self.params_count, "nonzeros": self.nonzeros, "macs": self.macs,
                 "zero_shot": self.zero_shot, "speed": self.speed, "notes": self.notes}
@@ -483,13 +532,25 @@ def compress(dense: nn.Module, method: Method, calibration: torch.utils.data.Dat
     model = rmtp.frozen_copy(dense).requires_grad_(True)
     if method.pruner is None:
         return model.eval(), 0.0, []
+    notes: list[str] = []
     with tempfile.TemporaryDirectory(prefix="rmtp-real-latency-") as cache:
         started = time.perf_counter()
-        report = rmtp.prune(model, method.pruner, dense=dense, calibration=calibration if method.calibrate else None,
-                            seed=seed, input_shape=input_shape, latency={**latency, "cache": cache},
-                            **dict(method.params))
+        def prune(steps: Sequence[tuple[str, Mapping[str, Any]]]) -> None:
+            for pruner, params in steps:
+                report = rmtp.prune(model, pruner, dense=dense, calibration=calibration if method.calibrate else None,
+                                    seed=seed, input_shape=input_shape, latency={**latency, "cache": cache},
+                                    **dict(params))
+                notes.extend(f"{pruner}: {note}" if len(method.steps) > 1 else note for note in report.notes)
+
+        prune(method.steps[:len(method.steps) - len(method.after)])
+        if method.reconstruct is not None:
+            if calibration is None:
+                raise ValueError("reconstruct needs the calibration images")
+            report = rmtp.reconstruct(model, calibration, dense=dense, seed=seed, **dict(method.reconstruct))
+            notes += [f"reconstruct: {note}" for note in report.notes]
+        prune(method.after)
         seconds = time.perf_counter() - started
-    return model.eval().requires_grad_(False), seconds, list(report.notes)
+    return model.eval().requires_grad_(False), seconds, notes
 
 
 def timed_together(models: Sequence[nn.Module], input_shape: tuple[int, ...], *, batch: int, rounds: int,
@@ -577,6 +638,8 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict[str, Any
             log(skip_reason(method, reason))
             continue
         row = Row(key=method.key, label=method.label, pruner=method.pruner, params=dict(method.params),
+                  steps=[[pruner, dict(params)] for pruner, params in method.steps],
+                  reconstruct=dict(method.reconstruct) if method.reconstruct is not None else None,
                   calibrated_on=len(split.calibration) if method.calibrate else 0, compression_seconds=seconds,
                   params_count=measure.count_params(model), nonzeros=measure.count_nonzeros(model),
                   macs=measure.count_macs(model, shape), notes=notes,
@@ -668,7 +731,9 @@ def caption(result: dict[str, Any]) -> str:
     """What the table's figures are, in one paragraph (printed above it, and for the README)."""
     m, s, model = result["machine"], result["settings"], result["model"]
     return (f"{model['name']} ({model['source']}), {result['images']['count']} images of "
-            f"{result['images']['folder']}; {result['split']['description']}. Zero-shot (no training). "
+            f"{result['images']['folder']}; {result['split']['description']}. Zero-shot (no training) except the "
+            f"rows marked reconstruct (block-wise, on the calibration images only, no labels; its time is in "
+            f"the compression column). "
             f"Speed: {s['rounds']} interleaved rounds, {s['timing_threads']} thread{'s' * (s['timing_threads'] != 1)}, "
             f"every model timed in the same "
             f"rounds, median [IQR] of per-round ratios dense / model. Compression on {s['work_threads']} threads. "

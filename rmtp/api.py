@@ -29,9 +29,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from rmtp import steps
+from rmtp.accuracy_budget import AccuracyBudget, budget_knob
 from rmtp.architecture import Architecture
 from rmtp.data import DataBundle, DataSpec, model_input_size
-from rmtp.errors import PluginError, RecipeError
+from rmtp.errors import PluginError, RecipeError, RmtpError
 from rmtp.latency.settings import LatencySettings
 from rmtp.layers import LayerFilter
 from rmtp.measure.running import evaluating
@@ -50,7 +51,8 @@ def prune(model: nn.Module, pruner: str | type[Pruner], /, *, arch: str | Archit
           calibration: DataLoader | None = None, dense: nn.Module | None = None,
           device: str | torch.device | None = None, seed: int = 0, input_shape: tuple[int, ...] | None = None,
           plugins: Plugins | None = None, progress: Progress = NULL_PROGRESS, precision: str = "fp32",
-          latency: LatencySettings | Mapping[str, Any] | None = None, **params: Any) -> StepReport:
+          latency: LatencySettings | Mapping[str, Any] | None = None,
+          accuracy_budget: AccuracyBudget | Mapping[str, Any] | None = None, **params: Any) -> StepReport:
     """Apply one pruner to ``model`` in place; return its report (per-layer rows, stats before/after).
 
     ``pruner``: a registered name (``"svd-mp"``, ``"n:m"``, ``"tome"``, ... see ``rmtp list``) or a
@@ -73,6 +75,14 @@ def prune(model: nn.Module, pruner: str | type[Pruner], /, *, arch: str | Archit
     batch 1 and torch's threads, where a split that pays at batch 32 may not (pass
     ``latency={"batch": 32}`` to plan for the batch you will run). Speed targets are relative to
     ``dense``: pass the original dense model to share one budget across several calls.
+    ``accuracy_budget``: a recipe step's ``accuracy_budget:`` keys (``max_drop``, ``max_kl``,
+    ``holdout``, ``evaluations``) or an :class:`~rmtp.accuracy_budget.AccuracyBudget`: the pruner's
+    strength (its :meth:`~rmtp.pruner.Pruner.strength_knob`; a value given for it in ``**params``
+    is the strongest tried) is searched for the strongest setting that stays within the budget
+    against ``dense`` on calibration images the pruner does not see; needs ``calibration``.
+    With ``dense`` omitted, agreement and budgets are against the model as it came to this call.
+    With ``calibration`` the report carries the result's top-1 agreement with dense
+    (``report.agreement``) and warns when it is under 50%.
     The model comes back in the train/eval mode it came in (pruners run it in eval mode).
     """
     plugins = plugins or get_plugins()
@@ -82,6 +92,16 @@ def prune(model: nn.Module, pruner: str | type[Pruner], /, *, arch: str | Archit
     layer_filter = _layer_filter(label, layers)
     if latency is not None and not isinstance(latency, LatencySettings):
         latency = _validate(label, LatencySettings, dict(latency), prefix="latency")
+    if accuracy_budget is not None:
+        if not isinstance(accuracy_budget, AccuracyBudget):
+            accuracy_budget = _validate(label, AccuracyBudget, dict(accuracy_budget), prefix="accuracy_budget")
+        try:  # refused now, in one line, when the pruner has nothing to search
+            budget_knob(pruner_cls, validated)
+        except RmtpError as exc:
+            raise RecipeError([f"{label}: accuracy_budget: {exc}"]) from None
+        if calibration is None:
+            raise RecipeError([f"{label}: accuracy_budget: scores the pruned model against dense on calibration "
+                               f"images; pass calibration= (e.g. bundle.loader('calibration'))"])
     architecture = _architecture(model, arch, plugins)  # before anything runs the model: a clear refusal
     device = _device(model, device)
     shape = tuple(input_shape) if input_shape is not None else model_input_size(model)
@@ -91,7 +111,8 @@ def prune(model: nn.Module, pruner: str | type[Pruner], /, *, arch: str | Archit
             dense = frozen_copy(model)
         report = steps.prune_step(model, pruner_cls, validated, arch=architecture, layers=layer_filter,
                                   device=device, seed=seed, input_shape=shape, dense=dense, calibration=calibration,
-                                  progress=progress, precision=precision, latency=latency)
+                                  progress=progress, precision=precision, latency=latency,
+                                  accuracy_budget=accuracy_budget)
     report.baseline = before
     return report
 
@@ -111,19 +132,29 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
-def finetune(model: nn.Module, data: DataLike, /, *, teacher: nn.Module | None = None,
+def finetune(model: nn.Module, data: DataLike | DataLoader, /, *, teacher: nn.Module | None = None,
              device: str | torch.device | None = None, penalize: Sequence[str] = (),
              progress: Progress = NULL_PROGRESS, **config: Any) -> StepReport:
     """Fine-tune ``model`` in place on ``data`` (a :class:`~rmtp.data.DataBundle`, or a recipe's
     ``data:`` section as a mapping, built for ``model``); ``**config`` are a recipe's ``finetune:``
-    keys (``epochs``, ``lr``, ``distill``, ...). ``distill`` needs ``teacher`` (the dense model).
-    Exact zeros of masked layers (n:m, magnitude) stay zero."""
+    keys (``epochs``, ``lr``, ``distill``, ``max_steps``, ``max_minutes``, ...). ``distill`` needs
+    ``teacher`` (the dense model). Exact zeros of masked layers (n:m, magnitude) stay zero.
+
+    Unlabeled images (``data.unlabeled: true``, or ``data`` a DataLoader of images or of (image,
+    anything) batches, read as unlabeled: its dataset, batch size and workers; the loop shuffles with
+    its own seeded sampler) train by distillation alone: ``distill={"weight": 1.0}`` and ``teacher``
+    are required, and the report has no top-1."""
     from rmtp.training import TrainConfig
 
     train_config = _validate("rmtp.finetune", TrainConfig, config, prefix="")
     device = _device(model, device)
-    bundle = _bundle("rmtp.finetune", data, model)
-    shape = tuple(bundle.val[0][0].shape)
+    if isinstance(data, DataLoader):
+        from rmtp.data import unlabeled_bundle
+
+        bundle = unlabeled_bundle(data.dataset, batch_size=data.batch_size or 1, num_workers=data.num_workers)
+    else:
+        bundle = _bundle("rmtp.finetune", data, model)
+    shape = tuple((bundle.val if len(bundle.val) else bundle.train)[0][0].shape)
     return steps.finetune_step(model, bundle, train_config, device=device, input_shape=shape, teacher=teacher,
                                penalize=penalize, progress=progress)
 
@@ -152,18 +183,35 @@ def evaluate(model: nn.Module, data: DataLike | DataLoader, /, *, dense: nn.Modu
              **settings: Any) -> StepReport:
     """Top-1, params and MACs of ``model`` on ``data``'s val split (or on a DataLoader of (images,
     labels)); ``latency=True`` (with ``dense``) also times it against the dense model in interleaved
-    rounds (``latency_batch``, ``latency_rounds``, ``latency_threads``, as in a recipe)."""
+    rounds (``latency_batch``, ``latency_rounds``, ``latency_threads``, as in a recipe).
+    Unlabeled data (``data.unlabeled: true``) has no top-1: ``dense`` is required, and the report
+    gives the top-1 agreement with it in a note (``stats.top1`` None; :mod:`rmtp.unlabeled`)."""
     from rmtp.recipe import EvaluateParams
 
     params = _validate("rmtp.evaluate", EvaluateParams, settings, prefix="")
     device = _device(model, device)
-    loader = data if isinstance(data, DataLoader) else _bundle("rmtp.evaluate", data, model).loader("val")
+    bundle = None if isinstance(data, DataLoader) else _bundle("rmtp.evaluate", data, model)
+    if bundle is not None and not bundle.labeled:
+        return _evaluate_unlabeled(model, bundle, params, dense=dense, device=device, progress=progress)
+    loader = data if bundle is None else bundle.loader("val")
     shape = tuple(loader.dataset[0][0].shape)
     dense_top1 = None
     if dense is not None:
         dense_top1 = steps.top1_with_progress(dense, loader, device, progress, "evaluating dense model")
     return steps.evaluate_step(model.to(device), loader, params, device=device, input_shape=shape, dense=dense,
                                dense_top1=dense_top1, progress=progress)
+
+
+def _evaluate_unlabeled(model: nn.Module, bundle: DataBundle, params: Any, *, dense: nn.Module | None,
+                        device: torch.device, progress: Progress) -> StepReport:
+    from rmtp import unlabeled
+
+    if dense is None:
+        raise RecipeError(["rmtp.evaluate: the data is unlabeled (data.unlabeled: true), so there is no top-1; "
+                           "pass dense= (the model before pruning) for top-1 agreement with it"])
+    labelled = unlabeled.dense_labelled(bundle.loader("val"), dense.to(device), device, progress)
+    return unlabeled.agreement_step(model.to(device), labelled, params, device=device,
+                                    input_shape=tuple(bundle.val[0][0].shape), dense=dense, progress=progress)
 
 
 def build_data(spec: DataSpec | Mapping[str, Any], model: nn.Module) -> DataBundle:

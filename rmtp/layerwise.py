@@ -50,8 +50,10 @@ class LayerInputs:
     ``count`` is the number of GEMM input rows seen (tokens × images for a Linear in a ViT; output
     pixels × images for a Conv2d). ``sq_norms[k] = Σ_t x_tk²`` (what Wanda scores use) and
     ``gram = Σ_t x_t x_tᵀ`` (K × K, what least-squares fits and OBS updates use) are float64 sums
-    over those rows, or ``None`` when not asked for or when no row was seen. A layer the
-    calibration data never reaches has ``count == 0``.
+    over those rows, or ``None`` when not asked for or when no row was seen; with the Gram comes
+    ``sums = Σ_t x_t`` (K, float64: what a least-squares refit of the layer's bias needs, the Gram of
+    the inputs with a constant 1 appended). A layer the calibration data never reaches has
+    ``count == 0``.
     """
 
     count: int = 0
@@ -59,6 +61,7 @@ class LayerInputs:
     batches: int = 0
     sq_norms: torch.Tensor | None = None
     gram: torch.Tensor | None = None
+    sums: torch.Tensor | None = None
 
     @property
     def positions(self) -> float:
@@ -82,6 +85,8 @@ class LayerInputs:
         if gram:
             part = (cols.T @ cols).double()
             self.gram = part if self.gram is None else self.gram + part
+            total = cols.double().sum(0)
+            self.sums = total if self.sums is None else self.sums + total
 
 
 def input_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

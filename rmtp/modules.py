@@ -245,6 +245,11 @@ class ModelPatch:
     unpatched one, so weights load the same way with or without it.
     """
 
+    #: Whether the patched model's blocks see other tokens than the unpatched model's (token merging
+    #: or dropping): block-wise reconstruction against the dense model is then refused. Unknown
+    #: patches are assumed to; a patch that only records structure (spp's head counts) says not.
+    changes_tokens: bool = True
+
     def rmtp_config(self) -> dict[str, Any]:
         """JSON-able keyword arguments that rebuild this patch."""
         raise NotImplementedError

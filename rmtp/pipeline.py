@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rmtp import distributed, overwrite, saving, sources, steps
+from rmtp import distributed, overwrite, saving, sources, steps, unlabeled
 from rmtp.architecture import Architecture, ModelSpec
 from rmtp.data import DataBundle, build_data
 from rmtp.data.identity import data_changes, data_identity
@@ -77,6 +77,7 @@ class _Run:
     pruned_layers: set[str] = field(default_factory=set)  # what the finetune penalties act on
     extras: StagedOutput | None = None  # prune steps' extra artefacts (None: the run saves nothing)
     checkpointer: Checkpointer | None = None  # None: the run writes no checkpoints
+    dense_labelled: torch.utils.data.DataLoader | None = None  # unlabeled data: val images + dense's top class
 
 
 def seed_everything(seed: int) -> None:
@@ -257,8 +258,8 @@ def _run_steps(run: _Run, recipe: Recipe, spec: ModelSpec, baseline: ModelSpec, 
     run.pruned_layers = set(done.pruned_layers)
     if checkpoint is not None:
         run.dense_top1 = done.dense_top1
-    elif any(isinstance(step, (EvaluateStep, FinetuneStep)) for step in recipe.steps):
-        run.dense_top1 = _top1(run, dense, "evaluating dense model")
+    elif run.data.labeled and any(isinstance(step, (EvaluateStep, FinetuneStep)) for step in recipe.steps):
+        run.dense_top1 = _top1(run, dense, "evaluating dense model")  # unlabeled data: no top-1
     report = RunReport(recipe=str(recipe.path) if recipe.path else None, model=spec.name, arch=arch.name,
                        seed=recipe.seed, device=str(device), dense=_stats(run, dense, run.dense_top1),
                        environment=environment(),
@@ -354,12 +355,18 @@ def _prune(run: _Run, index: int, step: ResolvedPrune) -> StepReport:
     extras_before = len(run.extras.names) if run.extras is not None else 0
     if run.extras is not None:
         run.extras.step = index
+    # The calibration split goes to a pruner that requires it; a step with an accuracy budget loads it
+    # to score on even when the pruner takes none (svd-mp without whiten: true keeps its data-free result).
+    required = pruner_cls.calibration_use(step.params) == "required"
+    budgeted = step.accuracy_budget is not None
     report = steps.prune_step(
         run.model, pruner_cls, step.params, arch=run.arch, layers=step.layers, device=run.device,
         seed=run.recipe.seed + index, input_shape=run.input_shape, dense=run.dense,
-        calibration=run.data.loader("calibration") if pruner_cls.calibration_use(step.params) == "required" else None,
+        calibration=run.data.loader("calibration") if required else None,
         progress=run.progress, output=run.extras, preview_images=lambda n: _first_images(run.data.val, n, run.device),
-        index=index, label=step.label, precision=step.precision, latency=step.latency)
+        index=index, label=step.label, precision=step.precision, latency=step.latency,
+        accuracy_budget=step.accuracy_budget,
+        scoring=run.data.loader("calibration") if budgeted and not required else None)
     if pruner_cls.prunes_weights():  # what later finetune penalties act on
         run.pruned_layers.update(row.layer for row in report.rows if row.skipped is None)
     if run.extras is not None and len(run.extras.names) > extras_before:
@@ -396,6 +403,12 @@ def _reconstruct(run: _Run, index: int, step: ReconstructStep) -> StepReport:
 
 
 def _evaluate(run: _Run, index: int, step: EvaluateStep) -> StepReport:
+    if not run.data.labeled:  # no top-1: agreement with the dense model (rmtp.unlabeled)
+        if run.dense_labelled is None:
+            run.dense_labelled = unlabeled.dense_labelled(run.data.loader("val"), run.dense, run.device, run.progress)
+        return unlabeled.agreement_step(run.model, run.dense_labelled, step.evaluate, device=run.device,
+                                        input_shape=run.input_shape, dense=run.dense, progress=run.progress,
+                                        index=index, label=step_label(step))
     return steps.evaluate_step(run.model, run.data.loader("val"), step.evaluate, device=run.device,
                                input_shape=run.input_shape, dense=run.dense, dense_top1=run.dense_top1,
                                progress=run.progress, index=index, label=step_label(step))

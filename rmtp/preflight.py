@@ -45,7 +45,7 @@ def preflight(recipe: Recipe, *, plugins: Plugins | None = None) -> Preflight:
     except RmtpError as exc:
         raise RecipeError([f"{label}: {exc}"]) from None
     result = Preflight()
-    if recipe.data.name == "imagefolder" and recipe.data.root is not None:
+    if recipe.data.name == "imagefolder" and recipe.data.root is not None and not recipe.data.unlabeled:
         _check_classes(label, recipe.data.root, model)
     for index, step in enumerate(recipe.plan):
         if not isinstance(step, ResolvedPrune) or step.layers is None:

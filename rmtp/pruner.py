@@ -30,6 +30,7 @@ from rmtp.progress import NULL_PROGRESS, Progress
 if TYPE_CHECKING:  # torch is imported where a pruner runs, so `rmtp list` and `validate` need none
     import torch
 
+    from rmtp.accuracy_budget import StrengthKnob
     from rmtp.latency.cost import CostModel
     from rmtp.latency.settings import LatencySettings
     from torch import nn
@@ -164,12 +165,13 @@ class PruneContext:
 class Pruner(ABC):
     """Base class of pruner plugins.
 
-    Besides :meth:`prune`, a pruner answers three questions the pipeline (and ``rmtp validate``)
+    Besides :meth:`prune`, a pruner answers the questions the pipeline (and ``rmtp validate``)
     asks it instead of branching on its attributes: :meth:`candidate_layers`,
-    :meth:`calibration_needed` (refined per step by :meth:`calibration_use`) and
-    :meth:`prunes_weights`. Their defaults follow the class attributes ``revisits_replaced_layers``,
-    ``needs_calibration`` and ``kind``, so a pruner usually sets those; one that needs more
-    overrides the classmethod.
+    :meth:`calibration_needed` (refined per step by :meth:`calibration_use`),
+    :meth:`prunes_weights` and, for an accuracy budget, :meth:`strength_knob`. Their defaults follow
+    the class attributes ``revisits_replaced_layers``, ``needs_calibration`` and ``kind`` (and a
+    ``target_speedup`` param), so a pruner usually sets those; one that needs more overrides the
+    classmethod.
     """
 
     name: ClassVar[str]
@@ -209,6 +211,27 @@ class Pruner(ABC):
         Why params: a pruner may work with or without data (svd-mp whitens when it has some), and
         whether a step asks for it can depend on a param (svd-mp's ``whiten``)."""
         return "required" if cls.calibration_needed() else "unused"
+
+    @classmethod
+    def strength_knob(cls, params: PrunerParams, model: nn.Module | None = None) -> StrengthKnob | None:
+        """The param that sets how hard this step prunes, for an accuracy budget to search
+        (:class:`rmtp.accuracy_budget.StrengthKnob`: the param, its weak and strong ends), or None
+        when these params have none (a step with an accuracy budget is then refused in one line).
+        Raise ``ValueError("why")`` when the params rule a search out (an explicit per-layer list):
+        the refusal says why.
+
+        ``model`` is the model the step will prune, to bound a knob by its size (tome's ``r`` by
+        its patch count); None when a recipe is validated, before any model exists.
+
+        Default: a step with ``target_speedup`` searches the speed target itself (from ×1.05 up to
+        the value given), so a budget finds the fastest model within it; else None. A pruner with
+        a strength param overrides this, keeping the default first::
+
+            return super().strength_knob(params, model) or StrengthKnob("sparsity", weak=0.0, strong=0.95)
+        """
+        from rmtp.accuracy_budget import speed_knob
+
+        return speed_knob(params)
 
     @classmethod
     def prunes_weights(cls) -> bool:

@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from rmtp.accuracy_budget import AccuracyBudget, budget_knob
 from rmtp.architecture import timm_name_hint
 from rmtp.atomic import check_writable
 from rmtp.data.spec import DataSpec
@@ -86,6 +87,11 @@ class PruneStep(_Strict):
     latency: LatencySettings | None = Field(None, description="how replacements are timed for only_if_faster and "
                                                               "speed targets (batch and threads default to the "
                                                               "next timed evaluate step's)")
+    accuracy_budget: AccuracyBudget | None = Field(
+        None, description="choose the strongest setting of the pruner's strength (svd-mp target_params, n:m "
+                          "target_macs, spp ratio, tome r, token-cls/token-mean r_max, magnitude sparsity; with "
+                          "target_speedup: the speed target) whose result stays within max_drop / max_kl of the "
+                          "dense model on held-out calibration images")
 
 
 class _StepWithSettings(_Strict):
@@ -155,6 +161,7 @@ class ResolvedPrune:
     name: str | None = None
     precision: str = "fp32"
     latency: LatencySettings | None = None
+    accuracy_budget: AccuracyBudget | None = None
 
     @property
     def label(self) -> str:
@@ -324,7 +331,10 @@ def parse_recipe(raw: Any, *, source: Path | None = None, plugins: Plugins | Non
 
         # Folder names only (cheap on ImageNet); a saved rmtp folder brings its own kwargs.
         kwargs = {} if model.checkpoint is not None and model.checkpoint.is_dir() else model.kwargs
-        problems.extend(f"{label}: {problem}" for problem in imagefolder_problems(data.root, kwargs))
+        problems.extend(f"{label}: {problem}" for problem in imagefolder_problems(data.root, kwargs,
+                                                                                   unlabeled=data.unlabeled))
+    if data.unlabeled:
+        problems.extend(f"{label}: {problem}" for problem in _unlabeled_problems(steps, resolved))
 
     for index, step in enumerate(steps):  # timm's training transform works on PIL images
         if isinstance(step, FinetuneStep) and not isinstance(step.finetune.augment, bool) \
@@ -347,6 +357,20 @@ def parse_recipe(raw: Any, *, source: Path | None = None, plugins: Plugins | Non
         raise RecipeError(list(dict.fromkeys(problems)))
     return Recipe(path=source, model=model, data=data, steps=steps, output=output, seed=shape.seed,
                   device=shape.device, resolved=resolved, plugins=plugins)
+
+
+def _unlabeled_problems(steps: list[Step], resolved: dict[int, ResolvedPrune]) -> list[str]:
+    """What needs labels on unlabeled data (``data.unlabeled: true``), by key: a fine-tune that is
+    not distillation alone, mixup, a pruner whose ``loss`` is ``ce`` (spp's cross-entropy on labels).
+    Refused now: on images with no labels they would train on, or score, labels that do not exist."""
+    problems = []
+    for index, step in enumerate(steps):
+        if isinstance(step, FinetuneStep):
+            problems.extend(f"steps[{index}].finetune.{key}: {why}" for key, why in step.finetune.unlabeled_problems())
+        elif index in resolved and getattr(resolved[index].params, "loss", None) == "ce":
+            problems.append(f"steps[{index}].params.loss: ce is cross-entropy on labels, and the data is unlabeled "
+                            f"(data.unlabeled: true); use loss: kd (distil from the dense model)")
+    return problems
 
 
 def _latency_cache_problems(resolved: dict[int, ResolvedPrune]) -> list[str]:
@@ -412,8 +436,14 @@ def _validate_pruner(label: str, where: str, step: PruneStep, plugins: Plugins,
     except ValidationError as exc:
         problems.extend(format_errors(label, exc, params_cls, prefix=f"{where}.params"))
         return None
+    if step.accuracy_budget is not None:
+        try:
+            budget_knob(pruner_cls, params)
+        except RmtpError as exc:
+            problems.append(f"{label}: {where}.accuracy_budget: {exc}")
+            return None
     return ResolvedPrune(pruner_cls=pruner_cls, params=params, layers=step.layers, name=step.name,
-                         precision=step.precision)
+                         precision=step.precision, accuracy_budget=step.accuracy_budget)
 
 
 def _validate_model(label: str, base: Path, model: ModelSection, plugins: Plugins,

@@ -213,6 +213,7 @@ def summary_table(report: RunReport) -> Table:
     for step in report.steps:
         label = step.kind if step.name == step.kind else f"{step.kind} {step.name}"
         label += f" ({_skipped_count(step)})" if _skipped_count(step) else ""
+        label += " (warning: see its report)" if step.warnings else ""
         table.add_row(f"{step.index} {escape(label)}", *_stats_cells(step.stats, report.dense),
                       f"{step.seconds:.1f}")
     return table
@@ -286,14 +287,23 @@ def step_renderable(step: StepReport, *, wide: bool = False) -> Group:
         parts.append(step_table(step, wide=wide))
     elif step.kind == "finetune" and step.history:
         last = step.history[-1]
+        if last.get("val_top1") is not None:
+            scored = f"val top-1 {last['val_top1']:.2f}%"
+        elif last.get("val_agreement") is not None:  # unlabeled data: no top-1 (rmtp.unlabeled)
+            scored = f"val agreement with dense {last['val_agreement']:.2f}%"
+        else:
+            scored = "no val score (unlabeled data without val images)"
+        stopped = (f", stopped by {last['stopped']} after {last['steps']} optimizer step(s)"
+                   if last.get("stopped") else "")
         parts.append(markup(f"[bold]step {step.index} · finetune[/] {len(step.history)} epoch(s), "
-                            f"last loss {last['train_loss']:.4f}, val top-1 {last['val_top1']:.2f}%"))
+                            f"last loss {last['train_loss']:.4f}, {scored}{stopped}"))
     elif step.kind == "reconstruct" and step.history:
         parts.append(markup(f"[bold]step {step.index} · reconstruct[/] {len(step.history)} block(s), "
                             f"{sum(fit['steps'] for fit in step.history)} optimizer steps, params "
                             f"{human(step.stats.params)}"))
-    elif step.kind == "evaluate" and step.stats.top1 is not None:
-        parts.append(markup(f"[bold]step {step.index} · evaluate[/] top-1 {step.stats.top1:.2f}%, params "
+    elif step.kind == "evaluate":
+        top1 = f"top-1 {step.stats.top1:.2f}%, " if step.stats.top1 is not None else ""  # unlabeled: none
+        parts.append(markup(f"[bold]step {step.index} · evaluate[/] {top1}params "
                             f"{human(step.stats.params)}, MACs {human(step.stats.macs)}"))
     if step.baseline is not None:
         before, after = step.baseline, step.stats
@@ -301,8 +311,17 @@ def step_renderable(step: StepReport, *, wide: bool = False) -> Group:
         parts.append(Text(f"params {_change(before.params, after.params)}, nonzeros "
                           f"{_change(before.nonzeros, after.nonzeros)}, MACs {_change(before.macs, after.macs)}"
                           + (f"; {skipped} (why: below)" if skipped else "")))
+    if step.agreement is not None:
+        parts.append(Text(agreement_line(step.agreement)))
     parts.extend(markup(f"  [dim]{escape(note)}[/]") for note in step.notes)
+    parts.extend(markup(f"[bold yellow]warning:[/] {escape(warning)}") for warning in step.warnings)
     return Group(*parts)
+
+
+def agreement_line(agreement: dict[str, Any]) -> str:
+    """'agreement with dense: 93.8% top-1, KL 0.051, on 64 held-out calibration images (…)'."""
+    return (f"agreement with dense: {agreement['top1']:.1%} top-1, KL {agreement['kl']:.3g}, on "
+            f"{agreement['where']}")
 
 
 def render_step(step: StepReport, console: Console = stdout, *, wide: bool = False) -> None:

@@ -47,6 +47,14 @@ class StepReport:
     #: A prune step that planned in time: its predicted speed-up over dense (``predicted_speedup``,
     #: ``target_speedup``, ``cost``) and, where timed after it, ``measured`` (PairedSpeedup.to_dict()).
     speed: dict[str, Any] | None = None
+    #: A prune step with calibration data: its result's top-1 agreement with the dense model
+    #: (``top1``, a share) and mean KL(dense ‖ pruned) (``kl``) on ``images`` calibration images,
+    #: ``held_out`` from the pruner or not, ``where`` in words; ``budget``: an accuracy budget's
+    #: search (the knob, what was tried, what was chosen).
+    agreement: dict[str, Any] | None = None
+    #: What a reader must not miss (a model that agrees with dense on fewer than half the images, an
+    #: accuracy budget that cannot be had): drawn as warnings, not notes.
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -63,6 +71,10 @@ class StepReport:
             out["baseline"] = self.baseline.to_dict()
         if self.speed is not None:
             out["speed"] = dict(self.speed)
+        if self.agreement is not None:
+            out["agreement"] = dict(self.agreement)
+        if self.warnings:
+            out["warnings"] = list(self.warnings)
         return out
 
     @classmethod
@@ -72,7 +84,8 @@ class StepReport:
         return cls(index=data["index"], kind=data["kind"], name=data["name"],
                    rows=[LayerRow.from_dict(row) for row in data["layers"]], stats=ModelStats(**data["stats"]),
                    seconds=data["seconds"], notes=list(data["notes"]), history=list(data["history"]),
-                   baseline=ModelStats(**baseline) if baseline is not None else None, speed=data.get("speed"))
+                   baseline=ModelStats(**baseline) if baseline is not None else None, speed=data.get("speed"),
+                   agreement=data.get("agreement"), warnings=list(data.get("warnings", [])))
 
     def __rich__(self) -> Any:
         """The step as ``rmtp prune`` draws it (table, notes, before → after), for ``rich.print``

@@ -10,7 +10,9 @@ paths cannot drift apart.
 
 from __future__ import annotations
 
+import copy
 from collections import Counter
+from dataclasses import dataclass, field
 from statistics import median
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
@@ -30,6 +32,8 @@ from rmtp.report import ModelStats, StepReport
 from rmtp.training.pieces import masked_layers
 
 if TYPE_CHECKING:
+    from rmtp.accuracy_budget import AccuracyBudget
+    from rmtp.agreement import DenseReference
     from rmtp.data import DataBundle
     from rmtp.latency.cost import CostModel
     from rmtp.latency.settings import LatencySettings
@@ -52,7 +56,8 @@ def prune_step(model: nn.Module, pruner_cls: type[Pruner], params: PrunerParams,
                progress: Progress = NULL_PROGRESS, output: StepOutput | None = None,
                preview_images: Callable[[int], torch.Tensor] | None = None, index: int = 0,
                label: str | None = None, precision: str = "fp32",
-               latency: LatencySettings | None = None) -> StepReport:
+               latency: LatencySettings | None = None, accuracy_budget: AccuracyBudget | None = None,
+               scoring: DataLoader | None = None) -> StepReport:
     """Apply one pruner to ``model`` (in place) and report what it did.
 
     ``layers`` filters the pruner's candidate layers (``None``: every non-optional one). A pruner
@@ -61,6 +66,15 @@ def prune_step(model: nn.Module, pruner_cls: type[Pruner], params: PrunerParams,
     given (svd-mp then whitens), one that says ``"unused"`` never sees it. ``latency`` says how replacements are timed
     (svd-mp/n:m ``only_if_faster``, speed targets); a pruner that planned in time has its predicted
     speed-up measured against ``dense`` after it ran, and both go in the report.
+
+    ``accuracy_budget`` (:mod:`rmtp.accuracy_budget`): the pruner's strength knob is searched for
+    the strongest setting whose result stays within the budget against ``dense``, each candidate
+    pruned from a copy of ``model`` and scored on calibration images the pruner does not see (a
+    seeded ``holdout`` share of ``calibration`` when the pruner takes it, else all of ``calibration``
+    or ``scoring``: images given only to score on); the chosen setting is then applied to ``model``.
+
+    With ``dense`` and calibration images, the report carries the result's top-1 agreement with
+    dense and mean KL on them (``report.agreement``), and a warning when it agrees on fewer than half.
     """
     name = label or pruner_cls.name
     use = pruner_cls.calibration_use(params)
@@ -70,19 +84,171 @@ def prune_step(model: nn.Module, pruner_cls: type[Pruner], params: PrunerParams,
     check_precision(precision, device, option="precision")
     _check_latency_cache(params, latency)
     selected = select_layers(pruner_cls.candidate_layers(arch, model), layers)
-    ctx = PruneContext(model=model, arch=arch, layers=selected, device=device, seed=seed, dense_model=dense,
-                       calibration=None if use == "unused" else calibration, progress=progress,
-                       output=output, preview_images=preview_images, precision=precision,
-                       input_shape=tuple(input_shape), latency=latency)
+    pruner_data = None if use == "unused" else calibration
+
+    def context(target: nn.Module, data: DataLoader | None, **extra: object) -> PruneContext:
+        return PruneContext(model=target, arch=arch, layers=selected, device=device, seed=seed, dense_model=dense,
+                            calibration=data, progress=progress, precision=precision, input_shape=tuple(input_shape),
+                            latency=latency, **extra)
+
+    budget = None
+    if accuracy_budget is not None:
+        budget = _budget_search(model, pruner_cls, params, accuracy_budget, context, name=name, dense=dense,
+                                pruner_data=pruner_data, scoring=calibration if scoring is None else scoring,
+                                device=device, seed=seed, precision=precision, progress=progress)
+        params, pruner_data = budget.params, budget.fit
+        torch.manual_seed(seed)  # as each candidate ran: the chosen one again
+    ctx = context(model, pruner_data, output=output, preview_images=preview_images,
+                  cost=budget.cost if budget is not None else None)
     load_before = _loadavg()
     rows = pruner_cls().prune(ctx, params)
     model.eval()
     notes = [] if selected or rows else ["the step's layer filter selected no layers; nothing was pruned"]
     notes.extend(filter(None, [skipped_note(rows)]))
+    warnings: list[str] = []
+    if budget is not None:
+        notes.extend(budget.notes)
+        warnings.extend(budget.warnings)
     speed = _check_speed(ctx, notes) if ctx.speed_plan is not None else None
     notes.extend(filter(None, [busy_timing_note(ctx.cost, ctx.device, load_before)]))
+    agreement = _agreement(model, pruner_cls, params, name=name, dense=dense, budget=budget, calibration=calibration,
+                           pruner_data=pruner_data, device=device, precision=precision, warnings=warnings)
     return StepReport(index=index, kind="prune", name=name, rows=rows,
-                      stats=model_stats(model, input_shape, device), seconds=0.0, notes=notes, speed=speed)
+                      stats=model_stats(model, input_shape, device), seconds=0.0, notes=notes, speed=speed,
+                      agreement=agreement, warnings=warnings)
+
+
+@dataclass
+class _Budget:
+    """What an accuracy budget's search decided: the params to apply, the pruner's calibration
+    images (the held-out ones removed), the reference to score the result on and the record."""
+
+    params: PrunerParams
+    budget: AccuracyBudget
+    fit: DataLoader | None
+    reference: DenseReference
+    where: str
+    record: dict
+    cost: object = None
+    notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _budget_search(model: nn.Module, pruner_cls: type[Pruner], params: PrunerParams, budget: AccuracyBudget,
+                   context: Callable[..., PruneContext], *, name: str, dense: nn.Module | None,
+                   pruner_data: DataLoader | None, scoring: DataLoader | None, device: torch.device, seed: int,
+                   precision: str, progress: Progress) -> _Budget:
+    """Search the pruner's strength knob under ``budget`` (:func:`rmtp.accuracy_budget.search`),
+    each candidate pruned from a deep copy of ``model`` (no artefacts saved) with the calibration
+    images not held out, scored against ``dense`` on the held-out ones."""
+    from rmtp.accuracy_budget import MIN_HELD_OUT, budget_knob, describe_search, search, speed_note
+    from rmtp.agreement import DenseReference, images_of, split_calibration
+
+    knob = budget_knob(pruner_cls, params, model)
+    if dense is None:
+        raise RmtpError("accuracy_budget: scores candidates against the dense model, and none was given (pass dense=)")
+    if pruner_data is None and scoring is None:
+        raise RmtpError(f"accuracy_budget: {name} is scored against the dense model on calibration images, and none "
+                        f"were given (pass calibration=, e.g. bundle.loader('calibration'))")
+    batch = (pruner_data or scoring).batch_size or 64
+    if pruner_data is not None:  # the pruner calibrates: hold images out of what it sees
+        split = split_calibration(pruner_data, budget.holdout, seed, minimum=MIN_HELD_OUT)
+        fit, images = split.fit, split.held_out
+        where = (f"{len(images)} held-out calibration images (seed {seed}; {name} calibrated on the other "
+                 f"{len(split.fit.dataset)})")
+    else:
+        fit, images = None, images_of(scoring)
+        if len(images) < MIN_HELD_OUT:
+            raise RmtpError(f"accuracy_budget: {len(images)} calibration images to score on; give at least "
+                            f"{MIN_HELD_OUT} (data.calibration_size)")
+        where = f"{len(images)} calibration images ({name} uses none)"
+    reference = DenseReference(dense, images, device=device, batch=batch, precision=precision)
+    shared: dict[str, object] = {"cost": None}
+
+    with progress.task(f"accuracy budget: {knob.param}", total=budget.evaluations) as advance:
+        def evaluate(value: float) -> tuple[float, float]:
+            candidate, candidate_params = copy.deepcopy(model), knob.params_at(params, value)
+            torch.manual_seed(seed)
+            ctx = context(candidate, fit, cost=shared["cost"])
+            pruner_cls().prune(ctx, candidate_params)
+            shared["cost"] = ctx.cost
+            score = reference.score(candidate.eval())
+            del candidate
+            advance(**{knob.param: knob.format(value).split(" = ")[1], "agreement": f"{score[0]:.1%}"})
+            return score
+
+        result = search(knob, budget, evaluate)
+    chosen = knob.params_at(params, result.value)
+    record = {"budget": budget.model_dump(), "knob": knob.param, "weak": knob.weak, "strong": knob.strong,
+              "chosen": knob.value(result.value), "outcome": result.outcome,
+              "trials": [trial.to_dict() for trial in result.trials]}
+    notes = [describe_search(knob, budget, result, name)]
+    warnings = []
+    speed = speed_note(knob, budget, result)
+    if result.outcome == "impossible":
+        warnings.append(speed or f"accuracy budget {budget.describe()} cannot be had with {name}: even "
+                                 f"{knob.format(result.value)} (the weakest setting) leaves "
+                                 f"{result.chosen.agreement:.1%} agreement, KL {result.chosen.kl:.3g}; it was applied "
+                                 f"anyway: loosen the budget, or prune with another method")
+    elif speed:  # asked for and not delivered: a warning, not a note
+        warnings.append(speed)
+    return _Budget(params=chosen, budget=budget, fit=fit, reference=reference, where=where, record=record,
+                   cost=shared["cost"], notes=notes, warnings=warnings)
+
+
+def _agreement(model: nn.Module, pruner_cls: type[Pruner], params: PrunerParams, *, name: str,
+               dense: nn.Module | None, budget: _Budget | None, calibration: DataLoader | None,
+               pruner_data: DataLoader | None, device: torch.device, precision: str,
+               warnings: list[str]) -> dict | None:
+    """The pruned model's top-1 agreement with ``dense`` and mean KL on calibration images (None
+    without ``dense`` or images), held out where a budget held some out, else the first
+    :data:`~rmtp.agreement.DEFAULT_IMAGES` of ``calibration`` (labelled as such when the pruner
+    calibrated on them); a warning in ``warnings`` when it agrees on fewer than half."""
+    from rmtp.accuracy_budget import BROKEN_AGREEMENT
+
+    if budget is not None:
+        reference, where, held_out = budget.reference, budget.where, True
+    elif dense is not None and calibration is not None:
+        from rmtp.agreement import DEFAULT_IMAGES, DenseReference, images_of
+
+        images = images_of(calibration, DEFAULT_IMAGES)
+        reference = DenseReference(dense, images, device=device, batch=calibration.batch_size or 64,
+                                   precision=precision)
+        held_out = pruner_data is None
+        where = (f"{len(images)} calibration images ({name} uses none)" if held_out else
+                 f"{len(images)} calibration images {name} calibrated on (not held out: an accuracy_budget holds "
+                 f"some out)")
+    else:
+        return None
+    top1, kl = reference.score(model)
+    out = {"top1": top1, "kl": kl, "images": len(reference), "held_out": held_out, "where": where}
+    if budget is not None:
+        out["budget"] = budget.record
+    if top1 < BROKEN_AGREEMENT:
+        warnings.append(broken_warning(name, top1, where, pruner_cls, params, budget))
+    return out
+
+
+def broken_warning(name: str, top1: float, where: str, pruner_cls: type[Pruner], params: PrunerParams,
+                   budget: _Budget | None) -> str:
+    """What happened to a model that agrees with dense on fewer than half the images, and what
+    would recover it."""
+    from rmtp.accuracy_budget import budget_knob
+
+    if budget is not None and budget.record["outcome"] == "impossible":
+        advice = ("or prune fewer layers (layers:) or with another method: the accuracy budget's weakest setting "
+                  "broke it")
+    elif budget is not None:
+        advice = f"or tighten the accuracy budget (it allowed this: {budget.budget.describe()})"
+    else:
+        try:
+            knob = budget_knob(pruner_cls, params)
+            advice = f"or set accuracy_budget: {{max_drop: 0.05}} to choose a milder {knob.param}"
+        except RmtpError:
+            advice = "or prune less"
+    return (f"{name} left {top1:.1%} top-1 agreement with the dense model on {where}: the model is broken (it "
+            f"gives the dense model's class on fewer than half of them); recover with a reconstruct: step "
+            f"(rmtp.reconstruct) or a finetune with distill, {advice}")
 
 
 def skipped_note(rows: Sequence[LayerRow], most: int = 3) -> str:
@@ -205,7 +371,7 @@ def reconstruct_step(model: nn.Module, dense: nn.Module, calibration: Iterable, 
     from rmtp.modules import patches_of
     from rmtp.blockwise import calibration_images, reconstruct_blocks
 
-    if patches_of(model):
+    if any(patch.changes_tokens for patch in patches_of(model)):
         raise RmtpError("reconstruct: the model is token-reduced, so its blocks see other tokens than the dense "
                         "model's; reconstruct before the token pruner (or rmtp.unpatch(model) first)")
     blocks = arch.blocks(model)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field
 
+from rmtp.accuracy_budget import StrengthKnob
 from rmtp.hookspecs import hookimpl
 from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams, weight_footprint
 
@@ -31,6 +32,12 @@ class MagnitudePruner(Pruner):
     description = "Unstructured magnitude pruning (global or per-layer): the baseline for comparisons."
     kind = "mask"
     Params = MagnitudeParams
+
+    @classmethod
+    def strength_knob(cls, params: PrunerParams, model=None) -> StrengthKnob | None:  # noqa: ANN001 - nn.Module
+        """An accuracy budget searches ``sparsity`` (0, weak, up to 0.95 or the value given)."""
+        return super().strength_knob(params, model) or StrengthKnob("sparsity", weak=0.0, strong=0.95,
+                                                                    resolution=0.01)
 
     def prune(self, ctx: PruneContext, params: MagnitudeParams) -> list[LayerRow]:
         if not ctx.layers:  # a filter that matched nothing: nothing to prune (the step report says so)

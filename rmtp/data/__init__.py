@@ -8,6 +8,9 @@ each value overridable by a ``data:`` key, or ``resize: native`` for none
 (:mod:`rmtp.data.preprocessing`; the resolved values are ``DataBundle.preprocessing``). The train
 split can take timm's training transform instead (``DataBundle.train_with``, :class:`TrainAugment`).
 Splits are fixed by the seed, so every step of a run, and every rerun, sees the same images.
+``data.unlabeled: true`` reads images without labels (every image below an imagefolder root, or
+the digits with their labels dropped), for label-free work only: distillation, reconstruction,
+calibration.
 
 Data that does not fit the model (class count, channels, size, layout) is refused by
 :func:`build_data` before any work; an image that cannot be decoded is only found when read, mid-run,
@@ -22,13 +25,14 @@ from rmtp.lazy import lazy_exports
 _EXPORTS = {
     **dict.fromkeys(("TrainAugment", "train_transform"), "rmtp.data.augment"),
     **dict.fromkeys(("build_data", "data_input_size"), "rmtp.data.build"),
-    "DataBundle": "rmtp.data.bundle",
+    **dict.fromkeys(("DataBundle", "UnlabeledImages", "unlabeled_bundle"), "rmtp.data.bundle"),
     **dict.fromkeys(("DIGITS_CLASSES", "DIGITS_MEAN", "DIGITS_STD", "digits_tensors"), "rmtp.data.digits"),
     **dict.fromkeys(("class_count_problem", "model_input_size", "model_num_classes"), "rmtp.data.fit"),
     **dict.fromkeys(("IMAGE_MODES", "ImageFiles", "ImageReadError", "ImageSizeError", "imagefolder_layout",
-                     "imagefolder_problems"), "rmtp.data.imagefolder"),
+                     "imagefolder_problems", "unlabeled_layout"), "rmtp.data.imagefolder"),
     **dict.fromkeys(("ImageTransforms", "describe_preprocessing"), "rmtp.data.preprocessing"),
-    **dict.fromkeys(("CROP_MODES", "INTERPOLATIONS", "NATIVE", "DataSpec", "saved_split_seed"), "rmtp.data.spec"),
+    **dict.fromkeys(("CROP_MODES", "INTERPOLATIONS", "NATIVE", "UNLABELED", "DataSpec", "saved_split_seed"),
+                    "rmtp.data.spec"),
     "DataError": "rmtp.errors",
 }
 

@@ -11,7 +11,7 @@ from rmtp.data.digits import DIGITS_CLASSES, digits_tensors
 from rmtp.data.fit import check_class_count, check_digits_size, model_input_size
 from rmtp.data.imagefolder import imagefolder_splits, native_image_size
 from rmtp.data.preprocessing import digits_preprocessing
-from rmtp.data.spec import NATIVE, DataSpec
+from rmtp.data.spec import NATIVE, UNLABELED, DataSpec
 from rmtp.data.splits import split_indices
 
 
@@ -24,7 +24,7 @@ def data_input_size(spec: DataSpec, model: nn.Module) -> tuple[int, int, int]:
     if spec.name == "digits" and spec.img_size is not None:
         return in_chans, spec.img_size, spec.img_size
     if spec.name == "imagefolder" and spec.resize == NATIVE:
-        return (in_chans, *native_image_size(spec.root))
+        return (in_chans, *native_image_size(spec.root, unlabeled=spec.unlabeled))
     if spec.name == "imagefolder" and spec.resize is not None:
         size = (spec.resize, spec.resize) if isinstance(spec.resize, int) else spec.resize
         return in_chans, size[0], size[1]
@@ -40,14 +40,20 @@ def build_data(spec: DataSpec, model: nn.Module) -> DataBundle:
 
     Data that cannot fit the model (class count vs the model's head, channels, a digits size the
     model cannot take) is refused here, before any work, as a :class:`DataError`.
+
+    ``spec.unlabeled``: every image is labelled :data:`~rmtp.data.spec.UNLABELED` (the digits' labels
+    are dropped) and the bundle says so (``labeled`` False); there are no classes to check.
     """
     seed = spec.split_seed
     in_chans, height, _ = model_input_size(model)
     transforms = None
     if spec.name == "digits":
         check_digits_size(spec, model, in_chans)
-        check_class_count("data: digits", DIGITS_CLASSES, model)
+        if not spec.unlabeled:
+            check_class_count("data: digits", DIGITS_CLASSES, model)
         images, labels = digits_tensors(spec.img_size or height, in_chans)
+        if spec.unlabeled:
+            labels = torch.full_like(labels, UNLABELED)
         full: Dataset = TensorDataset(images, labels)
         train_idx, val_idx = split_indices(len(labels), spec.val_fraction, seed)
         train, val, num_classes = Subset(full, train_idx), Subset(full, val_idx), DIGITS_CLASSES
@@ -62,4 +68,4 @@ def build_data(spec: DataSpec, model: nn.Module) -> DataBundle:
     calibration = Subset(train, cal_idx.tolist())
     return DataBundle(train=train, val=val, calibration=calibration, num_classes=num_classes,
                       batch_size=spec.batch_size, num_workers=spec.num_workers, preprocessing=preprocessing,
-                      transforms=transforms)
+                      transforms=transforms, labeled=not spec.unlabeled)

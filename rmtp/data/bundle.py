@@ -6,11 +6,12 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from rmtp.data.augment import TrainAugment, train_transform
 from rmtp.data.imagefolder import with_transform
 from rmtp.data.preprocessing import ImageTransforms, describe_preprocessing
+from rmtp.data.spec import UNLABELED
 from rmtp.errors import DataError
 
 
@@ -23,6 +24,10 @@ class DataBundle:
     ``interpolation``, ``crop_pct``, ``crop_mode``, ``mean``, ``std``, and which came from ``data:``
     keys (``from_recipe``) or the model's pretrained config (``from_model``); for digits the fixed
     preprocessing. ``transforms`` is the imagefolder preprocessing it was made from (None for digits).
+
+    ``labeled`` is False for unlabeled images (``data.unlabeled: true``, :func:`unlabeled_bundle`):
+    every label is :data:`~rmtp.data.spec.UNLABELED`, and only label-free work runs on them
+    (distillation alone, reconstruction, calibration; agreement with the dense model, not top-1).
     """
 
     train: Dataset
@@ -33,6 +38,7 @@ class DataBundle:
     num_workers: int = 0
     preprocessing: dict[str, Any] = field(default_factory=dict)
     transforms: ImageTransforms | None = field(default=None, repr=False)
+    labeled: bool = True
 
     def describe(self) -> str:
         """The preprocessing in one line, for the terminal (empty when not known)."""
@@ -71,3 +77,36 @@ class DataBundle:
         return DataLoader(dataset, batch_size=batch_size or self.batch_size, shuffle=shuffle,
                           generator=generator, num_workers=workers, pin_memory=pin_memory,
                           persistent_workers=persistent_workers)
+
+
+class UnlabeledImages(Dataset):
+    """The images of any dataset, each as ``(image, UNLABELED)``: items that are an image alone or a
+    tuple/list whose first element is the image (a label there is dropped)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        item = self.dataset[index]
+        image = item[0] if isinstance(item, (tuple, list)) else item
+        if not isinstance(image, torch.Tensor):
+            raise DataError(f"unlabeled data: item {index} is {type(image).__name__}, not an image tensor; give a "
+                            f"dataset of image tensors (C, H, W) or of (image, anything) pairs")
+        return image, UNLABELED
+
+
+def unlabeled_bundle(train: Dataset, *, val: Dataset | None = None, batch_size: int = 64,
+                     num_workers: int = 0, num_classes: int = 0) -> DataBundle:
+    """A :class:`DataBundle` of unlabeled images (``labeled`` False) from datasets of images or of
+    (image, label) pairs, labels dropped: what ``rmtp.finetune(model, loader, ...)`` trains a
+    distillation on. ``val`` (default: none) is where agreement with the teacher is measured after
+    each epoch; the calibration split is the train split."""
+    images = UnlabeledImages(train)
+    if len(images) == 0:
+        raise DataError("unlabeled data: the dataset is empty")
+    held_out = UnlabeledImages(val) if val is not None else Subset(images, [])
+    return DataBundle(train=images, val=held_out, calibration=images, num_classes=num_classes,
+                      batch_size=batch_size, num_workers=num_workers, labeled=False)

@@ -1,4 +1,5 @@
-"""Image folders: class subfolders like torchvision's ``ImageFolder``, read in the model's channels.
+"""Image folders: class subfolders like torchvision's ``ImageFolder``, read in the model's channels;
+or, with ``data.unlabeled: true``, every image under the folder, sub-folders never taken as classes.
 
 The layout is checked by folder names only (cheap on ImageNet); an image that cannot be decoded is
 only found when read, mid-run, and is then named (:class:`ImageReadError`), from a DataLoader worker too.
@@ -21,10 +22,11 @@ from rmtp.data.fit import (
     check_class_count,
     class_count_problem,
     model_input_size,
+    model_num_classes,
     model_takes,
 )
 from rmtp.data.preprocessing import ImageTransforms, resolve_transforms
-from rmtp.data.spec import NATIVE, DataSpec
+from rmtp.data.spec import NATIVE, UNLABELED, DataSpec
 from rmtp.data.splits import split_indices
 from rmtp.errors import DataError
 
@@ -85,7 +87,8 @@ def _require_classes(folder: Path) -> list[str]:
     loose = [e.name for e in _entries(folder) if e.is_file() and _is_image_name(e.name)]
     if loose:
         raise DataError(f"data.root: {folder} holds images but no class subfolders; "
-                        f"put each class's images in its own subfolder ({folder}/<class>/{loose[0]})")
+                        f"put each class's images in its own subfolder ({folder}/<class>/{loose[0]}), or set "
+                        f"data.unlabeled: true to read them as unlabeled images (distillation, reconstruct)")
     raise DataError(f"data.root: {folder} is empty or has no class subfolders with images")
 
 
@@ -118,6 +121,49 @@ def imagefolder_layout(root: Path) -> tuple[list[Path], list[str]]:
     return [root], _require_classes(root)
 
 
+def unlabeled_layout(root: Path) -> list[Path]:
+    """The folders an unlabeled root is read from: [train, val] when it has both, else [root].
+
+    Every image below a folder is one image of its split, whatever sub-folders it sits in (they
+    are never classes). A root with only one of train/ and val/ is refused as for labelled data:
+    its val images would silently become training images.
+    """
+    train, val = root / "train", root / "val"
+    if train.is_dir() and val.is_dir():
+        return [train, val]
+    if train.is_dir() or val.is_dir():
+        have, missing = ("train", "val") if train.is_dir() else ("val", "train")
+        raise DataError(f"data.root: {root} has {have}/ but no {missing}/; add {root / missing}, "
+                        f"or set data.root to {root / have} to split it by data.val_fraction")
+    return [root]
+
+
+def _unlabeled_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be read as unlabeled images (no image anywhere below it); None when it can."""
+    if _has_image(folder):
+        return None
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    return (f"data.root: {folder} has no images, in it or in any folder below it "
+            f"(data.unlabeled: true; looked for {', '.join(IMG_EXTENSIONS)})")
+
+
+def _images_below(folder: Path) -> list[str]:
+    """Every image file below ``folder`` (links followed, as torchvision does; a link back up the tree
+    read once; hidden files and folders skipped), sorted by path so the split is the same on every
+    machine."""
+    found, seen = [], set()
+    for current, dirs, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(current)
+        if real in seen:
+            dirs[:] = []
+            continue
+        seen.add(real)
+        dirs[:] = [name for name in dirs if not _hidden(name)]
+        found.extend(os.path.join(current, name) for name in files if _is_image_name(name))
+    return sorted(found)
+
+
 def _class_difference(train: list[str], val: list[str]) -> str:
     parts = []
     for name, only in (("train/", sorted(set(train) - set(val))), ("val/", sorted(set(val) - set(train)))):
@@ -127,15 +173,22 @@ def _class_difference(train: list[str], val: list[str]) -> str:
     return "; ".join(parts) or "same names, different order"
 
 
-def imagefolder_problems(root: Path, model_kwargs: dict[str, Any]) -> list[str]:
+def imagefolder_problems(root: Path, model_kwargs: dict[str, Any], *, unlabeled: bool = False) -> list[str]:
     """What ``rmtp validate`` can tell cheaply about an imagefolder root and the model's kwargs:
     the layout, ``num_classes`` vs the class folders, class folders with no image (which would
     otherwise pass validation and fail when the run reads the data), an ``in_chans`` images
-    cannot be given in."""
+    cannot be given in. ``unlabeled``: the layout of unlabeled images, each folder holding one image
+    at least (no classes to count)."""
     problems = []
     in_chans = model_kwargs.get("in_chans")
     if isinstance(in_chans, int) and in_chans not in IMAGE_MODES:
         problems.append(_channels_problem(root, in_chans))
+    if unlabeled:
+        try:
+            folders = unlabeled_layout(root)
+        except DataError as exc:
+            return [*problems, str(exc)]
+        return [*problems, *filter(None, (_unlabeled_problem(folder) for folder in folders))]
     try:
         folders, classes = imagefolder_layout(root)
     except DataError as exc:
@@ -216,17 +269,22 @@ class ImageFiles(Dataset):
     """(image, label) pairs of image files: torchvision's ImageFolder with the classes given rather
     than scanned (so hidden folders stay out) and :class:`_ImageLoader` reading the files.
 
-    Same attributes as ImageFolder (``classes``, ``samples``, ``targets``).
+    Same attributes as ImageFolder (``classes``, ``samples``, ``targets``). ``classes=None``: every
+    image below ``folder``, unlabeled (each labelled :data:`~rmtp.data.spec.UNLABELED`, no classes).
     """
 
-    def __init__(self, folder: Path, classes: list[str], transform: Any, loader: _ImageLoader,
+    def __init__(self, folder: Path, classes: list[str] | None, transform: Any, loader: _ImageLoader,
                  native_size: tuple[int, int] | None = None) -> None:
         from torchvision.datasets.folder import make_dataset
 
         self.root = folder
-        self.classes = list(classes)
+        self.classes = list(classes or [])
         self.class_to_idx = {name: i for i, name in enumerate(self.classes)}
-        self.samples = make_dataset(str(folder), self.class_to_idx, is_valid_file=_is_image_path, allow_empty=True)
+        if classes is None:
+            self.samples = [(path, UNLABELED) for path in _images_below(folder)]
+        else:
+            self.samples = make_dataset(str(folder), self.class_to_idx, is_valid_file=_is_image_path,
+                                        allow_empty=True)
         self.targets = [target for _, target in self.samples]
         self.transform, self.loader = transform, loader
         #: (height, width) every image must have (``data.resize: native``), else None.
@@ -275,9 +333,24 @@ def _read_folder(folder: Path, classes: list[str], loader: _ImageLoader) -> Imag
     return dataset
 
 
-def native_image_size(root: Path) -> tuple[int, int]:
+def _read_unlabeled(folder: Path, loader: _ImageLoader) -> ImageFiles:
+    """Every image below ``folder``, unlabeled; a folder without one is refused by name."""
+    dataset = ImageFiles(folder, None, None, loader)
+    if not dataset.samples:
+        raise DataError(_unlabeled_problem(folder) or f"data.root: {folder} has no images")
+    return dataset
+
+
+def native_image_size(root: Path, *, unlabeled: bool = False) -> tuple[int, int]:
     """(height, width) of the first image of an imagefolder root (the one ``data.resize: native``
-    takes as every image's size), found without listing the whole folder."""
+    takes as every image's size), found without listing the whole folder (``unlabeled``: the
+    first of every image below it, in path order)."""
+    if unlabeled:
+        folder = unlabeled_layout(root)[0]
+        images = _images_below(folder)
+        if not images:
+            raise DataError(_unlabeled_problem(folder) or f"data.root: {folder} has no images")
+        return _image_size(images[0])
     folders, classes = imagefolder_layout(root)
     for name in classes:
         for folder, _, files in sorted(os.walk(folders[0] / name, followlinks=True)):
@@ -325,13 +398,20 @@ def imagefolder_splits(spec: DataSpec, model: nn.Module, seed: int) -> tuple[Dat
     """The train and val splits of ``spec.root``, the class count, and their resolved preprocessing."""
     root = spec.root
     if root is None or not root.is_dir():
-        raise DataError(f"data.root: {root} is not a folder (imagefolder needs class subfolders)")
+        needs = "images" if spec.unlabeled else "class subfolders"
+        raise DataError(f"data.root: {root} is not a folder (imagefolder needs {needs})")
     in_chans = model_input_size(model)[0]
     mode = _image_mode(root, in_chans)
-    folders, classes = imagefolder_layout(root)
-    check_class_count(f"data.root: {root}", len(classes), model)
     loader = _ImageLoader(mode)
-    datasets = [_read_folder(folder, classes, loader) for folder in folders]
+    if spec.unlabeled:
+        folders = unlabeled_layout(root)
+        datasets = [_read_unlabeled(folder, loader) for folder in folders]
+        num_classes = model_num_classes(model) or 0
+    else:
+        folders, classes = imagefolder_layout(root)
+        check_class_count(f"data.root: {root}", len(classes), model)
+        datasets = [_read_folder(folder, classes, loader) for folder in folders]
+        num_classes = len(classes)
     size = _eval_size(spec, model, in_chans, datasets[0])
     native = spec.resize == NATIVE
     transforms = resolve_transforms(spec, model, in_chans, size, native=native)
@@ -339,10 +419,10 @@ def imagefolder_splits(spec: DataSpec, model: nn.Module, seed: int) -> tuple[Dat
     for dataset in datasets:
         dataset.transform, dataset.native_size = transform, (size if native else None)
     if len(datasets) == 2:
-        return datasets[0], datasets[1], len(classes), transforms
+        return datasets[0], datasets[1], num_classes, transforms
     full = datasets[0]
     train_idx, val_idx = split_indices(len(full), spec.val_fraction, seed)
     if not train_idx:
         raise DataError(f"data.root: {root} has only {len(full)} image(s): too few to split into train "
                         f"and val by data.val_fraction {spec.val_fraction}")
-    return Subset(full, train_idx), Subset(full, val_idx), len(classes), transforms
+    return Subset(full, train_idx), Subset(full, val_idx), num_classes, transforms

@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationInfo, field_validator, \
+    model_serializer
 from pydantic_core import PydanticCustomError
 
 #: Interpolation names timm's transforms take (``timm.data.transforms.str_to_interp_mode``).
@@ -21,6 +22,9 @@ PREPROCESSING_KEYS = ("resize", "interpolation", "crop_pct", "crop_mode", "mean"
 #: What digits use instead, said where an imagefolder key is given for digits.
 DIGITS_PREPROCESSING = ("the 8x8 digits are upsampled to data.img_size (torch bilinear), scaled to [0, 1] "
                         "and normalised with mean 0.5, std 0.5")
+#: The label every image of unlabeled data (``data.unlabeled: true``) carries: no class index, so a
+#: cross-entropy or a top-1 that is handed one anyway fails instead of training or scoring on it.
+UNLABELED = -1
 
 
 def problem(message: str) -> PydanticCustomError:
@@ -48,6 +52,12 @@ class DataSpec(BaseModel):
                                                              "for all (default: the model's pretrained config)")
     std: tuple[float, ...] | None = Field(None, description="imagefolder: normalisation std, one value per channel or one "
                                                             "for all (default: the model's pretrained config)")
+    unlabeled: bool = Field(False, description="the images have no labels: imagefolder reads every image under "
+                                               "root (or under root/train and root/val), sub-folders included and "
+                                               "never taken as classes; digits drop their labels. Only "
+                                               "label-free work runs on them: distillation alone (finetune "
+                                               "distill weight 1.0), reconstruct, calibration; evaluate reports "
+                                               "top-1 agreement with the dense model instead of top-1")
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share held out for validation when the data has no val/ folder")
     calibration_size: int = Field(256, ge=1, description="images from the train split that pruners needing calibration see")
     batch_size: int = Field(64, ge=1, le=4096)
@@ -56,6 +66,15 @@ class DataSpec(BaseModel):
     split_seed: int = Field(0, ge=0, description="seed of the train/val split and the calibration subset; "
                                                   "independent of the recipe's seed, so changing the run's "
                                                   "seed never moves images between train and val")
+
+    @model_serializer(mode="wrap")
+    def _labelled_as_before(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """``unlabeled`` is written only when true: a labelled recipe saves (``recipe.yaml``, the
+        checkpoint a ``--resume`` compares with) exactly as before the key existed."""
+        dumped = handler(self)
+        if isinstance(dumped, dict) and not self.unlabeled:
+            dumped.pop("unlabeled", None)
+        return dumped
 
     @field_validator("img_size")
     @classmethod

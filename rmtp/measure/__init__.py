@@ -6,7 +6,7 @@ dense and the pruned model. Nothing here prints; long loops take an optional ``p
 
 - :mod:`rmtp.measure.counts`: ``count_params``, ``count_nonzeros``, ``mac_breakdown``,
   ``count_macs``, ``model_summary`` (what is counted as a MAC, and the kernels PyTorch misses);
-- :mod:`rmtp.measure.accuracy`: ``top1``;
+- :mod:`rmtp.measure.accuracy`: ``top1``, ``agreement`` (with the dense model, on unlabeled data);
 - :mod:`rmtp.measure.timing`: ``interleaved_timing``, the one timing method (``rmtp bench``, the
   recipe's ``evaluate: latency`` through ``paired_speedup``, several models at once through
   ``models_timed_together``, and the benchmark scripts), with
@@ -21,7 +21,7 @@ limits are described in ``docs/bench.md``.
 
 from __future__ import annotations
 
-from rmtp.measure.accuracy import ProgressCallback, top1
+from rmtp.measure.accuracy import ProgressCallback, agreement, top1
 from rmtp.measure.counts import (
     ATTENTION,
     FLOP_FORMULAS,
@@ -54,6 +54,7 @@ __all__ = [
     "PairedSpeedup",
     "ProgressCallback",
     "Spread",
+    "agreement",
     "count_macs",
     "count_nonzeros",
     "count_params",

@@ -101,6 +101,11 @@ class TrainConfig(BaseModel):
     persistent_workers: bool = Field(False, description="keep train loader workers alive between epochs")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps in all (the lr "
                                                           "schedule is fitted to them): smoke runs of big recipes")
+    max_minutes: float | None = Field(None, gt=0, le=1_000_000,
+                                      description="wall-clock budget of the fine-tune (training and its epoch-end "
+                                                  "evaluations): stop at the first optimizer step past it (one "
+                                                  "step at least), the cosine decayed by whichever of steps and "
+                                                  "minutes is nearer its end; a resumed run gets the minutes left")
     checkpoint_every: int | None = Field(None, ge=1, description="with an output folder: also checkpoint every "
                                                                  "this many optimizer steps (always at each "
                                                                  "epoch end), for --resume")
@@ -110,6 +115,23 @@ class TrainConfig(BaseModel):
         if self.persistent_workers and self.num_workers == 0:
             raise ValueError("persistent_workers needs num_workers > 0")
         return self
+
+    def unlabeled_problems(self) -> list[tuple[str, str]]:
+        """(key, why) for each setting that needs labels, which unlabeled data (``data.unlabeled``)
+        does not have: only distillation alone trains on it (``distill: {weight: 1.0}``). Empty when
+        the fine-tune can run on unlabeled images. Callers prefix the key (``steps[2].finetune.``)."""
+        where = "the data is unlabeled (data.unlabeled: true)"
+        problems = []
+        if self.distill is None:
+            problems.append(("distill", f"not set, and {where}: a fine-tune on unlabeled images can only distil "
+                                        f"from the dense model; set distill: {{weight: 1.0}} (KD alone, no "
+                                        f"cross-entropy)"))
+        elif self.distill.weight != 1.0:
+            problems.append(("distill.weight", f"{self.distill.weight:g} keeps {1 - self.distill.weight:g} of "
+                                               f"cross-entropy on labels, and {where}; set weight: 1.0 (KD alone)"))
+        if self.mixup is not None:
+            problems.append(("mixup", f"mixes labels, and {where}; remove mixup"))
+        return problems
 
 
 class ReconstructConfig(BaseModel):

@@ -11,6 +11,17 @@ weights as one never interrupted (bit for bit on the CPU with ``num_workers: 0``
 
 Layers a mask pruner zeroed stay zeroed through fine-tuning when named in ``keep_zeros``.
 
+Budgets: ``epochs``, ``max_steps`` (optimizer steps) and ``max_minutes`` (wall clock, from the start of
+:func:`train`, epoch-end evaluations included; a resumed run continues with the minutes its
+checkpoint had left). A minutes budget is checked before every optimizer step (one step at least
+is taken) and decays the cosine by the share of it spent when that is ahead of the steps' share,
+so the lr reaches its floor as the time runs out; such a run depends on the machine's speed and is
+not repeatable bit for bit.
+
+Unlabeled data (``bundle.labeled`` False) trains on distillation alone (``distill.weight`` 1.0; any
+loss that needs labels is refused in one line) and is scored after each epoch by top-1 agreement
+with the teacher instead of top-1 (``val_top1`` None, ``val_agreement``).
+
 Like the rest of the library, the loop never prints: it reports through the ``on_epoch``,
 ``on_batch`` and ``on_checkpoint`` callbacks and raises :class:`~rmtp.errors.RmtpError` for bad
 input.
@@ -33,7 +44,7 @@ from rmtp import distributed
 from rmtp.data import DataBundle
 from rmtp.data.augment import TrainAugment
 from rmtp.errors import RmtpError
-from rmtp.measure import top1
+from rmtp.measure import agreement, top1
 from rmtp.precision import autocast, check_precision
 from rmtp.training.config import TrainConfig
 from rmtp.training.pieces import (
@@ -50,22 +61,33 @@ from rmtp.training.state import ResumableShuffle, SkippingSampler, TrainState, r
 
 @dataclass
 class EpochStats:
-    """What one epoch did. ``val_top1`` is in percent (as :func:`rmtp.measure.top1`); ``lr`` is the last step's."""
+    """What one epoch did. ``val_top1`` is in percent (as :func:`rmtp.measure.top1`), None on
+    unlabeled data, where ``val_agreement`` is the top-1 agreement with the teacher (percent;
+    None without val images); ``lr`` is the last step's; ``steps`` the optimizer steps of the whole
+    run so far; ``stopped`` says why a run ended before its epochs were done (``max_steps`` or
+    ``max_minutes``), on the last epoch."""
 
     epoch: int
     train_loss: float
-    val_top1: float
+    val_top1: float | None
     lr: float
     seconds: float
+    steps: int = 0
+    val_agreement: float | None = None
+    stopped: str | None = None
 
 
 @dataclass
 class TrainResult:
-    """A whole run: one :class:`EpochStats` per epoch, the last val top-1 (percent), and wall seconds."""
+    """A whole run: one :class:`EpochStats` per epoch, the last val top-1 (percent; None on
+    unlabeled data), wall seconds, the optimizer steps taken and why it stopped early (``max_steps``,
+    ``max_minutes``; None when it did all its epochs)."""
 
     history: list[EpochStats] = field(default_factory=list)
-    final_val_top1: float = 0.0
+    final_val_top1: float | None = 0.0
     seconds: float = 0.0
+    steps: int = 0
+    stopped: str | None = None
 
 
 @dataclass
@@ -142,10 +164,14 @@ def train(
     the weights); passing it back as ``resume`` (with the model holding those weights) continues
     the run from there.
 
-    Raises :class:`RmtpError` if ``config.distill`` is set without a ``teacher``, if a
+    Raises :class:`RmtpError` if ``config.distill`` is set without a ``teacher``, if the data is
+    unlabeled and the config needs labels (:meth:`TrainConfig.unlabeled_problems`), if a
     ``keep_zeros`` name is not a weighted submodule, if the train split is empty, if the device
     cannot run the precision, or if the loss stops being finite.
     """
+    if not bundle.labeled:
+        for key, why in config.unlabeled_problems()[:1]:
+            raise RmtpError(f"finetune.{key}: {why}")
     if config.distill is not None and teacher is None:
         raise RmtpError("finetune.distill is set but there is no teacher model to distil from")
     device = torch.device(device)
@@ -178,6 +204,8 @@ def train(
     run = _prepare_steps(model, teacher, config, device, world, keep_zeros, penalize, aug_generator,
                          total_steps, warmup_steps, bundle.num_classes)
     run.seed = seed
+    run.budget = config.max_minutes * 60 if config.max_minutes is not None else None
+    run.clock_start = time.perf_counter() - (resume.seconds if resume is not None else 0.0)
 
     result = TrainResult()
     first_epoch = 1
@@ -188,14 +216,20 @@ def train(
         for epoch in range(first_epoch, config.epochs + 1):
             epoch_start = time.perf_counter()
             train_loss = _train_epoch(run, model, loader, shuffle, epoch, result, on_batch, on_checkpoint)
-            val_top1 = top1(model, val_loader, device=device, precision=config.precision)
+            val_top1, val_agreement = _validate(model, teacher, bundle, val_loader, device, config)
+            if run.stopped is None and run.step >= total_steps and total_steps < steps_per_epoch * config.epochs:
+                run.stopped = "max_steps"
+            if run.stopped is None and run.budget is not None and epoch < config.epochs \
+                    and _elapsed(run) >= run.budget:
+                run.stopped = "max_minutes"  # spent at an epoch's end: no empty epoch after it
             stats = EpochStats(epoch=epoch, train_loss=train_loss, val_top1=val_top1,
-                               lr=run.lr, seconds=time.perf_counter() - epoch_start)
+                               lr=run.lr, seconds=time.perf_counter() - epoch_start, steps=run.step,
+                               val_agreement=val_agreement, stopped=run.stopped)
             result.history.append(stats)
             if on_epoch is not None:
                 on_epoch(stats)
-            if run.step >= total_steps:
-                break  # max_steps reached
+            if run.step >= total_steps or run.stopped is not None:
+                break  # max_steps or max_minutes reached
             if on_checkpoint is not None and epoch < config.epochs:
                 on_checkpoint(_state(run, epoch + 1, 0, result, shuffle_state=_shuffle_generator(loader).get_state()))
     finally:
@@ -204,7 +238,28 @@ def train(
             teacher.train(teacher_was_training)
     result.final_val_top1 = result.history[-1].val_top1
     result.seconds = time.perf_counter() - started
+    result.steps, result.stopped = run.step, run.stopped
     return result
+
+
+def _validate(model: nn.Module, teacher: nn.Module | None, bundle: DataBundle, val_loader: DataLoader,
+              device: torch.device, config: TrainConfig) -> tuple[float | None, float | None]:
+    """(val top-1, None) on labelled data; (None, top-1 agreement with the teacher) on unlabeled data
+    (None too without val images or a teacher): a fake top-1 of images without labels is never given."""
+    if bundle.labeled:
+        return top1(model, val_loader, device=device, precision=config.precision), None
+    if teacher is None or len(bundle.val) == 0:
+        return None, None
+    return None, agreement(model, teacher, val_loader, device=device, precision=config.precision)
+
+
+def _elapsed(run: _Steps) -> float:
+    """Wall seconds of the fine-tune so far (a resumed run's earlier part included): rank 0's clock
+    under torchrun, so every process stops at the same step."""
+    seconds = time.perf_counter() - run.clock_start
+    if distributed.world_size() > 1:
+        seconds = distributed.all_reduce_sum([seconds if distributed.is_main_process() else 0.0], run.device)[0]
+    return seconds
 
 
 def _run_seed(config: TrainConfig) -> int:
@@ -284,6 +339,10 @@ class _Steps:
     lr: float = 0.0
     loss_sum: float = 0.0  # of the epoch in progress, this process
     seen: int = 0
+    budget: float | None = None  # max_minutes in seconds
+    clock_start: float = 0.0  # perf_counter() when the fine-tune began (earlier on a resume)
+    elapsed: float = 0.0  # seconds of the fine-tune at the current step (with a budget)
+    stopped: str | None = None  # max_steps / max_minutes, once the run stopped early
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return autocast(self.config.precision, self.device)
@@ -330,7 +389,7 @@ def _state(run: _Steps, epoch: int, batches_done: int, result: TrainResult, *,
                       optimizer=run.optimizer.state_dict(),
                       scaler=run.scaler.state_dict() if run.scaler.is_enabled() else None,
                       masks=[mask.bool().cpu() for _, mask in run.masks], mask_layers=list(run.mask_layers),
-                      rng=rng_states())
+                      rng=rng_states(), seconds=time.perf_counter() - run.clock_start)
 
 
 def _restore(run: _Steps, state: TrainState, sampler: ResumableShuffle | SkippingSampler, loader: DataLoader,
@@ -382,6 +441,11 @@ def _train_epoch(run: _Steps, model: nn.Module, loader: DataLoader, sampler: Res
             continue
         if run.step >= run.total_steps:
             break  # max_steps reached mid-epoch
+        if run.budget is not None:
+            run.elapsed = _elapsed(run)
+            if images_seen and run.elapsed >= run.budget:  # an epoch begun takes one step at least
+                run.stopped = "max_minutes"
+                break
         loss = _train_step(run, group, epoch, batch_index)
         images_seen += sum(t.shape[0] for _, t in group)
         group = []
@@ -408,7 +472,8 @@ def _train_step(run: _Steps, group: list[tuple[torch.Tensor, torch.Tensor]], epo
     """
     config = run.config
     run.lr = lr_at(run.step, total_steps=run.total_steps, warmup_steps=run.warmup_steps,
-                   lr=config.lr, min_lr_ratio=config.min_lr_ratio)
+                   lr=config.lr, min_lr_ratio=config.min_lr_ratio,
+                   time_fraction=run.elapsed / run.budget if run.budget is not None else None)
     for param_group in run.optimizer.param_groups:
         param_group["lr"] = run.lr
     run.optimizer.zero_grad(set_to_none=True)

@@ -22,7 +22,8 @@ NO_DECAY_TOKENS = ("pos_embed", "cls_token", "dist_token", "reg_token")
 
 
 
-def lr_at(step: int, *, total_steps: int, warmup_steps: int, lr: float, min_lr_ratio: float = 0.0) -> float:
+def lr_at(step: int, *, total_steps: int, warmup_steps: int, lr: float, min_lr_ratio: float = 0.0,
+          time_fraction: float | None = None) -> float:
     """Learning rate of optimizer step ``step`` (0-based) of ``total_steps``.
 
     Warm-up: ``lr * (step + 1) / warmup_steps`` for ``step < warmup_steps`` (so the first step is
@@ -33,12 +34,19 @@ def lr_at(step: int, *, total_steps: int, warmup_steps: int, lr: float, min_lr_r
         lr_step  = floor + (lr - floor) * (1 + cos(pi * progress)) / 2
 
     ``step == total_steps`` (one past the last step) gives exactly ``floor``.
+
+    ``time_fraction`` (a ``max_minutes`` budget: the share of it spent) makes the cosine's progress
+    ``max(progress, time_fraction)`` after warm-up: the decay follows whichever budget, steps or
+    minutes, is nearer its end, so the lr reaches ``floor`` when the minutes run out.
     """
     if warmup_steps > 0 and step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     floor = lr * min_lr_ratio
     decay_steps = max(1, total_steps - warmup_steps)
-    progress = min(1.0, max(0.0, (step - warmup_steps) / decay_steps))
+    progress = (step - warmup_steps) / decay_steps
+    if time_fraction is not None:
+        progress = max(progress, time_fraction)
+    progress = min(1.0, max(0.0, progress))
     return floor + (lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
@@ -60,8 +68,13 @@ def training_loss(student_logits: torch.Tensor, targets: torch.Tensor,
 
     ``targets`` are class indices, or (after mixup) soft targets, one row of class probabilities
     per image, whose label smoothing is already folded in: then CE is ``Σ −t·log softmax`` (timm's
-    ``SoftTargetCrossEntropy``).
+    ``SoftTargetCrossEntropy``). With ``w = 1`` the targets are never read (unlabeled images carry
+    no class index).
     """
+    if config.distill is not None and config.distill.weight == 1.0:
+        if teacher_logits is None:
+            raise RmtpError("finetune.distill is set but no teacher logits were given")
+        return kd_loss(student_logits, teacher_logits, config.distill.temperature)
     if targets.dtype.is_floating_point:
         ce = torch.sum(-targets * F.log_softmax(student_logits, dim=-1), dim=-1).mean()
     else:

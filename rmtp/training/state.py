@@ -99,6 +99,9 @@ class TrainState:
     masks: list[torch.Tensor]
     mask_layers: list[str] = field(default_factory=list)  # the keep_zeros names the masks belong to
     rng: dict[str, Any] = field(default_factory=rng_states)
+    #: Wall seconds the fine-tune had run when the state was taken: a ``max_minutes`` budget spent,
+    #: so a resumed run gets only what is left (checkpoints written before it existed: 0).
+    seconds: float = 0.0
 
     def to_payload(self) -> dict[str, Any]:
         """The fields as a plain dict (shallow: the optimizer state is not copied)."""

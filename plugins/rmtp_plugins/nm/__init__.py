@@ -22,10 +22,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from rmtp.accuracy_budget import StrengthKnob
 from rmtp.hookspecs import hookimpl
 from rmtp.lazy import lazy_exports
-from rmtp.pruner import LayerRow, PruneContext, Pruner
-from rmtp_plugins.nm.params import NmParams
+from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams
+from rmtp_plugins.nm.params import NmParams, pattern_density
 
 if TYPE_CHECKING:
     import torch
@@ -53,6 +54,21 @@ class NmPruner(Pruner):
     #: Wanda scores, prune–restore and the MAC count read calibration data; plain magnitude scores
     #: read one batch only (to count each layer's positions per image for the MAC budget).
     needs_calibration = True
+
+    @classmethod
+    def strength_knob(cls, params: PrunerParams, model: nn.Module | None = None) -> StrengthKnob | None:
+        """An accuracy budget searches ``target_macs`` of ``budget: mp`` (1.0: every layer dense, weak,
+        down to the sparsest allowed pattern's density or the value given: which layers get which
+        pattern, least MP-weighted damage first), or the speed target when one is given.
+        ``budget: uniform`` puts n:m on every layer: nothing to search."""
+        knob = super().strength_knob(params, model)
+        if knob is not None:
+            return knob
+        if params.budget == "uniform":
+            raise ValueError("budget: uniform puts n:m on every layer, so there is no strength to search; "
+                             "use budget: mp, whose target_macs (which layers get the pattern) the budget chooses")
+        sparsest = min(pattern_density(pattern) for pattern in params.options())
+        return StrengthKnob("target_macs", weak=1.0, strong=sparsest, resolution=0.01)
 
     def prune(self, ctx: PruneContext, params: NmParams) -> list[LayerRow]:
         from rmtp_plugins.nm.pruner import prune  # the scores, budget, permutations and masks (torch)

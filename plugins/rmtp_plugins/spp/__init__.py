@@ -8,6 +8,8 @@ Modules, one job each:
 * :mod:`.pruner`: the search driver, extraction of each level and the saved path;
   :class:`SppPruner` imports it when it runs.
 * :mod:`.path`: split linearized Bregman iteration on the gates and reading levels off the path.
+* :mod:`.oneshot`, :mod:`.obs`: ``search: obs``, the cut without training (structured OBS on the
+  consumer's calibration inputs, layer by layer, and its least-squares refit).
 * :mod:`.groups`: the units behind a step's layers (from the architecture's couplings), gating
   them and dispatching the slicing to :mod:`.heads` (attention heads), :mod:`.mlp` (MLP hidden
   neurons) and :mod:`.channels` (ResNet inner channels); :mod:`.unit` holds the unit.
@@ -22,9 +24,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from rmtp.accuracy_budget import StrengthKnob
 from rmtp.hookspecs import hookimpl
 from rmtp.lazy import lazy_exports
-from rmtp.pruner import LayerRow, PruneContext, Pruner
+from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams
 from rmtp_plugins.spp.params import SppParams
 
 _LAZY = {
@@ -40,10 +43,24 @@ __all__ = sorted(["SppParams", "SppPruner", *_LAZY])
 class SppPruner(Pruner):
     name = "spp"
     description = ("Solution Path Pruning: split-LBI gate search orders heads, MLP neurons or conv channels "
-                   "once; slices any sparsity level (or several) from that path.")
+                   "once; slices any sparsity level (or several) from that path. search: obs cuts without "
+                   "training, each consumer refitted by least squares (pretrained models).")
     kind = "weight"
     Params = SppParams
     needs_calibration = True
+
+    @classmethod
+    def strength_knob(cls, params: PrunerParams, model=None) -> StrengthKnob | None:  # noqa: ANN001 - nn.Module
+        """An accuracy budget searches ``ratio`` (0.02 removed, weak, up to the ratio given), or the
+        speed target when one is given; ``ratios`` slices several levels, not one to choose."""
+        knob = super().strength_knob(params, model)
+        if knob is not None:
+            return knob
+        if params.ratios is not None:
+            raise ValueError("ratios slices several levels, and an accuracy budget chooses one: give ratio (the "
+                             "strongest it may try)")
+        return StrengthKnob("ratio", weak=0.02, strong=params.ratio if params.ratio is not None else 0.5,
+                            resolution=0.01)
 
     def prune(self, ctx: PruneContext, params: SppParams) -> list[LayerRow]:
         from rmtp_plugins.spp.pruner import prune  # the gate search and the slicing (torch)

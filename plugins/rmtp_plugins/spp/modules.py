@@ -130,6 +130,8 @@ class AttentionHeads(ModelPatch):
     give back the dense model).
     """
 
+    changes_tokens = False  # it records head counts; every token still goes through every block
+
     def __init__(self, **config: Any):
         self.config = _HeadsConfig(**config)
         self._previous: dict[str, tuple[int, int]] = {}

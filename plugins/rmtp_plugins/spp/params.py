@@ -14,6 +14,10 @@ if TYPE_CHECKING:
     from rmtp_plugins.spp.path import LbiSettings
 
 
+#: The params only the LBI search reads.
+LBI_ONLY = frozenset({"kappa", "lam", "nu", "lr", "steps", "batch_size", "loss", "fold_gates"})
+
+
 class SppParams(PrunerParams):
     ratio: float | None = Field(None, gt=0.0, lt=1.0, description="share to remove (see target); or use ratios")
     ratios: tuple[float, ...] | None = Field(
@@ -38,6 +42,12 @@ class SppParams(PrunerParams):
     target_latency_ms: float | None = target_latency_ms_field()
     fold_gates: bool = Field(False, description="fold the searched gates of kept groups into the weights "
                                                 "(else kept groups keep their dense weights, gate 1)")
+    search: Literal["lbi", "obs"] = Field(
+        "lbi", description="lbi: the split-LBI gate path driven by the task loss; obs: no training, each unit "
+                           "cut by structured OBS on its consumer's calibration inputs, layer by layer, and the "
+                           "consumer refitted by least squares (holds on pretrained models zero-shot)")
+    percdamp: float = Field(0.01, ge=0.0, le=1.0,
+                            description="search: obs: damping of the inputs' Hessian, share of its mean diagonal")
 
     @model_validator(mode="after")
     def _consistent(self) -> SppParams:
@@ -55,6 +65,14 @@ class SppParams(PrunerParams):
             raise ValueError(f"keep={self.keep} is not one of the ratios {list(self.levels())}")
         if len(set(self.structures)) != len(self.structures):
             raise ValueError(f"structures has duplicates: {list(self.structures)}")
+        if self.search == "obs":
+            lbi_only = sorted(LBI_ONLY & self.model_fields_set)
+            if lbi_only:
+                raise ValueError(f"{', '.join(lbi_only)} set the LBI gate search, which search: obs does not "
+                                 f"run (obs chooses by output error and refits; drop them or use search: lbi)")
+        else:
+            if "percdamp" in self.model_fields_set:
+                raise ValueError("percdamp sets search: obs; the LBI search does not use it")
         return self
 
     def levels(self) -> tuple[float, ...]:

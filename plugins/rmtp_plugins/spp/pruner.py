@@ -17,6 +17,10 @@
    number of groups. Several ratios in one step are each saved as ``<output>/spp-<ratio>/``
    (through ``ctx.output``); the step continues with ``keep`` (default: the first ratio).
 
+``search: obs`` replaces steps 1-2 with no training (:mod:`.oneshot`): each unit, in forward order,
+cut by structured OBS on its consumer's calibration inputs and the consumer refitted by least
+squares (:mod:`.obs`); no path file is written.
+
 Refused before the search, naming the branch: ViT variants whose attention or MLP mixes the groups
 (gated attention, scale_norm, SwiGLU, hidden-layer norms), ConvNeXt-V2 (its GRN normalises the
 hidden channels by their mean, so they cannot be sliced exactly), ResNeXt's grouped ``conv2``,
@@ -47,6 +51,7 @@ from rmtp_plugins.spp.path import (
     removal_mask,
     split_lbi,
 )
+from rmtp_plugins.spp.obs import StructuredFit
 from rmtp_plugins.spp.params import SppParams
 from rmtp_plugins.spp.unit import weight_shape
 
@@ -144,8 +149,13 @@ def prune(ctx: PruneContext, params: SppParams) -> list[LayerRow]:
         return []
     sizes = group_params(units)
     shared = shared_params(ctx.model, units)
-    path = search(ctx, units, params)
-    order = path.order()
+    if params.search == "obs":
+        from rmtp_plugins.spp.oneshot import uniform_order
+
+        path, order = None, uniform_order(units)
+    else:
+        path = search(ctx, units, params)
+        order = path.order()
     if params.speed_target_set():
         from rmtp_plugins.spp.speed import choose_ratio
 
@@ -153,7 +163,7 @@ def prune(ctx: PruneContext, params: SppParams) -> list[LayerRow]:
         if ratio is None:  # slicing made the model slower at every level timed: leave it (the notes say)
             return []
         params = params.model_copy(update={"ratio": ratio})
-    folded = path.gamma if params.fold_gates else None
+    folded = path.gamma if path is not None and params.fold_gates else None
     before = {u.path: unit_footprint(ctx.model, u) for u in units}
     levels = {r: removal_count(r, sizes, order, params.target, shared) for r in params.levels()}
     results: dict[float, dict[str, Any]] = {}
@@ -161,8 +171,14 @@ def prune(ctx: PruneContext, params: SppParams) -> list[LayerRow]:
     for ratio in [r for r in params.levels() if r != kept_level] + [kept_level]:
         target = ctx.model if ratio == kept_level else copy.deepcopy(ctx.model)
         remove = removal_mask(order, levels[ratio])
-        kept = extract(target, units, remove, folded)
-        rows = [_row(target, unit, count, before[unit.path], path, params) for unit, count in kept]
+        if path is None:
+            from rmtp_plugins.spp.oneshot import cut_level
+
+            fits = cut_level(ctx, target, units, order, sizes, shared, ratio, params)
+            rows = [_obs_row(target, unit, before[unit.path], fits.get(unit.path), params) for unit in units]
+        else:
+            kept = extract(target, units, remove, folded)
+            rows = [_row(target, unit, count, before[unit.path], path, params) for unit, count in kept]
         results[ratio] = _summary(ratio, remove, sizes, shared, rows)
         if ctx.output is not None:
             ctx.output.save_model(ctx.output.free_name(variant_name(ratio)), target, {
@@ -171,7 +187,7 @@ def prune(ctx: PruneContext, params: SppParams) -> list[LayerRow]:
                 "rows": [row.to_dict() for row in rows]})
         if ratio == kept_level:
             final_rows = rows
-    if ctx.output is not None:
+    if ctx.output is not None and path is not None:
         ctx.output.write_json(ctx.output.free_name(PATH_FILE),
                               path_report(units, path, order, sizes, params, results))
     return final_rows
@@ -204,6 +220,23 @@ def _row(model: nn.Module, unit: Unit, kept: int, before: tuple, path: SolutionP
         kept_fraction=kept / unit.count, note=note,
         detail={noun: f"{unit.count} → {kept}", "entered": f"{entered}/{unit.count}",
                 "first entry": "never" if math.isinf(first_entry) else int(first_entry),
+                "target": f"{params.target} {params.kept_level():g}"})
+
+
+def _obs_row(model: nn.Module, unit: Unit, before: tuple, fit: StructuredFit | None, params: SppParams) -> LayerRow:
+    """A unit's row after search: obs: groups kept and the consumer's output error after the refit,
+    as a share of its dense outputs on the calibration inputs."""
+    shape_before, params_before, nonzeros_before = before
+    shape_after, params_after, nonzeros_after = unit_footprint(model, unit)
+    kept = unit.count - (int(fit.removed.sum()) if fit is not None else 0)
+    noun = unit.noun
+    gone = " (branch removed)" if unit.kind != "channel" else " (inner path removed: the branch is constant)"
+    error = f"{fit.relative_error:.2%}" if fit is not None else "0 (uncut)"
+    return LayerRow(
+        unit.path, tuple(shape_before), tuple(shape_after), params_before, params_after,
+        nonzeros_before, nonzeros_after, budget=params_after / params_before if params_before else None,
+        kept_fraction=kept / unit.count, note=f"{noun} {unit.count} → {kept}" + (gone if kept == 0 else ""),
+        detail={noun: f"{unit.count} → {kept}", "output error": error,
                 "target": f"{params.target} {params.kept_level():g}"})
 
 

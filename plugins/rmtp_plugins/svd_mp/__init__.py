@@ -47,6 +47,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from rmtp.accuracy_budget import StrengthKnob
 from rmtp.hookspecs import hookimpl
 from rmtp.pruner import CalibrationUse, LayerRow, PruneContext, Pruner, PrunerParams
 from rmtp.param_types import TwConfidence, target_latency_ms_field, target_speedup_field
@@ -125,6 +126,13 @@ class SvdMpPruner(Pruner):
         the default uses it when a caller passes it, ``whiten: false`` never sees it."""
         whiten = getattr(params, "whiten", None)
         return "required" if whiten is True else "unused" if whiten is False else "optional"
+
+    @classmethod
+    def strength_knob(cls, params: PrunerParams, model=None) -> StrengthKnob | None:  # noqa: ANN001 - nn.Module
+        """An accuracy budget searches ``target_params`` (0.95 of the selected layers' weights kept,
+        weak, down to 0.2 or the value given), or the speed target when one is given."""
+        return super().strength_knob(params, model) or StrengthKnob("target_params", weak=0.95, strong=0.2,
+                                                                    resolution=0.01)
 
     def prune(self, ctx: PruneContext, params: SvdMpParams) -> list[LayerRow]:
         from rmtp_plugins.svd_mp.factoring import prune  # the SVDs and splits (torch), imported when run

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from rmtp.accuracy_budget import StrengthKnob
 from rmtp.errors import PluginError
 from rmtp.param_types import one_speed_target, target_latency_ms_field, target_speedup_field
 from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams, weight_footprint
@@ -131,6 +132,24 @@ class TokenPruner(Pruner):
         if params.visualize and rows:
             rows[0].note = self._visualize(ctx, params.visualize)
         return rows
+
+    @classmethod
+    def strength_knob(cls, params: PrunerParams, model: nn.Module | None = None) -> StrengthKnob | None:
+        """An accuracy budget searches the schedule's strength (``r_max``; tome's ``r``), the shape
+        (``alpha``, ``start_layer``, ``ramp``) as given, or the speed target when one is given; an
+        explicit per-block list (``keep``, ``r_list``) has no strength to search."""
+        knob = super().strength_knob(params, model)
+        if knob is not None:
+            return knob
+        if getattr(params, params.explicit_key, None) is not None:
+            raise ValueError(f"{params.explicit_key} sets every block by hand, so there is no strength to search; "
+                             f"give {params.strength_key} instead (the strongest the budget may try)")
+        return cls.schedule_knob(model)
+
+    @classmethod
+    def schedule_knob(cls, model: nn.Module | None) -> StrengthKnob:
+        """The schedule's strength from none (weak) to its strong end (``r_max`` 0.9)."""
+        return StrengthKnob("r_max", weak=0.0, strong=0.9, resolution=0.01)
 
     def speed_strengths(self, ctx: PruneContext) -> list[object]:
         """The values of the schedule's strength a speed target searches, gentlest first."""

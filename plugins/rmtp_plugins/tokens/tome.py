@@ -19,6 +19,7 @@ from typing import Annotated, ClassVar
 
 from pydantic import Field, model_validator
 
+from rmtp.accuracy_budget import StrengthKnob
 from rmtp.errors import PluginError
 from rmtp.hookspecs import hookimpl
 from rmtp_plugins.tokens.base import TokenParams, TokenPruner
@@ -49,6 +50,12 @@ class TomePruner(TokenPruner):
     description = "ViT token merging (ToMe): bipartite soft matching, proportional attention, r per block."
     method = "tome"
     Params = TomeParams
+
+    @classmethod
+    def schedule_knob(cls, model) -> StrengthKnob:  # noqa: ANN001 - nn.Module or None
+        """``r`` from 0 (weak) to half the model's patches (100 before a model exists)."""
+        patches = getattr(getattr(model, "patch_embed", None), "num_patches", None)
+        return StrengthKnob("r", weak=0, strong=patches // 2 if patches else 100, integer=True)
 
     def speed_strengths(self, ctx) -> list[object]:  # noqa: ANN001 - PruneContext
         return list(range(ctx.model.patch_embed.num_patches // 2 + 1))  # r: at most half the patches
