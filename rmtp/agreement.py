@@ -15,8 +15,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler,
+                              Subset, TensorDataset)
 
+from rmtp.data.spec import UNLABELED
 from rmtp.errors import RmtpError
 from rmtp.precision import autocast
 
@@ -42,7 +44,7 @@ def split_calibration(loader: DataLoader, share: float, seed: int, *, minimum: i
     if total - count < 1:
         raise RmtpError(f"accuracy_budget: the calibration data has {total} images; holding {count} out to score on "
                         f"leaves none for the pruner: give more calibration images (data.calibration_size), at "
-                        f"least {minimum * 2}")
+                        f"least {minimum + 1}")
     order = torch.randperm(total, generator=torch.Generator().manual_seed(seed)).tolist()
     held, fit = sorted(order[:count]), sorted(order[count:])
     fit_loader = DataLoader(Subset(dataset, fit), batch_size=loader.batch_size or 1, shuffle=False,
@@ -53,15 +55,19 @@ def split_calibration(loader: DataLoader, share: float, seed: int, *, minimum: i
 
 
 def _sized_dataset(loader: DataLoader) -> Dataset:
-    """The loader's map-style dataset, or its batches gathered into one (an iterable loader)."""
+    """The loader's map-style dataset when the loader reads all of it (a plain sequential or shuffled
+    sampler), else its batches gathered into one (an iterable loader, or a sampler that picks a
+    subset: the calibration images are what the loader yields, not the whole dataset)."""
     dataset = getattr(loader, "dataset", None)
-    if dataset is not None and not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__"):
+    whole = isinstance(getattr(loader, "sampler", None), (SequentialSampler, RandomSampler)) and \
+        type(getattr(loader, "batch_sampler", None)) is BatchSampler
+    if whole and dataset is not None and not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__"):
         return dataset
     images, labels = [], []
     for batch in loader:
         x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) and len(batch) > 1 else (_images(batch), None)
         images.append(x)
-        labels.append(y if y is not None else torch.zeros(len(x), dtype=torch.long))
+        labels.append(y if y is not None else torch.full((len(x),), UNLABELED, dtype=torch.long))
     if not images:
         raise RmtpError("accuracy_budget: the calibration data is empty")
     return TensorDataset(torch.cat(images), torch.cat(labels))

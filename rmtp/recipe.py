@@ -335,6 +335,7 @@ def parse_recipe(raw: Any, *, source: Path | None = None, plugins: Plugins | Non
                                                                                    unlabeled=data.unlabeled))
     if data.unlabeled:
         problems.extend(f"{label}: {problem}" for problem in _unlabeled_problems(steps, resolved))
+    problems.extend(f"{label}: {problem}" for problem in _budget_image_problems(resolved, data.calibration_size))
 
     for index, step in enumerate(steps):  # timm's training transform works on PIL images
         if isinstance(step, FinetuneStep) and not isinstance(step.finetune.augment, bool) \
@@ -359,6 +360,26 @@ def parse_recipe(raw: Any, *, source: Path | None = None, plugins: Plugins | Non
                   device=shape.device, resolved=resolved, plugins=plugins)
 
 
+def _budget_image_problems(resolved: dict[int, ResolvedPrune], calibration_size: int) -> list[str]:
+    """A step with an accuracy budget needs calibration images to score on (and, for a pruner that
+    calibrates, some left over for it): refused now, not when the step is reached after hours."""
+    from rmtp.accuracy_budget import MIN_HELD_OUT
+
+    problems = []
+    for index, prune in resolved.items():
+        if prune.accuracy_budget is None:
+            continue
+        calibrates = prune.pruner_cls.calibration_use(prune.params) != "unused"
+        held = max(MIN_HELD_OUT, round(calibration_size * prune.accuracy_budget.holdout)) if calibrates \
+            else MIN_HELD_OUT
+        if calibration_size < held + calibrates:
+            problems.append(f"data.calibration_size: {calibration_size} calibration images are too few for "
+                            f"steps[{index}].accuracy_budget, which scores on {held} of them"
+                            + (f" and leaves the rest to {prune.pruner_cls.name}" if calibrates else "")
+                            + f"; give at least {held + calibrates}")
+    return problems
+
+
 def _unlabeled_problems(steps: list[Step], resolved: dict[int, ResolvedPrune]) -> list[str]:
     """What needs labels on unlabeled data (``data.unlabeled: true``), by key: a fine-tune that is
     not distillation alone, mixup, a pruner whose ``loss`` is ``ce`` (spp's cross-entropy on labels).
@@ -367,7 +388,8 @@ def _unlabeled_problems(steps: list[Step], resolved: dict[int, ResolvedPrune]) -
     for index, step in enumerate(steps):
         if isinstance(step, FinetuneStep):
             problems.extend(f"steps[{index}].finetune.{key}: {why}" for key, why in step.finetune.unlabeled_problems())
-        elif index in resolved and getattr(resolved[index].params, "loss", None) == "ce":
+        elif index in resolved and getattr(resolved[index].params, "loss", None) == "ce" \
+                and getattr(resolved[index].params, "search", "lbi") != "obs":  # obs reads no labels
             problems.append(f"steps[{index}].params.loss: ce is cross-entropy on labels, and the data is unlabeled "
                             f"(data.unlabeled: true); use loss: kd (distil from the dense model)")
     return problems

@@ -150,7 +150,7 @@ def _budget_search(model: nn.Module, pruner_cls: type[Pruner], params: PrunerPar
     if pruner_data is None and scoring is None:
         raise RmtpError(f"accuracy_budget: {name} is scored against the dense model on calibration images, and none "
                         f"were given (pass calibration=, e.g. bundle.loader('calibration'))")
-    batch = (pruner_data or scoring).batch_size or 64
+    batch = (pruner_data if pruner_data is not None else scoring).batch_size or 64
     if pruner_data is not None:  # the pruner calibrates: hold images out of what it sees
         split = split_calibration(pruner_data, budget.holdout, seed, minimum=MIN_HELD_OUT)
         fit, images = split.fit, split.held_out
@@ -224,6 +224,11 @@ def _agreement(model: nn.Module, pruner_cls: type[Pruner], params: PrunerParams,
     out = {"top1": top1, "kl": kl, "images": len(reference), "held_out": held_out, "where": where}
     if budget is not None:
         out["budget"] = budget.record
+        if budget.record["outcome"] != "impossible" and not budget.budget.within(top1, kl):
+            warnings.append(f"{name}: the applied model is outside the accuracy budget {budget.budget.describe()} "
+                            f"({top1:.1%} agreement, KL {kl:.3g} on {where}) although the same setting was "
+                            f"within it when searched: the pruner is not deterministic here (GPU kernels, "
+                            f"timing-based choices); loosen the budget or fix the seed and timing")
     if top1 < BROKEN_AGREEMENT:
         warnings.append(broken_warning(name, top1, where, pruner_cls, params, budget))
     return out

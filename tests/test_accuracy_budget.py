@@ -263,9 +263,20 @@ def test_the_budget_changes_the_strength_chosen_and_the_report_shows_it(digits) 
     assert round_trip.agreement == tight.agreement
 
 
-def test_a_pruner_that_calibrates_never_sees_the_held_out_images(digits) -> None:  # noqa: ANN001
+def test_a_pruner_that_calibrates_never_sees_the_held_out_images(digits, monkeypatch) -> None:  # noqa: ANN001
+    from rmtp.agreement import DenseReference
+
     model, calib = digits
     seen: list[int] = []
+    seen_images: list[torch.Tensor] = []
+    scored: list[torch.Tensor] = []
+    original = DenseReference.__init__
+
+    def spy(self, dense, images, **kwargs):  # noqa: ANN001, ANN202 - records what the budget scores on
+        scored.append(images.clone())
+        original(self, dense, images, **kwargs)
+
+    monkeypatch.setattr(DenseReference, "__init__", spy)
 
     class Counting(_NoKnob):
         name = "counting"
@@ -280,6 +291,7 @@ def test_a_pruner_that_calibrates_never_sees_the_held_out_images(digits) -> None
 
         def prune(self, ctx, params):  # noqa: ANN001, ANN201
             seen.append(sum(len(batch[0]) for batch in ctx.calibration))
+            seen_images.extend(image for batch in ctx.calibration for image in batch[0])
             return []
 
     report = rmtp.prune(copy.deepcopy(model), Counting, calibration=calib, accuracy_budget={"max_drop": 0.1},
@@ -287,6 +299,9 @@ def test_a_pruner_that_calibrates_never_sees_the_held_out_images(digits) -> None
     assert set(seen) == {36}  # 48 images, a quarter held out: every candidate and the final run saw 36
     assert report.agreement["images"] == 12 and report.agreement["held_out"]
     assert "12 held-out calibration images (seed 0; counting calibrated on the other 36)" in report.agreement["where"]
+    held = {tuple(image.flatten().tolist()) for images in scored for image in images}
+    assert len(held) == 12
+    assert not held & {tuple(image.flatten().tolist()) for image in seen_images}
 
 
 def test_a_budget_that_cannot_be_had_applies_the_weakest_setting_and_warns(digits) -> None:  # noqa: ANN001
@@ -351,3 +366,35 @@ def _rendered(report: StepReport) -> str:
     console = Console(width=200, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
     render_step(report, console)
     return console.export_text()
+
+
+def test_a_loader_with_a_subset_sampler_holds_out_only_images_it_yields() -> None:
+    """A calibration loader that samples a subset of a bigger dataset: the split is over what the
+    loader yields (its 40 images), never over the whole dataset."""
+    from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
+
+    from rmtp.agreement import split_calibration
+
+    images = torch.arange(200, dtype=torch.float32).view(200, 1, 1, 1).expand(200, 1, 2, 2).clone()
+    dataset = TensorDataset(images, torch.zeros(200, dtype=torch.long))
+    chosen = list(range(100, 140))
+    loader = DataLoader(dataset, batch_size=8, sampler=SubsetRandomSampler(chosen, generator=torch.Generator()
+                                                                          .manual_seed(0)))
+    split = split_calibration(loader, 0.25, seed=0, minimum=8)
+    held = {int(x) for x in split.held_out[:, 0, 0, 0]}
+    fit = {int(x) for batch in split.fit for x in batch[0][:, 0, 0, 0]}
+    assert held | fit == set(chosen) and not held & fit and len(held) == 10
+
+
+def test_too_few_calibration_images_for_a_budget_are_refused_by_validate(tmp_path) -> None:  # noqa: ANN001
+    from rmtp.errors import RecipeError
+    from rmtp.recipe import load_recipe
+
+    from conftest import tiny_recipe, write_recipe
+
+    recipe = tiny_recipe([{"prune": "n:m", "params": {"n": 2, "m": 4, "score": "wanda", "budget": "mp",
+                                                      "target_macs": 0.8},
+                           "accuracy_budget": {"max_drop": 0.05}}])
+    recipe["data"]["calibration_size"] = 8
+    with pytest.raises(RecipeError, match=r"data.calibration_size: 8 calibration images are too few .* at least 9"):
+        load_recipe(write_recipe(tmp_path / "r.yaml", recipe))

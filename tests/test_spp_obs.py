@@ -203,3 +203,61 @@ def test_obs_holds_the_outputs_better_than_the_same_cut_without_refit() -> None:
 def test_params_of_one_search_are_refused_with_the_other(params: dict, message: str) -> None:
     with pytest.raises(ValidationError, match=message):
         SppParams(**params)
+
+
+def test_search_obs_validates_on_unlabeled_data_and_lbi_with_ce_does_not(tmp_path) -> None:  # noqa: ANN001
+    """obs reads no labels; the LBI search's default loss (ce) does."""
+    from rmtp.errors import RecipeError
+    from rmtp.recipe import load_recipe
+
+    from conftest import tiny_recipe, write_recipe
+
+    for search, refused in (("obs", False), ("lbi", True)):
+        recipe = tiny_recipe([{"prune": "spp", "params": {"ratio": 0.3, "search": search}}])
+        recipe["data"]["unlabeled"] = True
+        path = write_recipe(tmp_path / f"{search}.yaml", recipe)
+        if refused:
+            with pytest.raises(RecipeError, match="loss: ce is cross-entropy on labels"):
+                load_recipe(path)
+        else:
+            load_recipe(path)
+
+
+def test_a_resnet_conv_consumer_is_refitted_on_its_im2col_columns() -> None:
+    """ResNet basic block layer1.0: its conv1 channels cut by obs, conv2 (3×3, no bias) is the lstsq
+    fit of the dense conv2's outputs from the kept channels' im2col columns (float32 precision)."""
+    from rmtp.layerwise import input_columns
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", num_classes=10, in_chans=1, channels=[16, 32, 64, 128]).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.weight.copy_(0.5 + torch.rand(module.num_features, generator=generator))
+                module.bias.copy_(0.3 * torch.randn(module.num_features, generator=generator))
+    dense = rmtp.frozen_copy(model)
+    data = TensorDataset(torch.randn(32, 1, 32, 32, generator=generator), torch.zeros(32, dtype=torch.long))
+    calibration = DataLoader(data, batch_size=16)
+    rmtp.prune(model, "spp", dense=dense, calibration=calibration, search="obs", ratio=0.5, percdamp=0.0,
+               structures=["channels"], layers={"include": ["layer1.0.conv1", "layer1.0.conv2"]})
+    conv2 = dense.layer1[0].conv2
+    columns = []
+    handle = conv2.register_forward_pre_hook(lambda m, args: columns.append(input_columns(m, args[0])))
+    with torch.no_grad():
+        for images, _ in calibration:
+            dense(images)
+    handle.remove()
+    x = torch.cat(columns).double()
+    new_conv1 = model.layer1[0].conv1
+    kept = torch.tensor([int(torch.nonzero((dense.layer1[0].conv1.weight == f).flatten(1).all(1))[0])
+                         for f in new_conv1.weight])
+    assert kept.numel() == 8
+    from rmtp_plugins.spp.oneshot import group_columns
+
+    unit = Unit("layer1.0", "channel", 16, 1, 0, 0, producer="layer1.0.conv1", consumer="layer1.0.conv2",
+                channel_dim=1)
+    kept_cols = torch.cat([group_columns(unit, conv2)[c] for c in kept]).sort().values
+    solution, _ = _lstsq_fit(x, gemm_view(conv2.weight).double(), None, kept_cols)
+    got = gemm_view(model.layer1[0].conv2.weight).double()
+    torch.testing.assert_close(got, solution, rtol=1e-3, atol=1e-4)

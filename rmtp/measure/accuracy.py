@@ -19,7 +19,8 @@ __all__ = ["ProgressCallback", "agreement", "top1"]
 ProgressCallback = Callable[[int, "int | None"], None]
 #: Why :func:`top1` refuses unlabeled images.
 UNLABELED_TOP1 = ("top-1 needs labels, and the data is unlabeled (data.unlabeled: true); measure top-1 agreement "
-                  "with the dense model instead (an evaluate step does, rmtp.evaluate(..., dense=dense) too)")
+                  "with the dense model instead (an evaluate step does; so does rmtp.evaluate(model, data, "
+                  "dense=dense) with data a spec or bundle whose unlabeled is true)")
 
 
 def _total_batches(loader: DataLoader, limit: int | None) -> int | None:
