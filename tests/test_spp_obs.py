@@ -261,3 +261,14 @@ def test_a_resnet_conv_consumer_is_refitted_on_its_im2col_columns() -> None:
     solution, _ = _lstsq_fit(x, gemm_view(conv2.weight).double(), None, kept_cols)
     got = gemm_view(model.layer1[0].conv2.weight).double()
     torch.testing.assert_close(got, solution, rtol=1e-3, atol=1e-4)
+
+
+def test_the_lbi_search_refuses_unlabeled_images_for_cross_entropy_in_one_line() -> None:
+    from rmtp.errors import RmtpError
+
+    model = _tiny_vit()
+    data = TensorDataset(torch.randn(16, 1, 16, 16), torch.full((16,), -1, dtype=torch.long))
+    with pytest.raises(RmtpError, match="loss: ce is cross-entropy on labels, and the calibration images are "
+                                        "unlabeled"):
+        rmtp.prune(model, "spp", dense=rmtp.frozen_copy(model), calibration=DataLoader(data, batch_size=8),
+                   ratio=0.3, steps=2, batch_size=8)

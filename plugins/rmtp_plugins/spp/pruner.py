@@ -93,6 +93,9 @@ def search(ctx: PruneContext, units: list[Unit], params: SppParams) -> SolutionP
         with ctx.autocast():  # the step's precision; the loss in fp32
             logits = model(images).float()
         if params.loss == "ce":
+            if bool((labels < 0).any()):  # rmtp.data.UNLABELED: cross-entropy would index with -1
+                raise RmtpError("spp: loss: ce is cross-entropy on labels, and the calibration images are "
+                                "unlabeled; use loss: kd (distil from the dense model) or search: obs")
             return torch.nn.functional.cross_entropy(logits, labels)
         with torch.no_grad(), ctx.autocast():
             teacher = ctx.dense_model(images).float()
