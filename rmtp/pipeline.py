@@ -87,19 +87,19 @@ def seed_everything(seed: int) -> None:
 
 
 def build_model(recipe: Recipe, plugins: Plugins) -> tuple[nn.Module, ModelSpec, ModelSpec, Architecture]:
-    """(model, its spec, the dense baseline's spec, architecture) for the recipe's ``model:``."""
+    """(model, its spec, the dense baseline's spec, architecture) for the recipe's ``model:``, built by
+    the source it settled on (:func:`rmtp.sources.source_for_spec`)."""
     section = recipe.model
-    if section.checkpoint is not None and saving.is_saved_model(section.checkpoint):
-        loaded = saving.load(section.checkpoint, plugins=plugins)
-        return loaded.model, loaded.spec, loaded.baseline or loaded.spec, plugins.architecture(loaded.arch)
-    spec = ModelSpec(name=section.name, arch=section.arch, kwargs=dict(section.kwargs),
-                     pretrained=section.pretrained, checkpoint=section.checkpoint)
-    arch = sources.architecture_for(plugins, spec.name, spec.arch)
-    model = arch.create(spec)
+    source = sources.source_for_spec(ModelSpec(name=section.name, arch=section.arch, kwargs=dict(section.kwargs),
+                                               pretrained=section.pretrained, checkpoint=section.checkpoint))
+    built = source.build(plugins)
+    assert built.arch is not None
+    if isinstance(source, sources.SavedFolder):
+        return built.model, built.spec, built.baseline or built.spec, built.arch
     # What the pruned model records: an hf-hub: name as its architecture and config kwargs, so the
     # saved folder loads without the hub; the dense baseline keeps the name it came from.
-    name, kwargs = sources.resolved_name_and_kwargs(spec.name, spec.kwargs)
-    return model, dataclasses.replace(spec, name=name, kwargs=kwargs), spec, arch
+    name, kwargs = sources.resolved_name_and_kwargs(built.spec.name, built.spec.kwargs)
+    return built.model, dataclasses.replace(built.spec, name=name, kwargs=kwargs), built.spec, built.arch
 
 
 def run_recipe(recipe: Recipe, *, plugins: Plugins | None = None, progress: Progress = NULL_PROGRESS,

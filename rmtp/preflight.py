@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from rmtp.architecture import Architecture, ModelSpec
@@ -73,17 +72,11 @@ def _check_classes(label: str, root: Path, model: nn.Module) -> None:
 
 
 def _meta_model(recipe: Recipe, plugins: Plugins) -> tuple[nn.Module, Architecture]:
-    from rmtp import saving, sources
+    """The recipe's model on the meta device, built by the source it settled on
+    (:func:`rmtp.sources.source_for_spec`): no pretrained download, no checkpoint read."""
+    from rmtp import sources
 
     section = recipe.model
-    with torch.device("meta"):  # no pretrained download, no checkpoint read: structure only
-        if section.checkpoint is not None and saving.is_saved_model(section.checkpoint):
-            try:
-                return saving.rebuild_structure(section.checkpoint, plugins=plugins)
-            except RmtpError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - a replacement class that cannot live on meta
-                raise CheckpointError(str(exc)) from None
-        spec = ModelSpec(name=section.name, arch=section.arch, kwargs=dict(section.kwargs))
-        arch = sources.architecture_for(plugins, spec.name, spec.arch)  # an hf-hub: name: its config.json
-        return arch.create(spec), arch
+    source = sources.source_for_spec(ModelSpec(name=section.name, arch=section.arch, kwargs=dict(section.kwargs),
+                                               pretrained=section.pretrained, checkpoint=section.checkpoint))
+    return source.build_meta(plugins)

@@ -9,8 +9,10 @@ One contract serves three kinds of pruners:
 Each gets a :class:`PruneContext` (the model, its architecture adapter, the layers the recipe
 step selected, calibration data when :meth:`Pruner.calibration_use` asks for it, the frozen dense
 model) and its params, already validated against its ``Params`` pydantic model. It mutates
-``ctx.model`` and returns one :class:`LayerRow` per layer (or block) it touched. A pruner never
-prints: the pipeline renders the rows.
+``ctx.model`` (nothing else in the context is its to change) and returns a :class:`PruneResult`:
+one :class:`LayerRow` per layer (or block) it touched, and what it predicted when it planned in
+time; a plain list of rows (the result before there was more to say) is still accepted. A pruner
+never prints: the pipeline renders the rows.
 """
 
 from __future__ import annotations
@@ -86,6 +88,36 @@ class LayerRow:
         return cls(**fields)
 
 
+@dataclass
+class PruneResult:
+    """What :meth:`Pruner.prune` returns: the rows, and what a pruner that planned in time predicted.
+
+    Nothing goes back through the :class:`PruneContext`: the step reads the result. A pruner with
+    nothing but rows may return them as a plain ``list[LayerRow]`` (:meth:`of` reads both).
+    """
+
+    rows: list[LayerRow] = field(default_factory=list)
+    #: A pruner that planned in time (a speed target, ``only_if_faster`` with measured costs): its
+    #: predicted whole-model speed-up and how it got there
+    #: (:meth:`rmtp.latency.target.SpeedTarget.speed_plan`), which the step then measures against
+    #: the clock and reports; ``None``: it made no prediction.
+    speed_plan: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, returned: PruneResult | list[LayerRow] | tuple[LayerRow, ...],
+           pruner: str = "the pruner") -> PruneResult:
+        """``returned`` as a result: a result as it is, a list (or tuple) of rows as one without a
+        speed plan; anything else is a :class:`~rmtp.errors.PluginError` naming ``pruner``."""
+        if isinstance(returned, PruneResult):
+            return returned
+        if isinstance(returned, (list, tuple)) and all(isinstance(row, LayerRow) for row in returned):
+            return cls(rows=list(returned))
+        from rmtp.errors import PluginError
+
+        raise PluginError(f"{pruner}.prune returned {type(returned).__name__}; a pruner returns a PruneResult or a "
+                          f"list of LayerRow (docs/pruner-contract.md)")
+
+
 class StepOutput(Protocol):
     """Where a prune step may save extra artefacts next to the run's own output.
 
@@ -111,7 +143,9 @@ class StepOutput(Protocol):
 
 @dataclass
 class PruneContext:
-    """Everything a pruner may use. Pruners mutate ``model``; nothing else is theirs to change."""
+    """Everything a pruner may use. Pruners mutate ``model``; nothing else is theirs to change
+    (what they have to say goes in their :class:`PruneResult`). ``cost`` is the context's own cache,
+    filled by :meth:`cost_model` on first use."""
 
     model: nn.Module
     arch: Architecture
@@ -134,9 +168,6 @@ class PruneContext:
     input_shape: tuple[int, ...] | None = None
     #: How replacements are timed (the step's ``latency:``); ``None``: the defaults.
     latency: LatencySettings | None = None
-    #: Set by a pruner that planned in time (:meth:`rmtp.latency.target.SpeedTarget.record`): its
-    #: predicted whole-model speed-up, which ``prune_step`` then measures.
-    speed_plan: dict[str, Any] | None = None
     #: The step's latency cost model: built from ``latency`` on first use by :meth:`cost_model`, or
     #: given (a table of known costs, a user's own :class:`~rmtp.latency.cost.CostModel`).
     cost: CostModel | None = field(default=None, repr=False)
@@ -184,8 +215,10 @@ class Pruner(ABC):
     revisits_replaced_layers: ClassVar[bool] = False
 
     @abstractmethod
-    def prune(self, ctx: PruneContext, params: PrunerParams) -> list[LayerRow]:
-        """Prune ``ctx.model`` in place (or by replacing submodules); return one row per layer."""
+    def prune(self, ctx: PruneContext, params: PrunerParams) -> PruneResult | list[LayerRow]:
+        """Prune ``ctx.model`` in place (or by replacing submodules); return one row per layer, in a
+        :class:`PruneResult` with the speed plan when the pruner planned in time (a plain list of
+        rows is accepted too)."""
 
     @classmethod
     def candidate_layers(cls, arch: Architecture, model: nn.Module) -> list[PrunableLayer]:

@@ -470,8 +470,8 @@ def _validate_pruner(label: str, where: str, step: PruneStep, plugins: Plugins,
 
 def _validate_model(label: str, base: Path, model: ModelSection, plugins: Plugins,
                     problems: list[str]) -> ModelSection:
-    """``model:`` with its checkpoint resolved against the recipe's folder and, for a folder in
-    timm's hub layout, the name, kwargs and weights file its config.json gives; problems appended."""
+    """``model:`` with its checkpoint resolved against the recipe's folder and what the checkpoint says
+    of the model filled in (:func:`_model_from_checkpoint`); problems appended."""
     from rmtp import sources
 
     if model.checkpoint is not None:
@@ -486,7 +486,8 @@ def _validate_model(label: str, base: Path, model: ModelSection, plugins: Plugin
                 return model
     if model.name is None:
         problems.append(f"{label}: model.name: required, unless model.checkpoint is a folder in timm's hub layout "
-                        f"(config.json beside model.safetensors) or an rmtp output folder")
+                        f"(config.json beside model.safetensors), an rmtp output folder, or a weights file with a "
+                        f"model card <stem>.json (timm_name, kwargs) or timm's config.json beside it")
         return model
     name = sources.normalise_name(model.name)
     if name != model.name:
@@ -508,29 +509,39 @@ def _validate_model(label: str, base: Path, model: ModelSection, plugins: Plugin
 
 
 def _model_from_checkpoint(model: ModelSection) -> ModelSection:
-    """An rmtp output folder fills a missing name from its record; a folder in timm's hub layout (or a
-    weights file with timm's config.json beside it, when no name is given) gives name and kwargs."""
-    from rmtp import saving, sources
+    """What ``model.checkpoint`` says of the model (:func:`rmtp.sources.resolve_source`): an rmtp
+    output folder fills a missing name from its record; a folder in timm's hub layout gives name and
+    kwargs (its weights file becomes the checkpoint); a weights file without ``model.name`` takes
+    them from its model card ``<stem>.json``, else from timm's config.json beside it. A weights file
+    under a given name is the recipe's to describe: its kwargs are the recipe's, no card is read."""
+    from rmtp.overwrite import META_FILE
+    from rmtp.sources import (CONFIG_FILE, HubLayout, NameConflict, NotASource, SavedFolder, WeightsFile,
+                              resolve_source)
 
     checkpoint = model.checkpoint
     assert checkpoint is not None
-    if saving.is_saved_model(checkpoint):
+    if model.name is not None and checkpoint.is_file():
+        return model
+    try:
+        source = resolve_source(checkpoint, model.name)
+    except NotASource:
+        raise CheckpointError(f"model.checkpoint: {checkpoint} is a folder, but not an rmtp output folder (no "
+                              f"{META_FILE}) nor in timm's hub layout (no {CONFIG_FILE})") from None
+    except NameConflict as exc:
+        raise CheckpointError(f"model.name: {model.name!r}, but {exc.hub.config.source} says the weights are a "
+                              f"{exc.hub.config.architecture!r}; drop model.name (the config decides) or give the "
+                              f"checkpoint file") from None
+    if isinstance(source, SavedFolder):
         if model.name is not None:
             return model
-        spec = saving.read_spec(checkpoint)
+        spec = source.spec
         return model.model_copy(update={"name": spec.name, "arch": model.arch or spec.arch})
-    hub = sources.hub_folder(checkpoint) if checkpoint.is_dir() or model.name is None else None
-    if hub is None:
-        if checkpoint.is_dir():
-            raise CheckpointError(f"model.checkpoint: {checkpoint} is a folder, but not an rmtp output folder (no "
-                                  f"{saving.META_FILE}) nor in timm's hub layout (no {sources.CONFIG_FILE})")
+    spec = source.spec
+    if spec is None:  # a bare weights file: model.name is required (said by the caller)
         return model
-    architecture = hub.config.architecture
-    if model.name is not None and sources.normalise_name(model.name).split(".")[0] != architecture.split(".")[0]:
-        raise CheckpointError(f"model.name: {model.name!r}, but {hub.config.source} says the weights are a "
-                              f"{architecture!r}; drop model.name (the config decides) or give the checkpoint file")
-    return model.model_copy(update={"name": architecture, "kwargs": {**hub.config.kwargs, **model.kwargs},
-                                    "checkpoint": hub.weights})
+    assert isinstance(source, (HubLayout, WeightsFile))
+    return model.model_copy(update={"name": spec.name, "arch": model.arch or spec.arch,
+                                    "kwargs": {**spec.kwargs, **model.kwargs}, "checkpoint": spec.checkpoint})
 
 
 def _check_timm_name(label: str, name: str, registry: str, problems: list[str]) -> None:

@@ -103,11 +103,87 @@ def output_lock(out_dir: str | Path, *, overwrite: bool = True) -> AbstractConte
     return hold(out_dir, overwrite=overwrite, restorable=is_saved_model)
 
 
-def save(model: nn.Module, out_dir: str | Path, *, spec: ModelSpec, arch: Architecture | str,
+#: Constructor kwargs :func:`infer_spec` reads back from a timm model in hand (attribute path), the
+#: ones a user changes on a pretrained architecture (a new head, another input size or channels).
+#: The first path a family has wins (ViT, ResNet, ConvNeXt).
+_INFERABLE_KWARGS = {"num_classes": ("num_classes",), "img_size": ("patch_embed.img_size",),
+                     "in_chans": ("patch_embed.proj.in_channels", "conv1.in_channels", "stem.0.in_channels")}
+
+
+def _attribute(model: nn.Module, paths: Sequence[str]) -> Any:
+    """The first of the dotted attribute ``paths`` ``model`` has (tuples as lists), else None."""
+    for dotted in paths:
+        value: Any = model
+        for part in dotted.split("."):
+            value = getattr(value, part, None)
+            if value is None:
+                break
+        if value is not None:
+            return list(value) if isinstance(value, tuple) else value
+    return None
+
+
+def _structure_mismatch(model: nn.Module, spec: ModelSpec, arch: Architecture) -> str | None:
+    """Why ``spec`` (with ``model``'s replaced layers) would not rebuild ``model``'s parameters and
+    buffers, name by name and shape by shape (``None``: it would). Built on the meta device."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            rebuilt = arch.create(spec)
+            apply_replacements(rebuilt, describe_replacements(model), source="the model in hand")
+    except Exception as exc:  # noqa: BLE001 - any failure to build is a mismatch, reported in one line
+        return f"building it failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+    for key in sorted(set(want) | set(got)):
+        if want.get(key) != got.get(key):
+            def shape(shapes: dict[str, tuple[int, ...]]) -> str:
+                return str(list(shapes[key])) if key in shapes else "no such entry"
+
+            return f"{key}: the model has {shape(want)}, the rebuilt one {shape(got)}"
+    return None
+
+
+def infer_spec(model: nn.Module, arch: Architecture) -> ModelSpec:
+    """The :class:`ModelSpec` that rebuilds a timm ``model`` in hand: its timm name (and pretrained
+    tag) from ``pretrained_cfg``, and the constructor kwargs a user typically changes (``num_classes``,
+    ``img_size``, ``in_chans``) read back from the model where they differ from timm's defaults;
+    checked by rebuilding the structure on the meta device. Anything else (a custom depth, width)
+    cannot be read back: refused in one line asking for ``spec=``."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    name = cfg.get("architecture") if isinstance(cfg, dict) else None
+    if not name:
+        raise RmtpError(f"rmtp.save: cannot tell which timm model a {type(model).__qualname__} was built as (it "
+                        f"carries no pretrained_cfg); pass spec=rmtp.ModelSpec(name=..., kwargs=...)")
+    tag = cfg.get("tag")
+    name = f"{name}.{tag}" if tag else name
+    import torch
+
+    with torch.device("meta"):
+        default = arch.create(ModelSpec(name=name))
+    kwargs = {}
+    for key, path in _INFERABLE_KWARGS.items():
+        value, reference = _attribute(model, path), _attribute(default, path)
+        if value is not None and value != reference:
+            kwargs[key] = value
+    spec = ModelSpec(name=name, kwargs=kwargs)
+    problem = _structure_mismatch(model, spec, arch)
+    if problem:
+        raise RmtpError(f"rmtp.save: this model is not {name} as timm builds it with kwargs {kwargs} ({problem}); "
+                        f"pass spec=rmtp.ModelSpec(name={name!r}, kwargs={{...}}) with the kwargs it was built with")
+    return spec
+
+
+def save(model: nn.Module, out_dir: str | Path, *, spec: ModelSpec | None = None, arch: Architecture | str | None = None,
          baseline: ModelSpec | None = None, recipe: dict[str, Any] | None = None,
          report: dict[str, Any] | None = None, save_weights: bool = True,
          overwrite: bool = False, extras: Sequence[str] = ()) -> Path:
     """Write ``model`` (and optionally its recipe and report) to ``out_dir`` atomically.
+
+    ``spec`` (the unpruned timm model the folder is rebuilt from) and ``arch`` (the architecture
+    plugin or its name) may be left out for a timm model in hand: the architecture is inferred as
+    ``rmtp.prune`` infers it, the spec by :func:`infer_spec` (checked against the model's structure).
 
     Holds :func:`output_lock` while it writes (a run that already holds it keeps it), so two
     processes saving to one folder never interleave: the second gets an :class:`RmtpError`.
@@ -117,6 +193,16 @@ def save(model: nn.Module, out_dir: str | Path, *, spec: ModelSpec, arch: Archit
     recorded in ``rmtp_model.json`` so that a later overwrite knows them as rmtp's own.
     """
     out_dir = Path(out_dir)
+    if arch is None:
+        from rmtp.api import infer_architecture
+
+        arch = infer_architecture(model)
+    if spec is None:
+        if isinstance(arch, str):
+            from rmtp.plugins import get_plugins
+
+            arch = get_plugins().architecture(arch)
+        spec = infer_spec(model, arch)
     with output_lock(out_dir, overwrite=overwrite):
         if os.path.lexists(out_dir) and not out_dir.is_dir():
             raise RmtpError(f"output folder {out_dir} is a file, not a folder")

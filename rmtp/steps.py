@@ -27,7 +27,7 @@ from rmtp.errors import RmtpError
 from rmtp.layers import LayerFilter, select_layers
 from rmtp.precision import check_precision
 from rmtp.progress import NULL_PROGRESS, Progress
-from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams, StepOutput
+from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams, PruneResult, StepOutput
 from rmtp.report import ModelStats, StepReport
 from rmtp.training.pieces import masked_layers
 
@@ -101,7 +101,8 @@ def prune_step(model: nn.Module, pruner_cls: type[Pruner], params: PrunerParams,
     ctx = context(model, pruner_data, output=output, preview_images=preview_images,
                   cost=budget.cost if budget is not None else None)
     load_before = _loadavg()
-    rows = pruner_cls().prune(ctx, params)
+    result = PruneResult.of(pruner_cls().prune(ctx, params), pruner_cls.name)
+    rows = result.rows
     model.eval()
     notes = [] if selected or rows else ["the step's layer filter selected no layers; nothing was pruned"]
     notes.extend(filter(None, [skipped_note(rows)]))
@@ -109,7 +110,7 @@ def prune_step(model: nn.Module, pruner_cls: type[Pruner], params: PrunerParams,
     if budget is not None:
         notes.extend(budget.notes)
         warnings.extend(budget.warnings)
-    speed = _check_speed(ctx, notes) if ctx.speed_plan is not None else None
+    speed = _check_speed(ctx, result.speed_plan, notes) if result.speed_plan is not None else None
     notes.extend(filter(None, [busy_timing_note(ctx.cost, ctx.device, load_before)]))
     agreement = _agreement(model, pruner_cls, params, name=name, dense=dense, budget=budget, calibration=calibration,
                            pruner_data=pruner_data, device=device, precision=precision, warnings=warnings)
@@ -302,13 +303,14 @@ def busy_timing_note(cost: CostModel | None, device: torch.device, load_before: 
     return f"{busy}; the step's speed choices and figures may be off: prune on an idle machine{advice}"
 
 
-def _check_speed(ctx: PruneContext, notes: list[str]) -> dict:
-    """The pruner's predicted speed-up, and (measured cost, ``verify_rounds`` > 0) the whole model
-    timed against dense, so the report shows how far the prediction was from the clock."""
+def _check_speed(ctx: PruneContext, speed_plan: dict, notes: list[str]) -> dict:
+    """The pruner's predicted speed-up (its result's ``speed_plan``), and (measured cost,
+    ``verify_rounds`` > 0) the whole model timed against dense, so the report shows how far the
+    prediction was from the clock."""
     from rmtp.latency.target import speed_report
     from rmtp.precision import autocast
 
-    plan = dict(ctx.speed_plan)
+    plan = dict(speed_plan)
     cost = ctx.cost_model()
     settings = cost.settings
     if plan.get("note"):

@@ -125,7 +125,7 @@ def test_spp_slices_the_neurons_of_a_family_it_has_never_heard_of() -> None:
 
     torch.manual_seed(0)
     model = MlpStack().eval()
-    rows = SppPruner().prune(_stack_context(model), SppParams(ratio=0.5, target="groups", steps=20))
+    rows = SppPruner().prune(_stack_context(model), SppParams(ratio=0.5, target="groups", steps=20)).rows
     hidden = [block.fc1.weight.shape[0] for block in model.blocks]
     assert sum(hidden) == 24 and all(block.fc2.weight.shape[1] == h for block, h in zip(model.blocks, hidden))
     assert [row.layer for row in rows] == ["blocks.0", "blocks.1"]

@@ -1,12 +1,20 @@
-"""No import cycle in ``rmtp/``: every module can be read, and moved, on its own.
+"""No import cycle in ``rmtp/`` nor in the built-in plugins (``plugins/rmtp_plugins/``): every
+module can be read, and moved, on its own.
 
 The graph is read from the source with :mod:`ast`, not from ``sys.modules``, so function-level
 (lazy) imports count too: a cycle hidden behind a function-level import still ties the two
 modules together, and is what makes a move or a split of either one break the other. Imports
-under ``if TYPE_CHECKING:`` are left out (they never run).
+under ``if TYPE_CHECKING:`` are left out (they never run), except in the plugins' check that counts
+them too: a pruner's modules share their types through a module both import (``plan.py``), never by
+one naming the other's under ``TYPE_CHECKING`` (the ``speed.py`` → pruner ``_Plan`` imports were
+such cycles).
+
+One graph holds both packages, so a cycle through both (``rmtp`` → ``rmtp_plugins`` → ``rmtp``)
+is found too.
 
 Edges: ``import rmtp.a.b`` and ``from rmtp.a import b`` (``b`` a submodule) point at
-``rmtp.a.b``; ``from rmtp.a import name`` (``name`` not a submodule) points at ``rmtp.a``.
+``rmtp.a.b``; ``from rmtp.a import name`` (``name`` not a submodule) points at ``rmtp.a`` (the
+same for ``rmtp_plugins``).
 A package importing its own submodules in ``__init__`` is an edge package → child; a child is
 not taken to import its parent package implicitly (Python runs the parent's ``__init__`` first,
 but that is an edge only when the child names the parent).
@@ -18,19 +26,23 @@ import ast
 from pathlib import Path
 
 import rmtp
+import rmtp_plugins
 
-ROOT = Path(rmtp.__file__).resolve().parent
-PACKAGE = "rmtp"
+#: The packages whose modules make the graph: package name → its folder.
+ROOTS = {"rmtp": Path(rmtp.__file__).resolve().parent,
+         "rmtp_plugins": Path(rmtp_plugins.__file__).resolve().parent}
 
 
 def _modules() -> dict[str, Path]:
-    """Dotted name → file of every module under rmtp/ (``rmtp.x`` for ``rmtp/x/__init__.py``)."""
+    """Dotted name → file of every module under rmtp/ and plugins/rmtp_plugins/ (``rmtp.x`` for
+    ``rmtp/x/__init__.py``)."""
     found = {}
-    for path in sorted(ROOT.rglob("*.py")):
-        parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
-        if parts[-1] == "__init__":
-            parts.pop()
-        found[".".join(parts)] = path
+    for root in ROOTS.values():
+        for path in sorted(root.rglob("*.py")):
+            parts = list(path.relative_to(root.parent).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts.pop()
+            found[".".join(parts)] = path
     return found
 
 
@@ -40,15 +52,17 @@ def _is_type_checking(test: ast.expr) -> bool:
 
 
 class _Imports(ast.NodeVisitor):
-    """The ``rmtp.*`` modules one file imports, at any depth, outside ``if TYPE_CHECKING:``."""
+    """The ``rmtp.*`` and ``rmtp_plugins.*`` modules one file imports, at any depth, outside
+    ``if TYPE_CHECKING:`` unless ``type_checking``."""
 
-    def __init__(self, module: str, is_package: bool, modules: set[str]):
+    def __init__(self, module: str, is_package: bool, modules: set[str], type_checking: bool = False):
         self.package = module if is_package else module.rpartition(".")[0]
         self.modules = modules
+        self.type_checking = type_checking
         self.found: set[str] = set()
 
     def visit_If(self, node: ast.If) -> None:
-        if _is_type_checking(node.test):
+        if _is_type_checking(node.test) and not self.type_checking:
             for child in node.orelse:
                 self.visit(child)
             return
@@ -70,7 +84,7 @@ class _Imports(ast.NodeVisitor):
             self._add(sub if sub in self.modules else target)
 
     def _add(self, name: str) -> None:
-        if name != PACKAGE and not name.startswith(PACKAGE + "."):
+        if not any(name == package or name.startswith(package + ".") for package in ROOTS):
             return
         while name and name not in self.modules:  # import rmtp.a.b.attr-like names: the module holding it
             name = name.rpartition(".")[0]
@@ -78,12 +92,13 @@ class _Imports(ast.NodeVisitor):
             self.found.add(name)
 
 
-def import_graph() -> dict[str, set[str]]:
+def import_graph(*, type_checking: bool = False) -> dict[str, set[str]]:
+    """Module → the modules it imports (``type_checking``: those under ``if TYPE_CHECKING:`` too)."""
     modules = _modules()
     names = set(modules)
     graph = {}
     for name, path in modules.items():
-        visitor = _Imports(name, path.name == "__init__.py", names)
+        visitor = _Imports(name, path.name == "__init__.py", names, type_checking)
         visitor.visit(ast.parse(path.read_text(encoding="utf-8"), filename=str(path)))
         graph[name] = visitor.found - {name}
     return graph
@@ -113,10 +128,21 @@ def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
     return None
 
 
+def only(graph: dict[str, set[str]], package: str) -> dict[str, set[str]]:
+    """The part of ``graph`` among ``package``'s own modules."""
+    inside = {name for name in graph if name == package or name.startswith(package + ".")}
+    return {name: graph[name] & inside for name in inside}
+
+
 def test_graph_is_read() -> None:
     graph = import_graph()
     assert "rmtp.pipeline" in graph and "rmtp.errors" in graph["rmtp.pipeline"]
     assert "rmtp.measure.counts" in graph["rmtp.measure"]  # a package's __init__ → its submodules
+    # the plugins are read too, with their edges into rmtp and among themselves
+    assert {"rmtp.pruner", "rmtp_plugins.nm.params"} <= graph["rmtp_plugins.nm"]
+    assert "rmtp_plugins.nm.speed" in graph["rmtp_plugins.nm.pruner"]
+    assert "rmtp_plugins.svd_mp.params" not in import_graph()["rmtp_plugins.svd_mp.speed"]  # TYPE_CHECKING only
+    assert "rmtp_plugins.svd_mp.params" in import_graph(type_checking=True)["rmtp_plugins.svd_mp.speed"]
 
 
 def test_cycle_finder_finds_one() -> None:
@@ -125,5 +151,37 @@ def test_cycle_finder_finds_one() -> None:
 
 
 def test_no_import_cycle_in_rmtp() -> None:
-    cycle = find_cycle(import_graph())
+    cycle = find_cycle(only(import_graph(), "rmtp"))
     assert cycle is None, "import cycle in rmtp/: " + " → ".join(cycle or [])
+
+
+def test_no_import_cycle_in_the_plugins() -> None:
+    """Within ``plugins/rmtp_plugins/``, ``TYPE_CHECKING`` imports counted: a pruner's speed module
+    and its pruner share their plan types through ``plan.py``, not by naming each other."""
+    cycle = find_cycle(only(import_graph(type_checking=True), "rmtp_plugins"))
+    assert cycle is None, "import cycle in plugins/rmtp_plugins/: " + " → ".join(cycle or [])
+
+
+def test_no_import_cycle_through_rmtp_and_the_plugins() -> None:
+    """rmtp may name a built-in plugin (a default, a lazy import); a plugin imports rmtp; never both ways."""
+    cycle = find_cycle(import_graph())
+    assert cycle is None, "import cycle: " + " → ".join(cycle or [])
+
+
+def test_every_built_in_pruner_has_the_one_layout() -> None:
+    """Each built-in pruner is declared in its family package's ``__init__``, beside ``params.py``
+    and ``pruner.py``; only the package (its ``prune``) imports ``pruner.py``, so the imports run
+    one way: ``__init__`` → ``pruner`` → ``speed`` → ``plan`` → ``params`` (docs/pruner-contract.md,
+    "One layout for every built-in pruner")."""
+    from rmtp.plugins import load_plugins
+
+    graph = import_graph(type_checking=True)
+    packages = {cls.__module__ for _, cls in load_plugins(disabled=()).pruners.items()
+                if cls.__module__.startswith("rmtp_plugins.")}
+    assert packages == {f"rmtp_plugins.{family}" for family in ("magnitude", "nm", "spp", "svd_mp", "tokens")}
+    for package in sorted(packages):
+        assert ROOTS["rmtp_plugins"].joinpath(*package.split(".")[1:], "__init__.py").is_file(), package
+        assert {f"{package}.params", f"{package}.pruner"} <= set(graph), f"{package}: no params.py or pruner.py"
+        importers = sorted(name for name, imports in graph.items() if f"{package}.pruner" in imports)
+        assert importers == [package], f"{package}.pruner is imported by {importers}, not by its package alone"
+

@@ -343,7 +343,8 @@ def test_only_if_faster_keeps_a_slower_split_dense() -> None:
     before = {n: model.get_submodule(n).weight.detach().clone() for n in ("a", "b")}
     cost = _FixedCost(low_rank=5.0, input_shape=(120,))
     ctx = _context(model, cost)
-    rows = SvdMpPruner().prune(ctx, SvdMpParams())  # only_if_faster: default on
+    result = SvdMpPruner().prune(ctx, SvdMpParams())
+    rows = result.rows  # only_if_faster: default on
     assert cost.calls and all(call[0] == "Linear" and set(call[1:]) == {"LowRankLinear"} for call in cost.calls)
     for row, name in zip(rows, ("a", "b")):
         layer = model.get_submodule(name)
@@ -352,20 +353,21 @@ def test_only_if_faster_keeps_a_slower_split_dense() -> None:
         assert "needs ×1.05" in row.note  # min_gain 0.05 of a measured cost
         assert row.detail["split speed"] == "×0.20" and row.params_after == row.params_before
     assert [r.kept_rank for r in rows] == [3, 1]
-    assert ctx.speed_plan is not None and ctx.speed_plan["predicted_speedup"] == pytest.approx(1.0)
+    assert result.speed_plan is not None and result.speed_plan["predicted_speedup"] == pytest.approx(1.0)
 
 
 def test_only_if_faster_splits_a_faster_split() -> None:
     model = _TwoLayers()
     ctx = _context(model, _FixedCost(low_rank=0.2, input_shape=(120,)))
-    rows = SvdMpPruner().prune(ctx, SvdMpParams())
+    result = SvdMpPruner().prune(ctx, SvdMpParams())
+    rows = result.rows
     assert all(isinstance(model.get_submodule(n), LowRankLinear) for n in ("a", "b"))
     assert [r.note for r in rows] == ["split", "split"] and rows[0].detail["split speed"] == "×5.00"
     # both layers save 0.8 of 1.0 alone; in the model they weigh 2.0 of 10.0 (scale 1): 10 / (10 - 1.6)
     # by the figures, corrected by timing the split model whole (9.0): 10 / 9
-    assert ctx.speed_plan["predicted_speedup"] == pytest.approx(10 / 9)
-    assert ctx.speed_plan["in_context_scale"] == pytest.approx(1.0)
-    assert "prediction corrected by timing the pruned model" in ctx.speed_plan["note"]
+    assert result.speed_plan["predicted_speedup"] == pytest.approx(10 / 9)
+    assert result.speed_plan["in_context_scale"] == pytest.approx(1.0)
+    assert "prediction corrected by timing the pruned model" in result.speed_plan["note"]
 
 
 def test_only_if_faster_keeps_dense_when_the_split_model_measures_slower() -> None:
@@ -374,23 +376,25 @@ def test_only_if_faster_keeps_dense_when_the_split_model_measures_slower() -> No
     model = _TwoLayers()
     before = {n: model.get_submodule(n).weight.detach().clone() for n in ("a", "b")}
     ctx = _context(model, _FixedCost(low_rank=0.2, input_shape=(120,), split_model=12.0))
-    rows = SvdMpPruner().prune(ctx, SvdMpParams())
+    result = SvdMpPruner().prune(ctx, SvdMpParams())
+    rows = result.rows
     for row, name in zip(rows, ("a", "b")):
         assert type(model.get_submodule(name)) is nn.Linear and torch.equal(model.get_submodule(name).weight,
                                                                              before[name])
         assert row.note == "dense, unchanged (the split model, timed whole, was not faster: see the step's notes)"
-    assert ctx.speed_plan["predicted_speedup"] == 1.0  # the model is unchanged: ×1.00, no correction applied
-    assert ctx.speed_plan["note"] == ("no plan timed whole was faster than the model as it came (×1.00 over dense): "
-                                      "the fastest measured ×0.83; the step keeps the model unchanged")
+    assert result.speed_plan["predicted_speedup"] == 1.0  # the model is unchanged: ×1.00, no correction applied
+    assert result.speed_plan["note"] == ("no plan timed whole was faster than the model as it came (×1.00 over "
+                                         "dense): the fastest measured ×0.83; the step keeps the model unchanged")
 
 
 def test_only_if_faster_off_splits_even_when_told_slower() -> None:
     model = _TwoLayers()
     cost = _FixedCost(low_rank=5.0, input_shape=(120,))
     ctx = _context(model, cost)
-    rows = SvdMpPruner().prune(ctx, SvdMpParams(only_if_faster=False))
+    result = SvdMpPruner().prune(ctx, SvdMpParams(only_if_faster=False))
+    rows = result.rows
     assert all(isinstance(model.get_submodule(n), LowRankLinear) for n in ("a", "b"))
-    assert [r.note for r in rows] == ["split", "split"] and cost.calls == [] and ctx.speed_plan is None
+    assert [r.note for r in rows] == ["split", "split"] and cost.calls == [] and result.speed_plan is None
 
 
 def test_svd_mp_speed_params_validation() -> None:
@@ -591,28 +595,24 @@ def test_in_context_scale_out_of_range_is_reported_as_a_measurement_error() -> N
         def describe(self) -> str:
             return "measured"
 
-    ctx = SimpleNamespace(dense_model=None, model=nn.Linear(2, 2), progress=NULL_PROGRESS, speed_plan=None)
+    ctx = SimpleNamespace(dense_model=None, model=nn.Linear(2, 2), progress=NULL_PROGRESS)
     target = SpeedTarget(cost=Share(), target_speedup=None, target_latency_ms=None)
     target.calibrate(ctx, ["a"], [2.0])
     assert target.scale == 1.0
-    target.record(ctx, [1.0])
-    assert ctx.speed_plan["in_context_scale"] == 1.0
+    plan = target.speed_plan([1.0])
+    assert plan["in_context_scale"] == 1.0
     assert "took 23.6× their time alone inside the model, outside the sane ×0.25–×4: an error of the " \
-           "measurement" in ctx.speed_plan["note"]
+           "measurement" in plan["note"]
 
 
 def test_a_measured_target_without_a_latency_batch_says_which_batch_it_assumed() -> None:
-    from types import SimpleNamespace
-
     from rmtp.latency.target import SpeedTarget
 
     def note(settings: LatencySettings, speedup: float | None) -> str:
         cost = _FixedCost(low_rank=1.0, input_shape=(8,))
         cost.settings = settings
-        ctx = SimpleNamespace(speed_plan=None)
-        SpeedTarget(cost=cost, target_speedup=speedup, target_latency_ms=None, dense=1.0, now=1.0,
-                    goal=None if speedup is None else 1.0 / speedup).record(ctx, [])
-        return ctx.speed_plan["note"]
+        return SpeedTarget(cost=cost, target_speedup=speedup, target_latency_ms=None, dense=1.0, now=1.0,
+                           goal=None if speedup is None else 1.0 / speedup).speed_plan([])["note"]
 
     assert note(LatencySettings(cost="measured"), 1.5) == (
         "planned at batch 1, assumed: no latency.batch was given (nor a later timed evaluate step's "
@@ -677,6 +677,15 @@ class _PatchedSlow(CostModel):
         return [seconds(m) for m in models]
 
 
+def test_the_step_reports_the_speed_plan_the_pruner_returns() -> None:
+    """The prediction comes back in the pruner's result (:class:`rmtp.pruner.PruneResult`), not
+    written into its context: the step reads it there and reports it."""
+    report = rmtp.prune(_vit(), "token-cls", target_speedup=1.2, latency={"cost": "macs"})
+    assert report.speed is not None and report.speed["predicted_speedup"] >= 1.2 * (1 - 1e-6)
+    assert report.speed["cost"].startswith("macs") and "r_max = " in report.speed["note"]
+    assert any(note.startswith("speed: predicted ×") for note in report.notes)
+
+
 def test_a_token_schedule_that_measures_slower_is_not_applied() -> None:
     """token-cls, target ×1.2, on a machine where the reduced model is slower than dense: the
     schedule timed whole is not kept; the model stays unpatched and the step says why."""
@@ -687,7 +696,8 @@ def test_a_token_schedule_that_measures_slower_is_not_applied() -> None:
     arch = get_plugins().architecture("vit")
     ctx = PruneContext(model=model, arch=arch, device=CPU, seed=0, input_shape=(1, 16, 16), cost=_PatchedSlow(),
                        layers=[layer for layer in arch.prunable_layers(model) if not layer.optional])
-    assert TokenClsPruner().prune(ctx, TokenClsParams(target_speedup=1.2)) == []
-    assert not patches_of(model) and ctx.speed_plan["predicted_speedup"] == 1.0
-    assert "no r_max chosen for the speed target" in ctx.speed_plan["note"]
-    assert "the fastest measured ×0.50; the step keeps the model unchanged" in ctx.speed_plan["note"]
+    result = TokenClsPruner().prune(ctx, TokenClsParams(target_speedup=1.2))
+    assert result.rows == []
+    assert not patches_of(model) and result.speed_plan["predicted_speedup"] == 1.0
+    assert "no r_max chosen for the speed target" in result.speed_plan["note"]
+    assert "the fastest measured ×0.50; the step keeps the model unchanged" in result.speed_plan["note"]

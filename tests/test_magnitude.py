@@ -28,7 +28,7 @@ def test_global_magnitude_matches_brute_force_threshold() -> None:
     n_zero = round(0.6 * everything.numel())
     threshold = everything.sort().values[n_zero - 1]  # the largest magnitude that must go (no ties in random init)
 
-    rows = MagnitudePruner().prune(ctx, MagnitudeParams(sparsity=0.6, scope="global"))
+    rows = MagnitudePruner().prune(ctx, MagnitudeParams(sparsity=0.6, scope="global")).rows
 
     for layer, before, row in zip(ctx.layers, weights, rows):
         after = ctx.module(layer).weight
@@ -44,7 +44,7 @@ def test_layer_scope_prunes_each_layer_equally() -> None:
     torch.manual_seed(1)
     model = timm.create_model("vit_tiny_patch16_224", **TINY_VIT)
     ctx = _context(model)
-    rows = MagnitudePruner().prune(ctx, MagnitudeParams(sparsity=0.25, scope="layer"))
+    rows = MagnitudePruner().prune(ctx, MagnitudeParams(sparsity=0.25, scope="layer")).rows
     for row in rows:
         weight = ctx.module(row.layer).weight
         assert row.nonzeros_before - row.nonzeros_after == round(0.25 * weight.numel())
@@ -54,7 +54,7 @@ def test_layer_scope_prunes_each_layer_equally() -> None:
 
 def test_ties_are_broken_deterministically() -> None:
     weights = [torch.ones(4, 4), torch.ones(4, 4)]
-    from rmtp_plugins.magnitude import _keep_masks
+    from rmtp_plugins.magnitude.pruner import _keep_masks
 
     first, second = _keep_masks(weights, 0.5), _keep_masks(weights, 0.5)
     assert all(torch.equal(a, b) for a, b in zip(first, second))

@@ -155,7 +155,7 @@ def test_gemm_layout_and_calibration_columns_reproduce_the_conv(conv) -> None:
 def test_every_group_holds_at_most_n_after_pruning(n: int, m: int, nm_plugins) -> None:
     model = _vit(seed=n + m)
     ctx = _context(model, calibration=_images())
-    rows = NmPruner().prune(ctx, NmParams(n=n, m=m, budget="uniform", score="wanda"))
+    rows = NmPruner().prune(ctx, NmParams(n=n, m=m, budget="uniform", score="wanda")).rows
     assert [r.layer for r in rows] == [layer.name for layer in ctx.layers] and not any(r.skipped for r in rows)
     for row in rows:
         weight = ctx.module(row.layer).weight
@@ -168,7 +168,7 @@ def test_every_group_holds_at_most_n_after_pruning(n: int, m: int, nm_plugins) -
 def test_layers_that_cannot_take_the_pattern_are_skipped_with_a_reason(nm_plugins) -> None:
     model = _vit()
     ctx = _context(model)
-    rows = NmPruner().prune(ctx, NmParams(n=5, m=10, budget="uniform", score="magnitude"))
+    rows = NmPruner().prune(ctx, NmParams(n=5, m=10, budget="uniform", score="magnitude")).rows
     assert all(r.skipped == "in_features=48 is not a multiple of m=10" for r in rows if r.layer.endswith(("qkv", "fc1")))
     assert all(r.nonzeros_after == r.nonzeros_before for r in rows)
     assert "MACs counted as weights" not in rows[0].note  # skipped rows say why they were skipped
@@ -410,7 +410,7 @@ def test_mp_budget_prunes_the_noise_layer_harder(spiked_first: bool, nm_plugins)
     for target, patterns in ((0.75, ["dense"]), (0.625, ["1:4", "dense"])):
         model = _Two(first, second)
         rows = NmPruner().prune(_context(model, names=["a", "b"]),
-                                NmParams(score="magnitude", target_macs=target, patterns=patterns))
+                                NmParams(score="magnitude", target_macs=target, patterns=patterns)).rows
         by_name = {r.layer: r for r in rows}
         s, n = by_name[names["spiked"]], by_name[names["noise"]]
         assert s.detail["signal u"] > 0.3
@@ -442,7 +442,7 @@ def test_allocation_is_the_exact_knapsack_optimum_on_small_cases() -> None:
 
 def test_z_scale_zero_ignores_the_spectrum(nm_plugins) -> None:
     model = _Two(_planted(64, 64, [5, 4], 0.02, 1), _planted(64, 64, [], 0.02, 2))
-    rows = NmPruner().prune(_context(model, names=["a", "b"]), NmParams(score="magnitude", z_scale=0.0))
+    rows = NmPruner().prune(_context(model, names=["a", "b"]), NmParams(score="magnitude", z_scale=0.0)).rows
     assert all(r.detail["z"] == 0.0 and r.detail["signal u"] is None for r in rows)
 
 
@@ -471,7 +471,7 @@ def test_restore_keeps_the_pattern_and_never_raises_the_calibration_loss(n, m, o
             model[0].weight.copy_(torch.eye(32))
         ctx = _context(model, calibration=loader, names=["1"])
         rows = NmPruner().prune(ctx, NmParams(n=n, m=m, budget="uniform", score="magnitude", restore=restore,
-                                              restore_overprune=overprune))
+                                              restore_overprune=overprune)).rows
         with torch.no_grad():
             losses[restore] = float((model(x) - target).pow(2).mean())
         assert check_nm(model[1].weight, n, m).ok

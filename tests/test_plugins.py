@@ -184,6 +184,20 @@ def _pruner(name: str, description: str = "d") -> type[Pruner]:
                                                             "Params": _Params, "prune": lambda self, ctx, p: []})
 
 
+def test_a_pruner_returns_a_prune_result_or_a_list_of_rows() -> None:
+    """A plain list of rows (the contract's first return type) still works; a result passes as it
+    is; anything else is refused in one line naming the pruner."""
+    from rmtp.pruner import LayerRow, PruneResult
+
+    row = LayerRow("a", (2, 2), (2, 2), 4, 4, 4, 2)
+    assert PruneResult.of([row]) == PruneResult([row], None)
+    result = PruneResult([row], {"predicted_speedup": 1.5})
+    assert PruneResult.of(result) is result
+    with pytest.raises(PluginError, match=r"^mine\.prune returned NoneType; a pruner returns a PruneResult or a "
+                                          r"list of LayerRow"):
+        PruneResult.of(None, "mine")
+
+
 def test_registry_is_strict_and_helpful() -> None:
     registry: Registry[Pruner] = Registry("pruner", Pruner)
     for name in ("svd-mp", "n:m", "token-cls", "token-mean", "tome"):

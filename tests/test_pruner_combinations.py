@@ -91,17 +91,17 @@ def test_svd_mp_target_params_after_spp_removed_a_resnet_conv(tmp_path: Path) ->
 
 
 def test_second_round_macs_before_of_a_split_qkv() -> None:
-    """svd-mp on an already split fused qkv (``BlockLowRankLinear``): ``_Plan.current_cost`` is
+    """svd-mp on an already split fused qkv (``BlockLowRankLinear``): ``LayerPlan.current_cost`` is
     ``rank·(M+N)`` = Σkᵢ·(N + ΣMᵢ), but the layer holds N·Σkᵢ + Σkᵢ·Mᵢ weights (each block's
     second factor maps only its own kᵢ channels). The report's "MACs/pos" before, and the budget
     subtracted for a skipped split qkv under ``target_params``, are overstated (here 768 vs 384).
     Expected: current_cost equals the weights the split layer holds."""
     from rmtp.lowrank import BlockLowRankLinear
-    from rmtp_plugins.svd_mp.factoring import _Plan
+    from rmtp_plugins.svd_mp.plan import LayerPlan
 
     layer = BlockLowRankLinear(64, [1, 1, 1], [64, 64, 64], edges=[1.0, 1.0, 1.0])
     held = layer.first.weight.numel() + sum(s.weight.numel() for s in layer.seconds)
-    assert _Plan("blocks.0.attn.qkv", layer).current_cost() == held
+    assert LayerPlan("blocks.0.attn.qkv", layer).current_cost() == held
 
 
 def test_nm_then_spp_neurons_is_refused_not_silently_broken(tmp_path: Path) -> None:

@@ -258,7 +258,7 @@ def _prune(model: nn.Module, **params) -> list:
     arch = rmtp.get_plugins().architecture("vit")
     ctx = PruneContext(model=model, arch=arch, layers=select_layers(arch.prunable_layers(model), None), device=CPU,
                        seed=0, calibration=_loader())
-    return NmPruner().prune(ctx, NmParams(budget="uniform", only_if_faster=False, **params))
+    return NmPruner().prune(ctx, NmParams(budget="uniform", only_if_faster=False, **params)).rows
 
 
 def _output_error(model: nn.Module, dense: nn.Module) -> float:
@@ -303,7 +303,7 @@ def test_permutation_and_mp_budgets_compose_with_sparsegpt() -> None:
     rows = {}
     for target, score in ((model, "sparsegpt"), (wanda, "wanda")):
         ctx = PruneContext(model=target, arch=arch, layers=layers, device=CPU, seed=0, calibration=_loader())
-        rows[score] = NmPruner().prune(ctx, NmParams(score=score, **settings))
+        rows[score] = NmPruner().prune(ctx, NmParams(score=score, **settings)).rows
     patterns = [r.detail.get("pattern") for r in rows["sparsegpt"]]
     assert "2:4" in patterns and "dense" in patterns
     assert patterns == [r.detail.get("pattern") for r in rows["wanda"]]  # the budget ranks as Wanda
@@ -329,7 +329,7 @@ def test_the_pruner_prunes_a_resnet_conv_by_conv() -> None:
         model = copy.deepcopy(dense)
         ctx = PruneContext(model=model, arch=arch, layers=select_layers(arch.prunable_layers(model), None),
                            device=CPU, seed=0, calibration=loader)
-        rows = NmPruner().prune(ctx, NmParams(score=score, budget="uniform", only_if_faster=False))
+        rows = NmPruner().prune(ctx, NmParams(score=score, budget="uniform", only_if_faster=False)).rows
         convs = [r.layer for r in rows if r.skipped is None]
         assert convs and all(isinstance(model.get_submodule(c), nn.Conv2d) for c in convs)
         assert all(check_nm(model.get_submodule(c).weight, 2, 4).ok for c in convs)

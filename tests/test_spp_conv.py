@@ -222,7 +222,7 @@ def test_a_fully_removed_resnet_path_is_exact_in_train_mode_too() -> None:
 def test_groups_target_removes_exactly_the_requested_count(key: str, ratio: float) -> None:
     model = make(key)
     total = sum(u.count for u in units_of(model, key))
-    rows = SppPruner().prune(context(model, key), SppParams(ratio=ratio, target="groups", steps=3))
+    rows = SppPruner().prune(context(model, key), SppParams(ratio=ratio, target="groups", steps=3)).rows
     noun = "neurons" if key == "convnext" else "channels"
     kept = sum(int(r.detail[noun].split("→")[1]) for r in rows)
     assert kept == total - math.floor(ratio * total + 0.5)

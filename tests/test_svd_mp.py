@@ -153,7 +153,7 @@ def test_mp_edge_keeps_exactly_the_planted_spikes() -> None:
     second = _planted(60, 200, [5.0, 0.3], seed=1)         # 1 above, 1 far below: invisible
     model = _TwoLayers(first, second)
     expected = {"a": _truncated(first, 3), "b": _truncated(second, 1)}
-    rows = SvdMpPruner().prune(_context(model, ["a", "b"]), SvdMpParams())
+    rows = SvdMpPruner().prune(_context(model, ["a", "b"]), SvdMpParams()).rows
     assert [r.kept_rank for r in rows] == [3, 1]
     for row, name in zip(rows, ("a", "b")):
         layer = model.get_submodule(name)
@@ -168,7 +168,7 @@ def test_split_that_does_not_pay_is_reconstructed_or_kept() -> None:
     weight = _planted(40, 40, [], seed=2)
     model = _TwoLayers(weight, torch.randn(8, 40))
     loose = SvdMpParams(min_dim=8, margin=0.2)  # a fifth of the edge: keeps most of the bulk, k·(M+N) ≥ M·N
-    rows = SvdMpPruner().prune(_context(model, ["a"]), loose)
+    rows = SvdMpPruner().prune(_context(model, ["a"]), loose).rows
     assert rows[0].kept_rank * 80 >= 1600
     assert isinstance(model.a, nn.Linear) and rows[0].note.startswith("dense, rank-k reconstruction")
     torch.testing.assert_close(model.a.weight, _truncated(weight, rows[0].kept_rank), atol=1e-5, rtol=1e-5)
@@ -196,7 +196,7 @@ def test_reconstruction_is_written_into_a_channels_last_conv(coefficients: float
     model = _OneConv(weight).to(memory_format=torch.channels_last)
     assert not model.a.weight.is_contiguous()  # the case weight_matrix(...) copies
     loose = SvdMpParams(min_dim=8, margin=0.4, coefficient_pruning=coefficients)  # rank 40: no split pays
-    rows = SvdMpPruner().prune(_context(model, ["a"]), loose)
+    rows = SvdMpPruner().prune(_context(model, ["a"]), loose).rows
     assert isinstance(model.a, nn.Conv2d) and rows[0].note.startswith("dense, rank-k reconstruction")
     rank = rows[0].kept_rank
     assert rank < 48 and rank * (48 + 144) >= 48 * 144
@@ -215,7 +215,7 @@ def test_reconstruction_is_written_into_a_channels_last_conv(coefficients: float
 def test_small_layers_are_skipped_with_a_reason() -> None:
     model = _TwoLayers(torch.randn(20, 10), torch.randn(5, 20))
     before = model.a.weight.clone()
-    rows = SvdMpPruner().prune(_context(model, ["a"]), SvdMpParams())
+    rows = SvdMpPruner().prune(_context(model, ["a"]), SvdMpParams()).rows
     assert rows[0].skipped and "min(M,N)=10 < min_dim=32" in rows[0].note
     assert torch.equal(model.a.weight, before)
 
@@ -225,7 +225,7 @@ def test_global_budget_meets_target_and_favours_signal() -> None:
     noise = _planted(128, 128, [], seed=4)
     model = _TwoLayers(strong, noise)
     total = 2 * 128 * 128
-    rows = SvdMpPruner().prune(_context(model, ["a", "b"]), SvdMpParams(target_params=0.15))
+    rows = SvdMpPruner().prune(_context(model, ["a", "b"]), SvdMpParams(target_params=0.15)).rows
     kept_weights = sum(r.kept_rank * 256 for r in rows)
     assert kept_weights <= 0.15 * total
     assert kept_weights > 0.15 * total - 2 * 256  # tight: at most one direction per layer short
@@ -234,7 +234,7 @@ def test_global_budget_meets_target_and_favours_signal() -> None:
 
 def test_coefficient_pruning_zeroes_the_stated_share() -> None:
     model = _TwoLayers(_planted(100, 80, [4, 3]), torch.randn(8, 100))
-    rows = SvdMpPruner().prune(_context(model, ["a"]), SvdMpParams(coefficient_pruning=0.3))
+    rows = SvdMpPruner().prune(_context(model, ["a"]), SvdMpParams(coefficient_pruning=0.3)).rows
     factors = model.a.first.weight.numel() + model.a.second.weight.numel()
     zeros = int((model.a.first.weight == 0).sum() + (model.a.second.weight == 0).sum())
     assert zeros == round(0.3 * factors)
@@ -248,23 +248,23 @@ def test_second_round_truncates_split_layers_against_the_dense_edge() -> None:
     twice, once = _TwoLayers(first, second), _TwoLayers(first, second)
     once.load_state_dict(twice.state_dict())  # same biases
     SvdMpPruner().prune(_context(twice, ["a", "b"]), SvdMpParams())
-    rows = SvdMpPruner().prune(_context(twice, ["a", "b"]), SvdMpParams(margin=1.6))
-    reference = SvdMpPruner().prune(_context(once, ["a", "b"]), SvdMpParams(margin=1.6))
+    rows = SvdMpPruner().prune(_context(twice, ["a", "b"]), SvdMpParams(margin=1.6)).rows
+    reference = SvdMpPruner().prune(_context(once, ["a", "b"]), SvdMpParams(margin=1.6)).rows
     assert [r.kept_rank for r in rows] == [r.kept_rank for r in reference]
     assert rows[0].kept_rank < 4  # something was cut
     x = torch.randn(5, 120)
     torch.testing.assert_close(twice(x), once(x), atol=1e-5, rtol=1e-5)
     assert rows[0].note.startswith("split, rank cut") and rows[0].detail["edge s₊"] == reference[0].detail["edge s₊"]
-    again = SvdMpPruner().prune(_context(twice, ["a", "b"]), SvdMpParams(margin=1.6))
+    again = SvdMpPruner().prune(_context(twice, ["a", "b"]), SvdMpParams(margin=1.6)).rows
     assert [r.note for r in again] == ["split, rank unchanged"] * 2
-    floor = SvdMpPruner().prune(_context(twice, ["a", "b"]), SvdMpParams(min_rank=20))
+    floor = SvdMpPruner().prune(_context(twice, ["a", "b"]), SvdMpParams(min_rank=20)).rows
     assert [r.kept_rank for r in floor] == [r.kept_rank for r in rows]  # min_rank never grows a split layer
 
 
 def test_split_layer_without_a_recorded_edge_is_skipped() -> None:
     model = _TwoLayers(torch.randn(40, 40), torch.randn(8, 40))
     model.a = LowRankLinear(40, 5, 40)  # made by hand, not by svd-mp
-    rows = SvdMpPruner().prune(_context(model, ["a"]), SvdMpParams())
+    rows = SvdMpPruner().prune(_context(model, ["a"]), SvdMpParams()).rows
     assert rows[0].skipped and "no recorded MP edge" in rows[0].note and model.a.rank == 5
 
 
@@ -280,7 +280,7 @@ def test_vit_qkv_is_fitted_per_block() -> None:
     arch = get_plugins().architecture("vit")
     layers = [l for l in select_layers(arch.prunable_layers(model), None) if l.role == "qkv"]
     ctx = PruneContext(model=model, arch=arch, layers=layers, device=torch.device("cpu"), seed=0)
-    rows = SvdMpPruner().prune(ctx, SvdMpParams(max_rank_fraction=0.25))
+    rows = SvdMpPruner().prune(ctx, SvdMpParams(max_rank_fraction=0.25)).rows
     for row in rows:
         module = model.get_submodule(row.layer)
         assert isinstance(module, BlockLowRankLinear) and len(module.ranks) == 3
@@ -342,7 +342,7 @@ def test_convnext_and_resnet_layers_split(tmp_path: Path) -> None:
         layers = select_layers(arch.prunable_layers(model), None)
         ctx = PruneContext(model=model, arch=arch, layers=layers, device=torch.device("cpu"), seed=0)
         originals = {l.name: ctx.module(l).weight.detach().clone() for l in layers}
-        rows = SvdMpPruner().prune(ctx, SvdMpParams(min_dim=8, max_rank_fraction=0.25))
+        rows = SvdMpPruner().prune(ctx, SvdMpParams(min_dim=8, max_rank_fraction=0.25)).rows
         split = [r for r in rows if r.detail.get("mode") == "split"]
         assert split, f"{name}: nothing was split"
         for row in split:

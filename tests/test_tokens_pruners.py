@@ -68,7 +68,7 @@ def test_params_take_a_curve_or_a_list_not_both() -> None:
 def test_rows_report_tokens_and_macs_per_block(pruner, params, expected_tokens) -> None:
     model = make_vit("plain")
     dense_macs = measure.count_macs(model, (1, 16, 16))
-    rows = pruner().prune(_context(model), params)
+    rows = pruner().prune(_context(model), params).rows
     assert isinstance(model, TokenVisionTransformer)
     assert [r.layer for r in rows] == ["blocks.0", "blocks.1"]
     assert [(r.detail["tokens_in"], r.detail["tokens_out"]) for r in rows] == expected_tokens

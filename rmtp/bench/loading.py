@@ -6,12 +6,13 @@ and put first), a folder in timm's hub layout (``config.json`` + ``model.safeten
 ``<stem>.json`` next to it or by timm's ``config.json`` beside it, or ``timm:NAME`` (random init;
 ``NAME`` may be ``hf-hub:org/name``, whose config.json timm reads from the hub or its local cache).
 Each becomes a :class:`Candidate`, with the val data its origin names (a folder's recipe, a card's
-``data``) for ``--eval``.
+``data``) for ``--eval``. Which of these a text is, and the card and data reading, are
+:func:`rmtp.sources.resolve_source`'s; this module words the errors and builds any timm model,
+whether or not an architecture plugin covers it (the architecture is only reported).
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,6 @@ from torch import nn
 from rmtp import sources as model_sources
 from rmtp.architecture import ModelSpec, timm_name_hint
 from rmtp.bench.schema import BenchError, EvalData
-from rmtp.data import DataSpec, saved_split_seed
 from rmtp.errors import RmtpError
 
 __all__ = ["TIMM_PREFIX", "Candidate", "load_candidates"]
@@ -79,119 +79,62 @@ def load_candidates(sources: Sequence[str], *, model_name: str | None = None,
 
 
 def _load_source(text: str, model_name: str | None, kwargs: dict[str, Any]) -> Candidate:
-    from rmtp import saving
+    """The candidate ``text`` names; where it comes from is :func:`rmtp.sources.resolve_source`'s to say."""
+    from rmtp.saving import META_FILE
 
-    if text.startswith(TIMM_PREFIX) or model_sources.is_hub_name(text):
-        name = text[len(TIMM_PREFIX):].strip() if text.startswith(TIMM_PREFIX) else text
-        if not name:
-            raise BenchError(f"model {text!r}: give a timm model name after 'timm:', e.g. timm:resnet18")
-        name = model_sources.normalise_name(name)
-        model = _build_timm(name, kwargs, None, where=f"model {text!r}")
-        return Candidate(label=text, model=model, source=text, kind="timm", timm_name=name, arch=_arch_of(name))
-    path = Path(text)
-    if path.is_dir():
-        if not saving.is_saved_model(path):
-            hub = _hub_folder(path, text)
-            if hub is None:
-                raise BenchError(f"model {text!r}: a folder but not an rmtp output folder (no {saving.META_FILE}) "
-                                 f"nor in timm's hub layout (no {model_sources.CONFIG_FILE}); give an rmtp output folder, "
-                                 f"a hub-layout folder, a checkpoint file or timm:NAME")
-            return _load_hub(hub, text, model_name, kwargs)
-        loaded = saving.load(path)
-        return Candidate(label=text, model=loaded.model, source=text, kind="folder", timm_name=loaded.spec.name,
-                         arch=loaded.arch, eval_data=_folder_eval_data(path), baseline=loaded.baseline)
-    if path.is_file():
-        return _load_checkpoint(path, text, model_name, kwargs)
-    raise BenchError(f"model {text!r}: no such file or folder; give an rmtp output folder, a checkpoint file "
-                     f"or timm:NAME")
-
-
-def _load_checkpoint(path: Path, text: str, model_name: str | None, kwargs: dict[str, Any]) -> Candidate:
-    card_path = path.with_suffix(".json")
-    card: dict[str, Any] = {}
-    if model_name is None:
-        if not card_path.is_file():
-            hub = _hub_folder(path, text)
-            if hub is not None:
-                return _load_hub(hub, text, None, kwargs)
-            raise BenchError(f"checkpoint {text}: which timm model is it? pass --model NAME (and --kwargs JSON), "
-                             f"or put a card {card_path.name} with timm_name and kwargs next to it (or timm's "
-                             f"{model_sources.CONFIG_FILE})")
-        card = _read_card(card_path)
-        name = card["timm_name"]
-        model_kwargs = {**card.get("kwargs", {}), **kwargs}
-    else:
-        name, model_kwargs = model_name, kwargs
-    model = _build_timm(name, model_kwargs, path, where=f"checkpoint {text}")
-    return Candidate(label=text, model=model, source=text, kind="checkpoint", timm_name=name, arch=_arch_of(name),
-                     eval_data=_card_eval_data(card, card_path) if card else None)
-
-
-def _hub_folder(path: Path, text: str) -> model_sources.HubFolder | None:
     try:
-        return model_sources.hub_folder(path)
-    except RmtpError as exc:
+        source = model_sources.resolve_source(text, model_name, kwargs=kwargs)
+    except model_sources.MissingName:
+        raise BenchError(f"model {text!r}: give a timm model name after 'timm:', e.g. timm:resnet18") from None
+    except model_sources.SourceNotFound:
+        raise BenchError(f"model {text!r}: no such file or folder; give an rmtp output folder, a checkpoint file "
+                         f"or timm:NAME") from None
+    except model_sources.NotASource:
+        raise BenchError(f"model {text!r}: a folder but not an rmtp output folder (no {META_FILE}) nor in timm's hub "
+                         f"layout (no {model_sources.CONFIG_FILE}); give an rmtp output folder, a hub-layout folder, "
+                         f"a checkpoint file or timm:NAME") from None
+    except model_sources.NameConflict as exc:
+        raise BenchError(f"model {text!r}: --model {model_name}, but {exc.hub.config.source} says it is a "
+                         f"{exc.hub.config.architecture!r}; drop --model") from None
+    except RmtpError as exc:  # a model card or config.json that cannot be read, a hub folder without weights
         raise BenchError(f"model {text!r}: {exc}") from None
 
+    if isinstance(source, model_sources.SavedFolder):
+        built = source.build()
+        return Candidate(label=text, model=built.model, source=text, kind="folder", timm_name=built.spec.name,
+                         arch=built.arch.name if built.arch else None, eval_data=_eval_data(source),
+                         baseline=built.baseline)
+    spec = source.spec
+    if spec is None:  # a bare weights file, with no card nor config.json beside it
+        raise BenchError(f"checkpoint {text}: which timm model is it? pass --model NAME (and --kwargs JSON), "
+                         f"or put a card {model_sources.card_path(Path(text)).name} with timm_name and kwargs next to "
+                         f"it (or timm's {model_sources.CONFIG_FILE})")
+    if isinstance(source, model_sources.TimmName):
+        where = f"model {text!r}"
+    else:
+        where = f"checkpoint {spec.checkpoint if isinstance(source, model_sources.HubLayout) else text}"
+    built = source.build(create=lambda named: _build_timm(named.name, named.kwargs, named.checkpoint, where=where))
+    if isinstance(source, model_sources.TimmName):
+        return Candidate(label=text, model=built.model, source=text, kind="timm", timm_name=spec.name,
+                         arch=_arch_of(spec.name))
+    notes = []
+    if isinstance(source, model_sources.HubLayout):
+        assert source.hub is not None
+        notes.append(f"model from {source.hub.config.source}: {spec.name}")
+    elif isinstance(source, model_sources.WeightsFile) and source.ignored_card is not None:
+        ignored = source.ignored_card
+        notes.append(f"ignored model card {ignored.path} (it names {ignored.timm_name}, --model names {model_name})")
+    return Candidate(label=text, model=built.model, source=text, kind="checkpoint", timm_name=spec.name,
+                     arch=_arch_of(spec.name), eval_data=_eval_data(source), notes=notes)
 
-def _load_hub(hub: model_sources.HubFolder, text: str, model_name: str | None, kwargs: dict[str, Any]) -> Candidate:
-    """A folder in timm's hub layout (or its weights file): its config.json names the model and its kwargs."""
-    name = hub.config.architecture
-    if model_name is not None and model_sources.normalise_name(model_name).split(".")[0] != name.split(".")[0]:
-        raise BenchError(f"model {text!r}: --model {model_name}, but {hub.config.source} says it is a {name!r}; "
-                         f"drop --model")
-    model = _build_timm(name, {**hub.config.kwargs, **kwargs}, hub.weights, where=f"checkpoint {hub.weights}")
-    return Candidate(label=text, model=model, source=text, kind="checkpoint", timm_name=name, arch=_arch_of(name),
-                     notes=[f"model from {hub.config.source}: {name}"])
 
-
-def _read_card(path: Path) -> dict[str, Any]:
+def _eval_data(source: model_sources.ModelSource) -> EvalData | None:
+    """The val data the source's origin records (a folder's recipe.yaml, a card's ``data``)."""
     try:
-        card = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BenchError(f"model card {path}: not readable JSON: {exc}") from None
-    if not isinstance(card, dict) or not isinstance(card.get("timm_name"), str):
-        raise BenchError(f"model card {path}: needs a string 'timm_name' (and a 'kwargs' object)")
-    if not isinstance(card.get("kwargs", {}), dict):
-        raise BenchError(f"model card {path}: 'kwargs' must be an object")
-    return card
-
-
-def _card_eval_data(card: dict[str, Any], path: Path) -> EvalData | None:
-    data = card.get("data")
-    if not isinstance(data, dict):
-        return None
-    fields = {k: v for k, v in data.items() if k in DataSpec.model_fields}
-    if fields.get("root"):
-        fields["root"] = (path.parent / fields["root"]).resolve()
-    seed = data.get("split_seed", card.get("seed", 0))
-    return _eval_data(fields, seed, str(path))
-
-
-def _folder_eval_data(folder: Path) -> EvalData | None:
-    from rmtp.saving import RECIPE_FILE, read_saved_recipe
-
-    try:
-        recipe = read_saved_recipe(folder)
+        data = source.data()
     except RmtpError as exc:
         raise BenchError(str(exc)) from None
-    if recipe is None:
-        return None
-    return _eval_data(recipe.get("data") or {}, saved_split_seed(recipe), str(folder / RECIPE_FILE))
-
-
-def _eval_data(fields: dict[str, Any], seed: Any, source: str) -> EvalData:
-    from pydantic import ValidationError
-
-    if not isinstance(seed, int) or seed < 0:
-        raise BenchError(f"{source}: split seed must be a non-negative integer, got {seed!r}")
-    try:
-        spec = DataSpec.model_validate({**fields, "split_seed": seed})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise BenchError(f"{source}: data.{where}: {first['msg']}") from None
-    return EvalData(spec=spec, seed=seed, source=source)
+    return None if data is None else EvalData(spec=data.spec, seed=data.seed, source=data.source)
 
 
 def _folder_baseline(pruned: Candidate) -> Candidate:

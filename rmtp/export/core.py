@@ -145,16 +145,17 @@ def _source(source: object, input_shape: Sequence[int] | None, *, want_data: boo
     if not isinstance(source, (str, os.PathLike)):
         raise ExportError(f"export source must be an rmtp output folder or an nn.Module, got {type(source).__name__}")
     from rmtp.data import build_data, data_input_size
-    from rmtp.saving import load
+    from rmtp.sources import SavedFolder
 
     folder = Path(source)
-    loaded = load(folder)
-    spec = _saved_data(folder)
+    saved = SavedFolder(text=str(folder), path=folder)  # only this kind: rmtp.load's refusals name the others
+    model = saved.load().model
+    spec = _saved_data(saved)
     if shape is None:
-        shape = tuple(data_input_size(spec, loaded.model)) if spec is not None else _model_shape(loaded.model)
+        shape = tuple(data_input_size(spec, model)) if spec is not None else _model_shape(model)
     if spec is None:
-        return loaded.model, shape, None, f"{folder} has no recipe.yaml, so no data"
-    return loaded.model, shape, build_data(spec, loaded.model).val if want_data else None, ""
+        return model, shape, None, f"{folder} has no recipe.yaml, so no data"
+    return model, shape, build_data(spec, model).val if want_data else None, ""
 
 
 def _model_shape(model: nn.Module) -> tuple[int, ...]:
@@ -173,20 +174,15 @@ def _shape(value: Sequence[int]) -> tuple[int, ...]:
     return shape
 
 
-def _saved_data(folder: Path) -> Any:
-    """The DataSpec of the folder's saved recipe, or None when it has none."""
-    from pydantic import ValidationError
+def _saved_data(saved: Any) -> Any:
+    """The DataSpec of the folder's saved recipe (:meth:`rmtp.sources.SavedFolder.data`), or None."""
+    from rmtp.errors import RmtpError
 
-    from rmtp.data import DataSpec, saved_split_seed
-    from rmtp.saving import RECIPE_FILE, read_saved_recipe
-
-    recipe = read_saved_recipe(folder)
-    if recipe is None:
-        return None
     try:
-        return DataSpec(**{**(recipe.get("data") or {}), "split_seed": saved_split_seed(recipe)})
-    except (ValidationError, TypeError) as exc:
-        raise ExportError(f"{folder / RECIPE_FILE}: data: not a valid data section: {short_repr(str(exc), 200)}") from None
+        data = saved.data()
+    except RmtpError as exc:
+        raise ExportError(str(exc)) from None
+    return None if data is None else data.spec
 
 
 def _inputs(data: Dataset | None, no_data: str, shape: tuple[int, ...], batch: int, count: int

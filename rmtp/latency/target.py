@@ -160,14 +160,18 @@ class SpeedTarget:
     def reached(self, savings: Sequence[float]) -> bool:
         return self.goal is not None and self.predicted(savings) <= self.goal * (1 + 1e-9)
 
-    def record(self, ctx: PruneContext, savings: Sequence[float], note: str = "") -> None:
-        """Tell the step's report what this plan predicts (``prune_step`` measures it after)."""
+    def speed_plan(self, savings: Sequence[float], note: str = "") -> dict[str, Any]:
+        """What the plan with ``savings`` predicts, for the step's report: the pruner returns it as
+        :attr:`rmtp.pruner.PruneResult.speed_plan` and ``prune_step`` measures it after. ``note``:
+        the pruner's words on its choice (the fallback, the measurement's warnings and the assumed
+        batch are added)."""
         notes = [note, self.fallback, *self.warnings, self._assumed_batch()]
-        ctx.speed_plan = {"predicted_speedup": self.speedup(savings), "target_speedup": self.target_speedup,
-                          "start_speedup": self.start_speedup, "cost": self.cost.describe(),
-                          "in_context_scale": self.scale, "note": "; ".join(filter(None, notes))}
+        plan = {"predicted_speedup": self.speedup(savings), "target_speedup": self.target_speedup,
+                "start_speedup": self.start_speedup, "cost": self.cost.describe(),
+                "in_context_scale": self.scale, "note": "; ".join(filter(None, notes))}
         if self.checks:
-            ctx.speed_plan["overhead_fraction"] = self.miss(savings) / self.dense
+            plan["overhead_fraction"] = self.miss(savings) / self.dense
+        return plan
 
     def _assumed_batch(self) -> str:
         """For a measured target whose batch nobody gave: which batch it was planned at, since the

@@ -6,13 +6,16 @@ also stands alone), a ``.safetensors``/``.pth``/``.bin`` state dict (the timm na
 options, from a card ``<stem>.json`` beside it, or from timm's ``config.json`` beside it), a
 folder in timm's hub layout (``config.json`` + ``model.safetensors``: :mod:`rmtp.sources`), or a
 saved rmtp output folder. A state dict with none of these is still analysed, by key
-(:func:`rmtp.spectral.layers.analyze_state_dict`).
+(:func:`rmtp.spectral.layers.analyze_state_dict`). Which of these ``source`` is, and what a card or
+config says, is :func:`rmtp.sources.resolve_source`'s; this module words its errors in the
+command's terms (``--model``, ``--pretrained``).
 :func:`analyze` opens it, runs :func:`rmtp.spectral.layers.analyze_model` and returns a
 :class:`SpectrumReport`, the one object the table, JSON, CSV and plots are all rendered from.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -48,22 +51,8 @@ class OpenedModel:
 
 
 def card_path(checkpoint: Path) -> Path:
-    """Where a checkpoint's model card lives: ``<stem>.json`` beside it (``models/digits_vit.json``)."""
-    return checkpoint.with_suffix(".json")
-
-
-def read_card(path: Path) -> dict[str, Any]:
-    """A model card's ``timm_name`` (str) and ``kwargs`` (dict), or CheckpointError saying what is wrong."""
-    try:
-        card = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"model card {path}: not readable JSON: {exc}") from None
-    if not isinstance(card, dict) or not isinstance(card.get("timm_name"), str) or not card["timm_name"]:
-        raise CheckpointError(f"model card {path}: needs a string field 'timm_name' (the timm model name)")
-    kwargs = card.get("kwargs") or {}
-    if not isinstance(kwargs, dict):
-        raise CheckpointError(f"model card {path}: 'kwargs' must be an object of timm.create_model keyword arguments")
-    return {"timm_name": card["timm_name"], "kwargs": kwargs, "arch": card.get("arch")}
+    """Where a checkpoint's model card lives: ``<stem>.json`` beside it (:func:`rmtp.sources.card_path`)."""
+    return sources.card_path(checkpoint)
 
 
 def open_model(
@@ -74,68 +63,53 @@ def open_model(
     kwargs: dict[str, Any] | None = None,
     pretrained: bool = False,
 ) -> OpenedModel:
-    """Build the model ``source`` names (see the module docstring); every failure is an RmtpError."""
+    """Build the model ``source`` names (see the module docstring; where it comes from is
+    :func:`rmtp.sources.resolve_source`'s to say); every failure is an RmtpError."""
     from rmtp.plugins import get_plugins
+    from rmtp.saving import META_FILE
 
     plugins = get_plugins()
-    if source.startswith(TIMM_PREFIX) or sources.is_hub_name(source):
-        name = (source[len(TIMM_PREFIX):] if source.startswith(TIMM_PREFIX) else source).strip()
-        if not name:
-            raise PluginError(f"{source!r}: give a timm model name after 'timm:', e.g. timm:vit_base_patch16_224")
-        if model_name and model_name != name:
+    try:
+        resolved = sources.resolve_source(source, model_name, kwargs=kwargs, arch=arch, pretrained=pretrained)
+    except sources.MissingName:
+        raise PluginError(f"{source!r}: give a timm model name after 'timm:', e.g. timm:vit_base_patch16_224") from None
+    except sources.SourceNotFound as exc:
+        raise CheckpointError(f"checkpoint {exc.path}: does not exist; give a weights file (.safetensors, .pth, .pt, "
+                              f".bin), an rmtp output folder, a folder in timm's hub layout or timm:NAME") from None
+    except sources.NotASource as exc:
+        raise CheckpointError(f"{exc.path}: not an rmtp model folder (no {META_FILE}) nor in timm's hub layout "
+                              f"(no {sources.CONFIG_FILE})") from None
+    except sources.PretrainedAndWeights as exc:
+        raise CheckpointError(f"{exc.path}: --pretrained fetches timm's weights and a checkpoint brings its own; "
+                              f"give one") from None
+    except sources.NameConflict as exc:
+        raise CheckpointError(f"{exc.hub.folder}: --model {model_name}, but {exc.hub.config.source} says the weights "
+                              f"are a {exc.hub.config.architecture!r}; drop --model") from None
+
+    if isinstance(resolved, sources.TimmName):
+        if model_name and model_name != resolved.given_name:
             raise PluginError(f"{source!r} already names the model; drop --model {model_name}")
-        name = sources.normalise_name(name)
-        adapter = sources.architecture_for(plugins, name, arch)  # an hf-hub: name: its config.json's architecture
-        spec = ModelSpec(name=name, arch=adapter.name, kwargs=dict(kwargs or {}), pretrained=pretrained)
         notes = [] if pretrained else ["random init (timm's initialisation): pass --pretrained for trained weights"]
-        return OpenedModel(_create(adapter, spec), adapter, spec, "timm", notes)
-
-    path = Path(source)
-    if path.is_dir():
-        from rmtp.saving import is_saved_model
-
-        hub = None if is_saved_model(path) else sources.hub_folder(path)
-        if hub is not None:
-            return _open_hub(hub, plugins, model_name=model_name, arch=arch, kwargs=kwargs, pretrained=pretrained)
-        return _open_folder(path, model_name=model_name, arch=arch, kwargs=kwargs, pretrained=pretrained)
-    return _open_checkpoint(path, plugins, model_name=model_name, arch=arch, kwargs=kwargs, pretrained=pretrained)
-
-
-def _open_folder(path: Path, *, model_name: str | None, arch: str | None, kwargs: dict[str, Any] | None,
-                 pretrained: bool) -> OpenedModel:
-    from rmtp.plugins import get_plugins
-    from rmtp.saving import META_FILE, is_saved_model, load
-
-    if not is_saved_model(path):
-        raise CheckpointError(f"{path}: not an rmtp model folder (no {META_FILE}) nor in timm's hub layout "
-                              f"(no {sources.CONFIG_FILE})")
-    given = [flag for flag, value in (("--model", model_name), ("--arch", arch), ("--kwargs", kwargs),
-                                      ("--pretrained", pretrained)) if value]
-    if given:
-        raise CheckpointError(f"{path} is an rmtp model folder, which records its own model; drop {', '.join(given)}")
-    loaded = load(path)  # CheckpointError when it is not an rmtp folder or does not load
-    return OpenedModel(loaded.model, get_plugins().architecture(loaded.arch), loaded.spec, "folder")
-
-
-def _open_checkpoint(path: Path, plugins: Any, *, model_name: str | None, arch: str | None,
-                     kwargs: dict[str, Any] | None, pretrained: bool) -> OpenedModel:
-    from rmtp.checkpoint import read_state_dict
-
-    if pretrained:
-        raise CheckpointError(f"{path}: --pretrained fetches timm's weights and a checkpoint brings its own; give one")
-    state_dict = read_state_dict(path)  # first: a missing or corrupt file is the error to report
-    notes: list[str] = []
-    card_file = card_path(path)
-    card = read_card(card_file) if card_file.is_file() and card_file != path else None
-    if card is not None and model_name and model_name != card["timm_name"]:
-        notes.append(f"ignored model card {card_file} (it names {card['timm_name']}, --model names {model_name})")
-        card = None
-    name = model_name or (card["timm_name"] if card else None)
-    if not name:
-        hub = sources.hub_folder(path)  # timm's config.json beside the weights
-        if hub is not None:
-            return _open_hub(hub, plugins, model_name=None, arch=arch, kwargs=kwargs, pretrained=False,
-                             state_dict=state_dict)
+        return _open(resolved, plugins, "timm", notes)
+    if isinstance(resolved, sources.SavedFolder):
+        given = [flag for flag, value in (("--model", model_name), ("--arch", arch), ("--kwargs", kwargs),
+                                          ("--pretrained", pretrained)) if value]
+        if given:
+            raise CheckpointError(f"{resolved.path} is an rmtp model folder, which records its own model; drop "
+                                  f"{', '.join(given)}")
+        built = resolved.build(plugins)
+        return OpenedModel(built.model, built.arch, built.spec, "folder")
+    spec = resolved.spec
+    if isinstance(resolved, sources.HubLayout):
+        assert spec is not None and resolved.hub is not None
+        notes = [f"model from {resolved.hub.config.source}: {spec.name} {json.dumps(spec.kwargs, sort_keys=True)}"
+                 + (" (--kwargs override)" if kwargs else "")]
+        return _open(resolved, plugins, "checkpoint", notes)
+    assert isinstance(resolved, sources.WeightsFile)
+    path, notes = resolved.path, []
+    if spec is None:
+        state_dict = resolved.state_dict()  # first: a missing or corrupt file is the error to report
+        card_file = card_path(path)
         if arch or kwargs:
             raise CheckpointError(
                 f"{path}: which timm model is this checkpoint? pass --model NAME (and --kwargs if it was built with "
@@ -145,45 +119,22 @@ def _open_checkpoint(path: Path, plugins: Any, *, model_name: str | None, arch: 
                      f"{sources.CONFIG_FILE} beside it): layers are named by their state-dict keys; pass --model NAME "
                      f"for the architecture's layers")
         return OpenedModel(None, None, None, "state-dict", notes, state_dict=state_dict)
-    merged = {**(card["kwargs"] if card else {}), **(kwargs or {})}
-    if card is not None:
-        notes.append(f"model from card {card_file}: {name} {json.dumps(merged, sort_keys=True)}"
+    if resolved.ignored_card is not None:
+        ignored = resolved.ignored_card
+        notes.append(f"ignored model card {ignored.path} (it names {ignored.timm_name}, --model names {model_name})")
+    if resolved.card is not None:
+        notes.append(f"model from card {resolved.card.path}: {spec.name} {json.dumps(spec.kwargs, sort_keys=True)}"
                      + (" (--kwargs override)" if kwargs else ""))
-    adapter = plugins.architecture_for(name, arch or (card or {}).get("arch"))
-    return _load(adapter, ModelSpec(name=name, arch=adapter.name, kwargs=merged, checkpoint=path), state_dict, notes)
+    return _open(resolved, plugins, "checkpoint", notes)
 
 
-def _open_hub(hub: sources.HubFolder, plugins: Any, *, model_name: str | None, arch: str | None,
-              kwargs: dict[str, Any] | None, pretrained: bool,
-              state_dict: dict[str, torch.Tensor] | None = None) -> OpenedModel:
-    """A folder in timm's hub layout, or its weights file: the config.json names the model and its kwargs."""
-    from rmtp.checkpoint import read_state_dict
-
-    if pretrained:
-        raise CheckpointError(f"{hub.folder}: --pretrained fetches timm's weights and a checkpoint brings its own; "
-                              f"give one")
-    name = hub.config.architecture
-    if model_name and sources.normalise_name(model_name).split(".")[0] != name.split(".")[0]:
-        raise CheckpointError(f"{hub.folder}: --model {model_name}, but {hub.config.source} says the weights are a "
-                              f"{name!r}; drop --model")
-    merged = {**hub.config.kwargs, **(kwargs or {})}
-    notes = [f"model from {hub.config.source}: {name} {json.dumps(merged, sort_keys=True)}"
-             + (" (--kwargs override)" if kwargs else "")]
-    adapter = sources.architecture_for(plugins, name, arch)
-    if state_dict is None:
-        state_dict = read_state_dict(hub.weights)
-    return _load(adapter, ModelSpec(name=name, arch=adapter.name, kwargs=merged, checkpoint=hub.weights), state_dict,
-                 notes)
-
-
-def _load(adapter: Architecture, spec: ModelSpec, state_dict: dict[str, torch.Tensor],
-          notes: list[str]) -> OpenedModel:
-    """``spec``'s model built by ``adapter`` with ``state_dict`` loaded strictly (from ``spec.checkpoint``)."""
-    from rmtp.checkpoint import load_state_dict_into
-
-    model = _create(adapter, ModelSpec(name=spec.name, arch=spec.arch, kwargs=dict(spec.kwargs)))
-    load_state_dict_into(model, state_dict, source=str(spec.checkpoint))
-    return OpenedModel(model.eval(), adapter, spec, "checkpoint", notes)
+def _open(source: sources.ModelSource, plugins: Any, kind: str, notes: list[str]) -> OpenedModel:
+    """``source``'s model built by its architecture plugin (a checkpoint's weights loaded strictly);
+    its spec names the plugin."""
+    adapter = source.architecture(plugins)
+    spec = dataclasses.replace(source.spec, arch=adapter.name)
+    built = source.build(plugins, create=lambda named: _create(adapter, named))
+    return OpenedModel(built.model, adapter, spec, kind, notes)
 
 
 def _create(adapter: Architecture, spec: ModelSpec) -> nn.Module:

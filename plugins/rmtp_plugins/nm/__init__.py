@@ -7,6 +7,9 @@ Modules, one job each:
   load only this package and it).
 * :mod:`.pruner`: the steps in order (scores, budget, permutation, masks) and the report rows;
   :class:`NmPruner` imports it when it runs.
+* :mod:`.plan`: ``LayerPlan``, what n:m decides for one layer, which :mod:`.pruner` and
+  :mod:`.speed` share.
+* :mod:`.speed`: the patterns' times on the target, ``only_if_faster`` and the speed budget.
 * :mod:`.masks`: N:M mask arithmetic (layout, masks, the validity check, Wanda scores, restore).
 * :mod:`.sparsegpt`: SparseGPT's column sweep (masks with the OBS update of the kept weights).
 * :mod:`.budget`: the MP signal per layer and the multiple-choice knapsack over patterns.
@@ -25,7 +28,7 @@ from typing import TYPE_CHECKING
 from rmtp.accuracy_budget import StrengthKnob
 from rmtp.hookspecs import hookimpl
 from rmtp.lazy import lazy_exports
-from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams
+from rmtp.pruner import PruneContext, Pruner, PrunerParams, PruneResult
 from rmtp_plugins.nm.params import NmParams, pattern_density
 
 if TYPE_CHECKING:
@@ -70,7 +73,7 @@ class NmPruner(Pruner):
         sparsest = min(pattern_density(pattern) for pattern in params.options())
         return StrengthKnob("target_macs", weak=1.0, strong=sparsest, resolution=0.01)
 
-    def prune(self, ctx: PruneContext, params: NmParams) -> list[LayerRow]:
+    def prune(self, ctx: PruneContext, params: NmParams) -> PruneResult:
         from rmtp_plugins.nm.pruner import prune  # the scores, budget, permutations and masks (torch)
 
         return prune(ctx, params)

@@ -41,14 +41,12 @@ weight's pattern.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 
 from rmtp.errors import RmtpError
 from rmtp.layerwise import LayerInputs, collect_input_stats, compress_sequentially
-from rmtp.pruner import LayerRow, PruneContext, weight_footprint
+from rmtp.pruner import LayerRow, PruneContext, PruneResult, weight_footprint
 from rmtp.gemm import from_gemm, gemm_view
 from rmtp_plugins.nm import speed
 from rmtp_plugins.nm.budget import Option, allocate, layer_factor, mp_signal, z_scores
@@ -63,8 +61,9 @@ from rmtp_plugins.nm.masks import (
     restore_mask,
     scores_for,
 )
-from rmtp_plugins.nm.params import NmParams, Pattern, pattern_density
+from rmtp_plugins.nm.params import NmParams, pattern_density
 from rmtp_plugins.nm.permute import PermutedInput, apply_permutation, find_absorber, plain, search_permutation
+from rmtp_plugins.nm.plan import LayerPlan
 from rmtp_plugins.nm.sparsegpt import least_squares_refit, output_error, sparsegpt
 
 __all__ = ["collect_input_stats", "prune"]  # collect_input_stats: its first home, now rmtp.layerwise
@@ -74,35 +73,7 @@ __all__ = ["collect_input_stats", "prune"]  # collect_input_stats: its first hom
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Plan:
-    """What n:m does to one selected layer."""
-
-    name: str
-    shape: tuple[int, ...]
-    options: list[Pattern] = field(default_factory=list)
-    skipped: str | None = None
-    stats: LayerInputs | None = None
-    macs: float = 0.0
-    signal: float | None = None
-    edge: float | None = None
-    z: float = 0.0
-    pattern: Pattern = None
-    perm: str = "–"
-    restore: str = "–"
-    #: sparsegpt: the layer's relative output error on its calibration inputs after the update.
-    sparsegpt_err: str = "–"
-    #: Why a layer the budget gave a pattern stays dense (not faster on the target), or None.
-    dense_reason: str | None = None
-    #: The pattern's predicted speed-up over the dense layer, where it was timed.
-    layer_speedup: float | None = None
-
-    @property
-    def k(self) -> int:
-        return self.shape[1] * (self.shape[2] * self.shape[3] if len(self.shape) == 4 else 1)
-
-
-def prune(ctx: PruneContext, params: NmParams) -> list[LayerRow]:
+def prune(ctx: PruneContext, params: NmParams) -> PruneResult:
     plans = [_plan(ctx, layer.name, params) for layer in ctx.layers]
     active = [p for p in plans if p.skipped is None]
     before = {p.name: weight_footprint(ctx.module(p.name)) for p in plans}
@@ -113,11 +84,12 @@ def prune(ctx: PruneContext, params: NmParams) -> list[LayerRow]:
             plan.pattern = params.main()
     else:
         _budget(ctx, active, params, target, times)
+    speed_plan = None
     if target is not None:
         speed.keep_dense_if_slower(ctx, active, times)
         if target.predicts:
             saved = speed.savings(active, times)
-            target.record(ctx, saved, target.shortfall(saved, "n:m on these layers"))
+            speed_plan = target.speed_plan(saved, target.shortfall(saved, "n:m on these layers"))
     nm_plans = [p for p in active if p.pattern is not None]
     if params.permute:
         with ctx.progress.task("n:m: channel permutations", total=len(nm_plans)) as advance:
@@ -131,19 +103,19 @@ def prune(ctx: PruneContext, params: NmParams) -> list[LayerRow]:
             for plan in nm_plans:
                 _mask(ctx, plan, params)
                 advance()
-    return [_row(ctx, plan, before[plan.name], params, notes) for plan in plans]
+    return PruneResult([_row(ctx, plan, before[plan.name], params, notes) for plan in plans], speed_plan)
 
 
 # ---------------------------------------------------------------- planning
 
 
-def _plan(ctx: PruneContext, name: str, params: NmParams) -> _Plan:
+def _plan(ctx: PruneContext, name: str, params: NmParams) -> LayerPlan:
     module = plain(ctx.module(name))
     if not isinstance(module, (nn.Linear, nn.Conv2d)):
-        return _Plan(name, (), skipped=f"not a Linear/Conv2d ({type(module).__name__})")
+        return LayerPlan(name, (), skipped=f"not a Linear/Conv2d ({type(module).__name__})")
     shape = tuple(module.weight.shape)
     groups = module.groups if isinstance(module, nn.Conv2d) else 1
-    plan = _Plan(name, shape)
+    plan = LayerPlan(name, shape)
     problems = []
     for pattern in params.options():
         problem = None if pattern is None else layout_problem(shape, pattern[1], groups=groups)
@@ -156,7 +128,7 @@ def _plan(ctx: PruneContext, name: str, params: NmParams) -> _Plan:
     return plan
 
 
-def _calibrate(ctx: PruneContext, plans: list[_Plan], params: NmParams) -> str:
+def _calibrate(ctx: PruneContext, plans: list[LayerPlan], params: NmParams) -> str:
     """Input statistics of every active layer; returns a note for the rows ('' if none)."""
     wanda, restore = params.score != "magnitude", params.restore  # sparsegpt: wanda ranks for budget, permutation
     if ctx.calibration is None:
@@ -178,14 +150,14 @@ def _calibrate(ctx: PruneContext, plans: list[_Plan], params: NmParams) -> str:
     return ""
 
 
-def _scores(ctx: PruneContext, plan: _Plan, params: NmParams) -> tuple[torch.Tensor, torch.Tensor]:
+def _scores(ctx: PruneContext, plan: LayerPlan, params: NmParams) -> tuple[torch.Tensor, torch.Tensor]:
     """(GEMM matrix, scores) of a layer as it is now."""
     matrix = gemm_view(plain(ctx.module(plan.name)).weight.detach())
     sq = plan.stats.sq_norms if params.score != "magnitude" else None  # sparsegpt ranks as Wanda before its masks
     return matrix, scores_for(matrix, sq.to(matrix.device) if sq is not None else None)
 
 
-def _budget(ctx: PruneContext, plans: list[_Plan], params: NmParams, target: speed.SpeedTarget | None = None,
+def _budget(ctx: PruneContext, plans: list[LayerPlan], params: NmParams, target: speed.SpeedTarget | None = None,
             times: dict[str, speed.LayerTimes] | None = None) -> None:
     """Patterns per layer: least MP-weighted damage within ``target_macs`` of the MACs or, with a
     speed target, within the time budget (each option costing its predicted time)."""
@@ -229,7 +201,7 @@ def _budget(ctx: PruneContext, plans: list[_Plan], params: NmParams, target: spe
 # ---------------------------------------------------------------- permutation and masks
 
 
-def _permute(ctx: PruneContext, plan: _Plan, params: NmParams) -> None:
+def _permute(ctx: PruneContext, plan: LayerPlan, params: NmParams) -> None:
     n, m = plan.pattern
     absorber = find_absorber(ctx.model, plan.name, ctx.arch.couplings(ctx.model))
     if absorber is None and not params.permute_index:
@@ -252,7 +224,7 @@ def _permute(ctx: PruneContext, plan: _Plan, params: NmParams) -> None:
         stats.gram = stats.gram[index][:, index]
 
 
-def _mask(ctx: PruneContext, plan: _Plan, params: NmParams) -> None:
+def _mask(ctx: PruneContext, plan: LayerPlan, params: NmParams) -> None:
     n, m = plan.pattern
     weight = plain(ctx.module(plan.name)).weight
     matrix, scores = _scores(ctx, plan, params)
@@ -272,7 +244,7 @@ def _mask(ctx: PruneContext, plan: _Plan, params: NmParams) -> None:
         weight.copy_(from_gemm(matrix * keep.to(matrix.dtype), plan.shape))
 
 
-def _sparsegpt_masks(ctx: PruneContext, plans: list[_Plan], params: NmParams) -> None:
+def _sparsegpt_masks(ctx: PruneContext, plans: list[LayerPlan], params: NmParams) -> None:
     """SparseGPT masks and weight updates, layer by layer in forward order, each layer's Hessian
     taken from its inputs in the model as pruned so far (the reference's sequential driver,
     ``opt.py::opt_sequential``, does this block by block; here it is per layer). Patterns come from
@@ -292,7 +264,7 @@ def _inner_name(ctx: PruneContext, name: str) -> str:
     return f"{name}.layer" if isinstance(ctx.module(name), PermutedInput) else name
 
 
-def _sparsegpt_layer(plan: _Plan, module: nn.Module, inputs: LayerInputs, params: NmParams) -> None:
+def _sparsegpt_layer(plan: LayerPlan, module: nn.Module, inputs: LayerInputs, params: NmParams) -> None:
     """Prune one layer with SparseGPT on ``inputs``; a layer no calibration batch reaches gets the
     magnitude mask and no update (nothing to fit it to), as Wanda's scores fall back to magnitude."""
     n, m = plan.pattern
@@ -314,7 +286,7 @@ def _sparsegpt_layer(plan: _Plan, module: nn.Module, inputs: LayerInputs, params
 # ---------------------------------------------------------------- report
 
 
-def _row(ctx: PruneContext, plan: _Plan, before: tuple, params: NmParams, notes: str) -> LayerRow:
+def _row(ctx: PruneContext, plan: LayerPlan, before: tuple, params: NmParams, notes: str) -> LayerRow:
     shape, params_before, nonzeros_before = before
     module = ctx.module(plan.name)
     _, params_after, nonzeros_after = weight_footprint(module)

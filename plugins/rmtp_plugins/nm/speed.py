@@ -31,10 +31,10 @@ from rmtp.pruner import PruneContext
 from rmtp_plugins.nm.masks import nm_mask
 from rmtp_plugins.nm.params import Pattern, pattern_density, pattern_name
 from rmtp_plugins.nm.permute import plain
+from rmtp_plugins.nm.plan import LayerPlan
 
 if TYPE_CHECKING:
     from rmtp_plugins.nm.params import NmParams
-    from rmtp_plugins.nm.pruner import _Plan
 
 
 @dataclass
@@ -53,7 +53,7 @@ def uses_time(params: NmParams) -> bool:
     return params.only_if_faster or params.target_speedup is not None or params.target_latency_ms is not None
 
 
-def layer_times(ctx: PruneContext, plans: list[_Plan]) -> dict[str, LayerTimes]:
+def layer_times(ctx: PruneContext, plans: list[LayerPlan]) -> dict[str, LayerTimes]:
     cost = ctx.cost_model()
     inputs = cost.layer_inputs(ctx.model, [p.name for p in plans])
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cost.settings.precision, torch.float32)
@@ -96,7 +96,7 @@ def _times(cost, ctx: PruneContext, module: nn.Module, shape: tuple[int, ...], p
     return times
 
 
-def start(ctx: PruneContext, plans: list[_Plan], params: NmParams) -> tuple[SpeedTarget, dict[str, LayerTimes]]:
+def start(ctx: PruneContext, plans: list[LayerPlan], params: NmParams) -> tuple[SpeedTarget, dict[str, LayerTimes]]:
     """Time the patterns; with a speed target, also the dense and current model (calibration)."""
     target = speed_target(ctx, params.target_speedup, params.target_latency_ms)
     times = layer_times(ctx, plans)
@@ -106,13 +106,13 @@ def start(ctx: PruneContext, plans: list[_Plan], params: NmParams) -> tuple[Spee
     return target, times
 
 
-def time_budget(target: SpeedTarget, plans: list[_Plan], times: dict[str, LayerTimes]) -> float:
+def time_budget(target: SpeedTarget, plans: list[LayerPlan], times: dict[str, LayerTimes]) -> float:
     """Σ of the layers' predicted times the knapsack may spend to reach the target."""
     dense = sum(times[p.name].dense for p in plans if p.name in times)
     return dense - max(target.needed, 0.0) / target.scale
 
 
-def keep_dense_if_slower(ctx: PruneContext, plans: list[_Plan], times: dict[str, LayerTimes]) -> None:
+def keep_dense_if_slower(ctx: PruneContext, plans: list[LayerPlan], times: dict[str, LayerTimes]) -> None:
     """``only_if_faster``: a layer whose pattern does not save ``min_gain`` of its time stays dense."""
     cost = ctx.cost_model()
     min_gain = 0.0 if cost.kind == "macs" else cost.settings.min_gain
@@ -132,5 +132,5 @@ def keep_dense_if_slower(ctx: PruneContext, plans: list[_Plan], times: dict[str,
             plan.pattern = None
 
 
-def savings(plans: list[_Plan], times: dict[str, LayerTimes]) -> list[float]:
+def savings(plans: list[LayerPlan], times: dict[str, LayerTimes]) -> list[float]:
     return [times[p.name].dense - times[p.name].time(p.pattern) for p in plans if p.name in times]

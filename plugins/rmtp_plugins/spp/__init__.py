@@ -11,8 +11,10 @@ Modules, one job each:
 * :mod:`.oneshot`, :mod:`.obs`: ``search: obs``, the cut without training (structured OBS on the
   consumer's calibration inputs, layer by layer, and its least-squares refit).
 * :mod:`.groups`: the units behind a step's layers (from the architecture's couplings), gating
-  them and dispatching the slicing to :mod:`.heads` (attention heads), :mod:`.mlp` (MLP hidden
-  neurons) and :mod:`.channels` (ResNet inner channels); :mod:`.unit` holds the unit.
+  them and slicing a level out of them (``extract``, which :mod:`.pruner` and :mod:`.speed` both
+  use), dispatched to :mod:`.heads` (attention heads), :mod:`.mlp` (MLP hidden neurons) and
+  :mod:`.channels` (ResNet inner channels); :mod:`.unit` holds the unit.
+* :mod:`.speed`: the level that reaches a speed target.
 * :mod:`.modules`, :mod:`.conv_modules`: the sliced and removed modules a saved model is rebuilt
   from (stable type ids ``spp.*``).
 
@@ -27,11 +29,12 @@ from collections.abc import Callable
 from rmtp.accuracy_budget import StrengthKnob
 from rmtp.hookspecs import hookimpl
 from rmtp.lazy import lazy_exports
-from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams
+from rmtp.pruner import PruneContext, Pruner, PrunerParams, PruneResult
 from rmtp_plugins.spp.params import SppParams
 
 _LAZY = {
-    **dict.fromkeys(("PATH_FILE", "extract", "search"), "rmtp_plugins.spp.pruner"),
+    **dict.fromkeys(("PATH_FILE", "search"), "rmtp_plugins.spp.pruner"),
+    "extract": "rmtp_plugins.spp.groups",
     **dict.fromkeys(("AttentionHeads", "ConstantBranch", "SlicedLinear"), "rmtp_plugins.spp.modules"),
     **dict.fromkeys(("ConstantChannels", "RemovedConv2d", "RemovedNorm", "SlicedBatchNorm2d", "SlicedConv2d",
                      "ZeroInputConv2d"), "rmtp_plugins.spp.conv_modules"),
@@ -62,7 +65,7 @@ class SppPruner(Pruner):
         return StrengthKnob("ratio", weak=0.02, strong=params.ratio if params.ratio is not None else 0.5,
                             resolution=0.01)
 
-    def prune(self, ctx: PruneContext, params: SppParams) -> list[LayerRow]:
+    def prune(self, ctx: PruneContext, params: SppParams) -> PruneResult:
         from rmtp_plugins.spp.pruner import prune  # the gate search and the slicing (torch)
 
         return prune(ctx, params)

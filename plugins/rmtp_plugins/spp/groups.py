@@ -38,7 +38,7 @@ from rmtp_plugins.spp.path import Shared
 from rmtp_plugins.spp.channels import channel_problem, channel_unit, slice_channels
 from rmtp_plugins.spp.unit import KIND_OF, Kind, Unit, gate_shape
 
-__all__ = ["Kind", "Unit", "attention_problem", "find_units", "gated", "group_params", "mlp_problem",
+__all__ = ["Kind", "Unit", "attention_problem", "extract", "find_units", "gated", "group_params", "mlp_problem",
            "shared_params", "slice_unit"]
 
 _EMPTY = (ConstantBranch, ConstantChannels)
@@ -182,3 +182,14 @@ def slice_unit(model: nn.Module, unit: Unit, keep: torch.Tensor, gates: torch.Te
     the weights as they are (gates reset to 1).
     """
     return _SLICERS[unit.kind](model, unit, torch.nonzero(keep).flatten(), gates)
+
+
+def extract(model: nn.Module, units: list[Unit], remove: torch.Tensor,
+            gates: torch.Tensor | None = None) -> list[tuple[Unit, int]]:
+    """Slice out the groups where ``remove`` (gate order) is True; ``gates`` are folded into the kept
+    ones (``None``: kept groups keep their weights). Returns (unit, groups kept) per unit."""
+    kept = []
+    for unit in units:
+        keep = ~remove[unit.gates]
+        kept.append((unit, slice_unit(model, unit, keep, None if gates is None else gates[unit.gates])))
+    return kept

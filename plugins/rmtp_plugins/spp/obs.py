@@ -87,6 +87,56 @@ def _augmented(gram: torch.Tensor, sums: torch.Tensor | None, count: int,
     return h
 
 
+def _remove_columns(w: torch.Tensor, hinv: torch.Tensor, index: torch.Tensor,
+                    remove: int) -> list[tuple[int, float]]:
+    """The greedy loop for groups of one column (MLP neurons): the reference's ``size == 1`` branch,
+    with H⁻¹'s rank-1 downdates kept as a list of vectors instead of applied to the K × K matrix
+    (the row the next removal needs is rebuilt from them, its diagonal kept up to date): the same
+    numbers, without streaming H⁻¹ through memory once per removed neuron. Updates ``w`` in place."""
+    diag = hinv.diagonal().clone()
+    downdates = hinv.new_empty(remove, hinv.shape[0])
+    removed = torch.zeros(index.shape[0], dtype=torch.bool)
+    chosen: list[tuple[int, float]] = []
+    for t in range(remove):
+        live = torch.nonzero(~removed).flatten()
+        columns = index[live, 0]
+        scores = (w[:, columns] ** 2).sum(0) / diag[columns]
+        best = int(torch.argmin(scores))  # ties: the first group still alive
+        j, column = int(live[best]), int(columns[best])
+        row = hinv[column] - downdates[:t, column] @ downdates[:t]  # row ``column`` of the current H⁻¹
+        w -= torch.outer(w[:, column] / row[column], row)
+        w[:, column] = 0.0
+        downdates[t] = row / row[column].sqrt()
+        diag -= downdates[t] ** 2
+        removed[j] = True
+        chosen.append((j, float(scores[best])))
+    return chosen
+
+
+def _remove_blocks(w: torch.Tensor, hinv: torch.Tensor, index: torch.Tensor,
+                   remove: int) -> list[tuple[int, float]]:
+    """The greedy loop for groups of several columns (heads, conv channels): the reference's block
+    branch, one batched inverse of every alive group's H⁻¹ block per removal. Updates ``w`` and
+    ``hinv`` in place."""
+    removed = torch.zeros(index.shape[0], dtype=torch.bool)
+    chosen: list[tuple[int, float]] = []
+    for _ in range(remove):
+        live = torch.nonzero(~removed).flatten()
+        cols = index[live]  # (alive, width)
+        inverses = torch.linalg.inv(hinv[cols[:, :, None], cols[:, None, :]])  # (alive, width, width)
+        wq = w[:, cols].permute(1, 0, 2)  # (alive, rows, width)
+        scores = (torch.bmm(wq, inverses) * wq).sum((1, 2))
+        best = int(torch.argmin(scores))  # ties: the first group still alive
+        j, group, inv = int(live[best]), cols[best], inverses[best]
+        update_rows = hinv[group, :]
+        w -= (w[:, group] @ inv) @ update_rows
+        w[:, group] = 0.0
+        hinv -= update_rows.T @ inv @ update_rows
+        removed[j] = True
+        chosen.append((j, float(scores[best])))
+    return chosen
+
+
 def remove_groups(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.Tensor, sums: torch.Tensor | None,
                   count: int, groups: list[torch.Tensor], remove: int,
                   percdamp: float = PERCDAMP) -> StructuredFit:
@@ -116,32 +166,17 @@ def remove_groups(weight: torch.Tensor, bias: torch.Tensor | None, gram: torch.T
     order: list[int] = []
     costs: list[float] = []
     if remove:
-        hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
         widths = {int(g.numel()) for g in groups}
-        for _ in range(remove):
-            scores = torch.full((len(groups),), float("inf"), dtype=torch.float64)
-            inverses: dict[int, torch.Tensor] = {}
-            alive = [i for i in range(len(groups)) if not removed[i]]
-            for width in widths:
-                same = [i for i in alive if groups[i].numel() == width]
-                if not same:
-                    continue
-                cols = torch.stack([groups[i] for i in same])  # (n, width)
-                blocks = hinv[cols[:, :, None], cols[:, None, :]]  # (n, width, width)
-                inv = torch.linalg.inv(blocks)
-                wq = w[:, cols].permute(1, 0, 2)  # (n, rows, width)
-                scores[same] = (torch.bmm(wq, inv) * wq).sum((1, 2))
-                inverses.update(zip(same, inv))
-            j = int(torch.argmin(scores))  # ties: the first group
-            cols = groups[j]
-            inv = inverses[j]
-            update_rows = hinv[cols, :]
-            w -= (w[:, cols] @ inv) @ update_rows
-            w[:, cols] = 0.0
-            hinv -= update_rows.T @ inv @ update_rows
+        if len(widths) != 1:
+            raise ValueError(f"groups of one layer must have one width, got {sorted(widths)}")
+        width = widths.pop()
+        index = torch.stack(list(groups))  # (groups, width)
+        hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
+        choose = _remove_columns if width == 1 else _remove_blocks
+        for j, cost in choose(w, hinv, index, remove):
             removed[j] = True
             order.append(j)
-            costs.append(float(scores[j]) * count / 2.0)  # H was scaled by 2/count
+            costs.append(cost * count / 2.0)  # H was scaled by 2/count
 
     kept_cols = torch.ones(w.shape[1], dtype=torch.bool)
     kept_cols[:k][dead] = False

@@ -40,9 +40,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from rmtp.errors import RmtpError
-from rmtp.pruner import LayerRow, PruneContext, weight_footprint
+from rmtp.pruner import LayerRow, PruneContext, PruneResult, weight_footprint
 from rmtp.training import kd_loss
-from rmtp_plugins.spp.groups import Unit, find_units, gated, group_params, shared_params, slice_unit
+from rmtp_plugins.spp.groups import Unit, extract, find_units, gated, group_params, shared_params
 from rmtp_plugins.spp.path import (
     SolutionPath,
     Shared,
@@ -126,18 +126,7 @@ class _GateView:
         return self.holder["gates"][index]
 
 
-def extract(model: nn.Module, units: list[Unit], remove: torch.Tensor,
-            gates: torch.Tensor | None = None) -> list[tuple[Unit, int]]:
-    """Slice out the groups where ``remove`` (gate order) is True; ``gates`` are folded into the kept
-    ones (``None``: kept groups keep their weights). Returns (unit, groups kept) per unit."""
-    kept = []
-    for unit in units:
-        keep = ~remove[unit.gates]
-        kept.append((unit, slice_unit(model, unit, keep, None if gates is None else gates[unit.gates])))
-    return kept
-
-
-def prune(ctx: PruneContext, params: SppParams) -> list[LayerRow]:
+def prune(ctx: PruneContext, params: SppParams) -> PruneResult:
     couplings = ctx.arch.couplings(ctx.model)
     offered = sorted({c.kind for c in couplings}, key=("heads", "neurons", "channels").index)
     if not offered:
@@ -149,7 +138,7 @@ def prune(ctx: PruneContext, params: SppParams) -> list[LayerRow]:
                         f"which has {', '.join(offered)}")
     units = find_units(ctx.model, couplings, ctx.layers, params.structures)
     if not units:
-        return []
+        return PruneResult()
     sizes = group_params(units)
     shared = shared_params(ctx.model, units)
     if params.search == "obs":
@@ -159,12 +148,13 @@ def prune(ctx: PruneContext, params: SppParams) -> list[LayerRow]:
     else:
         path = search(ctx, units, params)
         order = path.order()
+    speed_plan = None
     if params.speed_target_set():
         from rmtp_plugins.spp.speed import choose_ratio
 
-        ratio, _ = choose_ratio(ctx, units, order, sizes, shared, params)
+        ratio, speed_plan = choose_ratio(ctx, units, order, sizes, shared, params)
         if ratio is None:  # slicing made the model slower at every level timed: leave it (the notes say)
-            return []
+            return PruneResult([], speed_plan)
         params = params.model_copy(update={"ratio": ratio})
     folded = path.gamma if path is not None and params.fold_gates else None
     before = {u.path: unit_footprint(ctx.model, u) for u in units}
@@ -193,7 +183,7 @@ def prune(ctx: PruneContext, params: SppParams) -> list[LayerRow]:
     if ctx.output is not None and path is not None:
         ctx.output.write_json(ctx.output.free_name(PATH_FILE),
                               path_report(units, path, order, sizes, params, results))
-    return final_rows
+    return PruneResult(final_rows, speed_plan)
 
 
 def _summary(ratio: float, remove: torch.Tensor, sizes: torch.Tensor, shared: tuple[Shared, ...],

@@ -15,11 +15,13 @@ figures missed (:func:`rmtp.latency.target.reach_checked`).
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import torch
 
 from rmtp.latency.target import reach_checked, speed_target
 from rmtp.pruner import PruneContext
+from rmtp_plugins.spp.groups import extract
 from rmtp_plugins.spp.params import SppParams
 from rmtp_plugins.spp.path import Shared, removal_count, removal_mask
 from rmtp_plugins.spp.unit import Unit
@@ -39,11 +41,10 @@ def container(unit: Unit) -> str:
 
 
 def choose_ratio(ctx: PruneContext, units: list[Unit], order: list[int], sizes: torch.Tensor,
-                 shared: tuple[Shared, ...], params: SppParams) -> tuple[float | None, str]:
-    """The ratio to slice at and a note for the report; records the prediction on ``ctx``. None:
-    slice nothing, since no level timed whole was faster than the model as it came."""
-    from rmtp_plugins.spp.pruner import extract
-
+                 shared: tuple[Shared, ...], params: SppParams) -> tuple[float | None, dict[str, Any]]:
+    """The ratio to slice at and the prediction for the step's report
+    (:meth:`~rmtp.latency.target.SpeedTarget.speed_plan`, its ``note`` saying why). None: slice
+    nothing, since no level timed whole was faster than the model as it came."""
     target = speed_target(ctx, params.target_speedup, params.target_latency_ms)
     cost = ctx.cost_model()
     names = sorted({container(u) for u in units})
@@ -72,15 +73,13 @@ def choose_ratio(ctx: PruneContext, units: list[Unit], order: list[int], sizes: 
 
     index = reach_checked(ctx, target, RATIOS, savings, sliced)
     if index is None:  # no level timed whole was faster than the model as it came (the fallback note says)
-        target.record(ctx, [], "no level of the path chosen for the speed target")
-        return None, ctx.speed_plan["note"]
+        return None, target.speed_plan([], "no level of the path chosen for the speed target")
     ratio = RATIOS[index]
     saved = savings(ratio)
     note = "; ".join(filter(None, [f"ratio {ratio:g} ({params.target}) chosen for the speed target",
                                    target.correction_note(saved, "what slicing changes outside the timed containers"),
                                    target.shortfall(saved, f"spp up to ratio {RATIOS[-1]}")]))
-    target.record(ctx, saved, note)
-    return ratio, note
+    return ratio, target.speed_plan(saved, note)
 
 
 __all__ = ["RATIOS", "choose_ratio", "container"]

@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -35,10 +35,10 @@ from rmtp.latency.cost import interpolate, monotone, round_up
 from rmtp.latency.target import SpeedTarget, reach_checked, speed_target
 from rmtp.lowrank import factorize, factorize_blocks
 from rmtp.pruner import PruneContext
+from rmtp_plugins.svd_mp.plan import LayerPlan, Matrix
 
 if TYPE_CHECKING:
-    from rmtp_plugins.svd_mp import SvdMpParams
-    from rmtp_plugins.svd_mp.factoring import _Matrix, _Plan
+    from rmtp_plugins.svd_mp.params import SvdMpParams
 
 
 @dataclass
@@ -57,10 +57,11 @@ def uses_time(params: SvdMpParams) -> bool:
     return params.target_speedup is not None or params.target_latency_ms is not None or bool(params.faster_only())
 
 
-def plan_in_time(ctx: PruneContext, plans: list[_Plan], params: SvdMpParams,
-                 clamp) -> None:  # noqa: ANN001 - factoring._clamp
+def plan_in_time(ctx: PruneContext, plans: list[LayerPlan], params: SvdMpParams,
+                 clamp) -> dict[str, Any] | None:  # noqa: ANN001 - pruner._clamp
     """Time the candidate splits, then set ranks for the speed target (if any) and mark the
-    layers that stay dense (``plan.dense_reason``); records the prediction on ``ctx``."""
+    layers that stay dense (``plan.dense_reason``); returns the prediction for the step's report
+    (:meth:`~rmtp.latency.target.SpeedTarget.speed_plan`), None when the step predicts none."""
     target = speed_target(ctx, params.target_speedup, params.target_latency_ms)
     candidates = [p for p in plans if not p.skipped and not p.already_split]
     speeds = _time_grids(ctx, candidates)
@@ -70,7 +71,7 @@ def plan_in_time(ctx: PruneContext, plans: list[_Plan], params: SvdMpParams,
     round_to = ctx.cost_model().settings.round_to
     min_gain = 0.0 if target.cost.kind == "macs" else ctx.cost_model().settings.min_gain
 
-    def split_now(plan: _Plan) -> float | None:
+    def split_now(plan: LayerPlan) -> float | None:
         """The plan's predicted split time at its current ranks, None when it would stay dense."""
         speed = speeds.get(plan.name)
         if speed is None or plan.dense_reason is not None:
@@ -111,23 +112,24 @@ def plan_in_time(ctx: PruneContext, plans: list[_Plan], params: SvdMpParams,
         if not split < speed.dense * (1 - min_gain):
             plan.dense_reason = (f"split not faster: ×{ratio:.2f} of dense speed predicted ({target.cost.kind}"
                                  f"{'' if min_gain == 0 else f', needs ×{1 / (1 - min_gain):.2f}'})")
-    if target.predicts:
-        target.record(ctx, saved, "; ".join(filter(None, [
-            target.correction_note(saved, "the split layers' effect on their neighbours' time"),
-            target.shortfall(saved, "svd-mp on these layers")])))
+    if not target.predicts:
+        return None
+    return target.speed_plan(saved, "; ".join(filter(None, [
+        target.correction_note(saved, "the split layers' effect on their neighbours' time"),
+        target.shortfall(saved, "svd-mp on these layers")])))
 
 
 #: A layer's row when its split was left out because the split model, timed whole, was not faster.
 WHOLE_NOT_FASTER = "the split model, timed whole, was not faster: see the step's notes"
 
 
-def _keep_dense(plans: list[_Plan], split_now) -> None:  # noqa: ANN001 - plan_in_time's closure
+def _keep_dense(plans: list[LayerPlan], split_now) -> None:  # noqa: ANN001 - plan_in_time's closure
     """Every layer that would split stays dense, unchanged (the whole split model was not faster)."""
     for plan in [p for p in plans if split_now(p) is not None]:
         plan.dense_reason = WHOLE_NOT_FASTER
 
 
-def _check_whole(ctx: PruneContext, target: SpeedTarget, plans: list[_Plan], savings, split_copy,  # noqa: ANN001
+def _check_whole(ctx: PruneContext, target: SpeedTarget, plans: list[LayerPlan], savings, split_copy,  # noqa: ANN001
                  split_now) -> None:  # noqa: ANN001
     """``only_if_faster`` on the whole model (measured cost, no target): each split is faster
     alone, but together in the model they can be slower (a default run measured ×0.69 where the
@@ -137,7 +139,7 @@ def _check_whole(ctx: PruneContext, target: SpeedTarget, plans: list[_Plan], sav
         _keep_dense(plans, split_now)
 
 
-def _reach(ctx: PruneContext, target: SpeedTarget, plans: list[_Plan], params: SvdMpParams, clamp,
+def _reach(ctx: PruneContext, target: SpeedTarget, plans: list[LayerPlan], params: SvdMpParams, clamp,
            round_to: int | None, savings, split_copy) -> bool:  # noqa: ANN001
     """Loosest s/s₊ threshold whose ranks reach ``target`` (the fastest measured if none does), the
     choice checked on the whole split model (:func:`rmtp.latency.target.reach_checked`). False when
@@ -166,8 +168,8 @@ def _reach(ctx: PruneContext, target: SpeedTarget, plans: list[_Plan], params: S
     return index is not None
 
 
-def factorized(plan: _Plan) -> torch.nn.Module:
-    """The plan's layer split at its current ranks (what ``factoring._apply`` puts in the model)."""
+def factorized(plan: LayerPlan) -> torch.nn.Module:
+    """The plan's layer split at its current ranks (what ``pruner._apply`` puts in the model)."""
     if len(plan.matrices) == 1:
         m = plan.matrices[0]
         return factorize(plan.module, m.u, m.s, m.vh, m.rank, edge=m.s_plus)
@@ -175,7 +177,7 @@ def factorized(plan: _Plan) -> torch.nn.Module:
                             edges=[m.s_plus for m in plan.matrices])
 
 
-def _time_grids(ctx: PruneContext, plans: list[_Plan]) -> dict[str, LayerSpeed]:
+def _time_grids(ctx: PruneContext, plans: list[LayerPlan]) -> dict[str, LayerSpeed]:
     cost = ctx.cost_model()
     settings = cost.settings
     inputs = cost.layer_inputs(ctx.model, [p.name for p in plans])
@@ -191,7 +193,7 @@ def _time_grids(ctx: PruneContext, plans: list[_Plan]) -> dict[str, LayerSpeed]:
     return speeds
 
 
-def _grid(cost, plan: _Plan, input_shape: tuple[int, ...], points: int,  # noqa: ANN001 - CostModel
+def _grid(cost, plan: LayerPlan, input_shape: tuple[int, ...], points: int,  # noqa: ANN001 - CostModel
           round_to: int | None) -> LayerSpeed:
     _, cols = plan.rows_cols
     caps = [max(1, math.floor(m.shape[0] * cols / (m.shape[0] + cols))) for m in plan.matrices]
@@ -205,8 +207,8 @@ def _grid(cost, plan: _Plan, input_shape: tuple[int, ...], points: int,  # noqa:
     return LayerSpeed(dense=times[0], ranks=list(grid), split=monotone(times[1:]))
 
 
-def _split(plan: _Plan, ranks: list[int]) -> torch.nn.Module:
-    matrices: list[_Matrix] = plan.matrices
+def _split(plan: LayerPlan, ranks: list[int]) -> torch.nn.Module:
+    matrices: list[Matrix] = plan.matrices
     if len(matrices) == 1:
         m = matrices[0]
         return factorize(plan.module, m.u, m.s, m.vh, ranks[0])

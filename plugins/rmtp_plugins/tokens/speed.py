@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -72,10 +73,11 @@ def patched_copy(model: nn.Module, plan: TokenPlan) -> nn.Module:
 
 def reach(ctx: PruneContext, blocks: nn.Sequential, params: PrunerParams, strengths: Sequence[object],
           with_strength: Callable[[object], PrunerParams], plan_of: Callable[[PrunerParams], TokenPlan],
-          knob: str) -> tuple[PrunerParams | None, float]:
+          knob: str) -> tuple[PrunerParams | None, dict[str, Any]]:
     """The params at the gentlest of ``strengths`` (ascending) whose schedule reaches the target
-    (the fastest measured if none does), and its predicted speed-up; the note goes on ``ctx``.
-    None: patch nothing, since no schedule timed whole was faster than the model as it came."""
+    (the fastest measured if none does), and the prediction for the step's report
+    (:meth:`~rmtp.latency.target.SpeedTarget.speed_plan`). None: patch nothing, since no schedule
+    timed whole was faster than the model as it came."""
     target = speed_target(ctx, params.target_speedup, params.target_latency_ms)
     n0 = ctx.model.patch_embed.num_patches
     min_tokens = getattr(params, "min_tokens", 1)
@@ -94,15 +96,13 @@ def reach(ctx: PruneContext, blocks: nn.Sequential, params: PrunerParams, streng
     index = reach_checked(ctx, target, [with_strength(s) for s in strengths], savings,
                           lambda candidate: patched_copy(ctx.model, plan_of(candidate)))
     if index is None:  # the fallback note says why
-        target.record(ctx, [], f"no {knob} chosen for the speed target")
-        return None, target.speedup([])
+        return None, target.speed_plan([], f"no {knob} chosen for the speed target")
     chosen = with_strength(strengths[index])
     saved = savings(chosen)
     short = target.shortfall(saved, f"{knob} up to {strengths[-1]}")
     corrected = target.correction_note(saved, "scoring, top-k and gather")
-    target.record(ctx, saved, "; ".join(filter(None, [f"{knob} = {strengths[index]} chosen for the speed target",
-                                                      corrected, short])))
-    return chosen, target.speedup(saved)
+    return chosen, target.speed_plan(saved, "; ".join(filter(None, [
+        f"{knob} = {strengths[index]} chosen for the speed target", corrected, short])))
 
 
 __all__ = ["BlockCurves", "block_curves", "patched_copy", "reach"]

@@ -8,30 +8,11 @@ Each image keeps its own top-k; k follows ``keep(l) = 1 − r_max·((l+1)/L)^α`
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import Field
-
 from rmtp.hookspecs import hookimpl
-from rmtp_plugins.tokens.base import PruneScheduleParams, TokenPruner
-from rmtp_plugins.tokens.plan import TokenPlan
+from rmtp_plugins.tokens import TokenClsPruner
+from rmtp_plugins.tokens.params import TokenClsParams
 
-
-class TokenClsParams(PruneScheduleParams):
-    score_from: Literal["cls", "prefix"] = Field(
-        "cls", description="score by the class token's attention row, or by the mean over all prefix tokens "
-                           "(class + register tokens)")
-
-
-class TokenClsPruner(TokenPruner):
-    name = "token-cls"
-    description = "ViT token pruning by class-token attention, keep(l) = 1 − r_max·((l+1)/L)^α (seed 001)."
-    method = "cls"
-    Params = TokenClsParams
-
-    def plan(self, params: TokenClsParams, depth: int) -> TokenPlan:
-        return TokenPlan(method="cls", keep=params.keep_list(depth), relative_to=params.relative_to,
-                         min_tokens=params.min_tokens, fuse=params.fuse, score_from=params.score_from)
+__all__ = ["TokenClsParams", "TokenClsPruner"]  # their first home; declared in rmtp_plugins.tokens now
 
 
 @hookimpl

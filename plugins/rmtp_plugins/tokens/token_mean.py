@@ -9,23 +9,10 @@ options as ``token-cls``.
 from __future__ import annotations
 
 from rmtp.hookspecs import hookimpl
-from rmtp_plugins.tokens.base import PruneScheduleParams, TokenPruner
-from rmtp_plugins.tokens.plan import TokenPlan
+from rmtp_plugins.tokens import TokenMeanPruner
+from rmtp_plugins.tokens.params import TokenMeanParams
 
-
-class TokenMeanParams(PruneScheduleParams):
-    pass
-
-
-class TokenMeanPruner(TokenPruner):
-    name = "token-mean"
-    description = "ViT token pruning by the mean attention each patch receives from the others (seed 001)."
-    method = "mean"
-    Params = TokenMeanParams
-
-    def plan(self, params: TokenMeanParams, depth: int) -> TokenPlan:
-        return TokenPlan(method="mean", keep=params.keep_list(depth), relative_to=params.relative_to,
-                         min_tokens=params.min_tokens, fuse=params.fuse)
+__all__ = ["TokenMeanParams", "TokenMeanPruner"]  # their first home; declared in rmtp_plugins.tokens now
 
 
 @hookimpl

@@ -15,7 +15,6 @@ import torch
 from torch import Tensor, nn
 
 from rmtp.errors import RmtpError
-from rmtp_plugins.tokens.cli import token_map_command  # noqa: F401 - the command, defined torch-free there
 from rmtp_plugins.tokens.patch import trace_sources
 
 
@@ -89,24 +88,17 @@ def visualize_run(folder: str | Path, out: str | Path | None = None, images: int
     The data (and its split seed) come from the folder's ``recipe.yaml`` when it has one, else
     the embedded digits.
     """
-    from pydantic import ValidationError
-
     from rmtp.atomic import check_writable
-    from rmtp.data import DataSpec, build_data, saved_split_seed
-    from rmtp.errors import short_repr
-    from rmtp.saving import RECIPE_FILE, load, read_saved_recipe
+    from rmtp.data import DataSpec, build_data
+    from rmtp.saving import load
+    from rmtp.sources import saved_data
 
     folder = Path(folder)
     out = Path(out) if out is not None else folder / "token_map.png"
     check_writable(out, what="--out", is_dir=False)  # before the model is loaded and run
     loaded = load(folder)
-    spec = DataSpec()
-    recipe = read_saved_recipe(folder)
-    if recipe is not None:
-        try:
-            spec = DataSpec(**{**(recipe.get("data") or {}), "split_seed": saved_split_seed(recipe)})
-        except (ValidationError, TypeError) as exc:
-            raise RmtpError(f"{folder / RECIPE_FILE}: data: not a valid data section: {short_repr(str(exc), 200)}") from None
+    saved = saved_data(folder)  # the folder's recipe.yaml, read as rmtp bench and export read it
+    spec = saved.spec if saved is not None else DataSpec()
     val = build_data(spec, loaded.model).val
     count = min(images, len(val))
     if count < 1:

@@ -1,4 +1,4 @@
-"""Where models come from besides a timm registry name: timm's hub names and its hub folder layout.
+"""timm's hub names and its hub folder layout (part of :mod:`rmtp.sources`; torch-free).
 
 timm names a model in four ways, and rmtp takes each where a model name goes (a recipe's
 ``model.name``, ``timm:NAME`` on the command line):
@@ -23,7 +23,8 @@ And a folder in timm's hub layout, as ``timm.models.save_for_hf`` / ``push_to_hf
 ``pytorch_model.bin`` (:func:`hub_folder`). The config decides the timm name and the
 ``timm.create_model`` kwargs (:attr:`HubConfig.kwargs`); the weights are read by
 :func:`rmtp.checkpoint.read_state_dict`, so a pickle is only ever read with ``weights_only=True``.
-An rmtp output folder (``rmtp_model.json``) is told apart by the callers, which check it first.
+An rmtp output folder (``rmtp_model.json``) is told apart by the resolver
+(:func:`rmtp.sources.resolve_source`), which checks it first.
 
 When the hub cannot be reached, every path here raises one :class:`~rmtp.errors.CheckpointError`
 line saying that network access is needed and how to pass a local folder instead

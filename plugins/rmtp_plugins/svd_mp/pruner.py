@@ -1,5 +1,6 @@
-"""How ``svd-mp`` prunes (:class:`rmtp_plugins.svd_mp.SvdMpPruner` runs :func:`prune`): the SVD and
-MP fit of every selected matrix, the ranks (per layer, or allocated globally under
+"""How ``svd-mp`` prunes (:class:`rmtp_plugins.svd_mp.SvdMpPruner` runs :func:`prune`; this module
+was ``factoring.py``): the SVD and MP fit of every selected matrix (recorded as :mod:`.plan`'s
+:class:`~.plan.LayerPlan`), the ranks (per layer, or allocated globally under
 ``target_params``), the splits into two thin layers, and the report rows. The method itself is
 described in :mod:`rmtp_plugins.svd_mp`; with calibration data the decompositions are those of the
 whitened matrices (:mod:`.whitening`), from one calibration pass, or layer by layer with
@@ -9,15 +10,15 @@ whitened matrices (:mod:`.whitening`), from one calibration pass, or layer by la
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from rmtp.lowrank import LOW_RANK_TYPES, factor_svds, refactorize
-from rmtp.pruner import LayerRow, PruneContext, weight_footprint
-from rmtp.spectral.mp import MPFit, fit_mp, weight_matrix
+from rmtp.pruner import LayerRow, PruneContext, PruneResult, weight_footprint
+from rmtp.spectral.mp import fit_mp, weight_matrix
+from rmtp_plugins.svd_mp.plan import LayerPlan, Matrix
 from rmtp_plugins.svd_mp.speed import factorized, plan_in_time, uses_time
 from rmtp_plugins.svd_mp.whitening import (
     input_root,
@@ -28,89 +29,10 @@ from rmtp_plugins.svd_mp.whitening import (
 )
 
 if TYPE_CHECKING:
-    from rmtp_plugins.svd_mp import SvdMpParams
+    from rmtp_plugins.svd_mp.params import SvdMpParams
 
 
-@dataclass
-class _Matrix:
-    """One matrix to factor: a whole layer, or one block (q, k or v) of a fused projection."""
-
-    label: str
-    rows: slice
-    u: torch.Tensor
-    s: torch.Tensor
-    vh: torch.Tensor
-    fit: MPFit | None
-    s_plus: float
-    rank: int = 0
-    #: Whether ``u, s, vh`` are the whitened decomposition (:func:`.whitening.whitened_svd`).
-    whitened: bool = False
-    #: The budgets' score per direction (descending), when not s/s₊ (whitened: :func:`.whitening.whitened_scores`).
-    score: torch.Tensor | None = None
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.u.shape[0], self.vh.shape[1])
-
-    def scores(self) -> torch.Tensor:
-        """What ``target_params`` and the speed targets rank this matrix's directions by: s/s₊ on
-        the raw weights, the whitened score with calibration data."""
-        return self.score if self.score is not None else self.s / self.s_plus
-
-
-@dataclass
-class _Plan:
-    """What svd-mp will do to one layer."""
-
-    name: str
-    module: nn.Module
-    matrices: list[_Matrix] = field(default_factory=list)
-    skipped: str | None = None
-    #: Why a split that would save weights stays dense (not faster on the target), or None.
-    dense_reason: str | None = None
-    #: The split's predicted speed-up over the dense layer, where it was timed.
-    layer_speedup: float | None = None
-    #: How the factors were fitted to calibration data ("" without data): for the report.
-    whitening: str = ""
-    #: Whether this step whitens (calibration data given): set before any layer is fitted.
-    fits_data: bool = False
-
-    @property
-    def already_split(self) -> bool:
-        return isinstance(self.module, LOW_RANK_TYPES)
-
-    @property
-    def rows_cols(self) -> tuple[int, int]:
-        """(M, N) of the layer's effective matrix (a split layer's original dense shape)."""
-        if self.already_split:
-            rows, *cols = self.module.effective_shape
-            return rows, math.prod(cols)
-        weight = weight_matrix(self.module.weight)
-        return weight.shape[0], weight.shape[1]
-
-    def current_cost(self) -> int:
-        """Weight entries the layer holds now (biases excluded; a split qkv's blocks each count
-        only their own second factor)."""
-        return sum(p.numel() for name, p in self.module.named_parameters() if not name.endswith("bias"))
-
-    def split_cost(self) -> int:
-        _, cols = self.rows_cols
-        return sum(m.rank * (cols + m.shape[0]) for m in self.matrices)
-
-    def dense_cost(self) -> int:
-        """Weight entries of the layer's dense matrix; a skipped layer that has none (a conv another
-        pruner removed) counts what it holds."""
-        if not self.already_split and not isinstance(getattr(self.module, "weight", None), torch.Tensor):
-            return self.current_cost()
-        rows, cols = self.rows_cols
-        return rows * cols
-
-    def cost(self) -> int:
-        """Weight entries this layer holds after pruning (a split that does not pay stays dense)."""
-        return min(self.split_cost(), self.dense_cost())
-
-
-def prune(ctx: PruneContext, params: SvdMpParams) -> list[LayerRow]:
+def prune(ctx: PruneContext, params: SvdMpParams) -> PruneResult:
     whiten = ctx.calibration is not None and params.whiten is not False
     sequential = whiten and params.sequential
     roots = _dense_roots(ctx) if whiten and (not sequential or _ranks_need_data(params)) else {}
@@ -119,26 +41,25 @@ def prune(ctx: PruneContext, params: SvdMpParams) -> list[LayerRow]:
         plan.fits_data = whiten
     if params.target_params is not None:
         (_allocate_uniformly if params.allocation == "uniform" else _allocate_globally)(plans, params)
-    if uses_time(params):
-        plan_in_time(ctx, plans, params, _clamp)
+    speed_plan = plan_in_time(ctx, plans, params, _clamp) if uses_time(params) else None
     budgets = (params.target_params, params.target_speedup, params.target_latency_ms)
     if not whiten and all(budget is None for budget in budgets):
         _say_what_the_edge_cuts(ctx, plans)
     if sequential:
-        return _apply_sequentially(ctx, plans, params)
+        return PruneResult(_apply_sequentially(ctx, plans, params), speed_plan)
     rows = []
     with ctx.progress.task("svd-mp: replacing layers", total=len(plans)) as advance:
         for plan in plans:
             rows.append(_apply(ctx, plan, params))
             advance()
-    return rows
+    return PruneResult(rows, speed_plan)
 
 
 #: Below this share of the selected weights kept, an MP-edge cut without data is announced first.
 EDGE_NOTE_BELOW = 0.5
 
 
-def _say_what_the_edge_cuts(ctx: PruneContext, plans: list[_Plan]) -> None:
+def _say_what_the_edge_cuts(ctx: PruneContext, plans: list[LayerPlan]) -> None:
     """Before any layer is replaced, tell what the MP edge on the raw weights will keep when it is
     less than half: on a pretrained model the edge calls most of what it learnt noise (a real
     ViT-Ti went from 82.8% to 0.1% top-1 zero-shot), and a user should see that coming, with the
@@ -177,7 +98,7 @@ def _dense_roots(ctx: PruneContext) -> dict[str, torch.Tensor]:
             for name, s in stats.items() if s.count and s.gram is not None}
 
 
-def _plan(ctx: PruneContext, params: SvdMpParams, roots: dict[str, torch.Tensor]) -> list[_Plan]:
+def _plan(ctx: PruneContext, params: SvdMpParams, roots: dict[str, torch.Tensor]) -> list[LayerPlan]:
     plans = []
     with ctx.progress.task("svd-mp: SVD + MP fit", total=len(ctx.layers)) as advance:
         for layer in ctx.layers:
@@ -187,11 +108,11 @@ def _plan(ctx: PruneContext, params: SvdMpParams, roots: dict[str, torch.Tensor]
 
 
 def _plan_layer(ctx: PruneContext, name: str, module: nn.Module, params: SvdMpParams,
-                root: torch.Tensor | None = None) -> _Plan:
+                root: torch.Tensor | None = None) -> LayerPlan:
     """The layer's matrices with their SVDs, MP fits and ranks at the edge. ``root``: S of the
     layer's inputs; then ``u, s, vh`` are the whitened decomposition while the MP fit, and so the
     edge's rank, stay on the raw weights (the edge certifies weight noise, ``docs/spectral.md``)."""
-    plan = _Plan(name=name, module=module)
+    plan = LayerPlan(name=name, module=module)
     if isinstance(module, LOW_RANK_TYPES):
         return _plan_split_layer(plan, params)
     if not isinstance(module, (nn.Linear, nn.Conv2d)):
@@ -215,7 +136,7 @@ def _plan_layer(ctx: PruneContext, name: str, module: nn.Module, params: SvdMpPa
             u, s, vh = whitened_svd(part, root)
             raw = torch.linalg.svdvals(part)
         fit = fit_mp(raw, tuple(part.shape), alpha=params.alpha, tw_confidence=params.tw_confidence)
-        m = _Matrix(label=label, rows=rows, u=u, s=s, vh=vh, fit=fit, s_plus=fit.s_plus, whitened=root is not None,
+        m = Matrix(label=label, rows=rows, u=u, s=s, vh=vh, fit=fit, s_plus=fit.s_plus, whitened=root is not None,
                     score=None if root is None else whitened_scores(s))
         m.rank = _clamp(int((raw > params.margin * fit.s_plus).sum()), m, params)
         plan.matrices.append(m)
@@ -224,7 +145,7 @@ def _plan_layer(ctx: PruneContext, name: str, module: nn.Module, params: SvdMpPa
     return plan
 
 
-def _rewhiten(plan: _Plan, root: torch.Tensor) -> None:
+def _rewhiten(plan: LayerPlan, root: torch.Tensor) -> None:
     """Re-decompose the plan's matrices on inputs with root ``root`` (the model compressed so far),
     keeping the ranks already chosen."""
     matrix = weight_matrix(plan.module.weight.detach()).to("cpu", torch.float64)
@@ -233,7 +154,7 @@ def _rewhiten(plan: _Plan, root: torch.Tensor) -> None:
         m.whitened = True
 
 
-def _apply_sequentially(ctx: PruneContext, plans: list[_Plan], params: SvdMpParams) -> list[LayerRow]:
+def _apply_sequentially(ctx: PruneContext, plans: list[LayerPlan], params: SvdMpParams) -> list[LayerRow]:
     """Apply the plans layer by layer in forward order, each plain layer first re-whitened by its
     inputs in the model as compressed so far (:func:`rmtp.layerwise.compress_sequentially`), so a
     layer's factors are the output-error optimum on the inputs it will really get: the errors of
@@ -265,7 +186,7 @@ def _apply_sequentially(ctx: PruneContext, plans: list[_Plan], params: SvdMpPara
     return [rows[plan.name] for plan in plans]
 
 
-def _plan_split_layer(plan: _Plan, params: SvdMpParams) -> _Plan:
+def _plan_split_layer(plan: LayerPlan, params: SvdMpParams) -> LayerPlan:
     """A layer an earlier round split: truncate its factor product against the recorded dense edge."""
     edges = plan.module.mp_edges
     if edges is None:
@@ -274,14 +195,14 @@ def _plan_split_layer(plan: _Plan, params: SvdMpParams) -> _Plan:
         return plan
     parts = factor_svds(plan.module)
     for index, ((rows, u, s, vh), edge) in enumerate(zip(parts, edges)):
-        m = _Matrix(label=f"[{index}]" if len(parts) > 1 else "", rows=rows, u=u, s=s, vh=vh, fit=None,
+        m = Matrix(label=f"[{index}]" if len(parts) > 1 else "", rows=rows, u=u, s=s, vh=vh, fit=None,
                     s_plus=edge)
         m.rank = _clamp(int((s > params.margin * edge).sum()), m, params)
         plan.matrices.append(m)
     return plan
 
 
-def _changes_weights(plan: _Plan, params: SvdMpParams) -> bool:
+def _changes_weights(plan: LayerPlan, params: SvdMpParams) -> bool:
     """Whether :func:`_apply` will write new weights for this plain layer (a split, or a rank-k
     reconstruction), i.e. whether fitting it to calibration inputs matters."""
     if plan.skipped or plan.already_split or plan.dense_reason is not None:
@@ -289,7 +210,7 @@ def _changes_weights(plan: _Plan, params: SvdMpParams) -> bool:
     return plan.split_cost() < plan.dense_cost() or _reconstructs(plan, params)
 
 
-def _reconstructs(plan: _Plan, params: SvdMpParams) -> bool:
+def _reconstructs(plan: LayerPlan, params: SvdMpParams) -> bool:
     """Whether a layer whose split would not pay gets its rank-k reconstruction written back:
     ``when_split_does_not_pay``, by default yes on raw weights (the seeds' denoising at the edge)
     and no when whitened. Why: measured on the real ViT-Ti at ``target_params: 0.9``, writing the
@@ -300,7 +221,7 @@ def _reconstructs(plan: _Plan, params: SvdMpParams) -> bool:
     return not plan.fits_data
 
 
-def _apply(ctx: PruneContext, plan: _Plan, params: SvdMpParams) -> LayerRow:
+def _apply(ctx: PruneContext, plan: LayerPlan, params: SvdMpParams) -> LayerRow:
     shape, params_before, nonzeros_before = weight_footprint(plan.module)
     if plan.skipped:
         return LayerRow(plan.name, shape, shape, params_before, params_before, nonzeros_before, nonzeros_before,
@@ -352,7 +273,7 @@ def _apply(ctx: PruneContext, plan: _Plan, params: SvdMpParams) -> LayerRow:
 
 
 
-def _clamp(rank: int, matrix: _Matrix, params: SvdMpParams) -> int:
+def _clamp(rank: int, matrix: Matrix, params: SvdMpParams) -> int:
     """``rank`` within [min_rank, max_rank_fraction·min(M,N)], and never above the directions the
     matrix has (a split layer's k: later rounds only cut, ``min_rank`` never grows it back)."""
     full = min(matrix.shape)
@@ -360,7 +281,7 @@ def _clamp(rank: int, matrix: _Matrix, params: SvdMpParams) -> int:
     return min(max(params.min_rank, min(rank, ceiling, full)), matrix.s.numel())
 
 
-def _allocate_uniformly(plans: list[_Plan], params: SvdMpParams) -> None:
+def _allocate_uniformly(plans: list[LayerPlan], params: SvdMpParams) -> None:
     """Every matrix keeps ``target_params`` of its own weights: k = ⌊t·M·N/(M+N)⌋ (a fused qkv's
     blocks each at that share, so the layer holds t·M·N), within the usual clamps. SVD-LLM's
     allocation; a baseline against which the global one is judged."""
@@ -372,7 +293,7 @@ def _allocate_uniformly(plans: list[_Plan], params: SvdMpParams) -> None:
             m.rank = _clamp(math.floor(params.target_params * rows * cols / (rows + cols)), m, params)
 
 
-def _allocate_globally(plans: list[_Plan], params: SvdMpParams) -> None:
+def _allocate_globally(plans: list[LayerPlan], params: SvdMpParams) -> None:
     """Set ranks so the selected layers keep ``target_params`` of their weights, best score first
     (s/s₊; whitened, :func:`.whitening.whitened_scores`).
 
@@ -400,7 +321,7 @@ def _allocate_globally(plans: list[_Plan], params: SvdMpParams) -> None:
     set_threshold(candidates[lo] if lo < len(candidates) else math.inf)
 
 
-def _write_reconstruction(weight: torch.Tensor, matrices: list[_Matrix]) -> None:
+def _write_reconstruction(weight: torch.Tensor, matrices: list[Matrix]) -> None:
     """Write each matrix's rank-k reconstruction U_k·S_k·V_kᵀ into ``weight``'s rows, in place.
 
     Built on a copy of the (out, in·kh·kw) matrix and written back with ``copy_`` into the
