@@ -109,10 +109,12 @@ def prune(model: nn.Module, pruner: str | type[Pruner], /, *, arch: str | Archit
         before = steps.model_stats(model, shape, device)
         if dense is None:
             dense = frozen_copy(model)
-        report = steps.prune_step(model, pruner_cls, validated, arch=architecture, layers=layer_filter,
-                                  device=device, seed=seed, input_shape=shape, dense=dense, calibration=calibration,
-                                  progress=progress, precision=precision, latency=latency,
-                                  accuracy_budget=accuracy_budget)
+        from rmtp.recipe import ResolvedPrune
+
+        step = ResolvedPrune(pruner_cls=pruner_cls, params=validated, layers=layer_filter, precision=precision,
+                             latency=latency, accuracy_budget=accuracy_budget)
+        report = steps.prune_step(model, step, arch=architecture, device=device, seed=seed, input_shape=shape,
+                                  dense=dense, calibration=calibration, progress=progress)
     report.baseline = before
     return report
 

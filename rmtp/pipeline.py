@@ -360,13 +360,12 @@ def _prune(run: _Run, index: int, step: ResolvedPrune) -> StepReport:
     required = pruner_cls.calibration_use(step.params) == "required"
     budgeted = step.accuracy_budget is not None
     report = steps.prune_step(
-        run.model, pruner_cls, step.params, arch=run.arch, layers=step.layers, device=run.device,
-        seed=run.recipe.seed + index, input_shape=run.input_shape, dense=run.dense,
+        run.model, step, arch=run.arch, device=run.device, seed=run.recipe.seed + index,
+        input_shape=run.input_shape, dense=run.dense,
         calibration=run.data.loader("calibration") if required else None,
+        scoring=run.data.loader("calibration") if budgeted and not required else None,
         progress=run.progress, output=run.extras, preview_images=lambda n: _first_images(run.data.val, n, run.device),
-        index=index, label=step.label, precision=step.precision, latency=step.latency,
-        accuracy_budget=step.accuracy_budget,
-        scoring=run.data.loader("calibration") if budgeted and not required else None)
+        index=index)
     if pruner_cls.prunes_weights():  # what later finetune penalties act on
         run.pruned_layers.update(row.layer for row in report.rows if row.skipped is None)
     if run.extras is not None and len(run.extras.names) > extras_before:

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader
 from rmtp import measure
 from rmtp.architecture import Architecture, has_submodule
 from rmtp.errors import RmtpError
-from rmtp.layers import LayerFilter, select_layers
+from rmtp.layers import select_layers
 from rmtp.precision import check_precision
 from rmtp.progress import NULL_PROGRESS, Progress
 from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams, PruneResult, StepOutput
@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from rmtp.latency.cost import CostModel
     from rmtp.latency.settings import LatencySettings
     from rmtp.blockwise import ReconstructConfig
-    from rmtp.recipe import EvaluateParams
+    from rmtp.recipe import EvaluateParams, ResolvedPrune
     from rmtp.training import TrainConfig, TrainState
 
 
@@ -50,15 +50,17 @@ def model_stats(model: nn.Module, input_shape: tuple[int, ...], device: torch.de
                       attention_macs=summary["attention_macs"], top1=top1)
 
 
-def prune_step(model: nn.Module, pruner_cls: type[Pruner], params: PrunerParams, *, arch: Architecture,
-               layers: LayerFilter | None, device: torch.device, seed: int, input_shape: tuple[int, ...],
-               dense: nn.Module | None = None, calibration: DataLoader | None = None,
-               progress: Progress = NULL_PROGRESS, output: StepOutput | None = None,
-               preview_images: Callable[[int], torch.Tensor] | None = None, index: int = 0,
-               label: str | None = None, precision: str = "fp32",
-               latency: LatencySettings | None = None, accuracy_budget: AccuracyBudget | None = None,
-               scoring: DataLoader | None = None) -> StepReport:
+def prune_step(model: nn.Module, step: ResolvedPrune, *, arch: Architecture, device: torch.device, seed: int,
+               input_shape: tuple[int, ...], dense: nn.Module | None = None, calibration: DataLoader | None = None,
+               scoring: DataLoader | None = None, progress: Progress = NULL_PROGRESS,
+               output: StepOutput | None = None, preview_images: Callable[[int], torch.Tensor] | None = None,
+               index: int = 0) -> StepReport:
     """Apply one pruner to ``model`` (in place) and report what it did.
+
+    ``step`` is the one settings object a recipe and ``rmtp.prune`` both build
+    (:class:`rmtp.recipe.ResolvedPrune`: the pruner class, its validated params, the layer filter,
+    the name, precision, latency and accuracy budget); the other arguments are the run's (model,
+    architecture, device, seed, data, progress, output).
 
     ``layers`` filters the pruner's candidate layers (``None``: every non-optional one). A pruner
     whose :meth:`~rmtp.pruner.Pruner.calibration_use` is ``"required"`` and gets no ``calibration``
@@ -76,7 +78,8 @@ def prune_step(model: nn.Module, pruner_cls: type[Pruner], params: PrunerParams,
     With ``dense`` and calibration images, the report carries the result's top-1 agreement with
     dense and mean KL on them (``report.agreement``), and a warning when it agrees on fewer than half.
     """
-    name = label or pruner_cls.name
+    pruner_cls, params, layers, name = step.pruner_cls, step.params, step.layers, step.label
+    precision, latency, accuracy_budget = step.precision, step.latency, step.accuracy_budget
     use = pruner_cls.calibration_use(params)
     if use == "required" and calibration is None:
         raise RmtpError(f"{pruner_cls.name} needs calibration data (a DataLoader of (images, labels) from the "

@@ -36,7 +36,7 @@ from torch import nn
 from rmtp.errors import RmtpError
 from rmtp.gemm import from_gemm, gemm_view
 from rmtp.layerwise import LayerInputs, compress_sequentially
-from rmtp.pruner import LayerRow, PruneContext
+from rmtp.pruner import PruneContext
 from rmtp_plugins.spp.groups import slice_unit
 from rmtp_plugins.spp.obs import StructuredFit, remove_groups
 from rmtp_plugins.spp.params import SppParams
