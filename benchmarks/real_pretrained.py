@@ -480,8 +480,9 @@ def calibration_loader(data: ImageTensors, split: Split, batch: int = 32) -> tor
 
 @dataclass
 class Row:
-    """One method's figures (the JSON's ``rows``). ``zero_shot`` is the stage measured now; a
-    recovery stage (issue 21 item 6) will sit beside it under its own key."""
+    """One method's figures (the JSON's ``rows``). ``zero_shot`` holds the scores of the model the
+    row ends with: zero-shot when ``reconstruct`` is None, else after that recovery (the key keeps
+    its name so that older JSON reads the same)."""
 
     key: str
     label: str
@@ -780,7 +781,7 @@ def figure(result: dict[str, Any], path: Path) -> Path | None:
 
     from rmtp.atomic import save_figure_atomic
 
-    fig, ax = plt.subplots(figsize=(7.2, 4.6))
+    fig, ax = plt.subplots(figsize=(8.4, 5.6))
     dense_top1 = next(r["zero_shot"]["top1"] for r in result["rows"] if r["key"] == "dense")
     ax.axhline(dense_top1, color="grey", lw=0.8, ls="--", zorder=1)
     placed: list[tuple[float, float]] = []
@@ -791,19 +792,22 @@ def figure(result: dict[str, Any], path: Path) -> Path | None:
         if ratio is None:
             continue
         x, y = ratio["median"], r["zero_shot"]["top1"]
-        is_dense = r["key"] == "dense"
-        ax.errorbar(x, y, xerr=[[x - ratio["q1"]], [ratio["q3"] - x]], fmt="*" if is_dense else "o",
-                    ms=12 if is_dense else 6, color="black" if is_dense else "tab:blue", capsize=2, zorder=3)
+        is_dense, recovered = r["key"] == "dense", r.get("reconstruct") is not None
+        ax.errorbar(x, y, xerr=[[x - ratio["q1"]], [ratio["q3"] - x]],
+                    fmt="*" if is_dense else ("D" if recovered else "o"), ms=12 if is_dense else 6,
+                    color="black" if is_dense else ("tab:orange" if recovered else "tab:blue"), capsize=2,
+                    elinewidth=0.8, alpha=0.9, zorder=3)
         # methods that land on the same spot (the zero-shot failures near 0%, the ×1 masks) get their
-        # labels stacked downwards rather than printed over each other
-        crowd = sum(1 for px, py in placed if abs(px - x) < 0.08 and abs(py - y) < 4.0)
+        # labels stacked downwards rather than printed over each other; the key is the short name
+        crowd = sum(1 for px, py in placed if abs(px - x) < 0.15 and abs(py - y) < 3.0)
         placed.append((x, y))
         # labels of the fastest points go to their left, inside the axes
-        ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(-6 if x > right else 6, 3 - 9 * crowd),
-                    ha="right" if x > right else "left", fontsize=7.5)
+        ax.annotate(r["key"], (x, y), textcoords="offset points", xytext=(-6 if x > right else 6, 3 - 8 * crowd),
+                    ha="right" if x > right else "left", fontsize=7)
     ax.set_xlabel("measured CPU speed-up over dense, batch 32, 1 thread (median, IQR bars)")
     ax.set_ylabel(f"top-1 on {result['split']['evaluation_images']} held-out images (%)")
-    ax.set_title(f"{result['model']['name']}, zero-shot: accuracy vs measured speed", fontsize=10)
+    ax.set_title(f"{result['model']['name']}: accuracy vs measured speed\n(blue: zero-shot; orange diamonds: "
+                 f"after block-wise reconstruction on the calibration images)", fontsize=9)
     ax.set_ylim(-3, 100)
     ax.grid(alpha=0.3)
     fig.tight_layout()
