@@ -151,8 +151,17 @@ def finetune(model: nn.Module, data: DataLike | DataLoader, /, *, teacher: nn.Mo
     train_config = _validate("rmtp.finetune", TrainConfig, config, prefix="")
     device = _device(model, device)
     if isinstance(data, DataLoader):
+        from torch.utils.data import IterableDataset
+
         from rmtp.data import unlabeled_bundle
 
+        if train_config.distill is None or train_config.distill.weight != 1.0 or teacher is None:
+            raise RecipeError(["rmtp.finetune: a DataLoader is read as unlabeled images, trained by distillation "
+                               "alone: pass teacher= (the dense model) and distill={'weight': 1.0}; for labelled "
+                               "fine-tuning pass a data spec or bundle (rmtp.build_data) instead"])
+        if isinstance(data.dataset, IterableDataset) or not hasattr(data.dataset, "__len__"):
+            raise RecipeError(["rmtp.finetune: the DataLoader's dataset has no length (an IterableDataset); give a "
+                               "map-style dataset of images (or of (image, anything) pairs)"])
         bundle = unlabeled_bundle(data.dataset, batch_size=data.batch_size or 1, num_workers=data.num_workers)
     else:
         bundle = _bundle("rmtp.finetune", data, model)

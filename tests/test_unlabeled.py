@@ -149,8 +149,23 @@ def test_rmtp_finetune_takes_a_dataloader_of_images_as_unlabeled() -> None:
         report = rmtp.finetune(model, DataLoader(data, batch_size=8), teacher=dense, distill={"weight": 1.0},
                                epochs=1, lr=1e-3, seed=0)
         assert report.stats.top1 is None and report.history[-1]["steps"] == 3
-    with pytest.raises(RmtpError, match=r"^finetune\.distill: not set, and the data is unlabeled"):
+    with pytest.raises(RmtpError, match=r"a DataLoader is read as unlabeled images, trained by distillation alone"):
         rmtp.finetune(model, DataLoader(TensorDataset(images), batch_size=8), teacher=dense)
+    with pytest.raises(RmtpError, match=r"a DataLoader is read as unlabeled images.*distill=\{'weight': 1.0\}"):
+        rmtp.finetune(model, DataLoader(TensorDataset(images), batch_size=8), distill={"weight": 1.0})
+
+
+def test_rmtp_finetune_refuses_a_loader_without_length_in_one_line() -> None:
+    from torch.utils.data import IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):  # noqa: ANN204 - a stream of images
+            yield from torch.randn(8, 1, 16, 16)
+
+    model = _digits_vit()
+    with pytest.raises(RmtpError, match="has no length"):
+        rmtp.finetune(model, DataLoader(Stream(), batch_size=4), teacher=rmtp.frozen_copy(model),
+                      distill={"weight": 1.0})
 
 
 @pytest.mark.parametrize(("config", "key"), [
