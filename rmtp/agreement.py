@@ -76,19 +76,11 @@ def _sized_dataset(loader: DataLoader) -> Dataset:
 def images_of(data: Iterable | Dataset, limit: int | None = None, batch: int = 64) -> torch.Tensor:
     """The images of a loader of (images, labels) batches (or of a dataset of (image, label)), at most
     ``limit``, as one CPU tensor."""
+    from rmtp.blockwise import calibration_images
+
     if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
         data = DataLoader(data, batch_size=batch, shuffle=False)
-    chunks, count = [], 0
-    for item in data:
-        images = _images(item)
-        chunks.append(images.cpu())
-        count += len(images)
-        if limit is not None and count >= limit:
-            break
-    if not chunks:
-        raise RmtpError("the calibration data is empty")
-    images = torch.cat(chunks)
-    return images[:limit] if limit is not None else images
+    return calibration_images(data, limit, who=None).cpu()
 
 
 def _images(batch: object) -> torch.Tensor:

@@ -190,8 +190,9 @@ def _batches(count: int, config: ReconstructConfig, generator: torch.Generator) 
         position += size
 
 
-def calibration_images(loader: Iterable, limit: int | None) -> torch.Tensor:
-    """The images of a calibration loader of (images, labels) batches, at most ``limit`` of them."""
+def calibration_images(loader: Iterable, limit: int | None, *, who: str | None = "reconstruct") -> torch.Tensor:
+    """The images of a calibration loader of (images, labels) batches, at most ``limit`` of them
+    (``who`` starts the error when there are none)."""
     chunks, count = [], 0
     for batch in loader:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
@@ -200,6 +201,6 @@ def calibration_images(loader: Iterable, limit: int | None) -> torch.Tensor:
         if limit is not None and count >= limit:
             break
     if not chunks:
-        raise RmtpError("reconstruct: the calibration data is empty")
+        raise RmtpError(f"{who + ': ' if who else ''}the calibration data is empty")
     images = torch.cat(chunks)
     return images[:limit] if limit is not None else images
