@@ -5,7 +5,12 @@ timm's module names: how to create a model (by timm name and kwargs, pretrained 
 checkpoint), which layers are candidates for pruning (in forward order), how a fused qkv
 projection splits into q, k and v, and which layers share a hidden dimension (:class:`Coupling`:
 the producer/consumer pairs structured pruners cut or permute together, with what sits between
-them). Adding a model family is one architecture module; the pruners read only this contract.
+them). Two more questions serve the pruners that change a model's structure rather than its
+weights: whether an attention's heads can be removed and how its head count is recorded
+(:meth:`Architecture.head_problem`, :meth:`Architecture.set_head_count`: spp), and whether the
+model runs its tokens through blocks a token pruner can reduce between (:class:`TokenBlocks`:
+token-cls, token-mean, tome). Adding a model family is one architecture module; the pruners read
+only this contract and never name a timm class.
 """
 
 from __future__ import annotations
@@ -135,6 +140,25 @@ class Coupling:
         return self.producer in layer_names or self.consumer in layer_names
 
 
+@dataclass(frozen=True)
+class TokenBlocks:
+    """How a model runs its token sequence, declared by its architecture for the token pruners.
+
+    The model's forward is timm's ``VisionTransformer`` one (``patch_embed`` → ``_pos_embed`` →
+    ``patch_drop`` → ``norm_pre`` → ``blocks`` → ``norm`` → ``forward_head``), and every block is a
+    pre-norm transformer block (``norm1``, ``attn`` with a fused ``qkv``, ``ls1``, ``drop_path1``,
+    ``norm2``, ``mlp``, ``ls2``, ``drop_path2``): the token patch reproduces exactly that and
+    reduces tokens between each block's attention and its MLP. ``num_prefix_tokens`` (class,
+    distillation and register tokens, first in the sequence) are never dropped or merged;
+    ``has_class_token`` says whether the first of them is a class token (``token-cls`` scores by it).
+    """
+
+    num_prefix_tokens: int
+    has_class_token: bool
+    num_patches: int
+    depth: int
+
+
 class Architecture(ABC):
     """Base class of architecture plugins (``vit``, ``convnext``, ``resnet`` and third-party ones)."""
 
@@ -210,3 +234,34 @@ class Architecture(ABC):
         without couplings still gets every per-layer pruner.
         """
         return []
+
+    def head_problem(self, model: nn.Module, attention: str) -> str | None:
+        """Why the heads of the attention module at ``attention`` (the name of a ``"heads"``
+        coupling) cannot be removed, or ``None`` when they can.
+
+        Removing heads slices the coupling's fused qkv rows and output-projection columns; the
+        family answers for what else its attention computes per head or across heads (a per-head
+        bias table, a norm over the concatenated heads, rotary embeddings), and must then record
+        the new count with :meth:`set_head_count`. The default refuses: a family that declares
+        heads couplings for permutation alone (n:m) need not support removing them.
+        """
+        return f"the {self.name} architecture does not say how its attention records a head count"
+
+    def set_head_count(self, model: nn.Module, attention: str, count: int) -> None:
+        """Record that the attention at ``attention`` now has ``count`` heads (its qkv and output
+        projection already sliced to them), so its forward reshapes by the new count.
+
+        Called when spp slices heads and again when a saved head-pruned model is loaded (the
+        ``spp.attention_heads`` patch). Raises :class:`PluginError` when the sizes do not fit.
+        """
+        raise PluginError(f"the {self.name} architecture does not say how its attention records a head count")
+
+    def token_blocks(self, model: nn.Module) -> TokenBlocks:
+        """How ``model`` runs its tokens (:class:`TokenBlocks`), for the token pruners; raises
+        :class:`PluginError` with the reason when they cannot reduce its tokens (windowed attention
+        on a fixed grid, rotary positions, a block type the token patch does not reproduce).
+
+        The default refuses: token reduction needs a family that vouches for its forward pass.
+        """
+        raise PluginError(f"the {self.name} architecture declares no token blocks (Architecture.token_blocks), "
+                          f"so token pruners cannot reduce its tokens")

@@ -12,6 +12,9 @@ entries form a group. (The spectral view, :func:`rmtp.spectral.mp.weight_matrix`
 from __future__ import annotations
 
 import torch
+from torch import nn
+
+from rmtp.errors import RmtpError
 
 
 def gemm_view(weight: torch.Tensor) -> torch.Tensor:
@@ -30,3 +33,17 @@ def from_gemm(matrix: torch.Tensor, weight_shape: tuple[int, ...]) -> torch.Tens
         return matrix.reshape(weight_shape)
     out, c, r, s = weight_shape
     return matrix.reshape(out, r, s, c).permute(0, 3, 1, 2).contiguous()
+
+
+def matrix_shape(layer: nn.Module) -> tuple[int, int]:
+    """(outputs, inputs) of a Linear-like layer, also once a pruner replaced or wrapped it
+    (svd-mp's low-rank split exposes ``effective_shape``; n:m's permutation wrapper its ``weight``)."""
+    if isinstance(layer, nn.Linear):
+        return layer.out_features, layer.in_features
+    shape = getattr(layer, "effective_shape", None)
+    if shape is not None:
+        return int(shape[0]), int(shape[1])
+    weight = getattr(layer, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return int(weight.shape[0]), int(weight.shape[1])
+    raise RmtpError(f"cannot tell the input and output sizes of a {type(layer).__name__}")

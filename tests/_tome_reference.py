@@ -7,7 +7,8 @@ af95e4b1befa172dadccd8c81e223b10090f9579 (2023-03-30; the files below last chang
 
 * ``tome/merge.py``: ``bipartite_soft_matching`` (its ``merge``; ``unmerge`` is not used by the
   timm patch), ``merge_wavg``, ``merge_source``;
-* ``tome/patch/timm.py``: ``ToMeBlock``, ``ToMeAttention``, ``make_tome_class``, ``apply_patch``;
+* ``tome/patch/timm.py``: ``ToMeBlock``, ``ToMeAttention``, ``make_tome_class``, ``apply_patch``
+  (ToMe subclasses the model's own class, so timm's distilled DeiT keeps its two heads);
 * ``tome/utils.py``: ``parse_r``;
 * ``tome/patch/mae.py``: the proportional (size-weighted) global average pool, used here for
   ``global_pool='avg'`` models (ToMe's timm patch leaves timm's unweighted pool).
@@ -27,6 +28,7 @@ import math
 from typing import Any, Callable
 
 import torch
+from timm.models.deit import VisionTransformerDistilled
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from torch import Tensor, nn
 
@@ -160,26 +162,30 @@ class ToMeAttention(Attention):
         return x, k.mean(1)
 
 
-class ToMeVisionTransformer(VisionTransformer):
-    """Resets r, sizes and sources per forward; avg pooling proportional to size (tome/patch/mae.py)."""
+def make_tome_class(transformer_class: type[VisionTransformer]) -> type[VisionTransformer]:
+    """ToMe's ``make_tome_class``: the model's own class with r, sizes and sources reset per forward;
+    plus avg pooling proportional to size (tome/patch/mae.py)."""
 
-    r: Any
-    _tome_info: dict[str, Any]
+    class ToMeVisionTransformer(transformer_class):
+        r: Any
+        _tome_info: dict[str, Any]
 
-    def forward(self, *args: Any, **kwargs: Any) -> Tensor:
-        self._tome_info["r"] = parse_r(len(self.blocks), self.r)
-        self._tome_info["size"] = None
-        self._tome_info["source"] = None
-        return super().forward(*args, **kwargs)
+        def forward(self, *args: Any, **kwargs: Any) -> Tensor:
+            self._tome_info["r"] = parse_r(len(self.blocks), self.r)
+            self._tome_info["size"] = None
+            self._tome_info["source"] = None
+            return super().forward(*args, **kwargs)
 
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        size = self._tome_info["size"]
-        if self.global_pool != "avg" or size is None:
-            return super().forward_head(x, pre_logits)
-        npt = self.num_prefix_tokens  # MAE: x[:, 1:] (one class token)
-        x = (x * size)[:, npt:, :].sum(dim=1) / self.patch_embed.num_patches
-        x = self.head_drop(self.fc_norm(x))
-        return x if pre_logits else self.head(x)
+        def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+            size = self._tome_info["size"]
+            if self.global_pool != "avg" or size is None:
+                return super().forward_head(x, pre_logits)
+            npt = self.num_prefix_tokens  # MAE: x[:, 1:] (one class token)
+            x = (x * size)[:, npt:, :].sum(dim=1) / self.patch_embed.num_patches
+            x = self.head_drop(self.fc_norm(x))
+            return x if pre_logits else self.head(x)
+
+    return ToMeVisionTransformer
 
 
 def apply_patch(model: VisionTransformer, r: Any, *, trace_source: bool = False, prop_attn: bool = True,
@@ -187,8 +193,8 @@ def apply_patch(model: VisionTransformer, r: Any, *, trace_source: bool = False,
     """ToMe's ``apply_patch`` (then ``model.r = r``). ``distill_token=None``: ToMe's own rule
     (``model.dist_token`` exists); True makes the token after the class token the protected
     distillation token, as for DeiT."""
-    if type(model) is not VisionTransformer:
-        raise TypeError(f"the reference patches timm's plain VisionTransformer, not {type(model).__qualname__}")
+    if type(model) not in (VisionTransformer, VisionTransformerDistilled):
+        raise TypeError(f"the reference patches timm's plain or distilled ViT, not {type(model).__qualname__}")
     for block in model.blocks:
         attn = block.attn
         if type(block) is not Block or type(attn) is not Attention:
@@ -199,7 +205,7 @@ def apply_patch(model: VisionTransformer, r: Any, *, trace_source: bool = False,
         raise TypeError(f"the reference pools 'token' or 'avg', not {model.global_pool!r}")
     if distill_token is None:
         distill_token = getattr(model, "dist_token", None) is not None
-    model.__class__ = ToMeVisionTransformer
+    model.__class__ = make_tome_class(model.__class__)
     model.r = r
     model._tome_info = {"r": model.r, "size": None, "source": None, "trace_source": trace_source,
                         "prop_attn": prop_attn, "class_token": model.cls_token is not None,

@@ -20,7 +20,9 @@ from rmtp.architecture import Architecture, ModelSpec, PrunableLayer
 from rmtp.errors import CheckpointError, PluginError
 from rmtp.plugins import load_plugins
 from rmtp_plugins.architectures.convnext import ConvNextArchitecture
+from rmtp_plugins.architectures.deit import DeitDistilledArchitecture
 from rmtp_plugins.architectures.resnet import ResNetArchitecture
+from rmtp_plugins.architectures.swin import SwinArchitecture
 from rmtp_plugins.architectures.vit import VitArchitecture
 
 INPUT = (2, 3, 32, 32)
@@ -125,7 +127,14 @@ def test_builtin_adapters_are_registered_through_entry_points() -> None:
         (VitArchitecture, "vit_base_r50_s16_384", True),  # hybrid: ResNet stem, ViT blocks
         (VitArchitecture, "vit_relpos_base_patch16_224", True),
         (VitArchitecture, "deit_small_patch16_224", True),
-        (VitArchitecture, "deit_tiny_distilled_patch16_224", True),
+        (VitArchitecture, "deit_tiny_distilled_patch16_224", False),  # the deit family's
+        (DeitDistilledArchitecture, "deit_tiny_distilled_patch16_224", True),
+        (DeitDistilledArchitecture, "deit_base_distilled_patch16_384", True),
+        (DeitDistilledArchitecture, "deit_small_patch16_224", False),  # plain VisionTransformer: vit's
+        (SwinArchitecture, "swin_tiny_patch4_window7_224", True),
+        (SwinArchitecture, "swin_base_patch4_window12_384.ms_in22k", True),
+        (SwinArchitecture, "swinv2_tiny_window8_256", False),  # another module, cosine attention
+        (SwinArchitecture, "vit_base_patch16_224", False),
         (VitArchitecture, "deit3_base_patch16_224", True),
         (VitArchitecture, "flexivit_small", True),
         (VitArchitecture, "vit_base_patch16_dinov3", False),  # built by timm.models.eva
@@ -208,8 +217,8 @@ def test_vit_without_head_or_qkv_bias() -> None:
 
 
 def test_deit_distilled_lists_both_heads() -> None:
-    model = VitArchitecture().create(ModelSpec(name="deit_tiny_distilled_patch16_224", kwargs=VIT_KWARGS))
-    assert VitArchitecture().prunable_layers(model) == _expected_vit(VIT_KWARGS["depth"], heads=("head", "head_dist"))
+    model = DeitDistilledArchitecture().create(ModelSpec(name="deit_tiny_distilled_patch16_224", kwargs=VIT_KWARGS))
+    assert DeitDistilledArchitecture().prunable_layers(model) == _expected_vit(VIT_KWARGS["depth"], heads=("head", "head_dist"))
 
 
 def test_vit_qkv_split_follows_timm_attention_layout(models: dict[str, nn.Module]) -> None:

@@ -51,7 +51,7 @@ def context(model: torch.nn.Module, *, images: int = 64, seed: int = 0) -> Prune
 
 def units_of(model: torch.nn.Module):
     arch = get_plugins().architecture("vit")
-    return find_units(model, arch.couplings(model), arch.prunable_layers(model), ("heads", "neurons"))
+    return find_units(model, arch.couplings(model), arch.prunable_layers(model), ("heads", "neurons"), arch=arch)
 
 
 # --------------------------------------------------------------------------------- the path

@@ -76,7 +76,7 @@ def arch_of(key: str):
 
 def units_of(model: torch.nn.Module, key: str):
     arch = arch_of(key)
-    return find_units(model, arch.couplings(model), arch.prunable_layers(model), ("heads", "neurons", "channels"))
+    return find_units(model, arch.couplings(model), arch.prunable_layers(model), ("heads", "neurons", "channels"), arch=arch)
 
 
 def context(model: torch.nn.Module, key: str, *, images: int = 64, seed: int = 0) -> PruneContext:

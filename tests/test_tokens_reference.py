@@ -314,6 +314,8 @@ TOME_VITS: dict[str, dict] = {
     "mae-avg-pool": dict(depth=3, embed_dim=64, num_heads=4, global_pool="avg"),
     "no-class-token-avg": dict(depth=3, embed_dim=64, num_heads=4, class_token=False, global_pool="avg"),
     "cls-register-as-distill": dict(depth=4, embed_dim=64, num_heads=4, reg_tokens=1, distill_token=True),
+    # timm's own distilled DeiT (the deit architecture): ToMe's rule finds its dist_token
+    "deit-distilled": dict(name="deit_tiny_distilled_patch16_224", depth=3, embed_dim=64, num_heads=4),
 }
 #: ToMe's r forms: a constant (13: 64 → 51 → 38 → 25; 40 hits the ⌊n/2⌋ cap at every block), and
 #: (r, inflection) schedules, decreasing and increasing.
@@ -331,7 +333,7 @@ def make_tome_vit(name: str) -> torch.nn.Module:
                               num_classes=10, **config).eval()
     with torch.no_grad():
         for param_name, p in model.named_parameters():
-            if param_name in ("pos_embed", "cls_token", "reg_token"):
+            if param_name in ("pos_embed", "cls_token", "reg_token", "dist_token"):
                 p.normal_(0, 1.0)
             elif param_name.endswith("attn.qkv.weight"):
                 p.normal_(0, 0.3)
@@ -344,7 +346,8 @@ def rmtp_tome(model: torch.nn.Module, r: tuple[int, float], prop_attn: bool) -> 
     """``model`` patched the way the ``tome`` pruner patches it (its params → plan → patch)."""
     params = TomeParams(r=r[0], ramp=r[1], prop_attn=prop_attn)
     plan = TomePruner().plan(params, len(model.blocks))
-    apply_patch(model, TokenReduction(**plan.model_dump()))
+    arch = "deit" if "distilled" in type(model).__name__.lower() else "vit"
+    apply_patch(model, TokenReduction(arch, **plan.model_dump()))
     return model
 
 
@@ -376,7 +379,7 @@ def test_tome_logits_match_facebookresearch_tome(name: str, r: str, prop_attn: b
     assert relative_error(got, expected) <= REL_TOL
 
 
-@pytest.mark.parametrize("name", ["vit", "deit", "no-class-token-avg", "cls-register-as-distill"])
+@pytest.mark.parametrize("name", ["vit", "deit", "no-class-token-avg", "cls-register-as-distill", "deit-distilled"])
 def test_tome_sources_and_sizes_match_facebookresearch_tome(name: str) -> None:
     """Token for token in the same order: the traced sources (what ``rmtp token-map`` draws) and sizes
     are ToMe's ``merge_source`` / ``merge_wavg`` ones, exactly."""

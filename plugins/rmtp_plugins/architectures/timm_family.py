@@ -171,3 +171,30 @@ def mlp_coupling(model: nn.Module, mlp_name: str) -> Coupling | None:
                   if not isinstance(model.get_submodule(p), nn.Identity))
     return Coupling("neurons", mlp_name, f"{mlp_name}.fc1", f"{mlp_name}.fc2",
                     between=children_present(mlp, mlp_name, ("act", "drop1", "norm", "grn")), norms=norms)
+
+
+def head_coupling(model: nn.Module, attn_name: str) -> Coupling | None:
+    """The heads of the fused-qkv attention at ``attn_name``: ``num_heads`` groups of head_dim
+    channels (its ``head_dim``, else proj's inputs over the heads), the v rows of ``qkv`` (all of
+    q, then k, then v) feeding ``proj``; ``None`` when the sizes do not say so (an earlier pruner
+    replaced the branch, or this is not a fused-qkv attention)."""
+    try:
+        attn = model.get_submodule(attn_name)
+        qkv, proj = attn.get_submodule("qkv"), attn.get_submodule("proj")
+    except AttributeError:
+        return None
+    heads = getattr(attn, "num_heads", None)
+    qkv_weight, proj_weight = getattr(qkv, "weight", None), getattr(proj, "weight", None)
+    if not isinstance(heads, int) or heads < 1 or qkv_weight is None or proj_weight is None or proj_weight.ndim != 2:
+        return None
+    head_dim = getattr(attn, "head_dim", None)
+    if head_dim is None and proj_weight.shape[1] % heads == 0:
+        head_dim = proj_weight.shape[1] // heads
+    if not isinstance(head_dim, int):
+        return None
+    dim = heads * head_dim
+    if qkv_weight.ndim != 2 or qkv_weight.shape[0] != 3 * dim or proj_weight.shape[1] != dim:
+        return None
+    return Coupling("heads", attn_name, f"{attn_name}.qkv", f"{attn_name}.proj",
+                    between=children_present(attn, attn_name, ("norm", "gate")), rows=slice(2 * dim, 3 * dim),
+                    group=head_dim)

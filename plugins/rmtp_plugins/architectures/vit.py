@@ -16,9 +16,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from rmtp.architecture import Coupling
+from rmtp.architecture import Coupling, TokenBlocks
+from rmtp.errors import PluginError
 from rmtp.hookspecs import hookimpl
-from rmtp_plugins.architectures.timm_family import LayerRule, TimmFamily, children_present, mlp_coupling
+from rmtp_plugins.architectures.timm_family import LayerRule, TimmFamily, head_coupling, mlp_coupling
 
 if TYPE_CHECKING:
     from torch import nn
@@ -33,7 +34,8 @@ class VitArchitecture(TimmFamily):
     timm_modules = ("vision_transformer", "vision_transformer_hybrid", "vision_transformer_relpos", "deit")
     # Same timm module, other block types: ParallelScalingBlock (in_proj/out_proj) and
     # ParallelThingsBlock (blocks.{i}.attns.{j}.attn.qkv).
-    unsupported_patterns = ("vit_*_xp_*", "vit_pwee_*", "vit_dpwee_*", "vit_*_18x2_*")
+    # Distilled DeiT (two prefix tokens, two heads) is the ``deit`` family's (architectures/deit.py).
+    unsupported_patterns = ("vit_*_xp_*", "vit_pwee_*", "vit_dpwee_*", "vit_*_18x2_*", "deit_*_distilled_*")
     block_pattern = r"blocks\.\d+"
     block_children = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
     layer_rules = (
@@ -65,31 +67,69 @@ class VitArchitecture(TimmFamily):
         head) and the MLP's hidden neurons (``mlp.fc1`` → ``mlp.fc2``)."""
         found: list[Coupling] = []
         for block_name, _ in self._blocks(model):
-            heads = _head_coupling(model, f"{block_name}.attn")
+            heads = head_coupling(model, f"{block_name}.attn")
             neurons = mlp_coupling(model, f"{block_name}.mlp")
             found += [c for c in (heads, neurons) if c is not None]
         return found
 
+    def head_problem(self, model: nn.Module, attention: str) -> str | None:
+        """timm's ``Attention`` computes nothing per head or across heads beyond the fused qkv and
+        the output projection, unless it gates its output or normalises the concatenated heads."""
+        from timm.layers import Attention
+        from torch import nn
 
-def _head_coupling(model: nn.Module, attn_name: str) -> Coupling | None:
-    """The heads of the attention at ``attn_name``: ``num_heads`` groups of ``head_dim`` channels,
-    the v rows of the fused ``qkv`` feeding ``proj``; ``None`` when the sizes do not say so (an
-    earlier pruner replaced the branch, or this is not a fused-qkv attention)."""
-    try:
-        attn = model.get_submodule(attn_name)
-        qkv, proj = attn.get_submodule("qkv"), attn.get_submodule("proj")
-    except AttributeError:
+        attn = model.get_submodule(attention)
+        if type(attn) is not Attention:
+            return f"a {type(attn).__name__}, not timm's Attention"
+        if getattr(attn, "gate", None) is not None:
+            return "it has an output gate (gated attention), which spp does not slice"
+        if not isinstance(attn.norm, nn.Identity):
+            return "it normalises the concatenated heads (scale_norm), which mixes heads"
         return None
-    heads, head_dim = getattr(attn, "num_heads", None), getattr(attn, "head_dim", None)
-    qkv_weight, proj_weight = getattr(qkv, "weight", None), getattr(proj, "weight", None)
-    if not (isinstance(heads, int) and isinstance(head_dim, int)) or qkv_weight is None or proj_weight is None:
-        return None
-    dim = heads * head_dim
-    if qkv_weight.ndim != 2 or qkv_weight.shape[0] != 3 * dim or proj_weight.shape[1] != dim:
-        return None
-    return Coupling("heads", attn_name, f"{attn_name}.qkv", f"{attn_name}.proj",
-                    between=children_present(attn, attn_name, ("norm", "gate")), rows=slice(2 * dim, 3 * dim),
-                    group=head_dim)
+
+    def set_head_count(self, model: nn.Module, attention: str, count: int) -> None:
+        """timm's ``Attention`` reshapes by ``num_heads`` and ``attn_dim`` (= heads·head_dim)."""
+        from timm.layers import Attention
+
+        from rmtp.gemm import matrix_shape
+
+        attn = model.get_submodule(attention)
+        if not isinstance(attn, Attention):
+            raise PluginError(f"{attention} is a {type(attn).__name__}, not timm's Attention")
+        width = count * attn.head_dim
+        qkv_out, proj_in = matrix_shape(attn.qkv)[0], matrix_shape(attn.proj)[1]
+        if count < 1 or qkv_out != 3 * width or proj_in != width:
+            raise PluginError(f"{attention} cannot hold {count} heads of {attn.head_dim} (qkv has {qkv_out} "
+                              f"outputs, proj {proj_in} inputs)")
+        attn.num_heads, attn.attn_dim = count, width
+
+    def token_blocks(self, model: nn.Module) -> TokenBlocks:
+        """timm's plain ``VisionTransformer`` of pre-norm ``Block``s with timm's ``Attention``."""
+        from timm.models.vision_transformer import VisionTransformer
+
+        if type(model) is not VisionTransformer:
+            raise PluginError(f"it is a {type(model).__module__}.{type(model).__qualname__}, not timm's "
+                              f"VisionTransformer (other families, such as Eva, relative-position or hybrid-attention "
+                              f"ViTs, compute their forward pass or positions differently)")
+        return vit_token_blocks(model)
+
+
+def vit_token_blocks(model: nn.Module) -> TokenBlocks:
+    """The :class:`TokenBlocks` of a timm ``VisionTransformer`` (or subclass) whose blocks are timm's
+    plain pre-norm ``Block`` with timm's ``Attention``; :class:`PluginError` naming the first block
+    that is not (parallel or post-norm blocks, rotary or differential attention)."""
+    from timm.layers import Attention
+    from timm.models.vision_transformer import Block
+
+    for index, block in enumerate(model.blocks):
+        if type(block) is not Block:
+            raise PluginError(f"blocks.{index} is a {type(block).__qualname__}, not timm's plain Block (parallel, "
+                              f"post-norm and other block types are not supported)")
+        if type(block.attn) is not Attention:
+            raise PluginError(f"blocks.{index}.attn is a {type(block.attn).__qualname__}, not timm's Attention "
+                              f"(rotary, differential and other attention types are not supported)")
+    return TokenBlocks(num_prefix_tokens=model.num_prefix_tokens, has_class_token=bool(model.has_class_token),
+                       num_patches=model.patch_embed.num_patches, depth=len(model.blocks))
 
 
 @hookimpl

@@ -27,7 +27,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from rmtp.architecture import Coupling, PrunableLayer
+from rmtp.architecture import Architecture, Coupling, PrunableLayer
 from rmtp.errors import RmtpError
 from rmtp.gemm import gemm_view
 from rmtp_plugins.spp.conv_modules import ConstantChannels, RemovedConv2d
@@ -45,13 +45,14 @@ _EMPTY = (ConstantBranch, ConstantChannels)
 
 
 def find_units(model: nn.Module, couplings: Sequence[Coupling], layers: list[PrunableLayer],
-               structures: Collection[str]) -> list[Unit]:
+               structures: Collection[str], *, arch: Architecture) -> list[Unit]:
     """The units behind the selected layers, in forward order, with their gate offsets.
 
     A coupling the architecture declares (:meth:`~rmtp.architecture.Architecture.couplings`) of a
     kind in ``structures`` becomes a unit when its producer or consumer is selected: a ViT block's
     heads when ``attn.qkv`` or ``attn.proj`` is, an MLP's neurons when ``mlp.fc1`` or ``mlp.fc2``
-    is, a ResNet unit's channels when its producer or consumer conv is. A unit an earlier spp step
+    is, a ResNet unit's channels when its producer or consumer conv is. ``arch`` (the model's
+    architecture) says whether an attention's heads can be removed. A unit an earlier spp step
     removed entirely has no groups left and is skipped. Raises :class:`RmtpError` naming the branch
     when one cannot be handled.
     """
@@ -73,10 +74,10 @@ def find_units(model: nn.Module, couplings: Sequence[Coupling], layers: list[Pru
         module = model.get_submodule(coupling.name)
         if isinstance(module, _EMPTY):
             continue
-        problem = attention_problem(module) if kind == "head" else mlp_problem(module)
+        problem = attention_problem(model, coupling, arch) if kind == "head" else mlp_problem(module)
         if problem:
             _refuse(kind, coupling.name, problem)
-        units.append(head_unit(coupling.name, module) if kind == "head" else neuron_unit(coupling.name, module))
+        units.append(head_unit(model, coupling, arch) if kind == "head" else neuron_unit(coupling.name, module))
     for unit in units:
         problem = nm_problem(model, unit)
         if problem:

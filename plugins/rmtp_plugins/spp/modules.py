@@ -8,10 +8,10 @@ hold. Three small pieces describe the change for :func:`rmtp.load`:
 * :class:`ConstantBranch` — what an attention or MLP branch becomes when every head/neuron is
   removed: the branch then outputs its output projection's bias for every token, exactly what the
   gated model computes with all gates at 0, with no 0-width Linear anywhere.
-* :class:`AttentionHeads` — a :class:`~rmtp.modules.ModelPatch` that sets ``num_heads`` (and
-  ``attn_dim``) of timm ``Attention`` modules whose qkv/proj were sliced. The Attention object stays
-  timm's own class, so the token pruners (which accept only timm's ``Attention``) still patch it.
-  A patch is re-applied by :func:`rmtp.load` after the weights, which is when the smaller
+* :class:`AttentionHeads` — a :class:`~rmtp.modules.ModelPatch` that records the head counts of
+  attentions whose qkv/proj were sliced, through the architecture (``num_heads`` and ``attn_dim``
+  of timm's ``Attention``). The attention keeps its own class, so the token pruners still patch
+  it. A patch is re-applied by :func:`rmtp.load` after the weights, which is when the smaller
   ``SlicedLinear`` layers are already in place.
 """
 
@@ -21,25 +21,12 @@ from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from timm.models.vision_transformer import Attention
 from torch import nn
 
+from rmtp.architecture import Architecture
 from rmtp.errors import RmtpError
+from rmtp.gemm import matrix_shape  # noqa: F401 - imported from here by plugins written before it moved
 from rmtp.modules import ModelPatch, model_patch, rebuildable
-
-
-def matrix_shape(layer: nn.Module) -> tuple[int, int]:
-    """(outputs, inputs) of a Linear-like layer, also once a later pruner replaced or wrapped it
-    (svd-mp's low-rank split exposes ``effective_shape``; n:m's permutation wrapper its ``weight``)."""
-    if isinstance(layer, nn.Linear):
-        return layer.out_features, layer.in_features
-    shape = getattr(layer, "effective_shape", None)
-    if shape is not None:
-        return int(shape[0]), int(shape[1])
-    weight = getattr(layer, "weight", None)
-    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
-        return int(weight.shape[0]), int(weight.shape[1])
-    raise RmtpError(f"cannot tell the input and output sizes of a {type(layer).__name__}")
 
 
 def sliced_parameters(layer: nn.Linear | nn.Conv2d, out: torch.Tensor | None, inputs: torch.Tensor | None
@@ -118,49 +105,64 @@ class _HeadsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     heads: dict[str, int] = Field(description="attention module path → its number of heads after slicing")
+    arch: str = Field("vit", description="the architecture that records head counts (omitted for vit, which "
+                                         "every record written before the field existed was)")
 
 
 @model_patch("spp.attention_heads", aliases=["rmtp_plugins._spp_modules.AttentionHeads"])
 class AttentionHeads(ModelPatch):
-    """Set ``num_heads``/``attn_dim`` of sliced timm ``Attention`` modules (``spp`` head pruning).
+    """Record the head counts of attentions whose qkv/proj spp sliced (``spp`` head pruning).
 
-    ``apply`` checks that each module's qkv and proj already have the sliced sizes (3·n·head_dim
-    outputs, n·head_dim inputs) and refuses otherwise, leaving the model untouched; ``remove``
-    restores the previous head counts (the layers stay sliced: removing the patch alone does not
-    give back the dense model).
+    The architecture sets the count on each module (:meth:`~rmtp.architecture.Architecture.set_head_count`:
+    ``num_heads``/``attn_dim`` of timm's ``Attention`` for ``vit`` and ``deit``). ``apply`` checks
+    every module first (the architecture refuses sizes that do not fit) and changes nothing when
+    one is refused; ``remove`` restores the previous head counts (the layers stay sliced: removing
+    the patch alone does not give back the dense model).
     """
 
     changes_tokens = False  # it records head counts; every token still goes through every block
 
-    def __init__(self, **config: Any):
-        self.config = _HeadsConfig(**config)
-        self._previous: dict[str, tuple[int, int]] = {}
+    def __init__(self, arch: str | Architecture = "vit", **config: Any):
+        name = arch.name if isinstance(arch, Architecture) else arch
+        self.config = _HeadsConfig(arch=name, **config)
+        self._arch = arch if isinstance(arch, Architecture) else None
+        self._previous: dict[str, int] = {}
+
+    @property
+    def arch(self) -> Architecture:
+        """The architecture instance (a registered one looked up by name on first use)."""
+        if self._arch is None:
+            from rmtp.plugins import get_plugins
+
+            self._arch = get_plugins().architecture(self.config.arch)
+        return self._arch
 
     def rmtp_config(self) -> dict[str, Any]:
-        return self.config.model_dump(mode="json")
+        config: dict[str, Any] = {"heads": dict(self.config.heads)}
+        if self.config.arch != "vit":
+            config["arch"] = self.config.arch
+        return config
 
     def __repr__(self) -> str:
         return f"AttentionHeads({self.config.heads})"
 
     def apply(self, model: nn.Module) -> None:
-        modules = {}
+        previous = {}
         for path, heads in self.config.heads.items():
             try:
-                attn = model.get_submodule(path)
+                previous[path] = _head_count(model.get_submodule(path))
             except AttributeError:
                 raise RmtpError(f"spp heads patch: the model has no module {path!r}") from None
-            if not isinstance(attn, Attention):
-                raise RmtpError(f"spp heads patch: {path} is a {type(attn).__name__}, not timm's Attention")
-            width = heads * attn.head_dim
-            qkv_out, proj_in = matrix_shape(attn.qkv)[0], matrix_shape(attn.proj)[1]
-            if heads < 1 or qkv_out != 3 * width or proj_in != width:
-                raise RmtpError(f"spp heads patch: {path} cannot hold {heads} heads of {attn.head_dim} "
-                                f"(qkv has {qkv_out} outputs, proj {proj_in} inputs)")
-            modules[path] = attn
-        for path, attn in modules.items():
-            self._previous[path] = (attn.num_heads, attn.attn_dim)
-            attn.num_heads = self.config.heads[path]
-            attn.attn_dim = attn.num_heads * attn.head_dim
+        done: list[str] = []
+        try:
+            for path, heads in self.config.heads.items():
+                self.arch.set_head_count(model, path, heads)
+                done.append(path)
+        except RmtpError as exc:
+            for path in done:  # leave the model as it came
+                self.arch.set_head_count(model, path, previous[path])
+            raise RmtpError(f"spp heads patch: {exc}") from None
+        self._previous.update(previous)
 
     def update(self, model: nn.Module, heads: dict[str, int]) -> None:
         """Record new head counts on a patch already applied to ``model`` (a second ``spp`` step).
@@ -174,14 +176,20 @@ class AttentionHeads(ModelPatch):
             if count == 0:
                 merged.pop(path)
                 continue
-            attn = model.get_submodule(path)
-            self._previous.setdefault(path, (attn.num_heads, attn.attn_dim))
-            attn.num_heads, attn.attn_dim = count, count * attn.head_dim
-        self.config = _HeadsConfig(heads=merged)
+            self._previous.setdefault(path, _head_count(model.get_submodule(path)))
+            self.arch.set_head_count(model, path, count)
+        self.config = self.config.model_copy(update={"heads": merged})
 
     def remove(self, model: nn.Module) -> None:
-        for path, (heads, dim) in self._previous.items():
-            attn = model.get_submodule(path)
-            if isinstance(attn, Attention):  # not a branch a later step removed entirely
-                attn.num_heads, attn.attn_dim = heads, dim
+        for path, heads in self._previous.items():
+            if not isinstance(model.get_submodule(path), ConstantBranch):  # a later step removed it entirely
+                self.arch.set_head_count(model, path, heads)
         self._previous = {}
+
+
+def _head_count(attn: nn.Module) -> int:
+    """The head count an attention holds now (what :meth:`AttentionHeads.remove` restores)."""
+    count = getattr(attn, "num_heads", None)
+    if not isinstance(count, int):
+        raise RmtpError(f"spp heads patch: a {type(attn).__name__} has no head count (num_heads)")
+    return count

@@ -136,7 +136,7 @@ def prune(ctx: PruneContext, params: SppParams) -> PruneResult:
     if not set(params.structures) & set(offered):
         raise RmtpError(f"spp: structures {list(params.structures)} select nothing in a {ctx.arch.name} model, "
                         f"which has {', '.join(offered)}")
-    units = find_units(ctx.model, couplings, ctx.layers, params.structures)
+    units = find_units(ctx.model, couplings, ctx.layers, params.structures, arch=ctx.arch)
     if not units:
         return PruneResult()
     sizes = group_params(units)

@@ -7,11 +7,14 @@ the ordering and the tie breaks see one index per group; ``offset`` places a uni
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from rmtp.architecture import Architecture
 
 Kind = Literal["head", "neuron", "channel"]
 #: What a kind of group is called in reports, in the ``structures`` param and in
@@ -36,6 +39,7 @@ class Unit:
     channel_dim: int = -1  # the consumer input's channel dimension (-1 channels-last, 1 NCHW)
     members: tuple[str, ...] = ()  # modules whose params the unit's report row counts (default: path)
     norms: tuple[str, ...] = ()  # norms after the producer whose channels are the groups (sliced with it)
+    arch: Architecture | None = field(default=None, compare=False, repr=False)  # heads: who records the count
 
     @property
     def gates(self) -> slice:

@@ -1,17 +1,23 @@
-"""The one mechanism behind ``token-cls``, ``token-mean`` and ``tome``: a reversible patch of
-timm's ``VisionTransformer`` forward pass that reduces tokens between each block's attention and
-its MLP.
+"""The one mechanism behind ``token-cls``, ``token-mean`` and ``tome``: a reversible patch of a
+ViT's forward pass that reduces tokens between each block's attention and its MLP.
+
+Which models qualify is the architecture's to say (:meth:`rmtp.architecture.Architecture.token_blocks`:
+timm's ``VisionTransformer`` for ``vit``, the distilled DeiT for ``deit``); this module names no
+timm class. What it reproduces is the forward the architecture vouches for (:class:`TokenBlocks`):
+``patch_embed`` → ``_pos_embed`` → ``patch_drop`` → ``norm_pre`` → pre-norm blocks → ``norm`` →
+``forward_head``.
 
 :class:`TokenReduction` is an :class:`rmtp.modules.ModelPatch`. Applying it swaps the classes of
-the model and of its blocks for the subclasses below (:class:`TokenVisionTransformer`,
-:class:`TokenBlock`), the technique of ``torch.nn.utils.parametrize``: no module is replaced, no
-parameter or buffer is added or renamed, so the state dict, the architecture adapter's layer
-names, weight pruners and optimizers see the same model. Each block gets its per-layer plan
-(:class:`LayerSpec`) as a plain attribute. Removing the patch restores the original classes and
-deletes those attributes: the model is then exactly what it was.
+the model and of its blocks for subclasses made once per original class (:func:`token_class`:
+:class:`TokenModel` or :class:`TokenBlock` first, then the original), the technique of
+``torch.nn.utils.parametrize``: no module is replaced, no parameter or buffer is added or
+renamed, so the state dict, the architecture adapter's layer names, weight pruners and optimizers
+see the same model. Each block gets its per-layer plan (:class:`LayerSpec`) as a plain attribute.
+Removing the patch restores the original classes and deletes those attributes: the model is then
+exactly what it was.
 
-A patched block does what timm's ``Block`` and ``Attention`` do (pre-norm, fused
-``scaled_dot_product_attention`` or the explicit path when ``fused_attn`` is off, ``q_norm`` /
+A patched block does what a pre-norm transformer block and its fused-qkv attention do (pre-norm,
+fused ``scaled_dot_product_attention`` or the explicit path when ``fused_attn`` is off, ``q_norm`` /
 ``k_norm``, ``norm`` (scale-norm), the sigmoid ``gate``, ``attn_drop``/``proj_drop``, LayerScale
 ``ls1``/``ls2``, ``drop_path``), plus, at a block whose plan reduces tokens::
 
@@ -21,9 +27,10 @@ A patched block does what timm's ``Block`` and ``Attention`` do (pre-norm, fused
 
 Token counts come from the input's shape through :mod:`.schedule` (static per input size), the
 selection is per image, and gradients flow through everything except the discrete choice of
-tokens. The class and register tokens (``num_prefix_tokens``) are never reduced. ``tome`` plans
-say which tokens alternate into ToMe's sets (``ab_sets``, :mod:`.merge`): today's plans use ToMe's
-(``sequence``); a record saved before the field existed keeps the patch-only sets it ran with.
+tokens. The class, distillation and register tokens (``num_prefix_tokens``) are never reduced.
+``tome`` plans say which tokens alternate into ToMe's sets (``ab_sets``, :mod:`.merge`): today's
+plans use ToMe's (``sequence``); a record saved before the field existed keeps the patch-only sets
+it ran with.
 """
 
 from __future__ import annotations
@@ -35,22 +42,25 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
-from timm.models.vision_transformer import Block, VisionTransformer
 from torch import Tensor, nn
 
+from rmtp.architecture import Architecture
 from rmtp.errors import PluginError
 from rmtp.modules import ModelPatch, model_patch, patches_of
 from rmtp_plugins.tokens.merge import merge_tokens, prefix_attention, prune_tokens, received_attention
 from rmtp_plugins.tokens.plan import ABSets, Method, TokenPlan
 from rmtp_plugins.tokens.schedule import RelativeTo, merged_count, pruned_count
 
-#: Children of timm's ``Block`` / ``Attention`` the patched forward reproduces. A block or attention
+#: Children of a pre-norm block / its attention the patched forward reproduces (timm's ``Block`` and
+#: ``Attention``). A block or attention
 #: with any other child (a newer timm feature) is refused rather than run without it.
 BLOCK_CHILDREN = frozenset({"norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"})
 ATTENTION_CHILDREN = frozenset({"qkv", "q_norm", "k_norm", "attn_drop", "norm", "gate", "proj", "proj_drop"})
 #: Global pools whose result the patch knows how to keep right ('avg'/'avgmax' become size-weighted).
 SUPPORTED_POOLS = ("token", "avg", "avgmax", "max")
+
+ALREADY_REDUCED = ("it is already token-reduced (token reducers do not stack: remove that patch first with "
+                   "rmtp.unpatch(model))")
 
 _SPEC_ATTR = "rmtp_tokens"
 _TRACE_ATTR = "_rmtp_token_trace"
@@ -99,9 +109,9 @@ class SourceTrace:
 # ---------------------------------------------------------------------------------- the forward
 
 
-def _attention(attn: Attention, x: Tensor, bias: Tensor | None, need: str | None, spec: LayerSpec
+def _attention(attn: nn.Module, x: Tensor, bias: Tensor | None, need: str | None, spec: LayerSpec
                ) -> tuple[Tensor, Tensor | None]:
-    """timm ``Attention.forward`` (fused or explicit, as the module is set), plus what the
+    """A fused-qkv attention's forward (timm's ``Attention``: fused or explicit, as the module is set), plus what the
     reduction ``need``s from this same pass: patch scores (cls/mean) or keys averaged over heads (tome)."""
     B, N, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
@@ -138,11 +148,12 @@ def _attention(attn: Attention, x: Tensor, bias: Tensor | None, need: str | None
     return attn.proj_drop(attn.proj(out)), aux
 
 
-class TokenBlock(Block):
-    """timm ``Block`` whose forward reduces tokens; swapped in by :class:`TokenReduction`.
+class TokenBlock(nn.Module):
+    """A pre-norm block whose forward reduces tokens: mixed in before the block's own class by
+    :class:`TokenReduction` (:func:`token_class`).
 
-    Called the timm way (no ``tokens``), it is exactly timm's block, so code outside the patched
-    model forward (``forward_intermediates``, a block used on its own) runs dense.
+    Called the usual way (no ``tokens``), it is exactly the block's own forward, so code outside
+    the patched model forward (``forward_intermediates``, a block used on its own) runs dense.
     """
 
     rmtp_tokens: LayerSpec
@@ -170,12 +181,15 @@ class TokenBlock(Block):
         return x, TokenState(size, source, tokens.n0)
 
 
-class TokenVisionTransformer(VisionTransformer):
-    """timm ``VisionTransformer`` whose blocks reduce tokens; swapped in by :class:`TokenReduction`.
+class TokenModel(nn.Module):
+    """A ViT whose blocks reduce tokens: mixed in before the model's own class by
+    :class:`TokenReduction` (:func:`token_class`).
 
     ``forward`` carries token sizes to the pool, so ``avg`` pooling is size-weighted.
     ``forward_features`` returns the reduced sequence; ``forward_head`` on its own cannot know the
-    sizes and pools unweighted unless given ``size`` (use ``forward_tokens`` to get them).
+    sizes and pools unweighted unless given ``size`` (use ``forward_tokens`` to get them). A head
+    that reads the prefix tokens alone (``token`` pooling, DeiT's class and distillation heads) is
+    the model's own.
     """
 
     def forward_tokens(self, x: Tensor, attn_mask: Tensor | None = None,
@@ -217,6 +231,8 @@ class TokenVisionTransformer(VisionTransformer):
         return avg if pool_type == "avg" else 0.5 * (x.amax(dim=1) + avg)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False, size: Tensor | None = None) -> Tensor:
+        if size is None or self.global_pool not in ("avg", "avgmax"):
+            return super().forward_head(x, pre_logits)
         x = self.pool(x, size=size)
         x = self.fc_norm(x)
         x = self.head_drop(x)
@@ -227,47 +243,63 @@ class TokenVisionTransformer(VisionTransformer):
         return self.forward_head(x, size=state.size)
 
 
+#: The name of :class:`TokenModel` before families other than timm's plain ViT could be patched.
+TokenVisionTransformer = TokenModel
+
+
 # ------------------------------------------------------------------------------------ the patch
 
 
-def model_problem(model: nn.Module, plan: TokenPlan) -> str | None:
-    """Why the token patch cannot handle ``model`` (``None`` if it can)."""
-    if any(isinstance(p, TokenReduction) for p in patches_of(model)):
-        return ("it is already token-reduced (token reducers do not stack: remove that patch first with "
-                "rmtp.unpatch(model))")
-    if type(model) is not VisionTransformer:
-        return (f"it is a {type(model).__module__}.{type(model).__qualname__}, not timm's VisionTransformer "
-                f"(subclasses such as distilled DeiT, and other families such as Eva, relative-position or "
-                f"hybrid-attention ViTs, compute their forward pass or positions differently)")
+def model_problem(model: nn.Module, plan: TokenPlan, arch: Architecture) -> str | None:
+    """Why the token patch cannot handle ``model`` (``None`` if it can): ``arch`` says whether it runs
+    its tokens through blocks the patch reproduces; the pool and the plan are the patch's to check."""
+    if token_reduction(model) is not None:
+        return ALREADY_REDUCED
+    try:
+        blocks = arch.token_blocks(model)
+    except PluginError as exc:
+        return str(exc)
+    except (AttributeError, TypeError) as exc:  # not a model of that family at all (no blocks, ...)
+        return f"it is a {type(model).__qualname__}, not a {arch.name} model the token patch knows ({exc})"
     if getattr(model, "attn_pool", None) is not None:
         return f"its global_pool {model.global_pool!r} is an attention pool, which would ignore token sizes"
     if model.global_pool not in SUPPORTED_POOLS:
         return (f"its global_pool {model.global_pool!r} returns the token sequence itself, whose length token "
                 f"reduction changes (supported: {', '.join(SUPPORTED_POOLS)})")
-    blocks = list(model.blocks)
-    if len(blocks) != plan.depth:
-        return f"the plan has {plan.depth} per-block entries but the model has {len(blocks)} blocks"
-    for index, block in enumerate(blocks):
-        if type(block) is not Block:
-            return (f"blocks.{index} is a {type(block).__qualname__}, not timm's plain Block (parallel, "
-                    f"post-norm and other block types are not supported)")
+    if blocks.depth != plan.depth:
+        return f"the plan has {plan.depth} per-block entries but the model has {blocks.depth} blocks"
+    for index, block in enumerate(model.blocks):
         extra = set(block._modules) - BLOCK_CHILDREN
         if extra:
             return f"blocks.{index} has children the patch does not know: {', '.join(sorted(extra))}"
-        if type(block.attn) is not Attention:
-            return (f"blocks.{index}.attn is a {type(block.attn).__qualname__}, not timm's Attention (rotary, "
-                    f"differential and other attention types are not supported)")
         extra = set(block.attn._modules) - ATTENTION_CHILDREN
         if extra:
             return f"blocks.{index}.attn has children the patch does not know: {', '.join(sorted(extra))}"
-    npt = model.num_prefix_tokens
     if plan.method == "cls":
-        if plan.score_from == "cls" and not model.has_class_token:
+        if plan.score_from == "cls" and not blocks.has_class_token:
             return "token-cls scores patches by the class token's attention, and the model has no class token " \
                    "(use score_from: prefix with register tokens, or token-mean / tome)"
-        if npt == 0:
+        if blocks.num_prefix_tokens == 0:
             return "token-cls scores patches by attention from prefix tokens, and the model has none"
     return None
+
+
+_TOKEN_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def token_class(mixin: type[nn.Module], original: type[nn.Module]) -> type[nn.Module]:
+    """``mixin`` first, then ``original``: the class a patched model or block is swapped to, made
+    once per original class (so ``type(model)`` is stable across patches and runs)."""
+    key = (mixin, original)
+    if key not in _TOKEN_CLASSES:
+        _TOKEN_CLASSES[key] = type(f"{mixin.__name__}[{original.__name__}]", (mixin, original),
+                                   {"__module__": __name__, "__qualname__": f"{mixin.__name__}[{original.__qualname__}]"})
+    return _TOKEN_CLASSES[key]
+
+
+def _original(cls: type, mixin: type) -> type:
+    """The class :func:`token_class` mixed ``mixin`` into (``cls`` itself when it is not such a class)."""
+    return cls.__bases__[1] if issubclass(cls, mixin) and cls.__bases__[0] is mixin else cls
 
 
 #: Every field rmtp wrote in a token patch record before ``ab_sets`` existed: it always wrote them all
@@ -291,22 +323,42 @@ def _upgrade_record(config: dict[str, Any]) -> dict[str, Any]:
 
 @model_patch("tokens.reduction", aliases=["rmtp_plugins.tokens.patch.TokenReduction"])
 class TokenReduction(ModelPatch):
-    """Token reduction in a timm ViT's forward pass (``token-cls``, ``token-mean``, ``tome``)."""
+    """Token reduction in a ViT's forward pass (``token-cls``, ``token-mean``, ``tome``).
 
-    def __init__(self, **config: Any):
+    ``arch`` is the architecture that vouches for the model's token blocks (an instance, or the
+    name of a registered one); it is recorded by name, and omitted for ``vit``, which every record
+    written before the field existed was.
+    """
+
+    def __init__(self, arch: str | Architecture = "vit", **config: Any):
+        self.arch_name = arch.name if isinstance(arch, Architecture) else arch
+        if not isinstance(self.arch_name, str):
+            raise PluginError(f"token patch: arch must be an architecture name, got {type(arch).__name__}")
+        self._arch = arch if isinstance(arch, Architecture) else None
         self.plan = TokenPlan(**_upgrade_record(config))
+
+    @property
+    def arch(self) -> Architecture:
+        """The architecture instance (a registered one looked up by name on first use)."""
+        if self._arch is None:
+            from rmtp.plugins import get_plugins
+
+            self._arch = get_plugins().architecture(self.arch_name)
+        return self._arch
 
     def rmtp_config(self) -> dict[str, Any]:
         config = self.plan.model_dump(mode="json")
         if config["ab_sets"] is None:
             del config["ab_sets"]  # token-cls / token-mean records stay as older rmtp wrote and reads them
+        if self.arch_name != "vit":
+            config["arch"] = self.arch_name
         return config
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.plan.model_dump(exclude_defaults=True).items())
         return f"TokenReduction({fields})"
 
-    def layer_specs(self, model: VisionTransformer) -> list[LayerSpec]:
+    def layer_specs(self, model: nn.Module) -> list[LayerSpec]:
         plan, npt = self.plan, model.num_prefix_tokens
         rows = 1 if plan.score_from == "cls" else npt
         return [LayerSpec(index=i, method=plan.method, num_prefix=npt,
@@ -317,19 +369,19 @@ class TokenReduction(ModelPatch):
                 for i in range(plan.depth)]
 
     def apply(self, model: nn.Module) -> None:
-        problem = model_problem(model, self.plan)
+        problem = model_problem(model, self.plan, self.arch)
         if problem:
             raise PluginError(f"token reduction ({self.plan.method}) cannot patch this model: {problem}")
         for block, spec in zip(model.blocks, self.layer_specs(model)):
-            block.__class__ = TokenBlock
+            block.__class__ = token_class(TokenBlock, type(block))
             block.__dict__[_SPEC_ATTR] = spec
-        model.__class__ = TokenVisionTransformer
+        model.__class__ = token_class(TokenModel, type(model))
 
     def remove(self, model: nn.Module) -> None:
         for block in model.blocks:
             block.__dict__.pop(_SPEC_ATTR, None)
-            block.__class__ = Block
-        model.__class__ = VisionTransformer
+            block.__class__ = _original(type(block), TokenBlock)
+        model.__class__ = _original(type(model), TokenModel)
 
 
 def token_reduction(model: nn.Module) -> TokenReduction | None:
@@ -344,7 +396,7 @@ def trace_sources(model: nn.Module) -> Iterator[SourceTrace]:
     ``trace.sources[i]`` is ``(B, N_final, N_0)`` (prefix tokens included, first). Costs an extra
     ``(B, N, N_0)`` tensor per block, so it is for visualisation, never on by default.
     """
-    if not isinstance(model, TokenVisionTransformer):
+    if not isinstance(model, TokenModel):
         raise PluginError("trace_sources needs a token-reduced ViT (run token-cls, token-mean or tome first)")
     trace = SourceTrace(num_prefix=model.num_prefix_tokens)
     model.__dict__[_TRACE_ATTR] = trace

@@ -28,14 +28,17 @@ def prune(ctx: PruneContext, params: TokenParams, *, name: str, plan: Planner,
     target, of the gentlest of ``strengths(ctx)`` that reaches it); one row per block."""
     from rmtp.data import model_input_size
     from rmtp.modules import apply_patch
-    from rmtp_plugins.tokens.patch import TokenReduction
+    from rmtp_plugins.tokens.patch import ALREADY_REDUCED, TokenReduction, token_reduction
 
     model = ctx.model
     _refuse_layer_filter(ctx)
-    blocks = getattr(model, "blocks", None)
-    if not isinstance(blocks, nn.Sequential):
-        raise PluginError(f"{name} patches timm VisionTransformer models (their blocks); "
-                          f"{type(model).__qualname__} has no `blocks` sequence")
+    if token_reduction(model) is not None:
+        raise PluginError(f"{name} cannot reduce the tokens of this model: {ALREADY_REDUCED}")
+    try:
+        layout = ctx.arch.token_blocks(model)
+    except PluginError as exc:
+        raise PluginError(f"{name} cannot reduce the tokens of this {ctx.arch.name} model: {exc}") from None
+    blocks = model.blocks
     speed_plan = None
     if params.speed_target_set():
         chosen, speed_plan = _reach_speed(ctx, blocks, params, plan, strengths(ctx))
@@ -43,13 +46,13 @@ def prune(ctx: PruneContext, params: TokenParams, *, name: str, plan: Planner,
             return PruneResult([], speed_plan)
         params = chosen
     config = plan(params, len(blocks))
-    patch = TokenReduction(**config.model_dump())
+    patch = TokenReduction(ctx.arch, **config.model_dump())
     input_shape = model_input_size(model)
     macs_before = block_macs(model, input_shape, ctx.device)
     apply_patch(model, patch)
     macs_after = block_macs(model, input_shape, ctx.device)
-    npt = model.num_prefix_tokens
-    counts = token_counts(model.patch_embed.num_patches, keep=config.keep, r=config.r,
+    npt = layout.num_prefix_tokens
+    counts = token_counts(layout.num_patches, keep=config.keep, r=config.r,
                           relative_to=config.relative_to, min_tokens=config.min_tokens)
     rows = []
     for index, (block, (n_in, n_out)) in enumerate(zip(blocks, counts)):

@@ -23,6 +23,7 @@ from typing import Any
 
 from torch import nn
 
+from rmtp.architecture import Architecture
 from rmtp.latency.cost import interpolate, monotone, rank_grid
 from rmtp.latency.target import reach_checked, speed_target
 from rmtp.pruner import PruneContext, PrunerParams
@@ -61,13 +62,14 @@ def block_curves(ctx: PruneContext, blocks: nn.Sequential, n0: int, min_tokens: 
     return BlockCurves(counts, [monotone(a) for a in attention], [monotone(m) for m in mlp])
 
 
-def patched_copy(model: nn.Module, plan: TokenPlan) -> nn.Module:
-    """A copy of ``model`` reducing tokens by ``plan``, to be timed (``model`` is left as it is)."""
+def patched_copy(model: nn.Module, plan: TokenPlan, arch: Architecture) -> nn.Module:
+    """A copy of ``model`` reducing tokens by ``plan`` (``arch``: its architecture), to be timed
+    (``model`` is left as it is)."""
     from rmtp.modules import apply_patch
     from rmtp_plugins.tokens.patch import TokenReduction
 
     candidate = copy.deepcopy(model)
-    apply_patch(candidate, TokenReduction(**plan.model_dump()))
+    apply_patch(candidate, TokenReduction(arch, **plan.model_dump()))
     return candidate
 
 
@@ -94,7 +96,7 @@ def reach(ctx: PruneContext, blocks: nn.Sequential, params: PrunerParams, streng
         return [curves.seconds(i, n0, n0) - curves.seconds(i, n_in, n_out) for i, (n_in, n_out) in enumerate(counts)]
 
     index = reach_checked(ctx, target, [with_strength(s) for s in strengths], savings,
-                          lambda candidate: patched_copy(ctx.model, plan_of(candidate)))
+                          lambda candidate: patched_copy(ctx.model, plan_of(candidate), ctx.arch))
     if index is None:  # the fallback note says why
         return None, target.speed_plan([], f"no {knob} chosen for the speed target")
     chosen = with_strength(strengths[index])
