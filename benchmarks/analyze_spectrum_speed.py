@@ -49,10 +49,10 @@ import torch
 from torch import nn
 
 import rmtp
-from rmtp.architecture import ModelSpec
-from rmtp.atomic import write_json_atomic
+from rmtp.contract.architecture import ModelSpec
+from rmtp.storage.atomic import write_json_atomic
 from rmtp.plugins import get_plugins
-from rmtp.report import cpu_name
+from rmtp.reports.records import cpu_name
 from rmtp.spectral import analyze_model, fit_mp, weight_matrix
 
 

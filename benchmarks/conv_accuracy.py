@@ -37,11 +37,11 @@ import torch
 
 import rmtp
 from rmtp import measure
-from rmtp.atomic import write_json_atomic
+from rmtp.storage.atomic import write_json_atomic
 from rmtp.data import DataSpec, build_data
-from rmtp.pipeline import run_recipe
-from rmtp.recipe import parse_recipe
-from rmtp.report import environment
+from rmtp.run.pipeline import run_recipe
+from rmtp.run.recipe import parse_recipe
+from rmtp.reports.records import environment
 
 from _seeds import aggregate, interleaved_latency_ms, spread
 from rmtp.training import TrainConfig, train

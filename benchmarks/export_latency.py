@@ -29,11 +29,11 @@ import torch
 import yaml
 
 from rmtp import measure
-from rmtp.atomic import write_json_atomic
+from rmtp.storage.atomic import write_json_atomic
 from rmtp.export import export_model
-from rmtp.pipeline import run_recipe
-from rmtp.recipe import parse_recipe
-from rmtp.report import environment
+from rmtp.run.pipeline import run_recipe
+from rmtp.run.recipe import parse_recipe
+from rmtp.reports.records import environment
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("dense", "svd-mp", "tome")

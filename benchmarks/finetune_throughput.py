@@ -47,9 +47,9 @@ from torch.utils.data import DataLoader
 
 import rmtp
 from rmtp import measure
-from rmtp.atomic import write_json_atomic
-from rmtp.precision import autocast
-from rmtp.report import environment
+from rmtp.storage.atomic import write_json_atomic
+from rmtp.run.precision import autocast
+from rmtp.reports.records import environment
 from rmtp.training import TrainConfig, lr_at, param_groups, train
 
 REPO = Path(__file__).resolve().parents[1]

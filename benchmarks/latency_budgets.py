@@ -53,8 +53,8 @@ def main() -> None:
 
     import rmtp
     from rmtp import measure
-    from rmtp.atomic import write_json_atomic
-    from rmtp.report import cpu_name
+    from rmtp.storage.atomic import write_json_atomic
+    from rmtp.reports.records import cpu_name
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -185,7 +185,7 @@ def _figure(points: list[tuple[str, float, float]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rmtp.atomic import save_figure_atomic
+    from rmtp.storage.atomic import save_figure_atomic
     from rmtp.bench import pareto_front
 
     front = [points[i] for i in pareto_front([(ms, top1) for _, ms, top1 in points])]

@@ -32,11 +32,11 @@ from typing import Any
 import torch
 import yaml
 
-from rmtp.atomic import write_json_atomic
-from rmtp.pipeline import run_recipe
+from rmtp.storage.atomic import write_json_atomic
+from rmtp.run.pipeline import run_recipe
 from rmtp.plugins import load_plugins
-from rmtp.recipe import parse_recipe
-from rmtp.report import environment
+from rmtp.run.recipe import parse_recipe
+from rmtp.reports.records import environment
 
 from _seeds import over_seeds
 

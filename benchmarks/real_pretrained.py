@@ -125,7 +125,7 @@ METHODS: tuple[Method, ...] = (
     Method("svd-mp-whitened-1p-p0.9", "svd-mp whitened (one pass), target_params 0.9", "svd-mp",
            {"target_params": 0.9, "whiten": True, "sequential": False}, calibrate=True,
            pending="svd-mp with calibration data (issue 21 item 2)"),
-    # layer by layer: ~24 passes over the calibration images for ViT-Ti's 48 Linears (rmtp.layerwise),
+    # layer by layer: ~24 passes over the calibration images for ViT-Ti's 48 Linears (rmtp.fidelity.layerwise),
     # about 10× the one pass; an extra row (svd-mp's docs: no better on this model)
     Method("svd-mp-whitened-seq-p0.9", "svd-mp whitened (layer by layer), target_params 0.9", "svd-mp",
            {"target_params": 0.9, "whiten": True, "sequential": True}, calibrate=True,
@@ -253,7 +253,7 @@ def load_checkpoint(text: str, model_name: str | None = None) -> Checkpoint:
         raise CheckpointError(f"--checkpoint {text}: no such file or folder"
                               + (f" (the default needs {REALDATA}; see its README, or pass --checkpoint)"
                                  if path.resolve() == DEFAULT_CHECKPOINT.resolve() else ""))
-    from rmtp.architecture import ModelSpec
+    from rmtp.contract.architecture import ModelSpec
     from rmtp.plugins import get_plugins
 
     name = sources.normalise_name(text)
@@ -408,7 +408,7 @@ def image_tensors(root: Path, transforms: Any, cache_dir: Path | None, *, limit:
     images = torch.stack([transform(_decode(p, mode)) for p, _ in samples])
     labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
     if path is not None:
-        from rmtp.atomic import replace_atomically
+        from rmtp.storage.atomic import replace_atomically
 
         payload = {"key": json.dumps(key, sort_keys=True), "images": images, "labels": labels}
         replace_atomically(path, lambda tmp: torch.save(payload, tmp))
@@ -779,7 +779,7 @@ def figure(result: dict[str, Any], path: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rmtp.atomic import save_figure_atomic
+    from rmtp.storage.atomic import save_figure_atomic
 
     fig, ax = plt.subplots(figsize=(8.4, 5.6))
     dense_top1 = next(r["zero_shot"]["top1"] for r in result["rows"] if r["key"] == "dense")
@@ -852,7 +852,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, Path, Path 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from rmtp.atomic import write_json_atomic
+    from rmtp.storage.atomic import write_json_atomic
     from rmtp.errors import RmtpError
 
     settings, out, plot = parse_args(argv)

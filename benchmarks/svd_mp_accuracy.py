@@ -22,10 +22,10 @@ from typing import Any
 import torch
 import yaml
 
-from rmtp.atomic import write_json_atomic
-from rmtp.pipeline import run_recipe
-from rmtp.recipe import parse_recipe
-from rmtp.report import environment
+from rmtp.storage.atomic import write_json_atomic
+from rmtp.run.pipeline import run_recipe
+from rmtp.run.recipe import parse_recipe
+from rmtp.reports.records import environment
 
 from _seeds import interleaved_latency_ms, over_seeds, spread
 

@@ -24,10 +24,10 @@ from rmtp_plugins.tokens.patch import TokenPlan, TokenReduction
 from rmtp_plugins.tokens.schedule import keep_ratios, token_counts, tome_r_list
 
 from rmtp import measure
-from rmtp.architecture import ModelSpec
-from rmtp.atomic import write_json_atomic
+from rmtp.contract.architecture import ModelSpec
+from rmtp.storage.atomic import write_json_atomic
 from rmtp.data import DataSpec, build_data
-from rmtp.modules import apply_patch
+from rmtp.contract.saved_types import apply_patch
 from rmtp.plugins import get_plugins
 
 REPO = Path(__file__).resolve().parents[1]

@@ -21,7 +21,10 @@ without cycles.
 
 from __future__ import annotations
 
+from rmtp import moved
 from rmtp.lazy import lazy_exports
+
+moved.install()  # old module paths (rmtp.pruner, rmtp.modules, ...) name the moved modules
 
 __version__ = "0.1.0"
 
@@ -34,25 +37,25 @@ _EXPORTS = {
     "infer_architecture": "rmtp.api",
     "unpatch": "rmtp.api",
     "reconstruct": "rmtp.api",
-    "load_recipe": "rmtp.recipe",
-    "parse_recipe": "rmtp.recipe",
-    "Recipe": "rmtp.recipe",
-    "run_recipe": "rmtp.pipeline",
-    "RunResult": "rmtp.pipeline",
-    "load": "rmtp.saving",
-    "save": "rmtp.saving",
-    "LoadedModel": "rmtp.saving",
+    "load_recipe": "rmtp.run.recipe",
+    "parse_recipe": "rmtp.run.recipe",
+    "Recipe": "rmtp.run.recipe",
+    "run_recipe": "rmtp.run.pipeline",
+    "RunResult": "rmtp.run.pipeline",
+    "load": "rmtp.storage.saving",
+    "save": "rmtp.storage.saving",
+    "LoadedModel": "rmtp.storage.saving",
     "get_plugins": "rmtp.plugins",
     "load_plugins": "rmtp.plugins",
-    "hookimpl": "rmtp.hookspecs",
-    "Pruner": "rmtp.pruner",
-    "PrunerParams": "rmtp.pruner",
-    "PruneContext": "rmtp.pruner",
-    "LayerRow": "rmtp.pruner",
-    "Architecture": "rmtp.architecture",
-    "PrunableLayer": "rmtp.architecture",
-    "ModelSpec": "rmtp.architecture",
-    "rebuildable": "rmtp.modules",
+    "hookimpl": "rmtp.contract.hookspecs",
+    "Pruner": "rmtp.contract.pruner",
+    "PrunerParams": "rmtp.contract.pruner",
+    "PruneContext": "rmtp.contract.pruner",
+    "LayerRow": "rmtp.contract.pruner",
+    "Architecture": "rmtp.contract.architecture",
+    "PrunableLayer": "rmtp.contract.architecture",
+    "ModelSpec": "rmtp.contract.architecture",
+    "rebuildable": "rmtp.contract.saved_types",
     "analyze_model": "rmtp.spectral",
     "fit_mp": "rmtp.spectral",
     "RmtpError": "rmtp.errors",

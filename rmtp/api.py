@@ -12,8 +12,8 @@ A notebook does in a few lines what a recipe does::
 
 Each call validates its keyword arguments with the same pydantic models a recipe uses (a pruner's
 ``Params``, ``finetune``'s :class:`~rmtp.training.TrainConfig`, ``evaluate``'s params) and fails
-with the same one-line messages; it then runs the same :mod:`rmtp.steps` function a recipe step
-runs and returns the same :class:`~rmtp.report.StepReport` (``.rows``, ``.stats``, ``.to_dict()``,
+with the same one-line messages; it then runs the same :mod:`rmtp.run.steps` function a recipe step
+runs and returns the same :class:`~rmtp.reports.records.StepReport` (``.rows``, ``.stats``, ``.to_dict()``,
 rendered by rich when printed in a console or notebook).
 """
 
@@ -28,18 +28,18 @@ from pydantic import BaseModel, ValidationError
 from torch import nn
 from torch.utils.data import DataLoader
 
-from rmtp import steps
-from rmtp.accuracy_budget import AccuracyBudget, budget_knob
-from rmtp.architecture import Architecture
+from rmtp.run import steps
+from rmtp.fidelity.accuracy_budget import AccuracyBudget, budget_knob
+from rmtp.contract.architecture import Architecture
 from rmtp.data import DataBundle, DataSpec, model_input_size
 from rmtp.errors import PluginError, RecipeError, RmtpError
 from rmtp.latency.settings import LatencySettings
-from rmtp.layers import LayerFilter
+from rmtp.run.layer_filter import LayerFilter
 from rmtp.measure.running import evaluating
 from rmtp.plugins import Plugins, get_plugins
-from rmtp.progress import NULL_PROGRESS, Progress
-from rmtp.pruner import Pruner
-from rmtp.report import StepReport
+from rmtp.run.progress import NULL_PROGRESS, Progress
+from rmtp.contract.pruner import Pruner
+from rmtp.reports.records import StepReport
 
 DataLike = DataBundle | DataSpec | Mapping[str, Any]
 
@@ -56,7 +56,7 @@ def prune(model: nn.Module, pruner: str | type[Pruner], /, *, arch: str | Archit
     """Apply one pruner to ``model`` in place; return its report (per-layer rows, stats before/after).
 
     ``pruner``: a registered name (``"svd-mp"``, ``"n:m"``, ``"tome"``, ... see ``rmtp list``) or a
-    :class:`~rmtp.pruner.Pruner` class. ``**params`` are its params, validated as in a recipe.
+    :class:`~rmtp.contract.pruner.Pruner` class. ``**params`` are its params, validated as in a recipe.
     ``arch``: the architecture plugin (name or instance); inferred from a timm model when omitted.
     ``layers``: a recipe's ``layers:`` filter (glob(s), ``{"include": [...], "exclude": [...]}``);
     ``None`` takes every non-optional prunable layer, and is what token pruners need.
@@ -76,8 +76,8 @@ def prune(model: nn.Module, pruner: str | type[Pruner], /, *, arch: str | Archit
     ``latency={"batch": 32}`` to plan for the batch you will run). Speed targets are relative to
     ``dense``: pass the original dense model to share one budget across several calls.
     ``accuracy_budget``: a recipe step's ``accuracy_budget:`` keys (``max_drop``, ``max_kl``,
-    ``holdout``, ``evaluations``) or an :class:`~rmtp.accuracy_budget.AccuracyBudget`: the pruner's
-    strength (its :meth:`~rmtp.pruner.Pruner.strength_knob`; a value given for it in ``**params``
+    ``holdout``, ``evaluations``) or an :class:`~rmtp.fidelity.accuracy_budget.AccuracyBudget`: the pruner's
+    strength (its :meth:`~rmtp.contract.pruner.Pruner.strength_knob`; a value given for it in ``**params``
     is the strongest tried) is searched for the strongest setting that stays within the budget
     against ``dense`` on calibration images the pruner does not see; needs ``calibration``.
     With ``dense`` omitted, agreement and budgets are against the model as it came to this call.
@@ -109,7 +109,7 @@ def prune(model: nn.Module, pruner: str | type[Pruner], /, *, arch: str | Archit
         before = steps.model_stats(model, shape, device)
         if dense is None:
             dense = frozen_copy(model)
-        from rmtp.recipe import ResolvedPrune
+        from rmtp.run.recipe import ResolvedPrune
 
         step = ResolvedPrune(pruner_cls=pruner_cls, params=validated, layers=layer_filter, precision=precision,
                              latency=latency, accuracy_budget=accuracy_budget)
@@ -127,7 +127,7 @@ def unpatch(model: nn.Module) -> nn.Module:
     on the same model is refused ("already token-reduced") until the first one's patch is removed.
     A model with no patch is returned unchanged.
     """
-    from rmtp.modules import patches_of, remove_patch
+    from rmtp.contract.saved_types import patches_of, remove_patch
 
     while patches_of(model):
         remove_patch(model)
@@ -175,10 +175,10 @@ def reconstruct(model: nn.Module, calibration: Iterable, /, *, dense: nn.Module,
                 plugins: Plugins | None = None, **config: Any) -> StepReport:
     """Recover a pruned ``model`` in place, block by block, from unlabeled ``calibration`` images (a
     DataLoader of (images, labels) batches, labels unused, or of images): each block trained, in
-    forward order, to reproduce ``dense``'s block outputs (:mod:`rmtp.blockwise`). ``**config``
+    forward order, to reproduce ``dense``'s block outputs (:mod:`rmtp.fidelity.blockwise`). ``**config``
     are a recipe's ``reconstruct:`` keys (``steps`` per block, ``max_minutes``, ``lr``,
     ``batch_size``, ``images``). Exact zeros stay zero; the model comes back in eval mode."""
-    from rmtp.blockwise import ReconstructConfig
+    from rmtp.fidelity.blockwise import ReconstructConfig
 
     settings = _validate("rmtp.reconstruct", ReconstructConfig, config, prefix="")
     architecture = _architecture(model, arch, plugins or get_plugins())
@@ -196,8 +196,8 @@ def evaluate(model: nn.Module, data: DataLike | DataLoader, /, *, dense: nn.Modu
     labels)); ``latency=True`` (with ``dense``) also times it against the dense model in interleaved
     rounds (``latency_batch``, ``latency_rounds``, ``latency_threads``, as in a recipe).
     Unlabeled data (``data.unlabeled: true``) has no top-1: ``dense`` is required, and the report
-    gives the top-1 agreement with it in a note (``stats.top1`` None; :mod:`rmtp.unlabeled`)."""
-    from rmtp.recipe import EvaluateParams
+    gives the top-1 agreement with it in a note (``stats.top1`` None; :mod:`rmtp.fidelity.unlabeled`)."""
+    from rmtp.run.recipe import EvaluateParams
 
     params = _validate("rmtp.evaluate", EvaluateParams, settings, prefix="")
     device = _device(model, device)
@@ -215,7 +215,7 @@ def evaluate(model: nn.Module, data: DataLike | DataLoader, /, *, dense: nn.Modu
 
 def _evaluate_unlabeled(model: nn.Module, bundle: DataBundle, params: Any, *, dense: nn.Module | None,
                         device: torch.device, progress: Progress) -> StepReport:
-    from rmtp import unlabeled
+    from rmtp.fidelity import unlabeled
 
     if dense is None:
         raise RecipeError(["rmtp.evaluate: the data is unlabeled (data.unlabeled: true), so there is no top-1; "
@@ -277,7 +277,7 @@ def _architecture(model: nn.Module, arch: str | Architecture | None, plugins: Pl
 
 
 def _validate(label: str, model_cls: type[BaseModel], values: Mapping[str, Any], prefix: str) -> Any:
-    from rmtp.recipe import format_errors
+    from rmtp.run.recipe import format_errors
 
     try:
         return model_cls.model_validate(dict(values))
@@ -299,7 +299,7 @@ def _layer_filter(label: str, layers: Any) -> LayerFilter | None:
 
 def _device(model: nn.Module, device: str | torch.device | None) -> torch.device:
     if device is not None:
-        from rmtp.device import resolve_device
+        from rmtp.run.device import resolve_device
 
         return resolve_device(device, option="device=")
     parameter = next(model.parameters(), None)

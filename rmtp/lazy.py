@@ -29,3 +29,4 @@ def lazy_exports(package: str, exports: Mapping[str, str]) -> tuple[Callable[[st
         return sorted({*vars(sys.modules[package]), *exports})
 
     return __getattr__, __dir__
+

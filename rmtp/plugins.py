@@ -23,10 +23,10 @@ from typing import Generic, TypeVar
 
 import pluggy
 
-from rmtp import hookspecs
-from rmtp.architecture import Architecture
+from rmtp.contract import hookspecs
+from rmtp.contract.architecture import Architecture
 from rmtp.errors import PluginError, short_repr
-from rmtp.pruner import Pruner
+from rmtp.contract.pruner import Pruner
 
 ENTRY_POINT_GROUP = "rmtp"
 DISABLE_ENV = "RMTP_DISABLE_PLUGINS"
@@ -95,7 +95,7 @@ class Plugins:
 
     def import_saved_types(self) -> None:
         """Have every plugin import the modules defining its saved types (hook ``import_saved_types``),
-        once: :mod:`rmtp.modules` asks before it answers that a saved type id is unknown."""
+        once: :mod:`rmtp.contract.saved_types` asks before it answers that a saved type id is unknown."""
         if not self._saved_types_imported:
             self._saved_types_imported = True
             self.manager.hook.import_saved_types()
@@ -113,7 +113,7 @@ class Plugins:
         if not matching:
             import timm
 
-            from rmtp.architecture import timm_name_hint
+            from rmtp.contract.architecture import timm_name_hint
 
             if not timm.is_model(model_name.split(".")[0]):  # a typo, not a missing plugin
                 raise PluginError(f"timm has no model {short_repr(model_name, 80)}{timm_name_hint(model_name)}")

@@ -20,8 +20,8 @@ from typing import Any
 import timm
 import torch
 
-from rmtp.atomic import write_text_atomic
-from rmtp.checkpoint import write_safetensors_atomic
+from rmtp.storage.atomic import write_text_atomic
+from rmtp.storage.weights import write_safetensors_atomic
 from rmtp.data import DataSpec, build_data
 from rmtp.training import EpochStats, TrainConfig, train
 

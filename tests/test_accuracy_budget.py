@@ -14,14 +14,14 @@ import torch
 from rich.console import Console
 
 import rmtp
-from rmtp.accuracy_budget import AccuracyBudget, StrengthKnob, budget_knob, search, speed_note
-from rmtp.checkpoint import read_state_dict
+from rmtp.fidelity.accuracy_budget import AccuracyBudget, StrengthKnob, budget_knob, search, speed_note
+from rmtp.storage.weights import read_state_dict
 from rmtp.errors import RecipeError, RmtpError
 from rmtp.plugins import get_plugins
-from rmtp.pruner import LayerRow, Pruner, PrunerParams
-from rmtp.recipe import parse_recipe
-from rmtp.render import render_step
-from rmtp.report import StepReport
+from rmtp.contract.pruner import LayerRow, Pruner, PrunerParams
+from rmtp.run.recipe import parse_recipe
+from rmtp.reports.render import render_step
+from rmtp.reports.records import StepReport
 
 from conftest import REPO, TINY_VIT, tiny_recipe
 
@@ -264,7 +264,7 @@ def test_the_budget_changes_the_strength_chosen_and_the_report_shows_it(digits) 
 
 
 def test_a_pruner_that_calibrates_never_sees_the_held_out_images(digits, monkeypatch) -> None:  # noqa: ANN001
-    from rmtp.agreement import DenseReference
+    from rmtp.fidelity.agreement import DenseReference
 
     model, calib = digits
     seen: list[int] = []
@@ -373,7 +373,7 @@ def test_a_loader_with_a_subset_sampler_holds_out_only_images_it_yields() -> Non
     loader yields (its 40 images), never over the whole dataset."""
     from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
 
-    from rmtp.agreement import split_calibration
+    from rmtp.fidelity.agreement import split_calibration
 
     images = torch.arange(200, dtype=torch.float32).view(200, 1, 1, 1).expand(200, 1, 2, 2).clone()
     dataset = TensorDataset(images, torch.zeros(200, dtype=torch.long))
@@ -388,7 +388,7 @@ def test_a_loader_with_a_subset_sampler_holds_out_only_images_it_yields() -> Non
 
 def test_too_few_calibration_images_for_a_budget_are_refused_by_validate(tmp_path) -> None:  # noqa: ANN001
     from rmtp.errors import RecipeError
-    from rmtp.recipe import load_recipe
+    from rmtp.run.recipe import load_recipe
 
     from conftest import tiny_recipe, write_recipe
 

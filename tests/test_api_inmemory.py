@@ -1,7 +1,7 @@
 """``rmtp.prune`` / ``rmtp.finetune`` / ``rmtp.evaluate`` on a model in hand.
 
 Every built-in pruner goes through ``rmtp.prune`` and must leave the model exactly as the same
-prune step of a recipe leaves it (same weights, same rows): both run :mod:`rmtp.steps`, and this
+prune step of a recipe leaves it (same weights, same rows): both run :mod:`rmtp.run.steps`, and this
 is the test that they cannot drift apart.
 """
 
@@ -16,8 +16,8 @@ from torch import nn
 
 import rmtp
 from rmtp.errors import PluginError, RecipeError, RmtpError
-from rmtp.pipeline import seed_everything
-from rmtp.recipe import parse_recipe
+from rmtp.run.pipeline import seed_everything
+from rmtp.run.recipe import parse_recipe
 
 DATA = {"name": "digits", "batch_size": 128, "calibration_size": 64, "eval_limit": 128}
 
@@ -170,7 +170,7 @@ def test_readme_python_api_examples_run(monkeypatch: pytest.MonkeyPatch, tmp_pat
     namespace: dict = {}
     for index, block in enumerate(_readme_snippets()):
         exec(compile(block, f"README.md (Python API, block {index})", "exec"), namespace)  # noqa: S102 - our README
-    assert isinstance(namespace["report"], rmtp.report.StepReport)
+    assert isinstance(namespace["report"], rmtp.reports.records.StepReport)
     assert namespace["report"].stats.params < namespace["report"].baseline.params
     loaded = rmtp.load(tmp_path / "runs" / "my-model-copy")
     x = torch.randn(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import rmtp
 from rmtp.errors import PluginError
 from rmtp.latency.settings import LatencySettings
-from rmtp.pipeline import seed_everything
+from rmtp.run.pipeline import seed_everything
 
 
 def _tiny_vit(seed: int = 0) -> nn.Module:
@@ -76,7 +76,7 @@ def test_prune_hands_the_model_back_in_the_mode_it_got(training: bool) -> None:
     model = _tiny_vit().train(training)
     model.blocks[0].eval()  # a mixed model keeps its mix
     rmtp.prune(model, "svd-mp", margin=1.0, min_dim=2, only_if_faster=False)
-    from rmtp.modules import is_replacement
+    from rmtp.contract.saved_types import is_replacement
 
     assert is_replacement(model.blocks[1].mlp.fc1)
     assert model.training is training
@@ -109,7 +109,7 @@ def test_a_pruner_that_skips_every_layer_says_so_where_it_is_seen() -> None:
 
 
 def _run_report(speedup: dict | None):  # noqa: ANN202 - a RunReport
-    from rmtp.report import ModelStats, RunReport, StepReport
+    from rmtp.reports.records import ModelStats, RunReport, StepReport
 
     dense = ModelStats(params=1000, nonzeros=1000, macs=4000, top1=90.0)
     final = ModelStats(params=250, nonzeros=250, macs=1000, top1=89.5, latency_ms=5.0,
@@ -126,7 +126,7 @@ def _paired(ratios: list[float], threads: int):  # noqa: ANN202 - a PairedSpeedu
 
 
 def test_the_summary_shows_the_dense_latency_it_measured_and_a_headline() -> None:
-    from rmtp.render import render_report
+    from rmtp.reports.render import render_report
 
     console = Console(width=160, record=True, file=io.StringIO())
     render_report(_run_report(_paired([1.5, 1.6, 1.55, 1.62, 1.58], threads=1).to_dict()), console)
@@ -144,7 +144,7 @@ def test_noisy_timing_advice_never_asks_for_the_setting_in_force() -> None:
 
 
 def test_progress_bars_print_nothing_off_a_terminal() -> None:
-    from rmtp.render import RichProgress
+    from rmtp.reports.render import RichProgress
 
     out = io.StringIO()
     with RichProgress(Console(file=out)).task("working", total=2) as advance:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from rmtp.architecture import Architecture, ModelSpec, PrunableLayer
+from rmtp.contract.architecture import Architecture, ModelSpec, PrunableLayer
 from rmtp.errors import CheckpointError, PluginError
 from rmtp.plugins import load_plugins
 from rmtp_plugins.architectures.convnext import ConvNextArchitecture

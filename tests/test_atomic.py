@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from rmtp.atomic import check_writable, write_errors, write_json_atomic, write_text_atomic
+from rmtp.storage.atomic import check_writable, write_errors, write_json_atomic, write_text_atomic
 from rmtp.errors import RmtpError
 
 

@@ -70,7 +70,7 @@ def _interrupt(*args: Any, **kwargs: Any) -> None:
 def test_ctrl_c_says_in_one_line_that_the_previous_output_is_intact(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Ctrl-C used to exit 130 silently; now one line says what was kept."""
-    import rmtp.pipeline
+    import rmtp.run.pipeline
 
     recipe = tiny_recipe([{"evaluate": {}}], output=tmp_path / "out")
     recipe["output"]["overwrite"] = True
@@ -78,7 +78,7 @@ def test_ctrl_c_says_in_one_line_that_the_previous_output_is_intact(tmp_path: Pa
     (tmp_path / "out").mkdir()  # a previous output: only those may be overwritten
     (tmp_path / "out" / "rmtp_model.json").write_text('{"format": "rmtp-model"}')
     (tmp_path / "out" / "report.json").write_text("kept")
-    monkeypatch.setattr(rmtp.pipeline, "run_recipe", _interrupt)
+    monkeypatch.setattr(rmtp.run.pipeline, "run_recipe", _interrupt)
     result = _cli("prune", str(path))
     assert result.exit_code == 130
     lines = result.output.strip().splitlines()
@@ -87,10 +87,10 @@ def test_ctrl_c_says_in_one_line_that_the_previous_output_is_intact(tmp_path: Pa
 
 
 def test_ctrl_c_before_any_output_existed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import rmtp.pipeline
+    import rmtp.run.pipeline
 
     path = _recipe(tmp_path, [{"evaluate": {}}])
-    monkeypatch.setattr(rmtp.pipeline, "run_recipe", _interrupt)
+    monkeypatch.setattr(rmtp.run.pipeline, "run_recipe", _interrupt)
     result = _cli("prune", str(path))
     assert result.exit_code == 130 and "was not created" in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists()
@@ -127,7 +127,7 @@ def test_validate_checks_the_class_folders_against_the_head_timm_builds(tmp_path
 def test_a_saved_folders_recipe_is_read_as_untrusted_yaml(tmp_path: Path) -> None:
     """`rmtp bench` and `rmtp token-map` read recipe.yaml from folders anyone may have sent."""
     from rmtp.errors import RmtpError
-    from rmtp.saving import read_saved_recipe
+    from rmtp.storage.saving import read_saved_recipe
 
     assert read_saved_recipe(tmp_path) is None
     bomb = (Path(__file__).parent / "bad_recipes" / "yaml_bomb.yaml").read_text()
@@ -144,7 +144,7 @@ def test_a_saved_folders_recipe_is_read_as_untrusted_yaml(tmp_path: Path) -> Non
 
 def test_figures_are_written_atomically(tmp_path: Path) -> None:
     """A plot replaces the previous file in one rename; a failing savefig leaves it untouched."""
-    from rmtp.atomic import save_figure_atomic
+    from rmtp.storage.atomic import save_figure_atomic
 
     class Figure:
         def __init__(self, fail: bool) -> None:

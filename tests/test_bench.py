@@ -22,7 +22,7 @@ from rmtp.bench import (
     load_candidates,
     parse_batches,
 )
-from rmtp.checkpoint import write_safetensors_atomic
+from rmtp.storage.weights import write_safetensors_atomic
 from rmtp.cli import build_app
 from rmtp.data import DataSpec
 from rmtp.errors import DeviceError
@@ -58,8 +58,8 @@ def checkpoint(tmp_path: Path) -> Path:
 @pytest.fixture(scope="module")
 def pruned_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An rmtp output folder: the tiny ViT pruned 50% by magnitude (its dense baseline is recorded)."""
-    from rmtp.pipeline import run_recipe
-    from rmtp.recipe import load_recipe
+    from rmtp.run.pipeline import run_recipe
+    from rmtp.run.recipe import load_recipe
 
     root = tmp_path_factory.mktemp("bench")
     torch.manual_seed(0)
@@ -364,8 +364,8 @@ def test_bench_is_a_command_with_help() -> None:
 def test_a_conv_folder_is_timed_on_the_images_its_recipe_used(tmp_path: Path) -> None:
     """A ResNet accepts any size and its timm config says 224 px: a folder whose recipe fed it 16 px
     digits is benchmarked (latency, MACs) on 16 px images, as it was evaluated, not on 224 px ones."""
-    from rmtp.pipeline import run_recipe
-    from rmtp.recipe import load_recipe
+    from rmtp.run.pipeline import run_recipe
+    from rmtp.run.recipe import load_recipe
 
     recipe = {"model": {"name": "resnet18", "kwargs": {"channels": [8, 8, 8, 8], "in_chans": 1, "num_classes": 10}},
               "data": {"name": "digits", "img_size": 16, "eval_limit": 32},

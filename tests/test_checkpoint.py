@@ -1,4 +1,4 @@
-"""rmtp.checkpoint: untrusted weight files are read as data only, and fail with one clear line."""
+"""rmtp.storage.weights: untrusted weight files are read as data only, and fail with one clear line."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from rmtp import checkpoint
-from rmtp.checkpoint import load_state_dict_into, read_state_dict, write_safetensors_atomic
+from rmtp.storage import weights as checkpoint
+from rmtp.storage.weights import load_state_dict_into, read_state_dict, write_safetensors_atomic
 from rmtp.errors import CheckpointError
 
 

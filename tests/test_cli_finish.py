@@ -17,9 +17,9 @@ import rmtp
 from rmtp.cli import build_app
 from rmtp.cli.options import parse_kwargs, parse_value
 from rmtp.errors import RmtpError
-from rmtp.pruner import LayerRow
-from rmtp.render import StepTable, render_step, step_renderable
-from rmtp.report import ModelStats, StepReport
+from rmtp.contract.pruner import LayerRow
+from rmtp.reports.render import StepTable, render_step, step_renderable
+from rmtp.reports.records import ModelStats, StepReport
 
 from conftest import REPO, TINY_VIT, tiny_recipe, write_recipe
 
@@ -75,7 +75,7 @@ def test_plugins_list_and_validate_params_without_torch() -> None:
 def test_saved_types_of_lazy_plugins_are_found_when_a_folder_needs_them() -> None:
     """Pruner modules load on first use, so their saved types register through the
     ``import_saved_types`` hook the first time an id is looked up (here in a fresh process)."""
-    code = ("from rmtp.modules import resolve_type\n"
+    code = ("from rmtp.contract.saved_types import resolve_type\n"
             "print(*(resolve_type(k, i).__name__ for k, i in [('module', 'lowrank.linear'), "
             "('module', 'spp.sliced_linear'), ('module', 'nm.permuted_input'), ('patch', 'tokens.reduction'), "
             "('patch', 'spp.attention_heads')]))")
@@ -149,7 +149,7 @@ def test_bench_and_analyze_spectrum_take_the_same_kwargs(monkeypatch: pytest.Mon
 
 
 def test_n_m_prints_literally() -> None:
-    from rmtp.render import RichProgress, stderr, stdout
+    from rmtp.reports.render import RichProgress, stderr, stdout
 
     for console in (stdout, stderr):
         with console.capture() as captured:

@@ -11,13 +11,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from rmtp.architecture import ModelSpec
+from rmtp.contract.architecture import ModelSpec
 from rmtp.cli import build_app
 from rmtp.cli.spectrum import parse_kwargs
 from rmtp.errors import RmtpError
-from rmtp.lowrank import LowRankLinear
+from rmtp_plugins.svd_mp.lowrank import LowRankLinear
 from rmtp.plugins import get_plugins
-from rmtp.saving import save
+from rmtp.storage.saving import save
 
 from conftest import REPO, TINY_VIT
 

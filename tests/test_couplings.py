@@ -16,9 +16,9 @@ from timm.layers import Mlp
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from rmtp.architecture import Architecture, Coupling, PrunableLayer
+from rmtp.contract.architecture import Architecture, Coupling, PrunableLayer
 from rmtp.plugins import get_plugins
-from rmtp.pruner import PruneContext
+from rmtp.contract.pruner import PruneContext
 
 VIT = {"img_size": 16, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2, "num_classes": 4}
 

@@ -90,8 +90,8 @@ def test_imagefolder_problems_are_data_errors(tmp_path: Path) -> None:
 def test_the_run_seed_does_not_move_the_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A checkpoint trained on split 0 must be evaluated on the same held-out images whatever seed a
     recipe fine-tunes with; only data.split_seed changes the split."""
-    import rmtp.pipeline
-    from rmtp.recipe import load_recipe
+    import rmtp.run.pipeline
+    from rmtp.run.recipe import load_recipe
 
     from conftest import tiny_recipe, write_recipe
 
@@ -102,11 +102,11 @@ def test_the_run_seed_does_not_move_the_split(tmp_path: Path, monkeypatch: pytes
         built.append(_indices(bundle.val))
         return bundle
 
-    monkeypatch.setattr(rmtp.pipeline, "build_data", recording)
+    monkeypatch.setattr(rmtp.run.pipeline, "build_data", recording)
     for name, seed, split_seed in (("a", 0, 0), ("b", 7, 0), ("c", 7, 5)):
         recipe = tiny_recipe([{"evaluate": {}}], seed=seed)
         recipe["data"]["split_seed"] = split_seed
-        rmtp.pipeline.run_recipe(load_recipe(write_recipe(tmp_path / f"{name}.yaml", recipe)))
+        rmtp.run.pipeline.run_recipe(load_recipe(write_recipe(tmp_path / f"{name}.yaml", recipe)))
     assert built[0] == built[1] != built[2]
 
 
@@ -254,7 +254,7 @@ def test_digits_img_size_the_model_cannot_take(tiny_vit) -> None:
 
 def test_validate_catches_imagefolder_problems(tmp_path: Path) -> None:
     from rmtp.errors import RecipeError
-    from rmtp.recipe import parse_recipe
+    from rmtp.run.recipe import parse_recipe
 
     from conftest import tiny_recipe
 
@@ -276,7 +276,7 @@ def test_validate_catches_imagefolder_problems(tmp_path: Path) -> None:
 def test_validate_names_class_folders_without_images(tmp_path: Path) -> None:
     """Empty class folders passed validation and failed only when the run read the data."""
     from rmtp.errors import RecipeError
-    from rmtp.recipe import parse_recipe
+    from rmtp.run.recipe import parse_recipe
 
     from conftest import tiny_recipe
 

@@ -55,7 +55,7 @@ def _torchrun(recipe: Path, cwd: Path, *extra: str) -> subprocess.Popen:
 def test_a_killed_torchrun_run_resumes_to_the_uninterrupted_weights(tmp_path: Path) -> None:
     import time
 
-    from rmtp.resume import checkpoint_root, read_checkpoint
+    from rmtp.run.resume import checkpoint_root, read_checkpoint
 
     def recipe(name: str) -> Path:
         raw = tiny_recipe([{"prune": "magnitude", "params": {"sparsity": 0.5}},

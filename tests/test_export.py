@@ -76,8 +76,8 @@ def run_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     and ToMe's similarities then all tie at ±1 to float rounding, so which tokens merge is decided by
     the runtime's rounding (the trained digits ViT's svd-mp + tome exports within 4e-6: the benchmark).
     """
-    from rmtp.pipeline import run_recipe
-    from rmtp.recipe import load_recipe
+    from rmtp.run.pipeline import run_recipe
+    from rmtp.run.recipe import load_recipe
 
     root = tmp_path_factory.mktemp("export")
     torch.manual_seed(0)

@@ -17,9 +17,9 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import rmtp
-from rmtp.architecture import ModelSpec
+from rmtp.contract.architecture import ModelSpec
 from rmtp.errors import RmtpError
-from rmtp.modules import describe_patches
+from rmtp.contract.saved_types import describe_patches
 from rmtp.plugins import get_plugins
 from rmtp_plugins.spp.groups import extract, find_units
 

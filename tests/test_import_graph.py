@@ -136,10 +136,10 @@ def only(graph: dict[str, set[str]], package: str) -> dict[str, set[str]]:
 
 def test_graph_is_read() -> None:
     graph = import_graph()
-    assert "rmtp.pipeline" in graph and "rmtp.errors" in graph["rmtp.pipeline"]
+    assert "rmtp.run.pipeline" in graph and "rmtp.errors" in graph["rmtp.run.pipeline"]
     assert "rmtp.measure.counts" in graph["rmtp.measure"]  # a package's __init__ → its submodules
     # the plugins are read too, with their edges into rmtp and among themselves
-    assert {"rmtp.pruner", "rmtp_plugins.nm.params"} <= graph["rmtp_plugins.nm"]
+    assert {"rmtp.contract.pruner", "rmtp_plugins.nm.params"} <= graph["rmtp_plugins.nm"]
     assert "rmtp_plugins.nm.speed" in graph["rmtp_plugins.nm.pruner"]
     assert "rmtp_plugins.svd_mp.params" not in import_graph()["rmtp_plugins.svd_mp.speed"]  # TYPE_CHECKING only
     assert "rmtp_plugins.svd_mp.params" in import_graph(type_checking=True)["rmtp_plugins.svd_mp.speed"]

@@ -35,11 +35,11 @@ from rmtp.latency.cost import (
 )
 from rmtp.latency.table import CostTable, LatencyError, device_name, module_key, table_path
 from rmtp.latency.target import speed_target
-from rmtp.lowrank import LOW_RANK_TYPES, LowRankLinear
+from rmtp_plugins.svd_mp.lowrank import LOW_RANK_TYPES, LowRankLinear
 from rmtp.plugins import get_plugins
-from rmtp.pruner import PruneContext
-from rmtp.recipe import load_recipe
-from rmtp.report import StepReport
+from rmtp.contract.pruner import PruneContext
+from rmtp.run.recipe import load_recipe
+from rmtp.reports.records import StepReport
 from rmtp_plugins.svd_mp import SvdMpParams, SvdMpPruner
 
 from conftest import TINY_VIT, tiny_recipe, write_recipe
@@ -207,7 +207,7 @@ def _ten_second_model(speedup: float | None = 1.5):
     from types import SimpleNamespace
 
     from rmtp.latency.target import SpeedTarget
-    from rmtp.progress import NULL_PROGRESS
+    from rmtp.run.progress import NULL_PROGRESS
 
     target = SpeedTarget(cost=_ClockCost(), target_speedup=speedup, target_latency_ms=None, dense=10.0, now=10.0,
                          goal=None if speedup is None else 10.0 / speedup)
@@ -331,7 +331,7 @@ class _TwoLayers(nn.Module):
 
 
 def _context(model: nn.Module, cost: CostModel | None) -> PruneContext:
-    from rmtp.architecture import PrunableLayer
+    from rmtp.contract.architecture import PrunableLayer
 
     arch = get_plugins().architecture("vit")  # only its qkv_split is consulted, and these are not qkv
     return PruneContext(model=model, arch=arch, layers=[PrunableLayer(n, "fc1") for n in ("a", "b")],
@@ -583,7 +583,7 @@ def test_in_context_scale_out_of_range_is_reported_as_a_measurement_error() -> N
     from types import SimpleNamespace
 
     from rmtp.latency.target import SpeedTarget
-    from rmtp.progress import NULL_PROGRESS
+    from rmtp.run.progress import NULL_PROGRESS
 
     class Share:  # a cost whose in-context share of the layers is 47.2 s of a 100 s model
         kind = "measured"
@@ -622,7 +622,7 @@ def test_a_measured_target_without_a_latency_batch_says_which_batch_it_assumed()
 
 
 def test_a_prune_step_that_timed_on_a_busy_machine_warns_as_bench_does(monkeypatch) -> None:
-    from rmtp import steps
+    from rmtp.run import steps
     from rmtp.bench import environment
 
     monkeypatch.setattr(environment, "loadavg", lambda: 7.5)
@@ -668,7 +668,7 @@ class _PatchedSlow(CostModel):
         return [input_shape[1] / 100 for _ in modules]
 
     def _model_seconds(self, models: Sequence[nn.Module]) -> list[float]:
-        from rmtp.modules import patches_of
+        from rmtp.contract.saved_types import patches_of
 
         def seconds(model: nn.Module) -> float:
             stubbed = any(isinstance(m, cost_module._Ready) for m in model.modules())
@@ -678,7 +678,7 @@ class _PatchedSlow(CostModel):
 
 
 def test_the_step_reports_the_speed_plan_the_pruner_returns() -> None:
-    """The prediction comes back in the pruner's result (:class:`rmtp.pruner.PruneResult`), not
+    """The prediction comes back in the pruner's result (:class:`rmtp.contract.pruner.PruneResult`), not
     written into its context: the step reads it there and reports it."""
     report = rmtp.prune(_vit(), "token-cls", target_speedup=1.2, latency={"cost": "macs"})
     assert report.speed is not None and report.speed["predicted_speedup"] >= 1.2 * (1 - 1e-6)
@@ -689,7 +689,7 @@ def test_the_step_reports_the_speed_plan_the_pruner_returns() -> None:
 def test_a_token_schedule_that_measures_slower_is_not_applied() -> None:
     """token-cls, target ×1.2, on a machine where the reduced model is slower than dense: the
     schedule timed whole is not kept; the model stays unpatched and the step says why."""
-    from rmtp.modules import patches_of
+    from rmtp.contract.saved_types import patches_of
     from rmtp_plugins.tokens.token_cls import TokenClsParams, TokenClsPruner
 
     model = _vit()

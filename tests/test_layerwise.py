@@ -1,4 +1,4 @@
-"""rmtp.layerwise: layer input statistics against brute force (Linear and Conv2d), and the
+"""rmtp.fidelity.layerwise: layer input statistics against brute force (Linear and Conv2d), and the
 sequential driver (forward order, inputs taken from the already-compressed model, unreached layers,
 the model's mode and hooks left as they were)."""
 
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from rmtp.gemm import gemm_view
-from rmtp.layerwise import LayerInputs, collect_input_stats, compress_sequentially, input_columns
+from rmtp.fidelity.layerwise import LayerInputs, collect_input_stats, compress_sequentially, input_columns
 
 CPU = torch.device("cpu")
 

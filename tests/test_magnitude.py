@@ -5,9 +5,9 @@ from __future__ import annotations
 import timm
 import torch
 
-from rmtp.layers import select_layers
+from rmtp.run.layer_filter import select_layers
 from rmtp.plugins import get_plugins
-from rmtp.pruner import PruneContext
+from rmtp.contract.pruner import PruneContext
 from rmtp_plugins.magnitude import MagnitudeParams, MagnitudePruner
 
 from conftest import TINY_VIT

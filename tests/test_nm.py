@@ -39,14 +39,14 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import rmtp
-from rmtp.architecture import ModelSpec, PrunableLayer
+from rmtp.contract.architecture import ModelSpec, PrunableLayer
 from rmtp.errors import DeviceError, RmtpError
-from rmtp.layers import select_layers
-from rmtp.pipeline import run_recipe
+from rmtp.run.layer_filter import select_layers
+from rmtp.run.pipeline import run_recipe
 from rmtp.plugins import load_plugins
-from rmtp.pruner import PruneContext
-from rmtp.recipe import parse_recipe
-from rmtp.saving import save
+from rmtp.contract.pruner import PruneContext
+from rmtp.run.recipe import parse_recipe
+from rmtp.storage.saving import save
 
 #: A tiny ViT whose widths (48, 192; heads of 24) take every common pattern, 6:12 and 12:16 included.
 NM_VIT = {**TINY_VIT, "embed_dim": 48, "num_heads": 2}
@@ -136,7 +136,7 @@ def test_conv_groups_run_along_input_channels_at_each_kernel_position() -> None:
                                   {"kernel_size": (1, 3), "padding": "same", "padding_mode": "reflect"}])
 def test_gemm_layout_and_calibration_columns_reproduce_the_conv(conv) -> None:
     """A·colsᵀ with the layout's A and the calibration's im2col columns is the convolution itself."""
-    from rmtp.layerwise import input_columns as _columns
+    from rmtp.fidelity.layerwise import input_columns as _columns
 
     torch.manual_seed(0)
     layer = nn.Conv2d(8, 5, bias=False, **conv)

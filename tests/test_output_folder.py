@@ -22,16 +22,16 @@ import torch
 from torch import nn
 
 import rmtp
-from rmtp import saving
-from rmtp.architecture import ModelSpec
+from rmtp.storage import saving
+from rmtp.contract.architecture import ModelSpec
 from rmtp.errors import RmtpError
-from rmtp.pipeline import run_recipe
+from rmtp.run.pipeline import run_recipe
 from rmtp.plugins import get_plugins
-from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams
-from rmtp.recipe import parse_recipe
-from rmtp import output_folder
-from rmtp.output_folder import lock_file
-from rmtp.saving import META_FILE, WEIGHTS_FILE, output_lock, save
+from rmtp.contract.pruner import LayerRow, PruneContext, Pruner, PrunerParams
+from rmtp.run.recipe import parse_recipe
+from rmtp.storage import output_folder
+from rmtp.storage.output_folder import lock_file
+from rmtp.storage.saving import META_FILE, WEIGHTS_FILE, output_lock, save
 
 from conftest import TINY_VIT, tiny_recipe
 
@@ -216,7 +216,7 @@ def test_a_run_holds_its_output_folder_from_before_step_0_until_saved(tmp_path: 
     fd = _hold_elsewhere(out)
     try:
         with monkeypatch.context() as patch:
-            patch.setattr("rmtp.pipeline.build_model", lambda *a: pytest.fail("worked on a held folder"))
+            patch.setattr("rmtp.run.pipeline.build_model", lambda *a: pytest.fail("worked on a held folder"))
             with pytest.raises(RmtpError, match="held by another rmtp process"):
                 run_recipe(recipe)
     finally:

@@ -12,12 +12,12 @@ import torch
 from typer.testing import CliRunner
 
 import rmtp
-from rmtp.architecture import ModelSpec
+from rmtp.contract.architecture import ModelSpec
 from rmtp.cli import build_app
 from rmtp.errors import RecipeError, RmtpError
-from rmtp.overwrite import replace_problem
+from rmtp.storage.overwrite import replace_problem
 from rmtp.plugins import get_plugins
-from rmtp.recipe import load_recipe
+from rmtp.run.recipe import load_recipe
 
 from conftest import TINY_VIT, tiny_recipe, write_recipe
 

@@ -11,8 +11,8 @@ import yaml
 
 import rmtp
 from rmtp.errors import DeviceError
-from rmtp.pipeline import resolve_device, run_recipe
-from rmtp.recipe import load_recipe
+from rmtp.run.pipeline import resolve_device, run_recipe
+from rmtp.run.recipe import load_recipe
 
 from conftest import tiny_recipe, write_recipe
 
@@ -133,7 +133,7 @@ def test_auto_device_picks_what_torch_sees() -> None:
 
 def _asking_pruner():
     """A pruner that answers the pipeline's questions by overriding the methods, not the attributes."""
-    from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams, weight_footprint
+    from rmtp.contract.pruner import LayerRow, PruneContext, Pruner, PrunerParams, weight_footprint
 
     class Asks(Pruner):
         name = "asks"
@@ -164,7 +164,7 @@ def _asking_pruner():
 
 def test_a_recipe_carries_its_plugins_and_resolved_prune_steps(tmp_path: Path) -> None:
     from rmtp.plugins import load_plugins
-    from rmtp.recipe import ResolvedPrune, parse_recipe
+    from rmtp.run.recipe import ResolvedPrune, parse_recipe
 
     asks = _asking_pruner()
     plugins = load_plugins()  # a private registry: never made the process-wide one
@@ -189,7 +189,7 @@ def test_a_recipe_carries_its_plugins_and_resolved_prune_steps(tmp_path: Path) -
 
 
 def test_pruner_capabilities_default_to_the_documented_attributes() -> None:
-    from rmtp.pruner import Pruner, PrunerParams
+    from rmtp.contract.pruner import Pruner, PrunerParams
 
     class Plain(Pruner):
         name, description, kind, Params = "plain", "test", "mask", PrunerParams
@@ -215,8 +215,8 @@ def test_pruner_capabilities_default_to_the_documented_attributes() -> None:
 def test_the_report_records_and_prints_the_preprocessing(tmp_path) -> None:
     from rich.console import Console
 
-    from rmtp.recipe import parse_recipe
-    from rmtp.render import render_report
+    from rmtp.run.recipe import parse_recipe
+    from rmtp.reports.render import render_report
 
     result = run_recipe(parse_recipe(tiny_recipe([{"evaluate": {}}], data={"name": "digits", "eval_limit": 32})))
     recorded = result.report.to_dict()["preprocessing"]

@@ -9,13 +9,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from rmtp import hookspecs
+from rmtp.contract import hookspecs
 from rmtp.cli import build_app
 from rmtp.errors import PluginError, RecipeError
-from rmtp.pipeline import run_recipe
+from rmtp.run.pipeline import run_recipe
 from rmtp.plugins import Registry, get_plugins, load_plugins, reset_plugins
-from rmtp.pruner import Pruner, PrunerParams
-from rmtp.recipe import load_recipe
+from rmtp.contract.pruner import Pruner, PrunerParams
+from rmtp.run.recipe import load_recipe
 
 from conftest import REPO, tiny_recipe, write_recipe
 
@@ -24,8 +24,8 @@ THROWAWAY = '''
 import torch
 from pydantic import Field
 from rmtp import hookimpl
-from rmtp.architecture import Architecture
-from rmtp.pruner import LayerRow, Pruner, PrunerParams, weight_footprint
+from rmtp.contract.architecture import Architecture
+from rmtp.contract.pruner import LayerRow, Pruner, PrunerParams, weight_footprint
 
 
 class FirstRowsParams(PrunerParams):
@@ -187,7 +187,7 @@ def _pruner(name: str, description: str = "d") -> type[Pruner]:
 def test_a_pruner_returns_a_prune_result_or_a_list_of_rows() -> None:
     """A plain list of rows (the contract's first return type) still works; a result passes as it
     is; anything else is refused in one line naming the pruner."""
-    from rmtp.pruner import LayerRow, PruneResult
+    from rmtp.contract.pruner import LayerRow, PruneResult
 
     row = LayerRow("a", (2, 2), (2, 2), 4, 4, 4, 2)
     assert PruneResult.of([row]) == PruneResult([row], None)

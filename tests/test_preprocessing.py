@@ -197,7 +197,7 @@ def _reference_vit() -> torch.nn.Module:
 
     from conftest import REPO
 
-    from rmtp.architecture import ModelSpec
+    from rmtp.contract.architecture import ModelSpec
     from rmtp.plugins import get_plugins
 
     card = json.loads((REPO / "models" / "digits_vit.json").read_text())
@@ -278,7 +278,7 @@ def test_greyscale_models_get_one_value_and_digits_state_their_fixed_preprocessi
     ({"img_size": 28}, "data.img_size: img_size is the digits' upsampling side; for imagefolder set data.resize"),
 ])
 def test_bad_preprocessing_keys_are_one_line_each(tmp_path: Path, keys: dict, message: str) -> None:
-    from rmtp.recipe import parse_recipe
+    from rmtp.run.recipe import parse_recipe
 
     raw = {"model": {"name": "test_vit"}, "data": {"name": "imagefolder", "root": str(tmp_path), **keys},
            "steps": [{"evaluate": {}}]}

@@ -10,8 +10,8 @@ import torch
 import yaml
 
 import rmtp
-from rmtp.pipeline import run_recipe
-from rmtp.recipe import load_recipe
+from rmtp.run.pipeline import run_recipe
+from rmtp.run.recipe import load_recipe
 
 from conftest import TINY_VIT, tiny_recipe, write_recipe
 
@@ -96,7 +96,7 @@ def test_second_round_macs_before_of_a_split_qkv() -> None:
     second factor maps only its own kᵢ channels). The report's "MACs/pos" before, and the budget
     subtracted for a skipped split qkv under ``target_params``, are overstated (here 768 vs 384).
     Expected: current_cost equals the weights the split layer holds."""
-    from rmtp.lowrank import BlockLowRankLinear
+    from rmtp_plugins.svd_mp.lowrank import BlockLowRankLinear
     from rmtp_plugins.svd_mp.plan import LayerPlan
 
     layer = BlockLowRankLinear(64, [1, 1, 1], [64, 64, 64], edges=[1.0, 1.0, 1.0])

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from rmtp.errors import RecipeError
-from rmtp.recipe import FinetuneStep, PruneStep, load_recipe, parse_recipe
+from rmtp.run.recipe import FinetuneStep, PruneStep, load_recipe, parse_recipe
 
 from conftest import tiny_recipe, write_recipe
 

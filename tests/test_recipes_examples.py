@@ -10,8 +10,8 @@ import yaml
 
 import rmtp
 from rmtp.data import model_input_size
-from rmtp.pipeline import run_recipe
-from rmtp.recipe import parse_recipe
+from rmtp.run.pipeline import run_recipe
+from rmtp.run.recipe import parse_recipe
 
 from conftest import REPO
 

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 import rmtp
 from rmtp.cli import build_app
 from rmtp.errors import RecipeError, RmtpError
-from rmtp.recipe import parse_recipe
-from rmtp.blockwise import capture
+from rmtp.run.recipe import parse_recipe
+from rmtp.fidelity.blockwise import capture
 
 from conftest import REPO, TINY_VIT, tiny_recipe, write_recipe
 
@@ -147,7 +147,7 @@ def test_a_recipe_runs_a_reconstruct_step(tmp_path: Path) -> None:
 def test_reconstruction_recovers_most_of_a_trained_models_accuracy_without_labels() -> None:
     """The committed digits ViT, 80% magnitude pruning: top-1 falls to about half; reconstruction
     on the 256 calibration images (labels unused) brings most of it back."""
-    from rmtp.checkpoint import read_state_dict
+    from rmtp.storage.weights import read_state_dict
 
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, in_chans=1, num_classes=10,
                               embed_dim=96, depth=6, num_heads=3)

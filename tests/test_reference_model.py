@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from rmtp.architecture import ModelSpec
+from rmtp.contract.architecture import ModelSpec
 from rmtp.data import DataSpec, build_data
 from rmtp.measure import top1
 from rmtp.plugins import get_plugins

@@ -24,8 +24,8 @@ from conftest import REPO, TINY_VIT, tiny_recipe
 import rmtp
 from rmtp.data import DataSpec, build_data
 from rmtp.errors import CheckpointError, RmtpError
-from rmtp.recipe import parse_recipe
-from rmtp.resume import RUN_FILE, checkpoint_root, read_checkpoint
+from rmtp.run.recipe import parse_recipe
+from rmtp.run.resume import RUN_FILE, checkpoint_root, read_checkpoint
 from rmtp.training import TrainConfig, TrainState, train
 
 

@@ -33,9 +33,9 @@ from rmtp.cli import build_app
 from rmtp.data import DataSpec, build_data
 from rmtp.data.identity import data_changes, data_identity
 from rmtp.errors import RmtpError
-from rmtp.output_folder import lock_file
-from rmtp.progress import Progress
-from rmtp.resume import LATEST_FILE, RUN_FILE, Checkpointer, checkpoint_root, read_checkpoint
+from rmtp.storage.output_folder import lock_file
+from rmtp.run.progress import Progress
+from rmtp.run.resume import LATEST_FILE, RUN_FILE, Checkpointer, checkpoint_root, read_checkpoint
 
 # ------------------------------------------------------------------------------- helpers
 
@@ -182,12 +182,12 @@ def test_a_resume_says_where_it_continues(stopped: Path) -> None:
 
 
 def test_the_resume_line_reaches_the_terminal(stopped: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import rmtp.pipeline
+    import rmtp.run.pipeline
 
     def stop(*args: Any, **kwargs: Any) -> Any:  # right after the line: the resumed steps are not this test's
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(rmtp.pipeline, "_Run", stop)
+    monkeypatch.setattr(rmtp.run.pipeline, "_Run", stop)
     result = _prune(str(stopped), "--resume", "--quiet")
     assert result.exit_code == 130, result.output
     assert f"resuming from {_root(stopped)} at step 2 of 3 (finetune), epoch 1 of 1, after batch 2" \
@@ -257,7 +257,7 @@ def test_the_same_number_of_other_images_is_a_change_too(tmp_path: Path) -> None
 
 
 def test_sigterm_is_one_line_like_ctrl_c_and_releases_the_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import rmtp.pipeline
+    import rmtp.run.pipeline
 
     path = write_recipe(tmp_path / "r.yaml", tiny_recipe([{"evaluate": {}}], output=tmp_path / "out"))
 
@@ -269,7 +269,7 @@ def test_sigterm_is_one_line_like_ctrl_c_and_releases_the_lock(tmp_path: Path, m
         time.sleep(5)
         raise AssertionError("SIGTERM did not stop the run")
 
-    monkeypatch.setattr(rmtp.pipeline, "build_model", terminated)
+    monkeypatch.setattr(rmtp.run.pipeline, "build_model", terminated)
     before = signal.getsignal(signal.SIGTERM)
     line = _one_line(_prune(str(path)), code=128 + signal.SIGTERM)
     assert line.startswith("terminated (SIGTERM): the run's result was not saved"), line

@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 import rmtp
-from rmtp.modules import patches_of
+from rmtp.contract.saved_types import patches_of
 
 SAVED = Path(__file__).resolve().parent / "fixtures" / "saved"
 EXPECTED_FILE = "expected.safetensors"

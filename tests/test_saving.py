@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 import rmtp
-from rmtp.architecture import ModelSpec
-from rmtp.checkpoint import write_safetensors_atomic
+from rmtp.contract.architecture import ModelSpec
+from rmtp.storage.weights import write_safetensors_atomic
 from rmtp.errors import CheckpointError, RmtpError
-from rmtp.modules import rebuildable
+from rmtp.contract.saved_types import rebuildable
 from rmtp.plugins import get_plugins
-from rmtp.saving import META_FILE, WEIGHTS_FILE, save
+from rmtp.storage.saving import META_FILE, WEIGHTS_FILE, save
 
 from conftest import TINY_VIT
 
@@ -84,7 +84,7 @@ def test_interrupted_save_leaves_nothing(tmp_path: Path, monkeypatch: pytest.Mon
     def boom(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("rmtp.saving.write_safetensors_atomic", boom)
+    monkeypatch.setattr("rmtp.storage.saving.write_safetensors_atomic", boom)
     with pytest.raises(KeyboardInterrupt):
         save(model, tmp_path / "m", spec=spec, arch=get_plugins().architecture("vit"))
     assert list(tmp_path.iterdir()) == []

@@ -21,8 +21,8 @@ import yaml
 
 import rmtp
 from rmtp.data import model_input_size
-from rmtp.pipeline import run_recipe
-from rmtp.recipe import FinetuneStep, parse_recipe
+from rmtp.run.pipeline import run_recipe
+from rmtp.run.recipe import FinetuneStep, parse_recipe
 
 from conftest import REPO
 

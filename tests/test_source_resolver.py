@@ -24,12 +24,12 @@ from torch import nn
 
 import rmtp
 from rmtp import sources
-from rmtp.architecture import ModelSpec
+from rmtp.contract.architecture import ModelSpec
 from rmtp.bench import BenchError
 from rmtp.bench.loading import load_candidates
 from rmtp.errors import CheckpointError, RecipeError, RmtpError
 from rmtp.plugins import get_plugins
-from rmtp.recipe import load_recipe
+from rmtp.run.recipe import load_recipe
 from rmtp.sources import resolve as resolver
 from test_model_sources import same_logits, tiny_vit
 from rmtp.spectral.analysis import open_model
@@ -283,8 +283,8 @@ def test_analyze_spectrum_and_bench_resolve_once_per_model(calls: dict[str, int]
 
 def test_recipe_pipeline_and_preflight_resolve_through_it(calls: dict[str, int], hub: Path, tmp_path: Path,
                                                           model: nn.Module) -> None:
-    from rmtp.pipeline import build_model
-    from rmtp.preflight import preflight
+    from rmtp.run.pipeline import build_model
+    from rmtp.run.preflight import preflight
 
     recipe = tiny_recipe([{"evaluate": {}}])
     recipe["model"] = {"checkpoint": str(hub)}

@@ -36,9 +36,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import rmtp
 from rmtp.errors import RmtpError
 from rmtp.gemm import from_gemm, gemm_view
-from rmtp.layerwise import LayerInputs, compress_sequentially, input_columns
-from rmtp.layers import select_layers
-from rmtp.pruner import PruneContext
+from rmtp.fidelity.layerwise import LayerInputs, compress_sequentially, input_columns
+from rmtp.run.layer_filter import select_layers
+from rmtp.contract.pruner import PruneContext
 from rmtp.training.pieces import zero_masks
 from rmtp_plugins.nm import NmParams, NmPruner, check_nm
 from rmtp_plugins.nm.masks import nm_mask, scores_for

@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from rmtp.architecture import ModelSpec
+from rmtp.contract.architecture import ModelSpec
 from rmtp.errors import RmtpError
-from rmtp.modules import rebuildable
+from rmtp.contract.saved_types import rebuildable
 from rmtp.plugins import get_plugins
-from rmtp.progress import Progress
+from rmtp.run.progress import Progress
 from rmtp.spectral import LayerSpectrum, analyze_model, fit_mp
 
 from conftest import REPO, TINY_VIT

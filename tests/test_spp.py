@@ -16,14 +16,14 @@ from pydantic import ValidationError
 from torch.utils.data import DataLoader, TensorDataset
 
 import rmtp
-from rmtp.architecture import ModelSpec
+from rmtp.contract.architecture import ModelSpec
 from rmtp.errors import PluginError, RmtpError
-from rmtp.modules import apply_patch, patches_of
-from rmtp.pipeline import run_recipe
+from rmtp.contract.saved_types import apply_patch, patches_of
+from rmtp.run.pipeline import run_recipe
 from rmtp.plugins import get_plugins
-from rmtp.pruner import PruneContext
-from rmtp.recipe import parse_recipe
-from rmtp.saving import save
+from rmtp.contract.pruner import PruneContext
+from rmtp.run.recipe import parse_recipe
+from rmtp.storage.saving import save
 from rmtp_plugins.spp.groups import find_units, gated
 from rmtp_plugins.spp.modules import AttentionHeads, ConstantBranch, SlicedLinear
 from rmtp_plugins.spp.path import LbiSettings, removal_count, removal_mask, split_lbi

@@ -16,13 +16,13 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import rmtp
-from rmtp.architecture import ModelSpec
+from rmtp.contract.architecture import ModelSpec
 from rmtp.errors import RmtpError
 from rmtp.measure import count_macs, count_params
-from rmtp.pipeline import run_recipe
-from rmtp.pruner import PruneContext
-from rmtp.recipe import parse_recipe
-from rmtp.saving import save
+from rmtp.run.pipeline import run_recipe
+from rmtp.contract.pruner import PruneContext
+from rmtp.run.recipe import parse_recipe
+from rmtp.storage.saving import save
 from rmtp_plugins.spp.conv_modules import (
     ConstantChannels,
     RemovedConv2d,

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import rmtp
 from rmtp.gemm import gemm_view
-from rmtp.layerwise import input_columns
+from rmtp.fidelity.layerwise import input_columns
 from rmtp_plugins.spp import SppParams
 from rmtp_plugins.spp.obs import remove_groups
 from rmtp_plugins.spp.oneshot import group_columns, uniform_order
@@ -208,7 +208,7 @@ def test_params_of_one_search_are_refused_with_the_other(params: dict, message: 
 def test_search_obs_validates_on_unlabeled_data_and_lbi_with_ce_does_not(tmp_path) -> None:  # noqa: ANN001
     """obs reads no labels; the LBI search's default loss (ce) does."""
     from rmtp.errors import RecipeError
-    from rmtp.recipe import load_recipe
+    from rmtp.run.recipe import load_recipe
 
     from conftest import tiny_recipe, write_recipe
 
@@ -226,7 +226,7 @@ def test_search_obs_validates_on_unlabeled_data_and_lbi_with_ce_does_not(tmp_pat
 def test_a_resnet_conv_consumer_is_refitted_on_its_im2col_columns() -> None:
     """ResNet basic block layer1.0: its conv1 channels cut by obs, conv2 (3×3, no bias) is the lstsq
     fit of the dense conv2's outputs from the kept channels' im2col columns (float32 precision)."""
-    from rmtp.layerwise import input_columns
+    from rmtp.fidelity.layerwise import input_columns
 
     torch.manual_seed(0)
     model = timm.create_model("resnet18", num_classes=10, in_chans=1, channels=[16, 32, 64, 128]).eval()

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 import timm
 
-from rmtp import saving
-from rmtp.architecture import ModelSpec
+from rmtp.storage import saving
+from rmtp.contract.architecture import ModelSpec
 from rmtp.errors import RmtpError
-from rmtp.pipeline import run_recipe
+from rmtp.run.pipeline import run_recipe
 from rmtp.plugins import get_plugins
-from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams
-from rmtp.recipe import parse_recipe
-from rmtp.step_output import StagedOutput
+from rmtp.contract.pruner import LayerRow, PruneContext, Pruner, PrunerParams
+from rmtp.run.recipe import parse_recipe
+from rmtp.run.step_output import StagedOutput
 
 from conftest import TINY_VIT, tiny_recipe
 

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import rmtp
-from rmtp.layers import select_layers
-from rmtp.lowrank import (
+from rmtp.run.layer_filter import select_layers
+from rmtp_plugins.svd_mp.lowrank import (
     BlockLowRankLinear,
     LowRankConv2d,
     LowRankLinear,
@@ -22,10 +22,10 @@ from rmtp.lowrank import (
     product_svd,
     refactorize,
 )
-from rmtp.pipeline import run_recipe
+from rmtp.run.pipeline import run_recipe
 from rmtp.plugins import get_plugins
-from rmtp.pruner import PruneContext
-from rmtp.recipe import load_recipe
+from rmtp.contract.pruner import PruneContext
+from rmtp.run.recipe import load_recipe
 from rmtp.spectral.mp import weight_matrix
 from rmtp_plugins.svd_mp import SvdMpParams, SvdMpPruner
 
@@ -141,7 +141,7 @@ class _TwoLayers(nn.Module):
 
 
 def _context(model: nn.Module, names: list[str]) -> PruneContext:
-    from rmtp.architecture import PrunableLayer
+    from rmtp.contract.architecture import PrunableLayer
 
     arch = get_plugins().architecture("vit")  # only its qkv_split is consulted, and these are not qkv
     return PruneContext(model=model, arch=arch, layers=[PrunableLayer(n, "fc1") for n in names],
@@ -354,7 +354,7 @@ def test_convnext_and_resnet_layers_split(tmp_path: Path) -> None:
         assert math.isfinite(float(model(torch.randn(1, 1, 32, 32)).detach().sum()))
 
 
-class _Notes(rmtp.progress.Progress):
+class _Notes(rmtp.run.progress.Progress):
     def __init__(self) -> None:
         self.notes: list[str] = []
 
@@ -370,7 +370,7 @@ def test_the_edge_without_data_says_what_it_will_cut_before_it_cuts() -> None:
     progress = _Notes()
     seen_before_replacing: list[int] = []
     progress.task = lambda *a, **k: (seen_before_replacing.append(len(progress.notes)),  # type: ignore[method-assign]
-                                     rmtp.progress.Progress.task(progress, *a, **k))[1]
+                                     rmtp.run.progress.Progress.task(progress, *a, **k))[1]
     report = rmtp.prune(model, "svd-mp", progress=progress, min_dim=8, only_if_faster=False)
     # q, k and v are fitted as three d×d blocks: a qkv layer's directions are 3·d, others min(M, N)
     full = sum(r.shape_before[0] if r.layer.endswith("qkv") else min(r.shape_before) for r in report.rows)

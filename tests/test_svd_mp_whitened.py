@@ -20,10 +20,10 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import rmtp
 from rmtp.errors import RmtpError
-from rmtp.layerwise import collect_input_stats, input_columns
-from rmtp.lowrank import BlockLowRankLinear, LowRankLinear, factorize
-from rmtp.pipeline import run_recipe
-from rmtp.recipe import load_recipe
+from rmtp.fidelity.layerwise import collect_input_stats, input_columns
+from rmtp_plugins.svd_mp.lowrank import BlockLowRankLinear, LowRankLinear, factorize
+from rmtp.run.pipeline import run_recipe
+from rmtp.run.recipe import load_recipe
 from rmtp.spectral.mp import fit_mp, weight_matrix
 from rmtp_plugins.svd_mp import SvdMpParams, SvdMpPruner
 from rmtp_plugins.svd_mp.whitening import input_root, output_error, weight_order_gram, whitened_svd

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from rmtp.errors import PluginError
-from rmtp.modules import apply_patch, patches_of, remove_patch
+from rmtp.contract.saved_types import apply_patch, patches_of, remove_patch
 from rmtp_plugins.tokens.patch import LayerSpec, TokenPlan, TokenReduction, _attention
 from rmtp_plugins.tokens.schedule import token_counts
 

@@ -12,10 +12,10 @@ from pydantic import ValidationError
 import rmtp
 from rmtp import measure
 from rmtp.errors import PluginError, RecipeError
-from rmtp.pipeline import run_recipe
+from rmtp.run.pipeline import run_recipe
 from rmtp.plugins import get_plugins
-from rmtp.pruner import PruneContext
-from rmtp.recipe import parse_recipe
+from rmtp.contract.pruner import PruneContext
+from rmtp.run.recipe import parse_recipe
 from rmtp_plugins.tokens.patch import TokenVisionTransformer
 from rmtp_plugins.tokens.schedule import keep_ratios
 from rmtp_plugins.tokens.tome import TomeParams, TomePruner

@@ -13,7 +13,7 @@ import timm
 import torch
 from torch import Tensor
 
-from rmtp.modules import apply_patch
+from rmtp.contract.saved_types import apply_patch
 import _tome_reference as tome_ref
 from rmtp_plugins.tokens.merge import ABSets, merge_tokens, prefix_attention, prune_tokens, received_attention
 from rmtp_plugins.tokens.patch import TokenPlan, TokenReduction, trace_sources

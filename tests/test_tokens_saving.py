@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 import rmtp
-from rmtp import saving
-from rmtp.architecture import ModelSpec
+from rmtp.storage import saving
+from rmtp.contract.architecture import ModelSpec
 from rmtp.errors import CheckpointError
-from rmtp.modules import ModelPatch, apply_patch, describe_patches, model_patch, patches_of, remove_patch
+from rmtp.contract.saved_types import ModelPatch, apply_patch, describe_patches, model_patch, patches_of, remove_patch
 from rmtp.plugins import get_plugins
-from rmtp.saving import META_FILE, save
+from rmtp.storage.saving import META_FILE, save
 from rmtp_plugins.tokens.patch import TokenReduction, TokenVisionTransformer
 
 from conftest import TINY_VIT

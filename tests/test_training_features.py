@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from rmtp.data import DataSpec, build_data
 from rmtp.errors import RecipeError, RmtpError
-from rmtp.recipe import parse_recipe
+from rmtp.run.recipe import parse_recipe
 from rmtp.training import BatchProgress, TrainConfig, train, training_loss
 
 

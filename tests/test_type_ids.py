@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 import rmtp
-from rmtp import saving
-from rmtp.architecture import ModelSpec
+from rmtp.storage import saving
+from rmtp.contract.architecture import ModelSpec
 from rmtp.errors import CheckpointError, PluginError
-from rmtp.lowrank import LowRankLinear
-from rmtp.modules import (
+from rmtp_plugins.svd_mp.lowrank import LowRankLinear
+from rmtp.contract.saved_types import (
     ModelPatch,
     TypeRegistry,
     apply_patch,
@@ -29,7 +29,7 @@ from rmtp.modules import (
     type_aliases,
 )
 from rmtp.plugins import get_plugins
-from rmtp.saving import META_FILE, save
+from rmtp.storage.saving import META_FILE, save
 
 from conftest import TINY_VIT
 
@@ -208,7 +208,7 @@ def test_an_id_not_of_the_form_family_kind_is_refused(bad: object) -> None:
 def test_a_second_class_under_a_taken_id_is_refused_naming_both() -> None:
     get_plugins()
     with pytest.raises(PluginError, match=r"two module types are registered as 'lowrank\.linear': "
-                                          r"rmtp\.lowrank\.LowRankLinear and test_type_ids\._Layer"):
+                                          r"rmtp_plugins\.svd_mp\.lowrank\.LowRankLinear and test_type_ids\._Layer"):
         rebuildable("lowrank.linear")(_Layer)
     with pytest.raises(PluginError, match=r"two patch types are registered as 'tokens\.reduction': "
                                           r"rmtp_plugins\.tokens\.patch\.TokenReduction and test_type_ids\._Patch"):
@@ -219,7 +219,7 @@ def test_a_second_class_under_a_taken_id_is_refused_naming_both() -> None:
 def test_an_alias_taken_by_another_type_is_refused() -> None:
     get_plugins()
     with pytest.raises(PluginError, match=r"alias 'rmtp\.lowrank\.LowRankLinear' is claimed by two module types: "
-                                          r"'lowrank\.linear' \(rmtp\.lowrank\.LowRankLinear\) and 'test-ids\.layer'"):
+                                          r"'lowrank\.linear' \(rmtp_plugins\.svd_mp\.lowrank\.LowRankLinear\) and 'test-ids\.layer'"):
         rebuildable("test-ids.layer", aliases=["rmtp.lowrank.LowRankLinear"])(_Layer)
     assert resolve_type("module", "test-ids.layer") is None
 

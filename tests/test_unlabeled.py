@@ -17,7 +17,7 @@ import rmtp
 from rmtp.data import UNLABELED, DataError, DataSpec, build_data
 from rmtp.errors import RecipeError, RmtpError
 from rmtp.measure import agreement, top1
-from rmtp.recipe import parse_recipe
+from rmtp.run.recipe import parse_recipe
 from rmtp.training import TrainConfig, kd_loss, lr_at, train
 
 from conftest import TINY_VIT, tiny_recipe
@@ -288,7 +288,7 @@ def test_a_recipe_on_an_unlabeled_folder_validates_the_folder(tmp_path: Path) ->
 
 
 def test_a_recipe_distils_on_unlabeled_data_and_reports_agreement(tmp_path: Path) -> None:
-    from rmtp.pipeline import run_recipe
+    from rmtp.run.pipeline import run_recipe
 
     recipe = tiny_recipe([{"prune": "magnitude", "params": {"sparsity": 0.6}},
                           {"finetune": {"distill": {"weight": 1.0}, "max_steps": 5, "lr": 1e-3}},

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from rmtp.cli import build_app
 from rmtp.errors import RecipeError
-from rmtp.recipe import parse_recipe
+from rmtp.run.recipe import parse_recipe
 
 from conftest import tiny_recipe, write_recipe
 
@@ -59,7 +59,7 @@ def _must_not_run(monkeypatch: pytest.MonkeyPatch, *targets: str) -> None:
 @pytest.mark.parametrize("json_path", ["/proc/rmtp-test/report.json", "/sys/report.json", None])
 def test_prune_refuses_an_unwritable_json_before_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                          json_path: str | None) -> None:
-    _must_not_run(monkeypatch, "rmtp.recipe.load_recipe", "rmtp.pipeline.run_recipe")
+    _must_not_run(monkeypatch, "rmtp.run.recipe.load_recipe", "rmtp.run.pipeline.run_recipe")
     target = json_path or str(_under_a_file(tmp_path, "report.json"))
     recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe([{"prune": "magnitude"}], output=tmp_path / "out"))
     line = one_error_line(runner.invoke(build_app(), ["prune", str(recipe), "--json", target]))

@@ -59,8 +59,8 @@ def busy_note(loads: Sequence[float | None], cores: int) -> str:
 
 
 def host_environment(load_before: float | None) -> dict[str, Any]:
-    """Versions (:func:`rmtp.report.environment`), CPU, usable cores and the load before and now."""
-    from rmtp.report import environment
+    """Versions (:func:`rmtp.reports.records.environment`), CPU, usable cores and the load before and now."""
+    from rmtp.reports.records import environment
 
     env: dict[str, Any] = dict(environment())
     env.update({"cpu": cpu_name(), "cpu_cores": usable_cores(),

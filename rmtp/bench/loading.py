@@ -21,7 +21,7 @@ from typing import Any
 from torch import nn
 
 from rmtp import sources as model_sources
-from rmtp.architecture import ModelSpec, timm_name_hint
+from rmtp.contract.architecture import ModelSpec, timm_name_hint
 from rmtp.bench.schema import BenchError, EvalData
 from rmtp.errors import RmtpError
 
@@ -80,7 +80,7 @@ def load_candidates(sources: Sequence[str], *, model_name: str | None = None,
 
 def _load_source(text: str, model_name: str | None, kwargs: dict[str, Any]) -> Candidate:
     """The candidate ``text`` names; where it comes from is :func:`rmtp.sources.resolve_source`'s to say."""
-    from rmtp.saving import META_FILE
+    from rmtp.storage.saving import META_FILE
 
     try:
         source = model_sources.resolve_source(text, model_name, kwargs=kwargs)
@@ -163,7 +163,7 @@ def _folder_baseline(pruned: Candidate) -> Candidate:
 def _build_timm(name: str, kwargs: dict[str, Any], checkpoint: Path | None, *, where: str) -> nn.Module:
     import timm
 
-    from rmtp.checkpoint import load_state_dict_into, read_state_dict
+    from rmtp.storage.weights import load_state_dict_into, read_state_dict
 
     hub = model_sources.is_hub_name(name)  # timm reads the architecture from the repo's config.json
     if not hub and not timm.is_model(name.split(".")[0]):

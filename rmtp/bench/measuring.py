@@ -28,10 +28,10 @@ from rmtp.bench.loading import Candidate, load_candidates
 from rmtp.bench.schema import BatchResult, BatchRun, BenchError, BenchModel, BenchReport, BenchSettings, EvalData
 from rmtp.data import DataSpec, build_data, data_input_size, model_input_size
 from rmtp.data.spec import PREPROCESSING_KEYS
-from rmtp.device import resolve_device
+from rmtp.run.device import resolve_device
 from rmtp.errors import short_repr
-from rmtp.oom import allocation_detail, is_out_of_memory
-from rmtp.progress import NULL_PROGRESS, Progress
+from rmtp.run.oom import allocation_detail, is_out_of_memory
+from rmtp.run.progress import NULL_PROGRESS, Progress
 
 __all__ = ["DEFAULT_BATCHES", "DEFAULT_ROUNDS", "DTYPES", "KERNEL_HOOK", "MIN_ROUNDS", "benchmark",
            "benchmark_models", "parse_batches"]

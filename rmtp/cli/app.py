@@ -17,13 +17,13 @@ import typer
 from rich.markup import escape
 
 from rmtp import __version__
-from rmtp.atomic import check_writable, write_errors, write_json_atomic
+from rmtp.storage.atomic import check_writable, write_errors, write_json_atomic
 from rmtp.cli.exits import user_errors
 from rmtp.errors import RmtpError
 
 if TYPE_CHECKING:
     from rmtp.plugins import Plugins
-    from rmtp.recipe import Recipe
+    from rmtp.run.recipe import Recipe
 
 
 def _version(value: bool) -> None:
@@ -54,10 +54,10 @@ def prune(
                                          "changed. Without it, a run over such a checkpoint is refused.")] = False,
 ) -> None:
     """Run a recipe: build the model, apply its steps in order, print reports, save the result."""
-    from rmtp.distributed import is_main_process
-    from rmtp.pipeline import run_recipe
-    from rmtp.recipe import load_recipe
-    from rmtp.render import RichProgress, render_report, render_step
+    from rmtp.run.distributed import is_main_process
+    from rmtp.run.pipeline import run_recipe
+    from rmtp.run.recipe import load_recipe
+    from rmtp.reports.render import RichProgress, render_report, render_step
 
     with user_errors():
         if json_path is not None:  # before the run, which may take hours
@@ -76,9 +76,9 @@ def prune(
 
 
 def _kept_after_interrupt(recipe: Recipe, started: float) -> str:
-    """What Ctrl-C left: the output folder is swapped in whole (rmtp.saving), so it is either as
+    """What Ctrl-C left: the output folder is swapped in whole (rmtp.storage.saving), so it is either as
     before the run or the complete new result; its model description's age tells which."""
-    from rmtp.saving import META_FILE
+    from rmtp.storage.saving import META_FILE
 
     if recipe.output is None:
         return "interrupted: the recipe saves nothing, so nothing was written"
@@ -88,7 +88,7 @@ def _kept_after_interrupt(recipe: Recipe, started: float) -> str:
             return f"interrupted after the result was saved: {folder} holds the complete new output"
     except OSError:
         pass
-    from rmtp.resume import checkpoint_root
+    from rmtp.run.resume import checkpoint_root
 
     before = f"{folder} is as it was before the run" if folder.exists() else f"{folder} was not created"
     again = ""
@@ -99,12 +99,12 @@ def _kept_after_interrupt(recipe: Recipe, started: float) -> str:
 
 def validate(recipe: RecipeArg) -> None:
     """Check a recipe completely (structure, plugin names, params, paths) without running it."""
-    from rmtp.recipe import load_recipe, step_label
-    from rmtp.render import stderr, stdout
+    from rmtp.run.recipe import load_recipe, step_label
+    from rmtp.reports.render import stderr, stdout
 
     with user_errors():
         loaded = load_recipe(recipe)  # a bad recipe is answered before torch is imported
-        from rmtp.preflight import preflight
+        from rmtp.run.preflight import preflight
 
         checked = preflight(loaded)  # the model's structure, built on the meta device (no weights)
     for warning in checked.warnings:
@@ -116,7 +116,7 @@ def validate(recipe: RecipeArg) -> None:
 def list_plugins() -> None:
     """List the installed pruners and architectures with their descriptions and params."""
     from rmtp.plugins import get_plugins
-    from rmtp.render import plugins_table, stdout
+    from rmtp.reports.render import plugins_table, stdout
 
     with user_errors():
         stdout.print(plugins_table(get_plugins()))
@@ -164,7 +164,7 @@ def build_app(plugins: Plugins | None = None) -> typer.Typer:
 
 def main() -> None:
     """Entry point of the ``rmtp`` script."""
-    from rmtp.render import stderr
+    from rmtp.reports.render import stderr
 
     try:
         app = build_app()

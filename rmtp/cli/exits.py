@@ -57,7 +57,7 @@ def user_errors(interrupted: str | Callable[[], str] = INTERRUPTED) -> Iterator[
     """Turn library errors into red lines on stderr and exit code 1, and Ctrl-C into one line
     saying what was kept (``interrupted``, or a function that tells) and exit code 130; SIGTERM
     into the same line, saying so, and exit code 143 (128 + SIGTERM, what schedulers expect)."""
-    from rmtp.render import stderr
+    from rmtp.reports.render import stderr
 
     try:
         with _sigterm_as_interrupt():

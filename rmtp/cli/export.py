@@ -43,8 +43,8 @@ def export(
                             "left as it is).")] = False,
 ) -> None:
     """Write a saved model as a file a runtime executes (ONNX or torch.export's pt2), verified."""
-    from rmtp.atomic import check_writable, write_errors, write_json_atomic
-    from rmtp.render import stdout
+    from rmtp.storage.atomic import check_writable, write_errors, write_json_atomic
+    from rmtp.reports.render import stdout
 
     with user_errors():
         from rmtp.export import FORMATS, ExportError, export_model

@@ -37,7 +37,7 @@ def parse_value(text: str) -> Any:
         pass
     import yaml
 
-    from rmtp.safe_yaml import YamlRefused, load_untrusted
+    from rmtp.storage.safe_yaml import YamlRefused, load_untrusted
 
     try:
         value = load_untrusted(text)

@@ -46,8 +46,8 @@ def analyze_spectrum(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the summary, not the per-layer table.")] = False,
 ) -> None:
     """Fit the Marchenko–Pastur law to every prunable weight matrix of a model and report its signal rank."""
-    from rmtp.atomic import write_errors, write_json_atomic
-    from rmtp.render import RichProgress, stderr
+    from rmtp.storage.atomic import write_errors, write_json_atomic
+    from rmtp.reports.render import RichProgress, stderr
     from rmtp.spectral.analysis import analyze
     from rmtp.spectral.report import render_spectrum, write_csv_atomic, write_plots
 
@@ -71,7 +71,7 @@ def analyze_spectrum(
 
 def _check_destinations(json_path: Path | None, csv_path: Path | None, plot_dir: Path | None) -> None:
     """Refuse unwritable --json/--csv/--plot paths before the model is loaded and analysed."""
-    from rmtp.atomic import check_writable
+    from rmtp.storage.atomic import check_writable
 
     for path, what, is_dir in ((json_path, "--json", False), (csv_path, "--csv", False), (plot_dir, "--plot", True)):
         if path is not None:

@@ -27,7 +27,7 @@ CUDA sparse tensor cores), weights off the CPU, weights that are not float32, an
 protobuf's 2 GB (which would need external data files beside the ``.onnx``; pt2 has no such limit).
 
 The file is written under a temporary name in the target folder and renamed into place only once
-verified (:func:`rmtp.atomic.replace_atomically`): a failed export or verification leaves any
+verified (:func:`rmtp.storage.atomic.replace_atomically`): a failed export or verification leaves any
 previous file as it was and no temporary file behind.
 
 The package: :mod:`rmtp.export.refusals` (formats, options, what cannot export),

@@ -17,7 +17,7 @@ def discrete_hint(model: nn.Module) -> str:
     """What to add to a failed comparison of a token-reduced model: which tokens it keeps or merges
     is decided by comparing scores, so where scores tie to within rounding (near-identical tokens,
     e.g. in an untrained model) another runtime's rounding can pick other tokens."""
-    from rmtp.modules import patches_of
+    from rmtp.contract.saved_types import patches_of
 
     if not patches_of(model):
         return ""

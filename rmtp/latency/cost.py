@@ -34,8 +34,8 @@ from rmtp.latency.settings import LatencySettings
 from rmtp.latency.table import CostTable, LatencyError, device_name, module_key, table_path
 from rmtp.measure.running import evaluating
 from rmtp.measure.timing import interleaved_timing, torch_threads
-from rmtp.precision import autocast, check_precision
-from rmtp.progress import NULL_PROGRESS, Progress
+from rmtp.run.precision import autocast, check_precision
+from rmtp.run.progress import NULL_PROGRESS, Progress
 
 __all__ = ["CostModel", "MacsCost", "MeasuredCost", "cost_model", "interpolate", "predicted_seconds",
            "rank_grid", "round_up", "same_structure"]
@@ -297,9 +297,9 @@ def _structure(model: nn.Module) -> tuple:
 
 
 def _patches(model: nn.Module) -> list[tuple[type, str]]:
-    """rmtp's forward-pass patches on ``model`` (what :func:`rmtp.modules.patches_of` returns), found
-    by what they are, objects with ``rmtp_config`` in a list attribute: importing rmtp.modules here
-    would close an import cycle (rmtp.plugins → rmtp.pruner → here → rmtp.modules → rmtp.plugins)."""
+    """rmtp's forward-pass patches on ``model`` (what :func:`rmtp.contract.saved_types.patches_of` returns), found
+    by what they are, objects with ``rmtp_config`` in a list attribute: importing rmtp.contract.saved_types here
+    would close an import cycle (rmtp.plugins → rmtp.contract.pruner → here → rmtp.contract.saved_types → rmtp.plugins)."""
     return [(type(patch), repr(patch.rmtp_config())) for value in vars(model).values() if isinstance(value, list)
             for patch in value if callable(getattr(patch, "rmtp_config", None))]
 

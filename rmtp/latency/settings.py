@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rmtp.precision import Precision
+from rmtp.run.precision import Precision
 
 CostKind = Literal["measured", "macs"]
 COST_ENV = "RMTP_LATENCY_COST"
@@ -81,7 +81,7 @@ class LatencySettings(BaseModel):
         traceback had timed for 42–59 s. Only for ``cost: measured``, the one that writes it."""
         if self.cost != "measured":
             return
-        from rmtp.atomic import check_writable
+        from rmtp.storage.atomic import check_writable
 
         check_writable(self.cache_dir(), what=self.cache_source(), is_dir=True)
 
@@ -89,7 +89,7 @@ class LatencySettings(BaseModel):
 def plans_in_time(params: Any) -> bool:
     """Whether a prune step with ``params`` times on the device: a speed target, or ``only_if_faster``
     on (svd-mp resolves its default through ``faster_only()``). The speed keys are the shared
-    ones of :mod:`rmtp.param_types`, so this reads them by name."""
+    ones of :mod:`rmtp.contract.param_types`, so this reads them by name."""
     if getattr(params, "target_speedup", None) is not None or getattr(params, "target_latency_ms", None) is not None:
         return True
     faster_only = getattr(params, "faster_only", None)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rmtp.atomic import write_json_atomic
+from rmtp.storage.atomic import write_json_atomic
 from rmtp.errors import RmtpError
 
 FORMAT_VERSION = 1

@@ -22,7 +22,7 @@ from rmtp.latency.table import LatencyError
 if TYPE_CHECKING:
     from torch import nn
 
-    from rmtp.pruner import PruneContext
+    from rmtp.contract.pruner import PruneContext
 
 T = TypeVar("T")
 
@@ -162,7 +162,7 @@ class SpeedTarget:
 
     def speed_plan(self, savings: Sequence[float], note: str = "") -> dict[str, Any]:
         """What the plan with ``savings`` predicts, for the step's report: the pruner returns it as
-        :attr:`rmtp.pruner.PruneResult.speed_plan` and ``prune_step`` measures it after. ``note``:
+        :attr:`rmtp.contract.pruner.PruneResult.speed_plan` and ``prune_step`` measures it after. ``note``:
         the pruner's words on its choice (the fallback, the measurement's warnings and the assumed
         batch are added)."""
         notes = [note, self.fallback, *self.warnings, self._assumed_batch()]

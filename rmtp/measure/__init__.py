@@ -15,7 +15,7 @@ dense and the pruned model. Nothing here prints; long loops take an optional ``p
 - :mod:`rmtp.measure.running`: how every measurement runs a model (on its own device, in eval
   mode with modes restored, on a random batch of its dtype).
 
-Devices are resolved by :func:`rmtp.device.resolve_device`. The benchmarking method and its
+Devices are resolved by :func:`rmtp.run.device.resolve_device`. The benchmarking method and its
 limits are described in ``docs/bench.md``.
 """
 

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from rmtp.device import DeviceLike, resolve_device
+from rmtp.run.device import DeviceLike, resolve_device
 from rmtp.errors import DataError
-from rmtp.precision import autocast, check_precision
+from rmtp.run.precision import autocast, check_precision
 from rmtp.measure.running import check_model_on, evaluating
 
 __all__ = ["ProgressCallback", "agreement", "top1"]
@@ -44,7 +44,7 @@ def top1(model: nn.Module, loader: DataLoader, *, device: DeviceLike,
     ``progress(done_batches, total_batches)`` is called after every batch so the caller can
     drive a progress bar; ``total_batches`` is None for loaders without a length.
     ``precision`` (``fp32``, ``bf16``, ``fp16`` on CUDA) runs the forward passes under autocast
-    (:mod:`rmtp.precision`), as a fine-tune in that precision trains.
+    (:mod:`rmtp.run.precision`), as a fine-tune in that precision trains.
 
     Unlabeled images (a negative label: ``data.unlabeled``) are refused: there is no top-1 to give,
     and counting them as wrong would report a fake 0% (:func:`agreement` compares with a reference).

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from rmtp.device import DeviceLike, resolve_device
+from rmtp.run.device import DeviceLike, resolve_device
 from rmtp.measure.counts import storage_key, unique_parameters
 
 __all__ = ["MEMORY_METHODS", "model_bytes", "peak_memory_delta", "peak_rss_delta", "peak_rss_supported"]

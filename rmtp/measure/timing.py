@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rmtp.device import DeviceLike, resolve_device
+from rmtp.run.device import DeviceLike, resolve_device
 from rmtp.measure.running import batch_of_one, evaluating, input_dtype
 
 __all__ = [

@@ -2,13 +2,13 @@
 
 What a command line, a recipe or ``rmtp.*`` names as a model is one of four kinds, each a type in
 :mod:`rmtp.sources.resolve` that knows its model (built for real or on the meta device), its
-:class:`~rmtp.architecture.ModelSpec` and, where it has one, the data it was trained on:
+:class:`~rmtp.contract.architecture.ModelSpec` and, where it has one, the data it was trained on:
 
 :class:`TimmName`
     ``timm:NAME``, ``NAME.tag``, ``timm/NAME.tag`` or ``hf-hub:org/name`` (:mod:`rmtp.sources.hub`),
     random init or timm's pretrained weights.
 :class:`SavedFolder`
-    an rmtp output folder (``rmtp_model.json``), rebuilt by :func:`rmtp.saving.load`; its data is
+    an rmtp output folder (``rmtp_model.json``), rebuilt by :func:`rmtp.storage.saving.load`; its data is
     its saved ``recipe.yaml``'s.
 :class:`HubLayout`
     a folder in timm's hub layout (``config.json`` beside ``model.safetensors`` or

@@ -22,7 +22,7 @@ And a folder in timm's hub layout, as ``timm.models.save_for_hf`` / ``push_to_hf
 ``num_classes``, ``model_args``, ``pretrained_cfg``) beside ``model.safetensors`` or
 ``pytorch_model.bin`` (:func:`hub_folder`). The config decides the timm name and the
 ``timm.create_model`` kwargs (:attr:`HubConfig.kwargs`); the weights are read by
-:func:`rmtp.checkpoint.read_state_dict`, so a pickle is only ever read with ``weights_only=True``.
+:func:`rmtp.storage.weights.read_state_dict`, so a pickle is only ever read with ``weights_only=True``.
 An rmtp output folder (``rmtp_model.json``) is told apart by the resolver
 (:func:`rmtp.sources.resolve_source`), which checks it first.
 
@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from rmtp.errors import CheckpointError, PluginError
 
 if TYPE_CHECKING:
-    from rmtp.architecture import Architecture
+    from rmtp.contract.architecture import Architecture
     from rmtp.plugins import Plugins
 
 HF_HUB_PREFIX = "hf-hub:"

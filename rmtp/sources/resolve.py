@@ -14,14 +14,14 @@ settled on. The order is fixed:
    that names another model than the given name is left out (:attr:`WeightsFile.ignored_card`);
    one naming the same model adds its kwargs (under the given ones) and its data.
 
-Each source knows its :class:`~rmtp.architecture.ModelSpec` (``spec``), builds its model for real
+Each source knows its :class:`~rmtp.contract.architecture.ModelSpec` (``spec``), builds its model for real
 (:meth:`ModelSource.build`) or on the meta device (:meth:`ModelSource.build_meta`, for ``rmtp
 validate``), and gives the data its origin records (:meth:`ModelSource.data`: a saved folder's
 ``recipe.yaml``, a card's ``data``), as :class:`SavedData`.
 
 Errors are typed (:class:`SourceError` and its subclasses carry the path, names or config) with a
 plain default message, so that each command words them in its own terms. Weights are only ever
-read by :func:`rmtp.checkpoint.read_state_dict` (safetensors, or ``torch.load(weights_only=True)``);
+read by :func:`rmtp.storage.weights.read_state_dict` (safetensors, or ``torch.load(weights_only=True)``);
 cards, configs and saved recipes are read as untrusted JSON / YAML. Importing this module needs no
 torch; building a model does.
 """
@@ -35,18 +35,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from rmtp.architecture import ModelSpec
+from rmtp.contract.architecture import ModelSpec
 from rmtp.errors import CheckpointError, RmtpError
-from rmtp.overwrite import META_FILE, RECIPE_FILE
+from rmtp.storage.overwrite import META_FILE, RECIPE_FILE
 from rmtp.sources.hub import CONFIG_FILE, HubFolder, architecture_for, hub_folder, is_hub_name, normalise_name
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from rmtp.architecture import Architecture
+    from rmtp.contract.architecture import Architecture
     from rmtp.data import DataSpec
     from rmtp.plugins import Plugins
-    from rmtp.saving import LoadedModel
+    from rmtp.storage.saving import LoadedModel
 
 TIMM_PREFIX = "timm:"
 
@@ -171,7 +171,7 @@ def saved_data(folder: Path) -> SavedData | None:
     """The data of an rmtp output folder's saved ``recipe.yaml`` (read as untrusted YAML; the split
     seed as :func:`rmtp.data.saved_split_seed` finds it), or None when it has no recipe."""
     from rmtp.data import saved_split_seed
-    from rmtp.saving import read_saved_recipe
+    from rmtp.storage.saving import read_saved_recipe
 
     folder = Path(folder)
     recipe = read_saved_recipe(folder)
@@ -240,7 +240,7 @@ class ModelSource:
               create: Callable[[ModelSpec], nn.Module] | None = None) -> Built:
         """The model with its weights, in eval mode. ``create`` builds a spec instead of its
         architecture plugin (``rmtp bench`` builds any timm model, a plugin or not); a saved folder
-        is always rebuilt by :func:`rmtp.saving.load`."""
+        is always rebuilt by :func:`rmtp.storage.saving.load`."""
         raise NotImplementedError
 
     def build_meta(self, plugins: Plugins | None = None) -> tuple[nn.Module, Architecture]:
@@ -327,7 +327,7 @@ class WeightsFile(_SpecSource):
 
     def state_dict(self) -> dict[str, Any]:
         """Its tensors (safetensors, or a pickle with ``weights_only=True``)."""
-        from rmtp.checkpoint import read_state_dict
+        from rmtp.storage.weights import read_state_dict
 
         return read_state_dict(self.path)
 
@@ -343,12 +343,12 @@ class SavedFolder(ModelSource):
     @property
     def spec(self) -> ModelSpec:
         """The timm model it was built on (read from ``rmtp_model.json`` alone)."""
-        from rmtp.saving import read_spec
+        from rmtp.storage.saving import read_spec
 
         return read_spec(self.path)
 
     def architecture(self, plugins: Plugins | None = None) -> Architecture:
-        from rmtp.saving import read_meta
+        from rmtp.storage.saving import read_meta
 
         arch = read_meta(self.path).get("arch")
         if not isinstance(arch, str):
@@ -356,7 +356,7 @@ class SavedFolder(ModelSource):
         return _plugins(plugins).architecture(arch)
 
     def load(self, plugins: Plugins | None = None) -> LoadedModel:
-        from rmtp.saving import load
+        from rmtp.storage.saving import load
 
         return load(self.path, plugins=plugins)
 
@@ -370,7 +370,7 @@ class SavedFolder(ModelSource):
     def build_meta(self, plugins: Plugins | None = None) -> tuple[nn.Module, Architecture]:
         import torch
 
-        from rmtp.saving import rebuild_structure
+        from rmtp.storage.saving import rebuild_structure
 
         with torch.device("meta"):
             try:
@@ -388,7 +388,7 @@ class SavedFolder(ModelSource):
 
 
 def is_saved_folder(path: Path) -> bool:
-    """Whether ``path`` is an rmtp output folder (the same test as :func:`rmtp.saving.is_saved_model`)."""
+    """Whether ``path`` is an rmtp output folder (the same test as :func:`rmtp.storage.saving.is_saved_model`)."""
     return path.is_dir() and (path / META_FILE).is_file()
 
 

@@ -27,9 +27,9 @@ import torch
 from torch import nn
 
 from rmtp import sources
-from rmtp.architecture import Architecture, ModelSpec
+from rmtp.contract.architecture import Architecture, ModelSpec
 from rmtp.errors import CheckpointError, PluginError, RmtpError
-from rmtp.progress import NULL_PROGRESS, Progress
+from rmtp.run.progress import NULL_PROGRESS, Progress
 from rmtp.spectral.layers import MIN_DIM, LayerSpectrum, analyze_model, analyze_state_dict
 from rmtp.spectral.mp import check_alpha, check_tw_confidence
 
@@ -66,7 +66,7 @@ def open_model(
     """Build the model ``source`` names (see the module docstring; where it comes from is
     :func:`rmtp.sources.resolve_source`'s to say); every failure is an RmtpError."""
     from rmtp.plugins import get_plugins
-    from rmtp.saving import META_FILE
+    from rmtp.storage.saving import META_FILE
 
     plugins = get_plugins()
     try:

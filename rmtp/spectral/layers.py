@@ -26,10 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from rmtp.architecture import Architecture, PrunableLayer
+from rmtp.contract.architecture import Architecture, PrunableLayer
 from rmtp.errors import RmtpError
-from rmtp.modules import is_replacement
-from rmtp.progress import NULL_PROGRESS, Progress
+from rmtp.contract.saved_types import is_replacement
+from rmtp.run.progress import NULL_PROGRESS, Progress
 from rmtp.spectral.mp import MPFit, check_alpha, check_tw_confidence, fit_mp, weight_matrix
 
 #: Default smallest min(M, N) analysed: below it an empirical spectrum is too coarse to fit.

@@ -19,10 +19,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from rmtp.atomic import save_figure_atomic, write_text_atomic
+from rmtp.storage.atomic import save_figure_atomic, write_text_atomic
 from rmtp.errors import RmtpError
-from rmtp.progress import NULL_PROGRESS, Progress
-from rmtp.render import human, stdout
+from rmtp.run.progress import NULL_PROGRESS, Progress
+from rmtp.reports.render import human, stdout
 from rmtp.spectral.analysis import SpectrumReport
 from rmtp.spectral.layers import LayerSpectrum
 from rmtp.spectral.mp import mp_pdf

@@ -16,7 +16,7 @@ from rmtp.lazy import lazy_exports
 # Lazy, so that recipes (which need only the config) validate without importing torch.
 _EXPORTS = {
     **dict.fromkeys(("AUGMENT_SHIFT", "DistillConfig", "MixupConfig", "TrainConfig"), "rmtp.training.config"),
-    "Precision": "rmtp.precision",
+    "Precision": "rmtp.run.precision",
     **dict.fromkeys(("BatchProgress", "EpochStats", "TrainResult", "check_device_settings", "train"),
                     "rmtp.training.loop"),
     **dict.fromkeys(("NO_DECAY_TOKENS", "augment_batch", "elastic_net", "kd_loss", "lr_at", "param_groups",

@@ -11,7 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from rmtp.data.augment import TrainAugment
-from rmtp.precision import Precision
+from rmtp.run.precision import Precision
 
 #: Largest shift, in pixels, of the ``augment`` random translation.
 AUGMENT_SHIFT = 2
@@ -136,7 +136,7 @@ class TrainConfig(BaseModel):
 
 class ReconstructConfig(BaseModel):
     """A ``reconstruct:`` step's settings (also ``rmtp.reconstruct(...)``'s keywords): block-wise
-    reconstruction, :mod:`rmtp.blockwise`. Here, torch-free, so a recipe validates without torch."""
+    reconstruction, :mod:`rmtp.fidelity.blockwise`. Here, torch-free, so a recipe validates without torch."""
 
     model_config = ConfigDict(extra="forbid")
 

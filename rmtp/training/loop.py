@@ -40,12 +40,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from rmtp import distributed
+from rmtp.run import distributed
 from rmtp.data import DataBundle
 from rmtp.data.augment import TrainAugment
 from rmtp.errors import RmtpError
 from rmtp.measure import agreement, top1
-from rmtp.precision import autocast, check_precision
+from rmtp.run.precision import autocast, check_precision
 from rmtp.training.config import TrainConfig
 from rmtp.training.pieces import (
     augment_batch,
@@ -152,7 +152,7 @@ def train(
     ``penalize`` names submodules (the pruned layers) whose Linear/Conv weights get the
     ``l1``/``l2`` elastic-net penalty of the config.
 
-    Under ``torchrun`` (a process group is initialised, see :mod:`rmtp.distributed`) the model is
+    Under ``torchrun`` (a process group is initialised, see :mod:`rmtp.run.distributed`) the model is
     wrapped in DistributedDataParallel and each process sees its share of every epoch through a
     DistributedSampler; ``batch_size`` stays the *global* batch (split evenly over processes),
     so a recipe means the same optimisation on 1 or N processes. Reported losses are averaged

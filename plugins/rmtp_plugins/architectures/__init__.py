@@ -2,7 +2,7 @@
 
 Each family is one module and one entry point (``rmtp_plugins.architectures.vit`` …) declaring,
 on top of :class:`.timm_family.TimmFamily`, the timm names it covers, its prunable-layer rules, its
-qkv split and its couplings (:class:`rmtp.architecture.Coupling`: which layers share a hidden
+qkv split and its couplings (:class:`rmtp.contract.architecture.Coupling`: which layers share a hidden
 dimension). The pruners read only that contract, so a new family is one more module here (or in
 a third-party package) and no pruner changes.
 """

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from rmtp.architecture import TokenBlocks
+from rmtp.contract.architecture import TokenBlocks
 from rmtp.errors import PluginError
-from rmtp.hookspecs import hookimpl
+from rmtp.contract.hookspecs import hookimpl
 from rmtp_plugins.architectures.vit import VitArchitecture, vit_token_blocks
 
 if TYPE_CHECKING:

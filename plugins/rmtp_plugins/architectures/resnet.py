@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from rmtp.architecture import Coupling
-from rmtp.hookspecs import hookimpl
+from rmtp.contract.architecture import Coupling
+from rmtp.contract.hookspecs import hookimpl
 from rmtp_plugins.architectures.timm_family import LayerRule, TimmFamily, children_present
 
 if TYPE_CHECKING:

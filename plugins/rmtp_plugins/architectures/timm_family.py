@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from rmtp.architecture import Architecture, Coupling, ModelSpec, PrunableLayer, has_submodule
+from rmtp.contract.architecture import Architecture, Coupling, ModelSpec, PrunableLayer, has_submodule
 from rmtp.errors import PluginError
 
 if TYPE_CHECKING:  # torch is imported by the methods that are handed a model, so that `rmtp list`
@@ -118,7 +118,7 @@ class TimmFamily(Architecture):
         convolutions never are (their weight is not one matrix), nor, unless ``include_replaced``,
         are layers a pruner has already replaced.
         """
-        from rmtp.modules import is_replacement
+        from rmtp.contract.saved_types import is_replacement
 
         if not self._blocks(model):
             raise self._not_this_family("the model", f"it has no blocks named like {self.block_pattern!r}")

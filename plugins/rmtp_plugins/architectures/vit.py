@@ -16,9 +16,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from rmtp.architecture import Coupling, TokenBlocks
+from rmtp.contract.architecture import Coupling, TokenBlocks
 from rmtp.errors import PluginError
-from rmtp.hookspecs import hookimpl
+from rmtp.contract.hookspecs import hookimpl
 from rmtp_plugins.architectures.timm_family import LayerRule, TimmFamily, head_coupling, mlp_coupling
 
 if TYPE_CHECKING:

@@ -14,9 +14,9 @@ This package is the plugin (entry point ``magnitude``), laid out as every built-
 
 from __future__ import annotations
 
-from rmtp.accuracy_budget import StrengthKnob
-from rmtp.hookspecs import hookimpl
-from rmtp.pruner import PruneContext, Pruner, PrunerParams, PruneResult
+from rmtp.fidelity.accuracy_budget import StrengthKnob
+from rmtp.contract.hookspecs import hookimpl
+from rmtp.contract.pruner import PruneContext, Pruner, PrunerParams, PruneResult
 from rmtp_plugins.magnitude.params import MagnitudeParams
 
 __all__ = ["MagnitudeParams", "MagnitudePruner"]

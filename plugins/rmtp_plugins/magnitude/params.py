@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from rmtp.pruner import PrunerParams
+from rmtp.contract.pruner import PrunerParams
 
 
 class MagnitudeParams(PrunerParams):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from rmtp.pruner import LayerRow, PruneContext, PruneResult, weight_footprint
+from rmtp.contract.pruner import LayerRow, PruneContext, PruneResult, weight_footprint
 from rmtp_plugins.magnitude.params import MagnitudeParams
 
 

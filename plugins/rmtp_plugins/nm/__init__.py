@@ -25,10 +25,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from rmtp.accuracy_budget import StrengthKnob
-from rmtp.hookspecs import hookimpl
+from rmtp.fidelity.accuracy_budget import StrengthKnob
+from rmtp.contract.hookspecs import hookimpl
 from rmtp.lazy import lazy_exports
-from rmtp.pruner import PruneContext, Pruner, PrunerParams, PruneResult
+from rmtp.contract.pruner import PruneContext, Pruner, PrunerParams, PruneResult
 from rmtp_plugins.nm.params import NmParams, pattern_density
 
 if TYPE_CHECKING:
@@ -39,7 +39,7 @@ _LAZY = {
     "NMCheck": "rmtp_plugins.nm.masks",
     "check_nm": "rmtp_plugins.nm.masks",
     "PermutedInput": "rmtp_plugins.nm.permute",
-    "collect_input_stats": "rmtp.layerwise",
+    "collect_input_stats": "rmtp.fidelity.layerwise",
     "SemiStructuredReport": "rmtp_plugins.nm.export",
     "semi_structured_problem": "rmtp_plugins.nm.export",
     "to_semi_structured": "rmtp_plugins.nm.export",

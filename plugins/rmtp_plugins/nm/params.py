@@ -7,8 +7,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rmtp.param_types import TwConfidence, one_speed_target, target_latency_ms_field, target_speedup_field
-from rmtp.pruner import PrunerParams
+from rmtp.contract.param_types import TwConfidence, one_speed_target, target_latency_ms_field, target_speedup_field
+from rmtp.contract.pruner import PrunerParams
 
 Pattern = tuple[int, int] | None
 

@@ -19,7 +19,7 @@ input must become ``x[π]``:
 * *real* — where the input is produced by one layer through channel-wise modules only, that
   producer's output rows are permuted (``P[π]``, ``b[π]``) together with the per-channel parameters
   and buffers in between; no run-time cost. Where that holds is the architecture's
-  :class:`~rmtp.architecture.Coupling` list: MLP ``fc2`` ← ``fc1`` (ViT, ConvNeXt: act, dropout,
+  :class:`~rmtp.contract.architecture.Coupling` list: MLP ``fc2`` ← ``fc1`` (ViT, ConvNeXt: act, dropout,
   norm/GRN in between); attention ``proj`` ← the v rows of ``qkv`` (``group`` = head_dim:
   permutations stay inside each head, which keeps every head's attention intact); ResNet
   ``conv2`` ← ``conv1`` and ``conv3`` ← ``conv2`` (BatchNorm, activation, DropBlock in between).
@@ -38,8 +38,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from rmtp.architecture import Coupling
-from rmtp.modules import rebuildable
+from rmtp.contract.architecture import Coupling
+from rmtp.contract.saved_types import rebuildable
 
 #: Modules that act on every channel alike and hold no per-channel state: safe between producer and consumer.
 _ELEMENTWISE = {"Identity", "Dropout", "DropBlock2d", "DropPath", "GELU", "GELUTanh", "QuickGELU", "ReLU", "ReLU6",
@@ -296,7 +296,7 @@ def find_absorber(model: nn.Module, name: str, couplings: Sequence[Coupling]) ->
     """The layer whose output rows can absorb ``name``'s input permutation, or ``None``.
 
     Only the producer of a coupling the architecture declares for ``name`` (see
-    :meth:`rmtp.architecture.Architecture.couplings`) can, and only when it is a plain Linear or
+    :meth:`rmtp.contract.architecture.Architecture.couplings`) can, and only when it is a plain Linear or
     dense conv whose rows match ``name``'s inputs one for one and every module in between acts
     channel-wise (its per-channel parameters are permuted along).
     """

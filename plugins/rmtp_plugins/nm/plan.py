@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from rmtp_plugins.nm.params import Pattern
 
 if TYPE_CHECKING:
-    from rmtp.layerwise import LayerInputs
+    from rmtp.fidelity.layerwise import LayerInputs
 
 
 @dataclass

@@ -29,7 +29,7 @@ The steps, in order (formulas in ``docs/nm.md``):
    group, then greedily restore, inside groups with room, the weight that most lowers the layer's
    calibration output error ‖(W − Ŵ)X‖²; the restored mask is used only if its error is no higher
    than the plain mask's. With ``sparsegpt`` (:mod:`.sparsegpt`): layer by layer in forward
-   order (:func:`rmtp.layerwise.compress_sequentially`), on the inputs of the model as pruned so
+   order (:func:`rmtp.fidelity.layerwise.compress_sequentially`), on the inputs of the model as pruned so
    far, the mask is chosen group by group with the OBS update of the weights not yet visited;
    ``refit`` then sets each row's kept weights to their least-squares optimum for that mask.
 
@@ -45,8 +45,8 @@ import torch
 from torch import nn
 
 from rmtp.errors import RmtpError
-from rmtp.layerwise import LayerInputs, collect_input_stats, compress_sequentially
-from rmtp.pruner import LayerRow, PruneContext, PruneResult, weight_footprint
+from rmtp.fidelity.layerwise import LayerInputs, collect_input_stats, compress_sequentially
+from rmtp.contract.pruner import LayerRow, PruneContext, PruneResult, weight_footprint
 from rmtp.gemm import from_gemm, gemm_view
 from rmtp_plugins.nm import speed
 from rmtp_plugins.nm.budget import Option, allocate, layer_factor, mp_signal, z_scores
@@ -66,7 +66,7 @@ from rmtp_plugins.nm.permute import PermutedInput, apply_permutation, find_absor
 from rmtp_plugins.nm.plan import LayerPlan
 from rmtp_plugins.nm.sparsegpt import least_squares_refit, output_error, sparsegpt
 
-__all__ = ["collect_input_stats", "prune"]  # collect_input_stats: its first home, now rmtp.layerwise
+__all__ = ["collect_input_stats", "prune"]  # collect_input_stats: its first home, now rmtp.fidelity.layerwise
 
 # --------------------------------------------------------------------------------------------
 # The pruner's steps (NmPruner.prune runs prune)

@@ -27,7 +27,7 @@ from torch import nn
 
 from rmtp.gemm import from_gemm, gemm_view
 from rmtp.latency.target import SpeedTarget, speed_target
-from rmtp.pruner import PruneContext
+from rmtp.contract.pruner import PruneContext
 from rmtp_plugins.nm.masks import nm_mask
 from rmtp_plugins.nm.params import Pattern, pattern_density, pattern_name
 from rmtp_plugins.nm.permute import plain

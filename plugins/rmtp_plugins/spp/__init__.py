@@ -26,10 +26,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from rmtp.accuracy_budget import StrengthKnob
-from rmtp.hookspecs import hookimpl
+from rmtp.fidelity.accuracy_budget import StrengthKnob
+from rmtp.contract.hookspecs import hookimpl
 from rmtp.lazy import lazy_exports
-from rmtp.pruner import PruneContext, Pruner, PrunerParams, PruneResult
+from rmtp.contract.pruner import PruneContext, Pruner, PrunerParams, PruneResult
 from rmtp_plugins.spp.params import SppParams
 
 _LAZY = {

@@ -16,7 +16,7 @@ input): the block's residual branch then continues from that constant exactly as
 does (the BatchNorm after the consumer, SE, drop-path and the final activation are untouched).
 
 Which convs form a unit, and what lies between them, is the ``resnet`` architecture's
-:class:`~rmtp.architecture.Coupling` list (``kind="channels"``); this module only checks and
+:class:`~rmtp.contract.architecture.Coupling` list (``kind="channels"``); this module only checks and
 slices. Refused, naming the block: a grouped ``conv2`` (ResNeXt: its channels belong to ``groups``
 separate filter banks, so slicing one channel would unbalance the groups); norms other than
 BatchNorm2d (GroupNorm mixes channels); modules in between that hold state (PReLU's parameters,
@@ -29,7 +29,7 @@ import torch
 from timm.layers import DropBlock2d
 from torch import nn
 
-from rmtp.architecture import Coupling
+from rmtp.contract.architecture import Coupling
 from rmtp_plugins.spp.conv_modules import (
     RemovedConv2d,
     RemovedNorm,

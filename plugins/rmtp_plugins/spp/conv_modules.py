@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rmtp.modules import rebuildable
+from rmtp.contract.saved_types import rebuildable
 from rmtp_plugins.spp.modules import copy_parameters, sliced_parameters
 
 

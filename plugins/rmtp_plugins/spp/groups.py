@@ -27,7 +27,7 @@ from dataclasses import replace
 import torch
 from torch import nn
 
-from rmtp.architecture import Architecture, Coupling, PrunableLayer
+from rmtp.contract.architecture import Architecture, Coupling, PrunableLayer
 from rmtp.errors import RmtpError
 from rmtp.gemm import gemm_view
 from rmtp_plugins.spp.conv_modules import ConstantChannels, RemovedConv2d
@@ -48,7 +48,7 @@ def find_units(model: nn.Module, couplings: Sequence[Coupling], layers: list[Pru
                structures: Collection[str], *, arch: Architecture) -> list[Unit]:
     """The units behind the selected layers, in forward order, with their gate offsets.
 
-    A coupling the architecture declares (:meth:`~rmtp.architecture.Architecture.couplings`) of a
+    A coupling the architecture declares (:meth:`~rmtp.contract.architecture.Architecture.couplings`) of a
     kind in ``structures`` becomes a unit when its producer or consumer is selected: a ViT block's
     heads when ``attn.qkv`` or ``attn.proj`` is, an MLP's neurons when ``mlp.fc1`` or ``mlp.fc2``
     is, a ResNet unit's channels when its producer or consumer conv is. ``arch`` (the model's

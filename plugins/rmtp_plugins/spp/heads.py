@@ -1,9 +1,9 @@
 """Attention heads for ``spp``: which attentions qualify, their units, and slicing them.
 
-The architecture declares the heads (a ``"heads"`` :class:`~rmtp.architecture.Coupling`: the fused
+The architecture declares the heads (a ``"heads"`` :class:`~rmtp.contract.architecture.Coupling`: the fused
 qkv projection, the output projection, head_dim channels a head), says whether its attention can
-lose heads (:meth:`~rmtp.architecture.Architecture.head_problem`) and records the new count
-(:meth:`~rmtp.architecture.Architecture.set_head_count`); this module names no timm class.
+lose heads (:meth:`~rmtp.contract.architecture.Architecture.head_problem`) and records the new count
+(:meth:`~rmtp.contract.architecture.Architecture.set_head_count`); this module names no timm class.
 
 A head's gate γ_h multiplies that head's output before the output projection (the ``head_dim``
 input columns of the output projection that belong to head h). Removing head h drops its q, k
@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rmtp.architecture import Architecture, Coupling
-from rmtp.modules import apply_patch, patches_of
+from rmtp.contract.architecture import Architecture, Coupling
+from rmtp.contract.saved_types import apply_patch, patches_of
 from rmtp_plugins.spp.modules import AttentionHeads, ConstantBranch, SlicedLinear
 from rmtp_plugins.spp.unit import Unit
 

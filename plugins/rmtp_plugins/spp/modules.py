@@ -8,7 +8,7 @@ hold. Three small pieces describe the change for :func:`rmtp.load`:
 * :class:`ConstantBranch` — what an attention or MLP branch becomes when every head/neuron is
   removed: the branch then outputs its output projection's bias for every token, exactly what the
   gated model computes with all gates at 0, with no 0-width Linear anywhere.
-* :class:`AttentionHeads` — a :class:`~rmtp.modules.ModelPatch` that records the head counts of
+* :class:`AttentionHeads` — a :class:`~rmtp.contract.saved_types.ModelPatch` that records the head counts of
   attentions whose qkv/proj were sliced, through the architecture (``num_heads`` and ``attn_dim``
   of timm's ``Attention``). The attention keeps its own class, so the token pruners still patch
   it. A patch is re-applied by :func:`rmtp.load` after the weights, which is when the smaller
@@ -23,10 +23,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from rmtp.architecture import Architecture
+from rmtp.contract.architecture import Architecture
 from rmtp.errors import RmtpError
 from rmtp.gemm import matrix_shape  # noqa: F401 - imported from here by plugins written before it moved
-from rmtp.modules import ModelPatch, model_patch, rebuildable
+from rmtp.contract.saved_types import ModelPatch, model_patch, rebuildable
 
 
 def sliced_parameters(layer: nn.Linear | nn.Conv2d, out: torch.Tensor | None, inputs: torch.Tensor | None
@@ -113,7 +113,7 @@ class _HeadsConfig(BaseModel):
 class AttentionHeads(ModelPatch):
     """Record the head counts of attentions whose qkv/proj spp sliced (``spp`` head pruning).
 
-    The architecture sets the count on each module (:meth:`~rmtp.architecture.Architecture.set_head_count`:
+    The architecture sets the count on each module (:meth:`~rmtp.contract.architecture.Architecture.set_head_count`:
     ``num_heads``/``attn_dim`` of timm's ``Attention`` for ``vit`` and ``deit``). ``apply`` checks
     every module first (the architecture refuses sizes that do not fit) and changes nothing when
     one is refused; ``remove`` restores the previous head counts (the layers stay sliced: removing

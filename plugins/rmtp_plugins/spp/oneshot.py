@@ -7,7 +7,7 @@ repairs it until a fine-tune. Here each unit is cut where its consumer can best 
 and the consumer is refitted to the dense outputs (:mod:`.obs`: ZipLM's structured OBS and the
 least-squares refit of the kept columns and the bias).
 
-**Layer by layer** (:func:`rmtp.layerwise.compress_sequentially`): units are cut in forward order,
+**Layer by layer** (:func:`rmtp.fidelity.layerwise.compress_sequentially`): units are cut in forward order,
 each on the inputs of the model as cut so far, so a later consumer is fitted to inputs that
 already carry the earlier cuts and corrects for them instead of the errors compounding. Cost: one
 forward pass over the calibration images per unit, each stopped at that unit's consumer (about
@@ -35,8 +35,8 @@ from torch import nn
 
 from rmtp.errors import RmtpError
 from rmtp.gemm import from_gemm, gemm_view
-from rmtp.layerwise import LayerInputs, compress_sequentially
-from rmtp.pruner import PruneContext
+from rmtp.fidelity.layerwise import LayerInputs, compress_sequentially
+from rmtp.contract.pruner import PruneContext
 from rmtp_plugins.spp.groups import slice_unit
 from rmtp_plugins.spp.obs import StructuredFit, remove_groups
 from rmtp_plugins.spp.params import SppParams

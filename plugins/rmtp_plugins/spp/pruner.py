@@ -4,7 +4,7 @@
 
 1. **Gates** (:mod:`.groups`): one gate per structured group of the selected blocks,
    multiplying the group's channels where the next layer reads them; the weights stay frozen. The
-   groups are the architecture's couplings (:meth:`rmtp.architecture.Architecture.couplings`):
+   groups are the architecture's couplings (:meth:`rmtp.contract.architecture.Architecture.couplings`):
    timm ViT: attention heads and MLP hidden neurons; timm ConvNeXt: MLP hidden channels; timm
    ResNet: the output channels of ``conv1`` (basic blocks) and of ``conv1`` and ``conv2``
    (bottlenecks).
@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from rmtp.errors import RmtpError
-from rmtp.pruner import LayerRow, PruneContext, PruneResult, weight_footprint
+from rmtp.contract.pruner import LayerRow, PruneContext, PruneResult, weight_footprint
 from rmtp.training import kd_loss
 from rmtp_plugins.spp.groups import Unit, extract, find_units, gated, group_params, shared_params
 from rmtp_plugins.spp.path import (

@@ -14,11 +14,11 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from rmtp.architecture import Architecture
+    from rmtp.contract.architecture import Architecture
 
 Kind = Literal["head", "neuron", "channel"]
 #: What a kind of group is called in reports, in the ``structures`` param and in
-#: :class:`rmtp.architecture.Coupling` kinds.
+#: :class:`rmtp.contract.architecture.Coupling` kinds.
 NOUNS: dict[str, str] = {"head": "heads", "neuron": "neurons", "channel": "channels"}
 #: The unit kind of each coupling kind.
 KIND_OF: dict[str, Kind] = {noun: kind for kind, noun in NOUNS.items()}

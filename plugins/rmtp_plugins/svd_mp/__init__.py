@@ -11,7 +11,7 @@ bulk's edge s₊ (times ``margin``) carry signal; the rest is treated as noise a
   singular direction is scored by how far it stands above its own layer's edge (s / s₊), and the
   best-scored directions are kept until the selected layers hold ``target_params`` of their
   original weight count. Layers whose split would not pay count at their dense size.
-* When k·(M+N) < M·N the layer is replaced by two thin layers (:mod:`rmtp.lowrank`), so params and
+* When k·(M+N) < M·N the layer is replaced by two thin layers (:mod:`rmtp_plugins.svd_mp.lowrank`), so params and
   MACs really drop; otherwise it stays dense and, by default, the rank-k reconstruction is written
   back (``when_split_does_not_pay: keep`` leaves it untouched; the default with calibration data,
   where the reconstruction saves nothing and only adds output error). The report says which.
@@ -27,12 +27,12 @@ bulk's edge s₊ (times ``margin``) carry signal; the rest is treated as noise a
   whitening: the directions kept are those carrying the most output on real inputs, and the factors
   written are the output-error optimum at each rank, for the inputs of one calibration pass through
   the model as it came; ``sequential`` whitens each layer by its inputs in the model compressed so
-  far instead (:func:`rmtp.layerwise.compress_sequentially`; no better on a real ViT-Ti, ten times
+  far instead (:func:`rmtp.fidelity.layerwise.compress_sequentially`; no better on a real ViT-Ti, ten times
   slower). The MP edge stays on W (``docs/spectral.md`` says why); budgets (``target_params``,
   speed targets) rank directions by their share of their layer's whitened output energy.
 * A layer an earlier round already split (prune → finetune → prune, the seeds' Algorithm 3) holds
   a rank-k matrix: no noise bulk is left to fit, so its directions are measured against the edge s₊
-  fitted on the dense weights, which the split layer carries (:mod:`rmtp.lowrank`). Fine-tuning
+  fitted on the dense weights, which the split layer carries (:mod:`rmtp_plugins.svd_mp.lowrank`). Fine-tuning
   with the ``l2``/``l1`` penalties shrinks the directions the task does not need, and the second
   round cuts those that fell under ``margin``·s₊ (the exact SVD of the factor product is cheap).
 
@@ -45,9 +45,9 @@ per-layer records :mod:`.pruner` and :mod:`.speed` share; :mod:`.speed` and :mod
 
 from __future__ import annotations
 
-from rmtp.accuracy_budget import StrengthKnob
-from rmtp.hookspecs import hookimpl
-from rmtp.pruner import CalibrationUse, PruneContext, Pruner, PrunerParams, PruneResult
+from rmtp.fidelity.accuracy_budget import StrengthKnob
+from rmtp.contract.hookspecs import hookimpl
+from rmtp.contract.pruner import CalibrationUse, PruneContext, Pruner, PrunerParams, PruneResult
 from rmtp_plugins.svd_mp.params import SvdMpParams
 
 __all__ = ["SvdMpParams", "SvdMpPruner"]
@@ -87,4 +87,4 @@ def register_pruners(register) -> None:  # noqa: ANN001 - pluggy passes the regi
 
 @hookimpl
 def import_saved_types() -> None:
-    import rmtp.lowrank  # noqa: F401 - registers the low-rank layers a saved svd-mp model is rebuilt from
+    import rmtp_plugins.svd_mp.lowrank  # noqa: F401 - registers the low-rank layers a saved svd-mp model is rebuilt from

@@ -7,8 +7,8 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from rmtp.param_types import TwConfidence, target_latency_ms_field, target_speedup_field
-from rmtp.pruner import PrunerParams
+from rmtp.contract.param_types import TwConfidence, target_latency_ms_field, target_speedup_field
+from rmtp.contract.pruner import PrunerParams
 
 
 class SvdMpParams(PrunerParams):

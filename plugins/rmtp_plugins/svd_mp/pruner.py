@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from rmtp.lowrank import LOW_RANK_TYPES, factor_svds, refactorize
-from rmtp.pruner import LayerRow, PruneContext, PruneResult, weight_footprint
+from rmtp_plugins.svd_mp.lowrank import LOW_RANK_TYPES, factor_svds, refactorize
+from rmtp.contract.pruner import LayerRow, PruneContext, PruneResult, weight_footprint
 from rmtp.spectral.mp import fit_mp, weight_matrix
 from rmtp_plugins.svd_mp.plan import LayerPlan, Matrix
 from rmtp_plugins.svd_mp.speed import factorized, plan_in_time, uses_time
@@ -86,7 +86,7 @@ def _ranks_need_data(params: SvdMpParams) -> bool:
 def _dense_roots(ctx: PruneContext) -> dict[str, torch.Tensor]:
     """S (S·Sᵀ = E[x·xᵀ], in :func:`weight_matrix`'s column order) of every selected plain layer's
     inputs, from one pass of the calibration data through the model as it came."""
-    from rmtp.layerwise import collect_input_stats
+    from rmtp.fidelity.layerwise import collect_input_stats
 
     modules = {layer.name: ctx.module(layer) for layer in ctx.layers}
     modules = {name: m for name, m in modules.items()
@@ -156,21 +156,21 @@ def _rewhiten(plan: LayerPlan, root: torch.Tensor) -> None:
 
 def _apply_sequentially(ctx: PruneContext, plans: list[LayerPlan], params: SvdMpParams) -> list[LayerRow]:
     """Apply the plans layer by layer in forward order, each plain layer first re-whitened by its
-    inputs in the model as compressed so far (:func:`rmtp.layerwise.compress_sequentially`), so a
+    inputs in the model as compressed so far (:func:`rmtp.fidelity.layerwise.compress_sequentially`), so a
     layer's factors are the output-error optimum on the inputs it will really get: the errors of
     the layers before it are part of its data, not added on top. Ranks stay those already planned.
     A layer the calibration data never reaches keeps its planned decomposition.
 
     What it fits is the dense layer's map on those inputs (W·X̃), not the dense model's outputs
-    (W·X): :class:`rmtp.layerwise.LayerInputs` carries no cross Gram X̃ᵀX, so it cannot undo the
+    (W·X): :class:`rmtp.fidelity.layerwise.LayerInputs` carries no cross Gram X̃ᵀX, so it cannot undo the
     earlier layers' errors, only stop fitting inputs the layer no longer gets. On the real ViT-Ti
     it scored no better than one pass (docs/spectral.md), hence not the default."""
-    from rmtp.layerwise import compress_sequentially
+    from rmtp.fidelity.layerwise import compress_sequentially
 
     by_name = {plan.name: plan for plan in plans}
     rows: dict[str, LayerRow] = {}
 
-    def compress(name: str, module: nn.Module, inputs) -> None:  # noqa: ANN001 - rmtp.layerwise.LayerInputs
+    def compress(name: str, module: nn.Module, inputs) -> None:  # noqa: ANN001 - rmtp.fidelity.layerwise.LayerInputs
         plan = by_name[name]
         if inputs.count and inputs.gram is not None:
             _rewhiten(plan, input_root(weight_order_gram(module, inputs.gram), inputs.count))

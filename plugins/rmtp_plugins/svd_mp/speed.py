@@ -33,8 +33,8 @@ import torch
 
 from rmtp.latency.cost import interpolate, monotone, round_up
 from rmtp.latency.target import SpeedTarget, reach_checked, speed_target
-from rmtp.lowrank import factorize, factorize_blocks
-from rmtp.pruner import PruneContext
+from rmtp_plugins.svd_mp.lowrank import factorize, factorize_blocks
+from rmtp.contract.pruner import PruneContext
 from rmtp_plugins.svd_mp.plan import LayerPlan, Matrix
 
 if TYPE_CHECKING:

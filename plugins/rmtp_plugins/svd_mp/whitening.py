@@ -29,7 +29,7 @@ truncation is not the output-error optimum. Two differences from SVD-LLM's code,
   that refit is a no-op here: with C the Gram of those inputs, W·C·Aᵀ·(A·C·Aᵀ)⁻¹ = U_k·Σ_k^{1/2} = B
   (``tests/test_svd_mp_whitened.py`` checks it). It helped SVD-LLM because its whitening Gram came
   from the dense model and its update from the compressed one; here the layer-by-layer fit
-  (``sequential``, :func:`rmtp.layerwise.compress_sequentially`) whitens with the compressed
+  (``sequential``, :func:`rmtp.fidelity.layerwise.compress_sequentially`) whitens with the compressed
   model's own Gram, which is already the joint optimum for those inputs (on the real ViT-Ti it
   scored no better than one pass: docs/spectral.md).
 """
@@ -46,7 +46,7 @@ _FLOOR = 1e-8
 
 
 def weight_order_gram(module: nn.Module, gram: torch.Tensor) -> torch.Tensor:
-    """``gram`` (from :class:`rmtp.layerwise.LayerInputs`, in the GEMM order of :mod:`rmtp.gemm`)
+    """``gram`` (from :class:`rmtp.fidelity.layerwise.LayerInputs`, in the GEMM order of :mod:`rmtp.gemm`)
     reordered to the columns of :func:`rmtp.spectral.mp.weight_matrix`, which svd-mp factors.
 
     A Linear's order is the same; a Conv2d's GEMM columns are (r, s, c) with the channel fastest,

@@ -20,11 +20,11 @@ from __future__ import annotations
 from abc import abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
-from rmtp.accuracy_budget import StrengthKnob
+from rmtp.fidelity.accuracy_budget import StrengthKnob
 from rmtp.errors import PluginError
-from rmtp.hookspecs import hookimpl
+from rmtp.contract.hookspecs import hookimpl
 from rmtp.lazy import lazy_exports
-from rmtp.pruner import PruneContext, Pruner, PrunerParams, PruneResult
+from rmtp.contract.pruner import PruneContext, Pruner, PrunerParams, PruneResult
 from rmtp_plugins.tokens.params import (
     PruneScheduleParams,
     TokenClsParams,

@@ -18,7 +18,7 @@ def token_map_command(
     from rich.markup import escape
 
     from rmtp.cli import user_errors
-    from rmtp.render import stdout
+    from rmtp.reports.render import stdout
     from rmtp_plugins.tokens.visualize import visualize_run
 
     with user_errors():

@@ -1,13 +1,13 @@
 """The one mechanism behind ``token-cls``, ``token-mean`` and ``tome``: a reversible patch of a
 ViT's forward pass that reduces tokens between each block's attention and its MLP.
 
-Which models qualify is the architecture's to say (:meth:`rmtp.architecture.Architecture.token_blocks`:
+Which models qualify is the architecture's to say (:meth:`rmtp.contract.architecture.Architecture.token_blocks`:
 timm's ``VisionTransformer`` for ``vit``, the distilled DeiT for ``deit``); this module names no
 timm class. What it reproduces is the forward the architecture vouches for (:class:`TokenBlocks`):
 ``patch_embed`` → ``_pos_embed`` → ``patch_drop`` → ``norm_pre`` → pre-norm blocks → ``norm`` →
 ``forward_head``.
 
-:class:`TokenReduction` is an :class:`rmtp.modules.ModelPatch`. Applying it swaps the classes of
+:class:`TokenReduction` is an :class:`rmtp.contract.saved_types.ModelPatch`. Applying it swaps the classes of
 the model and of its blocks for subclasses made once per original class (:func:`token_class`:
 :class:`TokenModel` or :class:`TokenBlock` first, then the original), the technique of
 ``torch.nn.utils.parametrize``: no module is replaced, no parameter or buffer is added or
@@ -44,9 +44,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rmtp.architecture import Architecture
+from rmtp.contract.architecture import Architecture
 from rmtp.errors import PluginError
-from rmtp.modules import ModelPatch, model_patch, patches_of
+from rmtp.contract.saved_types import ModelPatch, model_patch, patches_of
 from rmtp_plugins.tokens.merge import merge_tokens, prefix_attention, prune_tokens, received_attention
 from rmtp_plugins.tokens.plan import ABSets, Method, TokenPlan
 from rmtp_plugins.tokens.schedule import RelativeTo, merged_count, pruned_count

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from rmtp.errors import PluginError
-from rmtp.pruner import LayerRow, PruneContext, PruneResult, weight_footprint
+from rmtp.contract.pruner import LayerRow, PruneContext, PruneResult, weight_footprint
 from rmtp_plugins.tokens.params import TokenParams
 from rmtp_plugins.tokens.plan import TokenPlan
 from rmtp_plugins.tokens.schedule import token_counts
@@ -27,7 +27,7 @@ def prune(ctx: PruneContext, params: TokenParams, *, name: str, plan: Planner,
     """Patch ``ctx.model`` with the token pruner ``name``'s ``plan`` of ``params`` (for a speed
     target, of the gentlest of ``strengths(ctx)`` that reaches it); one row per block."""
     from rmtp.data import model_input_size
-    from rmtp.modules import apply_patch
+    from rmtp.contract.saved_types import apply_patch
     from rmtp_plugins.tokens.patch import ALREADY_REDUCED, TokenReduction, token_reduction
 
     model = ctx.model

@@ -23,10 +23,10 @@ from typing import Any
 
 from torch import nn
 
-from rmtp.architecture import Architecture
+from rmtp.contract.architecture import Architecture
 from rmtp.latency.cost import interpolate, monotone, rank_grid
 from rmtp.latency.target import reach_checked, speed_target
-from rmtp.pruner import PruneContext, PrunerParams
+from rmtp.contract.pruner import PruneContext, PrunerParams
 from rmtp_plugins.tokens.plan import TokenPlan
 from rmtp_plugins.tokens.schedule import token_counts
 
@@ -65,7 +65,7 @@ def block_curves(ctx: PruneContext, blocks: nn.Sequential, n0: int, min_tokens: 
 def patched_copy(model: nn.Module, plan: TokenPlan, arch: Architecture) -> nn.Module:
     """A copy of ``model`` reducing tokens by ``plan`` (``arch``: its architecture), to be timed
     (``model`` is left as it is)."""
-    from rmtp.modules import apply_patch
+    from rmtp.contract.saved_types import apply_patch
     from rmtp_plugins.tokens.patch import TokenReduction
 
     candidate = copy.deepcopy(model)

@@ -8,7 +8,7 @@ Each image keeps its own top-k; k follows ``keep(l) = 1 − r_max·((l+1)/L)^α`
 
 from __future__ import annotations
 
-from rmtp.hookspecs import hookimpl
+from rmtp.contract.hookspecs import hookimpl
 from rmtp_plugins.tokens import TokenClsPruner
 from rmtp_plugins.tokens.params import TokenClsParams
 

@@ -8,7 +8,7 @@ options as ``token-cls``.
 
 from __future__ import annotations
 
-from rmtp.hookspecs import hookimpl
+from rmtp.contract.hookspecs import hookimpl
 from rmtp_plugins.tokens import TokenMeanPruner
 from rmtp_plugins.tokens.params import TokenMeanParams
 

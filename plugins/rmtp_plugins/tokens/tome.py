@@ -15,7 +15,7 @@ RUN_DIR`` draws the same for a saved run: which patches merged, for a few val im
 
 from __future__ import annotations
 
-from rmtp.hookspecs import hookimpl
+from rmtp.contract.hookspecs import hookimpl
 from rmtp_plugins.tokens import TomePruner
 from rmtp_plugins.tokens.params import TomeParams
 

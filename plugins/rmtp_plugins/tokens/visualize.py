@@ -74,7 +74,7 @@ def save_token_map(model: nn.Module, images: Tensor, path: str | Path, *, column
         ax.imshow(out, interpolation="nearest")
         ax.set_title(f"{n_tokens} tokens, {len(group)} merged", fontsize=8)
     fig.tight_layout()
-    from rmtp.atomic import save_figure_atomic
+    from rmtp.storage.atomic import save_figure_atomic
 
     try:
         return save_figure_atomic(fig, path, dpi=120)
@@ -88,9 +88,9 @@ def visualize_run(folder: str | Path, out: str | Path | None = None, images: int
     The data (and its split seed) come from the folder's ``recipe.yaml`` when it has one, else
     the embedded digits.
     """
-    from rmtp.atomic import check_writable
+    from rmtp.storage.atomic import check_writable
     from rmtp.data import DataSpec, build_data
-    from rmtp.saving import load
+    from rmtp.storage.saving import load
     from rmtp.sources import saved_data
 
     folder = Path(folder)

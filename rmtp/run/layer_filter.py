@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from rmtp.architecture import PrunableLayer
+from rmtp.contract.architecture import PrunableLayer
 
 
 class LayerFilter(BaseModel):

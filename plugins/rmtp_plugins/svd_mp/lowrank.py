@@ -12,7 +12,7 @@ so a later svd-mp round (prune → finetune → prune) truncates against the edg
 dense weights. :func:`factor_svds` gives the exact SVD of a split layer's product in
 O((M+N)·k²) and :func:`refactorize` builds the thinner replacement.
 
-The modules are :func:`~rmtp.modules.rebuildable` (ids ``lowrank.*``; the aliases are the import paths
+The modules are :func:`~rmtp.contract.saved_types.rebuildable` (ids ``lowrank.*``; the aliases are the import paths
 folders of format 1–2 name them by), so a saved model reloads with them in place.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from rmtp.modules import rebuildable
+from rmtp.contract.saved_types import rebuildable
 
 
 @rebuildable("lowrank.linear", aliases=["rmtp.lowrank.LowRankLinear"])

@@ -7,14 +7,14 @@ pruned model may move away from the dense model on calibration images held out f
   from the dense model's (0.02: it must agree with dense on at least 98% of them);
 * ``max_kl``: the mean KL(dense ‖ pruned) of the two models' softmax outputs per image, in nats.
 
-A pruner says which of its params sets its strength through :meth:`rmtp.pruner.Pruner.strength_knob`
+A pruner says which of its params sets its strength through :meth:`rmtp.contract.pruner.Pruner.strength_knob`
 (a :class:`StrengthKnob`: the param, its weak and strong ends, integer or not): svd-mp's
 ``target_params``, n:m's ``target_macs``, spp's ``ratio``, tome's ``r``, token-cls/token-mean's
 ``r_max``, magnitude's ``sparsity``; a step with a speed target (``target_speedup``) searches the
 speed target itself, so the result is the fastest model within the budget. :func:`search` then
 bisects the knob between its ends, at most ``evaluations`` candidates, each pruned from a copy of the
 model and scored by an ``evaluate(value) -> (agreement, kl)`` it is given (so tests drive it without
-models; :mod:`rmtp.agreement` scores real ones).
+models; :mod:`rmtp.fidelity.agreement` scores real ones).
 
 This module is torch-free: recipes validate budgets with it before any model exists.
 """
@@ -33,7 +33,7 @@ from rmtp.errors import RmtpError
 if TYPE_CHECKING:
     from torch import nn
 
-    from rmtp.pruner import Pruner, PrunerParams
+    from rmtp.contract.pruner import Pruner, PrunerParams
 
 #: The agreement (share of images) under which a step's report warns that the model is broken.
 BROKEN_AGREEMENT = 0.5

@@ -1,7 +1,7 @@
 """The bookkeeping next to an output folder: one writer at a time, temporary names, recovery.
 
-A folder ``NAME`` is written by :func:`rmtp.saving.save` (a run's step outputs by
-:mod:`rmtp.step_output`); this module owns what appears beside it, never inside it (the
+A folder ``NAME`` is written by :func:`rmtp.storage.saving.save` (a run's step outputs by
+:mod:`rmtp.run.step_output`); this module owns what appears beside it, never inside it (the
 folder's contents are a public format)::
 
     .NAME.lock                   held (``flock``) by the one process writing NAME; a second one
@@ -196,7 +196,7 @@ def hold(out_dir: str | Path, *, overwrite: bool = True,
 
     A run takes it before its first step and keeps it until its model is saved, so a second run
     on the same folder fails before it works, not after. Re-entrant in the thread that holds it
-    (:func:`rmtp.saving.save` takes it too). Taking it first clears entries dead writers left
+    (:func:`rmtp.storage.saving.save` takes it too). Taking it first clears entries dead writers left
     (:func:`_recover`; a retired folder for which ``restorable`` is true goes back in place when
     ``out_dir`` is gone). With ``overwrite`` false an existing folder is refused, checked under
     the lock. Yields ``out_dir`` as an absolute path.

@@ -3,7 +3,7 @@
 Images without labels have no top-1. What they can tell is how often the pruned model's top class
 is the dense model's: the *top-1 agreement* (100% for the dense model itself; the README's first
 table shows it beside top-1 on a real pretrained ViT). An ``evaluate`` step on unlabeled data runs
-:func:`rmtp.steps.evaluate_step`, the same step as on labelled data (params, MACs, latency timed
+:func:`rmtp.run.steps.evaluate_step`, the same step as on labelled data (params, MACs, latency timed
 against dense), on the val images labelled with the dense model's top class, which makes its
 top-1 the agreement by definition; the figure is then moved out of ``top1`` into a note, so no
 report ever shows it as an accuracy.
@@ -17,11 +17,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from rmtp import steps
+from rmtp.run import steps
 from rmtp.errors import RmtpError
 from rmtp.measure.running import evaluating
-from rmtp.progress import NULL_PROGRESS, Progress
-from rmtp.report import StepReport
+from rmtp.run.progress import NULL_PROGRESS, Progress
+from rmtp.reports.records import StepReport
 
 __all__ = ["agreement_step", "dense_labelled"]
 

@@ -17,7 +17,7 @@ on the model with :func:`apply_patch`, undone exactly with :func:`remove_patch`,
 ``@rebuildable("lowrank.linear")`` / ``@model_patch("tokens.reduction")``: ``family.kind``, the
 family being the plugin's name. It is *not* where the class lives, so a module can be renamed or
 moved without orphaning the folders users have. rmtp up to format 2 wrote the class's import path
-(``rmtp.lowrank.LowRankLinear``); each class lists the paths it was saved under as ``aliases``,
+(``rmtp_plugins.svd_mp.lowrank.LowRankLinear``); each class lists the paths it was saved under as ``aliases``,
 and loading resolves a type as an id first, then through that alias table
 (:func:`type_aliases`). A class moved later keeps its id and needs nothing; a class whose id must
 change adds its old id as an alias. Registries refuse a class without an id, an id that is not
@@ -272,7 +272,7 @@ def model_patch(type_id: str, *, aliases: Iterable[str] = ()) -> Callable[[type[
 
     def register(cls: type[ModelPatch]) -> type[ModelPatch]:
         if not (isinstance(cls, type) and issubclass(cls, ModelPatch)):
-            raise TypeError(f"{type_name(cls)} must subclass rmtp.modules.ModelPatch to be a model patch")
+            raise TypeError(f"{type_name(cls)} must subclass rmtp.contract.saved_types.ModelPatch to be a model patch")
         _PATCHES.add(cls, type_id, aliases)
         return cls
 
@@ -308,7 +308,7 @@ def patches_of(model: nn.Module) -> list[ModelPatch]:
 def apply_patch(model: nn.Module, patch: ModelPatch) -> ModelPatch:
     """Apply ``patch`` to ``model`` and record it there, so saving writes it and loading re-applies it."""
     if _PATCHES.id_of(type(patch)) is None:
-        raise TypeError(f"{type_name(type(patch))} is not registered with @rmtp.modules.model_patch")
+        raise TypeError(f"{type_name(type(patch))} is not registered with @rmtp.contract.saved_types.model_patch")
     patch.apply(model)
     model.__dict__[PATCHES_ATTR] = [*patches_of(model), patch]
     return patch

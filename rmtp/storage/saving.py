@@ -6,7 +6,7 @@ A saved model is a folder::
     rmtp_model.json     how to rebuild it: timm name + kwargs, architecture, replaced layers,
                         forward-pass patches (token reduction), the dense baseline it came from, and
                         ``files``: every entry rmtp put in the folder (what ``overwrite`` may replace:
-                        :mod:`rmtp.overwrite`, docs/output.md)
+                        :mod:`rmtp.storage.overwrite`, docs/output.md)
     recipe.yaml         the resolved recipe that produced it (when it came from a recipe)
     report.json         the run's report (when it came from a recipe)
 
@@ -14,23 +14,23 @@ The folder is written next to its destination under a temporary name and renamed
 so an interrupted run never leaves a half-written model where a finished one is expected.
 
 Next to a folder ``NAME`` only rmtp's own bookkeeping appears, never inside it (a lock file and
-temporary folders: :mod:`rmtp.output_folder`).
+temporary folders: :mod:`rmtp.storage.output_folder`).
 
 Format versions (``format_version`` in ``rmtp_model.json``):
 
     1   ``replaced``: ``[{path, type, config}]``, ``type`` the replacement class's import path
-        (``rmtp.lowrank.LowRankLinear``). Still written for a model with no replaced layer and no
+        (``rmtp_plugins.svd_mp.lowrank.LowRankLinear``). Still written for a model with no replaced layer and no
         patch: such a folder names no type, so every rmtp reads it.
     2   adds ``patches``: ``[{type, config}]``, forward-pass patches such as token reduction, also
         by import path. An rmtp that could not re-apply them refuses the folder ("saved by a newer
         rmtp") instead of silently loading the unpatched model.
     3   every ``type`` is a stable id registered with its class (``lowrank.linear``,
-        ``tokens.reduction``; see :mod:`rmtp.modules`), not where the class lives, so modules can
+        ``tokens.reduction``; see :mod:`rmtp.contract.saved_types`), not where the class lives, so modules can
         move without orphaning folders. Written for every model with a replaced layer or a patch,
         so an rmtp from before ids says to upgrade rather than that a plugin is missing.
 
 Reading: every version up to :data:`FORMAT_VERSION` loads. A type is looked up as an id, then in
-the alias table of the names older folders used (:func:`rmtp.modules.type_aliases`: each import
+the alias table of the names older folders used (:func:`rmtp.contract.saved_types.type_aliases`: each import
 path versions 1 and 2 wrote maps to its id), whatever the version, so a folder loads as long as
 the plugin of each type is installed. A version above :data:`FORMAT_VERSION` is refused with
 "saved by a newer rmtp".
@@ -50,12 +50,12 @@ import yaml
 from torch import nn
 
 from rmtp import __version__
-from rmtp.architecture import Architecture, ModelSpec
-from rmtp.checkpoint import load_state_dict_into, read_state_dict, write_safetensors_atomic
+from rmtp.contract.architecture import Architecture, ModelSpec
+from rmtp.storage.weights import load_state_dict_into, read_state_dict, write_safetensors_atomic
 from rmtp.errors import CheckpointError, RmtpError
-from rmtp.modules import apply_patches, apply_replacements, describe_patches, describe_replacements
-from rmtp.output_folder import hold, make_temp_dir, move_into_place, remove_entry
-from rmtp.overwrite import META_FILE, RECIPE_FILE, REPORT_FILE, WEIGHTS_FILE, check_replaceable
+from rmtp.contract.saved_types import apply_patches, apply_replacements, describe_patches, describe_replacements
+from rmtp.storage.output_folder import hold, make_temp_dir, move_into_place, remove_entry
+from rmtp.storage.overwrite import META_FILE, RECIPE_FILE, REPORT_FILE, WEIGHTS_FILE, check_replaceable
 
 if TYPE_CHECKING:
     from rmtp.plugins import Plugins
@@ -67,7 +67,7 @@ FORMAT = "rmtp-model"
 FORMAT_VERSION = 3
 _FORMAT_VERSION_WITHOUT_TYPES = 1
 # WEIGHTS_FILE, META_FILE, RECIPE_FILE, REPORT_FILE: the files of a saved folder, named in
-# rmtp.overwrite (torch-free, for `rmtp validate`) and imported above; step outputs are listed in
+# rmtp.storage.overwrite (torch-free, for `rmtp validate`) and imported above; step outputs are listed in
 # rmtp_model.json's ``files``.
 
 
@@ -98,7 +98,7 @@ def is_saved_model(path: Path) -> bool:
 
 
 def output_lock(out_dir: str | Path, *, overwrite: bool = True) -> AbstractContextManager[Path]:
-    """Hold ``out_dir`` for this process (:func:`rmtp.output_folder.hold`); a complete rmtp folder a
+    """Hold ``out_dir`` for this process (:func:`rmtp.storage.output_folder.hold`); a complete rmtp folder a
     killed writer left aside (``.NAME.<hex>.old``) is put back if ``out_dir`` itself is gone."""
     return hold(out_dir, overwrite=overwrite, restorable=is_saved_model)
 
@@ -188,7 +188,7 @@ def save(model: nn.Module, out_dir: str | Path, *, spec: ModelSpec | None = None
     Holds :func:`output_lock` while it writes (a run that already holds it keeps it), so two
     processes saving to one folder never interleave: the second gets an :class:`RmtpError`.
     ``overwrite`` replaces only an rmtp output folder with nothing foreign in it and not holding
-    the current directory (:mod:`rmtp.overwrite`); anything else is refused and left as it was.
+    the current directory (:mod:`rmtp.storage.overwrite`); anything else is refused and left as it was.
     ``extras``: the entries the caller adds to the folder once it is saved (a run's step outputs),
     recorded in ``rmtp_model.json`` so that a later overwrite knows them as rmtp's own.
     """
@@ -250,10 +250,10 @@ def _write_folder(folder: Path, model: nn.Module, *, spec: ModelSpec, arch: Arch
 def read_saved_recipe(folder: Path) -> dict[str, Any] | None:
     """The resolved recipe saved in ``folder`` (``recipe.yaml``), or None when it has none.
 
-    Read as untrusted input (safe loader, size cap: :mod:`rmtp.safe_yaml`), since a folder may come
+    Read as untrusted input (safe loader, size cap: :mod:`rmtp.storage.safe_yaml`), since a folder may come
     from anyone; anything but a mapping is one-line :class:`RmtpError`.
     """
-    from rmtp.safe_yaml import read_yaml_file
+    from rmtp.storage.safe_yaml import read_yaml_file
 
     path = Path(folder) / RECIPE_FILE
     if not path.is_file():

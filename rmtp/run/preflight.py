@@ -13,11 +13,11 @@ from pathlib import Path
 
 from torch import nn
 
-from rmtp.architecture import Architecture, ModelSpec
+from rmtp.contract.architecture import Architecture, ModelSpec
 from rmtp.errors import CheckpointError, RecipeError, RmtpError
-from rmtp.layers import select_layers
+from rmtp.run.layer_filter import select_layers
 from rmtp.plugins import Plugins, get_plugins
-from rmtp.recipe import Recipe, ResolvedPrune
+from rmtp.run.recipe import Recipe, ResolvedPrune
 
 
 @dataclass

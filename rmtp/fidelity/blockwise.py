@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from rmtp.errors import RmtpError
-from rmtp.progress import NULL_PROGRESS, Progress
+from rmtp.run.progress import NULL_PROGRESS, Progress
 from rmtp.training.config import ReconstructConfig
 from rmtp.training.pieces import masked_layers, zero_masks
 

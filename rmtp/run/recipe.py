@@ -20,18 +20,18 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from rmtp.accuracy_budget import AccuracyBudget, budget_knob
-from rmtp.architecture import timm_name_hint
-from rmtp.atomic import check_writable
+from rmtp.fidelity.accuracy_budget import AccuracyBudget, budget_knob
+from rmtp.contract.architecture import timm_name_hint
+from rmtp.storage.atomic import check_writable
 from rmtp.data.spec import DataSpec
 from rmtp.errors import CheckpointError, PluginError, RecipeError, RmtpError, short_repr
 from rmtp.latency.settings import LatencySettings
-from rmtp.layers import LayerFilter
-from rmtp.overwrite import replace_problem
+from rmtp.run.layer_filter import LayerFilter
+from rmtp.storage.overwrite import replace_problem
 from rmtp.plugins import Plugins, get_plugins
-from rmtp.pruner import Pruner, PrunerParams
-from rmtp.safe_yaml import read_yaml_file
-from rmtp.precision import Precision
+from rmtp.contract.pruner import Pruner, PrunerParams
+from rmtp.storage.safe_yaml import read_yaml_file
+from rmtp.run.precision import Precision
 from rmtp.training.config import ReconstructConfig, TrainConfig
 
 
@@ -203,7 +203,7 @@ class Recipe:
         return {index: resolved.params for index, resolved in self.resolved.items()}
 
     def kept_paths(self) -> dict[str, Path | None]:
-        """What an overwritten output folder must never hold (:mod:`rmtp.overwrite`)."""
+        """What an overwritten output folder must never hold (:mod:`rmtp.storage.overwrite`)."""
         return kept_paths(self.path, self.data.root, self.model.checkpoint)
 
     def to_dict(self) -> dict[str, Any]:
@@ -363,7 +363,7 @@ def parse_recipe(raw: Any, *, source: Path | None = None, plugins: Plugins | Non
 def _budget_image_problems(resolved: dict[int, ResolvedPrune], calibration_size: int) -> list[str]:
     """A step with an accuracy budget needs calibration images to score on (and, for a pruner that
     calibrates, some left over for it): refused now, not when the step is reached after hours."""
-    from rmtp.accuracy_budget import MIN_HELD_OUT
+    from rmtp.fidelity.accuracy_budget import MIN_HELD_OUT
 
     problems = []
     for index, prune in resolved.items():
@@ -514,7 +514,7 @@ def _model_from_checkpoint(model: ModelSection) -> ModelSection:
     kwargs (its weights file becomes the checkpoint); a weights file without ``model.name`` takes
     them from its model card ``<stem>.json``, else from timm's config.json beside it. A weights file
     under a given name is the recipe's to describe: its kwargs are the recipe's, no card is read."""
-    from rmtp.overwrite import META_FILE
+    from rmtp.storage.overwrite import META_FILE
     from rmtp.sources import (CONFIG_FILE, HubLayout, NameConflict, NotASource, SavedFolder, WeightsFile,
                               resolve_source)
 

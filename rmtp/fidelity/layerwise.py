@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rmtp.progress import NULL_PROGRESS, Progress
+from rmtp.run.progress import NULL_PROGRESS, Progress
 
 __all__ = ["LayerInputs", "collect_input_stats", "compress_sequentially", "input_columns"]
 
@@ -132,7 +132,7 @@ def collect_input_stats(model: nn.Module, layers: dict[str, nn.Module], loader: 
     Σx² per input column when ``squares``, the Gram matrix when ``gram``. ``layers`` maps names to
     the plain Linear/Conv2d modules to watch (hooked directly, so a wrapper around them does not
     hide what they receive)."""
-    from rmtp.precision import autocast
+    from rmtp.run.precision import autocast
 
     stats = {name: LayerInputs() for name in layers}
     current = {"images": 0}
@@ -164,7 +164,7 @@ def _forward_order(model: nn.Module, names: Sequence[str], calibration: Iterable
                    precision: str) -> list[str]:
     """``names`` in the order the model first calls them on one calibration batch (one pass,
     stopped once every layer ran); layers the batch never reaches go last, in the given order."""
-    from rmtp.precision import autocast
+    from rmtp.run.precision import autocast
 
     unique = list(dict.fromkeys(names))
     seen: list[str] = []
@@ -194,7 +194,7 @@ def _layer_inputs(model: nn.Module, name: str, calibration: Iterable, device: to
                   precision: str) -> LayerInputs:
     """:class:`LayerInputs` (squares and Gram) of one layer on the model as it is now: one forward
     pass per batch, each stopped right after the layer's input is recorded."""
-    from rmtp.precision import autocast
+    from rmtp.run.precision import autocast
 
     module = model.get_submodule(name)
     inputs = LayerInputs()

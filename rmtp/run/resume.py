@@ -7,13 +7,13 @@ optimizer steps. A checkpoint is one *generation* folder ``gen-NNNNNN/`` with
 * ``run.pt``: which steps are done, their reports, the pruned layers, the dense top-1, the names
   of the prune steps' staged extras, and, in the middle of a fine-tune, rank 0's
   :class:`~rmtp.training.TrainState` (``train-rank<r>.pt`` for the other torchrun ranks);
-* ``model/``: the model as :func:`rmtp.saving.save` writes it (structure and weights), only when
+* ``model/``: the model as :func:`rmtp.storage.saving.save` writes it (structure and weights), only when
   the model changed since the last generation (``latest.json`` names the generation whose model
   is current), so an ``evaluate`` step does not rewrite a large model.
 
 A generation is written under a temporary name and renamed into place, then ``latest.json`` is
 replaced atomically: a kill at any moment leaves the previous checkpoint or the complete new one.
-Everything is read back with ``torch.load(weights_only=True)`` and :func:`rmtp.saving.load`, like
+Everything is read back with ``torch.load(weights_only=True)`` and :func:`rmtp.storage.saving.load`, like
 any untrusted file. The folder is removed when the run completes. ``rmtp prune recipe.yaml
 --resume`` continues from it without redoing finished steps (the pruned structure is rebuilt from
 ``model/``, not re-pruned) and refuses, naming the keys, a recipe that changed since.
@@ -23,11 +23,11 @@ split, the image count and a digest of the files), so a resume on changed data i
 Checkpoints written before that field existed have no ``data`` and still resume, unchecked: the
 field is optional, so the schema stays ``rmtp-checkpoint/1`` and older rmtp reads newer checkpoints.
 
-A run without ``--resume`` over a checkpoint is refused by :mod:`rmtp.pipeline` (it would discard
+A run without ``--resume`` over a checkpoint is refused by :mod:`rmtp.run.pipeline` (it would discard
 hours of work): the way to start over is to delete the folder. Every field is checked when read
 back: a damaged or hand-edited checkpoint is a :class:`~rmtp.errors.CheckpointError` naming the
 file and the field, never a ``KeyError``. Its messages name no option: the run that reads it
-(:mod:`rmtp.pipeline`) says what to do.
+(:mod:`rmtp.run.pipeline`) says what to do.
 """
 
 from __future__ import annotations
@@ -42,12 +42,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from rmtp import distributed, saving
-from rmtp.atomic import write_json_atomic
+from rmtp.run import distributed
+from rmtp.storage import saving
+from rmtp.storage.atomic import write_json_atomic
 from rmtp.errors import CheckpointError, short_repr
 
 if TYPE_CHECKING:
-    from rmtp.architecture import Architecture, ModelSpec
+    from rmtp.contract.architecture import Architecture, ModelSpec
     from rmtp.training import TrainState
 
 SUFFIX = ".checkpoint"
@@ -102,7 +103,7 @@ def describe_position(checkpoint: Checkpoint) -> str:
 
 
 def _saved_step_label(step: dict[str, Any]) -> str:
-    """:func:`rmtp.recipe.step_label` of a step as a saved, resolved recipe holds it."""
+    """:func:`rmtp.run.recipe.step_label` of a step as a saved, resolved recipe holds it."""
     if step.get("name"):
         return str(step["name"])
     if "prune" in step:
@@ -223,7 +224,7 @@ def _progress(payload: dict[str, Any], path: Path, *, steps: int) -> RunProgress
 
 
 def _check_reports(reports: list[Any], path: Path) -> None:
-    from rmtp.report import StepReport
+    from rmtp.reports.records import StepReport
 
     for index, report in enumerate(reports):
         try:

@@ -20,11 +20,11 @@ from rich.progress import Progress as RichProgressBar
 from rich.table import Table
 from rich.text import Text
 
-from rmtp.progress import Progress
+from rmtp.run.progress import Progress
 
 if TYPE_CHECKING:  # reports render themselves through this module (StepReport.__rich__)
     from rmtp.plugins import Plugins
-    from rmtp.report import ModelStats, RunReport, StepReport
+    from rmtp.reports.records import ModelStats, RunReport, StepReport
 
 # emoji=False: rich would turn the ":m:" of "n:m" (and any :name: in a layer, a note, a path) into
 # an emoji code (nⓂ); rmtp prints names, never emoji.
@@ -289,7 +289,7 @@ def step_renderable(step: StepReport, *, wide: bool = False) -> Group:
         last = step.history[-1]
         if last.get("val_top1") is not None:
             scored = f"val top-1 {last['val_top1']:.2f}%"
-        elif last.get("val_agreement") is not None:  # unlabeled data: no top-1 (rmtp.unlabeled)
+        elif last.get("val_agreement") is not None:  # unlabeled data: no top-1 (rmtp.fidelity.unlabeled)
             scored = f"val agreement with dense {last['val_agreement']:.2f}%"
         else:
             scored = "no val score (unlabeled data without val images)"

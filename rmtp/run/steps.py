@@ -2,9 +2,9 @@
 library calls :func:`rmtp.prune`, :func:`rmtp.finetune`, :func:`rmtp.reconstruct` and
 :func:`rmtp.evaluate` both run.
 
-The recipe pipeline (:mod:`rmtp.pipeline`) and the in-memory API (:mod:`rmtp.api`) differ only in
+The recipe pipeline (:mod:`rmtp.run.pipeline`) and the in-memory API (:mod:`rmtp.api`) differ only in
 where their inputs come from (a validated recipe; a user's model, loaders and keyword arguments).
-The work itself, and the :class:`~rmtp.report.StepReport` it yields, is here once, so the two
+The work itself, and the :class:`~rmtp.reports.records.StepReport` it yields, is here once, so the two
 paths cannot drift apart.
 """
 
@@ -22,23 +22,23 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from rmtp import measure
-from rmtp.architecture import Architecture, has_submodule
+from rmtp.contract.architecture import Architecture, has_submodule
 from rmtp.errors import RmtpError
-from rmtp.layers import select_layers
-from rmtp.precision import check_precision
-from rmtp.progress import NULL_PROGRESS, Progress
-from rmtp.pruner import LayerRow, PruneContext, Pruner, PrunerParams, PruneResult, StepOutput
-from rmtp.report import ModelStats, StepReport
+from rmtp.run.layer_filter import select_layers
+from rmtp.run.precision import check_precision
+from rmtp.run.progress import NULL_PROGRESS, Progress
+from rmtp.contract.pruner import LayerRow, PruneContext, Pruner, PrunerParams, PruneResult, StepOutput
+from rmtp.reports.records import ModelStats, StepReport
 from rmtp.training.pieces import masked_layers
 
 if TYPE_CHECKING:
-    from rmtp.accuracy_budget import AccuracyBudget
-    from rmtp.agreement import DenseReference
+    from rmtp.fidelity.accuracy_budget import AccuracyBudget
+    from rmtp.fidelity.agreement import DenseReference
     from rmtp.data import DataBundle
     from rmtp.latency.cost import CostModel
     from rmtp.latency.settings import LatencySettings
-    from rmtp.blockwise import ReconstructConfig
-    from rmtp.recipe import EvaluateParams, ResolvedPrune
+    from rmtp.fidelity.blockwise import ReconstructConfig
+    from rmtp.run.recipe import EvaluateParams, ResolvedPrune
     from rmtp.training import TrainConfig, TrainState
 
 
@@ -58,18 +58,18 @@ def prune_step(model: nn.Module, step: ResolvedPrune, *, arch: Architecture, dev
     """Apply one pruner to ``model`` (in place) and report what it did.
 
     ``step`` is the one settings object a recipe and ``rmtp.prune`` both build
-    (:class:`rmtp.recipe.ResolvedPrune`: the pruner class, its validated params, the layer filter,
+    (:class:`rmtp.run.recipe.ResolvedPrune`: the pruner class, its validated params, the layer filter,
     the name, precision, latency and accuracy budget); the other arguments are the run's (model,
     architecture, device, seed, data, progress, output).
 
     ``layers`` filters the pruner's candidate layers (``None``: every non-optional one). A pruner
-    whose :meth:`~rmtp.pruner.Pruner.calibration_use` is ``"required"`` and gets no ``calibration``
+    whose :meth:`~rmtp.contract.pruner.Pruner.calibration_use` is ``"required"`` and gets no ``calibration``
     is refused before it starts, naming what to pass; one that says ``"optional"`` gets it when
     given (svd-mp then whitens), one that says ``"unused"`` never sees it. ``latency`` says how replacements are timed
     (svd-mp/n:m ``only_if_faster``, speed targets); a pruner that planned in time has its predicted
     speed-up measured against ``dense`` after it ran, and both go in the report.
 
-    ``accuracy_budget`` (:mod:`rmtp.accuracy_budget`): the pruner's strength knob is searched for
+    ``accuracy_budget`` (:mod:`rmtp.fidelity.accuracy_budget`): the pruner's strength knob is searched for
     the strongest setting whose result stays within the budget against ``dense``, each candidate
     pruned from a copy of ``model`` and scored on calibration images the pruner does not see (a
     seeded ``holdout`` share of ``calibration`` when the pruner takes it, else all of ``calibration``
@@ -142,11 +142,11 @@ def _budget_search(model: nn.Module, pruner_cls: type[Pruner], params: PrunerPar
                    context: Callable[..., PruneContext], *, name: str, dense: nn.Module | None,
                    pruner_data: DataLoader | None, scoring: DataLoader | None, device: torch.device, seed: int,
                    precision: str, progress: Progress) -> _Budget:
-    """Search the pruner's strength knob under ``budget`` (:func:`rmtp.accuracy_budget.search`),
+    """Search the pruner's strength knob under ``budget`` (:func:`rmtp.fidelity.accuracy_budget.search`),
     each candidate pruned from a deep copy of ``model`` (no artefacts saved) with the calibration
     images not held out, scored against ``dense`` on the held-out ones."""
-    from rmtp.accuracy_budget import MIN_HELD_OUT, budget_knob, describe_search, search, speed_note
-    from rmtp.agreement import DenseReference, images_of, split_calibration
+    from rmtp.fidelity.accuracy_budget import MIN_HELD_OUT, budget_knob, describe_search, search, speed_note
+    from rmtp.fidelity.agreement import DenseReference, images_of, split_calibration
 
     knob = budget_knob(pruner_cls, params, model)
     if dense is None:
@@ -206,14 +206,14 @@ def _agreement(model: nn.Module, pruner_cls: type[Pruner], params: PrunerParams,
                warnings: list[str]) -> dict | None:
     """The pruned model's top-1 agreement with ``dense`` and mean KL on calibration images (None
     without ``dense`` or images), held out where a budget held some out, else the first
-    :data:`~rmtp.agreement.DEFAULT_IMAGES` of ``calibration`` (labelled as such when the pruner
+    :data:`~rmtp.fidelity.agreement.DEFAULT_IMAGES` of ``calibration`` (labelled as such when the pruner
     calibrated on them); a warning in ``warnings`` when it agrees on fewer than half."""
-    from rmtp.accuracy_budget import BROKEN_AGREEMENT
+    from rmtp.fidelity.accuracy_budget import BROKEN_AGREEMENT
 
     if budget is not None:
         reference, where, held_out = budget.reference, budget.where, True
     elif dense is not None and calibration is not None:
-        from rmtp.agreement import DEFAULT_IMAGES, DenseReference, images_of
+        from rmtp.fidelity.agreement import DEFAULT_IMAGES, DenseReference, images_of
 
         images = images_of(calibration, DEFAULT_IMAGES)
         reference = DenseReference(dense, images, device=device, batch=calibration.batch_size or 64,
@@ -242,7 +242,7 @@ def broken_warning(name: str, top1: float, where: str, pruner_cls: type[Pruner],
                    budget: _Budget | None) -> str:
     """What happened to a model that agrees with dense on fewer than half the images, and what
     would recover it."""
-    from rmtp.accuracy_budget import budget_knob
+    from rmtp.fidelity.accuracy_budget import budget_knob
 
     if budget is not None and budget.record["outcome"] == "impossible":
         advice = ("or prune fewer layers (layers:) or with another method: the accuracy budget's weakest setting "
@@ -311,7 +311,7 @@ def _check_speed(ctx: PruneContext, speed_plan: dict, notes: list[str]) -> dict:
     ``verify_rounds`` > 0) the whole model timed against dense, so the report shows how far the
     prediction was from the clock."""
     from rmtp.latency.target import speed_report
-    from rmtp.precision import autocast
+    from rmtp.run.precision import autocast
 
     plan = dict(speed_plan)
     cost = ctx.cost_model()
@@ -374,12 +374,12 @@ def reconstruct_step(model: nn.Module, dense: nn.Module, calibration: Iterable, 
                      progress: Progress = NULL_PROGRESS, index: int = 0,
                      label: str = "reconstruct") -> StepReport:
     """Block-wise reconstruction of ``model`` against ``dense`` on the calibration images
-    (:mod:`rmtp.blockwise`): each block, in forward order, trained to give the dense block's
+    (:mod:`rmtp.fidelity.blockwise`): each block, in forward order, trained to give the dense block's
     outputs from the inputs the already-reconstructed model feeds it. Refused, before anything
     runs, for a token-reduced model (its blocks see fewer tokens than the dense ones) and for an
     architecture that declares no blocks."""
-    from rmtp.modules import patches_of
-    from rmtp.blockwise import calibration_images, reconstruct_blocks
+    from rmtp.contract.saved_types import patches_of
+    from rmtp.fidelity.blockwise import calibration_images, reconstruct_blocks
 
     if any(patch.changes_tokens for patch in patches_of(model)):
         raise RmtpError("reconstruct: the model is token-reduced, so its blocks see other tokens than the dense "

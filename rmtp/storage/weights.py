@@ -200,7 +200,7 @@ def write_safetensors_atomic(
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    from rmtp.atomic import _umask
+    from rmtp.storage.atomic import _umask
 
     if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
         raise TypeError("safetensors metadata must map str to str")

@@ -2,9 +2,9 @@
 
 A step that produces more than the model it hands on (spp's levels and solution path, a token
 map) writes through :class:`StagedOutput`, the pipeline's implementation of
-:class:`rmtp.pruner.StepOutput`. Nothing lands in the output folder before the run's own model is
+:class:`rmtp.contract.pruner.StepOutput`. Nothing lands in the output folder before the run's own model is
 saved there, so an interrupted run leaves no half set of artefacts beside an old model. The
-staging folder lives under the output folder's lock (:func:`rmtp.saving.output_lock`), so no other
+staging folder lives under the output folder's lock (:func:`rmtp.storage.saving.output_lock`), so no other
 rmtp process mistakes it for a dead writer's leftover and clears it.
 """
 
@@ -21,14 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from rmtp import saving
-from rmtp.output_folder import make_temp_dir
-from rmtp.atomic import write_json_atomic
+from rmtp.storage import saving
+from rmtp.storage.output_folder import make_temp_dir
+from rmtp.storage.atomic import write_json_atomic
 from rmtp.errors import RmtpError
 
 if TYPE_CHECKING:
-    from rmtp.architecture import Architecture, ModelSpec
-    from rmtp.recipe import Recipe
+    from rmtp.contract.architecture import Architecture, ModelSpec
+    from rmtp.run.recipe import Recipe
 
 
 _EXTRA_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -36,7 +36,7 @@ _RESERVED = {saving.WEIGHTS_FILE, saving.META_FILE, saving.RECIPE_FILE, saving.R
 
 
 class StagedOutput:
-    """:class:`~rmtp.pruner.StepOutput` of a run with an output folder.
+    """:class:`~rmtp.contract.pruner.StepOutput` of a run with an output folder.
 
     Entries are written into a staging folder next to the output as the steps produce them (so a
     model variant need not stay in memory) and moved into the output folder by :meth:`publish`,

@@ -26,13 +26,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
 
-from rmtp.architecture import Architecture, PrunableLayer
-from rmtp.progress import NULL_PROGRESS, Progress
+from rmtp.contract.architecture import Architecture, PrunableLayer
+from rmtp.run.progress import NULL_PROGRESS, Progress
 
 if TYPE_CHECKING:  # torch is imported where a pruner runs, so `rmtp list` and `validate` need none
     import torch
 
-    from rmtp.accuracy_budget import StrengthKnob
+    from rmtp.fidelity.accuracy_budget import StrengthKnob
     from rmtp.latency.cost import CostModel
     from rmtp.latency.settings import LatencySettings
     from torch import nn
@@ -185,7 +185,7 @@ class PruneContext:
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """``torch.autocast`` for the step's precision on ``device`` (a no-op for fp32)."""
-        from rmtp.precision import autocast
+        from rmtp.run.precision import autocast
 
         return autocast(self.precision, self.device)
 
@@ -248,7 +248,7 @@ class Pruner(ABC):
     @classmethod
     def strength_knob(cls, params: PrunerParams, model: nn.Module | None = None) -> StrengthKnob | None:
         """The param that sets how hard this step prunes, for an accuracy budget to search
-        (:class:`rmtp.accuracy_budget.StrengthKnob`: the param, its weak and strong ends), or None
+        (:class:`rmtp.fidelity.accuracy_budget.StrengthKnob`: the param, its weak and strong ends), or None
         when these params have none (a step with an accuracy budget is then refused in one line).
         Raise ``ValueError("why")`` when the params rule a search out (an explicit per-layer list):
         the refusal says why.
@@ -262,7 +262,7 @@ class Pruner(ABC):
 
             return super().strength_knob(params, model) or StrengthKnob("sparsity", weak=0.0, strong=0.95)
         """
-        from rmtp.accuracy_budget import speed_knob
+        from rmtp.fidelity.accuracy_budget import speed_knob
 
         return speed_knob(params)
 

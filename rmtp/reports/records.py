@@ -1,6 +1,6 @@
 """Reports: plain dataclasses that the terminal renderer and ``--json`` both read.
 
-Nothing here prints; :mod:`rmtp.render` draws these with rich, ``to_dict`` feeds JSON.
+Nothing here prints; :mod:`rmtp.reports.render` draws these with rich, ``to_dict`` feeds JSON.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import platform
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from rmtp.pruner import LayerRow
+from rmtp.contract.pruner import LayerRow
 
 
 @dataclass
@@ -90,7 +90,7 @@ class StepReport:
     def __rich__(self) -> Any:
         """The step as ``rmtp prune`` draws it (table, notes, before → after), for ``rich.print``
         and notebooks."""
-        from rmtp.render import step_renderable
+        from rmtp.reports.render import step_renderable
 
         return step_renderable(self)
 

@@ -1,17 +1,17 @@
 """Running a recipe: build the model, then apply its steps strictly in the listed order.
 
-The path of one run: validated :class:`~rmtp.recipe.Recipe` → architecture plugin builds the model
+The path of one run: validated :class:`~rmtp.run.recipe.Recipe` → architecture plugin builds the model
 → a frozen copy of the dense model is kept (baseline and distillation teacher) → each step
-(prune / finetune / reconstruct / evaluate) runs and yields a :class:`~rmtp.report.StepReport` → the model,
+(prune / finetune / reconstruct / evaluate) runs and yields a :class:`~rmtp.reports.records.StepReport` → the model,
 resolved recipe and report are saved atomically.
 
-Each step is the same call the in-memory API makes (:mod:`rmtp.steps`: ``prune_step``,
+Each step is the same call the in-memory API makes (:mod:`rmtp.run.steps`: ``prune_step``,
 ``finetune_step``, ``evaluate_step``), so a recipe and ``rmtp.prune(model, ...)`` cannot drift apart.
 
 The plugins of a run are passed down, not fetched again: ``run_recipe(plugins=...)``, by default the
 ones the recipe was validated against, build the model (and load a saved folder); a prune step
-runs the pruner class validation resolved (:class:`~rmtp.recipe.ResolvedPrune`) and asks it, not
-its attributes, what it needs (:meth:`~rmtp.pruner.Pruner.candidate_layers`, ...).
+runs the pruner class validation resolved (:class:`~rmtp.run.recipe.ResolvedPrune`) and asks it, not
+its attributes, what it needs (:meth:`~rmtp.contract.pruner.Pruner.candidate_layers`, ...).
 """
 
 from __future__ import annotations
@@ -29,17 +29,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from rmtp import distributed, overwrite, saving, sources, steps, unlabeled
-from rmtp.architecture import Architecture, ModelSpec
+from rmtp import sources
+from rmtp.run import distributed
+from rmtp.storage import overwrite
+from rmtp.storage import saving
+from rmtp.run import steps
+from rmtp.fidelity import unlabeled
+from rmtp.contract.architecture import Architecture, ModelSpec
 from rmtp.data import DataBundle, build_data
 from rmtp.data.identity import data_changes, data_identity
-from rmtp.device import resolve_device
+from rmtp.run.device import resolve_device
 from rmtp.errors import CheckpointError, PluginError, RmtpError
 from rmtp.plugins import Plugins, get_plugins
-from rmtp.progress import NULL_PROGRESS, Progress
-from rmtp.recipe import EvaluateStep, FinetuneStep, Recipe, ReconstructStep, ResolvedPrune, step_label
-from rmtp.report import ModelStats, RunReport, StepReport, environment
-from rmtp.resume import (
+from rmtp.run.progress import NULL_PROGRESS, Progress
+from rmtp.run.recipe import EvaluateStep, FinetuneStep, Recipe, ReconstructStep, ResolvedPrune, step_label
+from rmtp.reports.records import ModelStats, RunReport, StepReport, environment
+from rmtp.run.resume import (
     Checkpoint,
     Checkpointer,
     RunProgress,
@@ -48,7 +53,7 @@ from rmtp.resume import (
     read_checkpoint,
     recipe_changes,
 )
-from rmtp.step_output import StagedOutput
+from rmtp.run.step_output import StagedOutput
 from rmtp.training import TrainState
 
 
@@ -114,7 +119,7 @@ def run_recipe(recipe: Recipe, *, plugins: Plugins | None = None, progress: Prog
     reports progress, calls ``on_step`` and saves.
 
     With an output folder (and ``output.checkpoints``) the run checkpoints beside it
-    (:mod:`rmtp.resume`); ``resume=True`` continues a killed run from its last checkpoint: finished
+    (:mod:`rmtp.run.resume`); ``resume=True`` continues a killed run from its last checkpoint: finished
     steps are not redone (their reports are restored and passed to ``on_step`` again), a fine-tune
     continues mid-epoch, and the result is the one an uninterrupted run gives. A resume on a changed
     recipe or changed data is refused, and so is a run without ``resume`` over a checkpoint (it
@@ -402,7 +407,7 @@ def _reconstruct(run: _Run, index: int, step: ReconstructStep) -> StepReport:
 
 
 def _evaluate(run: _Run, index: int, step: EvaluateStep) -> StepReport:
-    if not run.data.labeled:  # no top-1: agreement with the dense model (rmtp.unlabeled)
+    if not run.data.labeled:  # no top-1: agreement with the dense model (rmtp.fidelity.unlabeled)
         if run.dense_labelled is None:
             run.dense_labelled = unlabeled.dense_labelled(run.data.loader("val"), run.dense, run.device, run.progress)
         return unlabeled.agreement_step(run.model, run.dense_labelled, step.evaluate, device=run.device,

@@ -22,12 +22,12 @@ hookimpl = pluggy.HookimplMarker("rmtp")
 
 @hookspec
 def register_pruners(register: Callable[[type], None]) -> None:
-    """Register pruner classes (subclasses of :class:`rmtp.pruner.Pruner`): ``register(MyPruner)``."""
+    """Register pruner classes (subclasses of :class:`rmtp.contract.pruner.Pruner`): ``register(MyPruner)``."""
 
 
 @hookspec
 def register_architectures(register: Callable[[type], None]) -> None:
-    """Register architecture classes (subclasses of :class:`rmtp.architecture.Architecture`)."""
+    """Register architecture classes (subclasses of :class:`rmtp.contract.architecture.Architecture`)."""
 
 
 @hookspec
@@ -46,7 +46,7 @@ def register_kernels(register: Callable[[Callable[..., str | None]], None]) -> N
 @hookspec
 def import_saved_types() -> None:
     """Import the modules that define this plugin's saved types (``@rmtp.rebuildable`` replacement
-    modules, ``@rmtp.modules.model_patch`` patches), so that a saved model using them can be loaded.
+    modules, ``@rmtp.contract.saved_types.model_patch`` patches), so that a saved model using them can be loaded.
 
     Only for a plugin whose entry-point module does not import them itself (to keep ``rmtp list``,
     ``rmtp validate`` and ``--help`` free of torch): rmtp calls it, once, the first time it meets a

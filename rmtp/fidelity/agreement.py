@@ -2,7 +2,7 @@
 
 A prune step with calibration data reports the share of images on which the pruned model's top-1
 class is the dense model's (``agreement``) and the mean KL(dense ‖ pruned) of their softmax
-outputs; an accuracy budget (:mod:`rmtp.accuracy_budget`) scores its candidates the same way. The
+outputs; an accuracy budget (:mod:`rmtp.fidelity.accuracy_budget`) scores its candidates the same way. The
 dense model's outputs are computed once (:class:`DenseReference`) and each candidate is scored
 against them. :func:`split_calibration` holds images out of a calibration loader, seeded, so the
 pruner never calibrates on the images its result is scored on.
@@ -20,7 +20,7 @@ from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset
 
 from rmtp.data.spec import UNLABELED
 from rmtp.errors import RmtpError
-from rmtp.precision import autocast
+from rmtp.run.precision import autocast
 
 #: Calibration images a step without a budget scores its result on (the first ones, in loader order).
 DEFAULT_IMAGES = 256
@@ -76,7 +76,7 @@ def _sized_dataset(loader: DataLoader) -> Dataset:
 def images_of(data: Iterable | Dataset, limit: int | None = None, batch: int = 64) -> torch.Tensor:
     """The images of a loader of (images, labels) batches (or of a dataset of (image, label)), at most
     ``limit``, as one CPU tensor."""
-    from rmtp.blockwise import calibration_images
+    from rmtp.fidelity.blockwise import calibration_images
 
     if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
         data = DataLoader(data, batch_size=batch, shuffle=False)

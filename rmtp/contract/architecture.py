@@ -177,7 +177,7 @@ class Architecture(ABC):
         import timm
 
         from rmtp import sources
-        from rmtp.checkpoint import load_state_dict_into, read_state_dict
+        from rmtp.storage.weights import load_state_dict_into, read_state_dict
 
         name = sources.normalise_name(spec.name)  # timm/NAME.tag; hf-hub: names are timm's to read
         if not sources.is_hub_name(name) and not timm.is_model(name.split(".")[0]):
@@ -222,7 +222,7 @@ class Architecture(ABC):
 
     def blocks(self, model: nn.Module) -> list[str]:
         """The names of ``model``'s repeated blocks in forward order, each taking and returning one
-        tensor: what block-wise reconstruction (:mod:`rmtp.blockwise`) fits one at a time. The
+        tensor: what block-wise reconstruction (:mod:`rmtp.fidelity.blockwise`) fits one at a time. The
         default declares none, and such a family is refused by ``reconstruct`` with the reason."""
         return []
 
