@@ -185,3 +185,23 @@ def test_every_built_in_pruner_has_the_one_layout() -> None:
         importers = sorted(name for name, imports in graph.items() if f"{package}.pruner" in imports)
         assert importers == [package], f"{package}.pruner is imported by {importers}, not by its package alone"
 
+
+
+def _timm_imports(path: Path) -> list[str]:
+    """The timm modules ``path`` imports, at any depth (TYPE_CHECKING included)."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+        found += [n for n in names if n == "timm" or n.startswith("timm.")]
+    return found
+
+
+def test_no_pruner_names_a_timm_class() -> None:
+    """Pruners ask the architecture (couplings, removal_problem, set_head_count, token_blocks):
+    only architecture modules import timm, so a new family is one architecture module."""
+    plugins = ROOTS["rmtp_plugins"]
+    offenders = {str(path.relative_to(plugins)): names for path in sorted(plugins.rglob("*.py"))
+                 if path.parent.name != "architectures" and (names := _timm_imports(path))}
+    assert not offenders, f"pruner modules importing timm: {offenders}"
+    assert _timm_imports(plugins / "architectures" / "vit.py"), "the check reads imports inside functions too"

@@ -6,8 +6,8 @@ checkpoint), which layers are candidates for pruning (in forward order), how a f
 projection splits into q, k and v, and which layers share a hidden dimension (:class:`Coupling`:
 the producer/consumer pairs structured pruners cut or permute together, with what sits between
 them). Two more questions serve the pruners that change a model's structure rather than its
-weights: whether an attention's heads can be removed and how its head count is recorded
-(:meth:`Architecture.head_problem`, :meth:`Architecture.set_head_count`: spp), and whether the
+weights: whether a coupling's groups (heads, neurons) can be removed and how a head count is recorded
+(:meth:`Architecture.removal_problem`, :meth:`Architecture.set_head_count`: spp), and whether the
 model runs its tokens through blocks a token pruner can reduce between (:class:`TokenBlocks`:
 token-cls, token-mean, tome). Adding a model family is one architecture module; the pruners read
 only this contract and never name a timm class.
@@ -235,17 +235,21 @@ class Architecture(ABC):
         """
         return []
 
-    def head_problem(self, model: nn.Module, attention: str) -> str | None:
-        """Why the heads of the attention module at ``attention`` (the name of a ``"heads"``
-        coupling) cannot be removed, or ``None`` when they can.
+    def removal_problem(self, model: nn.Module, coupling: Coupling) -> str | None:
+        """Why a structured pruner cannot remove groups of ``coupling`` (heads, neurons, channels),
+        or ``None`` when it can.
 
-        Removing heads slices the coupling's fused qkv rows and output-projection columns; the
-        family answers for what else its attention computes per head or across heads (a per-head
-        bias table, a norm over the concatenated heads, rotary embeddings), and must then record
-        the new count with :meth:`set_head_count`. The default refuses: a family that declares
-        heads couplings for permutation alone (n:m) need not support removing them.
+        The pruner checks what removal needs of the two layers and of the modules between them
+        (plain layers, matching sizes, per-channel norms); the family answers for what only it
+        knows: what its attention computes per head or across heads (a per-head bias table, a norm
+        over the concatenated heads, rotary embeddings), what its MLP mixes across hidden units (a
+        gated or GLU MLP, a global response norm). Heads removed must then be recorded with
+        :meth:`set_head_count`. The default refuses heads (a family that declares heads couplings
+        for n:m's permutations alone need not support removing them) and accepts the rest.
         """
-        return f"the {self.name} architecture does not say how its attention records a head count"
+        if coupling.kind == "heads":
+            return f"the {self.name} architecture does not say how its attention records a head count"
+        return None
 
     def set_head_count(self, model: nn.Module, attention: str, count: int) -> None:
         """Record that the attention at ``attention`` now has ``count`` heads (its qkv and output

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from rmtp.contract.architecture import Coupling
 from rmtp.contract.hookspecs import hookimpl
-from rmtp_plugins.architectures.timm_family import LayerRule, TimmFamily, mlp_coupling
+from rmtp_plugins.architectures.timm_family import LayerRule, TimmFamily, mlp_coupling, timm_mlp_problem
 
 if TYPE_CHECKING:
     from torch import nn
@@ -39,6 +39,10 @@ class ConvNextArchitecture(TimmFamily):
         """Per block: the MLP's hidden channels (``mlp.fc1`` → act, GRN in V2 → ``mlp.fc2``)."""
         found = (mlp_coupling(model, f"{block_name}.mlp") for block_name, _ in self._blocks(model))
         return [c for c in found if c is not None]
+
+    def removal_problem(self, model: nn.Module, coupling: Coupling) -> str | None:
+        """Hidden channels of timm's ``Mlp`` can be removed; ConvNeXt-V2's GRN MLP mixes them."""
+        return timm_mlp_problem(model.get_submodule(coupling.name))
 
 
 @hookimpl

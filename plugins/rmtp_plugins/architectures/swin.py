@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 from rmtp.contract.architecture import Coupling, TokenBlocks
 from rmtp.errors import PluginError
 from rmtp.contract.hookspecs import hookimpl
-from rmtp_plugins.architectures.timm_family import LayerRule, TimmFamily, head_coupling, mlp_coupling
+from rmtp_plugins.architectures.timm_family import LayerRule, TimmFamily, head_coupling, mlp_coupling, timm_mlp_problem
 
 if TYPE_CHECKING:
     from torch import nn
@@ -70,9 +70,12 @@ class SwinArchitecture(TimmFamily):
             found += [c for c in (heads, neurons) if c is not None]
         return found
 
-    def head_problem(self, model: nn.Module, attention: str) -> str | None:
-        return ("Swin's window attention adds a learned relative-position bias per head "
-                "(relative_position_bias_table), which removing heads from qkv and proj would not follow")
+    def removal_problem(self, model: nn.Module, coupling: Coupling) -> str | None:
+        """Neurons of timm's ``Mlp`` can be removed; heads cannot (the module docstring says why)."""
+        if coupling.kind == "heads":
+            return ("Swin's window attention adds a learned relative-position bias per head "
+                    "(relative_position_bias_table), which removing heads from qkv and proj would not follow")
+        return timm_mlp_problem(model.get_submodule(coupling.name))
 
     def token_blocks(self, model: nn.Module) -> TokenBlocks:
         raise PluginError("Swin attends within fixed windows of a token grid (shifted every other block) and merges "

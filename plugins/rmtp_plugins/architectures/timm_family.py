@@ -198,3 +198,35 @@ def head_coupling(model: nn.Module, attn_name: str) -> Coupling | None:
     return Coupling("heads", attn_name, f"{attn_name}.qkv", f"{attn_name}.proj",
                     between=children_present(attn, attn_name, ("norm", "gate")), rows=slice(2 * dim, 3 * dim),
                     group=head_dim)
+
+
+def timm_attention_problem(attn: nn.Module) -> str | None:
+    """Why the heads of ``attn`` cannot be removed when it is meant to be timm's ``Attention``
+    (``None`` if they can): another attention class, an output gate, a norm over all heads."""
+    from timm.layers import Attention
+    from torch import nn
+
+    if type(attn) is not Attention:
+        return f"a {type(attn).__name__}, not timm's Attention"
+    if getattr(attn, "gate", None) is not None:
+        return "it has an output gate (gated attention), which spp does not slice"
+    if not isinstance(getattr(attn, "norm", None), nn.Identity):
+        return "it normalises the concatenated heads (scale_norm), which mixes heads"
+    return None
+
+
+def timm_mlp_problem(mlp: nn.Module) -> str | None:
+    """Why the hidden units of ``mlp`` cannot be removed one by one when it is meant to be timm's
+    ``Mlp`` (``None`` if they can).
+
+    ConvNeXt-V2's ``GlobalResponseNormMlp`` divides every hidden channel by the *mean over all
+    channels* of their spatial norms, so removing a channel changes the others; gated MLPs (GLU,
+    SwiGLU) mix two halves of the hidden layer."""
+    from timm.layers import GlobalResponseNormMlp, Mlp
+
+    if isinstance(mlp, GlobalResponseNormMlp):
+        return ("a GlobalResponseNormMlp (ConvNeXt-V2): its GRN divides each hidden channel by the mean "
+                "over all channels, so removing a channel changes the others and cannot be sliced exactly")
+    if type(mlp) is not Mlp:
+        return f"a {type(mlp).__name__}, not timm's Mlp (gated MLPs such as SwiGLU are not supported)"
+    return None

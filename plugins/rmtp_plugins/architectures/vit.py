@@ -19,7 +19,14 @@ from typing import TYPE_CHECKING
 from rmtp.contract.architecture import Coupling, TokenBlocks
 from rmtp.errors import PluginError
 from rmtp.contract.hookspecs import hookimpl
-from rmtp_plugins.architectures.timm_family import LayerRule, TimmFamily, head_coupling, mlp_coupling
+from rmtp_plugins.architectures.timm_family import (
+    LayerRule,
+    TimmFamily,
+    head_coupling,
+    mlp_coupling,
+    timm_attention_problem,
+    timm_mlp_problem,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -72,19 +79,14 @@ class VitArchitecture(TimmFamily):
             found += [c for c in (heads, neurons) if c is not None]
         return found
 
-    def head_problem(self, model: nn.Module, attention: str) -> str | None:
-        """timm's ``Attention`` computes nothing per head or across heads beyond the fused qkv and
-        the output projection, unless it gates its output or normalises the concatenated heads."""
-        from timm.layers import Attention
-        from torch import nn
-
-        attn = model.get_submodule(attention)
-        if type(attn) is not Attention:
-            return f"a {type(attn).__name__}, not timm's Attention"
-        if getattr(attn, "gate", None) is not None:
-            return "it has an output gate (gated attention), which spp does not slice"
-        if not isinstance(attn.norm, nn.Identity):
-            return "it normalises the concatenated heads (scale_norm), which mixes heads"
+    def removal_problem(self, model: nn.Module, coupling: Coupling) -> str | None:
+        """Heads of timm's ``Attention`` (no output gate, no norm over the heads) and neurons of
+        timm's ``Mlp`` can be removed."""
+        module = model.get_submodule(coupling.name)
+        if coupling.kind == "heads":
+            return timm_attention_problem(module)
+        if coupling.kind == "neurons":
+            return timm_mlp_problem(module)
         return None
 
     def set_head_count(self, model: nn.Module, attention: str, count: int) -> None:

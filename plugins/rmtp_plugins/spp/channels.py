@@ -26,7 +26,6 @@ BatchNorm2d (GroupNorm mixes channels); modules in between that hold state (PReL
 from __future__ import annotations
 
 import torch
-from timm.layers import DropBlock2d
 from torch import nn
 
 from rmtp.contract.architecture import Coupling
@@ -42,8 +41,9 @@ from rmtp_plugins.spp.unit import Unit
 
 _CONVS = (nn.Conv2d, SlicedConv2d)
 _NORMS = (nn.BatchNorm2d, SlicedBatchNorm2d)
-#: Stateless modules that act on every channel alike (pooling is spatial, per channel).
-_CHANNEL_AGNOSTIC = (nn.Identity, nn.AvgPool2d, nn.MaxPool2d, nn.Dropout, DropBlock2d)
+#: Modules that act on every channel alike (pooling is spatial, per channel). Any other module
+#: between the two convs passes only when it holds no parameter or buffer (timm's DropBlock2d does not).
+_CHANNEL_AGNOSTIC = (nn.Identity, nn.AvgPool2d, nn.MaxPool2d, nn.Dropout)
 
 
 def channel_problem(model: nn.Module, coupling: Coupling) -> str | None:

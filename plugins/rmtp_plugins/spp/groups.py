@@ -52,7 +52,7 @@ def find_units(model: nn.Module, couplings: Sequence[Coupling], layers: list[Pru
     kind in ``structures`` becomes a unit when its producer or consumer is selected: a ViT block's
     heads when ``attn.qkv`` or ``attn.proj`` is, an MLP's neurons when ``mlp.fc1`` or ``mlp.fc2``
     is, a ResNet unit's channels when its producer or consumer conv is. ``arch`` (the model's
-    architecture) says whether an attention's heads can be removed. A unit an earlier spp step
+    architecture) says whether a coupling's groups can be removed (its attention, its MLP). A unit an earlier spp step
     removed entirely has no groups left and is skipped. Raises :class:`RmtpError` naming the branch
     when one cannot be handled.
     """
@@ -66,7 +66,7 @@ def find_units(model: nn.Module, couplings: Sequence[Coupling], layers: list[Pru
             ends = (model.get_submodule(coupling.producer), model.get_submodule(coupling.consumer))
             if any(isinstance(end, RemovedConv2d) for end in ends):
                 continue  # removed by an earlier spp step, or feeding a removed conv
-            problem = channel_problem(model, coupling)
+            problem = arch.removal_problem(model, coupling) or channel_problem(model, coupling)
             if problem:
                 _refuse(kind, coupling.name, problem)
             units.append(channel_unit(model, coupling, last=coupling.consumer not in consumers_that_produce))
@@ -74,7 +74,8 @@ def find_units(model: nn.Module, couplings: Sequence[Coupling], layers: list[Pru
         module = model.get_submodule(coupling.name)
         if isinstance(module, _EMPTY):
             continue
-        problem = attention_problem(model, coupling, arch) if kind == "head" else mlp_problem(module)
+        problem = (attention_problem(model, coupling, arch) if kind == "head"
+                   else arch.removal_problem(model, coupling) or mlp_problem(module))
         if problem:
             _refuse(kind, coupling.name, problem)
         units.append(head_unit(model, coupling, arch) if kind == "head" else neuron_unit(coupling.name, module))

@@ -2,7 +2,7 @@
 
 The architecture declares the heads (a ``"heads"`` :class:`~rmtp.contract.architecture.Coupling`: the fused
 qkv projection, the output projection, head_dim channels a head), says whether its attention can
-lose heads (:meth:`~rmtp.contract.architecture.Architecture.head_problem`) and records the new count
+lose heads (:meth:`~rmtp.contract.architecture.Architecture.removal_problem`) and records the new count
 (:meth:`~rmtp.contract.architecture.Architecture.set_head_count`); this module names no timm class.
 
 A head's gate γ_h multiplies that head's output before the output projection (the ``head_dim``
@@ -33,7 +33,7 @@ def plain_linear(module: nn.Module) -> bool:
 def attention_problem(model: nn.Module, coupling: Coupling, arch: Architecture) -> str | None:
     """Why spp cannot gate/slice the heads ``coupling`` declares (``None`` if it can): the
     architecture's reason first, then what slicing needs of the two projections."""
-    problem = arch.head_problem(model, coupling.name)
+    problem = arch.removal_problem(model, coupling)
     if problem:
         return problem
     qkv, proj = model.get_submodule(coupling.producer), model.get_submodule(coupling.consumer)

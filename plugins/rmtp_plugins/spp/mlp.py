@@ -8,16 +8,16 @@ becomes a constant branch holding ``fc2``'s bias (:class:`~.modules.ConstantBran
 channels-last, :class:`~.conv_modules.ConstantChannels` channels-first); a ConvNeXt block
 then still applies its layer scale ``gamma`` and drop-path to it, exactly as to the gated MLP.
 
-Refused: MLPs that are not timm's ``Mlp`` (SwiGLU/GLU mix two halves of the hidden layer;
-ConvNeXt-V2's ``GlobalResponseNormMlp`` divides every hidden channel by the *mean over all
-channels* of their spatial norms, so removing a channel changes the others: not exactly
-sliceable), and MLPs with a hidden-layer norm.
+Refused: MLPs the architecture says mix their hidden units (timm families: anything but timm's
+``Mlp``, as SwiGLU/GLU mix two halves of the hidden layer and ConvNeXt-V2's
+``GlobalResponseNormMlp`` divides every hidden channel by the mean over all channels;
+:meth:`~rmtp.contract.architecture.Architecture.removal_problem`), and here, MLPs whose fc1/fc2
+are not plain Linears or 1×1 convolutions or that normalise the hidden layer.
 """
 
 from __future__ import annotations
 
 import torch
-from timm.layers import GlobalResponseNormMlp, Mlp
 from torch import nn
 
 from rmtp_plugins.spp.conv_modules import ConstantChannels, SlicedConv2d
@@ -35,16 +35,11 @@ def _pointwise_conv(module: nn.Module) -> bool:
 
 def mlp_problem(mlp: nn.Module) -> str | None:
     """Why spp cannot gate/slice the hidden neurons of ``mlp`` (``None`` if it can)."""
-    if isinstance(mlp, GlobalResponseNormMlp):
-        return ("a GlobalResponseNormMlp (ConvNeXt-V2): its GRN divides each hidden channel by the mean "
-                "over all channels, so removing a channel changes the others and cannot be sliced exactly")
-    if type(mlp) is not Mlp:
-        return f"a {type(mlp).__name__}, not timm's Mlp (gated MLPs such as SwiGLU are not supported)"
     linear = plain_linear(mlp.fc1) and plain_linear(mlp.fc2)
     if not (linear or (_pointwise_conv(mlp.fc1) and _pointwise_conv(mlp.fc2))):
         return (f"its fc1/fc2 are {type(mlp.fc1).__name__}/{type(mlp.fc2).__name__}, not plain Linears or "
                 f"1×1 convolutions (run spp before layer-replacing pruners such as svd-mp)")
-    if not isinstance(mlp.norm, nn.Identity):
+    if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
         return "it normalises the hidden layer, which mixes neurons"
     return None
 
