@@ -51,14 +51,15 @@ from rmtp_plugins.tokens.merge import merge_tokens, prefix_attention, prune_toke
 from rmtp_plugins.tokens.plan import ABSets, Method, TokenPlan
 from rmtp_plugins.tokens.schedule import RelativeTo, merged_count, pruned_count
 
-#: Children of a pre-norm block / its attention the patched forward reproduces (timm's ``Block`` and
-#: ``Attention``). A block or attention
-#: with any other child (a newer timm feature) is refused rather than run without it.
+#: Children of a pre-norm block / its attention the patched forward reproduces (those of timm's
+#: ``Block`` and ``Attention``). A block or attention with any other child (a newer timm feature)
+#: is refused rather than run without it.
 BLOCK_CHILDREN = frozenset({"norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"})
 ATTENTION_CHILDREN = frozenset({"qkv", "q_norm", "k_norm", "attn_drop", "norm", "gate", "proj", "proj_drop"})
 #: Global pools whose result the patch knows how to keep right ('avg'/'avgmax' become size-weighted).
 SUPPORTED_POOLS = ("token", "avg", "avgmax", "max")
 
+#: Why a token-reduced model is refused a second token pruner (the patch and the pruners say it alike).
 ALREADY_REDUCED = ("it is already token-reduced (token reducers do not stack: remove that patch first with "
                    "rmtp.unpatch(model))")
 
