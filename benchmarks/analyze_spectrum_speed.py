@@ -1,7 +1,8 @@
-"""Speed and agreement of ``rmtp analyze-spectrum`` vs WeightWatcher and a bare ``torch.linalg.svdvals`` loop.
+r"""Speed and agreement of ``rmtp analyze-spectrum`` vs WeightWatcher and a bare ``torch.linalg.svdvals`` loop.
 
     python benchmarks/analyze_spectrum_speed.py                        # the issue's settings, CPU
-    python benchmarks/analyze_spectrum_speed.py --rounds 5 --threads 2 --json benchmarks/results/analyze_spectrum_speed.json
+    python benchmarks/analyze_spectrum_speed.py --rounds 5 --threads 2 \
+        --json benchmarks/results/analyze_spectrum_speed.json
 
 Times, on timm ``vit_base_patch16_224`` with timm's random init (speed does not depend on the
 weights), each built once:
@@ -50,10 +51,10 @@ from torch import nn
 
 import rmtp
 from rmtp.contract.architecture import ModelSpec
-from rmtp.storage.atomic import write_json_atomic
 from rmtp.plugins import get_plugins
 from rmtp.reports.records import cpu_name
 from rmtp.spectral import analyze_model, fit_mp, weight_matrix
+from rmtp.storage.atomic import write_json_atomic
 
 
 def _weightwatcher() -> tuple[Any, str | None]:
@@ -76,7 +77,8 @@ def _limits(threads: int):
 
 
 def _quiet(fn: Callable[[], Any]) -> Any:
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+    with (warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()),
+          contextlib.redirect_stderr(io.StringIO())):
         warnings.simplefilter("ignore")
         return fn()
 
@@ -183,7 +185,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="vit_base_patch16_224")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1),
-                        help="rmtp's SVD workers, torch threads of the first svdvals loop, WeightWatcher's BLAS threads")
+                        help="rmtp's SVD workers, torch threads of the first svdvals loop, "
+                             "WeightWatcher's BLAS threads")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--planted-seeds", type=int, default=2)
     parser.add_argument("--no-cli", action="store_true", help="skip the end-to-end CLI timing")
@@ -230,7 +233,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     environment = {
         "machine": f"{cpu_name()}, {os.cpu_count()} logical CPUs, load average {load} at the end",
         "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-        "numpy": np.__version__, "rmtp": rmtp.__version__, "weightwatcher": ww_version or f"not available ({ww_missing})",
+        "numpy": np.__version__, "rmtp": rmtp.__version__,
+        "weightwatcher": ww_version or f"not available ({ww_missing})",
         "threads": args.threads, "rounds": args.rounds,
     }
     settings = {"model": args.model, "weights": "timm random init, torch.manual_seed(0)",

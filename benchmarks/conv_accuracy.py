@@ -34,16 +34,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _seeds import aggregate, interleaved_latency_ms, spread
 
 import rmtp
 from rmtp import measure
-from rmtp.storage.atomic import write_json_atomic
 from rmtp.data import DataSpec, build_data
+from rmtp.reports.records import environment
 from rmtp.run.pipeline import run_recipe
 from rmtp.run.recipe import parse_recipe
-from rmtp.reports.records import environment
-
-from _seeds import aggregate, interleaved_latency_ms, spread
+from rmtp.storage.atomic import write_json_atomic
 from rmtp.training import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -70,7 +69,7 @@ def _run(steps: list[dict[str, Any]], seed: int, calibration: int, output: Path 
     return run_recipe(parse_recipe(recipe, source=REPO / "benchmarks" / "conv_accuracy.yaml"))
 
 
-def _layer_figures(rows) -> dict[str, Any]:  # noqa: ANN001 - a prune step's LayerRows
+def _layer_figures(rows) -> dict[str, Any]:
     """Params before/after, nonzeros after and sparse-execution MACs of a prune step's acted-on layers."""
     acted = [r for r in rows if not r.skipped or r.skipped.startswith("kept dense")]
     return {"layers": [r.layer for r in acted], "skipped": {r.layer: r.skipped for r in rows if r not in acted},
@@ -83,12 +82,12 @@ def _module_params(model: torch.nn.Module, names: list[str]) -> int:
     return sum(p.numel() for name in names for p in model.get_submodule(name).parameters())
 
 
-def _nm_macs(rows) -> tuple[int, int]:  # noqa: ANN001
+def _nm_macs(rows) -> tuple[int, int]:
     """(dense MACs, sparse-execution MACs) of an n:m step's layers, per image."""
     return sum(r.detail.get("MACs", 0) for r in rows), sum(r.detail.get("sparse MACs", 0) for r in rows)
 
 
-def _pipeline_row(name: str, run, layer_params: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:  # noqa: ANN001
+def _pipeline_row(name: str, run, layer_params: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     return {"model": name, "layer_params": layer_params, "model_params": run.report.final.params,
             "model_nonzeros": run.report.final.nonzeros, "macs": run.report.final.macs,
             "top1_pruned": run.report.steps[1].stats.top1, "top1_finetuned": run.report.steps[3].stats.top1,
@@ -186,7 +185,8 @@ def main() -> None:
     parser.add_argument("--calibration", type=int, default=512, help="calibration images (spp search)")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved latency rounds")
     parser.add_argument("--seeds", default="0", help="seeds, comma-separated (e.g. 0,1,2)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest timings on a shared machine)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: steadiest timings on a shared machine)")
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "conv_accuracy.json")
     args = parser.parse_args()
     seeds = [int(seed) for seed in args.seeds.split(",")]
@@ -200,7 +200,8 @@ def main() -> None:
     models, notes = measured[0][1], measured[0][2]
     latency = interleaved_latency_ms(models, SHAPE, LATENCY_BATCH, args.rounds)
     for row in rows:
-        key = {"dense": "dense", f"svd-mp (margin {args.margin:g})": "svd-mp", "spp ratio 0.5 (channels)": "spp 0.5"}.get(row["model"])
+        key = {"dense": "dense", f"svd-mp (margin {args.margin:g})": "svd-mp",
+               "spp ratio 0.5 (channels)": "spp 0.5"}.get(row["model"])
         if key is not None:
             row[f"latency_ms_b{LATENCY_BATCH}"] = latency[key]
             row[f"speedup_b{LATENCY_BATCH}"] = latency["dense"] / latency[key]
@@ -235,9 +236,10 @@ def main() -> None:
         timing = (f" {row[f'latency_ms_b{LATENCY_BATCH}']:>7.2f} {row[f'speedup_b{LATENCY_BATCH}']:>5.2f}"
                   if f"latency_ms_b{LATENCY_BATCH}" in row else "")
         print(f"{row['model']:<30} {row['removed']:>8.1%} {row['layer_params']:>13,} {row['model_params']:>13,} "
-              f"{row['macs'] / 1e6:>7.2f}M {spread(row, 'top1_pruned'):>24} {spread(row, 'top1_finetuned'):>24}{timing}")
-    print("removed, layer params: of the 28 block convs; nonzeros for magnitude and n:m (masks), stored params for svd-mp and spp; n:m MACs: "
-          "sparse execution of its layers")
+              f"{row['macs'] / 1e6:>7.2f}M {spread(row, 'top1_pruned'):>24} "
+              f"{spread(row, 'top1_finetuned'):>24}{timing}")
+    print("removed, layer params: of the 28 block convs; nonzeros for magnitude and n:m (masks), stored params for "
+          "svd-mp and spp; n:m MACs: sparse execution of its layers")
     print(f"wrote {args.json} in {result['seconds']:.0f} s")
 
 

@@ -29,11 +29,11 @@ import torch
 import yaml
 
 from rmtp import measure
-from rmtp.storage.atomic import write_json_atomic
 from rmtp.export import export_model
+from rmtp.reports.records import environment
 from rmtp.run.pipeline import run_recipe
 from rmtp.run.recipe import parse_recipe
-from rmtp.reports.records import environment
+from rmtp.storage.atomic import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("dense", "svd-mp", "tome")

@@ -48,9 +48,9 @@ from finetune_throughput import (
 
 import rmtp
 from rmtp import measure
-from rmtp.storage.atomic import write_json_atomic
-from rmtp.run.precision import autocast
 from rmtp.reports.records import environment
+from rmtp.run.precision import autocast
+from rmtp.storage.atomic import write_json_atomic
 from rmtp.training import TrainConfig, param_groups
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,7 +96,8 @@ def digits_rows(batches: list[int], precisions: list[str], repeats: int, eval_im
     return rows
 
 
-def plain_step(model: torch.nn.Module, teacher: torch.nn.Module, images: torch.Tensor, precision: str) -> Callable[[], None]:
+def plain_step(model: torch.nn.Module, teacher: torch.nn.Module, images: torch.Tensor,
+               precision: str) -> Callable[[], None]:
     """One KD step of a plain loop on ``images`` (fresh AdamW: its state is allocated in the step)."""
 
     def run() -> None:

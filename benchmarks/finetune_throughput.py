@@ -47,9 +47,9 @@ from torch.utils.data import DataLoader
 
 import rmtp
 from rmtp import measure
-from rmtp.storage.atomic import write_json_atomic
-from rmtp.run.precision import autocast
 from rmtp.reports.records import environment
+from rmtp.run.precision import autocast
+from rmtp.storage.atomic import write_json_atomic
 from rmtp.training import TrainConfig, lr_at, param_groups, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ def torch_loop(model: torch.nn.Module, teacher: torch.nn.Module, bundle: Any, *,
         params = [p for group in optimizer.param_groups for p in group["params"]]
         total = min(steps, len(loader))
         model.train()
-        for step, (images, targets) in enumerate(loader):
+        for step, (images, _targets) in enumerate(loader):
             if step >= total:
                 break
             for group in optimizer.param_groups:
@@ -104,7 +104,8 @@ def torch_loop(model: torch.nn.Module, teacher: torch.nn.Module, bundle: Any, *,
                     teacher_logits = teacher(images)
                 logits = model(images)
             t = TEMPERATURE
-            loss = F.kl_div(F.log_softmax(logits.float() / t, dim=-1), F.log_softmax(teacher_logits.float() / t, dim=-1),
+            loss = F.kl_div(F.log_softmax(logits.float() / t, dim=-1),
+                            F.log_softmax(teacher_logits.float() / t, dim=-1),
                             reduction="batchmean", log_target=True) * (t * t)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP)

@@ -53,8 +53,8 @@ def main() -> None:
 
     import rmtp
     from rmtp import measure
-    from rmtp.storage.atomic import write_json_atomic
     from rmtp.reports.records import cpu_name
+    from rmtp.storage.atomic import write_json_atomic
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -69,16 +69,16 @@ def main() -> None:
         model.load_state_dict(load_file(REPO / f"models/{stem}.safetensors"))
         return model.eval()
 
-    def finish(model, dense, bundle) -> float:  # noqa: ANN001
+    def finish(model, dense, bundle) -> float:
         if args.epochs:
             rmtp.finetune(model, bundle, teacher=dense, epochs=args.epochs, lr=1e-3, warmup_epochs=0.2,
                           distill={"weight": 1.0, "temperature": 2.0})
         return rmtp.evaluate(model, bundle).stats.top1
 
-    def timed(dense, model, shape, batch):  # noqa: ANN001
+    def timed(dense, model, shape, batch):
         return measure.paired_speedup(dense, model, shape, batch=batch, rounds=args.rounds, threads=args.threads)
 
-    def jointly(models, shape, batch):  # noqa: ANN001
+    def jointly(models, shape, batch):
         """(latency ms, per-round ratio to models[0]) of each model, all timed in the same rounds."""
         seconds, _ = measure.models_timed_together(models, shape, batch=batch, rounds=2 * args.rounds,
                                                    threads=args.threads)
@@ -151,7 +151,7 @@ def main() -> None:
     # model's ratio to dense moves with it), which is also what the figure plots.
     together = jointly([dense, *finals.values()], shape, 32)
     points.append(("dense", together[0][0].median, dense_top1))
-    for (label, model), row, (ms, ratio) in zip(finals.items(), rows[-len(finals):], together[1:]):
+    for (label, _model), row, (ms, ratio) in zip(finals.items(), rows[-len(finals):], together[1:]):
         row["measured_jointly"] = ratio.to_dict()
         row["latency_ms_jointly"] = ms.to_dict()
         points.append((label, ms.median, row["top1"]))
@@ -162,9 +162,10 @@ def main() -> None:
         m, j = r["measured"], r.get("measured_jointly")
         pred = f"×{r['predicted']:.2f}" if r.get("predicted") else "–"
         miss = f"{r['predicted'] / m['median'] - 1:+.0%}" if r.get("predicted") else "–"
-        joint = "×%.2f [%.2f–%.2f]" % (j["median"], j["q1"], j["q3"]) if j else "–"
+        joint = f"×{j['median']:.2f} [{j['q1']:.2f}–{j['q3']:.2f}]" if j else "–"
+        measured = f"×{m['median']:.2f} [{m['q1']:.2f}–{m['q3']:.2f}]"
         print(f"{r['model']:14} {r['method'][:46]:46} {r['batch']:>5} {pred:>6} "
-              f"{'×%.2f [%.2f–%.2f]' % (m['median'], m['q1'], m['q3']):>20} {miss:>6} {joint:>20} "
+              f"{measured:>20} {miss:>6} {joint:>20} "
               f"{r['params']:>8} {r['macs']:>9} "
               f"{r['top1']:6.2f} {r['dense_top1']:6.2f}")
     figure = _figure(points, args.figure)
@@ -185,8 +186,8 @@ def _figure(points: list[tuple[str, float, float]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rmtp.storage.atomic import save_figure_atomic
     from rmtp.bench import pareto_front
+    from rmtp.storage.atomic import save_figure_atomic
 
     front = [points[i] for i in pareto_front([(ms, top1) for _, ms, top1 in points])]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))

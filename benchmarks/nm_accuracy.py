@@ -31,14 +31,13 @@ from typing import Any
 
 import torch
 import yaml
-
-from rmtp.storage.atomic import write_json_atomic
-from rmtp.run.pipeline import run_recipe
-from rmtp.plugins import load_plugins
-from rmtp.run.recipe import parse_recipe
-from rmtp.reports.records import environment
-
 from _seeds import over_seeds
+
+from rmtp.plugins import load_plugins
+from rmtp.reports.records import environment
+from rmtp.run.pipeline import run_recipe
+from rmtp.run.recipe import parse_recipe
+from rmtp.storage.atomic import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 

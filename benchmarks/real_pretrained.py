@@ -852,8 +852,8 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[Settings, Path, Path 
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from rmtp.storage.atomic import write_json_atomic
     from rmtp.errors import RmtpError
+    from rmtp.storage.atomic import write_json_atomic
 
     settings, out, plot = parse_args(argv)
     try:

@@ -25,17 +25,16 @@ from typing import Any
 
 import torch
 import yaml
+from _seeds import aggregate, spread
 
 import rmtp
 from rmtp import measure
-from rmtp.storage.atomic import write_json_atomic
 from rmtp.data import build_data
+from rmtp.reports.records import environment
 from rmtp.run.pipeline import run_recipe
 from rmtp.run.recipe import parse_recipe
-from rmtp.reports.records import environment
+from rmtp.storage.atomic import write_json_atomic
 from rmtp.training import TrainConfig, train
-
-from _seeds import aggregate, spread
 
 REPO = Path(__file__).resolve().parents[1]
 LEVELS = (0.3, 0.5, 0.7)

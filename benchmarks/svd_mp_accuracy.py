@@ -7,9 +7,10 @@ same parameter count, and is really faster on CPU.
 Runs, in one process: svd-mp (MP edge, q/k/v fitted separately) → evaluate → distil → evaluate, then
 global magnitude pruning of the same layers down to exactly the same number of parameters → same
 distillation; once per fine-tuning seed (``--seeds``: shuffling and init of the run, never the val
-split, which is data.split_seed 0 throughout), reporting the mean and the range. Latency of dense, svd-mp and magnitude is measured in interleaved rounds (warmed up, order rotated,
-medians) so the shared machine's drift cancels. Prints a table and writes JSON with the machine,
-versions and every setting.
+split, which is data.split_seed 0 throughout), reporting the mean and the range. Latency of dense,
+svd-mp and magnitude is measured in interleaved rounds (warmed up, order rotated, medians) so the
+shared machine's drift cancels. Prints a table and writes JSON with the machine, versions and every
+setting.
 """
 
 from __future__ import annotations
@@ -21,13 +22,12 @@ from typing import Any
 
 import torch
 import yaml
+from _seeds import interleaved_latency_ms, over_seeds, spread
 
-from rmtp.storage.atomic import write_json_atomic
+from rmtp.reports.records import environment
 from rmtp.run.pipeline import run_recipe
 from rmtp.run.recipe import parse_recipe
-from rmtp.reports.records import environment
-
-from _seeds import interleaved_latency_ms, over_seeds, spread
+from rmtp.storage.atomic import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,7 +60,8 @@ def main() -> None:
     parser.add_argument("--margin", type=float, default=1.0, help="svd-mp margin on the MP edge")
     parser.add_argument("--rounds", type=int, default=7, help="interleaved latency rounds")
     parser.add_argument("--seeds", default="0,1,2", help="fine-tuning seeds, comma-separated")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest timings on a shared machine)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: steadiest timings on a shared machine)")
     parser.add_argument("--json", type=Path, default=REPO / "benchmarks" / "results" / "svd_mp_accuracy.json")
     args = parser.parse_args()
     seeds = [int(seed) for seed in args.seeds.split(",")]
@@ -108,7 +109,8 @@ def main() -> None:
         "claim": "svd-mp: >=80% fewer params in pruned layers, top-1 within 0.5 of dense after <=3 epochs, "
                  "beats magnitude at equal params, real CPU speed-up",
         "environment": environment(),
-        "settings": {"seeds": seeds, "epochs": args.epochs, "lr": args.lr, "svd_mp": svd_params, "finetune": finetune["finetune"],
+        "settings": {"seeds": seeds, "epochs": args.epochs, "lr": args.lr, "svd_mp": svd_params,
+                     "finetune": finetune["finetune"],
                      "latency_rounds": args.rounds, "threads": args.threads, "input": list(shape),
                      "model": _recipe([])["model"], "data": "digits val split (359 images), data.split_seed 0"},
         "rows": rows,

@@ -20,15 +20,15 @@ from pathlib import Path
 
 import timm
 import torch
-from rmtp_plugins.tokens.patch import TokenPlan, TokenReduction
-from rmtp_plugins.tokens.schedule import keep_ratios, token_counts, tome_r_list
 
 from rmtp import measure
 from rmtp.contract.architecture import ModelSpec
-from rmtp.storage.atomic import write_json_atomic
-from rmtp.data import DataSpec, build_data
 from rmtp.contract.saved_types import apply_patch
+from rmtp.data import DataSpec, build_data
 from rmtp.plugins import get_plugins
+from rmtp.storage.atomic import write_json_atomic
+from rmtp_plugins.tokens.patch import TokenPlan, TokenReduction
+from rmtp_plugins.tokens.schedule import keep_ratios, token_counts, tome_r_list
 
 REPO = Path(__file__).resolve().parents[1]
 KWARGS = {"img_size": 32, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 96, "depth": 6,

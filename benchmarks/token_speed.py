@@ -34,16 +34,16 @@ from pathlib import Path
 
 import timm
 import torch
+
+from rmtp import measure
+from rmtp.contract.saved_types import apply_patch
+from rmtp.reports.records import cpu_name
+from rmtp.storage.atomic import write_json_atomic
 from rmtp_plugins.tokens.patch import TokenPlan, TokenReduction
 from rmtp_plugins.tokens.schedule import keep_ratios, token_counts, tome_r_list
 
-from rmtp import measure
-from rmtp.storage.atomic import write_json_atomic
-from rmtp.contract.saved_types import apply_patch
-from rmtp.reports.records import cpu_name
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-import _tome_reference as tome_reference  # noqa: E402 - the oracle lives with the tests, not in rmtp
+import _tome_reference as tome_reference
 
 REFERENCE = "ToMe reference r={r}"
 

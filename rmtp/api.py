@@ -28,18 +28,18 @@ from pydantic import BaseModel, ValidationError
 from torch import nn
 from torch.utils.data import DataLoader
 
-from rmtp.run import steps
-from rmtp.fidelity.accuracy_budget import AccuracyBudget, budget_knob
 from rmtp.contract.architecture import Architecture
+from rmtp.contract.pruner import Pruner
 from rmtp.data import DataBundle, DataSpec, model_input_size
 from rmtp.errors import PluginError, RecipeError, RmtpError
+from rmtp.fidelity.accuracy_budget import AccuracyBudget, budget_knob
 from rmtp.latency.settings import LatencySettings
-from rmtp.run.layer_filter import LayerFilter
 from rmtp.measure.running import evaluating
 from rmtp.plugins import Plugins, get_plugins
-from rmtp.run.progress import NULL_PROGRESS, Progress
-from rmtp.contract.pruner import Pruner
 from rmtp.reports.records import StepReport
+from rmtp.run import steps
+from rmtp.run.layer_filter import LayerFilter
+from rmtp.run.progress import NULL_PROGRESS, Progress
 
 DataLike = DataBundle | DataSpec | Mapping[str, Any]
 
@@ -260,7 +260,8 @@ def _pruner_class(pruner: str | type[Pruner], plugins: Plugins) -> type[Pruner]:
     if isinstance(pruner, type) and issubclass(pruner, Pruner):
         return pruner
     if not isinstance(pruner, str):
-        raise PluginError(f"rmtp.prune: pruner must be a registered name or a Pruner class, got {type(pruner).__name__}")
+        raise PluginError(f"rmtp.prune: pruner must be a registered name or a Pruner class, "
+                          f"got {type(pruner).__name__}")
     return plugins.pruners.get(pruner)
 
 

@@ -25,8 +25,8 @@ import pluggy
 
 from rmtp.contract import hookspecs
 from rmtp.contract.architecture import Architecture
-from rmtp.errors import PluginError, short_repr
 from rmtp.contract.pruner import Pruner
+from rmtp.errors import PluginError, short_repr
 
 ENTRY_POINT_GROUP = "rmtp"
 DISABLE_ENV = "RMTP_DISABLE_PLUGINS"

@@ -20,9 +20,9 @@ from typing import Any
 import timm
 import torch
 
+from rmtp.data import DataSpec, build_data
 from rmtp.storage.atomic import write_text_atomic
 from rmtp.storage.weights import write_safetensors_atomic
-from rmtp.data import DataSpec, build_data
 from rmtp.training import EpochStats, TrainConfig, train
 
 DATA_SEED = 0
@@ -48,7 +48,8 @@ def parse_args(reference: Reference, description: str, argv: list[str] | None) -
     parser.add_argument("--out", type=Path, default=Path("models"), help="output folder (default: models/)")
     parser.add_argument("--epochs", type=int, default=40, help="training epochs (default: 40)")
     parser.add_argument("--seed", type=int, default=0, help="seed of init, shuffle and augmentation (default: 0)")
-    parser.add_argument("--lr", type=float, default=reference.lr, help=f"peak learning rate (default: {reference.lr:g})")
+    parser.add_argument("--lr", type=float, default=reference.lr,
+                        help=f"peak learning rate (default: {reference.lr:g})")
     parser.add_argument("--threads", type=int, default=reference.threads, help=reference.threads_help)
     return parser.parse_args(argv)
 

@@ -25,7 +25,8 @@ distillation-token branch. Other timm features (scale-norm, gates, fused attenti
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from timm.models.deit import VisionTransformerDistilled

@@ -11,26 +11,25 @@ import json
 import pytest
 import timm
 import torch
+from conftest import REPO, TINY_VIT, tiny_recipe
 from rich.console import Console
 
 import rmtp
-from rmtp.fidelity.accuracy_budget import AccuracyBudget, StrengthKnob, budget_knob, search, speed_note
-from rmtp.storage.weights import read_state_dict
-from rmtp.errors import RecipeError, RmtpError
-from rmtp.plugins import get_plugins
 from rmtp.contract.pruner import LayerRow, Pruner, PrunerParams
-from rmtp.run.recipe import parse_recipe
-from rmtp.reports.render import render_step
+from rmtp.errors import RecipeError, RmtpError
+from rmtp.fidelity.accuracy_budget import AccuracyBudget, StrengthKnob, budget_knob, search, speed_note
+from rmtp.plugins import get_plugins
 from rmtp.reports.records import StepReport
-
-from conftest import REPO, TINY_VIT, tiny_recipe
+from rmtp.reports.render import render_step
+from rmtp.run.recipe import parse_recipe
+from rmtp.storage.weights import read_state_dict
 
 
 def _drop(limit: float, evaluations: int = 8) -> AccuracyBudget:
     return AccuracyBudget(max_drop=limit, evaluations=evaluations)
 
 
-def _counting(score):  # noqa: ANN001, ANN202 - value -> agreement, and the calls made
+def _counting(score):
     calls: list[float] = []
 
     def evaluate(value: float) -> tuple[float, float]:
@@ -188,7 +187,7 @@ class _NoKnob(Pruner):
     class Params(PrunerParams):
         pass
 
-    def prune(self, ctx, params) -> list[LayerRow]:  # noqa: ANN001
+    def prune(self, ctx, params) -> list[LayerRow]:
         return []
 
 
@@ -239,7 +238,7 @@ def digits() -> tuple[torch.nn.Module, torch.utils.data.DataLoader]:
     return model, data.loader("calibration")
 
 
-def test_the_budget_changes_the_strength_chosen_and_the_report_shows_it(digits) -> None:  # noqa: ANN001
+def test_the_budget_changes_the_strength_chosen_and_the_report_shows_it(digits) -> None:
     model, calib = digits
     dense = rmtp.frozen_copy(model)
     loose = rmtp.prune(copy.deepcopy(model), "magnitude", sparsity=0.9, calibration=calib, dense=dense,
@@ -263,7 +262,7 @@ def test_the_budget_changes_the_strength_chosen_and_the_report_shows_it(digits) 
     assert round_trip.agreement == tight.agreement
 
 
-def test_a_pruner_that_calibrates_never_sees_the_held_out_images(digits, monkeypatch) -> None:  # noqa: ANN001
+def test_a_pruner_that_calibrates_never_sees_the_held_out_images(digits, monkeypatch) -> None:
     from rmtp.fidelity.agreement import DenseReference
 
     model, calib = digits
@@ -272,7 +271,7 @@ def test_a_pruner_that_calibrates_never_sees_the_held_out_images(digits, monkeyp
     scored: list[torch.Tensor] = []
     original = DenseReference.__init__
 
-    def spy(self, dense, images, **kwargs):  # noqa: ANN001, ANN202 - records what the budget scores on
+    def spy(self, dense, images, **kwargs):
         scored.append(images.clone())
         original(self, dense, images, **kwargs)
 
@@ -286,10 +285,10 @@ def test_a_pruner_that_calibrates_never_sees_the_held_out_images(digits, monkeyp
             strength: float = 0.5
 
         @classmethod
-        def strength_knob(cls, params, model=None):  # noqa: ANN001, ANN206
+        def strength_knob(cls, params, model=None):
             return StrengthKnob("strength", weak=0.0, strong=1.0)
 
-        def prune(self, ctx, params):  # noqa: ANN001, ANN201
+        def prune(self, ctx, params):
             seen.append(sum(len(batch[0]) for batch in ctx.calibration))
             seen_images.extend(image for batch in ctx.calibration for image in batch[0])
             return []
@@ -304,7 +303,7 @@ def test_a_pruner_that_calibrates_never_sees_the_held_out_images(digits, monkeyp
     assert not held & {tuple(image.flatten().tolist()) for image in seen_images}
 
 
-def test_a_budget_that_cannot_be_had_applies_the_weakest_setting_and_warns(digits) -> None:  # noqa: ANN001
+def test_a_budget_that_cannot_be_had_applies_the_weakest_setting_and_warns(digits) -> None:
     model, calib = digits
     tried: list[float] = []
 
@@ -315,10 +314,10 @@ def test_a_budget_that_cannot_be_had_applies_the_weakest_setting_and_warns(digit
             strength: float = 1.0
 
         @classmethod
-        def strength_knob(cls, params, model=None):  # noqa: ANN001, ANN206
+        def strength_knob(cls, params, model=None):
             return StrengthKnob("strength", weak=0.1, strong=1.0)
 
-        def prune(self, ctx, params):  # noqa: ANN001, ANN201
+        def prune(self, ctx, params):
             tried.append(params.strength)
             ctx.model.head.weight.data.zero_()
             ctx.model.head.bias.data.copy_(torch.arange(10.0))
@@ -333,7 +332,7 @@ def test_a_budget_that_cannot_be_had_applies_the_weakest_setting_and_warns(digit
     assert "the model is broken" in report.warnings[1] and "weakest setting broke it" in report.warnings[1]
 
 
-def test_a_broken_model_gets_a_warning_that_says_what_would_recover_it(digits) -> None:  # noqa: ANN001
+def test_a_broken_model_gets_a_warning_that_says_what_would_recover_it(digits) -> None:
     model, calib = digits
     report = rmtp.prune(copy.deepcopy(model), "magnitude", sparsity=0.9, calibration=calib)
     assert report.agreement["top1"] < 0.5 and len(report.warnings) == 1
@@ -345,7 +344,7 @@ def test_a_broken_model_gets_a_warning_that_says_what_would_recover_it(digits) -
     assert report.to_dict()["warnings"] == [warning]
 
 
-def test_without_calibration_nothing_is_scored_and_a_budget_is_refused(digits) -> None:  # noqa: ANN001
+def test_without_calibration_nothing_is_scored_and_a_budget_is_refused(digits) -> None:
     model, _ = digits
     report = rmtp.prune(copy.deepcopy(model), "magnitude", sparsity=0.3)
     assert report.agreement is None and report.warnings == []
@@ -353,7 +352,7 @@ def test_without_calibration_nothing_is_scored_and_a_budget_is_refused(digits) -
         rmtp.prune(copy.deepcopy(model), "magnitude", accuracy_budget={"max_drop": 0.1})
 
 
-def test_a_recipe_step_with_a_budget_scores_on_the_calibration_split(tmp_path) -> None:  # noqa: ANN001
+def test_a_recipe_step_with_a_budget_scores_on_the_calibration_split(tmp_path) -> None:
     raw = _budget_recipe({"max_drop": 0.2, "evaluations": 3}, params={"r": 4})
     raw["data"]["calibration_size"] = 16
     result = rmtp.run_recipe(parse_recipe(raw))
@@ -363,7 +362,7 @@ def test_a_recipe_step_with_a_budget_scores_on_the_calibration_split(tmp_path) -
 
 
 def _rendered(report: StepReport) -> str:
-    console = Console(width=200, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    console = Console(width=200, record=True, file=open("/dev/null", "w"))
     render_step(report, console)
     return console.export_text()
 
@@ -386,11 +385,11 @@ def test_a_loader_with_a_subset_sampler_holds_out_only_images_it_yields() -> Non
     assert held | fit == set(chosen) and not held & fit and len(held) == 10
 
 
-def test_too_few_calibration_images_for_a_budget_are_refused_by_validate(tmp_path) -> None:  # noqa: ANN001
+def test_too_few_calibration_images_for_a_budget_are_refused_by_validate(tmp_path) -> None:
+    from conftest import tiny_recipe, write_recipe
+
     from rmtp.errors import RecipeError
     from rmtp.run.recipe import load_recipe
-
-    from conftest import tiny_recipe, write_recipe
 
     recipe = tiny_recipe([{"prune": "n:m", "params": {"n": 2, "m": 4, "score": "wanda", "budget": "mp",
                                                       "target_macs": 0.8},

@@ -8,6 +8,7 @@ is the test that they cannot drift apart.
 from __future__ import annotations
 
 import re
+
 import pytest
 import timm
 import torch
@@ -80,7 +81,8 @@ def test_params_fail_with_the_recipe_messages() -> None:
     with pytest.raises(RecipeError) as info:
         rmtp.prune(_tiny_vit(), "svd-mp", margn=1.0, split_qkv="maybe")
     lines = str(info.value).splitlines()
-    assert any(re.match(r"rmtp.prune\('svd-mp'\): margn: unknown key 'margn'; allowed: margin, ", line) for line in lines)
+    assert any(re.match(r"rmtp.prune\('svd-mp'\): margn: unknown key 'margn'; allowed: margin, ", line)
+               for line in lines)
     assert any(line.startswith("rmtp.prune('svd-mp'): split_qkv: Input should be a valid boolean") for line in lines)
     with pytest.raises(RecipeError, match=r"rmtp.finetune: epochs: Input should be greater than or equal to 1"):
         rmtp.finetune(_tiny_vit(), DATA, epochs=0)
@@ -161,7 +163,7 @@ def _readme_snippets() -> list[str]:
 
 
 @pytest.mark.slow
-def test_readme_python_api_examples_run(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
+def test_readme_python_api_examples_run(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     """The README's notebook examples, executed as written and in order (they fine-tune and run
     every pruner), from a fresh folder that sees the committed digits ViT as models/; what they
     save lands there."""
@@ -169,7 +171,7 @@ def test_readme_python_api_examples_run(monkeypatch: pytest.MonkeyPatch, tmp_pat
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
     for index, block in enumerate(_readme_snippets()):
-        exec(compile(block, f"README.md (Python API, block {index})", "exec"), namespace)  # noqa: S102 - our README
+        exec(compile(block, f"README.md (Python API, block {index})", "exec"), namespace)
     assert isinstance(namespace["report"], rmtp.reports.records.StepReport)
     assert namespace["report"].stats.params < namespace["report"].baseline.params
     loaded = rmtp.load(tmp_path / "runs" / "my-model-copy")

@@ -57,7 +57,7 @@ def test_unpatch_restores_the_plain_forward_bit_for_bit() -> None:
     torch.testing.assert_close(_outputs(model), plain, atol=0, rtol=0)
 
 
-def test_save_takes_the_arch_name_that_load_gives(tmp_path) -> None:  # noqa: ANN001 - pytest's Path
+def test_save_takes_the_arch_name_that_load_gives(tmp_path) -> None:
     model = _tiny_vit()
     rmtp.prune(model, "magnitude", sparsity=0.5)
     spec = rmtp.ModelSpec(name="vit_tiny_patch16_224", kwargs=dict(TINY_VIT))
@@ -94,8 +94,9 @@ def test_a_pruner_that_skips_every_layer_says_so_where_it_is_seen() -> None:
     reason must not live only in the note column, which a narrow table hides first."""
     model = _tiny_vit()
     calibration = DataLoader(TensorDataset(_images(), torch.zeros(3, dtype=torch.long)), batch_size=3)
-    report = rmtp.prune(model, "n:m", n=2, m=4, calibration=calibration, latency={"cost": "measured", "verify_rounds": 0, "rounds": 3,
-                                                          "block_ms": 1.0, "grid": 2}, device="cpu")
+    report = rmtp.prune(model, "n:m", n=2, m=4, calibration=calibration,
+                        latency={"cost": "measured", "verify_rounds": 0, "rounds": 3, "block_ms": 1.0, "grid": 2},
+                        device="cpu")
     assert report.stats.nonzeros == report.baseline.nonzeros
     assert report.notes[0].startswith(f"nothing pruned: all {len(report.rows)} layers skipped: kept dense: no 2:4 "
                                       f"kernel for it on cpu")
@@ -108,7 +109,7 @@ def test_a_pruner_that_skips_every_layer_says_so_where_it_is_seen() -> None:
     assert "; nothing pruned (why: below)" in " ".join(text.split())  # and the before → after line
 
 
-def _run_report(speedup: dict | None):  # noqa: ANN202 - a RunReport
+def _run_report(speedup: dict | None):
     from rmtp.reports.records import ModelStats, RunReport, StepReport
 
     dense = ModelStats(params=1000, nonzeros=1000, macs=4000, top1=90.0)
@@ -118,7 +119,7 @@ def _run_report(speedup: dict | None):  # noqa: ANN202 - a RunReport
                      steps=[StepReport(index=0, kind="evaluate", name="evaluate", rows=[], stats=final, seconds=1.0)])
 
 
-def _paired(ratios: list[float], threads: int):  # noqa: ANN202 - a PairedSpeedup
+def _paired(ratios: list[float], threads: int):
     from rmtp.measure.timing import PairedSpeedup, Spread
 
     return PairedSpeedup(dense_ms=Spread.of([8.0] * len(ratios)), pruned_ms=Spread.of([8.0 / r for r in ratios]),
@@ -172,7 +173,7 @@ def _readme_api_call(pruner: str) -> dict:
     raise AssertionError(f"the README's Python API has no rmtp.prune(model, {pruner!r}, ...)")
 
 
-def test_the_readme_svd_mp_example_plans_for_the_quickstart_batch(tmp_path) -> None:  # noqa: ANN001
+def test_the_readme_svd_mp_example_plans_for_the_quickstart_batch(tmp_path) -> None:
     """The README calls its example the quickstart's svd-mp step: only_if_faster must time splits
     at the batch and threads the quickstart's recipe resolves for that step."""
     raw = yaml.safe_load((REPO / "recipes" / "quickstart.yaml").read_text(encoding="utf-8"))

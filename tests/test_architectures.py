@@ -218,7 +218,8 @@ def test_vit_without_head_or_qkv_bias() -> None:
 
 def test_deit_distilled_lists_both_heads() -> None:
     model = DeitDistilledArchitecture().create(ModelSpec(name="deit_tiny_distilled_patch16_224", kwargs=VIT_KWARGS))
-    assert DeitDistilledArchitecture().prunable_layers(model) == _expected_vit(VIT_KWARGS["depth"], heads=("head", "head_dist"))
+    assert DeitDistilledArchitecture().prunable_layers(model) == _expected_vit(
+        VIT_KWARGS["depth"], heads=("head", "head_dist"))
 
 
 def test_vit_qkv_split_follows_timm_attention_layout(models: dict[str, nn.Module]) -> None:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from rmtp.storage.atomic import check_writable, write_errors, write_json_atomic, write_text_atomic
 from rmtp.errors import RmtpError
+from rmtp.storage.atomic import check_writable, write_errors, write_json_atomic, write_text_atomic
 
 
 def test_json_is_written_with_umask_permissions(tmp_path: Path) -> None:

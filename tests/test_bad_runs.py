@@ -7,11 +7,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from conftest import tiny_recipe, write_recipe
 from typer.testing import CliRunner
 
 from rmtp.cli import build_app
-
-from conftest import tiny_recipe, write_recipe
 
 
 def _cli(*args: str):

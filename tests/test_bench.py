@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import TINY_VIT, tiny_recipe, write_recipe
 from torch import nn
 from typer.testing import CliRunner
 
@@ -22,13 +23,11 @@ from rmtp.bench import (
     load_candidates,
     parse_batches,
 )
-from rmtp.storage.weights import write_safetensors_atomic
 from rmtp.cli import build_app
 from rmtp.data import DataSpec
 from rmtp.errors import DeviceError
 from rmtp.measure import count_macs, count_params
-
-from conftest import TINY_VIT, tiny_recipe, write_recipe
+from rmtp.storage.weights import write_safetensors_atomic
 
 runner = CliRunner()
 #: Fast settings for tests: no warm-up time floor, ~5 ms blocks, the minimum of 3 rounds.
@@ -189,7 +188,7 @@ def test_plugin_kernel_providers_label_modules_without_a_hook() -> None:
 
     class FakeKernels:
         @hookimpl
-        def register_kernels(self, register) -> None:  # noqa: ANN001
+        def register_kernels(self, register) -> None:
             register(provider)
 
     plugins = rmtp.plugins.load_plugins()

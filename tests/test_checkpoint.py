@@ -12,9 +12,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from rmtp.errors import CheckpointError
 from rmtp.storage import weights as checkpoint
 from rmtp.storage.weights import load_state_dict_into, read_state_dict, write_safetensors_atomic
-from rmtp.errors import CheckpointError
 
 
 def _tensors() -> dict[str, torch.Tensor]:
@@ -80,7 +80,7 @@ class _WritesMarker:
     def __init__(self, marker: Path):
         self.marker = marker
 
-    def __reduce__(self):  # noqa: ANN204 - pickle protocol
+    def __reduce__(self):
         return (open, (str(self.marker), "w"))
 
 

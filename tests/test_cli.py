@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from conftest import tiny_recipe, write_recipe
 from typer.testing import CliRunner
 
 from rmtp import __version__
 from rmtp.cli import build_app
-
-from conftest import tiny_recipe, write_recipe
 
 runner = CliRunner()
 

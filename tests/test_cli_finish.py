@@ -10,18 +10,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO, TINY_VIT, tiny_recipe, write_recipe
 from rich.console import Console
 from typer.testing import CliRunner
 
 import rmtp
 from rmtp.cli import build_app
 from rmtp.cli.options import parse_kwargs, parse_value
-from rmtp.errors import RmtpError
 from rmtp.contract.pruner import LayerRow
-from rmtp.reports.render import StepTable, render_step, step_renderable
+from rmtp.errors import RmtpError
 from rmtp.reports.records import ModelStats, StepReport
-
-from conftest import REPO, TINY_VIT, tiny_recipe, write_recipe
+from rmtp.reports.render import StepTable, render_step, step_renderable
 
 runner = CliRunner()
 

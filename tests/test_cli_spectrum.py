@@ -9,17 +9,16 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import REPO, TINY_VIT
 from typer.testing import CliRunner
 
-from rmtp.contract.architecture import ModelSpec
 from rmtp.cli import build_app
 from rmtp.cli.spectrum import parse_kwargs
+from rmtp.contract.architecture import ModelSpec
 from rmtp.errors import RmtpError
-from rmtp_plugins.svd_mp.lowrank import LowRankLinear
 from rmtp.plugins import get_plugins
 from rmtp.storage.saving import save
-
-from conftest import REPO, TINY_VIT
+from rmtp_plugins.svd_mp.lowrank import LowRankLinear
 
 runner = CliRunner()
 DIGITS = REPO / "models" / "digits_vit.safetensors"
@@ -55,7 +54,8 @@ def test_reference_checkpoint_with_its_card_and_every_output(tmp_path: Path) -> 
     rows = list(csv.DictReader((out / "s.csv").open()))
     assert [row["name"] for row in rows] == [row["name"] for row in report["layers"]]
     q = rows[1]
-    assert q["name"] == "blocks.0.attn.qkv[q]" and (q["rows_start"], q["rows_stop"], q["M"], q["N"]) == ("0", "96", "96", "96")
+    assert q["name"] == "blocks.0.attn.qkv[q]" and (q["rows_start"], q["rows_stop"], q["M"], q["N"]) == (
+        "0", "96", "96", "96")
     assert int(q["rank"]) == report["layers"][1]["fit"]["rank"] and q["bulk_is_mp"] == "True"
     assert rows[-1]["skipped"].startswith("too small")
     assert not list(out.glob(".*.tmp"))  # written atomically: no temporary left behind

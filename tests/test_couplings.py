@@ -17,8 +17,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from rmtp.contract.architecture import Architecture, Coupling, PrunableLayer
-from rmtp.plugins import get_plugins
 from rmtp.contract.pruner import PruneContext
+from rmtp.plugins import get_plugins
 
 VIT = {"img_size": 16, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2, "num_classes": 4}
 

@@ -9,12 +9,11 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import TINY_VIT
 from PIL import Image
 
 from rmtp.data import DataSpec, build_data, digits_tensors
 from rmtp.errors import DataError
-
-from conftest import TINY_VIT
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +89,10 @@ def test_imagefolder_problems_are_data_errors(tmp_path: Path) -> None:
 def test_the_run_seed_does_not_move_the_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A checkpoint trained on split 0 must be evaluated on the same held-out images whatever seed a
     recipe fine-tunes with; only data.split_seed changes the split."""
+    from conftest import tiny_recipe, write_recipe
+
     import rmtp.run.pipeline
     from rmtp.run.recipe import load_recipe
-
-    from conftest import tiny_recipe, write_recipe
 
     built = []
 
@@ -253,10 +252,10 @@ def test_digits_img_size_the_model_cannot_take(tiny_vit) -> None:
 
 
 def test_validate_catches_imagefolder_problems(tmp_path: Path) -> None:
+    from conftest import tiny_recipe
+
     from rmtp.errors import RecipeError
     from rmtp.run.recipe import parse_recipe
-
-    from conftest import tiny_recipe
 
     _write_folder(tmp_path / "images", classes=3, per_class=1)
     recipe = tiny_recipe([{"evaluate": {}}])
@@ -275,10 +274,10 @@ def test_validate_catches_imagefolder_problems(tmp_path: Path) -> None:
 
 def test_validate_names_class_folders_without_images(tmp_path: Path) -> None:
     """Empty class folders passed validation and failed only when the run read the data."""
+    from conftest import tiny_recipe
+
     from rmtp.errors import RecipeError
     from rmtp.run.recipe import parse_recipe
-
-    from conftest import tiny_recipe
 
     root = tmp_path / "images"
     _write_folder(root, classes=2, per_class=1)

@@ -5,12 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from conftest import write_recipe
 from PIL import Image
 from typer.testing import CliRunner
 
 from rmtp.cli import build_app
-
-from conftest import write_recipe
 
 runner = CliRunner()
 

@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, tiny_recipe, write_recipe
 
 import rmtp
-
-from conftest import REPO, tiny_recipe, write_recipe
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_recipe, write_recipe
 from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
@@ -23,8 +24,6 @@ from typer.testing import CliRunner
 import rmtp
 from rmtp.errors import RmtpError
 from rmtp.export import TOLERANCE, ExportError, ExportReport, export_model
-
-from conftest import tiny_recipe, write_recipe
 
 ort = pytest.importorskip("onnxruntime")
 
@@ -262,7 +261,7 @@ def invoke(*args: str):
     return CliRunner().invoke(build_app(), [str(a) for a in args])
 
 
-def one_error_line(result) -> str:  # noqa: ANN001 - click Result
+def one_error_line(result) -> str:
     assert result.exit_code == 1, result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.output, result.output
@@ -288,7 +287,8 @@ def test_cli_check_on_a_run_with_json(tmp_path: Path, run_folder: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "16 val images" in result.output
     data = json.loads(report.read_text())
-    assert data["path"] == str(out) and data["images"] == 16 and data["batch"] == 8 and data["max_abs_diff"] <= TOLERANCE
+    assert (data["path"] == str(out) and data["images"] == 16 and data["batch"] == 8
+            and data["max_abs_diff"] <= TOLERANCE)
     assert out.stat().st_size == data["bytes"]
 
 
@@ -298,8 +298,10 @@ def test_cli_errors_are_one_line_and_write_nothing(tmp_path: Path, monkeypatch: 
     assert one_error_line(invoke("export", folder, "--format", "tflite")) == \
         "error: --format tflite: choose one of onnx, pt2"
     assert "not writable" in one_error_line(invoke("export", folder, "--format", "pt2", "-o", "/proc/rmtp-test/m.pt2"))
-    assert "not writable" in one_error_line(invoke("export", folder, "--format", "pt2", "--json", "/proc/rmtp-test/r.json"))
-    assert "no rmtp_model.json" in one_error_line(invoke("export", tmp_path, "--format", "pt2", "-o", tmp_path / "m.pt2"))
+    assert "not writable" in one_error_line(
+        invoke("export", folder, "--format", "pt2", "--json", "/proc/rmtp-test/r.json"))
+    assert "no rmtp_model.json" in one_error_line(
+        invoke("export", tmp_path, "--format", "pt2", "-o", tmp_path / "m.pt2"))
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     line = one_error_line(invoke("export", folder, "--format", "onnx"))
     assert line.endswith('pip install "rmtp[export]"')

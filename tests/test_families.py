@@ -18,8 +18,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import rmtp
 from rmtp.contract.architecture import ModelSpec
-from rmtp.errors import RmtpError
 from rmtp.contract.saved_types import describe_patches
+from rmtp.errors import RmtpError
 from rmtp.plugins import get_plugins
 from rmtp_plugins.spp.groups import extract, find_units
 
@@ -40,7 +40,8 @@ def _swin() -> nn.Module:
 
 def _calibration(size: int, n: int = 8) -> DataLoader:
     generator = torch.Generator().manual_seed(1)
-    return DataLoader(TensorDataset(torch.randn(n, 3, size, size, generator=generator), torch.zeros(n, dtype=torch.long)),
+    return DataLoader(TensorDataset(torch.randn(n, 3, size, size, generator=generator),
+                                    torch.zeros(n, dtype=torch.long)),
                       batch_size=4)
 
 

@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import TINY_VIT, tiny_recipe, write_recipe
 from torch import nn
 
 import rmtp
 from rmtp.api import frozen_copy
+from rmtp.contract.pruner import PruneContext
 from rmtp.errors import RecipeError
 from rmtp.latency import LatencySettings
 from rmtp.latency import cost as cost_module
@@ -35,14 +37,11 @@ from rmtp.latency.cost import (
 )
 from rmtp.latency.table import CostTable, LatencyError, device_name, module_key, table_path
 from rmtp.latency.target import speed_target
-from rmtp_plugins.svd_mp.lowrank import LOW_RANK_TYPES, LowRankLinear
 from rmtp.plugins import get_plugins
-from rmtp.contract.pruner import PruneContext
-from rmtp.run.recipe import load_recipe
 from rmtp.reports.records import StepReport
+from rmtp.run.recipe import load_recipe
 from rmtp_plugins.svd_mp import SvdMpParams, SvdMpPruner
-
-from conftest import TINY_VIT, tiny_recipe, write_recipe
+from rmtp_plugins.svd_mp.lowrank import LOW_RANK_TYPES, LowRankLinear
 
 CPU = torch.device("cpu")
 
@@ -215,7 +214,7 @@ def _ten_second_model(speedup: float | None = 1.5):
     return target, ctx
 
 
-def _timed_builds(seconds):  # noqa: ANN001, ANN202
+def _timed_builds(seconds):
     """A ``build`` whose candidate c's model takes ``seconds(c, checks so far)``, and the list of the c built."""
     built: list[int] = []
 
@@ -589,7 +588,7 @@ def test_in_context_scale_out_of_range_is_reported_as_a_measurement_error() -> N
         kind = "measured"
         settings = LatencySettings(cost="measured", batch=1)
 
-        def in_context(self, dense, model, names):  # noqa: ANN001, ANN202
+        def in_context(self, dense, model, names):
             return 100.0, 100.0, 47.2
 
         def describe(self) -> str:
@@ -622,8 +621,8 @@ def test_a_measured_target_without_a_latency_batch_says_which_batch_it_assumed()
 
 
 def test_a_prune_step_that_timed_on_a_busy_machine_warns_as_bench_does(monkeypatch) -> None:
-    from rmtp.run import steps
     from rmtp.bench import environment
+    from rmtp.run import steps
 
     monkeypatch.setattr(environment, "loadavg", lambda: 7.5)
     monkeypatch.setattr(environment, "usable_cores", lambda: 2)

@@ -11,12 +11,10 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from conftest import TINY_VIT
 from torch import nn
 
 import rmtp
-from conftest import TINY_VIT
-
-
 
 # ------------------------------------------------------------------- speed targets, tiny ViT (MACs)
 

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rmtp.gemm import gemm_view
 from rmtp.fidelity.layerwise import LayerInputs, collect_input_stats, compress_sequentially, input_columns
+from rmtp.gemm import gemm_view
 
 CPU = torch.device("cpu")
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import timm
 import torch
-
-from rmtp.run.layer_filter import select_layers
-from rmtp.plugins import get_plugins
-from rmtp.contract.pruner import PruneContext
-from rmtp_plugins.magnitude import MagnitudeParams, MagnitudePruner
-
 from conftest import TINY_VIT
+
+from rmtp.contract.pruner import PruneContext
+from rmtp.plugins import get_plugins
+from rmtp.run.layer_filter import select_layers
+from rmtp_plugins.magnitude import MagnitudeParams, MagnitudePruner
 
 
 def _context(model):

@@ -29,17 +29,17 @@ from typer.testing import CliRunner
 
 import rmtp
 from rmtp import sources
-from rmtp.contract.architecture import ModelSpec
 from rmtp.bench import BenchError
 from rmtp.bench.loading import load_candidates
 from rmtp.cli import build_app
+from rmtp.contract.architecture import ModelSpec
 from rmtp.errors import CheckpointError, RecipeError
-from rmtp.run.pipeline import build_model, run_recipe
 from rmtp.plugins import get_plugins
+from rmtp.run.pipeline import build_model, run_recipe
 from rmtp.run.recipe import load_recipe
-from rmtp.storage.saving import save
 from rmtp.spectral import analyze_model, analyze_state_dict
 from rmtp.spectral.analysis import analyze, open_model
+from rmtp.storage.saving import save
 
 runner = CliRunner()
 NAME = "vit_tiny_patch16_224"

@@ -12,7 +12,28 @@ import timm
 import torch
 import yaml
 from conftest import REPO, TINY_VIT, tiny_recipe
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import rmtp
+from rmtp.contract.architecture import ModelSpec, PrunableLayer
+from rmtp.contract.pruner import PruneContext
+from rmtp.errors import DeviceError, RmtpError
 from rmtp.gemm import from_gemm, gemm_view
+from rmtp.plugins import load_plugins
+from rmtp.run.layer_filter import select_layers
+from rmtp.run.pipeline import run_recipe
+from rmtp.run.recipe import parse_recipe
+from rmtp.storage.saving import save
+from rmtp_plugins.nm import (
+    NmParams,
+    NmPruner,
+    check_nm,
+    collect_input_stats,
+    semi_structured_kernel,
+    semi_structured_problem,
+    to_semi_structured,
+)
 from rmtp_plugins.nm.budget import Option, allocate
 from rmtp_plugins.nm.masks import (
     nm_mask,
@@ -26,27 +47,6 @@ from rmtp_plugins.nm.permute import (
     retained_energy,
     search_permutation,
 )
-from rmtp_plugins.nm import (
-    NmParams,
-    NmPruner,
-    check_nm,
-    collect_input_stats,
-    semi_structured_kernel,
-    semi_structured_problem,
-    to_semi_structured,
-)
-from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
-
-import rmtp
-from rmtp.contract.architecture import ModelSpec, PrunableLayer
-from rmtp.errors import DeviceError, RmtpError
-from rmtp.run.layer_filter import select_layers
-from rmtp.run.pipeline import run_recipe
-from rmtp.plugins import load_plugins
-from rmtp.contract.pruner import PruneContext
-from rmtp.run.recipe import parse_recipe
-from rmtp.storage.saving import save
 
 #: A tiny ViT whose widths (48, 192; heads of 24) take every common pattern, 6:12 and 12:16 included.
 NM_VIT = {**TINY_VIT, "embed_dim": 48, "num_heads": 2}
@@ -169,7 +169,8 @@ def test_layers_that_cannot_take_the_pattern_are_skipped_with_a_reason(nm_plugin
     model = _vit()
     ctx = _context(model)
     rows = NmPruner().prune(ctx, NmParams(n=5, m=10, budget="uniform", score="magnitude")).rows
-    assert all(r.skipped == "in_features=48 is not a multiple of m=10" for r in rows if r.layer.endswith(("qkv", "fc1")))
+    assert all(r.skipped == "in_features=48 is not a multiple of m=10"
+               for r in rows if r.layer.endswith(("qkv", "fc1")))
     assert all(r.nonzeros_after == r.nonzeros_before for r in rows)
     assert "MACs counted as weights" not in rows[0].note  # skipped rows say why they were skipped
 
@@ -360,7 +361,8 @@ def test_save_load_identity_of_a_permuted_model(tmp_path: Path, nm_plugins) -> N
         assert [n for n, m in loaded.named_modules() if isinstance(m, PermutedInput)] == wrapped
         for n in wrapped:
             assert torch.equal(loaded.get_submodule(n).input_perm, model.get_submodule(n).input_perm)
-            assert not torch.equal(loaded.get_submodule(n).input_perm, torch.arange(loaded.get_submodule(n).input_perm.numel()))
+            assert not torch.equal(loaded.get_submodule(n).input_perm,
+                                   torch.arange(loaded.get_submodule(n).input_perm.numel()))
         x = torch.randn(4, *shape)
         with torch.no_grad():
             torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)

@@ -10,30 +10,28 @@ from __future__ import annotations
 import errno
 import fcntl
 import json
+import multiprocessing
 import os
 import stat
-import multiprocessing
 import time
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+from conftest import TINY_VIT, tiny_recipe
 from torch import nn
 
 import rmtp
-from rmtp.storage import saving
 from rmtp.contract.architecture import ModelSpec
-from rmtp.errors import RmtpError
-from rmtp.run.pipeline import run_recipe
-from rmtp.plugins import get_plugins
 from rmtp.contract.pruner import LayerRow, PruneContext, Pruner, PrunerParams
+from rmtp.errors import RmtpError
+from rmtp.plugins import get_plugins
+from rmtp.run.pipeline import run_recipe
 from rmtp.run.recipe import parse_recipe
-from rmtp.storage import output_folder
+from rmtp.storage import output_folder, saving
 from rmtp.storage.output_folder import lock_file
 from rmtp.storage.saving import META_FILE, WEIGHTS_FILE, output_lock, save
-
-from conftest import TINY_VIT, tiny_recipe
 
 SPEC = ModelSpec(name="vit_tiny_patch16_224", kwargs=dict(TINY_VIT))
 
@@ -56,7 +54,7 @@ def _save_blocking(out: Path, ready: Path, block: str) -> None:
     if block == "writing":  # the weights half staged
         real_writer = saving.write_safetensors_atomic
 
-        def writer(*args, **kwargs) -> None:  # noqa: ANN002, ANN003
+        def writer(*args, **kwargs) -> None:
             real_writer(*args, **kwargs)
             _block_then_sleep(ready)
 
@@ -64,7 +62,7 @@ def _save_blocking(out: Path, ready: Path, block: str) -> None:
     else:  # no atomic exchange: between the two renames
         real_replace = os.replace
 
-        def replace(src, dst) -> None:  # noqa: ANN001
+        def replace(src, dst) -> None:
             real_replace(src, dst)
             if str(dst).endswith(".old"):
                 _block_then_sleep(ready)
@@ -92,7 +90,7 @@ def _save_repeatedly(out: Path, ctl: Path, seed: int, times: int) -> None:
     (ctl / f"result-{seed}.json").write_text(json.dumps({"saved": saved, "refused": refused}))
 
 
-def _fork(target, *args) -> multiprocessing.Process:  # noqa: ANN001
+def _fork(target, *args) -> multiprocessing.Process:
     """A child process that starts at once: forked, it already has torch and timm imported.
     (flock and SIGKILL are about processes: threads would not show what these tests check.)"""
     child = multiprocessing.get_context("fork").Process(target=target, args=args)
@@ -222,7 +220,7 @@ def test_a_run_holds_its_output_folder_from_before_step_0_until_saved(tmp_path: 
     finally:
         os.close(fd)
 
-    def try_to_take_it(step_report) -> None:  # noqa: ANN001 - StepReport
+    def try_to_take_it(step_report) -> None:
         other = os.open(lock_file(out), os.O_RDWR)
         try:
             with pytest.raises(BlockingIOError):
@@ -282,7 +280,7 @@ def test_a_failed_save_after_the_run_keeps_the_result_elsewhere(tmp_path: Path,
     real_save = saving.save
 
     def disk_full_at(target: Path):
-        def save(model, out_dir, **kwargs):  # noqa: ANN001, ANN202
+        def save(model, out_dir, **kwargs):
             if Path(out_dir) == target:
                 raise OSError(errno.ENOSPC, "No space left on device", str(out_dir))
             return real_save(model, out_dir, **kwargs)

@@ -9,17 +9,16 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import TINY_VIT, tiny_recipe, write_recipe
 from typer.testing import CliRunner
 
 import rmtp
-from rmtp.contract.architecture import ModelSpec
 from rmtp.cli import build_app
+from rmtp.contract.architecture import ModelSpec
 from rmtp.errors import RecipeError, RmtpError
-from rmtp.storage.overwrite import replace_problem
 from rmtp.plugins import get_plugins
 from rmtp.run.recipe import load_recipe
-
-from conftest import TINY_VIT, tiny_recipe, write_recipe
+from rmtp.storage.overwrite import replace_problem
 
 
 def _tiny_model() -> tuple[torch.nn.Module, ModelSpec]:

@@ -8,13 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_recipe, write_recipe
 
 import rmtp
 from rmtp.errors import DeviceError
 from rmtp.run.pipeline import resolve_device, run_recipe
 from rmtp.run.recipe import load_recipe
-
-from conftest import tiny_recipe, write_recipe
 
 
 def test_steps_run_in_recipe_order_and_save(tmp_path: Path) -> None:
@@ -140,10 +139,10 @@ def _asking_pruner():
         description = "test pruner: records what it was given"
         kind = "mask"
         Params = PrunerParams
-        seen: dict = {}  # noqa: RUF012
+        seen: dict = {}
 
         @classmethod
-        def candidate_layers(cls, arch, model):  # noqa: ANN001, ANN206
+        def candidate_layers(cls, arch, model):
             return [layer for layer in arch.prunable_layers(model) if layer.name.endswith("fc1")]
 
         @classmethod
@@ -194,7 +193,7 @@ def test_pruner_capabilities_default_to_the_documented_attributes() -> None:
     class Plain(Pruner):
         name, description, kind, Params = "plain", "test", "mask", PrunerParams
 
-        def prune(self, ctx, params):  # noqa: ANN001, ANN201
+        def prune(self, ctx, params):
             return []
 
     class Revisits(Plain):
@@ -203,7 +202,7 @@ def test_pruner_capabilities_default_to_the_documented_attributes() -> None:
         revisits_replaced_layers = True
 
     class Arch:
-        def prunable_layers(self, model, include_replaced=False):  # noqa: ANN001, ANN201
+        def prunable_layers(self, model, include_replaced=False):
             return ["replaced too"] if include_replaced else ["plain"]
 
     assert (Plain.calibration_needed(), Plain.prunes_weights(), Plain.candidate_layers(Arch(), None)) == \
@@ -215,8 +214,8 @@ def test_pruner_capabilities_default_to_the_documented_attributes() -> None:
 def test_the_report_records_and_prints_the_preprocessing(tmp_path) -> None:
     from rich.console import Console
 
-    from rmtp.run.recipe import parse_recipe
     from rmtp.reports.render import render_report
+    from rmtp.run.recipe import parse_recipe
 
     result = run_recipe(parse_recipe(tiny_recipe([{"evaluate": {}}], data={"name": "digits", "eval_limit": 32})))
     recorded = result.report.to_dict()["preprocessing"]

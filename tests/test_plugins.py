@@ -7,17 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO, tiny_recipe, write_recipe
 from typer.testing import CliRunner
 
-from rmtp.contract import hookspecs
 from rmtp.cli import build_app
-from rmtp.errors import PluginError, RecipeError
-from rmtp.run.pipeline import run_recipe
-from rmtp.plugins import Registry, get_plugins, load_plugins, reset_plugins
+from rmtp.contract import hookspecs
 from rmtp.contract.pruner import Pruner, PrunerParams
+from rmtp.errors import PluginError, RecipeError
+from rmtp.plugins import Registry, get_plugins, load_plugins, reset_plugins
+from rmtp.run.pipeline import run_recipe
 from rmtp.run.recipe import load_recipe
-
-from conftest import REPO, tiny_recipe, write_recipe
 
 THROWAWAY = '''
 """A third-party rmtp plugin, as a user would ship it: a pruner, and a CLI command."""

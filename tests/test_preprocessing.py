@@ -201,7 +201,8 @@ def _reference_vit() -> torch.nn.Module:
     from rmtp.plugins import get_plugins
 
     card = json.loads((REPO / "models" / "digits_vit.json").read_text())
-    spec = ModelSpec(name=card["timm_name"], kwargs=card["kwargs"], checkpoint=REPO / "models" / "digits_vit.safetensors")
+    spec = ModelSpec(name=card["timm_name"], kwargs=card["kwargs"],
+                     checkpoint=REPO / "models" / "digits_vit.safetensors")
     return get_plugins().architecture_for(spec.name).create(spec).eval()
 
 
@@ -236,7 +237,8 @@ def test_native_images_of_another_size_are_named(tmp_path: Path) -> None:
     for label, size in (("a", (24, 24)), ("b", (24, 24)), ("b", (20, 24))):
         (tmp_path / label).mkdir(exist_ok=True)
         Image.new("RGB", size).save(tmp_path / label / f"{size[0]}.png")
-    bundle = build_data(_folder(tmp_path, resize="native", val_fraction=0.3), timm.create_model("test_resnet", num_classes=2))
+    bundle = build_data(_folder(tmp_path, resize="native", val_fraction=0.3),
+                        timm.create_model("test_resnet", num_classes=2))
     files = bundle.train.dataset
     bad = next(i for i, (path, _) in enumerate(files.samples) if path.endswith("20.png"))
     with pytest.raises(ImageSizeError, match=r"data.resize: native: image .*20.png is 20x24 .* first one is 24x24"):

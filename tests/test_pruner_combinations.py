@@ -8,12 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import TINY_VIT, tiny_recipe, write_recipe
 
 import rmtp
 from rmtp.run.pipeline import run_recipe
 from rmtp.run.recipe import load_recipe
-
-from conftest import TINY_VIT, tiny_recipe, write_recipe
 
 #: A ViT with enough heads that spp removes a few without removing a whole attention branch.
 MANY_HEADS = {**TINY_VIT, "embed_dim": 64, "num_heads": 8}

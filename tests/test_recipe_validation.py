@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import tiny_recipe, write_recipe
 
 from rmtp.errors import RecipeError
 from rmtp.run.recipe import FinetuneStep, PruneStep, load_recipe, parse_recipe
-
-from conftest import tiny_recipe, write_recipe
 
 BAD = Path(__file__).parent / "bad_recipes"
 

@@ -7,13 +7,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import REPO
 
 import rmtp
 from rmtp.data import model_input_size
 from rmtp.run.pipeline import run_recipe
 from rmtp.run.recipe import parse_recipe
-
-from conftest import REPO
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
 

@@ -8,15 +8,14 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import REPO, TINY_VIT, tiny_recipe, write_recipe
 from typer.testing import CliRunner
 
 import rmtp
 from rmtp.cli import build_app
 from rmtp.errors import RecipeError, RmtpError
-from rmtp.run.recipe import parse_recipe
 from rmtp.fidelity.blockwise import capture
-
-from conftest import REPO, TINY_VIT, tiny_recipe, write_recipe
+from rmtp.run.recipe import parse_recipe
 
 
 def _pruned(sparsity: float = 0.6, seed: int = 0) -> tuple[torch.nn.Module, torch.nn.Module]:

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import REPO
 
 from rmtp.contract.architecture import ModelSpec
 from rmtp.data import DataSpec, build_data
 from rmtp.measure import top1
 from rmtp.plugins import get_plugins
-
-from conftest import REPO
 
 CARD = REPO / "models" / "digits_vit.json"
 RESNET_CARD = REPO / "models" / "digits_resnet.json"
@@ -19,7 +18,8 @@ RESNET_CARD = REPO / "models" / "digits_resnet.json"
 
 def test_reference_model_reaches_recorded_accuracy() -> None:
     card = json.loads(CARD.read_text())
-    spec = ModelSpec(name=card["timm_name"], kwargs=card["kwargs"], checkpoint=REPO / "models" / "digits_vit.safetensors")
+    spec = ModelSpec(name=card["timm_name"], kwargs=card["kwargs"],
+                     checkpoint=REPO / "models" / "digits_vit.safetensors")
     model = get_plugins().architecture_for(spec.name).create(spec)
     bundle = build_data(DataSpec(name="digits", split_seed=card["data"]["split_seed"]), model)
     accuracy = top1(model, bundle.loader("val", batch_size=128), device="cpu")

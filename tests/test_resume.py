@@ -141,7 +141,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_model(tmp_path: P
 
 def _interrupt_after(step_index: int):
     """An on_step that stops the run (as a kill would) once step ``step_index`` reported."""
-    def on_step(report) -> None:  # noqa: ANN001
+    def on_step(report) -> None:
         if report.index == step_index:
             raise KeyboardInterrupt
     return on_step
@@ -210,7 +210,7 @@ def test_checkpoints_can_be_turned_off(tmp_path: Path) -> None:
     raw["output"]["checkpoints"] = False
     seen = []
 
-    def watch(report) -> None:  # noqa: ANN001
+    def watch(report) -> None:
         seen.append(checkpoint_root(tmp_path / "out").exists())
 
     rmtp.run_recipe(parse_recipe(raw, source=tmp_path / "r.yaml"), on_step=watch)

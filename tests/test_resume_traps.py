@@ -33,9 +33,9 @@ from rmtp.cli import build_app
 from rmtp.data import DataSpec, build_data
 from rmtp.data.identity import data_changes, data_identity
 from rmtp.errors import RmtpError
-from rmtp.storage.output_folder import lock_file
 from rmtp.run.progress import Progress
 from rmtp.run.resume import LATEST_FILE, RUN_FILE, Checkpointer, checkpoint_root, read_checkpoint
+from rmtp.storage.output_folder import lock_file
 
 # ------------------------------------------------------------------------------- helpers
 
@@ -155,12 +155,15 @@ def _edit_run(root: Path, edit: Any) -> None:
     (lambda root: _edit_latest(root, lambda d: d.pop("recipe")), f"{LATEST_FILE}: no 'recipe'"),
     (lambda root: _edit_latest(root, lambda d: d.update(generation=str(d["generation"]))),
      f"{LATEST_FILE}: 'generation' is '"),
-    (lambda root: _edit_latest(root, lambda d: d.update(model_generation=99)), f"{LATEST_FILE}: 'model_generation' is 99"),
+    (lambda root: _edit_latest(root, lambda d: d.update(model_generation=99)),
+     f"{LATEST_FILE}: 'model_generation' is 99"),
     (lambda root: _edit_run(root, lambda d: d.pop("train")), f"{RUN_FILE}: no 'train'"),
     (lambda root: _edit_run(root, lambda d: d.update(next_step=7)), f"{RUN_FILE}: 'next_step' is 7"),
-    (lambda root: _edit_run(root, lambda d: d["train"].pop("optimizer")), f"{RUN_FILE}: the training state does not fit"),
+    (lambda root: _edit_run(root, lambda d: d["train"].pop("optimizer")),
+     f"{RUN_FILE}: the training state does not fit"),
     (lambda root: _edit_run(root, lambda d: d["train"].update(epoch="one")), f"{RUN_FILE}: 'train.epoch' is 'one'"),
-    (lambda root: _edit_run(root, lambda d: d["reports"][0].pop("stats")), f"{RUN_FILE}: reports[0] is not a step report"),
+    (lambda root: _edit_run(root, lambda d: d["reports"][0].pop("stats")),
+     f"{RUN_FILE}: reports[0] is not a step report"),
 ], ids=["no-recipe", "generation-string", "model-generation", "no-train", "next-step", "train-field", "epoch",
         "report"])
 def test_a_hand_edited_checkpoint_is_one_line_naming_the_file_and_field(stopped: Path, edit: Any, named: str) -> None:

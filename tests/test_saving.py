@@ -8,17 +8,16 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import TINY_VIT
 from torch import nn
 
 import rmtp
 from rmtp.contract.architecture import ModelSpec
-from rmtp.storage.weights import write_safetensors_atomic
-from rmtp.errors import CheckpointError, RmtpError
 from rmtp.contract.saved_types import rebuildable
+from rmtp.errors import CheckpointError, RmtpError
 from rmtp.plugins import get_plugins
 from rmtp.storage.saving import META_FILE, WEIGHTS_FILE, save
-
-from conftest import TINY_VIT
+from rmtp.storage.weights import write_safetensors_atomic
 
 
 @rebuildable("test-saving.two_factor_linear")

@@ -18,13 +18,12 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from conftest import REPO
 
 import rmtp
 from rmtp.data import model_input_size
 from rmtp.run.pipeline import run_recipe
 from rmtp.run.recipe import FinetuneStep, parse_recipe
-
-from conftest import REPO
 
 SCALE = REPO / "recipes" / "imagenet"
 RECIPES = sorted(SCALE.glob("*.yaml"))

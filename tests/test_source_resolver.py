@@ -14,24 +14,23 @@ import json
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 import yaml
 from conftest import REPO, TINY_VIT, tiny_recipe, write_recipe
 from safetensors.torch import save_file
+from test_model_sources import same_logits, tiny_vit
 from timm.models._hub import save_for_hf
 from torch import nn
 
 import rmtp
 from rmtp import sources
-from rmtp.contract.architecture import ModelSpec
 from rmtp.bench import BenchError
 from rmtp.bench.loading import load_candidates
+from rmtp.contract.architecture import ModelSpec
 from rmtp.errors import CheckpointError, RecipeError, RmtpError
 from rmtp.plugins import get_plugins
 from rmtp.run.recipe import load_recipe
 from rmtp.sources import resolve as resolver
-from test_model_sources import same_logits, tiny_vit
 from rmtp.spectral.analysis import open_model
 
 NAME = "vit_tiny_patch16_224"

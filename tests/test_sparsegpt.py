@@ -34,11 +34,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import rmtp
-from rmtp.errors import RmtpError
-from rmtp.gemm import from_gemm, gemm_view
-from rmtp.fidelity.layerwise import LayerInputs, compress_sequentially, input_columns
-from rmtp.run.layer_filter import select_layers
 from rmtp.contract.pruner import PruneContext
+from rmtp.errors import RmtpError
+from rmtp.fidelity.layerwise import LayerInputs, compress_sequentially, input_columns
+from rmtp.gemm import from_gemm, gemm_view
+from rmtp.run.layer_filter import select_layers
 from rmtp.training.pieces import zero_masks
 from rmtp_plugins.nm import NmParams, NmPruner, check_nm
 from rmtp_plugins.nm.masks import nm_mask, scores_for

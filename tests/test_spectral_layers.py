@@ -9,16 +9,15 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from conftest import REPO, TINY_VIT
 from torch import nn
 
 from rmtp.contract.architecture import ModelSpec
-from rmtp.errors import RmtpError
 from rmtp.contract.saved_types import rebuildable
+from rmtp.errors import RmtpError
 from rmtp.plugins import get_plugins
 from rmtp.run.progress import Progress
 from rmtp.spectral import LayerSpectrum, analyze_model, fit_mp
-
-from conftest import REPO, TINY_VIT
 
 CARD = json.loads((REPO / "models" / "digits_vit.json").read_text())
 
@@ -31,7 +30,8 @@ def build(name: str, **kwargs) -> tuple[nn.Module, object]:
 
 @pytest.fixture(scope="module")
 def digits() -> tuple[nn.Module, object]:
-    spec = ModelSpec(name=CARD["timm_name"], kwargs=CARD["kwargs"], checkpoint=REPO / "models" / "digits_vit.safetensors")
+    spec = ModelSpec(name=CARD["timm_name"], kwargs=CARD["kwargs"],
+                     checkpoint=REPO / "models" / "digits_vit.safetensors")
     arch = get_plugins().architecture_for(spec.name)
     return arch.create(spec), arch
 

@@ -32,7 +32,8 @@ GAMMAS = [1.0, 0.5, 0.25, 0.1, 0.01]
 
 
 def brute_cdf(x: float, gamma: float) -> float:
-    """∫_a^x of the MP density by adaptive quadrature; for gamma = 1 in u = sqrt(x), where the 1/sqrt(x) pole is gone."""
+    """∫_a^x of the MP density by adaptive quadrature; for gamma = 1 in u = sqrt(x), where the 1/sqrt(x) pole
+    is gone."""
     a, b = mp_edges(gamma)
     x = min(max(x, a), b)
     if gamma == 1.0:

@@ -12,25 +12,24 @@ from types import SimpleNamespace
 import pytest
 import timm
 import torch
+from conftest import TINY_VIT, tiny_recipe
 from pydantic import ValidationError
 from torch.utils.data import DataLoader, TensorDataset
 
 import rmtp
 from rmtp.contract.architecture import ModelSpec
-from rmtp.errors import PluginError, RmtpError
-from rmtp.contract.saved_types import apply_patch, patches_of
-from rmtp.run.pipeline import run_recipe
-from rmtp.plugins import get_plugins
 from rmtp.contract.pruner import PruneContext
+from rmtp.contract.saved_types import apply_patch, patches_of
+from rmtp.errors import PluginError, RmtpError
+from rmtp.plugins import get_plugins
+from rmtp.run.pipeline import run_recipe
 from rmtp.run.recipe import parse_recipe
 from rmtp.storage.saving import save
+from rmtp_plugins.spp import PATH_FILE, SppParams, SppPruner, extract, search
 from rmtp_plugins.spp.groups import find_units, gated
 from rmtp_plugins.spp.modules import AttentionHeads, ConstantBranch, SlicedLinear
 from rmtp_plugins.spp.path import LbiSettings, removal_count, removal_mask, split_lbi
-from rmtp_plugins.spp import PATH_FILE, SppParams, SppPruner, extract, search
 from rmtp_plugins.tokens.patch import TokenReduction
-
-from conftest import TINY_VIT, tiny_recipe
 
 SPEC3 = ModelSpec(name="vit_tiny_patch16_224", kwargs={**TINY_VIT, "depth": 3})
 
@@ -313,7 +312,8 @@ def test_bad_params_are_refused(params: dict, message: str) -> None:
 def test_a_family_without_couplings_is_refused_naming_what_is_needed() -> None:
     ctx = context(make_vit())
     ctx.arch = SimpleNamespace(name="swin", couplings=lambda model: [])
-    with pytest.raises(RmtpError, match=r"spp: the swin architecture declares no couplings .* \(Architecture.couplings\)"):
+    with pytest.raises(RmtpError,
+                       match=r"spp: the swin architecture declares no couplings .* \(Architecture.couplings\)"):
         SppPruner().prune(ctx, SppParams(ratio=0.3))
 
 

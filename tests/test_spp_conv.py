@@ -17,12 +17,13 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import rmtp
 from rmtp.contract.architecture import ModelSpec
+from rmtp.contract.pruner import PruneContext
 from rmtp.errors import RmtpError
 from rmtp.measure import count_macs, count_params
 from rmtp.run.pipeline import run_recipe
-from rmtp.contract.pruner import PruneContext
 from rmtp.run.recipe import parse_recipe
 from rmtp.storage.saving import save
+from rmtp_plugins.spp import PATH_FILE, SppParams, SppPruner, extract, search
 from rmtp_plugins.spp.conv_modules import (
     ConstantChannels,
     RemovedConv2d,
@@ -32,9 +33,8 @@ from rmtp_plugins.spp.conv_modules import (
     ZeroInputConv2d,
 )
 from rmtp_plugins.spp.groups import find_units, gated, group_params, shared_params
-from rmtp_plugins.spp.path import removal_count, removal_mask, removed_params
 from rmtp_plugins.spp.modules import ConstantBranch, SlicedLinear
-from rmtp_plugins.spp import PATH_FILE, SppParams, SppPruner, extract, search
+from rmtp_plugins.spp.path import removal_count, removal_mask, removed_params
 
 TINY = {"num_classes": 10, "in_chans": 1}
 MODELS = {
@@ -76,7 +76,8 @@ def arch_of(key: str):
 
 def units_of(model: torch.nn.Module, key: str):
     arch = arch_of(key)
-    return find_units(model, arch.couplings(model), arch.prunable_layers(model), ("heads", "neurons", "channels"), arch=arch)
+    return find_units(model, arch.couplings(model), arch.prunable_layers(model), ("heads", "neurons", "channels"),
+                      arch=arch)
 
 
 def context(model: torch.nn.Module, key: str, *, images: int = 64, seed: int = 0) -> PruneContext:
@@ -275,8 +276,10 @@ def test_planted_useless_channels_enter_last(key: str) -> None:
 @pytest.mark.parametrize(("key", "overrides", "message"), [
     ("convnext", {"use_grn": True}, r"neurons of stages.0.blocks.0.mlp: it is a GlobalResponseNormMlp .*mean"),
     ("resnet-bottleneck", {"cardinality": 4, "base_width": 64}, r"channels of layer1.0.conv1: its conv2 is grouped"),
-    ("resnet-basic", {"norm_layer": partial(timm.layers.GroupNorm, num_groups=4)}, r"its bn1 is a GroupNorm, not BatchNorm2d"),
-    ("resnet-basic", {"aa_layer": timm.layers.BlurPool2d}, r"layer2.0.conv1: its aa \(BlurPool2d\) holds parameters or buffers"),
+    ("resnet-basic", {"norm_layer": partial(timm.layers.GroupNorm, num_groups=4)},
+     r"its bn1 is a GroupNorm, not BatchNorm2d"),
+    ("resnet-basic", {"aa_layer": timm.layers.BlurPool2d},
+     r"layer2.0.conv1: its aa \(BlurPool2d\) holds parameters or buffers"),
 ])
 def test_unsupported_variants_are_refused_before_the_search(key: str, overrides: dict, message: str) -> None:
     _, name, kwargs = MODELS[key]

@@ -6,20 +6,19 @@ from __future__ import annotations
 import pytest
 import timm
 import torch
+from _ziplm_reference import reference_hessian, reference_order
+from conftest import TINY_VIT
 from pydantic import ValidationError
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import rmtp
-from rmtp.gemm import gemm_view
 from rmtp.fidelity.layerwise import input_columns
+from rmtp.gemm import gemm_view
 from rmtp_plugins.spp import SppParams
 from rmtp_plugins.spp.obs import remove_groups
 from rmtp_plugins.spp.oneshot import group_columns, uniform_order
 from rmtp_plugins.spp.unit import Unit
-
-from _ziplm_reference import reference_hessian, reference_order
-from conftest import TINY_VIT
 
 
 def _problem(seed: int, rows: int = 300, k: int = 12, out: int = 5, correlated: bool = True):
@@ -205,12 +204,12 @@ def test_params_of_one_search_are_refused_with_the_other(params: dict, message: 
         SppParams(**params)
 
 
-def test_search_obs_validates_on_unlabeled_data_and_lbi_with_ce_does_not(tmp_path) -> None:  # noqa: ANN001
+def test_search_obs_validates_on_unlabeled_data_and_lbi_with_ce_does_not(tmp_path) -> None:
     """obs reads no labels; the LBI search's default loss (ce) does."""
+    from conftest import tiny_recipe, write_recipe
+
     from rmtp.errors import RecipeError
     from rmtp.run.recipe import load_recipe
-
-    from conftest import tiny_recipe, write_recipe
 
     for search, refused in (("obs", False), ("lbi", True)):
         recipe = tiny_recipe([{"prune": "spp", "params": {"ratio": 0.3, "search": search}}])

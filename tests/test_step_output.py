@@ -9,17 +9,16 @@ from pathlib import Path
 
 import pytest
 import timm
+from conftest import TINY_VIT, tiny_recipe
 
-from rmtp.storage import saving
 from rmtp.contract.architecture import ModelSpec
-from rmtp.errors import RmtpError
-from rmtp.run.pipeline import run_recipe
-from rmtp.plugins import get_plugins
 from rmtp.contract.pruner import LayerRow, PruneContext, Pruner, PrunerParams
+from rmtp.errors import RmtpError
+from rmtp.plugins import get_plugins
+from rmtp.run.pipeline import run_recipe
 from rmtp.run.recipe import parse_recipe
 from rmtp.run.step_output import StagedOutput
-
-from conftest import TINY_VIT, tiny_recipe
+from rmtp.storage import saving
 
 
 def _staged(tmp_path: Path) -> StagedOutput:

@@ -8,10 +8,17 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import TINY_VIT, tiny_recipe, write_recipe
 from torch import nn
 
 import rmtp
+from rmtp.contract.pruner import PruneContext
+from rmtp.plugins import get_plugins
 from rmtp.run.layer_filter import select_layers
+from rmtp.run.pipeline import run_recipe
+from rmtp.run.recipe import load_recipe
+from rmtp.spectral.mp import weight_matrix
+from rmtp_plugins.svd_mp import SvdMpParams, SvdMpPruner
 from rmtp_plugins.svd_mp.lowrank import (
     BlockLowRankLinear,
     LowRankConv2d,
@@ -22,14 +29,6 @@ from rmtp_plugins.svd_mp.lowrank import (
     product_svd,
     refactorize,
 )
-from rmtp.run.pipeline import run_recipe
-from rmtp.plugins import get_plugins
-from rmtp.contract.pruner import PruneContext
-from rmtp.run.recipe import load_recipe
-from rmtp.spectral.mp import weight_matrix
-from rmtp_plugins.svd_mp import SvdMpParams, SvdMpPruner
-
-from conftest import TINY_VIT, tiny_recipe, write_recipe
 
 
 def _svd(weight: torch.Tensor):
@@ -66,7 +65,8 @@ def test_conv_split_equals_truncated_svd_conv(kwargs) -> None:
     x = torch.randn(2, 8, 11, 13)
     torch.testing.assert_close(low(x), reference(x), atol=1e-5, rtol=1e-5)
     assert isinstance(low, LowRankConv2d) and low.rank == 5
-    assert sum(p.numel() for p in low.parameters()) == 5 * (8 * dense.weight[0, 0].numel() + 12) + (12 if dense.bias is not None else 0)
+    assert sum(p.numel() for p in low.parameters()) == (5 * (8 * dense.weight[0, 0].numel() + 12)
+                                                        + (12 if dense.bias is not None else 0))
 
 
 def test_block_split_matches_per_block_truncation() -> None:
@@ -278,7 +278,7 @@ def test_vit_qkv_is_fitted_per_block() -> None:
     torch.manual_seed(0)
     model = timm.create_model("vit_tiny_patch16_224", **{**TINY_VIT, "embed_dim": 64, "num_heads": 2})
     arch = get_plugins().architecture("vit")
-    layers = [l for l in select_layers(arch.prunable_layers(model), None) if l.role == "qkv"]
+    layers = [layer for layer in select_layers(arch.prunable_layers(model), None) if layer.role == "qkv"]
     ctx = PruneContext(model=model, arch=arch, layers=layers, device=torch.device("cpu"), seed=0)
     rows = SvdMpPruner().prune(ctx, SvdMpParams(max_rank_fraction=0.25)).rows
     for row in rows:
@@ -341,7 +341,7 @@ def test_convnext_and_resnet_layers_split(tmp_path: Path) -> None:
         arch = get_plugins().architecture_for(name)
         layers = select_layers(arch.prunable_layers(model), None)
         ctx = PruneContext(model=model, arch=arch, layers=layers, device=torch.device("cpu"), seed=0)
-        originals = {l.name: ctx.module(l).weight.detach().clone() for l in layers}
+        originals = {layer.name: ctx.module(layer).weight.detach().clone() for layer in layers}
         rows = SvdMpPruner().prune(ctx, SvdMpParams(min_dim=8, max_rank_fraction=0.25)).rows
         split = [r for r in rows if r.detail.get("mode") == "split"]
         assert split, f"{name}: nothing was split"

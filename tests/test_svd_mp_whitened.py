@@ -15,20 +15,19 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import TINY_VIT, tiny_recipe, write_recipe
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import rmtp
 from rmtp.errors import RmtpError
 from rmtp.fidelity.layerwise import collect_input_stats, input_columns
-from rmtp_plugins.svd_mp.lowrank import BlockLowRankLinear, LowRankLinear, factorize
 from rmtp.run.pipeline import run_recipe
 from rmtp.run.recipe import load_recipe
 from rmtp.spectral.mp import fit_mp, weight_matrix
 from rmtp_plugins.svd_mp import SvdMpParams, SvdMpPruner
+from rmtp_plugins.svd_mp.lowrank import BlockLowRankLinear, LowRankLinear, factorize
 from rmtp_plugins.svd_mp.whitening import input_root, output_error, weight_order_gram, whitened_svd
-
-from conftest import TINY_VIT, tiny_recipe, write_recipe
 
 # ------------------------------------------------------------------------------ the math, brute force
 
@@ -215,7 +214,7 @@ def _effective(module: nn.Module) -> torch.Tensor:
     return module.second.weight.detach().double() @ first
 
 
-def _check_optimal(model: nn.Module, dense: nn.Module, stats_model: nn.Module, report, loader) -> int:  # noqa: ANN001
+def _check_optimal(model: nn.Module, dense: nn.Module, stats_model: nn.Module, report, loader) -> int:
     """Every split layer of ``model`` holds, per block, the whitened optimum U_k·U_kᵀ·W of the dense
     weight on the inputs that layer gets in ``stats_model``; returns how many layers were checked."""
     splits = [row for row in report.rows if row.detail.get("mode") == "split"]

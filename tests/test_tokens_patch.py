@@ -9,15 +9,14 @@ import copy
 import pytest
 import timm
 import torch
-from torch import nn
-
-from rmtp.errors import PluginError
-from rmtp.contract.saved_types import apply_patch, patches_of, remove_patch
-from rmtp_plugins.tokens.patch import LayerSpec, TokenPlan, TokenReduction, _attention
-from rmtp_plugins.tokens.schedule import token_counts
-
 from conftest import TINY_VIT
 from test_tokens_reference import CONFIGS, PLANS, make_vit
+from torch import nn
+
+from rmtp.contract.saved_types import apply_patch, patches_of, remove_patch
+from rmtp.errors import PluginError
+from rmtp_plugins.tokens.patch import LayerSpec, TokenPlan, TokenReduction, _attention
+from rmtp_plugins.tokens.schedule import token_counts
 
 ZERO = {
     "token-cls": dict(method="cls", keep=[1.0, 1.0]),

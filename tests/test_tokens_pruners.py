@@ -7,23 +7,22 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import tiny_recipe
 from pydantic import ValidationError
+from test_tokens_reference import make_vit
 
 import rmtp
 from rmtp import measure
-from rmtp.errors import PluginError, RecipeError
-from rmtp.run.pipeline import run_recipe
-from rmtp.plugins import get_plugins
 from rmtp.contract.pruner import PruneContext
+from rmtp.errors import PluginError, RecipeError
+from rmtp.plugins import get_plugins
+from rmtp.run.pipeline import run_recipe
 from rmtp.run.recipe import parse_recipe
 from rmtp_plugins.tokens.patch import TokenVisionTransformer
 from rmtp_plugins.tokens.schedule import keep_ratios
-from rmtp_plugins.tokens.tome import TomeParams, TomePruner
 from rmtp_plugins.tokens.token_cls import TokenClsParams, TokenClsPruner
 from rmtp_plugins.tokens.token_mean import TokenMeanParams, TokenMeanPruner
-
-from conftest import tiny_recipe
-from test_tokens_reference import make_vit
+from rmtp_plugins.tokens.tome import TomeParams, TomePruner
 
 PRUNERS = (TokenClsPruner, TokenMeanPruner, TomePruner)
 

@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import copy
 
+import _tome_reference as tome_ref
 import pytest
 import timm
 import torch
+from conftest import TINY_VIT
 from torch import Tensor
 
 from rmtp.contract.saved_types import apply_patch
-import _tome_reference as tome_ref
 from rmtp_plugins.tokens.merge import ABSets, merge_tokens, prefix_attention, prune_tokens, received_attention
 from rmtp_plugins.tokens.patch import TokenPlan, TokenReduction, trace_sources
 from rmtp_plugins.tokens.schedule import merged_count, pruned_count, tome_r_list
 from rmtp_plugins.tokens.tome import TomeParams, TomePruner
-
-from conftest import TINY_VIT
 
 ATOL = 1e-5
 

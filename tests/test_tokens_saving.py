@@ -8,19 +8,18 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_VIT
+from test_tokens_reference import PLANS, make_vit
 from torch import nn
 
 import rmtp
-from rmtp.storage import saving
 from rmtp.contract.architecture import ModelSpec
-from rmtp.errors import CheckpointError
 from rmtp.contract.saved_types import ModelPatch, apply_patch, describe_patches, model_patch, patches_of, remove_patch
+from rmtp.errors import CheckpointError
 from rmtp.plugins import get_plugins
+from rmtp.storage import saving
 from rmtp.storage.saving import META_FILE, save
 from rmtp_plugins.tokens.patch import TokenReduction, TokenVisionTransformer
-
-from conftest import TINY_VIT
-from test_tokens_reference import PLANS, make_vit
 
 
 def _save(model: nn.Module, path: Path) -> Path:

@@ -20,7 +20,7 @@ def seed_keep_ratio(layer: int, n_layers: int, r_max: float, alpha: float) -> fl
 
 def test_keep_ratios_are_the_seeds_formula() -> None:
     for depth, r_max, alpha in [(8, 0.6, 2.0), (12, 0.6, 1.5), (6, 0.3, 1.2), (12, 0.9, 3.0)]:
-        expected = [seed_keep_ratio(l, depth, r_max, alpha) for l in range(depth)]
+        expected = [seed_keep_ratio(block, depth, r_max, alpha) for block in range(depth)]
         assert keep_ratios(depth, r_max, alpha) == pytest.approx(expected, abs=1e-15)
 
 
@@ -53,8 +53,10 @@ def test_original_count_applies_the_formula_to_the_first_blocks_tokens(depth: in
     from fractions import Fraction
 
     n0 = 144
-    expected = [max(1, math.floor(n0 * (1 - Fraction(r_max).limit_denominator(100) * Fraction(l + 1, depth) ** alpha)))
-                for l in range(depth)]
+    expected = [
+        max(1, math.floor(n0 * (1 - Fraction(r_max).limit_denominator(100) * Fraction(block + 1, depth) ** alpha)))
+        for block in range(depth)
+    ]
     got = [out for _, out in token_counts(n0, keep=keep_ratios(depth, r_max, alpha), relative_to="original")]
     assert got == expected
     current = [out for _, out in token_counts(n0, keep=keep_ratios(depth, r_max, alpha), relative_to="current")]

@@ -62,7 +62,8 @@ def test_train_with_keeps_a_split_folders_subset(tmp_path: Path) -> None:
         (tmp_path / label).mkdir()
         for i in range(3):
             Image.new("RGB", (20 + i, 24)).save(tmp_path / label / f"{i}.png")
-    bundle = build_data(_folder(tmp_path, resize="native", val_fraction=0.3), timm.create_model("test_resnet", num_classes=2))
+    bundle = build_data(_folder(tmp_path, resize="native", val_fraction=0.3),
+                        timm.create_model("test_resnet", num_classes=2))
     train = bundle.train_with(TrainAugment(hflip=1.0))
     assert train.indices == bundle.train.indices
     assert train.dataset.native_size is None and bundle.train.dataset.native_size == (24, 20)
@@ -84,7 +85,8 @@ def test_digits_refuse_timm_augmentation() -> None:
     ({"scale": (0.5, 0.1)}, "scale is a [low, high] range with 0 < low <= high <= 1"),
     ({"color_jitter": [0.4, 0.4]}, "color_jitter takes one factor"),
     ({"re_prob": 1.5}, "Input should be less than or equal to 1"),
-    ({"interpolation": "cubic"}, "Input should be 'nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos' or 'random'"),
+    ({"interpolation": "cubic"},
+     "Input should be 'nearest', 'bilinear', 'bicubic', 'box', 'hamming', 'lanczos' or 'random'"),
 ])
 def test_train_augment_validates(keys: dict, message: str) -> None:
     from pydantic import ValidationError

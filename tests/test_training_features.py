@@ -164,7 +164,8 @@ def _png_folder(root, model, per_class: int = 6):
             folder.mkdir(parents=True)
             images = digits.images[digits.target == label][offset // 100: offset // 100 + per_class]
             for i, image in enumerate(images):
-                Image.fromarray((image * 255 / 16).astype("uint8")).convert("RGB").resize((32, 32)).save(folder / f"{i}.png")
+                rgb = Image.fromarray((image * 255 / 16).astype("uint8")).convert("RGB")
+                rgb.resize((32, 32)).save(folder / f"{i}.png")
     return root
 
 

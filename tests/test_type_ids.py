@@ -10,14 +10,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import TINY_VIT
 from safetensors.torch import load_file
 from torch import nn
 
 import rmtp
-from rmtp.storage import saving
 from rmtp.contract.architecture import ModelSpec
-from rmtp.errors import CheckpointError, PluginError
-from rmtp_plugins.svd_mp.lowrank import LowRankLinear
 from rmtp.contract.saved_types import (
     ModelPatch,
     TypeRegistry,
@@ -28,10 +26,11 @@ from rmtp.contract.saved_types import (
     resolve_type,
     type_aliases,
 )
+from rmtp.errors import CheckpointError, PluginError
 from rmtp.plugins import get_plugins
+from rmtp.storage import saving
 from rmtp.storage.saving import META_FILE, save
-
-from conftest import TINY_VIT
+from rmtp_plugins.svd_mp.lowrank import LowRankLinear
 
 #: Every type name rmtp wrote before ids (formats 1 and 2: the class's import path), with the id it
 #: has now. Frozen: these strings are in users' folders, so an entry is never removed or changed.
@@ -219,7 +218,8 @@ def test_a_second_class_under_a_taken_id_is_refused_naming_both() -> None:
 def test_an_alias_taken_by_another_type_is_refused() -> None:
     get_plugins()
     with pytest.raises(PluginError, match=r"alias 'rmtp\.lowrank\.LowRankLinear' is claimed by two module types: "
-                                          r"'lowrank\.linear' \(rmtp_plugins\.svd_mp\.lowrank\.LowRankLinear\) and 'test-ids\.layer'"):
+                                          r"'lowrank\.linear' \(rmtp_plugins\.svd_mp\.lowrank\.LowRankLinear\) "
+                                          r"and 'test-ids\.layer'"):
         rebuildable("test-ids.layer", aliases=["rmtp.lowrank.LowRankLinear"])(_Layer)
     assert resolve_type("module", "test-ids.layer") is None
 

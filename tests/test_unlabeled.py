@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import TINY_VIT, tiny_recipe
 from PIL import Image
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -19,8 +20,6 @@ from rmtp.errors import RecipeError, RmtpError
 from rmtp.measure import agreement, top1
 from rmtp.run.recipe import parse_recipe
 from rmtp.training import TrainConfig, kd_loss, lr_at, train
-
-from conftest import TINY_VIT, tiny_recipe
 
 
 def _images(folder: Path, count: int, *, start: int = 0, size: tuple[int, int] = (20, 24)) -> None:
@@ -159,7 +158,7 @@ def test_rmtp_finetune_refuses_a_loader_without_length_in_one_line() -> None:
     from torch.utils.data import IterableDataset
 
     class Stream(IterableDataset):
-        def __iter__(self):  # noqa: ANN204 - a stream of images
+        def __iter__(self):
             yield from torch.randn(8, 1, 16, 16)
 
     model = _digits_vit()

@@ -11,18 +11,17 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import tiny_recipe, write_recipe
 from typer.testing import CliRunner
 
 from rmtp.cli import build_app
 from rmtp.errors import RecipeError
 from rmtp.run.recipe import parse_recipe
 
-from conftest import tiny_recipe, write_recipe
-
 runner = CliRunner()
 
 
-def one_error_line(result) -> str:  # noqa: ANN001 - click Result
+def one_error_line(result) -> str:
     assert result.exit_code == 1, result.output
     assert "Traceback" not in result.output
     lines = [line for line in result.output.splitlines() if line.strip()]
@@ -53,7 +52,8 @@ def test_parse_recipe_checks_the_output_block_with_the_other_problems(tmp_path: 
 
 def _must_not_run(monkeypatch: pytest.MonkeyPatch, *targets: str) -> None:
     for target in targets:
-        monkeypatch.setattr(target, lambda *a, target=target, **k: pytest.fail(f"{target} ran despite an unwritable destination"))
+        monkeypatch.setattr(target, lambda *a, target=target, **k: pytest.fail(
+            f"{target} ran despite an unwritable destination"))
 
 
 @pytest.mark.parametrize("json_path", ["/proc/rmtp-test/report.json", "/sys/report.json", None])
@@ -69,7 +69,7 @@ def test_prune_refuses_an_unwritable_json_before_the_run(tmp_path: Path, monkeyp
 
 def test_prune_says_in_one_line_when_the_json_fails_after_the_run(tmp_path: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    def disk_full(path, data):  # noqa: ANN001, ANN202
+    def disk_full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr("rmtp.cli.app.write_json_atomic", disk_full)

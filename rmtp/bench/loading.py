@@ -21,8 +21,8 @@ from typing import Any
 from torch import nn
 
 from rmtp import sources as model_sources
-from rmtp.contract.architecture import ModelSpec, timm_name_hint
 from rmtp.bench.schema import BenchError, EvalData
+from rmtp.contract.architecture import ModelSpec, timm_name_hint
 from rmtp.errors import RmtpError
 
 __all__ = ["TIMM_PREFIX", "Candidate", "load_candidates"]

@@ -28,8 +28,8 @@ from rmtp.bench.loading import Candidate, load_candidates
 from rmtp.bench.schema import BatchResult, BatchRun, BenchError, BenchModel, BenchReport, BenchSettings, EvalData
 from rmtp.data import DataSpec, build_data, data_input_size, model_input_size
 from rmtp.data.spec import PREPROCESSING_KEYS
-from rmtp.run.device import resolve_device
 from rmtp.errors import short_repr
+from rmtp.run.device import resolve_device
 from rmtp.run.oom import allocation_detail, is_out_of_memory
 from rmtp.run.progress import NULL_PROGRESS, Progress
 

@@ -19,10 +19,10 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from rmtp.storage.atomic import save_figure_atomic
 from rmtp.bench.schema import BatchRun, BenchError, BenchModel, BenchReport
 from rmtp.measure import Spread
 from rmtp.reports.render import human, stdout
+from rmtp.storage.atomic import save_figure_atomic
 
 THROUGHPUT_PNG = "throughput.png"
 ACCURACY_PNG = "accuracy_vs_macs.png"

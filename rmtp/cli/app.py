@@ -11,15 +11,15 @@ from __future__ import annotations
 import functools
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
 
 from rmtp import __version__
-from rmtp.storage.atomic import check_writable, write_errors, write_json_atomic
 from rmtp.cli.exits import user_errors
 from rmtp.errors import RmtpError
+from rmtp.storage.atomic import check_writable, write_errors, write_json_atomic
 
 if TYPE_CHECKING:
     from rmtp.plugins import Plugins
@@ -44,8 +44,10 @@ RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file (model, data, 
 
 def prune(
     recipe: RecipeArg,
-    json_path: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Print only the summary, not the per-layer tables.")] = False,
+    json_path: Annotated[Path | None, typer.Option(
+        "--json", help="Also write the report as JSON to this file.")] = None,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", help="Print only the summary, not the per-layer tables.")] = False,
     wide: Annotated[bool, typer.Option("--wide", help="Per-layer tables with every column, however wide (by default "
                                        "the least important ones are hidden to fit the terminal).")] = False,
     resume: Annotated[bool, typer.Option("--resume", help="Continue a killed run of this recipe from its last "
@@ -54,10 +56,10 @@ def prune(
                                          "changed. Without it, a run over such a checkpoint is refused.")] = False,
 ) -> None:
     """Run a recipe: build the model, apply its steps in order, print reports, save the result."""
+    from rmtp.reports.render import RichProgress, render_report, render_step
     from rmtp.run.distributed import is_main_process
     from rmtp.run.pipeline import run_recipe
     from rmtp.run.recipe import load_recipe
-    from rmtp.reports.render import RichProgress, render_report, render_step
 
     with user_errors():
         if json_path is not None:  # before the run, which may take hours
@@ -99,8 +101,8 @@ def _kept_after_interrupt(recipe: Recipe, started: float) -> str:
 
 def validate(recipe: RecipeArg) -> None:
     """Check a recipe completely (structure, plugin names, params, paths) without running it."""
-    from rmtp.run.recipe import load_recipe, step_label
     from rmtp.reports.render import stderr, stdout
+    from rmtp.run.recipe import load_recipe, step_label
 
     with user_errors():
         loaded = load_recipe(recipe)  # a bad recipe is answered before torch is imported
@@ -110,7 +112,8 @@ def validate(recipe: RecipeArg) -> None:
     for warning in checked.warnings:
         stderr.print(f"[yellow]warning:[/] {escape(warning)}")
     kinds = ", ".join(step_label(step) for step in loaded.steps)
-    stdout.print(f"[green]ok[/] {escape(str(recipe))}: {loaded.model.name}, {len(loaded.steps)} steps ({escape(kinds)})")
+    stdout.print(f"[green]ok[/] {escape(str(recipe))}: {loaded.model.name}, "
+                 f"{len(loaded.steps)} steps ({escape(kinds)})")
 
 
 def list_plugins() -> None:
@@ -155,9 +158,13 @@ def build_app(plugins: Plugins | None = None) -> typer.Typer:
     app.command()(prune)
     app.command()(validate)
     app.command("list")(list_plugins)
-    from rmtp.cli.spectrum import analyze_spectrum; app.command("analyze-spectrum")(analyze_spectrum)  # noqa: E702
-    from rmtp.cli.bench import bench; app.command()(bench)  # noqa: E702
-    from rmtp.cli.export import export; app.command()(export)  # noqa: E702
+    from rmtp.cli.bench import bench
+    from rmtp.cli.export import export
+    from rmtp.cli.spectrum import analyze_spectrum
+
+    app.command("analyze-spectrum")(analyze_spectrum)
+    app.command()(bench)
+    app.command()(export)
     (plugins or get_plugins()).manager.hook.register_commands(app=app)
     return app
 

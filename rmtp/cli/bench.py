@@ -49,9 +49,9 @@ def bench(
         "--kwargs", metavar=KWARGS_METAVAR, help=f"{KWARGS_HELP}; for checkpoints and timm:NAME models.")] = None,
 ) -> None:
     """Compare models side by side: latency, throughput, peak memory, MACs, params, nonzeros (and top-1)."""
-    from rmtp.storage.atomic import check_writable, write_errors, write_json_atomic
     from rmtp.bench import benchmark_models, check_plotting, parse_batches, render_bench, write_plots
     from rmtp.reports.render import RichProgress, stderr, stdout
+    from rmtp.storage.atomic import check_writable, write_errors, write_json_atomic
 
     with user_errors():
         batches = parse_batches(batch)

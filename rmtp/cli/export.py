@@ -25,7 +25,8 @@ DEFAULT_NAMES = {"onnx": "model.onnx", "pt2": "model.pt2"}
 
 
 def export(
-    run_dir: Annotated[Path, typer.Argument(help="An rmtp output folder (the saved pruned model).", show_default=False)],
+    run_dir: Annotated[Path, typer.Argument(
+        help="An rmtp output folder (the saved pruned model).", show_default=False)],
     fmt: Annotated[str, typer.Option(
         "--format", "-f", help="onnx (checked by running it in ONNX Runtime) or pt2 (torch.export, checked by "
                                "reloading it).", show_default=False)],
@@ -37,14 +38,15 @@ def export(
                         "(max |difference| <= 1e-4, fp32); without it, on one seeded random batch.")] = False,
     check_images: Annotated[int, typer.Option("--check-images", help="How many val images --check compares on.")] = 32,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default 17).")] = None,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the report as JSON to this file.")] = None,
+    json_path: Annotated[Path | None, typer.Option(
+        "--json", help="Also write the report as JSON to this file.")] = None,
     overwrite: Annotated[bool, typer.Option(
         "--overwrite", help="Replace the output file if it exists (without it, an existing file is refused and "
                             "left as it is).")] = False,
 ) -> None:
     """Write a saved model as a file a runtime executes (ONNX or torch.export's pt2), verified."""
-    from rmtp.storage.atomic import check_writable, write_errors, write_json_atomic
     from rmtp.reports.render import stdout
+    from rmtp.storage.atomic import check_writable, write_errors, write_json_atomic
 
     with user_errors():
         from rmtp.export import FORMATS, ExportError, export_model
@@ -77,6 +79,7 @@ def report_table(report: ExportReport) -> Table:
     table.add_row("size", f"{size:.2f} MB" if size >= 0.1 else f"{report.bytes / 1e3:.1f} kB")
     table.add_row("input", f"{report.batch} × {' × '.join(map(str, report.input_shape))} (static)")
     table.add_row("checked on", f"{report.images} {escape(report.inputs)}")
-    table.add_row("max |diff|", f"[green]{report.max_abs_diff:.2e}[/] vs PyTorch (≤ {TOLERANCE:.0e}".replace("e-0", "e-") + ")")
+    table.add_row("max |diff|",
+                  f"[green]{report.max_abs_diff:.2e}[/] vs PyTorch (≤ {TOLERANCE:.0e}".replace("e-0", "e-") + ")")
     table.add_row("time", f"{report.seconds:.1f} s")
     return table

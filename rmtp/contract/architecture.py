@@ -200,7 +200,7 @@ class Architecture(ABC):
                     f"{' '.join(str(exc).split())}"
                 ) from exc
             raise _kwargs_rejected(spec, exc) from exc
-        except Exception as exc:  # noqa: BLE001 - kwargs are user input: an unknown layer name (KeyError),
+        except Exception as exc:
             # a size timm asserts on (AssertionError), a wrong type (TypeError) all come from the recipe
             raise _kwargs_rejected(spec, exc) from exc
         if spec.checkpoint is not None:

@@ -55,5 +55,5 @@ def import_saved_types() -> None:
 
 
 @hookspec
-def register_commands(app) -> None:  # noqa: ANN001 - a typer.Typer; kept untyped so plugins need not import typer
+def register_commands(app) -> None:
     """Add CLI commands to rmtp's ``typer.Typer`` app: ``app.command()(fn)`` or ``app.add_typer(...)``."""

@@ -9,7 +9,7 @@ value is given.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 from pydantic import AfterValidator, Field
 
@@ -22,7 +22,7 @@ def _tw_confidence(value: float | None) -> float | None:
     return check_tw_confidence(value)
 
 
-TwConfidence = Annotated[Optional[float], AfterValidator(_tw_confidence)]
+TwConfidence = Annotated[float | None, AfterValidator(_tw_confidence)]
 """None (the asymptotic edge) or a confidence in [F_TW1(0) ≈ 0.832, 1) for the Tracy–Widom margin
 (:func:`rmtp.spectral.mp.check_tw_confidence`)."""
 

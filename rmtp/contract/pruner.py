@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict
@@ -31,12 +31,12 @@ from rmtp.run.progress import NULL_PROGRESS, Progress
 
 if TYPE_CHECKING:  # torch is imported where a pruner runs, so `rmtp list` and `validate` need none
     import torch
+    from torch import nn
+    from torch.utils.data import DataLoader
 
     from rmtp.fidelity.accuracy_budget import StrengthKnob
     from rmtp.latency.cost import CostModel
     from rmtp.latency.settings import LatencySettings
-    from torch import nn
-    from torch.utils.data import DataLoader
 
 PrunerKind = Literal["weight", "mask", "token"]
 #: How a pruner uses calibration data (:meth:`Pruner.calibration_use`).

@@ -80,7 +80,8 @@ class ImageTransforms:
 
     def from_model(self) -> list[str]:
         """The values the model's pretrained config gave (with ``native``, the size is the images')."""
-        used = ("mean", "std") if self.native else ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std")
+        used = (("mean", "std") if self.native
+                else ("input_size", "interpolation", "crop_pct", "crop_mode", "mean", "std"))
         given = {"input_size" if key == "resize" else key for key in self.from_recipe}
         return [key for key in used if key not in given]
 

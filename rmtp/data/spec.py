@@ -5,8 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationInfo, field_validator, \
-    model_serializer
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+)
 from pydantic_core import PydanticCustomError
 
 #: Interpolation names timm's transforms take (``timm.data.transforms.str_to_interp_mode``).
@@ -38,28 +45,37 @@ class DataSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: Literal["digits", "imagefolder"] = "digits"
-    root: Path | None = Field(None, description="imagefolder: a folder with train/ and val/ subfolders, or one folder to split")
-    img_size: int | None = Field(None, ge=8, le=1024, description="digits: side to upsample to (default: the model's input size)")
+    root: Path | None = Field(
+        None, description="imagefolder: a folder with train/ and val/ subfolders, or one folder to split")
+    img_size: int | None = Field(
+        None, ge=8, le=1024, description="digits: side to upsample to (default: the model's input size)")
     resize: int | tuple[int, int] | Literal["native"] | None = Field(
-        None, description="imagefolder: the size images reach the model (timm's input_size), an int or [height, width]; "
-                          "'native': no resizing or cropping at all (default: the model's input size)")
-    interpolation: Interpolation | None = Field(None, description="imagefolder: resize interpolation (default: the model's pretrained config)")
-    crop_pct: float | None = Field(None, gt=0.0, le=1.0, description="imagefolder: resize to resize / crop_pct, then crop; "
-                                                                       "1.0: no crop (default: the model's pretrained config)")
-    crop_mode: Literal["center", "squash", "border"] | None = Field(None, description="imagefolder: timm's crop mode "
-                                                                                      "(default: the model's pretrained config)")
-    mean: tuple[float, ...] | None = Field(None, description="imagefolder: normalisation mean, one value per channel or one "
-                                                             "for all (default: the model's pretrained config)")
-    std: tuple[float, ...] | None = Field(None, description="imagefolder: normalisation std, one value per channel or one "
-                                                            "for all (default: the model's pretrained config)")
+        None, description="imagefolder: the size images reach the model (timm's input_size), an int or "
+                          "[height, width]; 'native': no resizing or cropping at all (default: the model's input size)")
+    interpolation: Interpolation | None = Field(
+        None, description="imagefolder: resize interpolation (default: the model's pretrained config)")
+    crop_pct: float | None = Field(
+        None, gt=0.0, le=1.0, description="imagefolder: resize to resize / crop_pct, then crop; "
+                                          "1.0: no crop (default: the model's pretrained config)")
+    crop_mode: Literal["center", "squash", "border"] | None = Field(
+        None, description="imagefolder: timm's crop mode "
+                          "(default: the model's pretrained config)")
+    mean: tuple[float, ...] | None = Field(
+        None, description="imagefolder: normalisation mean, one value per channel or one "
+                          "for all (default: the model's pretrained config)")
+    std: tuple[float, ...] | None = Field(
+        None, description="imagefolder: normalisation std, one value per channel or one "
+                          "for all (default: the model's pretrained config)")
     unlabeled: bool = Field(False, description="the images have no labels: imagefolder reads every image under "
                                                "root (or under root/train and root/val), sub-folders included and "
                                                "never taken as classes; digits drop their labels. Only "
                                                "label-free work runs on them: distillation alone (finetune "
                                                "distill weight 1.0), reconstruct, calibration; evaluate reports "
                                                "top-1 agreement with the dense model instead of top-1")
-    val_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="share held out for validation when the data has no val/ folder")
-    calibration_size: int = Field(256, ge=1, description="images from the train split that pruners needing calibration see")
+    val_fraction: float = Field(
+        0.2, gt=0.0, lt=1.0, description="share held out for validation when the data has no val/ folder")
+    calibration_size: int = Field(
+        256, ge=1, description="images from the train split that pruners needing calibration see")
     batch_size: int = Field(64, ge=1, le=4096)
     num_workers: int = Field(0, ge=0, le=64)
     eval_limit: int | None = Field(None, ge=1, description="evaluate on at most this many val images (quick checks)")
@@ -91,7 +107,8 @@ class DataSpec(BaseModel):
             return value
         sides = [value] if isinstance(value, int) else value
         if (not isinstance(sides, (list, tuple)) or len(sides) not in (1, 2)
-                or not all(isinstance(side, int) and not isinstance(side, bool) and 1 <= side <= 4096 for side in sides)):
+                or not all(isinstance(side, int) and not isinstance(side, bool) and 1 <= side <= 4096
+                           for side in sides)):
             raise problem("resize takes a side (an int), [height, width] (1 to 4096 px), or 'native' "
                            "(images at their own size: no resizing or cropping)")
         return value if isinstance(value, int) else (sides[0], sides[-1])

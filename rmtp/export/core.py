@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from rmtp.storage.atomic import check_writable, replace_atomically, write_errors
 from rmtp.errors import short_repr
 from rmtp.export.refusals import (
     DEFAULT_OPSET,
@@ -24,6 +23,7 @@ from rmtp.export.refusals import (
 )
 from rmtp.export.runtimes import discrete_hint, onnx_writer, ort_version, pt2_writer
 from rmtp.run.oom import allocation_detail, is_out_of_memory
+from rmtp.storage.atomic import check_writable, replace_atomically, write_errors
 
 if TYPE_CHECKING:
     from torch.utils.data import Dataset

@@ -84,7 +84,8 @@ def check_options(fmt: object, batch: object, check_images: object, opset: objec
         try:
             import onnxruntime  # noqa: F401
         except ImportError:
-            raise ExportError(f"ONNX export is checked in onnxruntime, which is not installed: {INSTALL_HINT}") from None
+            raise ExportError(f"ONNX export is checked in onnxruntime, which is not installed: "
+                              f"{INSTALL_HINT}") from None
     return str(fmt)
 
 

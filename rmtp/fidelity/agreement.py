@@ -15,8 +15,16 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils.data import (BatchSampler, DataLoader, Dataset, IterableDataset, RandomSampler, SequentialSampler,
-                              Subset, TensorDataset)
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+    TensorDataset,
+)
 
 from rmtp.data.spec import UNLABELED
 from rmtp.errors import RmtpError

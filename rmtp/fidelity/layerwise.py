@@ -108,7 +108,7 @@ def input_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return cols.reshape(b, c, rs, positions).permute(0, 3, 2, 1).reshape(b * positions, rs * c)
 
 
-def _images(batch) -> torch.Tensor:  # noqa: ANN001 - a loader's batch: images, or (images, labels, ...)
+def _images(batch) -> torch.Tensor:
     return batch[0] if isinstance(batch, (list, tuple)) else batch
 
 

@@ -17,11 +17,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from rmtp.run import steps
 from rmtp.errors import RmtpError
 from rmtp.measure.running import evaluating
-from rmtp.run.progress import NULL_PROGRESS, Progress
 from rmtp.reports.records import StepReport
+from rmtp.run import steps
+from rmtp.run.progress import NULL_PROGRESS, Progress
 
 __all__ = ["agreement_step", "dense_labelled"]
 

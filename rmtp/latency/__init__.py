@@ -10,7 +10,7 @@ load no torch; the cost model does, on first use.
 
 from __future__ import annotations
 
-from rmtp.latency.settings import COST_ENV, LatencySettings
+from rmtp.latency.settings import COST_ENV, LatencySettings  # noqa: F401 - public: in __all__ (a sorted() ruff cannot read)
 from rmtp.lazy import lazy_exports
 
 _LAZY = {

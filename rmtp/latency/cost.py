@@ -71,7 +71,8 @@ class CostModel(ABC):
         pass never reaches are left out)."""
         return {name: shapes[0] for name, shapes in self.layer_shapes(model, names).items()}
 
-    def layer_shapes(self, model: nn.Module, names: Sequence[str]) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    def layer_shapes(self, model: nn.Module,
+                     names: Sequence[str]) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
         """(input shape, output shape) of each named submodule in one forward pass of a random batch."""
         shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         hooks = []
@@ -299,7 +300,8 @@ def _structure(model: nn.Module) -> tuple:
 def _patches(model: nn.Module) -> list[tuple[type, str]]:
     """rmtp's forward-pass patches on ``model`` (what :func:`rmtp.contract.saved_types.patches_of` returns), found
     by what they are, objects with ``rmtp_config`` in a list attribute: importing rmtp.contract.saved_types here
-    would close an import cycle (rmtp.plugins → rmtp.contract.pruner → here → rmtp.contract.saved_types → rmtp.plugins)."""
+    would close an import cycle (rmtp.plugins → rmtp.contract.pruner → here → rmtp.contract.saved_types →
+    rmtp.plugins)."""
     return [(type(patch), repr(patch.rmtp_config())) for value in vars(model).values() if isinstance(value, list)
             for patch in value if callable(getattr(patch, "rmtp_config", None))]
 

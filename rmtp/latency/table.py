@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rmtp.storage.atomic import write_json_atomic
 from rmtp.errors import RmtpError
+from rmtp.storage.atomic import write_json_atomic
 
 FORMAT_VERSION = 1
 
@@ -31,7 +31,7 @@ class LatencyError(RmtpError):
 def module_key(module: Any, input_shape: tuple[int, ...]) -> str:
     """A stable key for timing ``module`` on an input of ``input_shape``: its type, its repr and
     the head count of attention submodules (not in timm's repr), hashed; plus the shape."""
-    heads = [str(getattr(m, "num_heads")) for m in module.modules() if hasattr(m, "num_heads")]
+    heads = [str(m.num_heads) for m in module.modules() if hasattr(m, "num_heads")]
     # A weight converted to a sparse kernel's layout (2:4 semi-structured) has the dense repr.
     layouts = sorted({type(p.data).__name__ for p in module.parameters()} - {"Tensor"})
     layouts += sorted({str(p.dtype) for p in module.parameters()})

@@ -9,10 +9,10 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from rmtp.run.device import DeviceLike, resolve_device
 from rmtp.errors import DataError
-from rmtp.run.precision import autocast, check_precision
 from rmtp.measure.running import check_model_on, evaluating
+from rmtp.run.device import DeviceLike, resolve_device
+from rmtp.run.precision import autocast, check_precision
 
 __all__ = ["ProgressCallback", "agreement", "top1"]
 

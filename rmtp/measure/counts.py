@@ -29,8 +29,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
-from rmtp.run.device import DeviceLike, resolve_device
 from rmtp.measure.running import batch_of_one, check_model_on, evaluating, input_dtype
+from rmtp.run.device import DeviceLike, resolve_device
 
 __all__ = [
     "ATTENTION",

@@ -13,8 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from rmtp.run.device import DeviceLike, resolve_device
 from rmtp.measure.counts import storage_key, unique_parameters
+from rmtp.run.device import DeviceLike, resolve_device
 
 __all__ = ["MEMORY_METHODS", "model_bytes", "peak_memory_delta", "peak_rss_delta", "peak_rss_supported"]
 

@@ -23,8 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from rmtp.run.device import DeviceLike, resolve_device
 from rmtp.measure.running import batch_of_one, evaluating, input_dtype
+from rmtp.run.device import DeviceLike, resolve_device
 
 __all__ = [
     "NOISY_RATIO_IQR",
@@ -194,14 +194,16 @@ class PairedSpeedup:
     def describe(self) -> str:
         """One line for a report: the figure where it means something, and why not where it does not."""
         r = self.ratio
-        settings = f"batch {self.batch}, {self.threads} thread{'s' * (self.threads != 1)}, {self.rounds} interleaved rounds"
+        settings = (f"batch {self.batch}, {self.threads} thread{'s' * (self.threads != 1)}, "
+                    f"{self.rounds} interleaved rounds")
         times = (f"latency {self.pruned_ms.median:.2f} ms [{self.pruned_ms.q1:.2f}–{self.pruned_ms.q3:.2f}] vs dense "
                  f"{self.dense_ms.median:.2f} ms [{self.dense_ms.q1:.2f}–{self.dense_ms.q3:.2f}]")
         if self.verdict == "noisy":
             return (f"{times}; no speed-up figure: the per-round ratios spread ×{r.q1:.2f}–×{r.q3:.2f} (IQR), too wide "
                     f"to mean anything on this machine ({settings}; {self._noise_advice()})")
         if self.verdict == "same":
-            return f"{times}; not measurably faster or slower: ratios ×{r.q1:.2f}–×{r.q3:.2f} (IQR) contain ×1 ({settings})"
+            return (f"{times}; not measurably faster or slower: ratios ×{r.q1:.2f}–×{r.q3:.2f} (IQR) contain ×1 "
+                    f"({settings})")
         return f"{times}; ×{r.median:.2f} [{r.q1:.2f}–{r.q3:.2f}] speed-up, median of per-round ratios ({settings})"
 
     def _noise_advice(self) -> str:
@@ -255,6 +257,7 @@ def paired_speedup(dense: nn.Module, pruned: nn.Module, input_shape: tuple[int, 
     rotated rounds, paired ratios), with ``threads`` fixed for the duration (default: current)."""
     (dense_s, pruned_s), n_threads = models_timed_together([dense, pruned], input_shape, batch=batch, device=device,
                                                            rounds=rounds, threads=threads, on_round=on_round)
-    return PairedSpeedup(dense_ms=Spread.of([s * 1e3 for s in dense_s]), pruned_ms=Spread.of([s * 1e3 for s in pruned_s]),
+    return PairedSpeedup(dense_ms=Spread.of([s * 1e3 for s in dense_s]),
+                         pruned_ms=Spread.of([s * 1e3 for s in pruned_s]),
                          ratio=Spread.of([d / p for d, p in zip(dense_s, pruned_s)]), batch=batch,
                          threads=n_threads, rounds=rounds)

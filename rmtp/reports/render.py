@@ -11,8 +11,8 @@ from contextlib import contextmanager
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
-from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.cells import cell_len
+from rich.console import Console, ConsoleOptions, Group, RenderResult
 from rich.markup import escape
 from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -205,7 +205,8 @@ def _plain(value: Any) -> str:
 
 def summary_table(report: RunReport) -> Table:
     """One line per step next to the dense model: params, nonzeros, MACs, top-1, latency, time."""
-    table = Table(title=f"summary · {escape(report.model)} ({escape(report.arch)}) · seed {report.seed} · {report.device}",
+    table = Table(title=f"summary · {escape(report.model)} ({escape(report.arch)}) · seed {report.seed} · "
+                        f"{report.device}",
                   title_justify="left")
     for column in ("stage", "params", "nonzeros", "MACs", "attn MACs", "top-1", "latency", "seconds"):
         table.add_column(column, justify="left" if column == "stage" else "right")

@@ -30,20 +30,17 @@ import torch
 from torch import nn
 
 from rmtp import sources
-from rmtp.run import distributed
-from rmtp.storage import overwrite
-from rmtp.storage import saving
-from rmtp.run import steps
-from rmtp.fidelity import unlabeled
 from rmtp.contract.architecture import Architecture, ModelSpec
 from rmtp.data import DataBundle, build_data
 from rmtp.data.identity import data_changes, data_identity
-from rmtp.run.device import resolve_device
 from rmtp.errors import CheckpointError, PluginError, RmtpError
+from rmtp.fidelity import unlabeled
 from rmtp.plugins import Plugins, get_plugins
+from rmtp.reports.records import ModelStats, RunReport, StepReport, environment
+from rmtp.run import distributed, steps
+from rmtp.run.device import resolve_device
 from rmtp.run.progress import NULL_PROGRESS, Progress
 from rmtp.run.recipe import EvaluateStep, FinetuneStep, Recipe, ReconstructStep, ResolvedPrune, step_label
-from rmtp.reports.records import ModelStats, RunReport, StepReport, environment
 from rmtp.run.resume import (
     Checkpoint,
     Checkpointer,
@@ -54,6 +51,7 @@ from rmtp.run.resume import (
     recipe_changes,
 )
 from rmtp.run.step_output import StagedOutput
+from rmtp.storage import overwrite, saving
 from rmtp.training import TrainState
 
 

@@ -15,8 +15,8 @@ from torch import nn
 
 from rmtp.contract.architecture import Architecture, ModelSpec
 from rmtp.errors import CheckpointError, RecipeError, RmtpError
-from rmtp.run.layer_filter import select_layers
 from rmtp.plugins import Plugins, get_plugins
+from rmtp.run.layer_filter import select_layers
 from rmtp.run.recipe import Recipe, ResolvedPrune
 
 

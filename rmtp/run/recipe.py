@@ -20,18 +20,18 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from rmtp.fidelity.accuracy_budget import AccuracyBudget, budget_knob
 from rmtp.contract.architecture import timm_name_hint
-from rmtp.storage.atomic import check_writable
+from rmtp.contract.pruner import Pruner, PrunerParams
 from rmtp.data.spec import DataSpec
 from rmtp.errors import CheckpointError, PluginError, RecipeError, RmtpError, short_repr
+from rmtp.fidelity.accuracy_budget import AccuracyBudget, budget_knob
 from rmtp.latency.settings import LatencySettings
-from rmtp.run.layer_filter import LayerFilter
-from rmtp.storage.overwrite import replace_problem
 from rmtp.plugins import Plugins, get_plugins
-from rmtp.contract.pruner import Pruner, PrunerParams
-from rmtp.storage.safe_yaml import read_yaml_file
+from rmtp.run.layer_filter import LayerFilter
 from rmtp.run.precision import Precision
+from rmtp.storage.atomic import check_writable
+from rmtp.storage.overwrite import replace_problem
+from rmtp.storage.safe_yaml import read_yaml_file
 from rmtp.training.config import ReconstructConfig, TrainConfig
 
 
@@ -46,7 +46,8 @@ class ModelSection(_Strict):
                                                "hf-hub:org/name; optional when checkpoint is a folder in timm's hub "
                                                "layout (config.json) or an rmtp output folder")
     arch: str | None = Field(None, description="architecture plugin; inferred from the name when omitted")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="passed to timm.create_model (img_size, depth, num_classes, ...)")
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="passed to timm.create_model (img_size, depth, num_classes, ...)")
     pretrained: bool = Field(False, description="load timm's pretrained weights (needs network access)")
     checkpoint: Path | None = Field(None, description=".safetensors/.pth/.bin file, a folder in timm's hub layout "
                                                       "(config.json + model.safetensors) or an rmtp output folder, "
@@ -56,10 +57,12 @@ class ModelSection(_Strict):
 class EvaluateParams(_Strict):
     """``evaluate:`` step: top-1 on the val split, params, MACs, optionally latency."""
 
-    latency: bool = Field(False, description="also time the model next to the dense one (interleaved rounds, as rmtp bench)")
+    latency: bool = Field(
+        False, description="also time the model next to the dense one (interleaved rounds, as rmtp bench)")
     latency_batch: int = Field(1, ge=1, le=1024, description="batch size for the latency measurement")
     latency_rounds: int = Field(15, ge=3, le=1000, description="interleaved timing rounds (median and IQR over them)")
-    latency_threads: int | None = Field(None, ge=1, le=1024, description="CPU threads while timing (null: torch's current setting)")
+    latency_threads: int | None = Field(
+        None, ge=1, le=1024, description="CPU threads while timing (null: torch's current setting)")
     precision: Precision = Field("fp32", description="autocast of the top-1 passes: fp32, bf16 (CPU and CUDA), fp16 "
                                                      "(CUDA); latency is timed in fp32")
 
@@ -267,7 +270,8 @@ def parse_recipe(raw: Any, *, source: Path | None = None, plugins: Plugins | Non
     label = str(source) if source else "<recipe>"
     base = source.parent if source else Path.cwd()
     if not isinstance(raw, dict):
-        raise RecipeError([f"{label}: a recipe must be a mapping with model, steps (and data, output), got {type(raw).__name__}"])
+        raise RecipeError([f"{label}: a recipe must be a mapping with model, steps (and data, output), "
+                           f"got {type(raw).__name__}"])
     problems: list[str] = []
     try:
         shape = _RecipeShape.model_validate(raw)
@@ -308,7 +312,8 @@ def parse_recipe(raw: Any, *, source: Path | None = None, plugins: Plugins | Non
             source, base / shape.data.root if shape.data.root else None,
             base / shape.model.checkpoint if shape.model.checkpoint else None))
         if output.dir.exists() and not output.overwrite:
-            problems.append(f"{label}: output.dir: {output.dir} already exists; set output.overwrite: true or choose another folder")
+            problems.append(f"{label}: output.dir: {output.dir} already exists; set output.overwrite: true or "
+                            "choose another folder")
         elif replaced is not None:
             problems.append(f"{label}: output.dir: {replaced}")
         else:
@@ -498,7 +503,8 @@ def _validate_model(label: str, base: Path, model: ModelSection, plugins: Plugin
         problems.append(f"{label}: {exc}")
         return model
     if model.arch is not None and model.arch not in plugins.architectures:
-        problems.append(f"{label}: model.arch: unknown architecture {model.arch!r}; {plugins.architectures.known_hint(model.arch)}")
+        problems.append(f"{label}: model.arch: unknown architecture {model.arch!r}; "
+                        f"{plugins.architectures.known_hint(model.arch)}")
     else:
         try:
             plugins.architecture_for(registry, model.arch)
@@ -514,9 +520,8 @@ def _model_from_checkpoint(model: ModelSection) -> ModelSection:
     kwargs (its weights file becomes the checkpoint); a weights file without ``model.name`` takes
     them from its model card ``<stem>.json``, else from timm's config.json beside it. A weights file
     under a given name is the recipe's to describe: its kwargs are the recipe's, no card is read."""
+    from rmtp.sources import CONFIG_FILE, HubLayout, NameConflict, NotASource, SavedFolder, WeightsFile, resolve_source
     from rmtp.storage.overwrite import META_FILE
-    from rmtp.sources import (CONFIG_FILE, HubLayout, NameConflict, NotASource, SavedFolder, WeightsFile,
-                              resolve_source)
 
     checkpoint = model.checkpoint
     assert checkpoint is not None

@@ -42,10 +42,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from rmtp.errors import CheckpointError, short_repr
 from rmtp.run import distributed
 from rmtp.storage import saving
 from rmtp.storage.atomic import write_json_atomic
-from rmtp.errors import CheckpointError, short_repr
 
 if TYPE_CHECKING:
     from rmtp.contract.architecture import Architecture, ModelSpec

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
-from rmtp.storage import saving
-from rmtp.storage.output_folder import make_temp_dir
-from rmtp.storage.atomic import write_json_atomic
 from rmtp.errors import RmtpError
+from rmtp.storage import saving
+from rmtp.storage.atomic import write_json_atomic
+from rmtp.storage.output_folder import make_temp_dir
 
 if TYPE_CHECKING:
     from rmtp.contract.architecture import Architecture, ModelSpec

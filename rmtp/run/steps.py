@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import copy
 from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from statistics import median
-from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -23,21 +23,21 @@ from torch.utils.data import DataLoader
 
 from rmtp import measure
 from rmtp.contract.architecture import Architecture, has_submodule
+from rmtp.contract.pruner import LayerRow, PruneContext, Pruner, PruneResult, PrunerParams, StepOutput
 from rmtp.errors import RmtpError
+from rmtp.reports.records import ModelStats, StepReport
 from rmtp.run.layer_filter import select_layers
 from rmtp.run.precision import check_precision
 from rmtp.run.progress import NULL_PROGRESS, Progress
-from rmtp.contract.pruner import LayerRow, PruneContext, Pruner, PrunerParams, PruneResult, StepOutput
-from rmtp.reports.records import ModelStats, StepReport
 from rmtp.training.pieces import masked_layers
 
 if TYPE_CHECKING:
+    from rmtp.data import DataBundle
     from rmtp.fidelity.accuracy_budget import AccuracyBudget
     from rmtp.fidelity.agreement import DenseReference
-    from rmtp.data import DataBundle
+    from rmtp.fidelity.blockwise import ReconstructConfig
     from rmtp.latency.cost import CostModel
     from rmtp.latency.settings import LatencySettings
-    from rmtp.fidelity.blockwise import ReconstructConfig
     from rmtp.run.recipe import EvaluateParams, ResolvedPrune
     from rmtp.training import TrainConfig, TrainState
 
@@ -352,11 +352,11 @@ def finetune_step(model: nn.Module, data: DataBundle, config: TrainConfig, *, de
     history: list[dict] = []
     keep_zeros = masked_layers(model) if resume is None else list(resume.mask_layers)  # as they began
     with progress.task(f"fine-tuning ({config.epochs} epochs)") as advance:
-        def on_batch(step) -> None:  # noqa: ANN001 - BatchProgress
+        def on_batch(step) -> None:
             advance(epoch=f"{step.epoch}/{step.epochs}", loss=f"{step.loss:.3f}", lr=f"{step.lr:.2e}",
                     **{"img/s": f"{step.images_per_second:.0f}", "epoch ETA": f"{step.eta_seconds:.0f}s"})
 
-        def on_epoch(stats) -> None:  # noqa: ANN001 - EpochStats
+        def on_epoch(stats) -> None:
             history.append(stats.__dict__.copy())
 
         result = train(model, data, config, device=device, teacher=teacher if config.distill is not None else None,

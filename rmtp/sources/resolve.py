@@ -37,8 +37,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from rmtp.contract.architecture import ModelSpec
 from rmtp.errors import CheckpointError, RmtpError
-from rmtp.storage.overwrite import META_FILE, RECIPE_FILE
 from rmtp.sources.hub import CONFIG_FILE, HubFolder, architecture_for, hub_folder, is_hub_name, normalise_name
+from rmtp.storage.overwrite import META_FILE, RECIPE_FILE
 
 if TYPE_CHECKING:
     from torch import nn

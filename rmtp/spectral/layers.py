@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from rmtp.contract.architecture import Architecture, PrunableLayer
-from rmtp.errors import RmtpError
 from rmtp.contract.saved_types import is_replacement
+from rmtp.errors import RmtpError
 from rmtp.run.progress import NULL_PROGRESS, Progress
 from rmtp.spectral.mp import MPFit, check_alpha, check_tw_confidence, fit_mp, weight_matrix
 

@@ -180,7 +180,8 @@ def weight_matrix(weight: torch.Tensor) -> torch.Tensor:
 
 
 def band_levels(p: int, alpha: float) -> np.ndarray:
-    """Indices (into ascending order) of the eigenvalues BEMA fits: plotting positions (i + 1/2)/p in [alpha, 1 - alpha]."""
+    """Indices (into ascending order) of the eigenvalues BEMA fits: plotting positions (i + 1/2)/p in
+    [alpha, 1 - alpha]."""
     levels = (np.arange(p) + 0.5) / p
     return np.flatnonzero((levels >= alpha - 1e-12) & (levels <= 1.0 - alpha + 1e-12))
 

@@ -19,13 +19,13 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from rmtp.storage.atomic import save_figure_atomic, write_text_atomic
 from rmtp.errors import RmtpError
-from rmtp.run.progress import NULL_PROGRESS, Progress
 from rmtp.reports.render import human, stdout
+from rmtp.run.progress import NULL_PROGRESS, Progress
 from rmtp.spectral.analysis import SpectrumReport
 from rmtp.spectral.layers import LayerSpectrum
 from rmtp.spectral.mp import mp_pdf
+from rmtp.storage.atomic import save_figure_atomic, write_text_atomic
 
 CSV_COLUMNS = (
     "name", "module", "role", "optional", "rows_start", "rows_stop", "M", "N", "gamma", "sigma", "sigma2",
@@ -209,7 +209,8 @@ def _plot_layer(layer: LayerSpectrum, path: Path) -> None:
         ax.plot(x, density, color="#c0392b", linewidth=1.5, label=f"fitted MP, σ = {fit.sigma:.4g}")
     ax.axvline(fit.lambda_plus, color="#c0392b", linestyle="--", linewidth=1, label=f"edge λ₊ = {fit.lambda_plus:.4g}")
     if not math.isclose(edge0, fit.lambda_plus):
-        ax.axvline(edge0, color="grey", linestyle=":", linewidth=1, label="full-size edge σ²(1+√γ)² (no spikes removed)")
+        ax.axvline(edge0, color="grey", linestyle=":", linewidth=1,
+                   label="full-size edge σ²(1+√γ)² (no spikes removed)")
     beyond = int(np.count_nonzero(lam > right))
     if beyond:
         ax.annotate(f"{beyond} spike(s) beyond, up to λ = {top:.4g} →", xy=(0.98, 0.92), xycoords="axes fraction",

@@ -51,11 +51,11 @@ from torch import nn
 
 from rmtp import __version__
 from rmtp.contract.architecture import Architecture, ModelSpec
-from rmtp.storage.weights import load_state_dict_into, read_state_dict, write_safetensors_atomic
-from rmtp.errors import CheckpointError, RmtpError
 from rmtp.contract.saved_types import apply_patches, apply_replacements, describe_patches, describe_replacements
+from rmtp.errors import CheckpointError, RmtpError
 from rmtp.storage.output_folder import hold, make_temp_dir, move_into_place, remove_entry
 from rmtp.storage.overwrite import META_FILE, RECIPE_FILE, REPORT_FILE, WEIGHTS_FILE, check_replaceable
+from rmtp.storage.weights import load_state_dict_into, read_state_dict, write_safetensors_atomic
 
 if TYPE_CHECKING:
     from rmtp.plugins import Plugins
@@ -136,12 +136,13 @@ def _structure_mismatch(model: nn.Module, spec: ModelSpec, arch: Architecture) -
         return f"building it failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"
     want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     got = {k: tuple(v.shape) for k, v in rebuilt.state_dict().items()}
+
+    def shape(shapes: dict[str, tuple[int, ...]], key: str) -> str:
+        return str(list(shapes[key])) if key in shapes else "no such entry"
+
     for key in sorted(set(want) | set(got)):
         if want.get(key) != got.get(key):
-            def shape(shapes: dict[str, tuple[int, ...]]) -> str:
-                return str(list(shapes[key])) if key in shapes else "no such entry"
-
-            return f"{key}: the model has {shape(want)}, the rebuilt one {shape(got)}"
+            return f"{key}: the model has {shape(want, key)}, the rebuilt one {shape(got, key)}"
     return None
 
 
@@ -175,9 +176,9 @@ def infer_spec(model: nn.Module, arch: Architecture) -> ModelSpec:
     return spec
 
 
-def save(model: nn.Module, out_dir: str | Path, *, spec: ModelSpec | None = None, arch: Architecture | str | None = None,
-         baseline: ModelSpec | None = None, recipe: dict[str, Any] | None = None,
-         report: dict[str, Any] | None = None, save_weights: bool = True,
+def save(model: nn.Module, out_dir: str | Path, *, spec: ModelSpec | None = None,
+         arch: Architecture | str | None = None, baseline: ModelSpec | None = None,
+         recipe: dict[str, Any] | None = None, report: dict[str, Any] | None = None, save_weights: bool = True,
          overwrite: bool = False, extras: Sequence[str] = ()) -> Path:
     """Write ``model`` (and optionally its recipe and report) to ``out_dir`` atomically.
 

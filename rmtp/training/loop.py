@@ -40,11 +40,11 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
-from rmtp.run import distributed
 from rmtp.data import DataBundle
 from rmtp.data.augment import TrainAugment
 from rmtp.errors import RmtpError
 from rmtp.measure import agreement, top1
+from rmtp.run import distributed
 from rmtp.run.precision import autocast, check_precision
 from rmtp.training.config import TrainConfig
 from rmtp.training.pieces import (
@@ -397,7 +397,7 @@ def _restore(run: _Steps, state: TrainState, sampler: ResumableShuffle | Skippin
     """Put the run where ``state`` says (the model already holds its weights); the epoch to start."""
     if len(state.masks) != len(run.masks):
         raise RmtpError(f"resume: the checkpoint has {len(state.masks)} keep-zeros masks, the model {len(run.masks)}")
-    for (param, mask), saved in zip(run.masks, state.masks):
+    for (_param, mask), saved in zip(run.masks, state.masks):
         if saved.shape != mask.shape:
             raise RmtpError("resume: a keep-zeros mask of the checkpoint does not fit the model")
         mask.copy_(saved.to(mask))

@@ -13,8 +13,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from rmtp.contract.architecture import TokenBlocks
-from rmtp.errors import PluginError
 from rmtp.contract.hookspecs import hookimpl
+from rmtp.errors import PluginError
 from rmtp_plugins.architectures.vit import VitArchitecture, vit_token_blocks
 
 if TYPE_CHECKING:

@@ -23,8 +23,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from rmtp.contract.architecture import Coupling, TokenBlocks
-from rmtp.errors import PluginError
 from rmtp.contract.hookspecs import hookimpl
+from rmtp.errors import PluginError
 from rmtp_plugins.architectures.timm_family import LayerRule, TimmFamily, head_coupling, mlp_coupling, timm_mlp_problem
 
 if TYPE_CHECKING:

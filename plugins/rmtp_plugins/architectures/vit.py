@@ -17,8 +17,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from rmtp.contract.architecture import Coupling, TokenBlocks
-from rmtp.errors import PluginError
 from rmtp.contract.hookspecs import hookimpl
+from rmtp.errors import PluginError
 from rmtp_plugins.architectures.timm_family import (
     LayerRule,
     TimmFamily,

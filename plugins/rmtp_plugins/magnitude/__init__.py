@@ -14,9 +14,9 @@ This package is the plugin (entry point ``magnitude``), laid out as every built-
 
 from __future__ import annotations
 
-from rmtp.fidelity.accuracy_budget import StrengthKnob
 from rmtp.contract.hookspecs import hookimpl
-from rmtp.contract.pruner import PruneContext, Pruner, PrunerParams, PruneResult
+from rmtp.contract.pruner import PruneContext, Pruner, PruneResult, PrunerParams
+from rmtp.fidelity.accuracy_budget import StrengthKnob
 from rmtp_plugins.magnitude.params import MagnitudeParams
 
 __all__ = ["MagnitudeParams", "MagnitudePruner"]
@@ -29,7 +29,7 @@ class MagnitudePruner(Pruner):
     Params = MagnitudeParams
 
     @classmethod
-    def strength_knob(cls, params: PrunerParams, model=None) -> StrengthKnob | None:  # noqa: ANN001 - nn.Module
+    def strength_knob(cls, params: PrunerParams, model=None) -> StrengthKnob | None:
         """An accuracy budget searches ``sparsity`` (0, weak, up to 0.95 or the value given)."""
         return super().strength_knob(params, model) or StrengthKnob("sparsity", weak=0.0, strong=0.95,
                                                                     resolution=0.01)
@@ -41,5 +41,5 @@ class MagnitudePruner(Pruner):
 
 
 @hookimpl
-def register_pruners(register) -> None:  # noqa: ANN001 - pluggy passes the registry's callback
+def register_pruners(register) -> None:
     register(MagnitudePruner)

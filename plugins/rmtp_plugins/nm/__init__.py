@@ -25,10 +25,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from rmtp.fidelity.accuracy_budget import StrengthKnob
 from rmtp.contract.hookspecs import hookimpl
+from rmtp.contract.pruner import PruneContext, Pruner, PruneResult, PrunerParams
+from rmtp.fidelity.accuracy_budget import StrengthKnob
 from rmtp.lazy import lazy_exports
-from rmtp.contract.pruner import PruneContext, Pruner, PrunerParams, PruneResult
 from rmtp_plugins.nm.params import NmParams, pattern_density
 
 if TYPE_CHECKING:
@@ -91,12 +91,12 @@ __getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 @hookimpl
-def register_pruners(register) -> None:  # noqa: ANN001 - pluggy passes the registry's callback
+def register_pruners(register) -> None:
     register(NmPruner)
 
 
 @hookimpl
-def register_kernels(register) -> None:  # noqa: ANN001 - pluggy passes the registry's callback
+def register_kernels(register) -> None:
     register(semi_structured_kernel)  # rmtp bench runs 2:4 Linear layers on sparse kernels on CUDA
 
 

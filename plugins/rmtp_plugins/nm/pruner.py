@@ -44,9 +44,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rmtp.contract.pruner import LayerRow, PruneContext, PruneResult, weight_footprint
 from rmtp.errors import RmtpError
 from rmtp.fidelity.layerwise import LayerInputs, collect_input_stats, compress_sequentially
-from rmtp.contract.pruner import LayerRow, PruneContext, PruneResult, weight_footprint
 from rmtp.gemm import from_gemm, gemm_view
 from rmtp_plugins.nm import speed
 from rmtp_plugins.nm.budget import Option, allocate, layer_factor, mp_signal, z_scores

@@ -25,9 +25,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from rmtp.contract.pruner import PruneContext
 from rmtp.gemm import from_gemm, gemm_view
 from rmtp.latency.target import SpeedTarget, speed_target
-from rmtp.contract.pruner import PruneContext
 from rmtp_plugins.nm.masks import nm_mask
 from rmtp_plugins.nm.params import Pattern, pattern_density, pattern_name
 from rmtp_plugins.nm.permute import plain
@@ -70,7 +70,7 @@ def layer_times(ctx: PruneContext, plans: list[LayerPlan]) -> dict[str, LayerTim
     return out
 
 
-def _times(cost, ctx: PruneContext, module: nn.Module, shape: tuple[int, ...], patterns: list[tuple[int, int]],  # noqa: ANN001
+def _times(cost, ctx: PruneContext, module: nn.Module, shape: tuple[int, ...], patterns: list[tuple[int, int]],
            dtype: torch.dtype) -> LayerTimes:
     dense = cost.seconds([module], shape, what=type(module).__name__)[0]
     times = LayerTimes(dense=dense)

@@ -26,10 +26,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from rmtp.fidelity.accuracy_budget import StrengthKnob
 from rmtp.contract.hookspecs import hookimpl
+from rmtp.contract.pruner import PruneContext, Pruner, PruneResult, PrunerParams
+from rmtp.fidelity.accuracy_budget import StrengthKnob
 from rmtp.lazy import lazy_exports
-from rmtp.contract.pruner import PruneContext, Pruner, PrunerParams, PruneResult
 from rmtp_plugins.spp.params import SppParams
 
 _LAZY = {
@@ -53,7 +53,7 @@ class SppPruner(Pruner):
     needs_calibration = True
 
     @classmethod
-    def strength_knob(cls, params: PrunerParams, model=None) -> StrengthKnob | None:  # noqa: ANN001 - nn.Module
+    def strength_knob(cls, params: PrunerParams, model=None) -> StrengthKnob | None:
         """An accuracy budget searches ``ratio`` (0.02 removed, weak, up to the ratio given), or the
         speed target when one is given; ``ratios`` slices several levels, not one to choose."""
         knob = super().strength_knob(params, model)
@@ -81,5 +81,5 @@ def register_pruners(register: Callable[[type], None]) -> None:
 
 @hookimpl
 def import_saved_types() -> None:
-    import rmtp_plugins.spp.conv_modules  # noqa: F401 - spp.sliced_conv2d, spp.removed_conv2d, …
+    import rmtp_plugins.spp.conv_modules
     import rmtp_plugins.spp.modules  # noqa: F401 - spp.sliced_linear, spp.constant_branch, spp.attention_heads

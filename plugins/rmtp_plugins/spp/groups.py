@@ -30,12 +30,12 @@ from torch import nn
 from rmtp.contract.architecture import Architecture, Coupling, PrunableLayer
 from rmtp.errors import RmtpError
 from rmtp.gemm import gemm_view
+from rmtp_plugins.spp.channels import channel_problem, channel_unit, slice_channels
 from rmtp_plugins.spp.conv_modules import ConstantChannels, RemovedConv2d
 from rmtp_plugins.spp.heads import attention_problem, head_unit, slice_heads
 from rmtp_plugins.spp.mlp import mlp_problem, neuron_unit, slice_neurons
 from rmtp_plugins.spp.modules import ConstantBranch
 from rmtp_plugins.spp.path import Shared
-from rmtp_plugins.spp.channels import channel_problem, channel_unit, slice_channels
 from rmtp_plugins.spp.unit import KIND_OF, Kind, Unit, gate_shape
 
 __all__ = ["Kind", "Unit", "attention_problem", "extract", "find_units", "gated", "group_params", "mlp_problem",

@@ -24,9 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from rmtp.contract.architecture import Architecture
+from rmtp.contract.saved_types import ModelPatch, model_patch, rebuildable
 from rmtp.errors import RmtpError
 from rmtp.gemm import matrix_shape  # noqa: F401 - imported from here by plugins written before it moved
-from rmtp.contract.saved_types import ModelPatch, model_patch, rebuildable
 
 
 def sliced_parameters(layer: nn.Linear | nn.Conv2d, out: torch.Tensor | None, inputs: torch.Tensor | None
@@ -148,7 +148,7 @@ class AttentionHeads(ModelPatch):
 
     def apply(self, model: nn.Module) -> None:
         previous = {}
-        for path, heads in self.config.heads.items():
+        for path, _heads in self.config.heads.items():
             try:
                 previous[path] = _head_count(model.get_submodule(path))
             except AttributeError:

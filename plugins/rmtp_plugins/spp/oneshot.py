@@ -33,10 +33,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rmtp.errors import RmtpError
-from rmtp.gemm import from_gemm, gemm_view
-from rmtp.fidelity.layerwise import LayerInputs, compress_sequentially
 from rmtp.contract.pruner import PruneContext
+from rmtp.errors import RmtpError
+from rmtp.fidelity.layerwise import LayerInputs, compress_sequentially
+from rmtp.gemm import from_gemm, gemm_view
 from rmtp_plugins.spp.groups import slice_unit
 from rmtp_plugins.spp.obs import StructuredFit, remove_groups
 from rmtp_plugins.spp.params import SppParams

@@ -39,20 +39,20 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from rmtp.errors import RmtpError
 from rmtp.contract.pruner import LayerRow, PruneContext, PruneResult, weight_footprint
+from rmtp.errors import RmtpError
 from rmtp.training import kd_loss
 from rmtp_plugins.spp.groups import Unit, extract, find_units, gated, group_params, shared_params
-from rmtp_plugins.spp.path import (
-    SolutionPath,
-    Shared,
-    removal_count,
-    removed_params,
-    removal_mask,
-    split_lbi,
-)
 from rmtp_plugins.spp.obs import StructuredFit
 from rmtp_plugins.spp.params import SppParams
+from rmtp_plugins.spp.path import (
+    Shared,
+    SolutionPath,
+    removal_count,
+    removal_mask,
+    removed_params,
+    split_lbi,
+)
 from rmtp_plugins.spp.unit import weight_shape
 
 __all__ = ["PATH_FILE", "extract", "path_report", "prune", "search", "unit_footprint", "variant_name"]

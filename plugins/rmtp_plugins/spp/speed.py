@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from rmtp.latency.target import reach_checked, speed_target
 from rmtp.contract.pruner import PruneContext
+from rmtp.latency.target import reach_checked, speed_target
 from rmtp_plugins.spp.groups import extract
 from rmtp_plugins.spp.params import SppParams
 from rmtp_plugins.spp.path import Shared, removal_count, removal_mask

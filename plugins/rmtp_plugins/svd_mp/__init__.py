@@ -45,9 +45,9 @@ per-layer records :mod:`.pruner` and :mod:`.speed` share; :mod:`.speed` and :mod
 
 from __future__ import annotations
 
-from rmtp.fidelity.accuracy_budget import StrengthKnob
 from rmtp.contract.hookspecs import hookimpl
-from rmtp.contract.pruner import CalibrationUse, PruneContext, Pruner, PrunerParams, PruneResult
+from rmtp.contract.pruner import CalibrationUse, PruneContext, Pruner, PruneResult, PrunerParams
+from rmtp.fidelity.accuracy_budget import StrengthKnob
 from rmtp_plugins.svd_mp.params import SvdMpParams
 
 __all__ = ["SvdMpParams", "SvdMpPruner"]
@@ -68,7 +68,7 @@ class SvdMpPruner(Pruner):
         return "required" if whiten is True else "unused" if whiten is False else "optional"
 
     @classmethod
-    def strength_knob(cls, params: PrunerParams, model=None) -> StrengthKnob | None:  # noqa: ANN001 - nn.Module
+    def strength_knob(cls, params: PrunerParams, model=None) -> StrengthKnob | None:
         """An accuracy budget searches ``target_params`` (0.95 of the selected layers' weights kept,
         weak, down to 0.2 or the value given), or the speed target when one is given."""
         return super().strength_knob(params, model) or StrengthKnob("target_params", weak=0.95, strong=0.2,
@@ -81,7 +81,7 @@ class SvdMpPruner(Pruner):
 
 
 @hookimpl
-def register_pruners(register) -> None:  # noqa: ANN001 - pluggy passes the registry's callback
+def register_pruners(register) -> None:
     register(SvdMpPruner)
 
 

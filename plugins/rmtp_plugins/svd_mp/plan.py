@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from rmtp_plugins.svd_mp.lowrank import LOW_RANK_TYPES
 from rmtp.spectral.mp import MPFit, weight_matrix
+from rmtp_plugins.svd_mp.lowrank import LOW_RANK_TYPES
 
 
 @dataclass

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from rmtp_plugins.svd_mp.lowrank import LOW_RANK_TYPES, factor_svds, refactorize
 from rmtp.contract.pruner import LayerRow, PruneContext, PruneResult, weight_footprint
 from rmtp.spectral.mp import fit_mp, weight_matrix
+from rmtp_plugins.svd_mp.lowrank import LOW_RANK_TYPES, factor_svds, refactorize
 from rmtp_plugins.svd_mp.plan import LayerPlan, Matrix
 from rmtp_plugins.svd_mp.speed import factorized, plan_in_time, uses_time
 from rmtp_plugins.svd_mp.whitening import (
@@ -170,7 +170,7 @@ def _apply_sequentially(ctx: PruneContext, plans: list[LayerPlan], params: SvdMp
     by_name = {plan.name: plan for plan in plans}
     rows: dict[str, LayerRow] = {}
 
-    def compress(name: str, module: nn.Module, inputs) -> None:  # noqa: ANN001 - rmtp.fidelity.layerwise.LayerInputs
+    def compress(name: str, module: nn.Module, inputs) -> None:
         plan = by_name[name]
         if inputs.count and inputs.gram is not None:
             _rewhiten(plan, input_root(weight_order_gram(module, inputs.gram), inputs.count))
@@ -301,7 +301,8 @@ def _allocate_globally(plans: list[LayerPlan], params: SvdMpParams) -> None:
     the loosest τ that fits the budget is found by bisection over the observed scores.
     """
     active = [p for p in plans if not p.skipped]
-    budget = params.target_params * sum(p.dense_cost() for p in plans) - sum(p.current_cost() for p in plans if p.skipped)
+    budget = (params.target_params * sum(p.dense_cost() for p in plans)
+              - sum(p.current_cost() for p in plans if p.skipped))
     scores = {id(m): m.scores() for p in active for m in p.matrices}
 
     def set_threshold(tau: float) -> int:

@@ -31,10 +31,10 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from rmtp.contract.pruner import PruneContext
 from rmtp.latency.cost import interpolate, monotone, round_up
 from rmtp.latency.target import SpeedTarget, reach_checked, speed_target
 from rmtp_plugins.svd_mp.lowrank import factorize, factorize_blocks
-from rmtp.contract.pruner import PruneContext
 from rmtp_plugins.svd_mp.plan import LayerPlan, Matrix
 
 if TYPE_CHECKING:
@@ -58,7 +58,7 @@ def uses_time(params: SvdMpParams) -> bool:
 
 
 def plan_in_time(ctx: PruneContext, plans: list[LayerPlan], params: SvdMpParams,
-                 clamp) -> dict[str, Any] | None:  # noqa: ANN001 - pruner._clamp
+                 clamp) -> dict[str, Any] | None:
     """Time the candidate splits, then set ranks for the speed target (if any) and mark the
     layers that stay dense (``plan.dense_reason``); returns the prediction for the step's report
     (:meth:`~rmtp.latency.target.SpeedTarget.speed_plan`), None when the step predicts none."""
@@ -123,14 +123,14 @@ def plan_in_time(ctx: PruneContext, plans: list[LayerPlan], params: SvdMpParams,
 WHOLE_NOT_FASTER = "the split model, timed whole, was not faster: see the step's notes"
 
 
-def _keep_dense(plans: list[LayerPlan], split_now) -> None:  # noqa: ANN001 - plan_in_time's closure
+def _keep_dense(plans: list[LayerPlan], split_now) -> None:
     """Every layer that would split stays dense, unchanged (the whole split model was not faster)."""
     for plan in [p for p in plans if split_now(p) is not None]:
         plan.dense_reason = WHOLE_NOT_FASTER
 
 
-def _check_whole(ctx: PruneContext, target: SpeedTarget, plans: list[LayerPlan], savings, split_copy,  # noqa: ANN001
-                 split_now) -> None:  # noqa: ANN001
+def _check_whole(ctx: PruneContext, target: SpeedTarget, plans: list[LayerPlan], savings, split_copy,
+                 split_now) -> None:
     """``only_if_faster`` on the whole model (measured cost, no target): each split is faster
     alone, but together in the model they can be slower (a default run measured ×0.69 where the
     figures said ×1.15), so the split model is timed against dense and, unless it is faster than
@@ -140,7 +140,7 @@ def _check_whole(ctx: PruneContext, target: SpeedTarget, plans: list[LayerPlan],
 
 
 def _reach(ctx: PruneContext, target: SpeedTarget, plans: list[LayerPlan], params: SvdMpParams, clamp,
-           round_to: int | None, savings, split_copy) -> bool:  # noqa: ANN001
+           round_to: int | None, savings, split_copy) -> bool:
     """Loosest s/s₊ threshold whose ranks reach ``target`` (the fastest measured if none does), the
     choice checked on the whole split model (:func:`rmtp.latency.target.reach_checked`). False when
     no split model timed was faster than the model as it came: then no layer should split."""
@@ -193,7 +193,7 @@ def _time_grids(ctx: PruneContext, plans: list[LayerPlan]) -> dict[str, LayerSpe
     return speeds
 
 
-def _grid(cost, plan: LayerPlan, input_shape: tuple[int, ...], points: int,  # noqa: ANN001 - CostModel
+def _grid(cost, plan: LayerPlan, input_shape: tuple[int, ...], points: int,
           round_to: int | None) -> LayerSpeed:
     _, cols = plan.rows_cols
     caps = [max(1, math.floor(m.shape[0] * cols / (m.shape[0] + cols))) for m in plan.matrices]

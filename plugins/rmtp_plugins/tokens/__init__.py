@@ -20,11 +20,11 @@ from __future__ import annotations
 from abc import abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
-from rmtp.fidelity.accuracy_budget import StrengthKnob
-from rmtp.errors import PluginError
 from rmtp.contract.hookspecs import hookimpl
+from rmtp.contract.pruner import PruneContext, Pruner, PruneResult, PrunerParams
+from rmtp.errors import PluginError
+from rmtp.fidelity.accuracy_budget import StrengthKnob
 from rmtp.lazy import lazy_exports
-from rmtp.contract.pruner import PruneContext, Pruner, PrunerParams, PruneResult
 from rmtp_plugins.tokens.params import (
     PruneScheduleParams,
     TokenClsParams,
@@ -111,12 +111,12 @@ class TomePruner(TokenPruner):
     Params = TomeParams
 
     @classmethod
-    def schedule_knob(cls, model) -> StrengthKnob:  # noqa: ANN001 - nn.Module or None
+    def schedule_knob(cls, model) -> StrengthKnob:
         """``r`` from 0 (weak) to half the model's patches (100 before a model exists)."""
         patches = getattr(getattr(model, "patch_embed", None), "num_patches", None)
         return StrengthKnob("r", weak=0, strong=patches // 2 if patches else 100, integer=True)
 
-    def speed_strengths(self, ctx) -> list[object]:  # noqa: ANN001 - PruneContext
+    def speed_strengths(self, ctx) -> list[object]:
         return list(range(ctx.model.patch_embed.num_patches // 2 + 1))  # r: at most half the patches
 
     def plan(self, params: TomeParams, depth: int) -> TokenPlan:
@@ -133,7 +133,7 @@ __getattr__, __dir__ = lazy_exports(__name__, _LAZY)
 
 
 @hookimpl
-def register_commands(app) -> None:  # noqa: ANN001 - a typer.Typer
+def register_commands(app) -> None:
     from rmtp_plugins.tokens.cli import token_map_command
 
     app.command("token-map")(token_map_command)

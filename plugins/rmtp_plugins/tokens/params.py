@@ -9,9 +9,9 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from rmtp.errors import PluginError
 from rmtp.contract.param_types import one_speed_target, target_latency_ms_field, target_speedup_field
 from rmtp.contract.pruner import PrunerParams
+from rmtp.errors import PluginError
 from rmtp_plugins.tokens.schedule import keep_ratios
 
 KeepRatio = Annotated[float, Field(gt=0.0, le=1.0)]

@@ -45,8 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from rmtp.contract.architecture import Architecture
-from rmtp.errors import PluginError
 from rmtp.contract.saved_types import ModelPatch, model_patch, patches_of
+from rmtp.errors import PluginError
 from rmtp_plugins.tokens.merge import merge_tokens, prefix_attention, prune_tokens, received_attention
 from rmtp_plugins.tokens.plan import ABSets, Method, TokenPlan
 from rmtp_plugins.tokens.schedule import RelativeTo, merged_count, pruned_count
@@ -294,7 +294,8 @@ def token_class(mixin: type[nn.Module], original: type[nn.Module]) -> type[nn.Mo
     key = (mixin, original)
     if key not in _TOKEN_CLASSES:
         _TOKEN_CLASSES[key] = type(f"{mixin.__name__}[{original.__name__}]", (mixin, original),
-                                   {"__module__": __name__, "__qualname__": f"{mixin.__name__}[{original.__qualname__}]"})
+                                   {"__module__": __name__,
+                                    "__qualname__": f"{mixin.__name__}[{original.__qualname__}]"})
     return _TOKEN_CLASSES[key]
 
 

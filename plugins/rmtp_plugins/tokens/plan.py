@@ -33,7 +33,8 @@ class TokenPlan(BaseModel):
     relative_to: RelativeTo = Field("current", description="keep ratios apply to the current or the original count")
     min_tokens: int = Field(1, ge=1, description="cls/mean: never keep fewer patch tokens than this")
     fuse: bool = Field(False, description="cls/mean: fuse pruned tokens into one (EViT)")
-    score_from: Literal["cls", "prefix"] = Field("cls", description="cls: score rows from the class token or all prefix tokens")
+    score_from: Literal["cls", "prefix"] = Field(
+        "cls", description="cls: score rows from the class token or all prefix tokens")
     prop_attn: bool = Field(False, description="add log(size) to attention logits (proportional attention)")
     ab_sets: ABSets | None = Field(
         None, description="tome: which tokens alternate into sets A and B: 'sequence' (all, prefix tokens "

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from rmtp.errors import PluginError
 from rmtp.contract.pruner import LayerRow, PruneContext, PruneResult, weight_footprint
+from rmtp.errors import PluginError
 from rmtp_plugins.tokens.params import TokenParams
 from rmtp_plugins.tokens.plan import TokenPlan
 from rmtp_plugins.tokens.schedule import token_counts
@@ -26,8 +26,8 @@ def prune(ctx: PruneContext, params: TokenParams, *, name: str, plan: Planner,
           strengths: Callable[[PruneContext], list[object]]) -> PruneResult:
     """Patch ``ctx.model`` with the token pruner ``name``'s ``plan`` of ``params`` (for a speed
     target, of the gentlest of ``strengths(ctx)`` that reaches it); one row per block."""
-    from rmtp.data import model_input_size
     from rmtp.contract.saved_types import apply_patch
+    from rmtp.data import model_input_size
     from rmtp_plugins.tokens.patch import ALREADY_REDUCED, TokenReduction, token_reduction
 
     model = ctx.model

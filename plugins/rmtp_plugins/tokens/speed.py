@@ -24,9 +24,9 @@ from typing import Any
 from torch import nn
 
 from rmtp.contract.architecture import Architecture
+from rmtp.contract.pruner import PruneContext, PrunerParams
 from rmtp.latency.cost import interpolate, monotone, rank_grid
 from rmtp.latency.target import reach_checked, speed_target
-from rmtp.contract.pruner import PruneContext, PrunerParams
 from rmtp_plugins.tokens.plan import TokenPlan
 from rmtp_plugins.tokens.schedule import token_counts
 

@@ -16,7 +16,7 @@ __all__ = ["TokenClsParams", "TokenClsPruner"]  # their first home; declared in 
 
 
 @hookimpl
-def register_pruners(register) -> None:  # noqa: ANN001 - pluggy passes the registry's callback
+def register_pruners(register) -> None:
     register(TokenClsPruner)
 
 

@@ -23,7 +23,7 @@ __all__ = ["TomeParams", "TomePruner"]  # their first home; declared in rmtp_plu
 
 
 @hookimpl
-def register_pruners(register) -> None:  # noqa: ANN001 - pluggy passes the registry's callback
+def register_pruners(register) -> None:
     register(TomePruner)
 
 

@@ -11,6 +11,7 @@ are darkened.
 from __future__ import annotations
 
 from pathlib import Path
+
 import torch
 from torch import Tensor, nn
 
@@ -88,10 +89,10 @@ def visualize_run(folder: str | Path, out: str | Path | None = None, images: int
     The data (and its split seed) come from the folder's ``recipe.yaml`` when it has one, else
     the embedded digits.
     """
-    from rmtp.storage.atomic import check_writable
     from rmtp.data import DataSpec, build_data
-    from rmtp.storage.saving import load
     from rmtp.sources import saved_data
+    from rmtp.storage.atomic import check_writable
+    from rmtp.storage.saving import load
 
     folder = Path(folder)
     out = Path(out) if out is not None else folder / "token_map.png"
