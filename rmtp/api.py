@@ -140,7 +140,9 @@ def finetune(model: nn.Module, data: DataLike | DataLoader, /, *, teacher: nn.Mo
     """Fine-tune ``model`` in place on ``data`` (a :class:`~rmtp.data.DataBundle`, or a recipe's
     ``data:`` section as a mapping, built for ``model``); ``**config`` are a recipe's ``finetune:``
     keys (``epochs``, ``lr``, ``distill``, ``max_steps``, ``max_minutes``, ...). ``distill`` needs
-    ``teacher`` (the dense model). Exact zeros of masked layers (n:m, magnitude) stay zero.
+    ``teacher`` (the dense model). Exact zeros of masked layers (n:m, magnitude) stay zero. The
+    model comes back in eval mode (as from ``reconstruct``: what follows a recovery is evaluating or
+    saving it); call ``model.train()`` to go on training it yourself.
 
     Unlabeled images (``data.unlabeled: true``, or ``data`` a DataLoader of images or of (image,
     anything) batches, read as unlabeled: its dataset, batch size and workers; the loop shuffles with

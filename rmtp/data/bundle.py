@@ -15,6 +15,11 @@ from rmtp.data.spec import UNLABELED
 from rmtp.errors import DataError
 
 
+def batch_images(batch: object) -> torch.Tensor:
+    """The images of one loader batch: ``(images, labels, ...)`` or the images alone (an unlabeled
+    loader). Every calibration pass reads batches through this, so they accept the same loaders."""
+    return batch[0] if isinstance(batch, (tuple, list)) else batch  # type: ignore[index,return-value]
+
 @dataclass
 class DataBundle:
     """The three fixed splits of a run.

@@ -26,6 +26,7 @@ from torch.utils.data import (
     TensorDataset,
 )
 
+from rmtp.data.bundle import batch_images
 from rmtp.data.spec import UNLABELED
 from rmtp.errors import RmtpError
 from rmtp.run.precision import autocast
@@ -73,7 +74,8 @@ def _sized_dataset(loader: DataLoader) -> Dataset:
         return dataset
     images, labels = [], []
     for batch in loader:
-        x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) and len(batch) > 1 else (_images(batch), None)
+        labelled = isinstance(batch, (tuple, list)) and len(batch) > 1
+        x, y = (batch[0], batch[1]) if labelled else (batch_images(batch), None)
         images.append(x)
         labels.append(y if y is not None else torch.full((len(x),), UNLABELED, dtype=torch.long))
     if not images:
@@ -89,10 +91,6 @@ def images_of(data: Iterable | Dataset, limit: int | None = None, batch: int = 6
     if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
         data = DataLoader(data, batch_size=batch, shuffle=False)
     return calibration_images(data, limit, who=None).cpu()
-
-
-def _images(batch: object) -> torch.Tensor:
-    return batch[0] if isinstance(batch, (tuple, list)) else batch  # type: ignore[index,return-value]
 
 
 class DenseReference:

@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from rmtp.data.bundle import batch_images
 from rmtp.errors import RmtpError
 from rmtp.run.progress import NULL_PROGRESS, Progress
 from rmtp.training.config import ReconstructConfig
@@ -195,7 +196,7 @@ def calibration_images(loader: Iterable, limit: int | None, *, who: str | None =
     (``who`` starts the error when there are none)."""
     chunks, count = [], 0
     for batch in loader:
-        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        images = batch_images(batch)
         chunks.append(images)
         count += len(images)
         if limit is not None and count >= limit:

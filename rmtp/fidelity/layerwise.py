@@ -38,6 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rmtp.data.bundle import batch_images
 from rmtp.run.progress import NULL_PROGRESS, Progress
 
 __all__ = ["LayerInputs", "collect_input_stats", "compress_sequentially", "input_columns"]
@@ -108,10 +109,6 @@ def input_columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return cols.reshape(b, c, rs, positions).permute(0, 3, 2, 1).reshape(b * positions, rs * c)
 
 
-def _images(batch) -> torch.Tensor:
-    return batch[0] if isinstance(batch, (list, tuple)) else batch
-
-
 @contextmanager
 def _inference(model: nn.Module) -> Iterator[None]:
     """Eval mode and no grad for the calibration passes; the caller's mode comes back after."""
@@ -148,7 +145,7 @@ def collect_input_stats(model: nn.Module, layers: dict[str, nn.Module], loader: 
         for index, batch in enumerate(loader):
             if max_batches is not None and index >= max_batches:
                 break
-            images = _images(batch)
+            images = batch_images(batch)
             current["images"] = images.shape[0]
             with autocast(precision, device):
                 model(images.to(device))
@@ -183,7 +180,7 @@ def _forward_order(model: nn.Module, names: Sequence[str], calibration: Iterable
         for batch in calibration:
             try:
                 with autocast(precision, device):
-                    model(_images(batch).to(device))
+                    model(batch_images(batch).to(device))
             except _Captured:
                 pass
             break
@@ -207,7 +204,7 @@ def _layer_inputs(model: nn.Module, name: str, calibration: Iterable, device: to
     with ExitStack() as stack, _inference(model):
         stack.callback(module.register_forward_pre_hook(record).remove)
         for batch in calibration:
-            images = _images(batch)
+            images = batch_images(batch)
             current["images"] = images.shape[0]
             try:
                 with autocast(precision, device):

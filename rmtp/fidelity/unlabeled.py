@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from rmtp.data.bundle import batch_images
 from rmtp.errors import RmtpError
 from rmtp.measure.running import evaluating
 from rmtp.reports.records import StepReport
@@ -48,7 +49,7 @@ def dense_labelled(loader: DataLoader, dense: nn.Module, device: torch.device,
     with progress.task("evaluating dense model", total=len(loader)) as advance, \
             evaluating(dense), torch.inference_mode():
         for batch in loader:
-            images = batch[0] if isinstance(batch, (tuple, list)) else batch
+            images = batch_images(batch)
             labels.extend(dense(images.to(device)).argmax(dim=-1).tolist())
             advance()
     if len(labels) != len(loader.dataset):

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from rmtp.data.bundle import batch_images
 from rmtp.errors import DataError
 from rmtp.measure.running import check_model_on, evaluating
 from rmtp.run.device import DeviceLike, resolve_device
@@ -90,7 +91,7 @@ def agreement(model: nn.Module, reference: nn.Module, loader: DataLoader, *, dev
     agree = seen = done = 0
     with evaluating(model), evaluating(reference), torch.inference_mode():
         for batch in loader:
-            images = (batch[0] if isinstance(batch, (tuple, list)) else batch).to(dev, non_blocking=True)
+            images = batch_images(batch).to(dev, non_blocking=True)
             with autocast(precision, dev):
                 agree += int((model(images).argmax(dim=-1) == reference(images).argmax(dim=-1)).sum())
             seen += int(images.shape[0])
