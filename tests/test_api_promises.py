@@ -184,3 +184,15 @@ def test_the_readme_svd_mp_example_plans_for_the_quickstart_batch(tmp_path) -> N
     settings = LatencySettings.model_validate(call.get("latency") or {})
     assert (settings.batch, settings.threads) == (prune.latency.batch, prune.latency.threads)
     assert call["margin"] == prune.params.margin
+
+
+def test_every_api_call_reports_its_own_wall_time() -> None:
+    """``report.seconds`` of a call through the API is its wall time, as a recipe step's is (it was
+    0.0 outside a recipe)."""
+    model = _tiny_vit()
+    dense = rmtp.frozen_copy(model)
+    images = DataLoader(TensorDataset(_images()), batch_size=3)
+    reports = [rmtp.prune(model, "magnitude", sparsity=0.5),
+               rmtp.finetune(model, images, teacher=dense, distill={"weight": 1.0}, max_steps=1),
+               rmtp.reconstruct(model, images, dense=dense, steps=1)]
+    assert all(report.seconds > 0 for report in reports), [report.seconds for report in reports]

@@ -11,6 +11,8 @@ paths cannot drift apart.
 from __future__ import annotations
 
 import copy
+import functools
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -50,6 +52,22 @@ def model_stats(model: nn.Module, input_shape: tuple[int, ...], device: torch.de
                       attention_macs=summary["attention_macs"], top1=top1)
 
 
+def timed(step: Callable[..., StepReport]) -> Callable[..., StepReport]:
+    """A step function whose report carries its own wall time, so that a call through the API
+    (``rmtp.prune``, ``rmtp.finetune``, ...) says how long it took as a recipe run does (the
+    pipeline measures again around the whole step, stats included)."""
+
+    @functools.wraps(step)
+    def run(*args: object, **kwargs: object) -> StepReport:
+        started = time.perf_counter()
+        report = step(*args, **kwargs)
+        report.seconds = time.perf_counter() - started
+        return report
+
+    return run
+
+
+@timed
 def prune_step(model: nn.Module, step: ResolvedPrune, *, arch: Architecture, device: torch.device, seed: int,
                input_shape: tuple[int, ...], dense: nn.Module | None = None, calibration: DataLoader | None = None,
                scoring: DataLoader | None = None, progress: Progress = NULL_PROGRESS,
@@ -333,6 +351,7 @@ def _check_speed(ctx: PruneContext, speed_plan: dict, notes: list[str]) -> dict:
     return plan
 
 
+@timed
 def finetune_step(model: nn.Module, data: DataBundle, config: TrainConfig, *, device: torch.device,
                   input_shape: tuple[int, ...], teacher: nn.Module | None = None, penalize: Sequence[str] = (),
                   progress: Progress = NULL_PROGRESS, index: int = 0, label: str = "finetune",
@@ -369,6 +388,7 @@ def finetune_step(model: nn.Module, data: DataBundle, config: TrainConfig, *, de
                       history=history)
 
 
+@timed
 def reconstruct_step(model: nn.Module, dense: nn.Module, calibration: Iterable, config: ReconstructConfig, *,
                      arch: Architecture, device: torch.device, input_shape: tuple[int, ...], seed: int = 0,
                      progress: Progress = NULL_PROGRESS, index: int = 0,
@@ -413,6 +433,7 @@ def top1_with_progress(model: nn.Module, loader: DataLoader, device: torch.devic
         return measure.top1(model, loader, device=device, progress=lambda done, total: advance(), precision=precision)
 
 
+@timed
 def evaluate_step(model: nn.Module, loader: DataLoader, settings: EvaluateParams, *, device: torch.device,
                   input_shape: tuple[int, ...], dense: nn.Module | None = None, dense_top1: float | None = None,
                   progress: Progress = NULL_PROGRESS, index: int = 0, label: str = "evaluate") -> StepReport:
