@@ -120,16 +120,18 @@ def prune(model: nn.Module, pruner: str | type[Pruner], /, *, arch: str | Archit
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Remove every forward-pass patch (a token pruner's token reduction) from ``model``, newest
-    first, and return it: its forward is then the plain timm one again, with the same weights.
+    """Remove the forward-pass patches that change which tokens the blocks see (a token pruner's
+    token reduction) from ``model``, newest first down to the first record of structure, and
+    return it: its forward is then the model's own again, with the same weights.
 
     Why: token reducers replace a ViT's forward pass and do not stack, so a second token pruner
     on the same model is refused ("already token-reduced") until the first one's patch is removed.
-    A model with no patch is returned unchanged.
+    A record of structure (spp's head counts, ``changes_tokens`` false) stays: it belongs to the
+    sliced layers, which the model keeps. A model with no such patch is returned unchanged.
     """
     from rmtp.contract.saved_types import patches_of, remove_patch
 
-    while patches_of(model):
+    while patches_of(model) and patches_of(model)[-1].changes_tokens:
         remove_patch(model)
     return model
 

@@ -161,3 +161,23 @@ def test_token_pruners_refuse_swin_with_the_reason(pruner: str) -> None:
                                         f"within fixed windows"):
         rmtp.prune(model, pruner)
     assert not describe_patches(model)
+
+
+def test_unpatch_takes_off_the_token_patch_and_keeps_the_head_record() -> None:
+    """spp's head record belongs to the sliced layers: ``rmtp.unpatch`` removes tome above it and
+    leaves it, so the model runs as the head-pruned one (removing it would break the reshape)."""
+    model = _deit()
+    arch = get_plugins().architecture("deit")
+    units = find_units(model, arch.couplings(model), arch.prunable_layers(model), ("heads",), arch=arch)
+    remove = torch.zeros(sum(u.count for u in units), dtype=torch.bool)
+    remove[units[1].offset] = True
+    extract(model, units, remove)
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        heads_only = model(images)
+    rmtp.prune(model, "tome", r=2)
+    rmtp.unpatch(model)
+    assert [entry["type"] for entry in describe_patches(model)] == ["spp.attention_heads"]
+    assert model.blocks[1].attn.num_heads == 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), heads_only, atol=0, rtol=0)

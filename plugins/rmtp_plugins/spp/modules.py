@@ -115,9 +115,11 @@ class AttentionHeads(ModelPatch):
 
     The architecture sets the count on each module (:meth:`~rmtp.contract.architecture.Architecture.set_head_count`:
     ``num_heads``/``attn_dim`` of timm's ``Attention`` for ``vit`` and ``deit``). ``apply`` checks
-    every module first (the architecture refuses sizes that do not fit) and changes nothing when
-    one is refused; ``remove`` restores the previous head counts (the layers stay sliced: removing
-    the patch alone does not give back the dense model).
+    every module (the architecture refuses sizes that do not fit) and, when one is refused, puts
+    back the counts it already set where they still fit (on load the model is discarded anyway).
+    The record belongs to the sliced layers, so ``rmtp.unpatch`` leaves it in place; ``remove``
+    restores the previous counts only where the layers were given back their size, and otherwise
+    leaves the counts the layers hold (the model keeps running).
     """
 
     changes_tokens = False  # it records head counts; every token still goes through every block
@@ -159,8 +161,8 @@ class AttentionHeads(ModelPatch):
                 self.arch.set_head_count(model, path, heads)
                 done.append(path)
         except RmtpError as exc:
-            for path in done:  # leave the model as it came
-                self.arch.set_head_count(model, path, previous[path])
+            for path in done:
+                self._restore(model, path, previous[path])
             raise RmtpError(f"spp heads patch: {exc}") from None
         self._previous.update(previous)
 
@@ -183,8 +185,15 @@ class AttentionHeads(ModelPatch):
     def remove(self, model: nn.Module) -> None:
         for path, heads in self._previous.items():
             if not isinstance(model.get_submodule(path), ConstantBranch):  # a later step removed it entirely
-                self.arch.set_head_count(model, path, heads)
+                self._restore(model, path, heads)
         self._previous = {}
+
+    def _restore(self, model: nn.Module, path: str, heads: int) -> None:
+        """Set an earlier head count back where the layers fit it (they may still be sliced)."""
+        try:
+            self.arch.set_head_count(model, path, heads)
+        except RmtpError:
+            pass  # the layers hold the sliced heads: their count stays, the model keeps running
 
 
 def _head_count(attn: nn.Module) -> int:
