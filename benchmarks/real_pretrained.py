@@ -134,6 +134,9 @@ METHODS: tuple[Method, ...] = (
     Method("nm-2:4-wanda", "n:m 2:4, Wanda", "n:m", {**_NM_24, "score": "wanda"}, calibrate=True),
     Method("nm-2:4-sparsegpt", "n:m 2:4, SparseGPT", "n:m", {**_NM_24, "score": "sparsegpt"}, calibrate=True,
            pending="n:m score: sparsegpt (issue 21 item 3)"),
+    # each row's kept weights then refitted by least squares on the calibration inputs (n:m's refit)
+    Method("nm-2:4-sparsegpt-refit", "n:m 2:4, SparseGPT + refit", "n:m",
+           {**_NM_24, "score": "sparsegpt", "refit": True}, calibrate=True),
     Method("magnitude-50", "magnitude 50% global", "magnitude", {"sparsity": 0.5, "scope": "global"}),
     # a short search, 25 steps of 16 images (400 images, 1.6 passes over 256): spp's default 200 × 64 is
     # about an hour for ViT-Ti on 2 shared cores (a forward + backward of 64 images took 12-27 s there)
@@ -154,6 +157,8 @@ METHODS: tuple[Method, ...] = (
     # recovery (issue 21 item 6): block-wise reconstruction on the 256 calibration images, no labels
     Method("nm-2:4-sparsegpt+rc", f"n:m 2:4, SparseGPT + {_RC_LABEL}", "n:m", {**_NM_24, "score": "sparsegpt"},
            calibrate=True, reconstruct=_RC),
+    Method("nm-2:4-sparsegpt-refit+rc", f"n:m 2:4, SparseGPT + refit + {_RC_LABEL}", "n:m",
+           {**_NM_24, "score": "sparsegpt", "refit": True}, calibrate=True, reconstruct=_RC),
     Method("svd-mp-whitened-1p-p0.9+rc", f"svd-mp whitened, target_params 0.9 + {_RC_LABEL}", "svd-mp",
            {"target_params": 0.9, "whiten": True, "sequential": False}, calibrate=True, reconstruct=_RC),
     Method("spp-obs-0.25+rc", f"spp obs, 25% of MLP neurons + {_RC_LABEL}", "spp", _SPP_OBS, calibrate=True,
