@@ -25,7 +25,13 @@ from typing import TYPE_CHECKING
 from rmtp.contract.architecture import Coupling, TokenBlocks
 from rmtp.contract.hookspecs import hookimpl
 from rmtp.errors import PluginError
-from rmtp_plugins.architectures.timm_family import LayerRule, TimmFamily, head_coupling, mlp_coupling, timm_mlp_problem
+from rmtp_plugins.architectures.timm_family import (
+    LayerRule,
+    TimmFamily,
+    attention_and_mlp_couplings,
+    fused_qkv_split,
+    timm_mlp_problem,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -52,23 +58,13 @@ class SwinArchitecture(TimmFamily):
 
     def qkv_split(self, layer_name: str, module: nn.Module) -> dict[str, slice] | None:
         """q, k and v as thirds of ``attn.qkv``'s output rows, the order the window attention unbinds them in."""
-        from torch import nn
-
-        if not _QKV.matches(layer_name) or not isinstance(module, nn.Linear) or module.out_features % 3:
-            return None
-        dim = module.out_features // 3
-        return {"q": slice(0, dim), "k": slice(dim, 2 * dim), "v": slice(2 * dim, 3 * dim)}
+        return fused_qkv_split(_QKV, layer_name, module)
 
     def couplings(self, model: nn.Module) -> list[Coupling]:
         """Per block: the window attention's heads (v rows of ``attn.qkv`` → ``attn.proj``; n:m may
         permute channels within a head, which leaves every head's bias in place) and the MLP's
         hidden neurons."""
-        found: list[Coupling] = []
-        for block_name, _ in self._blocks(model):
-            heads = head_coupling(model, f"{block_name}.attn")
-            neurons = mlp_coupling(model, f"{block_name}.mlp")
-            found += [c for c in (heads, neurons) if c is not None]
-        return found
+        return attention_and_mlp_couplings(self, model)
 
     def removal_problem(self, model: nn.Module, coupling: Coupling) -> str | None:
         """Neurons of timm's ``Mlp`` can be removed; heads cannot (the module docstring says why)."""

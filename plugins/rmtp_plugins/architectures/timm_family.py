@@ -230,3 +230,25 @@ def timm_mlp_problem(mlp: nn.Module) -> str | None:
     if type(mlp) is not Mlp:
         return f"a {type(mlp).__name__}, not timm's Mlp (gated MLPs such as SwiGLU are not supported)"
     return None
+
+
+def fused_qkv_split(rule: LayerRule, layer_name: str, module: nn.Module) -> dict[str, slice] | None:
+    """q, k and v as thirds of a fused qkv Linear's output rows (all of q, then k, then v: the order
+    timm's attentions unbind them in), for a layer named by ``rule``; ``None`` for any other."""
+    from torch import nn
+
+    if not rule.matches(layer_name) or not isinstance(module, nn.Linear) or module.out_features % 3:
+        return None
+    dim = module.out_features // 3
+    return {"q": slice(0, dim), "k": slice(dim, 2 * dim), "v": slice(2 * dim, 3 * dim)}
+
+
+def attention_and_mlp_couplings(family: TimmFamily, model: nn.Module) -> list[Coupling]:
+    """Per block of ``family``, in forward order: the heads of its ``attn`` (:func:`head_coupling`)
+    and the hidden neurons of its ``mlp`` (:func:`mlp_coupling`), where the sizes say so."""
+    found: list[Coupling] = []
+    for block_name, _ in family._blocks(model):
+        heads = head_coupling(model, f"{block_name}.attn")
+        neurons = mlp_coupling(model, f"{block_name}.mlp")
+        found += [c for c in (heads, neurons) if c is not None]
+    return found

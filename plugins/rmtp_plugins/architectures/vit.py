@@ -22,8 +22,8 @@ from rmtp.errors import PluginError
 from rmtp_plugins.architectures.timm_family import (
     LayerRule,
     TimmFamily,
-    head_coupling,
-    mlp_coupling,
+    attention_and_mlp_couplings,
+    fused_qkv_split,
     timm_attention_problem,
     timm_mlp_problem,
 )
@@ -62,22 +62,12 @@ class VitArchitecture(TimmFamily):
 
     def qkv_split(self, layer_name: str, module: nn.Module) -> dict[str, slice] | None:
         """q, k and v as thirds of ``attn.qkv``'s output rows, the order timm's attention unbinds them in."""
-        from torch import nn
-
-        if not _QKV.matches(layer_name) or not isinstance(module, nn.Linear) or module.out_features % 3:
-            return None
-        dim = module.out_features // 3
-        return {"q": slice(0, dim), "k": slice(dim, 2 * dim), "v": slice(2 * dim, 3 * dim)}
+        return fused_qkv_split(_QKV, layer_name, module)
 
     def couplings(self, model: nn.Module) -> list[Coupling]:
         """Per block: the attention heads (v rows of ``attn.qkv`` → ``attn.proj``, head_dim channels a
         head) and the MLP's hidden neurons (``mlp.fc1`` → ``mlp.fc2``)."""
-        found: list[Coupling] = []
-        for block_name, _ in self._blocks(model):
-            heads = head_coupling(model, f"{block_name}.attn")
-            neurons = mlp_coupling(model, f"{block_name}.mlp")
-            found += [c for c in (heads, neurons) if c is not None]
-        return found
+        return attention_and_mlp_couplings(self, model)
 
     def removal_problem(self, model: nn.Module, coupling: Coupling) -> str | None:
         """Heads of timm's ``Attention`` (no output gate, no norm over the heads) and neurons of
