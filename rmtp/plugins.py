@@ -19,7 +19,7 @@ import importlib.metadata
 import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import pluggy
 
@@ -125,6 +125,38 @@ class Plugins:
         names = ", ".join(cls.name for cls in matching)
         raise PluginError(f"several architecture plugins cover {model_name!r} ({names}); name one (model.arch in a "
                           f"recipe, --arch on the command line)")
+
+
+class ArchitectureRef:
+    """The architecture a saved patch record names: an instance (as a pruner hands it over) or a
+    registered name (as a record read from a folder gives it), looked up on first use.
+
+    Why: a forward-pass patch that asks its family something when it is applied (token blocks,
+    head counts) is re-applied by :func:`rmtp.load` with nothing but its record, so the record
+    names the family. ``vit`` is left out of records (:meth:`recorded_in`): every record written
+    before families were named was a vit's, and reads back as one.
+    """
+
+    #: The family a record without ``arch`` belongs to.
+    UNNAMED = "vit"
+
+    def __init__(self, arch: str | Architecture = UNNAMED):
+        if isinstance(arch, Architecture):
+            self.name, self._instance = arch.name, arch
+        elif isinstance(arch, str):
+            self.name, self._instance = arch, None
+        else:
+            raise PluginError(f"arch must be an architecture or its registered name, got {type(arch).__name__}")
+
+    def get(self) -> Architecture:
+        """The architecture instance."""
+        if self._instance is None:
+            self._instance = get_plugins().architecture(self.name)
+        return self._instance
+
+    def recorded_in(self, config: dict[str, Any]) -> dict[str, Any]:
+        """``config`` with ``arch`` added, unless the family is the one a record without it means."""
+        return config if self.name == self.UNNAMED else {**config, "arch": self.name}
 
 
 def disabled_from_env() -> set[str]:

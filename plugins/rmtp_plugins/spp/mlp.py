@@ -39,7 +39,8 @@ def mlp_problem(mlp: nn.Module) -> str | None:
     if not (linear or (_pointwise_conv(mlp.fc1) and _pointwise_conv(mlp.fc2))):
         return (f"its fc1/fc2 are {type(mlp.fc1).__name__}/{type(mlp.fc2).__name__}, not plain Linears or "
                 f"1×1 convolutions (run spp before layer-replacing pruners such as svd-mp)")
-    if not isinstance(getattr(mlp, "norm", nn.Identity()), nn.Identity):
+    norm = getattr(mlp, "norm", None)
+    if norm is not None and not isinstance(norm, nn.Identity):
         return "it normalises the hidden layer, which mixes neurons"
     return None
 

@@ -27,6 +27,7 @@ from rmtp.contract.architecture import Architecture
 from rmtp.contract.saved_types import ModelPatch, model_patch, rebuildable
 from rmtp.errors import RmtpError
 from rmtp.gemm import matrix_shape  # noqa: F401 - imported from here by plugins written before it moved
+from rmtp.plugins import ArchitectureRef
 
 
 def sliced_parameters(layer: nn.Linear | nn.Conv2d, out: torch.Tensor | None, inputs: torch.Tensor | None
@@ -105,8 +106,7 @@ class _HeadsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     heads: dict[str, int] = Field(description="attention module path → its number of heads after slicing")
-    arch: str = Field("vit", description="the architecture that records head counts (omitted for vit, which "
-                                         "every record written before the field existed was)")
+    # and ``arch``: the architecture that records head counts (rmtp.plugins.ArchitectureRef)
 
 
 @model_patch("spp.attention_heads", aliases=["rmtp_plugins._spp_modules.AttentionHeads"])
@@ -124,33 +124,24 @@ class AttentionHeads(ModelPatch):
 
     changes_tokens = False  # it records head counts; every token still goes through every block
 
-    def __init__(self, arch: str | Architecture = "vit", **config: Any):
-        name = arch.name if isinstance(arch, Architecture) else arch
-        self.config = _HeadsConfig(arch=name, **config)
-        self._arch = arch if isinstance(arch, Architecture) else None
+    def __init__(self, arch: str | Architecture = ArchitectureRef.UNNAMED, **config: Any):
+        self._arch = ArchitectureRef(arch)
+        self.config = _HeadsConfig(**config)
         self._previous: dict[str, int] = {}
 
     @property
     def arch(self) -> Architecture:
-        """The architecture instance (a registered one looked up by name on first use)."""
-        if self._arch is None:
-            from rmtp.plugins import get_plugins
-
-            self._arch = get_plugins().architecture(self.config.arch)
-        return self._arch
+        return self._arch.get()
 
     def rmtp_config(self) -> dict[str, Any]:
-        config: dict[str, Any] = {"heads": dict(self.config.heads)}
-        if self.config.arch != "vit":
-            config["arch"] = self.config.arch
-        return config
+        return self._arch.recorded_in({"heads": dict(self.config.heads)})
 
     def __repr__(self) -> str:
         return f"AttentionHeads({self.config.heads})"
 
     def apply(self, model: nn.Module) -> None:
         previous = {}
-        for path, _heads in self.config.heads.items():
+        for path in self.config.heads:
             try:
                 previous[path] = _head_count(model.get_submodule(path))
             except AttributeError:

@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from rmtp.contract.architecture import Architecture
 from rmtp.contract.saved_types import ModelPatch, model_patch, patches_of
 from rmtp.errors import PluginError
+from rmtp.plugins import ArchitectureRef
 from rmtp_plugins.tokens.merge import merge_tokens, prefix_attention, prune_tokens, received_attention
 from rmtp_plugins.tokens.plan import ABSets, Method, TokenPlan
 from rmtp_plugins.tokens.schedule import RelativeTo, merged_count, pruned_count
@@ -332,29 +333,19 @@ class TokenReduction(ModelPatch):
     written before the field existed was.
     """
 
-    def __init__(self, arch: str | Architecture = "vit", **config: Any):
-        self.arch_name = arch.name if isinstance(arch, Architecture) else arch
-        if not isinstance(self.arch_name, str):
-            raise PluginError(f"token patch: arch must be an architecture name, got {type(arch).__name__}")
-        self._arch = arch if isinstance(arch, Architecture) else None
+    def __init__(self, arch: str | Architecture = ArchitectureRef.UNNAMED, **config: Any):
+        self._arch = ArchitectureRef(arch)
         self.plan = TokenPlan(**_upgrade_record(config))
 
     @property
     def arch(self) -> Architecture:
-        """The architecture instance (a registered one looked up by name on first use)."""
-        if self._arch is None:
-            from rmtp.plugins import get_plugins
-
-            self._arch = get_plugins().architecture(self.arch_name)
-        return self._arch
+        return self._arch.get()
 
     def rmtp_config(self) -> dict[str, Any]:
         config = self.plan.model_dump(mode="json")
         if config["ab_sets"] is None:
             del config["ab_sets"]  # token-cls / token-mean records stay as older rmtp wrote and reads them
-        if self.arch_name != "vit":
-            config["arch"] = self.arch_name
-        return config
+        return self._arch.recorded_in(config)
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.plan.model_dump(exclude_defaults=True).items())
