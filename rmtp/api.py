@@ -52,7 +52,8 @@ def prune(model: nn.Module, pruner: str | type[Pruner], /, *, arch: str | Archit
           device: str | torch.device | None = None, seed: int = 0, input_shape: tuple[int, ...] | None = None,
           plugins: Plugins | None = None, progress: Progress = NULL_PROGRESS, precision: str = "fp32",
           latency: LatencySettings | Mapping[str, Any] | None = None,
-          accuracy_budget: AccuracyBudget | Mapping[str, Any] | None = None, **params: Any) -> StepReport:
+          accuracy_budget: AccuracyBudget | Mapping[str, Any] | None = None, held_out: DataLoader | None = None,
+          **params: Any) -> StepReport:
     """Apply one pruner to ``model`` in place; return its report (per-layer rows, stats before/after).
 
     ``pruner``: a registered name (``"svd-mp"``, ``"n:m"``, ``"tome"``, ... see ``rmtp list``) or a
@@ -82,7 +83,10 @@ def prune(model: nn.Module, pruner: str | type[Pruner], /, *, arch: str | Archit
     against ``dense`` on calibration images the pruner does not see; needs ``calibration``.
     With ``dense`` omitted, agreement and budgets are against the model as it came to this call.
     With ``calibration`` the report carries the result's top-1 agreement with dense
-    (``report.agreement``) and warns when it is under 50%.
+    (``report.agreement``) and warns when it is under 50%. ``held_out``: images the pruner never
+    sees (e.g. ``bundle.loader('val')``) to measure that agreement on when the pruner calibrates
+    (without them it is measured on calibration images it fitted, and says so; a budget holds its
+    own images out).
     The model comes back in the train/eval mode it came in (pruners run it in eval mode).
     """
     plugins = plugins or get_plugins()
@@ -114,7 +118,7 @@ def prune(model: nn.Module, pruner: str | type[Pruner], /, *, arch: str | Archit
         step = ResolvedPrune(pruner_cls=pruner_cls, params=validated, layers=layer_filter, precision=precision,
                              latency=latency, accuracy_budget=accuracy_budget)
         report = steps.prune_step(model, step, arch=architecture, device=device, seed=seed, input_shape=shape,
-                                  dense=dense, calibration=calibration, progress=progress)
+                                  dense=dense, calibration=calibration, held_out=held_out, progress=progress)
     report.baseline = before
     return report
 

@@ -344,6 +344,41 @@ def test_a_broken_model_gets_a_warning_that_says_what_would_recover_it(digits) -
     assert report.to_dict()["warnings"] == [warning]
 
 
+def test_a_calibrating_pruner_reports_agreement_on_held_out_images_when_given(digits) -> None:
+    """n:m with Wanda scores calibrates on ``calibration``; with ``held_out`` its report's agreement is
+    measured there (the dense model's and the result's predictions on exactly those images), without
+    it on the calibration images it fitted, labelled so."""
+    from rmtp.fidelity.agreement import DenseReference, images_of
+
+    model, calib = digits
+    data = rmtp.build_data({"name": "digits", "calibration_size": 48, "batch_size": 48}, model.eval())
+    val = data.loader("val")
+    dense = rmtp.frozen_copy(model)
+    params = {"n": 2, "m": 4, "score": "wanda", "budget": "uniform", "only_if_faster": False}
+    fitted = copy.deepcopy(model)
+    seen = rmtp.prune(fitted, "n:m", calibration=calib, dense=dense, **params)
+    assert not seen.agreement["held_out"] and "not held out" in seen.agreement["where"]
+    assert seen.agreement["images"] == 48
+    unseen_model = copy.deepcopy(model)
+    unseen = rmtp.prune(unseen_model, "n:m", calibration=calib, dense=dense, held_out=val, **params)
+    assert torch.equal(fitted.blocks[0].mlp.fc1.weight, unseen_model.blocks[0].mlp.fc1.weight)  # same pruning
+    images = images_of(val, 256)
+    assert unseen.agreement["held_out"] and unseen.agreement["images"] == len(images) == min(256, len(data.val))
+    assert unseen.agreement["where"] == f"{len(images)} held-out images (n:m calibrated on others)"
+    top1, kl = DenseReference(dense, images, device=torch.device("cpu")).score(unseen_model)
+    assert unseen.agreement["top1"] == pytest.approx(top1) and unseen.agreement["kl"] == pytest.approx(kl)
+
+
+def test_a_recipe_step_that_calibrates_reports_agreement_on_the_val_split() -> None:
+    raw = tiny_recipe([{"prune": "n:m", "params": {"n": 2, "m": 4, "score": "wanda", "budget": "uniform",
+                                                   "only_if_faster": False}}, {"evaluate": {}}])
+    raw["data"]["calibration_size"] = 16
+    result = rmtp.run_recipe(parse_recipe(raw))
+    agreement = result.report.steps[0].agreement
+    assert agreement["held_out"] and "held-out images (n:m calibrated on others)" in agreement["where"]
+    assert agreement["images"] != 16  # not the calibration split
+
+
 def test_without_calibration_nothing_is_scored_and_a_budget_is_refused(digits) -> None:
     model, _ = digits
     report = rmtp.prune(copy.deepcopy(model), "magnitude", sparsity=0.3)

@@ -367,6 +367,8 @@ def _prune(run: _Run, index: int, step: ResolvedPrune) -> StepReport:
         input_shape=run.input_shape, dense=run.dense,
         calibration=run.data.loader("calibration") if required else None,
         scoring=run.data.loader("calibration") if budgeted and not required else None,
+        # agreement with dense on images the pruner never saw (the val split; a budget holds its own out)
+        held_out=run.data.loader("val") if required and not budgeted and len(run.data.val) else None,
         progress=run.progress, output=run.extras, preview_images=lambda n: _first_images(run.data.val, n, run.device),
         index=index)
     if pruner_cls.prunes_weights():  # what later finetune penalties act on

@@ -70,9 +70,9 @@ def timed(step: Callable[..., StepReport]) -> Callable[..., StepReport]:
 @timed
 def prune_step(model: nn.Module, step: ResolvedPrune, *, arch: Architecture, device: torch.device, seed: int,
                input_shape: tuple[int, ...], dense: nn.Module | None = None, calibration: DataLoader | None = None,
-               scoring: DataLoader | None = None, progress: Progress = NULL_PROGRESS,
-               output: StepOutput | None = None, preview_images: Callable[[int], torch.Tensor] | None = None,
-               index: int = 0) -> StepReport:
+               scoring: DataLoader | None = None, held_out: DataLoader | None = None,
+               progress: Progress = NULL_PROGRESS, output: StepOutput | None = None,
+               preview_images: Callable[[int], torch.Tensor] | None = None, index: int = 0) -> StepReport:
     """Apply one pruner to ``model`` (in place) and report what it did.
 
     ``step`` is the one settings object a recipe and ``rmtp.prune`` both build
@@ -94,7 +94,11 @@ def prune_step(model: nn.Module, step: ResolvedPrune, *, arch: Architecture, dev
     or ``scoring``: images given only to score on); the chosen setting is then applied to ``model``.
 
     With ``dense`` and calibration images, the report carries the result's top-1 agreement with
-    dense and mean KL on them (``report.agreement``), and a warning when it agrees on fewer than half.
+    dense and mean KL (``report.agreement``), and a warning when it agrees on fewer than half. They
+    are measured on images the pruner did not see: a budget's held-out share, else ``held_out``
+    (images never handed to the pruner, such as a recipe's val split) when the pruner calibrated,
+    else the calibration images themselves (held out when the pruner takes none; labelled "not held
+    out" when it calibrated on them and no ``held_out`` was given).
     """
     pruner_cls, params, layers, name = step.pruner_cls, step.params, step.layers, step.label
     precision, latency, accuracy_budget = step.precision, step.latency, step.accuracy_budget
@@ -134,7 +138,8 @@ def prune_step(model: nn.Module, step: ResolvedPrune, *, arch: Architecture, dev
     speed = _check_speed(ctx, result.speed_plan, notes) if result.speed_plan is not None else None
     notes.extend(filter(None, [busy_timing_note(ctx.cost, ctx.device, load_before)]))
     agreement = _agreement(model, pruner_cls, params, name=name, dense=dense, budget=budget, calibration=calibration,
-                           pruner_data=pruner_data, device=device, precision=precision, warnings=warnings)
+                           pruner_data=pruner_data, held_out=held_out, device=device, precision=precision,
+                           warnings=warnings)
     return StepReport(index=index, kind="prune", name=name, rows=rows,
                       stats=model_stats(model, input_shape, device), seconds=0.0, notes=notes, speed=speed,
                       agreement=agreement, warnings=warnings)
@@ -220,30 +225,36 @@ def _budget_search(model: nn.Module, pruner_cls: type[Pruner], params: PrunerPar
 
 def _agreement(model: nn.Module, pruner_cls: type[Pruner], params: PrunerParams, *, name: str,
                dense: nn.Module | None, budget: _Budget | None, calibration: DataLoader | None,
-               pruner_data: DataLoader | None, device: torch.device, precision: str,
+               pruner_data: DataLoader | None, held_out: DataLoader | None, device: torch.device, precision: str,
                warnings: list[str]) -> dict | None:
-    """The pruned model's top-1 agreement with ``dense`` and mean KL on calibration images (None
-    without ``dense`` or images), held out where a budget held some out, else the first
-    :data:`~rmtp.fidelity.agreement.DEFAULT_IMAGES` of ``calibration`` (labelled as such when the pruner
-    calibrated on them); a warning in ``warnings`` when it agrees on fewer than half."""
+    """The pruned model's top-1 agreement with ``dense`` and mean KL (None without ``dense`` or
+    calibration images): on a budget's held-out calibration images; else, when the pruner
+    calibrated and ``held_out`` images were given, on the first
+    :data:`~rmtp.fidelity.agreement.DEFAULT_IMAGES` of those; else on the first of ``calibration``
+    (labelled "not held out" when the pruner calibrated on them). A warning in ``warnings`` when
+    it agrees on fewer than half."""
     from rmtp.fidelity.accuracy_budget import BROKEN_AGREEMENT
 
     if budget is not None:
-        reference, where, held_out = budget.reference, budget.where, True
+        reference, where, unseen = budget.reference, budget.where, True
     elif dense is not None and calibration is not None:
         from rmtp.fidelity.agreement import DEFAULT_IMAGES, DenseReference, images_of
 
-        images = images_of(calibration, DEFAULT_IMAGES)
-        reference = DenseReference(dense, images, device=device, batch=calibration.batch_size or 64,
-                                   precision=precision)
-        held_out = pruner_data is None
-        where = (f"{len(images)} calibration images ({name} uses none)" if held_out else
-                 f"{len(images)} calibration images {name} calibrated on (not held out: an accuracy_budget holds "
-                 f"some out)")
+        source = held_out if pruner_data is not None and held_out is not None else calibration
+        images = images_of(source, DEFAULT_IMAGES)
+        reference = DenseReference(dense, images, device=device, batch=source.batch_size or 64, precision=precision)
+        unseen = pruner_data is None or source is held_out
+        if source is held_out:
+            where = f"{len(images)} held-out images ({name} calibrated on others)"
+        elif unseen:
+            where = f"{len(images)} calibration images ({name} uses none)"
+        else:
+            where = (f"{len(images)} calibration images {name} calibrated on (not held out: an accuracy_budget "
+                     f"holds some out)")
     else:
         return None
     top1, kl = reference.score(model)
-    out = {"top1": top1, "kl": kl, "images": len(reference), "held_out": held_out, "where": where}
+    out = {"top1": top1, "kl": kl, "images": len(reference), "held_out": unseen, "where": where}
     if budget is not None:
         out["budget"] = budget.record
         if budget.record["outcome"] != "impossible" and not budget.budget.within(top1, kl):
