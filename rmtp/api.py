@@ -20,6 +20,7 @@ rendered by rich when printed in a console or notebook).
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -228,9 +229,21 @@ def _evaluate_unlabeled(model: nn.Module, bundle: DataBundle, params: Any, *, de
     if dense is None:
         raise RecipeError(["rmtp.evaluate: the data is unlabeled (data.unlabeled: true), so there is no top-1; "
                            "pass dense= (the model before pruning) for top-1 agreement with it"])
-    labelled = unlabeled.dense_labelled(bundle.loader("val"), dense.to(device), device, progress)
+    reference = _reference_on(dense, device)
+    labelled = unlabeled.dense_labelled(bundle.loader("val"), reference, device, progress)
     return unlabeled.agreement_step(model.to(device), labelled, params, device=device,
-                                    input_shape=tuple(bundle.val[0][0].shape), dense=dense, progress=progress)
+                                    input_shape=tuple(bundle.val[0][0].shape), dense=reference, progress=progress)
+
+
+def _reference_on(dense: nn.Module, device: torch.device) -> nn.Module:
+    """``dense`` itself where all its weights already live on ``device`` (nothing to move or copy),
+    else a frozen copy there. Moving the caller's reference model would be a side effect of
+    evaluating another model: its weights left elsewhere and its buffers swapped for new tensors."""
+    tensors = itertools.chain(dense.parameters(), dense.buffers())
+    if all(t.device.type == device.type and (device.index is None or t.device.index == device.index)
+           for t in tensors):
+        return dense
+    return frozen_copy(dense).to(device)
 
 
 def build_data(spec: DataSpec | Mapping[str, Any], model: nn.Module) -> DataBundle:
