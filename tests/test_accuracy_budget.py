@@ -17,7 +17,7 @@ from rich.console import Console
 import rmtp
 from rmtp.contract.pruner import LayerRow, Pruner, PrunerParams
 from rmtp.errors import RecipeError, RmtpError
-from rmtp.fidelity.accuracy_budget import AccuracyBudget, StrengthKnob, budget_knob, search, speed_note
+from rmtp.fidelity.accuracy_budget import AccuracyBudget, StrengthKnob, budget_knob, describe_search, search, speed_note
 from rmtp.plugins import get_plugins
 from rmtp.reports.records import StepReport
 from rmtp.reports.render import render_step
@@ -73,6 +73,20 @@ def test_an_impossible_budget_takes_the_weakest_setting_and_says_so() -> None:
     evaluate, calls = _counting(lambda s: 0.5)
     result = search(StrengthKnob("sparsity", weak=0.0, strong=0.9), _drop(0.01), evaluate)
     assert (result.value, result.outcome, calls) == (0.0, "impossible", [0.9, 0.0])
+
+
+@pytest.mark.parametrize("knob, evaluations, tried", [
+    (StrengthKnob("sparsity", weak=0.0, strong=0.9, resolution=0.1), 8, [0.9, 0.0, 0.45, 0.225, 0.1125, 0.05625]),
+    (StrengthKnob("sparsity", weak=0.0, strong=0.9), 2, [0.9, 0.0]),  # no evaluation left to bisect with
+    (StrengthKnob("r", weak=0, strong=1, integer=True), 8, [1, 0]),  # the integer bracket is already closed
+], ids=["every-midpoint-fails", "no-evaluations-left", "adjacent-integers"])
+def test_only_the_weak_end_within_budget_is_called_weakest_not_bisected(knob, evaluations, tried) -> None:
+    evaluate, calls = _counting(lambda s: 1.0 if s == 0 else 0.5)  # only the weak end passes
+    budget = _drop(0.05, evaluations=evaluations)
+    result = search(knob, budget, evaluate)
+    assert (result.value, result.outcome, calls) == (0, "weakest", tried)
+    line = describe_search(knob, budget, result, "magnitude")
+    assert f"its weakest end, the only setting within it of {len(tried)} tried" in line
 
 
 def test_integer_knobs_take_whole_values_and_round_toward_the_weak_end() -> None:

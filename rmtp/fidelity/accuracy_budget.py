@@ -185,11 +185,14 @@ class SearchResult:
 
     * ``"strongest"``: the strong end is within budget;
     * ``"bisected"``: the strongest candidate found within budget between the two ends;
+    * ``"weakest"``: the weak end is within budget and no stronger candidate was (every midpoint
+      tried broke it, or none could be tried: no evaluations left, or an integer bracket already
+      closed); ``value`` is the weak end, which no bisection chose;
     * ``"impossible"``: even the weak end breaks the budget; ``value`` is the weak end.
     """
 
     value: float
-    outcome: Literal["strongest", "bisected", "impossible"]
+    outcome: Literal["strongest", "bisected", "weakest", "impossible"]
     trials: list[Trial] = field(default_factory=list)
 
     @property
@@ -244,7 +247,7 @@ def search(knob: StrengthKnob, budget: AccuracyBudget,
             good = knob.value(middle)
         else:
             bad = knob.value(middle)
-    return SearchResult(good, "bisected", trials)
+    return SearchResult(good, "weakest" if good == weak else "bisected", trials)
 
 
 def describe_search(knob: StrengthKnob, budget: AccuracyBudget, result: SearchResult, pruner: str) -> str:
@@ -257,6 +260,8 @@ def describe_search(knob: StrengthKnob, budget: AccuracyBudget, result: SearchRe
         why = "its strongest end, within it"
     elif result.outcome == "bisected":
         why = f"the strongest within it of {len(result.trials)} tried"
+    elif result.outcome == "weakest":
+        why = f"its weakest end, the only setting within it of {len(result.trials)} tried"
     else:
         why = f"the weakest setting, and even it breaks the budget: {pruner} cannot stay within it"
     return f"{head}, {why} ({tried})"
