@@ -144,6 +144,26 @@ def test_bench_and_analyze_spectrum_take_the_same_kwargs(monkeypatch: pytest.Mon
     assert seen["bench"] == seen["spectrum"] == {"img_size": 16, "depth": 2, "embed_dim": 32, "num_heads": 2}
 
 
+@pytest.mark.parametrize("value, key", [
+    ('{"img_size": 16, "img_size": 32}', "'img_size'"),  # JSON keeps the last without a word
+    ("{img_size: 16, img_size: 32}", "'img_size'"),  # a YAML flow mapping, refused as in a recipe
+    ('pretrained_cfg_overlay={"mean": 1, "mean": 2}', "'mean'"),  # inside a key=value's value
+])
+def test_kwargs_with_a_key_twice_are_refused_in_one_line(monkeypatch: pytest.MonkeyPatch, value: str,
+                                                         key: str) -> None:
+    def reached(*args, **options):
+        raise AssertionError("the command ran with kwargs that hold a key twice")
+
+    monkeypatch.setattr("rmtp.bench.measuring.benchmark_models", reached)
+    monkeypatch.setattr("rmtp.spectral.analysis.analyze", reached)
+    app = build_app()
+    for command in ("bench", "analyze-spectrum"):
+        result = runner.invoke(app, [command, "timm:vit_tiny_patch16_224", "--kwargs", value])
+        assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output  # no traceback
+        lines = result.output.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"error: --kwargs: duplicate key {key} in "), result.output
+
+
 # ----------------------------------------------------------------------------- n:m, not nⓂ
 
 

@@ -4,7 +4,9 @@ One convention for every command that passes keyword arguments to ``timm.create_
 option is repeatable, each value is ``key=value`` (several may be joined by commas) or a whole
 JSON/YAML object, later keys override earlier ones. A value is read as JSON (``32``, ``1e-3``,
 ``true``, ``[1, 2]``, ``"text"``), else as a YAML scalar or flow collection, as in a recipe
-(``{a: 1}``, ``[a, b]``, ``null``), else kept as the string it is.
+(``{a: 1}``, ``[a, b]``, ``null``), else kept as the string it is. One object holding a key twice
+(``{"a": 1, "a": 2}``), at any depth, is refused as a recipe's YAML is: JSON and YAML parsers keep
+the last of the two without a word.
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ import json
 import re
 from typing import Any
 
-from rmtp.errors import RmtpError
+from rmtp.errors import RmtpError, short_repr
 
-__all__ = ["KWARGS_HELP", "KWARGS_METAVAR", "parse_kwargs", "parse_value"]
+__all__ = ["KWARGS_HELP", "KWARGS_METAVAR", "DuplicateKey", "parse_kwargs", "parse_value"]
 
 #: The start of every ``--kwargs`` help; a command adds what its kwargs are for.
 KWARGS_HELP = ("timm.create_model kwargs, repeatable: key=value (or key=value,key=value; values read as "
@@ -28,27 +30,54 @@ KWARGS_METAVAR = "KEY=VALUE"
 _PAIR_SPLIT = re.compile(r",\s*(?=[A-Za-z_][\w.-]*\s*=)")
 
 
+class DuplicateKey(RmtpError):
+    """A JSON or YAML object in an option value holds ``key`` twice."""
+
+    def __init__(self, key: str) -> None:
+        self.key = key
+        super().__init__(f"duplicate key {short_repr(key, 80)}")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads``'s ``object_pairs_hook``: the object, or :class:`DuplicateKey` for a key it
+    holds twice (``json.loads`` alone keeps the last value and drops the first without a word)."""
+    value: dict[str, Any] = {}
+    for key, item in pairs:
+        if key in value:
+            raise DuplicateKey(key)
+        value[key] = item
+    return value
+
+
+def _json(text: str) -> Any:
+    """``text`` as JSON, an object with a key twice refused (:class:`DuplicateKey`)."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
 def parse_value(text: str) -> Any:
-    """``text`` as JSON, else as YAML (safe loader, size-capped), else the string itself."""
+    """``text`` as JSON, else as YAML (safe loader, size-capped), else the string itself; an
+    object with a key twice, in either, is refused (:class:`DuplicateKey`), not read as a string."""
     text = text.strip()
     try:
-        return json.loads(text)
+        return _json(text)
     except json.JSONDecodeError:
         pass
     import yaml
 
-    from rmtp.storage.safe_yaml import YamlRefused, load_untrusted
+    from rmtp.storage import safe_yaml
 
     try:
-        value = load_untrusted(text)
-    except (yaml.YAMLError, YamlRefused):
+        value = safe_yaml.load_untrusted(text)
+    except safe_yaml.DuplicateKey as exc:
+        raise DuplicateKey(exc.key) from None
+    except (yaml.YAMLError, safe_yaml.YamlRefused):
         return text
     return text if value is None and text not in ("null", "~", "Null", "NULL") else value
 
 
 def _mapping(text: str, flag: str) -> dict[str, Any]:
     try:
-        value = json.loads(text)
+        value = _json(text)
     except json.JSONDecodeError as exc:
         value = parse_value(text)
         if not isinstance(value, dict):
@@ -62,7 +91,8 @@ def parse_kwargs(values: list[str] | str | None, *, flag: str = "--kwargs") -> d
     """The merged keyword arguments of a repeatable ``--kwargs`` (``None`` when none was given).
 
     Each value is a JSON (or YAML flow) object, or ``key=value`` pairs separated by commas; later
-    keys override earlier ones. Errors are one-line :class:`RmtpError` naming ``flag``.
+    keys override earlier ones, but one object holding a key twice is refused. Errors are one-line
+    :class:`RmtpError` naming ``flag``.
     """
     if values is None:
         return None
@@ -73,12 +103,21 @@ def parse_kwargs(values: list[str] | str | None, *, flag: str = "--kwargs") -> d
     merged: dict[str, Any] = {}
     for value in values:
         text = value.strip()
-        if text.startswith(("{", "[")):
-            merged.update(_mapping(text, flag))
-            continue
-        for pair in filter(None, (p.strip() for p in _PAIR_SPLIT.split(text))):
-            key, sep, raw = pair.partition("=")
-            if not sep or not key.strip():
-                raise RmtpError(f"{flag}: expected key=value, got {pair!r}")
-            merged[key.strip()] = parse_value(raw)
+        try:
+            merged.update(_parse_one(text, flag))
+        except DuplicateKey as exc:
+            raise RmtpError(f"{flag}: {exc} in {short_repr(text, 200)}; give each key once") from None
     return merged
+
+
+def _parse_one(text: str, flag: str) -> dict[str, Any]:
+    """One ``--kwargs`` value: a JSON/YAML object or ``key=value`` pairs (a later pair overrides)."""
+    if text.startswith(("{", "[")):
+        return _mapping(text, flag)
+    parsed: dict[str, Any] = {}
+    for pair in filter(None, (p.strip() for p in _PAIR_SPLIT.split(text))):
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            raise RmtpError(f"{flag}: expected key=value, got {pair!r}")
+        parsed[key.strip()] = parse_value(raw)
+    return parsed
