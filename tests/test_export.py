@@ -208,6 +208,29 @@ def test_cli_refuses_a_file_source_a_huge_batch_and_an_existing_output(tmp_path:
     assert out.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["x.onnx"]
 
 
+def test_check_images_are_bounded_like_the_batch(tmp_path: Path) -> None:
+    """Every check image is held in memory at once: a typo must be one line, not a full machine."""
+    with pytest.raises(ExportError, match=r"export check_images must be a whole number 1\.\.4096, got 100000"):
+        export_model(_Greedy(), tmp_path / "m.pt2", format="pt2", check=True, check_images=100_000,
+                     input_shape=(1, 2, 2))
+    line = one_error_line(invoke("export", SAVED / "svd-mp-vit", "-f", "onnx", "-o", tmp_path / "x.onnx", "--check",
+                                 "--check-images", "100000"))
+    assert line == "error: export check_images must be a whole number 1..4096, got 100000"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_refuses_an_existing_json_report_without_overwrite(tmp_path: Path) -> None:
+    folder = shutil.copytree(SAVED / "svd-mp-vit", tmp_path / "run")
+    report = tmp_path / "export.json"
+    report.write_text("keep me")
+    line = one_error_line(invoke("export", folder, "-f", "onnx", "--json", report))
+    assert line == f"error: --json: {report}: already exists; nothing was written (--overwrite replaces it)"
+    assert report.read_text() == "keep me" and not (folder / "model.onnx").exists()  # refused before exporting
+    result = invoke("export", folder, "-f", "onnx", "--json", report, "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert json.loads(report.read_text())["path"] == str(folder / "model.onnx")
+
+
 class _TracedBranch(nn.Module):
     """Python control flow on a tensor's value: tracing bakes in the branch the example input took,
     so the ONNX graph computes something else for inputs that take the other one."""

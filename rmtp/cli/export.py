@@ -7,6 +7,7 @@ failed check) is one red line on stderr and exit code 1; the file is written who
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -14,6 +15,7 @@ import typer
 from rich.markup import escape
 
 from rmtp.cli.exits import user_errors
+from rmtp.errors import RmtpError
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -36,13 +38,14 @@ def export(
     check: Annotated[bool, typer.Option(
         "--check", help="Compare the file's outputs with the PyTorch model's on val images of the run's data "
                         "(max |difference| <= 1e-4, fp32); without it, on one seeded random batch.")] = False,
-    check_images: Annotated[int, typer.Option("--check-images", help="How many val images --check compares on.")] = 32,
+    check_images: Annotated[int, typer.Option(
+        "--check-images", help="How many val images --check compares on (at most 4096).")] = 32,
     opset: Annotated[int | None, typer.Option(help="ONNX opset (default 17).")] = None,
     json_path: Annotated[Path | None, typer.Option(
         "--json", help="Also write the report as JSON to this file.")] = None,
     overwrite: Annotated[bool, typer.Option(
-        "--overwrite", help="Replace the output file if it exists (without it, an existing file is refused and "
-                            "left as it is).")] = False,
+        "--overwrite", help="Replace the output file and the --json file if they exist (without it, an existing "
+                            "file is refused and left as it is).")] = False,
 ) -> None:
     """Write a saved model as a file a runtime executes (ONNX or torch.export's pt2), verified."""
     from rmtp.reports.render import stdout
@@ -55,6 +58,7 @@ def export(
             raise ExportError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
         if json_path is not None:  # before the model is loaded and exported
             check_writable(json_path, what="--json", is_dir=False)
+            _check_new(json_path, overwrite)
         target = out if out is not None else run_dir / DEFAULT_NAMES[fmt]
         report = export_model(run_dir, target, format=fmt, batch=batch, check=check,  # type: ignore[arg-type]
                               check_images=check_images, opset=opset, overwrite=overwrite)
@@ -63,6 +67,13 @@ def export(
         with user_errors(), write_errors("--json", json_path, consequence="the report is printed above only"):
             write_json_atomic(json_path, report.to_dict())
         stdout.print(f"wrote [bold]{escape(str(json_path))}[/]")
+
+
+def _check_new(json_path: Path, overwrite: bool) -> None:
+    """An existing ``--json`` file is refused without ``--overwrite``, as ``-o``'s is: a report
+    path naming the wrong file by mistake must not destroy it."""
+    if not overwrite and os.path.lexists(json_path):
+        raise RmtpError(f"--json: {json_path}: already exists; nothing was written (--overwrite replaces it)")
 
 
 def report_table(report: ExportReport) -> Table:

@@ -23,6 +23,10 @@ INSTALL_HINT = 'pip install "rmtp[export]"'
 #: the forward passes that trace and check it would ask the allocator for tens of GB (a
 #: ``--batch 100000`` typo). The same bound as a recipe's ``data.batch_size``.
 MAX_BATCH = 4096
+#: Most val images ``check`` compares on: they and the model's outputs on them are all held in memory
+#: at once (at 3×224×224, 4096 images take 2.5 GB), and the check is of exactness, not of accuracy, so
+#: a few thousand images say all it can; a ``--check-images 1000000`` typo must not fill the machine.
+MAX_CHECK_IMAGES = 4096
 
 
 class ExportError(RmtpError):
@@ -71,7 +75,7 @@ def export_problems(model: nn.Module, format: str = "onnx") -> list[str]:
 def check_options(fmt: object, batch: object, check_images: object, opset: object) -> str:
     if fmt not in FORMATS:
         raise ExportError(f"export format {short_repr(fmt)}: choose one of {', '.join(FORMATS)}")
-    for name, value, high in (("batch", batch, MAX_BATCH), ("check_images", check_images, None)):
+    for name, value, high in (("batch", batch, MAX_BATCH), ("check_images", check_images, MAX_CHECK_IMAGES)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1 or (high is not None and value > high):
             allowed = f"1..{high}" if high is not None else ">= 1"
             raise ExportError(f"export {name} must be a whole number {allowed}, got {short_repr(value)}")
