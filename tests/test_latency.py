@@ -103,6 +103,41 @@ def test_corrupt_table_is_refused_with_its_path(tmp_path: Path) -> None:
         CostTable.open(path, {})
 
 
+def test_a_table_that_cannot_be_written_is_one_line_naming_it(tmp_path: Path) -> None:
+    """A folder above the table that is a file: one LatencyError line with the path and the OS
+    error, not a traceback, and nothing created."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file")
+    table = CostTable(blocker / "cpu-fp32-b1-t1.json", {"device": "cpu"}, {"k": {"seconds": 1.0, "what": "x"}})
+    with pytest.raises(LatencyError) as info:
+        table.save()
+    message = str(info.value)
+    assert message.startswith(f"latency cost table {table.path}: could not write it (")
+    assert f"({blocker} is a file, not a folder)" in message and "\n" not in message
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-folder"] and blocker.read_text() == "a file"
+
+
+def test_a_table_write_that_fails_midway_keeps_the_previous_table_and_no_temp(tmp_path: Path, monkeypatch) -> None:
+    import errno
+
+    import rmtp.storage.atomic as atomic
+
+    table = CostTable(tmp_path / "cpu-fp32-b1-t1.json", {"device": "cpu"})
+    table.record("a", 1.0, "first")
+    table.save()
+    before = table.path.read_text(encoding="utf-8")
+
+    def full_disk(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device", src)
+
+    monkeypatch.setattr(atomic.os, "replace", full_disk)  # the temp file is written, the rename fails
+    table.record("b", 2.0, "second")
+    with pytest.raises(LatencyError, match=r"could not write it \(No space left on device\); free some space"):
+        table.save()
+    assert table.path.read_text(encoding="utf-8") == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == [table.path.name]
+
+
 def test_table_of_other_settings_starts_empty(tmp_path: Path) -> None:
     cost = MeasuredCost(_measured(tmp_path), CPU, (32,))
     cost.seconds(_two_linears(), (4, 32))

@@ -97,5 +97,25 @@ class CostTable:
         self.entries[key] = {"seconds": seconds, "what": what}
 
     def save(self) -> None:
-        write_json_atomic(self.path, {"format_version": FORMAT_VERSION, "header": self.header,
-                                      "entries": dict(sorted(self.entries.items()))})
+        """Write the table via a temp file and a rename (a killed run leaves the previous table or
+        this one). A write that fails (full disk, read-only folder, a file where a folder should be)
+        is one :class:`LatencyError` line naming the file and the OS error, not a traceback from the
+        middle of a prune step; no temp file is left."""
+        try:
+            write_json_atomic(self.path, {"format_version": FORMAT_VERSION, "header": self.header,
+                                          "entries": dict(sorted(self.entries.items()))})
+        except OSError as exc:
+            raise LatencyError(f"latency cost table {self.path}: could not write it ({_reason(exc, self.path)}); "
+                               f"free some space, or point latency.cache (or RMTP_LATENCY_CACHE) at a writable "
+                               f"folder") from None
+
+
+def _reason(exc: OSError, path: Path) -> str:
+    """The OS error, naming what it is about when that is not the table or its temp file beside it:
+    a folder above the table that is a file says so ("File exists" alone would not say which)."""
+    reason = exc.strerror or str(exc)
+    if not exc.filename or Path(exc.filename).parent == path.parent:
+        return reason
+    if isinstance(exc, (FileExistsError, NotADirectoryError)) and Path(exc.filename).is_file():
+        return f"{exc.filename} is a file, not a folder"
+    return f"{reason}: {exc.filename}"
