@@ -95,9 +95,17 @@ class Method:
     #: Recovery after the prune steps: ``rmtp.reconstruct``'s settings (block-wise, on the calibration
     #: images only, no labels), or None for a zero-shot row.
     reconstruct: Mapping[str, Any] | None = None
+    #: Recovery by distillation after the prune steps (and any reconstruction): ``rmtp.finetune``'s
+    #: settings, the dense model as teacher, on the calibration images only, their labels unused; or None.
+    distill: Mapping[str, Any] | None = None
     #: Prune steps after the recovery (token pruners, whose merged tokens block-wise reconstruction
     #: cannot compare with the dense blocks').
     after: tuple[tuple[str, Mapping[str, Any]], ...] = ()
+
+    @property
+    def trains_on_calibration(self) -> bool:
+        """Whether anything of the row (a pruner, reconstruction, distillation) reads the calibration images."""
+        return self.calibrate or self.reconstruct is not None or self.distill is not None
 
     @property
     def steps(self) -> tuple[tuple[str, Mapping[str, Any]], ...]:
@@ -114,6 +122,12 @@ _SPP_OBS = {"ratio": 0.25, "search": "obs", "structures": ["neurons"]}
 #: Block-wise reconstruction as the rows' recovery: 100 Adam steps of 32 calibration images per block.
 _RC = {"steps": 100}
 _RC_LABEL = "reconstruct (100 steps/block)"
+#: Distillation as the recovery of token pruners (block-wise reconstruction cannot compare merged or
+#: dropped tokens with the dense blocks'): the whole model trained to the dense model's logits on the
+#: calibration images (no labels), 25 epochs of 8 batches of 32 = 200 Adam steps, lr 3e-5 (cosine).
+#: On 256 images a larger lr or a longer run overfits them (docs/unlabeled.md).
+_KD = {"epochs": 25, "lr": 3e-5, "distill": {"weight": 1.0}}
+_KD_LABEL = "KD (200 steps on the calibration images)"
 
 #: The methods, in table order. New method: one line.
 METHODS: tuple[Method, ...] = (
@@ -151,6 +165,8 @@ METHODS: tuple[Method, ...] = (
     Method("token-cls-0.5", "token-cls r_max 0.5", "token-cls", {"r_max": 0.5}),
     Method("tome-r8", "tome r=8", "tome", {"r": 8}),
     Method("tome-r13", "tome r=13", "tome", {"r": 13}),
+    Method("token-mean-0.5", "token-mean r_max 0.5", "token-mean", {"r_max": 0.5}),
+    Method("tome-r16", "tome r=16", "tome", {"r": 16}, default=False),
     # weights and tokens in one recipe, zero-shot
     Method("spp-obs-0.25+tome-r13", "spp obs 25% of MLP neurons, then tome r=13", "spp", _SPP_OBS,
            calibrate=True, then=(("tome", {"r": 13}),), pending="spp search: obs (issue 21 item 4)"),
@@ -163,6 +179,9 @@ METHODS: tuple[Method, ...] = (
            {"target_params": 0.9, "whiten": True, "sequential": False}, calibrate=True, reconstruct=_RC),
     Method("spp-obs-0.25+rc", f"spp obs, 25% of MLP neurons + {_RC_LABEL}", "spp", _SPP_OBS, calibrate=True,
            reconstruct=_RC, pending="spp search: obs (issue 21 item 4)"),
+    # distillation from dense on the calibration images: the recovery a token pruner can have
+    Method("tome-r13+kd", f"tome r=13 + {_KD_LABEL}", "tome", {"r": 13}, distill=_KD, default=False),
+    Method("tome-r16+kd", f"tome r=16 + {_KD_LABEL}", "tome", {"r": 16}, distill=_KD, default=False),
     Method("spp-obs-0.25+rc+tome-r13", f"spp obs 25% of MLP neurons + {_RC_LABEL}, then tome r=13", "spp",
            _SPP_OBS, calibrate=True, reconstruct=_RC, after=(("tome", {"r": 13}),),
            pending="spp search: obs (issue 21 item 4)"),
@@ -486,7 +505,7 @@ def calibration_loader(data: ImageTensors, split: Split, batch: int = 32) -> tor
 @dataclass
 class Row:
     """One method's figures (the JSON's ``rows``). ``zero_shot`` holds the scores of the model the
-    row ends with: zero-shot when ``reconstruct`` is None, else after that recovery (the key keeps
+    row ends with: zero-shot when ``reconstruct`` and ``distill`` are None, else after that recovery (the key keeps
     its name so that older JSON reads the same)."""
 
     key: str
@@ -505,10 +524,11 @@ class Row:
     #: then ``zero_shot`` is what its name says; else the scores are after recovery).
     steps: list[list[Any]] = field(default_factory=list)
     reconstruct: dict[str, Any] | None = None
+    distill: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.key, "label": self.label, "pruner": self.pruner, "params": self.params,
-                "steps": self.steps, "reconstruct": self.reconstruct,
+                "steps": self.steps, "reconstruct": self.reconstruct, "distill": self.distill,
                 "calibrated_on_images": self.calibrated_on, "compression_seconds": self.compression_seconds,
                 "params_count": self.params_count, "nonzeros": self.nonzeros, "macs": self.macs,
                 "zero_shot": self.zero_shot, "speed": self.speed, "notes": self.notes}
@@ -554,6 +574,12 @@ def compress(dense: nn.Module, method: Method, calibration: torch.utils.data.Dat
                 raise ValueError("reconstruct needs the calibration images")
             report = rmtp.reconstruct(model, calibration, dense=dense, seed=seed, **dict(method.reconstruct))
             notes += [f"reconstruct: {note}" for note in report.notes]
+        if method.distill is not None:
+            if calibration is None:
+                raise ValueError("distillation needs the calibration images")
+            model.train()
+            report = rmtp.finetune(model, calibration, teacher=dense, seed=seed, **dict(method.distill))
+            notes += [f"distill: {note}" for note in report.notes]
         prune(method.after)
         seconds = time.perf_counter() - started
     return model.eval().requires_grad_(False), seconds, notes
@@ -609,6 +635,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict[str, Any
 
     started = time.perf_counter()
     load_before = _load()
+    code = git_state()  # the code this run imports is the tree as it is now, not when the run ends
     if settings.work_threads:
         torch.set_num_threads(settings.work_threads)
     checkpoint = load_checkpoint(settings.checkpoint, settings.model_name)
@@ -646,7 +673,9 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict[str, Any
         row = Row(key=method.key, label=method.label, pruner=method.pruner, params=dict(method.params),
                   steps=[[pruner, dict(params)] for pruner, params in method.steps],
                   reconstruct=dict(method.reconstruct) if method.reconstruct is not None else None,
-                  calibrated_on=len(split.calibration) if method.calibrate else 0, compression_seconds=seconds,
+                  distill=dict(method.distill) if method.distill is not None else None,
+                  calibrated_on=len(split.calibration) if method.trains_on_calibration else 0,
+                  compression_seconds=seconds,
                   params_count=measure.count_params(model), nonzeros=measure.count_nonzeros(model),
                   macs=measure.count_macs(model, shape), notes=notes,
                   zero_shot=scored(model, data, split, dense_eval, dense_eval if method.pruner is None else None))
@@ -674,7 +703,7 @@ def run(settings: Settings, log: Callable[[str], None] = print) -> dict[str, Any
         "rows": [row.to_dict() for row in rows],
         "skipped": skipped,
         "settings": settings.to_dict(),
-        "machine": machine(load_before),
+        "machine": machine(load_before, code),
         "seconds": time.perf_counter() - started,
     }
 
@@ -686,8 +715,9 @@ def _load() -> float | None:
         return None
 
 
-def machine(load_before: float | None) -> dict[str, Any]:
-    """The CPU, cores, threads, load and versions the figures come from, and the rmtp commit."""
+def machine(load_before: float | None, git: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The CPU, cores, threads, load and versions the figures come from, and the rmtp commit (``git``:
+    :func:`git_state` as read when the run began, the code it imported; read now when omitted)."""
     import timm
 
     import rmtp
@@ -698,12 +728,12 @@ def machine(load_before: float | None) -> dict[str, Any]:
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "loadavg_1min_start": load_before, "loadavg_1min_end": _load(),
             "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-            "rmtp": rmtp.__version__, **git_state()}
+            "rmtp": rmtp.__version__, **(git if git is not None else git_state())}
 
 
 def git_state() -> dict[str, Any]:
-    """The rmtp commit and the files under rmtp/ and plugins/ that differ from it (the tree moves
-    while others work in it), read without taking git's index lock."""
+    """The rmtp commit and the files under rmtp/, plugins/ and benchmarks/ that differ from it (the
+    tree moves while others work in it), read without taking git's index lock."""
     env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
 
     def git(*args: str) -> str | None:
@@ -713,7 +743,8 @@ def git_state() -> dict[str, Any]:
             return None
         return out.stdout if out.returncode == 0 else None
 
-    status = git("status", "--porcelain", "--", "rmtp", "plugins")  # "XY path" lines: the path from column 3
+    # "XY path" lines: the path from column 3
+    status = git("status", "--porcelain", "--", "rmtp", "plugins", "benchmarks/real_pretrained.py")
     commit = git("rev-parse", "HEAD")
     return {"rmtp_commit": commit.strip() if commit else None,
             "rmtp_uncommitted": sorted(line[3:] for line in status.splitlines() if line.strip()) if status else []}
@@ -738,8 +769,8 @@ def caption(result: dict[str, Any]) -> str:
     m, s, model = result["machine"], result["settings"], result["model"]
     return (f"{model['name']} ({model['source']}), {result['images']['count']} images of "
             f"{result['images']['folder']}; {result['split']['description']}. Zero-shot (no training) except the "
-            f"rows marked reconstruct (block-wise, on the calibration images only, no labels; its time is in "
-            f"the compression column). "
+            f"rows marked reconstruct (block-wise) or KD (distillation from dense), each on the calibration "
+            f"images only, no labels; its time is in the compression column. "
             f"Speed: {s['rounds']} interleaved rounds, {s['timing_threads']} thread{'s' * (s['timing_threads'] != 1)}, "
             f"every model timed in the same "
             f"rounds, median [IQR] of per-round ratios dense / model. Compression on {s['work_threads']} threads. "
@@ -797,7 +828,8 @@ def figure(result: dict[str, Any], path: Path) -> Path | None:
         if ratio is None:
             continue
         x, y = ratio["median"], r["zero_shot"]["top1"]
-        is_dense, recovered = r["key"] == "dense", r.get("reconstruct") is not None
+        is_dense = r["key"] == "dense"
+        recovered = r.get("reconstruct") is not None or r.get("distill") is not None
         ax.errorbar(x, y, xerr=[[x - ratio["q1"]], [ratio["q3"] - x]],
                     fmt="*" if is_dense else ("D" if recovered else "o"), ms=12 if is_dense else 6,
                     color="black" if is_dense else ("tab:orange" if recovered else "tab:blue"), capsize=2,
@@ -812,7 +844,7 @@ def figure(result: dict[str, Any], path: Path) -> Path | None:
     ax.set_xlabel("measured CPU speed-up over dense, batch 32, 1 thread (median, IQR bars)")
     ax.set_ylabel(f"top-1 on {result['split']['evaluation_images']} held-out images (%)")
     ax.set_title(f"{result['model']['name']}: accuracy vs measured speed\n(blue: zero-shot; orange diamonds: "
-                 f"after block-wise reconstruction on the calibration images)", fontsize=9)
+                 f"after recovery on the calibration images: block-wise reconstruction or KD)", fontsize=9)
     ax.set_ylim(-3, 100)
     ax.grid(alpha=0.3)
     fig.tight_layout()

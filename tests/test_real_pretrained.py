@@ -170,6 +170,34 @@ def test_every_default_row_that_is_not_pending_runs_in_this_tree() -> None:
             assert bench.unavailable(method, plugins) is None, method.key
 
 
+def test_a_distilled_row_trains_on_the_calibration_images_only_and_leaves_dense_alone() -> None:
+    """A KD row: the pruner, then rmtp.finetune from dense on the calibration loader (labels unused):
+    the model's weights move, dense's do not, and the row counts the images it trained on."""
+    import timm
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from rmtp.plugins import get_plugins
+
+    torch.manual_seed(0)
+    dense = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                              num_classes=10).eval().requires_grad_(False)
+    before = {k: v.clone() for k, v in dense.state_dict().items()}
+    images = torch.randn(16, 3, 32, 32)
+    loader = DataLoader(TensorDataset(images, torch.full((16,), -1)), batch_size=8)
+    kd = {"epochs": 2, "lr": 1e-3, "distill": {"weight": 1.0}}
+    plain = bench.Method("t", "tome r=2", "tome", {"r": 2})
+    distilled = bench.Method("t+kd", "tome r=2 + KD", "tome", {"r": 2}, distill=kd)
+    assert not plain.trains_on_calibration and distilled.trains_on_calibration
+    shape = (3, 32, 32)
+    zero_shot, _, _ = bench.compress(dense, plain, loader, seed=0, input_shape=shape, latency={"cost": "macs"})
+    recovered, _, _ = bench.compress(dense, distilled, loader, seed=0, input_shape=shape, latency={"cost": "macs"})
+    assert not recovered.training and not any(p.requires_grad for p in recovered.parameters())
+    moved = [k for k, v in recovered.state_dict().items() if not torch.equal(v, zero_shot.state_dict()[k])]
+    assert moved  # the distillation trained it
+    assert all(torch.equal(v, before[k]) for k, v in dense.state_dict().items())
+    assert bench.unavailable(distilled, get_plugins()) is None
+
+
 # ------------------------------------------------------------------------------------------ the output
 
 def _row(key: str, top1: float, agreement: float, ratio: float, notes: list[str]) -> dict:
@@ -215,7 +243,7 @@ def test_the_machine_record_names_the_commit_and_the_changed_library_files() -> 
     if state["rmtp_commit"] is None:
         pytest.skip("not a git checkout")
     assert len(state["rmtp_commit"]) == 40
-    assert all(path.startswith(("rmtp/", "plugins/")) for path in state["rmtp_uncommitted"])
+    assert all(path.startswith(("rmtp/", "plugins/", "benchmarks/")) for path in state["rmtp_uncommitted"])
 
 
 # ------------------------------------------------------------------------------------------ clear refusals
