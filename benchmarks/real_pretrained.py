@@ -124,7 +124,7 @@ _RC = {"steps": 100}
 _RC_LABEL = "reconstruct (100 steps/block)"
 #: Distillation as the recovery of token pruners (block-wise reconstruction cannot compare merged or
 #: dropped tokens with the dense blocks'): the whole model trained to the dense model's logits on the
-#: calibration images (no labels), 25 epochs of 8 batches of 32 = 200 Adam steps, lr 3e-5 (cosine).
+#: calibration images (no labels), 25 epochs of 8 batches of 32 = 200 AdamW steps, lr 3e-5 (cosine).
 #: On 256 images a larger lr or a longer run overfits them (docs/unlabeled.md).
 _KD = {"epochs": 25, "lr": 3e-5, "distill": {"weight": 1.0}}
 _KD_LABEL = "KD (200 steps on the calibration images)"
@@ -550,9 +550,10 @@ def scored(model: nn.Module, data: ImageTensors, split: Split, dense_eval: torch
 
 def compress(dense: nn.Module, method: Method, calibration: torch.utils.data.DataLoader | None, *, seed: int,
              input_shape: tuple[int, ...], latency: dict[str, Any]) -> tuple[nn.Module, float, list[str]]:
-    """A fresh copy of ``dense`` through ``rmtp.prune`` (the public API, as a user calls it): the
-    model, the wall time of the ``rmtp.prune`` call, and the report's notes. Where the step times
-    layers it gets an empty cost-table folder of its own, so its time includes that measuring."""
+    """A fresh copy of ``dense`` through the public API, as a user calls it (``rmtp.prune`` for each
+    step, ``rmtp.reconstruct`` / ``rmtp.finetune`` for a recovery): the model, the wall time of all
+    those calls, and the reports' notes. Where a step times layers it gets an empty cost-table
+    folder of its own, so its time includes that measuring."""
     import rmtp
 
     model = rmtp.frozen_copy(dense).requires_grad_(True)
@@ -732,8 +733,8 @@ def machine(load_before: float | None, git: dict[str, Any] | None = None) -> dic
 
 
 def git_state() -> dict[str, Any]:
-    """The rmtp commit and the files under rmtp/, plugins/ and benchmarks/ that differ from it (the
-    tree moves while others work in it), read without taking git's index lock."""
+    """The rmtp commit and the files under rmtp/ and plugins/, and this script, that differ from it
+    (the tree moves while others work in it), read without taking git's index lock."""
     env = {**os.environ, "GIT_OPTIONAL_LOCKS": "0"}
 
     def git(*args: str) -> str | None:
@@ -770,7 +771,7 @@ def caption(result: dict[str, Any]) -> str:
     return (f"{model['name']} ({model['source']}), {result['images']['count']} images of "
             f"{result['images']['folder']}; {result['split']['description']}. Zero-shot (no training) except the "
             f"rows marked reconstruct (block-wise) or KD (distillation from dense), each on the calibration "
-            f"images only, no labels; its time is in the compression column. "
+            f"images only, no labels; their time is in the compression column. "
             f"Speed: {s['rounds']} interleaved rounds, {s['timing_threads']} thread{'s' * (s['timing_threads'] != 1)}, "
             f"every model timed in the same "
             f"rounds, median [IQR] of per-round ratios dense / model. Compression on {s['work_threads']} threads. "

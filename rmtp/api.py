@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ValidationError
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 
 from rmtp.contract.architecture import Architecture
 from rmtp.contract.pruner import Pruner
@@ -107,6 +107,7 @@ def prune(model: nn.Module, pruner: str | type[Pruner], /, *, arch: str | Archit
         if calibration is None:
             raise RecipeError([f"{label}: accuracy_budget: scores the pruned model against dense on calibration "
                                f"images; pass calibration= (e.g. bundle.loader('calibration'))"])
+    _check_held_out(label, held_out, calibration)
     architecture = _architecture(model, arch, plugins)  # before anything runs the model: a clear refusal
     device = _device(model, device)
     shape = tuple(input_shape) if input_shape is not None else model_input_size(model)
@@ -122,6 +123,22 @@ def prune(model: nn.Module, pruner: str | type[Pruner], /, *, arch: str | Archit
                                   dense=dense, calibration=calibration, held_out=held_out, progress=progress)
     report.baseline = before
     return report
+
+
+def _check_held_out(label: str, held_out: object, calibration: DataLoader | None) -> None:
+    """Refuse, before anything is pruned, a ``held_out`` that cannot be what it claims: not a
+    DataLoader, one with no images, or the calibration loader itself (the pruner sees those)."""
+    if held_out is None:
+        return
+    if not isinstance(held_out, DataLoader):
+        raise RecipeError([f"{label}: held_out: give a DataLoader of images the pruner never sees (e.g. "
+                           f"bundle.loader('val')), got {type(held_out).__name__}"])
+    if held_out is calibration:
+        raise RecipeError([f"{label}: held_out is the calibration loader, whose images the pruner calibrates on; "
+                           f"give images it never sees (e.g. bundle.loader('val'))"])
+    sized = hasattr(held_out.dataset, "__len__") and not isinstance(held_out.dataset, IterableDataset)
+    if sized and len(held_out.dataset) == 0:
+        raise RecipeError([f"{label}: held_out has no images (an empty val split?); give some, or leave it out"])
 
 
 def unpatch(model: nn.Module) -> nn.Module:
@@ -160,8 +177,6 @@ def finetune(model: nn.Module, data: DataLike | DataLoader, /, *, teacher: nn.Mo
     train_config = _validate("rmtp.finetune", TrainConfig, config, prefix="")
     device = _device(model, device)
     if isinstance(data, DataLoader):
-        from torch.utils.data import IterableDataset
-
         from rmtp.data import unlabeled_bundle
 
         if train_config.distill is None or train_config.distill.weight != 1.0 or teacher is None:

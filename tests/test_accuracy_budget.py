@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import timm
@@ -389,8 +390,38 @@ def test_a_recipe_step_that_calibrates_reports_agreement_on_the_val_split() -> N
     raw["data"]["calibration_size"] = 16
     result = rmtp.run_recipe(parse_recipe(raw))
     agreement = result.report.steps[0].agreement
-    assert agreement["held_out"] and "held-out images (n:m calibrated on others)" in agreement["where"]
-    assert agreement["images"] != 16  # not the calibration split
+    val = rmtp.build_data(raw["data"], result.model).val
+    assert agreement["held_out"] and agreement["images"] == min(256, len(val))  # the val split, not the 16
+    assert agreement["where"] == f"{agreement['images']} held-out images (n:m calibrated on others)"
+
+
+@pytest.mark.parametrize("held_out, message", [
+    ("calibration", "held_out is the calibration loader, whose images the pruner calibrates on"),
+    ("empty", "held_out has no images (an empty val split?)"),
+    ("dataset", "held_out: give a DataLoader of images the pruner never sees (e.g. bundle.loader('val')), got "
+                "TensorDataset"),
+])
+def test_a_held_out_that_cannot_be_held_out_is_refused_before_pruning(digits, held_out: str, message: str) -> None:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model, calib = digits
+    before = copy.deepcopy(model.state_dict())
+    given = {"calibration": calib, "empty": DataLoader(TensorDataset(torch.zeros(0, 1, 32, 32))),
+             "dataset": TensorDataset(torch.zeros(4, 1, 32, 32))}[held_out]
+    with pytest.raises(RecipeError, match=re.escape(message)):
+        rmtp.prune(model, "n:m", calibration=calib, held_out=given, n=2, m=4, score="wanda", budget="uniform",
+                   only_if_faster=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # nothing pruned
+
+
+def test_a_budget_only_the_weak_end_meets_warns_that_the_step_barely_pruned(digits) -> None:
+    model, calib = digits
+    report = rmtp.prune(copy.deepcopy(model), "magnitude", sparsity=0.9, calibration=calib,
+                        accuracy_budget={"max_drop": 0.001, "evaluations": 2})
+    assert report.agreement["budget"]["outcome"] == "weakest" and report.agreement["budget"]["chosen"] == 0.0
+    assert report.warnings == ["accuracy budget max_drop 0.1% (agreement ≥ 99.9%): only magnitude's weakest "
+                               "setting, sparsity = 0, is within it (100.0% agreement); that was applied, so the step "
+                               "prunes as little as it can: loosen the budget for a stronger cut"]
 
 
 def test_without_calibration_nothing_is_scored_and_a_budget_is_refused(digits) -> None:

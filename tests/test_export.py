@@ -231,6 +231,15 @@ def test_cli_refuses_an_existing_json_report_without_overwrite(tmp_path: Path) -
     assert json.loads(report.read_text())["path"] == str(folder / "model.onnx")
 
 
+def test_cli_refuses_a_json_report_on_the_models_own_path(tmp_path: Path) -> None:
+    folder = shutil.copytree(SAVED / "svd-mp-vit", tmp_path / "run")
+    target = tmp_path / "model.onnx"
+    line = one_error_line(invoke("export", folder, "-f", "onnx", "-o", target, "--json", target, "--overwrite"))
+    assert line == (f"error: --json {target} is the exported model's own path: the report would replace the model; "
+                    f"name another file")
+    assert not target.exists()
+
+
 class _TracedBranch(nn.Module):
     """Python control flow on a tensor's value: tracing bakes in the branch the example input took,
     so the ONNX graph computes something else for inputs that take the other one."""

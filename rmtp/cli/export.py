@@ -15,7 +15,6 @@ import typer
 from rich.markup import escape
 
 from rmtp.cli.exits import user_errors
-from rmtp.errors import RmtpError
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -56,10 +55,13 @@ def export(
 
         if fmt not in FORMATS:
             raise ExportError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+        target = out if out is not None else run_dir / DEFAULT_NAMES[fmt]
         if json_path is not None:  # before the model is loaded and exported
+            if Path(os.path.abspath(json_path)) == Path(os.path.abspath(target)):
+                raise ExportError(f"--json {json_path} is the exported model's own path: the report would replace "
+                                  f"the model; name another file")
             check_writable(json_path, what="--json", is_dir=False)
             _check_new(json_path, overwrite)
-        target = out if out is not None else run_dir / DEFAULT_NAMES[fmt]
         report = export_model(run_dir, target, format=fmt, batch=batch, check=check,  # type: ignore[arg-type]
                               check_images=check_images, opset=opset, overwrite=overwrite)
     stdout.print(report_table(report))
@@ -72,8 +74,10 @@ def export(
 def _check_new(json_path: Path, overwrite: bool) -> None:
     """An existing ``--json`` file is refused without ``--overwrite``, as ``-o``'s is: a report
     path naming the wrong file by mistake must not destroy it."""
+    from rmtp.export import ExportError
+
     if not overwrite and os.path.lexists(json_path):
-        raise RmtpError(f"--json: {json_path}: already exists; nothing was written (--overwrite replaces it)")
+        raise ExportError(f"--json: {json_path}: already exists; nothing was written (--overwrite replaces it)")
 
 
 def report_table(report: ExportReport) -> Table:

@@ -219,6 +219,10 @@ def _budget_search(model: nn.Module, pruner_cls: type[Pruner], params: PrunerPar
                                  f"anyway: loosen the budget, or prune with another method")
     elif speed:  # asked for and not delivered: a warning, not a note
         warnings.append(speed)
+    elif result.outcome == "weakest":  # within budget, but only by (nearly) not pruning
+        warnings.append(f"accuracy budget {budget.describe()}: only {name}'s weakest setting, "
+                        f"{knob.format(result.value)}, is within it ({result.chosen.agreement:.1%} agreement); that "
+                        f"was applied, so the step prunes as little as it can: loosen the budget for a stronger cut")
     return _Budget(params=chosen, budget=budget, fit=fit, reference=reference, where=where, record=record,
                    cost=shared["cost"], notes=notes, warnings=warnings)
 
@@ -242,15 +246,16 @@ def _agreement(model: nn.Module, pruner_cls: type[Pruner], params: PrunerParams,
 
         source = held_out if pruner_data is not None and held_out is not None else calibration
         images = images_of(source, DEFAULT_IMAGES)
-        reference = DenseReference(dense, images, device=device, batch=source.batch_size or 64, precision=precision)
+        reference = DenseReference(dense, images, device=device, batch=getattr(source, "batch_size", None) or 64,
+                                   precision=precision)
         unseen = pruner_data is None or source is held_out
         if source is held_out:
             where = f"{len(images)} held-out images ({name} calibrated on others)"
         elif unseen:
             where = f"{len(images)} calibration images ({name} uses none)"
         else:
-            where = (f"{len(images)} calibration images {name} calibrated on (not held out: an accuracy_budget "
-                     f"holds some out)")
+            where = (f"{len(images)} calibration images {name} calibrated on (not held out: a recipe scores on "
+                     f"its val split, rmtp.prune on held_out=, an accuracy_budget holds some out)")
     else:
         return None
     top1, kl = reference.score(model)
