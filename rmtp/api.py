@@ -35,7 +35,7 @@ from rmtp.data import DataBundle, DataSpec, model_input_size
 from rmtp.errors import PluginError, RecipeError, RmtpError
 from rmtp.fidelity.accuracy_budget import AccuracyBudget, budget_knob
 from rmtp.latency.settings import LatencySettings
-from rmtp.measure.running import evaluating
+from rmtp.measure.running import evaluating, same_device
 from rmtp.plugins import Plugins, get_plugins
 from rmtp.reports.records import StepReport
 from rmtp.run import steps
@@ -232,6 +232,7 @@ def evaluate(model: nn.Module, data: DataLike | DataLoader, /, *, dense: nn.Modu
     shape = tuple(loader.dataset[0][0].shape)
     dense_top1 = None
     if dense is not None:
+        dense = _reference_on(dense, device)
         dense_top1 = steps.top1_with_progress(dense, loader, device, progress, "evaluating dense model")
     return steps.evaluate_step(model.to(device), loader, params, device=device, input_shape=shape, dense=dense,
                                dense_top1=dense_top1, progress=progress)
@@ -255,8 +256,7 @@ def _reference_on(dense: nn.Module, device: torch.device) -> nn.Module:
     else a frozen copy there. Moving the caller's reference model would be a side effect of
     evaluating another model: its weights left elsewhere and its buffers swapped for new tensors."""
     tensors = itertools.chain(dense.parameters(), dense.buffers())
-    if all(t.device.type == device.type and (device.index is None or t.device.index == device.index)
-           for t in tensors):
+    if all(same_device(t.device, device) for t in tensors):
         return dense
     return frozen_copy(dense).to(device)
 

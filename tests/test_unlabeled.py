@@ -190,28 +190,38 @@ def test_evaluate_on_unlabeled_data_reports_agreement_not_top1(digits_unlabeled)
         rmtp.evaluate(model, digits_unlabeled)
 
 
-def test_evaluate_on_unlabeled_data_leaves_the_callers_dense_model_alone(digits_unlabeled, monkeypatch) -> None:
+@pytest.fixture(scope="module")
+def digits_labeled():
+    return build_data(DataSpec(batch_size=64, eval_limit=128), _digits_vit())
+
+
+@pytest.mark.parametrize("labels", ["unlabeled", "labeled"])
+def test_evaluate_leaves_the_callers_dense_model_alone(labels, request, monkeypatch) -> None:
     """The dense model is the caller's reference: evaluating another model against it must not
-    move it (``.to`` on it), swap its tensors or change its train/eval flags."""
+    move it (``.to`` on it), swap its tensors or change its train/eval flags, with labels or without."""
+    data = request.getfixturevalue(f"digits_{labels}")
     model = _digits_vit()
     dense = _digits_vit().train()
     moved: list[tuple] = []
     monkeypatch.setattr(dense, "to", lambda *args, **kwargs: moved.append(args) or dense)
     tensors = [*dense.parameters(), *dense.buffers()]
     flags = [m.training for m in dense.modules()]
-    rmtp.evaluate(model, digits_unlabeled, dense=dense, device="cpu")
+    rmtp.evaluate(model, data, dense=dense, device="cpu")
     assert moved == []
     assert all(a is b for a, b in zip([*dense.parameters(), *dense.buffers()], tensors, strict=True))
     assert [m.training for m in dense.modules()] == flags
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="a dense model on another device needs CUDA")
-def test_evaluate_on_unlabeled_data_uses_a_copy_of_a_dense_model_on_another_device(digits_unlabeled) -> None:
+@pytest.mark.parametrize("labels", ["unlabeled", "labeled"])
+def test_evaluate_uses_a_copy_of_a_dense_model_on_another_device(labels, request) -> None:
+    data = request.getfixturevalue(f"digits_{labels}")
     model = _digits_vit().cuda()
     dense = _digits_vit()
-    report = rmtp.evaluate(model, digits_unlabeled, dense=dense, device="cuda")
+    report = rmtp.evaluate(model, data, dense=dense, device="cuda")
     assert {p.device.type for p in dense.parameters()} == {"cpu"}
-    assert report.notes[0].endswith("top-1 agreement with the dense model 100.00% on 128 val images")
+    same = {"unlabeled": "agreement with the dense model 100.00%", "labeled": "(+0.00 points)"}[labels]
+    assert same in report.notes[0]
 
 
 # --- budgets in minutes -------------------------------------------------------------------------

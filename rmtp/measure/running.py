@@ -15,7 +15,13 @@ from torch import nn
 
 from rmtp.errors import DeviceError
 
-__all__ = ["batch_of_one", "check_model_on", "evaluating", "input_dtype"]
+__all__ = ["batch_of_one", "check_model_on", "evaluating", "input_dtype", "same_device"]
+
+
+def same_device(actual: torch.device, requested: torch.device) -> bool:
+    """Whether a tensor on ``actual`` is where ``requested`` asks: a request with no index (``cuda``)
+    accepts any index, as ``tensor.to("cuda")`` would leave a tensor already on ``cuda:1`` alone."""
+    return actual.type == requested.type and (requested.index is None or actual.index == requested.index)
 
 
 def check_model_on(model: nn.Module, dev: torch.device) -> None:
@@ -24,8 +30,7 @@ def check_model_on(model: nn.Module, dev: torch.device) -> None:
     p = next(iter(model.parameters()), None)
     if p is None or p.device.type == "meta":
         return
-    same = p.device.type == dev.type and (dev.index is None or p.device.index == dev.index)
-    if not same:
+    if not same_device(p.device, dev):
         raise DeviceError(f"model is on {p.device} but device={str(dev)!r} was requested; "
                           f"move it first with model.to({str(dev)!r})")
 
