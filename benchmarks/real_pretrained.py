@@ -232,8 +232,9 @@ def unavailable(method: Method, plugins: Any) -> str | None:
         # rmtp.prune hands calibration images only to pruners that use them: the row would
         # silently be the method without data
         return f"{method.pruner} takes no calibration images in this tree, so the row would not be what it says"
-    if method.reconstruct is not None and not hasattr(__import__("rmtp"), "reconstruct"):
-        return "this tree has no rmtp.reconstruct"
+    for recovery, settings in (("reconstruct", method.reconstruct), ("finetune", method.distill)):
+        if settings is not None and not hasattr(__import__("rmtp"), recovery):
+            return f"this tree has no rmtp.{recovery}"
     return None
 
 

@@ -76,9 +76,8 @@ def check_options(fmt: object, batch: object, check_images: object, opset: objec
     if fmt not in FORMATS:
         raise ExportError(f"export format {short_repr(fmt)}: choose one of {', '.join(FORMATS)}")
     for name, value, high in (("batch", batch, MAX_BATCH), ("check_images", check_images, MAX_CHECK_IMAGES)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1 or (high is not None and value > high):
-            allowed = f"1..{high}" if high is not None else ">= 1"
-            raise ExportError(f"export {name} must be a whole number {allowed}, got {short_repr(value)}")
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= high:
+            raise ExportError(f"export {name} must be a whole number 1..{high}, got {short_repr(value)}")
     if opset is not None:
         if fmt != "onnx":
             raise ExportError("export opset is for --format onnx only")

@@ -45,7 +45,8 @@ class NmParams(PrunerParams):
                                  "weights on calibration activations (SparseGPT; budget and permutation rank "
                                  "as wanda)")
     percdamp: float = Field(0.01, gt=0.0, le=1.0, description="sparsegpt: Hessian damping, as a share of its "
-                                                              "mean diagonal")
+                                                              "mean diagonal (0.1 before a reconstruct step on "
+                                                              "a pretrained model: docs/nm.md)")
     blocksize: int = Field(128, ge=1, le=65536, description="sparsegpt: columns per lazy-update block (rounded "
                                                             "down to a multiple of m)")
     refit: bool = Field(False, description="sparsegpt: then refit each row's kept weights by least squares on the "
