@@ -220,7 +220,8 @@ def evaluate(model: nn.Module, data: DataLike | DataLoader, /, *, dense: nn.Modu
     labels)); ``latency=True`` (with ``dense``) also times it against the dense model in interleaved
     rounds (``latency_batch``, ``latency_rounds``, ``latency_threads``, as in a recipe).
     Unlabeled data (``data.unlabeled: true``) has no top-1: ``dense`` is required, and the report
-    gives the top-1 agreement with it in a note (``stats.top1`` None; :mod:`rmtp.fidelity.unlabeled`)."""
+    gives the top-1 agreement with it in a note (``stats.top1`` None; :mod:`rmtp.fidelity.unlabeled`).
+    ``dense`` is never moved: where it lives on another device, a frozen copy runs on ``device``."""
     from rmtp.run.recipe import EvaluateParams
 
     params = _validate("rmtp.evaluate", EvaluateParams, settings, prefix="")

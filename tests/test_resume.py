@@ -191,6 +191,8 @@ class _Boom:
         return (os.system, ("touch /tmp/rmtp-pwned-by-checkpoint",))
 
 
+# torch's weights-only unpickler warns that the pickle's protocol is not its default before it refuses it
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
 def test_a_malicious_checkpoint_runs_nothing(tmp_path: Path) -> None:
     path = _recipe(tmp_path, epochs=1)
     with pytest.raises(KeyboardInterrupt):
