@@ -17,7 +17,7 @@ from typing import Any
 
 from rmtp.errors import RmtpError, short_repr
 
-__all__ = ["KWARGS_HELP", "KWARGS_METAVAR", "DuplicateKey", "parse_kwargs", "parse_value"]
+__all__ = ["KWARGS_HELP", "KWARGS_METAVAR", "DuplicateOptionKey", "parse_kwargs", "parse_value"]
 
 #: The start of every ``--kwargs`` help; a command adds what its kwargs are for.
 KWARGS_HELP = ("timm.create_model kwargs, repeatable: key=value (or key=value,key=value; values read as "
@@ -30,7 +30,7 @@ KWARGS_METAVAR = "KEY=VALUE"
 _PAIR_SPLIT = re.compile(r",\s*(?=[A-Za-z_][\w.-]*\s*=)")
 
 
-class DuplicateKey(RmtpError):
+class DuplicateOptionKey(RmtpError):
     """A JSON or YAML object in an option value holds ``key`` twice."""
 
     def __init__(self, key: str) -> None:
@@ -39,24 +39,24 @@ class DuplicateKey(RmtpError):
 
 
 def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    """``json.loads``'s ``object_pairs_hook``: the object, or :class:`DuplicateKey` for a key it
+    """``json.loads``'s ``object_pairs_hook``: the object, or :class:`DuplicateOptionKey` for a key it
     holds twice (``json.loads`` alone keeps the last value and drops the first without a word)."""
     value: dict[str, Any] = {}
     for key, item in pairs:
         if key in value:
-            raise DuplicateKey(key)
+            raise DuplicateOptionKey(key)
         value[key] = item
     return value
 
 
 def _json(text: str) -> Any:
-    """``text`` as JSON, an object with a key twice refused (:class:`DuplicateKey`)."""
+    """``text`` as JSON, an object with a key twice refused (:class:`DuplicateOptionKey`)."""
     return json.loads(text, object_pairs_hook=_unique_keys)
 
 
 def parse_value(text: str) -> Any:
     """``text`` as JSON, else as YAML (safe loader, size-capped), else the string itself; an
-    object with a key twice, in either, is refused (:class:`DuplicateKey`), not read as a string."""
+    object with a key twice, in either, is refused (:class:`DuplicateOptionKey`), not read as a string."""
     text = text.strip()
     try:
         return _json(text)
@@ -69,7 +69,7 @@ def parse_value(text: str) -> Any:
     try:
         value = safe_yaml.load_untrusted(text)
     except safe_yaml.DuplicateKey as exc:
-        raise DuplicateKey(exc.key) from None
+        raise DuplicateOptionKey(exc.key) from None
     except (yaml.YAMLError, safe_yaml.YamlRefused):
         return text
     return text if value is None and text not in ("null", "~", "Null", "NULL") else value
@@ -105,7 +105,7 @@ def parse_kwargs(values: list[str] | str | None, *, flag: str = "--kwargs") -> d
         text = value.strip()
         try:
             merged.update(_parse_one(text, flag))
-        except DuplicateKey as exc:
+        except DuplicateOptionKey as exc:
             raise RmtpError(f"{flag}: {exc} in {short_repr(text, 200)}; give each key once") from None
     return merged
 
