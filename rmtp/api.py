@@ -27,11 +27,11 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ValidationError
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader
 
 from rmtp.contract.architecture import Architecture
 from rmtp.contract.pruner import Pruner
-from rmtp.data import DataBundle, DataSpec, model_input_size
+from rmtp.data import DataBundle, DataSpec, has_length, model_input_size
 from rmtp.errors import PluginError, RecipeError, RmtpError
 from rmtp.fidelity.accuracy_budget import AccuracyBudget, budget_knob
 from rmtp.latency.settings import LatencySettings
@@ -136,8 +136,7 @@ def _check_held_out(label: str, held_out: object, calibration: DataLoader | None
     if held_out is calibration:
         raise RecipeError([f"{label}: held_out is the calibration loader, whose images the pruner calibrates on; "
                            f"give images it never sees (e.g. bundle.loader('val'))"])
-    sized = hasattr(held_out.dataset, "__len__") and not isinstance(held_out.dataset, IterableDataset)
-    if sized and len(held_out.dataset) == 0:
+    if has_length(held_out.dataset) and len(held_out.dataset) == 0:
         raise RecipeError([f"{label}: held_out has no images (an empty val split?); give some, or leave it out"])
 
 
@@ -183,7 +182,7 @@ def finetune(model: nn.Module, data: DataLike | DataLoader, /, *, teacher: nn.Mo
             raise RecipeError(["rmtp.finetune: a DataLoader is read as unlabeled images, trained by distillation "
                                "alone: pass teacher= (the dense model) and distill={'weight': 1.0}; for labelled "
                                "fine-tuning pass a data spec or bundle (rmtp.build_data) instead"])
-        if isinstance(data.dataset, IterableDataset) or not hasattr(data.dataset, "__len__"):
+        if not has_length(data.dataset):
             raise RecipeError(["rmtp.finetune: the DataLoader's dataset has no length (an IterableDataset); give a "
                                "map-style dataset of images (or of (image, anything) pairs)"])
         bundle = unlabeled_bundle(data.dataset, batch_size=data.batch_size or 1, num_workers=data.num_workers)

@@ -48,10 +48,11 @@ def export(
 ) -> None:
     """Write a saved model as a file a runtime executes (ONNX or torch.export's pt2), verified."""
     from rmtp.reports.render import stdout
-    from rmtp.storage.atomic import check_writable, write_errors, write_json_atomic
+    from rmtp.storage.atomic import write_errors, write_json_atomic
 
     with user_errors():
         from rmtp.export import FORMATS, ExportError, export_model
+        from rmtp.export.refusals import check_new_file
 
         if fmt not in FORMATS:
             raise ExportError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
@@ -60,8 +61,7 @@ def export(
             if Path(os.path.abspath(json_path)) == Path(os.path.abspath(target)):
                 raise ExportError(f"--json {json_path} is the exported model's own path: the report would replace "
                                   f"the model; name another file")
-            check_writable(json_path, what="--json", is_dir=False)
-            _check_new(json_path, overwrite)
+            check_new_file(json_path, what="--json", overwrite=overwrite, replaced_by="--overwrite")
         report = export_model(run_dir, target, format=fmt, batch=batch, check=check,  # type: ignore[arg-type]
                               check_images=check_images, opset=opset, overwrite=overwrite)
     stdout.print(report_table(report))
@@ -69,15 +69,6 @@ def export(
         with user_errors(), write_errors("--json", json_path, consequence="the report is printed above only"):
             write_json_atomic(json_path, report.to_dict())
         stdout.print(f"wrote [bold]{escape(str(json_path))}[/]")
-
-
-def _check_new(json_path: Path, overwrite: bool) -> None:
-    """An existing ``--json`` file is refused without ``--overwrite``, as ``-o``'s is: a report
-    path naming the wrong file by mistake must not destroy it."""
-    from rmtp.export import ExportError
-
-    if not overwrite and os.path.lexists(json_path):
-        raise ExportError(f"--json: {json_path}: already exists; nothing was written (--overwrite replaces it)")
 
 
 def report_table(report: ExportReport) -> Table:

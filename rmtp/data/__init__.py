@@ -25,7 +25,7 @@ from rmtp.lazy import lazy_exports
 _EXPORTS = {
     **dict.fromkeys(("TrainAugment", "train_transform"), "rmtp.data.augment"),
     **dict.fromkeys(("build_data", "data_input_size"), "rmtp.data.build"),
-    **dict.fromkeys(("DataBundle", "UnlabeledImages", "unlabeled_bundle"), "rmtp.data.bundle"),
+    **dict.fromkeys(("DataBundle", "UnlabeledImages", "has_length", "unlabeled_bundle"), "rmtp.data.bundle"),
     **dict.fromkeys(("DIGITS_CLASSES", "DIGITS_MEAN", "DIGITS_STD", "digits_tensors"), "rmtp.data.digits"),
     **dict.fromkeys(("class_count_problem", "model_input_size", "model_num_classes"), "rmtp.data.fit"),
     **dict.fromkeys(("IMAGE_MODES", "ImageFiles", "ImageReadError", "ImageSizeError", "imagefolder_layout",

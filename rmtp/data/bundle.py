@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
 from rmtp.data.augment import TrainAugment, train_transform
 from rmtp.data.imagefolder import with_transform
@@ -19,6 +19,12 @@ def batch_images(batch: object) -> torch.Tensor:
     """The images of one loader batch: ``(images, labels, ...)`` or the images alone (an unlabeled
     loader). Every calibration pass reads batches through this, so they accept the same loaders."""
     return batch[0] if isinstance(batch, (tuple, list)) else batch  # type: ignore[index,return-value]
+
+
+def has_length(dataset: object) -> bool:
+    """Whether ``dataset`` is map-style with a length (not an ``IterableDataset``): its images can be
+    counted, indexed and split without reading it through."""
+    return not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__")
 
 @dataclass
 class DataBundle:

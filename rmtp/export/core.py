@@ -18,12 +18,13 @@ from rmtp.export.refusals import (
     DEFAULT_OPSET,
     ExportError,
     Format,
+    check_new_file,
     check_options,
     export_problems,
 )
 from rmtp.export.runtimes import discrete_hint, onnx_writer, ort_version, pt2_writer
 from rmtp.run.oom import allocation_detail, is_out_of_memory
-from rmtp.storage.atomic import check_writable, replace_atomically, write_errors
+from rmtp.storage.atomic import replace_atomically, write_errors
 
 if TYPE_CHECKING:
     from torch.utils.data import Dataset
@@ -73,10 +74,8 @@ def export_model(source: str | os.PathLike | nn.Module, path: str | os.PathLike,
     started = time.perf_counter()
     fmt = check_options(format, batch, check_images, opset)
     path = Path(path)
-    check_writable(path, what="export", is_dir=False)
-    if not overwrite and os.path.lexists(path):
-        raise ExportError(f"export: {path}: already exists; nothing was written (overwrite=True, --overwrite on "
-                          f"the command line, replaces it)")
+    check_new_file(path, what="export", overwrite=overwrite,
+                   replaced_by="overwrite=True, --overwrite on the command line,")
     model, shape, data, no_data = _source(source, input_shape, want_data=check)
     problems = export_problems(model, fmt)
     if problems:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Literal
 
 import torch
 from torch import nn
 
 from rmtp.errors import RmtpError, short_repr
+from rmtp.storage.atomic import check_writable
 
 Format = Literal["onnx", "pt2"]
 FORMATS: tuple[str, ...] = ("onnx", "pt2")
@@ -70,6 +73,15 @@ def export_problems(model: nn.Module, format: str = "onnx") -> list[str]:
                             f"larger ones need external data files, which rmtp export does not write: use "
                             f"--format pt2")
     return problems
+
+
+def check_new_file(path: Path | str, *, what: str, overwrite: bool, replaced_by: str) -> None:
+    """Refuse, before anything is exported, a file path that cannot be written, or that names an
+    existing file without ``overwrite``: ``-o`` or ``--json`` naming the wrong file by mistake must
+    not destroy it. ``replaced_by`` says what would replace it (the option's name)."""
+    check_writable(path, what=what, is_dir=False)
+    if not overwrite and os.path.lexists(path):
+        raise ExportError(f"{what}: {path}: already exists; nothing was written ({replaced_by} replaces it)")
 
 
 def check_options(fmt: object, batch: object, check_images: object, opset: object) -> str:

@@ -26,7 +26,7 @@ from torch.utils.data import (
     TensorDataset,
 )
 
-from rmtp.data.bundle import batch_images
+from rmtp.data.bundle import batch_images, has_length
 from rmtp.data.spec import UNLABELED
 from rmtp.errors import RmtpError
 from rmtp.run.precision import autocast
@@ -70,7 +70,7 @@ def _sized_dataset(loader: DataLoader) -> Dataset:
     dataset = getattr(loader, "dataset", None)
     whole = isinstance(getattr(loader, "sampler", None), (SequentialSampler, RandomSampler)) and \
         type(getattr(loader, "batch_sampler", None)) is BatchSampler
-    if whole and dataset is not None and not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__"):
+    if whole and has_length(dataset):
         return dataset
     images, labels = [], []
     for batch in loader:
