@@ -175,8 +175,8 @@ METHODS: tuple[Method, ...] = (
            calibrate=True, reconstruct=_RC),
     Method("nm-2:4-sparsegpt-refit+rc", f"n:m 2:4, SparseGPT + refit + {_RC_LABEL}", "n:m",
            {**_NM_24, "score": "sparsegpt", "refit": True}, calibrate=True, reconstruct=_RC),
-    # SparseGPT's damping raised from the reference's 1% to 10% of the mean Hessian diagonal: the mask and
-    # the refit then lean less on the calibration images' exact covariance (an extra row, default off)
+    # SparseGPT's damping raised from the reference's 1% to 10% of the mean Hessian diagonal, which gains after
+    # reconstruction on two splits (docs/nm.md; an extra row, default off)
     Method("nm-2:4-sparsegpt-refit-d0.1+rc", f"n:m 2:4, SparseGPT percdamp 0.1 + refit + {_RC_LABEL}", "n:m",
            {**_NM_24, "score": "sparsegpt", "refit": True, "percdamp": 0.1}, calibrate=True, reconstruct=_RC,
            default=False),
@@ -722,9 +722,9 @@ def _load() -> float | None:
         return None
 
 
-def machine(load_before: float | None, git: dict[str, Any] | None = None) -> dict[str, Any]:
+def machine(load_before: float | None, git: dict[str, Any]) -> dict[str, Any]:
     """The CPU, cores, threads, load and versions the figures come from, and the rmtp commit (``git``:
-    :func:`git_state` as read when the run began, the code it imported; read now when omitted)."""
+    :func:`git_state` as read when the run began, the code it imported)."""
     import timm
 
     import rmtp
@@ -735,7 +735,7 @@ def machine(load_before: float | None, git: dict[str, Any] | None = None) -> dic
             "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "loadavg_1min_start": load_before, "loadavg_1min_end": _load(),
             "python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__,
-            "rmtp": rmtp.__version__, **(git if git is not None else git_state())}
+            "rmtp": rmtp.__version__, **git}
 
 
 def git_state() -> dict[str, Any]:
