@@ -371,3 +371,17 @@ def test_peak_rss_delta_is_not_fooled_by_reused_heap_pages() -> None:
 
     deltas = [peak_rss_delta(allocate) for _ in range(3)]
     assert all(d >= 3 * 2**20 for d in deltas), deltas  # 4 MiB planted
+
+
+def test_macs_of_an_attention_pooling_head_whose_query_is_a_parameter() -> None:
+    """timm's attention pooling (``global_pool="map"``: SigLIP ViTs, the Perception Encoder) feeds its
+    learned latent query, a parameter, to a Linear; FlopCounterMode's module tracker used to fail on
+    it under inference mode. Counted in closed form, and every parameter's requires_grad restored."""
+    pooled = timm.create_model("vit_tiny_patch16_224", img_size=IMG, patch_size=PATCH, depth=DEPTH, embed_dim=DIM,
+                               num_heads=HEADS, num_classes=CLASSES, global_pool="map")
+    patches = vit_tokens(pooled) - 1  # the pool reads the patch tokens, not the class token
+    # q (the one latent), k and v (every patch), QKᵀ and AV for one query, proj, then the pool's 4× MLP
+    pool = DIM * DIM + patches * DIM * 2 * DIM + 2 * patches * DIM + DIM * DIM + 2 * 4 * DIM * DIM
+    head_and_blocks = count_macs(tiny_vit(), (3, IMG, IMG))  # the class token's pool adds no MACs
+    assert count_macs(pooled, (3, IMG, IMG)) == head_and_blocks + pool
+    assert all(p.requires_grad for p in pooled.parameters())

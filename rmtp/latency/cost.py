@@ -321,12 +321,6 @@ def _all_evaluating(modules: Sequence[nn.Module]) -> Iterator[None]:
 
 
 def _macs(module: nn.Module, input_shape: tuple[int, ...], device: torch.device) -> int:
-    from torch.utils.flop_counter import FlopCounterMode
+    from rmtp.measure.counts import counted_forward
 
-    from rmtp.measure import FLOP_FORMULAS
-
-    counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
-    x = torch.randn(input_shape, device=device, dtype=_dtype(module))
-    with _all_evaluating([module]), torch.inference_mode(), counter:
-        module(x)
-    return counter.get_total_flops() // 2
+    return counted_forward(module, torch.randn(input_shape, device=device, dtype=_dtype(module))).get_total_flops() // 2

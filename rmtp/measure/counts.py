@@ -38,6 +38,7 @@ __all__ = [
     "count_macs",
     "count_nonzeros",
     "count_params",
+    "counted_forward",
     "mac_breakdown",
     "model_summary",
     "storage_key",
@@ -109,6 +110,24 @@ def _mha_fastpath_disabled() -> Iterator[None]:
         mha.set_fastpath_enabled(before)
 
 
+@contextmanager
+def _parameters_frozen(model: nn.Module) -> Iterator[None]:
+    """Turn off ``requires_grad`` on every parameter of ``model`` for the count, then restore each.
+
+    FlopCounterMode's module tracker hooks the autograd graph of every module input that requires
+    grad, which fails under inference mode when the input is a parameter itself (timm's attention
+    pooling head feeds its learned ``latent`` query to a Linear: the Perception Encoder): a count
+    needs no gradients."""
+    wanted = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in wanted:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in wanted:
+            p.requires_grad_(flag)
+
+
 # --------------------------------------------------------------------------- MACs
 
 
@@ -171,6 +190,16 @@ def _op_key(op: Any) -> str:
     return ATTENTION if short in _ATTENTION_OP_NAMES else str(op)
 
 
+def counted_forward(model: nn.Module, x: torch.Tensor) -> FlopCounterMode:
+    """One forward pass of ``model`` on ``x`` under FlopCounterMode with :data:`FLOP_FORMULAS`, in
+    eval mode (restored after), without autograd, ``nn.MultiheadAttention`` on ordinary ops: the
+    one way rmtp counts FLOPs. Returns the counter (totals under ``"Global"``, then per module)."""
+    counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
+    with evaluating(model), _parameters_frozen(model), _mha_fastpath_disabled(), torch.inference_mode(), counter:
+        model(x)
+    return counter
+
+
 def mac_breakdown(model: nn.Module, input_shape: tuple[int, ...], *,
                   device: DeviceLike = "cpu") -> dict[str, int]:
     """Multiply-accumulates of one forward pass on a batch of one, per kind of op.
@@ -184,10 +213,7 @@ def mac_breakdown(model: nn.Module, input_shape: tuple[int, ...], *,
     """
     dev = resolve_device(device)
     check_model_on(model, dev)
-    x = torch.randn(batch_of_one(input_shape), device=dev, dtype=input_dtype(model))
-    counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
-    with evaluating(model), _mha_fastpath_disabled(), torch.inference_mode(), counter:
-        model(x)
+    counter = counted_forward(model, torch.randn(batch_of_one(input_shape), device=dev, dtype=input_dtype(model)))
     flops: dict[str, int] = defaultdict(int)
     for op, n in counter.get_flop_counts().get("Global", {}).items():
         flops[_op_key(op)] += int(n)

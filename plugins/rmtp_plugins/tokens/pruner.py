@@ -105,19 +105,10 @@ def _refuse_layer_filter(ctx: PruneContext) -> None:
 def block_macs(model: nn.Module, input_shape: tuple[int, ...], device: torch.device | str = "cpu") -> list[int]:
     """MACs of each ``blocks.{i}`` for one image of ``input_shape``, attention included (as
     :mod:`rmtp.measure` counts them: FlopCounterMode, CPU fused attention added)."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from rmtp.measure.counts import counted_forward
 
-    from rmtp.measure import FLOP_FORMULAS
-
-    counter = FlopCounterMode(display=False, custom_mapping=FLOP_FORMULAS)
-    x = torch.randn(1, *input_shape, device=device, dtype=next(model.parameters()).dtype)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode(), counter:
-            model(x)
-    finally:
-        model.train(was_training)
+    counter = counted_forward(model, torch.randn(1, *input_shape, device=device,
+                                                 dtype=next(model.parameters()).dtype))
     macs = [0] * len(model.blocks)
     for key, ops in counter.get_flop_counts().items():
         found = re.search(r"(?:^|\.)blocks\.(\d+)$", key)
