@@ -1,8 +1,9 @@
 """The families added through one architecture module each, with no pruner edited: ``deit``
-(distilled DeiT, two prefix tokens and two heads) and ``swin`` (window attention). Every pruner
-that makes sense works; the others are refused with the family's reason.
+(distilled DeiT, two prefix tokens and two heads), ``swin`` (window attention) and ``eva`` (rotary
+attention, q/v biases outside qkv, gated MLPs). Every pruner that makes sense works; the others
+are refused with the family's reason.
 
-Tiny timm models (32 px DeiT, 56 px Swin with two one-block stages) keep each test under a second.
+Tiny timm models (32 px DeiT and Eva, 56 px Swin with two one-block stages) keep each test under a second.
 """
 
 from __future__ import annotations
@@ -45,14 +46,14 @@ def _calibration(size: int, n: int = 8) -> DataLoader:
                       batch_size=4)
 
 
-def _round_trip(model: nn.Module, folder: Path, images: torch.Tensor) -> nn.Module:
-    """``model`` saved (architecture inferred, spec given: tiny kwargs cannot be read back) and
-    reloaded; outputs equal bit for bit."""
+def _round_trip(model: nn.Module, folder: Path, images: torch.Tensor, spec: ModelSpec | None = None) -> nn.Module:
+    """``model`` saved (architecture inferred, spec given: tiny kwargs cannot be read back; by default
+    the tiny DeiT's for 32 px images, else the tiny Swin's) and reloaded; outputs equal bit for bit."""
     with torch.no_grad():
         expected = model(images)
     deit = images.shape[-1] == 32
-    spec = ModelSpec(name="deit_tiny_distilled_patch16_224" if deit else "swin_tiny_patch4_window7_224",
-                     kwargs=DEIT_KWARGS if deit else SWIN_KWARGS)
+    spec = spec or ModelSpec(name="deit_tiny_distilled_patch16_224" if deit else "swin_tiny_patch4_window7_224",
+                             kwargs=DEIT_KWARGS if deit else SWIN_KWARGS)
     loaded = rmtp.load(rmtp.save(model, folder, spec=spec)).model
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), expected, atol=0, rtol=0)
@@ -154,11 +155,12 @@ def test_spp_cuts_swin_mlp_neurons_and_refuses_its_heads_with_the_reason(tmp_pat
     assert all(torch.equal(before[k], v) for k, v in untouched.state_dict().items()), "a refusal changes nothing"
 
 
+@pytest.mark.parametrize("family, reason", [("swin", "Swin attends within fixed windows"),
+                                            ("eva", "Eva blocks take rotary position embeddings")])
 @pytest.mark.parametrize("pruner", ["tome", "token-cls", "token-mean"])
-def test_token_pruners_refuse_swin_with_the_reason(pruner: str) -> None:
-    model = _swin()
-    with pytest.raises(RmtpError, match=f"{pruner} cannot reduce the tokens of this swin model: Swin attends "
-                                        f"within fixed windows"):
+def test_token_pruners_refuse_swin_and_eva_with_the_reason(family: str, reason: str, pruner: str) -> None:
+    model = _swin() if family == "swin" else _eva()
+    with pytest.raises(RmtpError, match=f"{pruner} cannot reduce the tokens of this {family} model: {reason}"):
         rmtp.prune(model, pruner)
     assert not describe_patches(model)
 
@@ -181,3 +183,114 @@ def test_unpatch_takes_off_the_token_patch_and_keeps_the_head_record() -> None:
     assert model.blocks[1].attn.num_heads == 1
     with torch.no_grad():
         torch.testing.assert_close(model(images), heads_only, atol=0, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------- eva
+
+#: Tiny Eva models: EVA-02 (fused qkv with q/v biases outside it, GluMlp), DINOv3 (fused qkv, no bias
+#: outside, plain Mlp, 4 register tokens) and EVA-02 CLIP (q/k/v_proj, SwiGLU with a norm inside).
+EVA_KWARGS = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2, "num_classes": 10}
+EVA02, DINOV3, EVA02_CLIP = "eva02_tiny_patch14_224", "vit_small_patch16_dinov3", "eva02_base_patch16_clip_224"
+
+
+def _eva(name: str = EVA02, *, built_by_rmtp: bool = True) -> nn.Module:
+    """The tiny ``name``, built as a recipe builds it (``EvaArchitecture.create``) or by timm alone."""
+    torch.manual_seed(0)
+    if built_by_rmtp:
+        return get_plugins().architecture("eva").create(ModelSpec(name=name, kwargs=EVA_KWARGS))
+    return timm.create_model(name, **EVA_KWARGS).eval()
+
+
+def _eva_round_trip(model: nn.Module, name: str, folder: Path) -> nn.Module:
+    return _round_trip(model, folder, torch.randn(2, 3, 32, 32), ModelSpec(name=name, kwargs=EVA_KWARGS))
+
+
+@pytest.mark.parametrize("name", [EVA02, DINOV3, EVA02_CLIP, "vit_pe_core_tiny_patch16_384",
+                                  "vit_small_patch16_rope_224"])
+def test_eva_family_covers_timm_eva_models_and_leaves_vit_and_typos_alone(name: str) -> None:
+    plugins = get_plugins()
+    assert plugins.architecture_for(name).name == "eva"
+    assert plugins.architecture_for("vit_small_patch16_224").name == "vit"
+    # a name timm does not know is vit's alone (whose create answers with timm's similar names), not
+    # "several plugins cover it"
+    assert plugins.architecture_for("vit_small_patch16_dinov4").name == "vit"
+
+
+def test_eva_lists_fused_or_separate_projections_and_gated_mlp_layers() -> None:
+    arch = get_plugins().architecture("eva")
+    for name, block_layers in [(EVA02, ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]),
+                               (EVA02_CLIP, ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.proj",
+                                             "mlp.fc1_g", "mlp.fc1_x", "mlp.fc2"])]:
+        model = _eva(name)
+        layers = [layer.name for layer in arch.prunable_layers(model) if not layer.optional]
+        assert layers == [f"blocks.{i}.{layer}" for i in range(2) for layer in block_layers]
+        assert [layer.name for layer in arch.prunable_layers(model) if layer.optional] == ["patch_embed.proj", "head"]
+    assert arch.qkv_split("blocks.0.attn.qkv", _eva(EVA02).blocks[0].attn.qkv) == {
+        "q": slice(0, 32), "k": slice(32, 64), "v": slice(64, 96)}
+
+
+def test_eva_qkv_with_outside_biases_is_routed_through_its_module_or_left_out() -> None:
+    """EVA-02 adds its q/v biases in ``F.linear(x, qkv.weight, bias)``, which would bypass a replaced
+    qkv: rmtp's build switches to timm's ``qkv(x) + bias`` (same outputs, same state dict); a model
+    taken as timm built it keeps qkv out of the prunable layers until routed."""
+    from rmtp_plugins.architectures.eva import route_qkv_through_module
+
+    arch = get_plugins().architecture("eva")
+    raw = _eva(built_by_rmtp=False)
+    assert "blocks.0.attn.qkv" not in {layer.name for layer in arch.prunable_layers(raw)}
+    routed = copy.deepcopy(raw)
+    assert route_qkv_through_module(routed) == ["blocks.0.attn", "blocks.1.attn"]
+    assert "blocks.0.attn.qkv" in {layer.name for layer in arch.prunable_layers(routed)}
+    assert routed.state_dict().keys() == raw.state_dict().keys()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(routed(images), raw(images), atol=1e-6, rtol=0)
+    assert route_qkv_through_module(_eva()) == [], "rmtp's build routes them already"
+
+
+def test_svd_mp_replaces_eva02_qkv_and_the_forward_runs_through_the_replacement(tmp_path: Path) -> None:
+    model = _eva()
+    report = rmtp.prune(model, "svd-mp", calibration=_calibration(32), target_params=0.7, whiten=True)
+    assert "blocks.0.attn.qkv" in {row.layer for row in report.rows}
+    qkv = model.blocks[0].attn.qkv
+    assert not isinstance(qkv, nn.Linear), "svd-mp split it"
+    calls = []
+    handle = qkv.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    handle.remove()
+    assert calls == [1]
+    _eva_round_trip(model, EVA02, tmp_path / "m")
+
+
+@pytest.mark.parametrize("name", [EVA02, DINOV3, EVA02_CLIP])
+@pytest.mark.parametrize("pruner, params", [("magnitude", {"sparsity": 0.5}),
+                                            ("n:m", {"n": 2, "m": 4, "budget": "uniform", "score": "sparsegpt",
+                                                     "only_if_faster": False})])
+def test_mask_pruners_run_on_eva_models(name: str, pruner: str, params: dict, tmp_path: Path) -> None:
+    model = _eva(name)
+    report = rmtp.prune(model, pruner, calibration=_calibration(32), **params)
+    assert {row.layer for row in report.rows} >= {"blocks.0.attn.proj", "blocks.1.mlp.fc2"}
+    zeros = float((model.blocks[1].attn.proj.weight == 0).float().mean())
+    assert zeros == 0.5 if pruner == "n:m" else zeros > 0.25  # magnitude's 50% is global
+    _eva_round_trip(model, name, tmp_path / "m")
+
+
+def test_spp_cuts_plain_mlp_neurons_of_eva_and_refuses_what_it_cannot_cut(tmp_path: Path) -> None:
+    model = _eva(DINOV3)
+    calibration = _calibration(32)
+    rmtp.prune(model, "spp", calibration=calibration, search="obs", ratio=0.25, structures=["neurons"])
+    assert model.blocks[0].mlp.fc1.out_features == 96
+    _eva_round_trip(model, DINOV3, tmp_path / "m")
+    with pytest.raises(RmtpError, match="eva architecture declares no couplings"):  # gated MLPs only
+        rmtp.prune(_eva(EVA02), "spp", calibration=calibration, search="obs", ratio=0.25, structures=["neurons"])
+    with pytest.raises(RmtpError, match="heads"):
+        rmtp.prune(_eva(DINOV3), "spp", calibration=calibration, search="obs", ratio=0.25, structures=["heads"])
+
+
+def test_reconstruct_refuses_eva_whose_blocks_take_rotary_embeddings() -> None:
+    """Block-wise reconstruction replays a block on its first input alone; an Eva block would run
+    without its positions, so the family declares no blocks (and distillation is suggested)."""
+    with pytest.raises(RmtpError, match="architecture 'eva' declares no blocks to reconstruct one by one .* "
+                                        "distillation"):
+        rmtp.reconstruct(_eva(), _calibration(32), dense=_eva())

@@ -422,7 +422,8 @@ def reconstruct_step(model: nn.Module, dense: nn.Module, calibration: Iterable, 
                         "model's; reconstruct before the token pruner (or rmtp.unpatch(model) first)")
     blocks = arch.blocks(model)
     if not blocks:
-        raise RmtpError(f"reconstruct: architecture {arch.name!r} declares no blocks to reconstruct one by one")
+        raise RmtpError(f"reconstruct: architecture {arch.name!r} declares no blocks to reconstruct one by one "
+                        f"(Architecture.blocks); recover it with distillation instead (a finetune step with distill)")
     missing = [name for name in blocks if not has_submodule(dense, name)]
     if missing:
         raise RmtpError(f"reconstruct: the dense model has no {missing[0]}: give the dense model this one was "

@@ -9,6 +9,7 @@ Eva and BEiT models (``timm.models.eva`` / ``beit``, which also own many ``vit_*
 attention is a different class (rotary embeddings, ...), and where it has a qkv bias it keeps q/v
 biases outside ``qkv`` and calls ``F.linear(x, qkv.weight, bias)``, so a pruner that replaced
 ``qkv`` would silently be bypassed. Forcing ``arch: vit`` on such a model is refused for that case.
+Eva models are the ``eva`` family's (architectures/eva.py, which routes those biases through ``qkv``).
 """
 
 from __future__ import annotations
