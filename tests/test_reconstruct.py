@@ -83,6 +83,28 @@ def test_capture_takes_a_blocks_input_or_output_and_stops_there() -> None:
     assert x1.shape == (5, 17, 32) and torch.equal(x1, y0) and not calls
 
 
+def test_capture_refuses_a_block_called_with_more_than_its_input() -> None:
+    """A block whose model hands it a second input (Eva's rotary embeddings, a mask) would be fitted
+    without it: refused with the block and the argument named, not fitted wrong."""
+
+    class Block(torch.nn.Module):
+        def forward(self, x: torch.Tensor, rope: torch.Tensor | None = None) -> torch.Tensor:
+            return x if rope is None else x * rope
+
+    class Model(torch.nn.Module):
+        def __init__(self, rope: torch.Tensor | None) -> None:
+            super().__init__()
+            self.block, self.rope = Block(), rope
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.block(x, rope=self.rope)
+
+    images = torch.randn(4, 3)
+    with pytest.raises(RmtpError, match=r"block block is called with more than its input \(rope\)"):
+        capture(Model(torch.ones(3)), "block", images, torch.device("cpu"), 2, what="input")
+    assert torch.equal(capture(Model(None), "block", images, torch.device("cpu"), 2, what="input"), images)
+
+
 def test_a_block_whose_error_would_rise_is_kept_as_it_came() -> None:
     model, dense = _pruned()
     before = _state(model)

@@ -107,7 +107,9 @@ class _Captured(Exception):
 def capture(model: nn.Module, block: str, images: torch.Tensor, device: torch.device, batch_size: int, *,
             what: str) -> torch.Tensor:
     """The ``input`` (first positional argument) or ``output`` of ``model``'s submodule ``block``
-    for every image, on ``device``; each forward pass stops at the block."""
+    for every image, on ``device``; each forward pass stops at the block. A block called with
+    anything more than its input (a second tensor, a keyword that is not None) is refused: the fit
+    replays it on that input alone."""
     module = model.get_submodule(block)
     taken: list[torch.Tensor] = []
 
@@ -118,8 +120,17 @@ def capture(model: nn.Module, block: str, images: torch.Tensor, device: torch.de
         taken.append(tensor.detach())
         raise _Captured
 
+    def take_input(args: tuple, kwargs: dict) -> None:
+        extra = [f"argument {i + 1}" for i, a in enumerate(args[1:]) if a is not None]
+        extra += [k for k, v in kwargs.items() if v is not None]
+        if extra:  # rotary embeddings, masks: a replay on the first input alone would drop them
+            raise RmtpError(f"reconstruct: block {block} is called with more than its input ({', '.join(extra)}), "
+                            f"which fitting it on its input alone would leave out; its architecture's blocks "
+                            f"cannot be reconstructed one by one")
+        take(args[0] if args else None)
+
     if what == "input":
-        handle = module.register_forward_pre_hook(lambda _m, args: take(args[0] if args else None))
+        handle = module.register_forward_pre_hook(lambda _m, args, kwargs: take_input(args, kwargs), with_kwargs=True)
     else:
         handle = module.register_forward_hook(lambda _m, _args, out: take(out))
     try:
