@@ -114,6 +114,24 @@ def test_an_nn_module_exports_with_an_explicit_input_shape_and_random_inputs(tmp
         export_model(model, tmp_path / "m2.onnx", format="onnx")
 
 
+def test_an_eva_model_exports_to_onnx_and_its_fused_attention_is_restored(tmp_path: Path) -> None:
+    """torch's TorchScript exporter cannot trace the fused attention call of timm's Eva (``is_causal``
+    reaches the kernel as a tensor); the export goes through the explicit path, which the exporter
+    writes with the same ops, and puts ``fused_attn`` back."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_small_patch16_dinov3", img_size=32, patch_size=8, depth=2, embed_dim=32,
+                              num_heads=2, num_classes=10).eval()
+    fused = [blk.attn.fused_attn for blk in model.blocks]
+    report = export_model(model, tmp_path / "eva.onnx", format="onnx", check=True, input_shape=(3, 32, 32))
+    assert report.max_abs_diff <= TOLERANCE
+    assert [blk.attn.fused_attn for blk in model.blocks] == fused
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(run_file(tmp_path / "eva.onnx", "onnx", x), model(x), atol=TOLERANCE, rtol=0)
+
+
 # ------------------------------------------------------------------------------------ refusals
 
 

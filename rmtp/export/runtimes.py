@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -42,10 +43,29 @@ def _first_line(exc: BaseException) -> str:
     return short_repr(f"{type(exc).__name__}: {text[0] if text else ''}", 300)
 
 
+@contextlib.contextmanager
+def explicit_attention(model: nn.Module) -> Iterator[None]:
+    """timm attentions on their explicit path (``fused_attn`` off, restored after) while tracing for ONNX.
+
+    The TorchScript exporter writes ``scaled_dot_product_attention`` as MatMul, Softmax, MatMul
+    anyway, the ops of the explicit path, but it cannot trace every fused call: in timm's Eva
+    attention (EVA-02, DINOv3) ``is_causal`` reaches the kernel as a tensor and the export fails
+    ("argument 'is_causal' must be bool, not Tensor"). The outputs agree to float rounding, and the
+    exported file is checked against the PyTorch model's outputs as always."""
+    switched = [m for m in model.modules() if getattr(m, "fused_attn", None) is True]
+    for module in switched:
+        module.fused_attn = False
+    try:
+        yield
+    finally:
+        for module in switched:
+            module.fused_attn = True
+
+
 def onnx_writer(model: nn.Module, inputs: list[Tensor], expected: list[Tensor], opset: int, hint: str):
     def write(tmp: str) -> float:
         try:
-            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), explicit_attention(model):
                 # TracerWarnings and the legacy exporter's deprecation notice; the run below checks the graph
                 warnings.simplefilter("ignore")
                 torch.onnx.export(model, (inputs[0],), tmp, dynamo=False, opset_version=opset,
