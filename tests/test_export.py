@@ -132,6 +132,21 @@ def test_an_eva_model_exports_to_onnx_and_its_fused_attention_is_restored(tmp_pa
         torch.testing.assert_close(run_file(tmp_path / "eva.onnx", "onnx", x), model(x), atol=TOLERANCE, rtol=0)
 
 
+@pytest.mark.parametrize("pool", ["avg", "map"])
+def test_tome_on_a_vit_without_prefix_tokens_exports_to_onnx(tmp_path: Path, pool: str) -> None:
+    """No class token (SigLIP-style, average or attention pool): ToMe's merge used to put an empty
+    prefix block in front of the kept tokens, whose ONNX graph onnxruntime refused ("Incompatible
+    dimensions")."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8, depth=2, embed_dim=32,
+                              num_heads=2, num_classes=10, class_token=False, global_pool=pool).eval()
+    rmtp.prune(model, "tome", arch="vit", r=3)
+    report = export_model(model, tmp_path / "tome.onnx", format="onnx", check=True, input_shape=(3, 32, 32))
+    assert report.max_abs_diff <= TOLERANCE
+
+
 # ------------------------------------------------------------------------------------ refusals
 
 

@@ -146,7 +146,7 @@ def _extra_child(model: nn.Module) -> nn.Module:
     (lambda: timm.create_model("deit_tiny_distilled_patch16_224", **TINY_VIT), PLANS["tome"],
      "not timm's VisionTransformer"),
     (lambda: nn.Sequential(nn.Linear(2, 2)), PLANS["tome"], "not timm's VisionTransformer"),
-    (lambda: _tiny(global_pool="map"), PLANS["tome"], "attention pool"),
+    (lambda: _tiny(global_pool="prr"), PLANS["tome"], "attention pool that the patch does not know"),
     (lambda: _tiny(global_pool=""), PLANS["tome"], "returns the token sequence"),
     (lambda: _tiny(attn_layer="diff"), PLANS["tome"], "not timm's Attention"),
     (lambda: _tiny(block_fn=timm.models.vision_transformer.ResPostBlock), PLANS["tome"], "not timm's plain Block"),
@@ -201,3 +201,39 @@ def test_gradient_checkpointing_and_dynamic_image_size_are_kept() -> None:
     with torch.no_grad():
         dynamic(torch.randn(2, 1, 16, 16)), dynamic(torch.randn(2, 1, 24, 24))
     assert seen == [1 + 4, 1 + 9], "counts follow the input size: 16 → 8 → 4 and 36 → 18 → 9 patches"
+
+
+# ------------------------------------------------------------------ timm's attention pool ('map')
+
+
+@pytest.mark.parametrize("class_token", [True, False])
+@pytest.mark.parametrize("plan", ["tome", "token-mean"])
+def test_an_attention_pooled_vit_runs_dense_at_zero_reduction_and_reduces_otherwise(class_token: bool,
+                                                                                   plan: str) -> None:
+    """SigLIP's head: ``global_pool="map"`` attends from a learned query to the tokens left."""
+    torch.manual_seed(0)
+    model = _tiny(global_pool="map", class_token=class_token)
+    images = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        dense = model(images)
+        zero = copy.deepcopy(model)
+        apply_patch(zero, TokenReduction(**ZERO[plan]))
+        torch.testing.assert_close(zero(images), dense, atol=1e-5, rtol=0)
+        apply_patch(model, TokenReduction(**PLANS[plan]))
+        reduced = model(images)
+    assert reduced.shape == dense.shape and not torch.allclose(reduced, dense)
+
+
+def test_the_attention_pool_weighs_a_merged_token_as_its_copies() -> None:
+    """Proportional attention in the pool (ToMe's softmax(QKᵀ/√d + log s)): a token of size s gives
+    what s identical tokens give the dense pool, whatever the pool's heads and MLP do after."""
+    torch.manual_seed(0)
+    model = _tiny(global_pool="map", class_token=False)
+    apply_patch(model, TokenReduction(**PLANS["tome"]))
+    tokens = torch.randn(2, 5, 32)
+    copies = torch.tensor([1, 3, 1, 2, 1])  # token 1 stands for 3 patches, token 3 for 2
+    expanded = tokens.repeat_interleave(copies, dim=1)  # (2, 8, 32): each token repeated
+    size = copies.float().expand(2, -1).unsqueeze(-1)
+    with torch.no_grad():
+        torch.testing.assert_close(model.pool(tokens, size=size), model.attn_pool(expanded), atol=1e-5, rtol=0)
+        assert not torch.allclose(model.pool(tokens, size=size), model.attn_pool(tokens), atol=1e-4)

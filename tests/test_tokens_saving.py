@@ -47,6 +47,23 @@ def test_save_load_reapplies_the_patch_with_identical_outputs(tmp_path: Path, pl
     assert type(loaded).__name__ == "VisionTransformer" and not patches_of(loaded)
 
 
+def test_tome_on_an_attention_pooled_vit_saves_and_reloads_with_identical_outputs(tmp_path: Path) -> None:
+    """rmtp.prune's tome on a SigLIP-style ViT (no class token, ``global_pool="map"``), saved and loaded."""
+    kwargs = {**TINY_VIT, "global_pool": "map", "class_token": False}
+    spec = ModelSpec(name="vit_tiny_patch16_224", kwargs=kwargs)
+    torch.manual_seed(0)
+    model = get_plugins().architecture("vit").create(spec)
+    report = rmtp.prune(model, "tome", r=3)
+    assert report.rows[0].detail["tokens_in"] == 16 and report.rows[-1].detail["tokens_out"] < 16
+    images = torch.randn(4, 1, 16, 16)
+    with torch.no_grad():
+        expected = model(images)
+    loaded = rmtp.load(save(model, tmp_path / "m", spec=spec, arch=get_plugins().architecture("vit"),
+                            baseline=spec)).model
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), expected, atol=0, rtol=0)
+
+
 def test_tome_records_from_before_ab_sets_keep_their_matching(tmp_path: Path) -> None:
     """A tome folder saved before rmtp matched ToMe (its record has every field of then, no
     ``ab_sets``) loads with the patch-only A/B sets it was saved with, outputs bit for bit; saving

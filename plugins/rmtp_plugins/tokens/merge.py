@@ -176,9 +176,10 @@ def merge_tokens(x: Tensor, metric: Tensor, r: int, npt: int, *, size: Tensor | 
     kept_a = len(range(a_start, N, 2)) - r
     unmerged_idx, src_idx, dst_idx = bipartite_matching(metric, r, a_start, b_start,
                                                         ordered=npt > 0 or sets == "patches")
-    prefix_pos = torch.arange(npt, device=x.device).expand(B, -1)
     b_pos = torch.arange(b_start, N, 2, device=x.device).expand(B, -1)
-    keep_pos = torch.cat([prefix_pos, a_start + 2 * unmerged_idx, b_pos], dim=1)  # (B, N - r)
+    keep_pos = torch.cat([a_start + 2 * unmerged_idx, b_pos], dim=1)  # (B, N - r - npt)
+    if npt:  # no empty prefix block: with one, the ONNX graph's shapes broke (onnxruntime: Incompatible dimensions)
+        keep_pos = torch.cat([torch.arange(npt, device=x.device).expand(B, -1), keep_pos], dim=1)
     src_pos = a_start + 2 * src_idx
     dst_out = (npt + kept_a + dst_idx).unsqueeze(-1)  # where each merged A token lands, (B, r, 1)
     size = _ones(x) if size is None else size

@@ -57,8 +57,9 @@ from rmtp_plugins.tokens.schedule import RelativeTo, merged_count, pruned_count
 #: is refused rather than run without it.
 BLOCK_CHILDREN = frozenset({"norm1", "attn", "ls1", "drop_path1", "norm2", "mlp", "ls2", "drop_path2"})
 ATTENTION_CHILDREN = frozenset({"qkv", "q_norm", "k_norm", "attn_drop", "norm", "gate", "proj", "proj_drop"})
-#: Global pools whose result the patch knows how to keep right ('avg'/'avgmax' become size-weighted).
-SUPPORTED_POOLS = ("token", "avg", "avgmax", "max")
+#: Global pools whose result the patch knows how to keep right ('avg'/'avgmax' become size-weighted;
+#: 'map', timm's attention pool, attends with proportional attention, :meth:`TokenModel.pool`).
+SUPPORTED_POOLS = ("token", "avg", "avgmax", "max", "map")
 
 #: Why a token-reduced model is refused a second token pruner (the patch and the pruners say it alike).
 ALREADY_REDUCED = ("it is already token-reduced (token reducers do not stack: remove that patch first with "
@@ -187,7 +188,8 @@ class TokenModel(nn.Module):
     """A ViT whose blocks reduce tokens: mixed in before the model's own class by
     :class:`TokenReduction` (:func:`token_class`).
 
-    ``forward`` carries token sizes to the pool, so ``avg`` pooling is size-weighted.
+    ``forward`` carries token sizes to the pool, so ``avg`` pooling is size-weighted and timm's
+    attention pool (``map``) attends with proportional attention (:meth:`pool`).
     ``forward_features`` returns the reduced sequence; ``forward_head`` on its own cannot know the
     sizes and pools unweighted unless given ``size`` (use ``forward_tokens`` to get them). A head
     that reads the prefix tokens alone (``token`` pooling, DeiT's class and distillation heads) is
@@ -224,7 +226,14 @@ class TokenModel(nn.Module):
         return self.forward_tokens(x, attn_mask, is_causal)[0]
 
     def pool(self, x: Tensor, pool_type: str | None = None, size: Tensor | None = None) -> Tensor:
+        """The model's own pool, with token sizes: ``avg``/``avgmax`` weigh each token by its size, and
+        an attention pool (``map``) adds ``log(size)`` to its logits, ToMe's proportional attention, so a
+        token standing for ``s`` patches weighs as its ``s`` copies would."""
         pool_type = self.global_pool if pool_type is None else pool_type
+        if size is not None and getattr(self, "attn_pool", None) is not None:
+            if not self.pool_include_prefix:
+                x, size = x[:, self.num_prefix_tokens:], size[:, self.num_prefix_tokens:]
+            return self.attn_pool(x, attn_mask=size.log().to(x.dtype)[:, None, None, :, 0])
         if size is None or pool_type not in ("avg", "avgmax"):
             return super().pool(x, pool_type)
         if not self.pool_include_prefix:
@@ -233,7 +242,7 @@ class TokenModel(nn.Module):
         return avg if pool_type == "avg" else 0.5 * (x.amax(dim=1) + avg)
 
     def forward_head(self, x: Tensor, pre_logits: bool = False, size: Tensor | None = None) -> Tensor:
-        if size is None or self.global_pool not in ("avg", "avgmax"):
+        if size is None or (self.global_pool not in ("avg", "avgmax") and getattr(self, "attn_pool", None) is None):
             return super().forward_head(x, pre_logits)
         x = self.pool(x, size=size)
         x = self.fc_norm(x)
@@ -252,6 +261,19 @@ TokenVisionTransformer = TokenModel
 # ------------------------------------------------------------------------------------ the patch
 
 
+def _attention_pool_problem(pool: nn.Module) -> str | None:
+    """Why the patch cannot give token sizes to the attention pool ``pool`` (``None`` if it can):
+    only timm's ``AttentionPoolLatent`` takes the additive mask that carries them, and one with its
+    own position embedding adds it per token position, which reduction moves."""
+    from timm.layers import AttentionPoolLatent
+
+    if type(pool) is not AttentionPoolLatent:
+        return f"the patch does not know ({type(pool).__name__}: only timm's AttentionPoolLatent, 'map')"
+    if getattr(pool, "pos_embed", None) is not None:
+        return "adds a position embedding per token, which reducing tokens would misalign"
+    return None
+
+
 def model_problem(model: nn.Module, plan: TokenPlan, arch: Architecture) -> str | None:
     """Why the token patch cannot handle ``model`` (``None`` if it can): ``arch`` says whether it runs
     its tokens through blocks the patch reproduces; the pool and the plan are the patch's to check."""
@@ -263,9 +285,12 @@ def model_problem(model: nn.Module, plan: TokenPlan, arch: Architecture) -> str 
         return str(exc)
     except (AttributeError, TypeError) as exc:  # not a model of that family at all (no blocks, ...)
         return f"it is a {type(model).__qualname__}, not a {arch.name} model the token patch knows ({exc})"
-    if getattr(model, "attn_pool", None) is not None:
-        return f"its global_pool {model.global_pool!r} is an attention pool, which would ignore token sizes"
-    if model.global_pool not in SUPPORTED_POOLS:
+    attn_pool = getattr(model, "attn_pool", None)
+    if attn_pool is not None:
+        problem = _attention_pool_problem(attn_pool)
+        if problem:
+            return f"its global_pool {model.global_pool!r} is an attention pool that {problem}"
+    elif model.global_pool not in SUPPORTED_POOLS:
         return (f"its global_pool {model.global_pool!r} returns the token sequence itself, whose length token "
                 f"reduction changes (supported: {', '.join(SUPPORTED_POOLS)})")
     if blocks.depth != plan.depth:
