@@ -42,6 +42,16 @@ def test_timm_kwargs_naming_unknown_things(tmp_path: Path, command: str) -> None
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("command", ["validate", "prune"])
+def test_a_step_the_models_structure_refuses_is_refused_before_the_first_step(tmp_path: Path, command: str) -> None:
+    """token-cls on a ViT without a class token used to be refused only when its turn came, after the
+    steps before it had run (hours, on a real model); the pruner's structure_problem is asked first."""
+    steps = [{"prune": "magnitude", "params": {"sparsity": 0.5}}, {"prune": "token-cls", "params": {"r_max": 0.5}}]
+    path = _recipe(tmp_path, steps, class_token=False, global_pool="avg")
+    _one_error_line(_cli(command, str(path)), str(path), "steps[1] (token-cls)", "no class token")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.checkpoint").exists()
+
+
 @pytest.mark.parametrize("pruner", ["magnitude", "svd-mp", "n:m"])
 def test_a_layer_filter_matching_nothing_prunes_nothing_and_says_so(tmp_path: Path, pruner: str) -> None:
     """magnitude crashed in torch.cat on an empty list; every pruner now reports the empty step,

@@ -288,6 +288,21 @@ def test_spp_cuts_plain_mlp_neurons_of_eva_and_refuses_what_it_cannot_cut(tmp_pa
         rmtp.prune(_eva(DINOV3), "spp", calibration=calibration, search="obs", ratio=0.25, structures=["heads"])
 
 
+def test_structure_problems_answer_what_the_prune_would_raise() -> None:
+    """Pruner.structure_problem, asked before a recipe's first step, in the words of the refusal."""
+    plugins = get_plugins()
+    eva, swin = plugins.architecture("eva"), plugins.architecture("swin")
+    tome, spp = plugins.pruners.get("tome"), plugins.pruners.get("spp")
+    assert tome.structure_problem(eva, _eva(), tome.Params(r=2)).startswith(
+        "tome cannot reduce the tokens of this eva model: Eva blocks take rotary position embeddings")
+    assert tome.structure_problem(swin, _swin(), tome.Params(r=2)).startswith(
+        "tome cannot reduce the tokens of this swin model: Swin attends within fixed windows")
+    assert "declares no couplings" in spp.structure_problem(eva, _eva(EVA02), spp.Params(search="obs", ratio=0.25))
+    neurons = spp.Params(search="obs", ratio=0.25, structures=["neurons"])
+    assert spp.structure_problem(eva, _eva(DINOV3), neurons) is None
+    assert tome.structure_problem(plugins.architecture("deit"), _deit(), tome.Params(r=2)) is None
+
+
 def test_reconstruct_refuses_eva_whose_blocks_take_rotary_embeddings() -> None:
     """Block-wise reconstruction replays a block on its first input alone; an Eva block would run
     without its positions, so the family declares no blocks (and distillation is suggested)."""

@@ -267,6 +267,18 @@ class Pruner(ABC):
         return speed_knob(params)
 
     @classmethod
+    def structure_problem(cls, arch: Architecture, model: nn.Module, params: PrunerParams) -> str | None:
+        """Why this pruner, with ``params``, cannot run on a model of ``model``'s structure, or ``None``
+        when it can (or cannot tell before it runs).
+
+        Asked of every prune step of a recipe before its first step runs, on the dense model (built
+        on the meta device, with no weights, by ``rmtp validate``), so that a step the architecture
+        refuses (token pruners on windowed or rotary attention, spp with nothing to gate) is
+        refused before hours of the steps ahead of it. Answer from the structure alone: the model
+        an earlier step leaves has the same architecture. Default: ``None``."""
+        return None
+
+    @classmethod
     def prunes_weights(cls) -> bool:
         """Whether the layers in this pruner's rows had weights pruned, so that a later ``finetune``
         step's penalties act on them (default: every kind but ``token``, whose rows name whole

@@ -33,12 +33,13 @@ from rmtp import sources
 from rmtp.contract.architecture import Architecture, ModelSpec
 from rmtp.data import DataBundle, build_data
 from rmtp.data.identity import data_changes, data_identity
-from rmtp.errors import CheckpointError, PluginError, RmtpError
+from rmtp.errors import CheckpointError, PluginError, RecipeError, RmtpError
 from rmtp.fidelity import unlabeled
 from rmtp.plugins import Plugins, get_plugins
 from rmtp.reports.records import ModelStats, RunReport, StepReport, environment
 from rmtp.run import distributed, steps
 from rmtp.run.device import resolve_device
+from rmtp.run.preflight import structure_refusals
 from rmtp.run.progress import NULL_PROGRESS, Progress
 from rmtp.run.recipe import EvaluateStep, FinetuneStep, Recipe, ReconstructStep, ResolvedPrune, step_label
 from rmtp.run.resume import (
@@ -160,6 +161,9 @@ def _run(recipe: Recipe, plugins: Plugins, device: torch.device, progress: Progr
         model, spec, baseline, arch = build_model(recipe, plugins)
     except (PluginError, CheckpointError) as exc:  # name the recipe, as validation errors do
         raise type(exc)(f"{recipe.path}: {exc}" if recipe.path else str(exc)) from None
+    refused = structure_refusals(recipe, arch, model, str(recipe.path) if recipe.path else "<recipe>")
+    if refused:  # before any step: a refusal at step 3 would come after hours of steps 0-2
+        raise RecipeError(refused)
     model = model.to(device).eval()
     data = build_data(recipe.data, model)
     identity = _data_identity(recipe, data, checkpoint)

@@ -30,9 +30,10 @@ class Preflight:
 def preflight(recipe: Recipe, *, plugins: Plugins | None = None) -> Preflight:
     """Build ``recipe``'s model on the meta device and check the steps against it.
 
-    Raises :class:`RecipeError` when timm cannot build the model from the recipe's kwargs; returns
-    a warning for every prune step whose layer filter selects no layer (the run would prune
-    nothing there and say so). ``plugins`` default to those the recipe was validated against.
+    Raises :class:`RecipeError` when timm cannot build the model from the recipe's kwargs or a
+    prune step's pruner refuses its structure (:func:`structure_refusals`); returns a warning for
+    every prune step whose layer filter selects no layer (the run would prune nothing there and
+    say so). ``plugins`` default to those the recipe was validated against.
     """
     if plugins is None:
         plugins = recipe.plugins if recipe.plugins is not None else get_plugins()
@@ -43,6 +44,9 @@ def preflight(recipe: Recipe, *, plugins: Plugins | None = None) -> Preflight:
         return Preflight()  # a saved folder this rmtp cannot rebuild on meta: the run will say why
     except RmtpError as exc:
         raise RecipeError([f"{label}: {exc}"]) from None
+    refused = structure_refusals(recipe, arch, model, label)
+    if refused:
+        raise RecipeError(refused)
     result = Preflight()
     if recipe.data.name == "imagefolder" and recipe.data.root is not None and not recipe.data.unlabeled:
         _check_classes(label, recipe.data.root, model)
@@ -55,6 +59,19 @@ def preflight(recipe: Recipe, *, plugins: Plugins | None = None) -> Preflight:
             result.warnings.append(f"{label}: steps[{index}].layers: selects none of the model's "
                                    f"{len(candidates)} prunable layers ({names}); this step would prune nothing")
     return result
+
+
+def structure_refusals(recipe: Recipe, arch: Architecture, model: nn.Module, label: str) -> list[str]:
+    """One line per prune step whose pruner refuses ``model``'s structure
+    (:meth:`rmtp.contract.pruner.Pruner.structure_problem`): ``rmtp validate`` asks on the meta-device
+    model, a run on the model it built, before its first step, so the refusal costs nothing."""
+    refused = []
+    for index, step in enumerate(recipe.plan):
+        if isinstance(step, ResolvedPrune):
+            problem = step.pruner_cls.structure_problem(arch, model, step.params)
+            if problem:
+                refused.append(f"{label}: steps[{index}] ({step.label}): {problem}")
+    return refused
 
 
 def _check_classes(label: str, root: Path, model: nn.Module) -> None:

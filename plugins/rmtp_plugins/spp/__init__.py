@@ -25,12 +25,18 @@ imported from their modules on first use.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from rmtp.contract.hookspecs import hookimpl
 from rmtp.contract.pruner import PruneContext, Pruner, PruneResult, PrunerParams
 from rmtp.fidelity.accuracy_budget import StrengthKnob
 from rmtp.lazy import lazy_exports
 from rmtp_plugins.spp.params import SppParams
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from rmtp.contract.architecture import Architecture
 
 _LAZY = {
     **dict.fromkeys(("PATH_FILE", "search"), "rmtp_plugins.spp.pruner"),
@@ -64,6 +70,13 @@ class SppPruner(Pruner):
                              "strongest it may try)")
         return StrengthKnob("ratio", weak=0.02, strong=params.ratio if params.ratio is not None else 0.5,
                             resolution=0.01)
+
+    @classmethod
+    def structure_problem(cls, arch: Architecture, model: nn.Module, params: SppParams) -> str | None:
+        """Nothing to gate: the architecture declares no couplings of the ``structures`` asked for."""
+        from rmtp_plugins.spp.pruner import coupling_problem
+
+        return coupling_problem(arch, arch.couplings(model), params.structures)
 
     def prune(self, ctx: PruneContext, params: SppParams) -> PruneResult:
         from rmtp_plugins.spp.pruner import prune  # the gate search and the slicing (torch)

@@ -39,6 +39,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from rmtp.contract.architecture import Architecture, Coupling
 from rmtp.contract.pruner import LayerRow, PruneContext, PruneResult, weight_footprint
 from rmtp.errors import RmtpError
 from rmtp.training import kd_loss
@@ -126,16 +127,24 @@ class _GateView:
         return self.holder["gates"][index]
 
 
-def prune(ctx: PruneContext, params: SppParams) -> PruneResult:
-    couplings = ctx.arch.couplings(ctx.model)
+def coupling_problem(arch: Architecture, couplings: list[Coupling], structures: tuple[str, ...]) -> str | None:
+    """Why spp has nothing to gate among ``arch``'s ``couplings`` for ``structures`` (``None`` if it has)."""
     offered = sorted({c.kind for c in couplings}, key=("heads", "neurons", "channels").index)
     if not offered:
-        raise RmtpError(f"spp: the {ctx.arch.name} architecture declares no couplings (attention heads, MLP "
-                        f"neurons or conv channels shared by two layers), so spp has nothing to gate; "
-                        f"vit, convnext and resnet declare them (Architecture.couplings)")
-    if not set(params.structures) & set(offered):
-        raise RmtpError(f"spp: structures {list(params.structures)} select nothing in a {ctx.arch.name} model, "
-                        f"which has {', '.join(offered)}")
+        return (f"spp: the {arch.name} architecture declares no couplings (attention heads, MLP neurons or conv "
+                f"channels shared by two layers), so spp has nothing to gate; vit, convnext and resnet declare "
+                f"them (Architecture.couplings)")
+    if not set(structures) & set(offered):
+        return (f"spp: structures {list(structures)} select nothing in a {arch.name} model, which has "
+                f"{', '.join(offered)}")
+    return None
+
+
+def prune(ctx: PruneContext, params: SppParams) -> PruneResult:
+    couplings = ctx.arch.couplings(ctx.model)
+    problem = coupling_problem(ctx.arch, couplings, params.structures)
+    if problem:
+        raise RmtpError(problem)
     units = find_units(ctx.model, couplings, ctx.layers, params.structures, arch=ctx.arch)
     if not units:
         return PruneResult()

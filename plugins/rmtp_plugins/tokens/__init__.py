@@ -38,6 +38,8 @@ from rmtp_plugins.tokens.schedule import tome_r_list
 if TYPE_CHECKING:  # the patch and the MAC counts are imported where a pruner runs: the
     from torch import nn  # declarations load no torch (`rmtp list`, `rmtp validate`)
 
+    from rmtp.contract.architecture import Architecture
+
 _LAZY = {"block_macs": "rmtp_plugins.tokens.pruner"}
 
 __all__ = ["PruneScheduleParams", "TokenClsParams", "TokenClsPruner", "TokenMeanParams", "TokenMeanPruner",
@@ -76,6 +78,23 @@ class TokenPruner(Pruner):
     def schedule_knob(cls, model: nn.Module | None) -> StrengthKnob:
         """The schedule's strength from none (weak) to its strong end (``r_max`` 0.9)."""
         return StrengthKnob("r_max", weak=0.0, strong=0.9, resolution=0.01)
+
+    @classmethod
+    def structure_problem(cls, arch: Architecture, model: nn.Module, params: PrunerParams) -> str | None:
+        """What the patch refuses in ``model`` (:func:`~rmtp_plugins.tokens.patch.model_problem`: the
+        family's token blocks, the pool, the class token a schedule scores by), in the words
+        :meth:`prune` would raise."""
+        from rmtp_plugins.tokens.patch import model_problem
+
+        try:
+            arch.token_blocks(model)
+        except PluginError as exc:
+            return f"{cls.name} cannot reduce the tokens of this {arch.name} model: {exc}"
+        try:
+            problem = model_problem(model, cls().plan(params, len(model.blocks)), arch)
+        except PluginError as exc:  # a per-block list of the wrong length
+            return str(exc)
+        return f"token reduction ({cls.method}) cannot patch this model: {problem}" if problem else None
 
     def speed_strengths(self, ctx: PruneContext) -> list[object]:
         """The values of the schedule's strength a speed target searches, gentlest first."""
