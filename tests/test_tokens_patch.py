@@ -146,7 +146,7 @@ def _extra_child(model: nn.Module) -> nn.Module:
     (lambda: timm.create_model("deit_tiny_distilled_patch16_224", **TINY_VIT), PLANS["tome"],
      "not timm's VisionTransformer"),
     (lambda: nn.Sequential(nn.Linear(2, 2)), PLANS["tome"], "not timm's VisionTransformer"),
-    (lambda: _tiny(global_pool="prr"), PLANS["tome"], "attention pool that the patch does not know"),
+    (lambda: _tiny(global_pool="prr"), PLANS["tome"], "attention pool that does not take the tokens' sizes"),
     (lambda: _tiny(global_pool=""), PLANS["tome"], "returns the token sequence"),
     (lambda: _tiny(attn_layer="diff"), PLANS["tome"], "not timm's Attention"),
     (lambda: _tiny(block_fn=timm.models.vision_transformer.ResPostBlock), PLANS["tome"], "not timm's plain Block"),

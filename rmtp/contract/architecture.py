@@ -151,12 +151,16 @@ class TokenBlocks:
     reduces tokens between each block's attention and its MLP. ``num_prefix_tokens`` (class,
     distillation and register tokens, first in the sequence) are never dropped or merged;
     ``has_class_token`` says whether the first of them is a class token (``token-cls`` scores by it).
+    ``pool_takes_mask`` says that the model's attention pool (``attn_pool``, if it has one) adds an
+    ``attn_mask`` over the tokens it pools to its attention logits, through which the patch gives it
+    the tokens' sizes (proportional attention); a model whose attention pool does not is refused.
     """
 
     num_prefix_tokens: int
     has_class_token: bool
     num_patches: int
     depth: int
+    pool_takes_mask: bool = False
 
 
 class Architecture(ABC):

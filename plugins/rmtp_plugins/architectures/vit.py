@@ -122,7 +122,17 @@ def vit_token_blocks(model: nn.Module) -> TokenBlocks:
             raise PluginError(f"blocks.{index}.attn is a {type(block.attn).__qualname__}, not timm's Attention "
                               f"(rotary, differential and other attention types are not supported)")
     return TokenBlocks(num_prefix_tokens=model.num_prefix_tokens, has_class_token=bool(model.has_class_token),
+                       pool_takes_mask=_pool_takes_mask(getattr(model, "attn_pool", None)),
                        num_patches=model.patch_embed.num_patches, depth=len(model.blocks))
+
+
+def _pool_takes_mask(pool: nn.Module | None) -> bool:
+    """timm's ``AttentionPoolLatent`` (``global_pool: map``) adds its ``attn_mask`` to the logits of its
+    learned query over the tokens; one with its own position embedding adds that per token position,
+    which reducing tokens would misalign. ``AttentionPoolPrr`` (``prr``) takes no mask."""
+    from timm.layers import AttentionPoolLatent
+
+    return type(pool) is AttentionPoolLatent and getattr(pool, "pos_embed", None) is None
 
 
 @hookimpl

@@ -261,19 +261,6 @@ TokenVisionTransformer = TokenModel
 # ------------------------------------------------------------------------------------ the patch
 
 
-def _attention_pool_problem(pool: nn.Module) -> str | None:
-    """Why the patch cannot give token sizes to the attention pool ``pool`` (``None`` if it can):
-    only timm's ``AttentionPoolLatent`` takes the additive mask that carries them, and one with its
-    own position embedding adds it per token position, which reduction moves."""
-    from timm.layers import AttentionPoolLatent
-
-    if type(pool) is not AttentionPoolLatent:
-        return f"the patch does not know ({type(pool).__name__}: only timm's AttentionPoolLatent, 'map')"
-    if getattr(pool, "pos_embed", None) is not None:
-        return "adds a position embedding per token, which reducing tokens would misalign"
-    return None
-
-
 def model_problem(model: nn.Module, plan: TokenPlan, arch: Architecture) -> str | None:
     """Why the token patch cannot handle ``model`` (``None`` if it can): ``arch`` says whether it runs
     its tokens through blocks the patch reproduces; the pool and the plan are the patch's to check."""
@@ -285,11 +272,10 @@ def model_problem(model: nn.Module, plan: TokenPlan, arch: Architecture) -> str 
         return str(exc)
     except (AttributeError, TypeError) as exc:  # not a model of that family at all (no blocks, ...)
         return f"it is a {type(model).__qualname__}, not a {arch.name} model the token patch knows ({exc})"
-    attn_pool = getattr(model, "attn_pool", None)
-    if attn_pool is not None:
-        problem = _attention_pool_problem(attn_pool)
-        if problem:
-            return f"its global_pool {model.global_pool!r} is an attention pool that {problem}"
+    if getattr(model, "attn_pool", None) is not None:
+        if not blocks.pool_takes_mask:
+            return (f"its global_pool {model.global_pool!r} is an attention pool that does not take the tokens' "
+                    f"sizes (an attn_mask over them; timm's AttentionPoolLatent without a position embedding does)")
     elif model.global_pool not in SUPPORTED_POOLS:
         return (f"its global_pool {model.global_pool!r} returns the token sequence itself, whose length token "
                 f"reduction changes (supported: {', '.join(SUPPORTED_POOLS)})")
