@@ -303,6 +303,23 @@ def test_structure_problems_answer_what_the_prune_would_raise() -> None:
     assert tome.structure_problem(plugins.architecture("deit"), _deit(), tome.Params(r=2)) is None
 
 
+@pytest.mark.parametrize("command", ["validate", "prune"])
+def test_a_recipe_reconstructing_eva_is_refused_before_its_first_step(tmp_path: Path, command: str) -> None:
+    from conftest import write_recipe
+    from typer.testing import CliRunner
+
+    from rmtp.cli import build_app
+
+    recipe = {"model": {"name": DINOV3, "kwargs": {**EVA_KWARGS, "in_chans": 1}},
+              "data": {"name": "digits", "batch_size": 64, "calibration_size": 32},
+              "steps": [{"prune": "magnitude", "params": {"sparsity": 0.5}}, {"reconstruct": {"steps": 2}}],
+              "output": {"dir": str(tmp_path / "out")}}
+    result = CliRunner().invoke(build_app(), [command, str(write_recipe(tmp_path / "r.yaml", recipe))])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "steps[1] (reconstruct): reconstruct: architecture 'eva' declares no blocks" in result.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.checkpoint").exists()
+
+
 def test_reconstruct_refuses_eva_whose_blocks_take_rotary_embeddings() -> None:
     """Block-wise reconstruction replays a block on its first input alone; an Eva block would run
     without its positions, so the family declares no blocks (and distillation is suggested)."""

@@ -17,7 +17,7 @@ from rmtp.contract.architecture import Architecture, ModelSpec
 from rmtp.errors import CheckpointError, RecipeError, RmtpError
 from rmtp.plugins import Plugins, get_plugins
 from rmtp.run.layer_filter import select_layers
-from rmtp.run.recipe import Recipe, ResolvedPrune
+from rmtp.run.recipe import Recipe, ReconstructStep, ResolvedPrune, step_label
 
 
 @dataclass
@@ -62,15 +62,22 @@ def preflight(recipe: Recipe, *, plugins: Plugins | None = None) -> Preflight:
 
 
 def structure_refusals(recipe: Recipe, arch: Architecture, model: nn.Module, label: str) -> list[str]:
-    """One line per prune step whose pruner refuses ``model``'s structure
-    (:meth:`rmtp.contract.pruner.Pruner.structure_problem`): ``rmtp validate`` asks on the meta-device
-    model, a run on the model it built, before its first step, so the refusal costs nothing."""
+    """One line per step that ``model``'s structure refuses: a prune step whose pruner says so
+    (:meth:`rmtp.contract.pruner.Pruner.structure_problem`), a reconstruct step on an architecture
+    that declares no blocks. ``rmtp validate`` asks on the meta-device model, a run on the model it
+    built, before its first step, so the refusal costs nothing."""
+    from rmtp.run.steps import reconstruct_problem
+
     refused = []
     for index, step in enumerate(recipe.plan):
+        problem = None
         if isinstance(step, ResolvedPrune):
             problem = step.pruner_cls.structure_problem(arch, model, step.params)
-            if problem:
-                refused.append(f"{label}: steps[{index}] ({step.label}): {problem}")
+        elif isinstance(step, ReconstructStep):
+            problem = reconstruct_problem(arch, model)
+        if problem:
+            name = step.label if isinstance(step, ResolvedPrune) else step_label(step)
+            refused.append(f"{label}: steps[{index}] ({name}): {problem}")
     return refused
 
 

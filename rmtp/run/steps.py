@@ -404,6 +404,15 @@ def finetune_step(model: nn.Module, data: DataBundle, config: TrainConfig, *, de
                       history=history)
 
 
+def reconstruct_problem(arch: Architecture, model: nn.Module) -> str | None:
+    """Why ``model``'s architecture cannot be reconstructed block by block (``None`` if it can): it
+    declares no blocks. Asked before a recipe's first step too (:mod:`rmtp.run.preflight`)."""
+    if arch.blocks(model):
+        return None
+    return (f"reconstruct: architecture {arch.name!r} declares no blocks to reconstruct one by one "
+            f"(Architecture.blocks); recover it with distillation instead (a finetune step with distill)")
+
+
 @timed
 def reconstruct_step(model: nn.Module, dense: nn.Module, calibration: Iterable, config: ReconstructConfig, *,
                      arch: Architecture, device: torch.device, input_shape: tuple[int, ...], seed: int = 0,
@@ -420,10 +429,10 @@ def reconstruct_step(model: nn.Module, dense: nn.Module, calibration: Iterable, 
     if any(patch.changes_tokens for patch in patches_of(model)):
         raise RmtpError("reconstruct: the model is token-reduced, so its blocks see other tokens than the dense "
                         "model's; reconstruct before the token pruner (or rmtp.unpatch(model) first)")
+    problem = reconstruct_problem(arch, model)
+    if problem:
+        raise RmtpError(problem)
     blocks = arch.blocks(model)
-    if not blocks:
-        raise RmtpError(f"reconstruct: architecture {arch.name!r} declares no blocks to reconstruct one by one "
-                        f"(Architecture.blocks); recover it with distillation instead (a finetune step with distill)")
     missing = [name for name in blocks if not has_submodule(dense, name)]
     if missing:
         raise RmtpError(f"reconstruct: the dense model has no {missing[0]}: give the dense model this one was "
