@@ -84,17 +84,14 @@ class TokenPruner(Pruner):
         """What the patch refuses in ``model`` (:func:`~rmtp_plugins.tokens.patch.model_problem`: the
         family's token blocks, the pool, the class token a schedule scores by), in the words
         :meth:`prune` would raise."""
-        from rmtp_plugins.tokens.patch import model_problem
+        from rmtp_plugins.tokens.patch import patch_refusal
+        from rmtp_plugins.tokens.pruner import token_layout
 
         try:
-            arch.token_blocks(model)
-        except PluginError as exc:
-            return f"{cls.name} cannot reduce the tokens of this {arch.name} model: {exc}"
-        try:
-            problem = model_problem(model, cls().plan(params, len(model.blocks)), arch)
-        except PluginError as exc:  # a per-block list of the wrong length
+            token_layout(cls.name, arch, model)
+            return patch_refusal(model, cls().plan(params, len(model.blocks)), arch)
+        except PluginError as exc:  # the family's refusal, or a per-block list of the wrong length
             return str(exc)
-        return f"token reduction ({cls.method}) cannot patch this model: {problem}" if problem else None
 
     def speed_strengths(self, ctx: PruneContext) -> list[object]:
         """The values of the schedule's strength a speed target searches, gentlest first."""

@@ -373,9 +373,9 @@ class TokenReduction(ModelPatch):
                 for i in range(plan.depth)]
 
     def apply(self, model: nn.Module) -> None:
-        problem = model_problem(model, self.plan, self.arch)
-        if problem:
-            raise PluginError(f"token reduction ({self.plan.method}) cannot patch this model: {problem}")
+        refusal = patch_refusal(model, self.plan, self.arch)
+        if refusal:
+            raise PluginError(refusal)
         for block, spec in zip(model.blocks, self.layer_specs(model)):
             block.__class__ = token_class(TokenBlock, type(block))
             block.__dict__[_SPEC_ATTR] = spec
@@ -386,6 +386,12 @@ class TokenReduction(ModelPatch):
             block.__dict__.pop(_SPEC_ATTR, None)
             block.__class__ = _original(type(block), TokenBlock)
         model.__class__ = _original(type(model), TokenModel)
+
+
+def patch_refusal(model: nn.Module, plan: TokenPlan, arch: Architecture) -> str | None:
+    """The line :class:`TokenReduction` refuses ``model`` with (:func:`model_problem`), or ``None``."""
+    problem = model_problem(model, plan, arch)
+    return f"token reduction ({plan.method}) cannot patch this model: {problem}" if problem else None
 
 
 def token_reduction(model: nn.Module) -> TokenReduction | None:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from rmtp.contract.architecture import Architecture, TokenBlocks
 from rmtp.contract.pruner import LayerRow, PruneContext, PruneResult, weight_footprint
 from rmtp.errors import PluginError
 from rmtp_plugins.tokens.params import TokenParams
@@ -34,10 +35,7 @@ def prune(ctx: PruneContext, params: TokenParams, *, name: str, plan: Planner,
     _refuse_layer_filter(ctx)
     if token_reduction(model) is not None:
         raise PluginError(f"{name} cannot reduce the tokens of this model: {ALREADY_REDUCED}")
-    try:
-        layout = ctx.arch.token_blocks(model)
-    except PluginError as exc:
-        raise PluginError(f"{name} cannot reduce the tokens of this {ctx.arch.name} model: {exc}") from None
+    layout = token_layout(name, ctx.arch, model)
     blocks = model.blocks
     speed_plan = None
     if params.speed_target_set():
@@ -92,6 +90,14 @@ def _visualize(ctx: PruneContext, name: str, images: int) -> str:
     path = ctx.output.write_file(ctx.output.free_name(f"token_map-{name}.png"),
                                  lambda staged: save_token_map(ctx.model, batch, staged))
     return f"token map of {batch.shape[0]} val images: {path.name}"
+
+
+def token_layout(name: str, arch: Architecture, model: nn.Module) -> TokenBlocks:
+    """``arch``'s :class:`TokenBlocks` of ``model``; its refusal as the token pruner ``name``'s, naming the family."""
+    try:
+        return arch.token_blocks(model)
+    except PluginError as exc:
+        raise PluginError(f"{name} cannot reduce the tokens of this {arch.name} model: {exc}") from None
 
 
 def _refuse_layer_filter(ctx: PruneContext) -> None:
