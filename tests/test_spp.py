@@ -205,6 +205,30 @@ def test_extracted_model_saves_and_reloads_with_identical_outputs(tmp_path: Path
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), expected, atol=0, rtol=0)
 
+def test_a_model_that_lost_whole_branches_is_still_its_family_for_the_next_call(tmp_path: Path) -> None:
+    """A model in hand is matched to its architecture by name and checked against the family's
+    layout; an attention or MLP that spp turned into a constant is that layout, pruned, so the next
+    ``rmtp.prune`` and ``rmtp.save`` infer the architecture as before (they refused it: "block
+    blocks.0 has no 'attn.qkv'")."""
+    model = make_vit(seed=4, depth=3)
+    units = units_of(model)
+    remove = torch.zeros(sum(u.count for u in units), dtype=torch.bool)
+    remove[units[0].gates] = True  # block 0: attention gone
+    remove[units[3].gates] = True  # block 1: MLP gone
+    extract(model, units, remove)
+    assert rmtp.infer_architecture(model).name == "vit"
+    report = rmtp.prune(model, "magnitude", sparsity=0.5)
+    assert [row.layer for row in report.rows] == ["blocks.0.mlp.fc1", "blocks.0.mlp.fc2", "blocks.1.attn.qkv",
+                                                  "blocks.1.attn.proj", "blocks.2.attn.qkv", "blocks.2.attn.proj",
+                                                  "blocks.2.mlp.fc1", "blocks.2.mlp.fc2"]
+    images = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        expected = model(images)
+    loaded = rmtp.load(save(model, tmp_path / "m", spec=SPEC3)).model
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), expected, atol=0, rtol=0)
+
+
 
 def test_a_bad_heads_patch_is_refused_on_load() -> None:
     model = make_vit()

@@ -45,6 +45,21 @@ class LayerRule:
         return re.fullmatch(self.pattern, name) is not None
 
 
+def replaced_on_path(block: nn.Module, dotted: str) -> bool:
+    """Whether a module on the way to ``dotted`` inside ``block`` is a pruner's replacement (so the
+    modules below it are gone by design)."""
+    from rmtp.contract.saved_types import is_replacement
+
+    module = block
+    for part in dotted.split("."):
+        module = module._modules.get(part)
+        if module is None:
+            return False
+        if is_replacement(module):
+            return True
+    return False
+
+
 def is_grouped_conv(module: nn.Module) -> bool:
     """A grouped or depthwise convolution: its weight is ``groups`` separate matrices, not one."""
     from torch import nn
@@ -93,15 +108,17 @@ class TimmFamily(Architecture):
     def check_structure(self, model: nn.Module, model_name: str = "the model") -> None:
         """Raise :class:`PluginError` unless every block of ``model`` has the children this family expects.
 
-        Run on the freshly built model rather than in :meth:`prunable_layers`, which is also called
-        on pruned models whose layers may have been replaced.
+        Run on the freshly built model, and by :func:`rmtp.infer_architecture` on a model in hand,
+        which may be one a pruner has already cut: a child missing because a pruner replaced a module
+        on its path (spp turns an attention or MLP that lost every head or neuron into one constant
+        module) is the family's layout, pruned, not another layout.
         """
         blocks = self._blocks(model)
         if not blocks:
             raise self._not_this_family(model_name, f"it has no blocks named like {self.block_pattern!r}")
         for block_name, block in blocks:
             for child in self.block_children:
-                if not has_submodule(block, child):
+                if not has_submodule(block, child) and not replaced_on_path(block, child):
                     raise self._not_this_family(model_name, f"block {block_name} has no {child!r}")
             problem = self.block_problem(block)
             if problem:
