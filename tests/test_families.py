@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import rmtp
 from rmtp.contract.architecture import ModelSpec
 from rmtp.contract.saved_types import describe_patches
-from rmtp.errors import RmtpError
+from rmtp.errors import PluginError, RmtpError
 from rmtp.plugins import get_plugins
 from rmtp_plugins.spp.groups import extract, find_units
 
@@ -233,7 +233,7 @@ def test_eva_qkv_with_outside_biases_is_routed_through_its_module_or_left_out() 
     """EVA-02 adds its q/v biases in ``F.linear(x, qkv.weight, bias)``, which would bypass a replaced
     qkv: rmtp's build switches to timm's ``qkv(x) + bias`` (same outputs, same state dict); a model
     taken as timm built it keeps qkv out of the prunable layers until routed."""
-    from rmtp_plugins.architectures.eva import route_qkv_through_module
+    from rmtp_plugins.architectures.timm_family import route_qkv_through_module
 
     arch = get_plugins().architecture("eva")
     raw = _eva(built_by_rmtp=False)
@@ -286,6 +286,113 @@ def test_spp_cuts_plain_mlp_neurons_of_eva_and_refuses_what_it_cannot_cut(tmp_pa
         rmtp.prune(_eva(EVA02), "spp", calibration=calibration, search="obs", ratio=0.25, structures=["neurons"])
     with pytest.raises(RmtpError, match="heads"):
         rmtp.prune(_eva(DINOV3), "spp", calibration=calibration, search="obs", ratio=0.25, structures=["heads"])
+
+
+# ---------------------------------------------------------------------------------------- swinv2
+
+SWINV2 = "swinv2_tiny_window8_256"
+SWINV2_KWARGS = {"img_size": 64, "embed_dim": 16, "depths": (1, 1), "num_heads": (1, 2), "window_size": 8,
+                 "num_classes": 10}
+
+
+def _swinv2(*, built_by_rmtp: bool = True) -> nn.Module:
+    """The tiny Swin V2 (64 px, two one-block stages), built as a recipe builds it or by timm alone.
+    timm initialises Swin V2's post-norm weights and q/v biases to zero, which makes every block the
+    identity and the biases moot; they are set to ones and to random values here, so that both count."""
+    torch.manual_seed(0)
+    if built_by_rmtp:
+        model = get_plugins().architecture("swinv2").create(ModelSpec(name=SWINV2, kwargs=SWINV2_KWARGS))
+    else:
+        model = timm.create_model(SWINV2, **SWINV2_KWARGS).eval()
+    with torch.no_grad():
+        for stage in model.layers:
+            for block in stage.blocks:
+                block.norm1.weight.fill_(1.0)
+                block.norm2.weight.fill_(1.0)
+                generator = torch.Generator().manual_seed(1)
+                for bias in (block.attn.q_bias, block.attn.v_bias):
+                    bias.copy_(torch.randn(bias.shape, generator=generator))
+    return model
+
+
+def _swinv2_round_trip(model: nn.Module, folder: Path) -> nn.Module:
+    return _round_trip(model, folder, torch.randn(2, 3, 64, 64), ModelSpec(name=SWINV2, kwargs=SWINV2_KWARGS))
+
+
+def test_swinv2_family_covers_swinv2_and_leaves_swin_and_swinv2_cr_alone() -> None:
+    plugins = get_plugins()
+    for name in (SWINV2, "swinv2_base_window12to24_192to384.ms_in22k_ft_in1k"):
+        assert plugins.architecture_for(name).name == "swinv2"
+    assert plugins.architecture_for("swin_tiny_patch4_window7_224").name == "swin"
+    with pytest.raises(PluginError, match="no architecture plugin covers"):
+        plugins.architecture_for("swinv2_cr_tiny_224")  # another module, another layout
+    assert rmtp.infer_architecture(_swinv2(built_by_rmtp=False)).name == "swinv2"
+
+
+def test_swinv2_lists_its_layers_routes_its_qkv_bias_and_declares_only_mlp_neurons() -> None:
+    """Swin V2 adds q/v biases in ``F.linear(x, qkv.weight, bias)`` as EVA-02 does: rmtp's build
+    routes them through ``qkv`` (same outputs and state dict); a model as timm built it keeps ``qkv``
+    out of the layers. The position-bias MLP is never listed; heads are not declared."""
+    arch = get_plugins().architecture("swinv2")
+    model = _swinv2()
+    block_layers = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
+    assert [layer.name for layer in arch.prunable_layers(model) if not layer.optional] == [
+        f"layers.{i}.blocks.0.{layer}" for i in range(2) for layer in block_layers]
+    assert [layer.name for layer in arch.prunable_layers(model) if layer.optional] == [
+        "patch_embed.proj", "layers.1.downsample.reduction", "head.fc"]
+    raw = _swinv2(built_by_rmtp=False)
+    assert "layers.0.blocks.0.attn.qkv" not in {layer.name for layer in arch.prunable_layers(raw)}
+    assert raw.state_dict().keys() == model.state_dict().keys()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), raw(images), atol=1e-6, rtol=0)
+    assert [(c.name, c.kind) for c in arch.couplings(model)] == [("layers.0.blocks.0.mlp", "neurons"),
+                                                                  ("layers.1.blocks.0.mlp", "neurons")]
+    assert arch.qkv_split("layers.1.blocks.0.attn.qkv", model.layers[1].blocks[0].attn.qkv) == {
+        "q": slice(0, 32), "k": slice(32, 64), "v": slice(64, 96)}
+
+
+def test_svd_mp_splits_swinv2_qkv_and_the_forward_runs_through_the_split(tmp_path: Path) -> None:
+    model = _swinv2()
+    report = rmtp.prune(model, "svd-mp", calibration=_calibration(64), target_params=0.7, whiten=True,
+                        allocation="uniform")
+    assert "layers.1.blocks.0.attn.qkv" in {row.layer for row in report.rows}
+    qkv = model.layers[1].blocks[0].attn.qkv
+    assert not isinstance(qkv, nn.Linear), "svd-mp split it"
+    calls = []
+    handle = qkv.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        model(torch.randn(2, 3, 64, 64))
+    handle.remove()
+    assert calls == [1]
+    _swinv2_round_trip(model, tmp_path / "m")
+
+
+@pytest.mark.parametrize("pruner, params", [("magnitude", {"sparsity": 0.5}),
+                                            ("n:m", {"n": 2, "m": 4, "budget": "uniform", "score": "sparsegpt",
+                                                     "only_if_faster": False}),
+                                            ("spp", {"search": "obs", "ratio": 0.25, "structures": ["neurons"]})])
+def test_pruners_run_on_swinv2_and_reload_bit_for_bit(pruner: str, params: dict, tmp_path: Path) -> None:
+    model = _swinv2()
+    rmtp.prune(model, pruner, calibration=_calibration(64), **params)
+    if pruner == "spp":
+        assert model.layers[0].blocks[0].mlp.fc1.out_features == 48
+    else:
+        assert float((model.layers[1].blocks[0].attn.qkv.weight == 0).float().mean()) >= 0.25
+    _swinv2_round_trip(model, tmp_path / "m")
+
+
+def test_swinv2_refuses_heads_and_token_pruners_and_reconstructs_its_blocks() -> None:
+    calibration = _calibration(64)
+    with pytest.raises(RmtpError, match="heads"):
+        rmtp.prune(_swinv2(), "spp", calibration=calibration, search="obs", ratio=0.25, structures=["heads"])
+    with pytest.raises(RmtpError, match="Swin attends within fixed windows"):
+        rmtp.prune(_swinv2(), "tome", r=2)
+    dense, model = _swinv2(), _swinv2()
+    rmtp.prune(model, "magnitude", sparsity=0.5)
+    report = rmtp.reconstruct(model, calibration, dense=dense, steps=2)
+    assert [fit["block"] for fit in report.history] == ["layers.0.blocks.0", "layers.1.blocks.0"]
+    assert all(fit["error_after"] < fit["error_before"] or not fit["kept"] for fit in report.history)
 
 
 def test_structure_problems_answer_what_the_prune_would_raise() -> None:

@@ -37,15 +37,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from rmtp.contract.architecture import Coupling, ModelSpec, PrunableLayer, TokenBlocks
+from rmtp.contract.architecture import TokenBlocks
 from rmtp.contract.hookspecs import hookimpl
 from rmtp.errors import PluginError
 from rmtp_plugins.architectures.timm_family import (
     LayerRule,
-    TimmFamily,
+    QkvBiasOutside,
     fused_qkv_split,
-    mlp_coupling,
-    timm_mlp_problem,
 )
 
 if TYPE_CHECKING:
@@ -54,26 +52,7 @@ if TYPE_CHECKING:
 _QKV = LayerRule(r"blocks\.\d+\.attn\.qkv", "qkv")
 
 
-def bypasses_qkv(attn: nn.Module) -> bool:
-    """Whether ``attn`` computes its fused projection as ``F.linear(x, qkv.weight, bias)`` rather
-    than by calling ``qkv``: an ``EvaAttention`` with q/v biases and ``qkv_bias_separate`` off."""
-    return (getattr(attn, "qkv", None) is not None and getattr(attn, "q_bias", None) is not None
-            and not getattr(attn, "qkv_bias_separate", False))
-
-
-def route_qkv_through_module(model: nn.Module) -> list[str]:
-    """Switch every attention of ``model`` that bypasses its ``qkv`` module (:func:`bypasses_qkv`)
-    to timm's ``qkv_bias_separate`` path, ``qkv(x) + bias``: the same function through the module,
-    so a pruner may replace ``qkv``. Returns the attentions switched (names), in forward order."""
-    switched = []
-    for name, module in model.named_modules():
-        if bypasses_qkv(module):
-            module.qkv_bias_separate = True
-            switched.append(name)
-    return switched
-
-
-class EvaArchitecture(TimmFamily):
+class EvaArchitecture(QkvBiasOutside):
     name = "eva"
     description = ("timm Eva family (EVA-02, DINOv3, Perception Encoder, RoPE ViTs): qkv or q/k/v_proj, proj, "
                    "fc1(/fc1_g, fc1_x), fc2 per block; per-layer pruners, spp on plain MLP neurons.")
@@ -104,48 +83,10 @@ class EvaArchitecture(TimmFamily):
             return False
         return super().matches(model_name)
 
-    def create(self, spec: ModelSpec) -> nn.Module:
-        """Build (and load) the model, then route every bypassed ``qkv`` through its module (the module
-        docstring says why), so recipes and reloaded folders prune and run the same layers."""
-        model = super().create(spec)
-        route_qkv_through_module(model)
-        return model
-
-    def block_problem(self, block: nn.Module) -> str | None:
-        attn = block.get_submodule("attn")
-        if getattr(attn, "qkv", None) is None and getattr(attn, "q_proj", None) is None:
-            return "its attention has neither a fused qkv nor q_proj/k_proj/v_proj"
-        return None
-
-    def prunable_layers(self, model: nn.Module, *, include_replaced: bool = False) -> list[PrunableLayer]:
-        """:class:`TimmFamily`'s layers, less each ``attn.qkv`` its attention bypasses (:func:`bypasses_qkv`)."""
-        layers = super().prunable_layers(model, include_replaced=include_replaced)
-        bypassed = {f"{name}.qkv" for name, module in model.named_modules() if bypasses_qkv(module)}
-        return [layer for layer in layers if layer.name not in bypassed]
-
     def qkv_split(self, layer_name: str, module: nn.Module) -> dict[str, slice] | None:
         """q, k and v as thirds of a fused ``attn.qkv``'s output rows, the order Eva's attentions unbind
         them in (a fused qkv has as many key/value heads as query heads: timm refuses grouped queries there)."""
         return fused_qkv_split(_QKV, layer_name, module)
-
-    def couplings(self, model: nn.Module) -> list[Coupling]:
-        """Per block, the hidden neurons of a plain timm ``Mlp`` (``mlp.fc1`` → ``mlp.fc2``); no heads
-        (module docstring) and no gated MLPs, whose ``fc1`` rows are not ``fc2``'s inputs one for one."""
-        from timm.layers import Mlp
-
-        found = []
-        for block_name, block in self._blocks(model):
-            if type(block.get_submodule("mlp")) is Mlp:
-                coupling = mlp_coupling(model, f"{block_name}.mlp")
-                if coupling is not None:
-                    found.append(coupling)
-        return found
-
-    def removal_problem(self, model: nn.Module, coupling: Coupling) -> str | None:
-        """Neurons of timm's ``Mlp`` can be removed; heads are never declared."""
-        if coupling.kind == "neurons":
-            return timm_mlp_problem(model.get_submodule(coupling.name))
-        return super().removal_problem(model, coupling)
 
     def blocks(self, model: nn.Module) -> list[str]:
         """None: an Eva block takes the rotary embeddings as a second input (``blk(x, rope=...)``), and

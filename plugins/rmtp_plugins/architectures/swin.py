@@ -13,8 +13,8 @@ What the family refuses, and why:
 * token pruners: attention runs inside fixed windows of a token grid, shifted every other block,
   and stages merge 2×2 patches: dropping or merging tokens breaks the grid every block relies on.
 
-Swin V2 (``swinv2_*``, cosine attention with a continuous position bias) is another module and is
-not matched.
+Swin V2 (``swinv2_*``, cosine attention with a continuous position bias, q/v biases outside
+``qkv``) is another timm module: the ``swinv2`` family (``swinv2.py``).
 """
 
 from __future__ import annotations

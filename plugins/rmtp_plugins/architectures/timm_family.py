@@ -269,3 +269,67 @@ def attention_and_mlp_couplings(family: TimmFamily, model: nn.Module) -> list[Co
         neurons = mlp_coupling(model, f"{block_name}.mlp")
         found += [c for c in (heads, neurons) if c is not None]
     return found
+
+
+def bypasses_qkv(attn: nn.Module) -> bool:
+    """Whether ``attn`` computes its fused projection as ``F.linear(x, qkv.weight, bias)`` rather
+    than by calling ``qkv``: an ``EvaAttention`` with q/v biases and ``qkv_bias_separate`` off."""
+    return (getattr(attn, "qkv", None) is not None and getattr(attn, "q_bias", None) is not None
+            and not getattr(attn, "qkv_bias_separate", False))
+
+
+def route_qkv_through_module(model: nn.Module) -> list[str]:
+    """Switch every attention of ``model`` that bypasses its ``qkv`` module (:func:`bypasses_qkv`)
+    to timm's ``qkv_bias_separate`` path, ``qkv(x) + bias``: the same function through the module,
+    so a pruner may replace ``qkv``. Returns the attentions switched (names), in forward order."""
+    switched = []
+    for name, module in model.named_modules():
+        if bypasses_qkv(module):
+            module.qkv_bias_separate = True
+            switched.append(name)
+    return switched
+
+class QkvBiasOutside(TimmFamily):
+    """A family whose attentions may keep their q/v biases outside ``qkv`` and compute
+    ``F.linear(x, qkv.weight, bias)`` (Eva's ``EvaAttention``, Swin V2's ``WindowAttention``), and
+    whose MLP hidden neurons are its only couplings.
+
+    :meth:`create` (every model rmtp builds or reloads) routes such attentions through their ``qkv``
+    module (:func:`route_qkv_through_module`), so a pruner's replacement of ``qkv`` is used; on a
+    model handed in as timm built it, :meth:`prunable_layers` leaves a bypassed ``qkv`` out. Heads
+    are not declared: the q/k/v biases sit outside ``qkv``, so n:m's permutation of its rows within a
+    head would leave them behind, and these attentions keep per-head state (rotary dimensions,
+    logit scales, position-bias MLPs) that removing heads would not follow.
+    """
+
+    def create(self, spec: ModelSpec) -> nn.Module:
+        """Build (and load) the model, then route every bypassed ``qkv`` through its module, so recipes
+        and reloaded folders prune and run the same layers."""
+        model = super().create(spec)
+        route_qkv_through_module(model)
+        return model
+
+    def prunable_layers(self, model: nn.Module, *, include_replaced: bool = False) -> list[PrunableLayer]:
+        """:class:`TimmFamily`'s layers, less each ``attn.qkv`` its attention bypasses (:func:`bypasses_qkv`)."""
+        layers = super().prunable_layers(model, include_replaced=include_replaced)
+        bypassed = {f"{name}.qkv" for name, module in model.named_modules() if bypasses_qkv(module)}
+        return [layer for layer in layers if layer.name not in bypassed]
+
+    def couplings(self, model: nn.Module) -> list[Coupling]:
+        """Per block, the hidden neurons of a plain timm ``Mlp`` (``mlp.fc1`` → ``mlp.fc2``); no heads
+        (class docstring) and no gated MLPs, whose ``fc1`` rows are not ``fc2``'s inputs one for one."""
+        from timm.layers import Mlp
+
+        found = []
+        for block_name, block in self._blocks(model):
+            if type(block.get_submodule("mlp")) is Mlp:
+                coupling = mlp_coupling(model, f"{block_name}.mlp")
+                if coupling is not None:
+                    found.append(coupling)
+        return found
+
+    def removal_problem(self, model: nn.Module, coupling: Coupling) -> str | None:
+        """Neurons of timm's ``Mlp`` can be removed; heads are never declared."""
+        if coupling.kind == "neurons":
+            return timm_mlp_problem(model.get_submodule(coupling.name))
+        return super().removal_problem(model, coupling)
