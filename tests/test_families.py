@@ -288,110 +288,142 @@ def test_spp_cuts_plain_mlp_neurons_of_eva_and_refuses_what_it_cannot_cut(tmp_pa
         rmtp.prune(_eva(DINOV3), "spp", calibration=calibration, search="obs", ratio=0.25, structures=["heads"])
 
 
-# ---------------------------------------------------------------------------------------- swinv2
+# ----------------------------------------------------------------------- swinv2 and beit (q/v bias)
 
-SWINV2 = "swinv2_tiny_window8_256"
-SWINV2_KWARGS = {"img_size": 64, "embed_dim": 16, "depths": (1, 1), "num_heads": (1, 2), "window_size": 8,
-                 "num_classes": 10}
+#: Tiny models of the two families whose q/v biases sit outside ``qkv`` besides Eva: Swin V2 (64 px,
+#: two one-block stages, windows of 8) and BEiT v2 (32 px, 8 px patches, two blocks).
+QKV_BIAS_FAMILIES = {
+    "swinv2": ("swinv2_tiny_window8_256", {"img_size": 64, "embed_dim": 16, "depths": (1, 1), "num_heads": (1, 2),
+                                           "window_size": 8, "num_classes": 10}, "layers.1.blocks.0", 64),
+    "beit": ("beitv2_base_patch16_224", {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32,
+                                         "num_heads": 2, "num_classes": 10}, "blocks.1", 32),
+}
 
 
-def _swinv2(*, built_by_rmtp: bool = True) -> nn.Module:
-    """The tiny Swin V2 (64 px, two one-block stages), built as a recipe builds it or by timm alone.
-    timm initialises Swin V2's post-norm weights and q/v biases to zero, which makes every block the
-    identity and the biases moot; they are set to ones and to random values here, so that both count."""
+def _qkv_bias_model(family: str, *, built_by_rmtp: bool = True) -> nn.Module:
+    """The family's tiny model, built as a recipe builds it or by timm alone. timm initialises Swin V2's
+    post-norm weights and both families' q/v biases to zero (a Swin V2 block is then the identity, and
+    the biases moot): they are set to ones and to random values here, so that blocks and biases count."""
+    name, kwargs, _, _ = QKV_BIAS_FAMILIES[family]
     torch.manual_seed(0)
     if built_by_rmtp:
-        model = get_plugins().architecture("swinv2").create(ModelSpec(name=SWINV2, kwargs=SWINV2_KWARGS))
+        model = get_plugins().architecture(family).create(ModelSpec(name=name, kwargs=kwargs))
     else:
-        model = timm.create_model(SWINV2, **SWINV2_KWARGS).eval()
+        model = timm.create_model(name, **kwargs).eval()
+    generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for stage in model.layers:
-            for block in stage.blocks:
-                block.norm1.weight.fill_(1.0)
-                block.norm2.weight.fill_(1.0)
-                generator = torch.Generator().manual_seed(1)
-                for bias in (block.attn.q_bias, block.attn.v_bias):
+        for module in model.modules():
+            if hasattr(module, "q_bias"):
+                for bias in (module.q_bias, module.v_bias):
                     bias.copy_(torch.randn(bias.shape, generator=generator))
+        if family == "swinv2":
+            for stage in model.layers:
+                for block in stage.blocks:
+                    block.norm1.weight.fill_(1.0)
+                    block.norm2.weight.fill_(1.0)
     return model
 
 
-def _swinv2_round_trip(model: nn.Module, folder: Path) -> nn.Module:
-    return _round_trip(model, folder, torch.randn(2, 3, 64, 64), ModelSpec(name=SWINV2, kwargs=SWINV2_KWARGS))
+def _images(family: str) -> torch.Tensor:
+    size = QKV_BIAS_FAMILIES[family][3]
+    return torch.randn(2, 3, size, size)
 
 
-def test_swinv2_family_covers_swinv2_and_leaves_swin_and_swinv2_cr_alone() -> None:
+def _qkv_bias_round_trip(model: nn.Module, family: str, folder: Path) -> nn.Module:
+    name, kwargs, _, _ = QKV_BIAS_FAMILIES[family]
+    return _round_trip(model, folder, _images(family), ModelSpec(name=name, kwargs=kwargs))
+
+
+def test_swinv2_and_beit_families_cover_their_timm_modules_only() -> None:
     plugins = get_plugins()
-    for name in (SWINV2, "swinv2_base_window12to24_192to384.ms_in22k_ft_in1k"):
+    for name in ("swinv2_tiny_window8_256", "swinv2_base_window12to24_192to384.ms_in22k_ft_in1k"):
         assert plugins.architecture_for(name).name == "swinv2"
+    for name in ("beit_base_patch16_224.in22k_ft_in22k_in1k", "beitv2_large_patch16_224"):
+        assert plugins.architecture_for(name).name == "beit"
     assert plugins.architecture_for("swin_tiny_patch4_window7_224").name == "swin"
-    with pytest.raises(PluginError, match="no architecture plugin covers"):
-        plugins.architecture_for("swinv2_cr_tiny_224")  # another module, another layout
-    assert rmtp.infer_architecture(_swinv2(built_by_rmtp=False)).name == "swinv2"
+    for other in ("swinv2_cr_tiny_224", "beit3_base_patch16_224"):  # other modules, other layouts
+        with pytest.raises(PluginError, match="no architecture plugin covers"):
+            plugins.architecture_for(other)
+    for family in QKV_BIAS_FAMILIES:
+        assert rmtp.infer_architecture(_qkv_bias_model(family, built_by_rmtp=False)).name == family
 
 
-def test_swinv2_lists_its_layers_routes_its_qkv_bias_and_declares_only_mlp_neurons() -> None:
-    """Swin V2 adds q/v biases in ``F.linear(x, qkv.weight, bias)`` as EVA-02 does: rmtp's build
-    routes them through ``qkv`` (same outputs and state dict); a model as timm built it keeps ``qkv``
-    out of the layers. The position-bias MLP is never listed; heads are not declared."""
-    arch = get_plugins().architecture("swinv2")
-    model = _swinv2()
+@pytest.mark.parametrize("family", list(QKV_BIAS_FAMILIES))
+def test_the_qkv_bias_is_routed_through_qkv_and_only_mlp_neurons_are_declared(family: str) -> None:
+    """Both add q/v biases in ``F.linear(x, qkv.weight, bias)`` as EVA-02 does: rmtp's build routes
+    them through ``qkv`` (same outputs and state dict); a model as timm built it keeps ``qkv`` out of
+    the layers. Swin V2's position-bias MLP is never listed; heads are not declared."""
+    arch = get_plugins().architecture(family)
+    model = _qkv_bias_model(family)
+    blocks = arch.blocks(model)
     block_layers = ["attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"]
     assert [layer.name for layer in arch.prunable_layers(model) if not layer.optional] == [
-        f"layers.{i}.blocks.0.{layer}" for i in range(2) for layer in block_layers]
-    assert [layer.name for layer in arch.prunable_layers(model) if layer.optional] == [
-        "patch_embed.proj", "layers.1.downsample.reduction", "head.fc"]
-    raw = _swinv2(built_by_rmtp=False)
-    assert "layers.0.blocks.0.attn.qkv" not in {layer.name for layer in arch.prunable_layers(raw)}
+        f"{block}.{layer}" for block in blocks for layer in block_layers]
+    optional = {"swinv2": ["patch_embed.proj", "layers.1.downsample.reduction", "head.fc"],
+                "beit": ["patch_embed.proj", "head"]}[family]
+    assert [layer.name for layer in arch.prunable_layers(model) if layer.optional] == optional
+    raw = _qkv_bias_model(family, built_by_rmtp=False)
+    assert f"{blocks[0]}.attn.qkv" not in {layer.name for layer in arch.prunable_layers(raw)}
     assert raw.state_dict().keys() == model.state_dict().keys()
-    images = torch.randn(2, 3, 64, 64)
+    images = _images(family)
     with torch.no_grad():
         torch.testing.assert_close(model(images), raw(images), atol=1e-6, rtol=0)
-    assert [(c.name, c.kind) for c in arch.couplings(model)] == [("layers.0.blocks.0.mlp", "neurons"),
-                                                                  ("layers.1.blocks.0.mlp", "neurons")]
-    assert arch.qkv_split("layers.1.blocks.0.attn.qkv", model.layers[1].blocks[0].attn.qkv) == {
-        "q": slice(0, 32), "k": slice(32, 64), "v": slice(64, 96)}
+    assert [(c.name, c.kind) for c in arch.couplings(model)] == [(f"{block}.mlp", "neurons") for block in blocks]
+    qkv = model.get_submodule(f"{blocks[-1]}.attn.qkv")
+    dim = qkv.out_features // 3
+    assert arch.qkv_split(f"{blocks[-1]}.attn.qkv", qkv) == {
+        "q": slice(0, dim), "k": slice(dim, 2 * dim), "v": slice(2 * dim, 3 * dim)}
 
 
-def test_svd_mp_splits_swinv2_qkv_and_the_forward_runs_through_the_split(tmp_path: Path) -> None:
-    model = _swinv2()
-    report = rmtp.prune(model, "svd-mp", calibration=_calibration(64), target_params=0.7, whiten=True,
-                        allocation="uniform")
-    assert "layers.1.blocks.0.attn.qkv" in {row.layer for row in report.rows}
-    qkv = model.layers[1].blocks[0].attn.qkv
+@pytest.mark.parametrize("family", list(QKV_BIAS_FAMILIES))
+def test_svd_mp_splits_qkv_and_the_forward_runs_through_the_split(family: str, tmp_path: Path) -> None:
+    model = _qkv_bias_model(family)
+    last = QKV_BIAS_FAMILIES[family][2]
+    report = rmtp.prune(model, "svd-mp", calibration=_calibration(QKV_BIAS_FAMILIES[family][3]), target_params=0.7,
+                        whiten=True, allocation="uniform")
+    assert f"{last}.attn.qkv" in {row.layer for row in report.rows}
+    qkv = model.get_submodule(f"{last}.attn.qkv")
     assert not isinstance(qkv, nn.Linear), "svd-mp split it"
     calls = []
     handle = qkv.register_forward_hook(lambda *_: calls.append(1))
     with torch.no_grad():
-        model(torch.randn(2, 3, 64, 64))
+        model(_images(family))
     handle.remove()
     assert calls == [1]
-    _swinv2_round_trip(model, tmp_path / "m")
+    _qkv_bias_round_trip(model, family, tmp_path / "m")
 
 
+@pytest.mark.parametrize("family", list(QKV_BIAS_FAMILIES))
 @pytest.mark.parametrize("pruner, params", [("magnitude", {"sparsity": 0.5}),
                                             ("n:m", {"n": 2, "m": 4, "budget": "uniform", "score": "sparsegpt",
                                                      "only_if_faster": False}),
                                             ("spp", {"search": "obs", "ratio": 0.25, "structures": ["neurons"]})])
-def test_pruners_run_on_swinv2_and_reload_bit_for_bit(pruner: str, params: dict, tmp_path: Path) -> None:
-    model = _swinv2()
-    rmtp.prune(model, pruner, calibration=_calibration(64), **params)
+def test_pruners_run_and_reload_bit_for_bit(family: str, pruner: str, params: dict, tmp_path: Path) -> None:
+    model = _qkv_bias_model(family)
+    last = QKV_BIAS_FAMILIES[family][2]
+    hidden = model.get_submodule(f"{last}.mlp.fc1").out_features
+    rmtp.prune(model, pruner, calibration=_calibration(QKV_BIAS_FAMILIES[family][3]), **params)
     if pruner == "spp":
-        assert model.layers[0].blocks[0].mlp.fc1.out_features == 48
+        assert model.get_submodule(f"{last}.mlp.fc1").out_features == hidden * 3 // 4
     else:
-        assert float((model.layers[1].blocks[0].attn.qkv.weight == 0).float().mean()) >= 0.25
-    _swinv2_round_trip(model, tmp_path / "m")
+        assert float((model.get_submodule(f"{last}.attn.qkv").weight == 0).float().mean()) >= 0.25
+    _qkv_bias_round_trip(model, family, tmp_path / "m")
 
 
-def test_swinv2_refuses_heads_and_token_pruners_and_reconstructs_its_blocks() -> None:
-    calibration = _calibration(64)
+@pytest.mark.parametrize(("family", "reason"), [("swinv2", "Swin attends within fixed windows"),
+                                                ("beit", "BEiT adds a learned relative-position bias")])
+def test_heads_and_token_pruners_are_refused_and_blocks_reconstruct(family: str, reason: str) -> None:
+    calibration = _calibration(QKV_BIAS_FAMILIES[family][3])
     with pytest.raises(RmtpError, match="heads"):
-        rmtp.prune(_swinv2(), "spp", calibration=calibration, search="obs", ratio=0.25, structures=["heads"])
-    with pytest.raises(RmtpError, match="Swin attends within fixed windows"):
-        rmtp.prune(_swinv2(), "tome", r=2)
-    dense, model = _swinv2(), _swinv2()
+        rmtp.prune(_qkv_bias_model(family), "spp", calibration=calibration, search="obs", ratio=0.25,
+                   structures=["heads"])
+    with pytest.raises(RmtpError, match=reason):
+        rmtp.prune(_qkv_bias_model(family), "tome", r=2)
+    dense, model = _qkv_bias_model(family), _qkv_bias_model(family)
     rmtp.prune(model, "magnitude", sparsity=0.5)
     report = rmtp.reconstruct(model, calibration, dense=dense, steps=2)
-    assert [fit["block"] for fit in report.history] == ["layers.0.blocks.0", "layers.1.blocks.0"]
+    assert [fit["block"] for fit in report.history] == get_plugins().architecture(family).blocks(model)
+    assert all(fit["error_before"] > 0 for fit in report.history), "the pruned blocks differ from dense"
     assert all(fit["error_after"] < fit["error_before"] or not fit["kept"] for fit in report.history)
 
 
