@@ -54,6 +54,37 @@ def _inputs(rows: int, cols: int, rank: int | None = None, seed: int = 0) -> tor
     return (torch.randn(rows, inner, generator=g, dtype=torch.float64) * scales) @ mixing + 0.3
 
 
+def _dead_inputs(rows: int = 6, cols: int = 40, live: int = 10) -> torch.Tensor:
+    """Few rows; only ``live`` of ``cols`` inputs are ever non-zero (dead channels, padded columns)."""
+    x = torch.zeros(rows, cols, dtype=torch.float64)
+    x[:, 3:3 + live] = _inputs(rows, live, seed=2)
+    return x
+
+
+def test_the_input_root_leaves_inputs_that_are_always_zero_out_of_the_decomposition() -> None:
+    x = _dead_inputs()
+    root = input_root(x.T @ x, x.shape[0])
+    assert root.shape == (40, 40)
+    torch.testing.assert_close(root @ root.T, x.T @ x / x.shape[0], rtol=0, atol=1e-12)
+    assert not root[:3].any() and not root[13:].any(), "a dead input has a zero row in S"
+
+
+@pytest.mark.parametrize("failure", ["raises", "nan"])
+def test_the_input_root_falls_back_to_the_svd_where_eigh_fails(failure: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """LAPACK's ``eigh`` failed to converge (or returned NaN) on a ResNet's last 3×3 convs calibrated on
+    a few images; the SVD of the same symmetric positive semi-definite matrix gives its eigenpairs."""
+    def failing_eigh(matrix: torch.Tensor):
+        if failure == "raises":
+            raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+        return torch.full(matrix.shape[:1], float("nan"), dtype=matrix.dtype), torch.zeros_like(matrix)
+
+    monkeypatch.setattr(torch.linalg, "eigh", failing_eigh)
+    x = _dead_inputs()
+    root = input_root(x.T @ x, x.shape[0])
+    torch.testing.assert_close(root @ root.T, x.T @ x / x.shape[0], rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize(("m", "n", "k", "rows", "data_rank"), [
     (20, 30, 5, 200, None),    # full-rank inputs
     (30, 20, 8, 200, None),    # more outputs than inputs

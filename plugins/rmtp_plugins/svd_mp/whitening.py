@@ -62,10 +62,35 @@ def weight_order_gram(module: nn.Module, gram: torch.Tensor) -> torch.Tensor:
 def input_root(gram: torch.Tensor, count: int) -> torch.Tensor:
     """S (N×N) with S·Sᵀ = C = gram / count, the inputs' second moment: the eigen square root, its
     negative rounding eigenvalues clamped to zero, so a singular C needs no damping. On the CPU in
-    float64, where svd-mp decomposes the weights (a Gram gathered on a GPU comes over)."""
+    float64, where svd-mp decomposes the weights (a Gram gathered on a GPU comes over).
+
+    Inputs that are zero on every calibration row (a dead channel; a conv's padded im2col columns
+    when the feature map is as small as its padding) have zero rows and columns in C and zero rows
+    in S: they are left out of the decomposition. Few calibration rows and many such inputs made
+    LAPACK's divide-and-conquer ``eigh`` fail to converge, or return NaN, on a ResNet's last 3×3
+    convs (4608 inputs); where it still does, the singular value decomposition of the same
+    symmetric matrix gives its eigenpairs."""
     second_moment = gram.to("cpu", torch.float64) / max(count, 1)
-    values, vectors = torch.linalg.eigh((second_moment + second_moment.T) / 2)
-    return vectors * values.clamp_min(0.0).sqrt()
+    second_moment = (second_moment + second_moment.T) / 2
+    live = torch.nonzero(second_moment.diagonal() > 0).flatten()
+    root = second_moment.new_zeros(second_moment.shape)
+    if live.numel():
+        values, vectors = _eigenpairs(second_moment[live][:, live])
+        root[live, :live.numel()] = vectors * values.clamp_min(0.0).sqrt()
+    return root
+
+
+def _eigenpairs(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues and eigenvectors of the symmetric positive semi-definite ``matrix``: ``eigh``, or
+    the SVD (for such a matrix U·diag(s)·Uᵀ is an eigendecomposition) where ``eigh`` fails."""
+    try:
+        values, vectors = torch.linalg.eigh(matrix)
+        if bool(torch.isfinite(values).all()) and bool(torch.isfinite(vectors).all()):
+            return values, vectors
+    except torch.linalg.LinAlgError:
+        pass
+    vectors, values, _ = torch.linalg.svd(matrix)
+    return values, vectors
 
 
 def whitened_svd(matrix: torch.Tensor, root: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
