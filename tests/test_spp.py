@@ -344,4 +344,21 @@ def test_a_family_without_couplings_is_refused_naming_what_is_needed() -> None:
 def test_unsupported_vit_variants_are_refused_before_the_search() -> None:
     model = make_vit(mlp_layer=timm.layers.SwiGLUPacked)
     with pytest.raises(RmtpError, match=r"neurons of blocks.0.mlp: it is a .*not timm's Mlp"):
-        SppPruner().prune(context(model), SppParams(ratio=0.3))
+        SppPruner().prune(context(model), SppParams(ratio=0.3, structures=["heads", "neurons"]))
+
+
+def test_structures_left_at_the_default_cut_what_the_model_can_lose_and_say_what_they_left() -> None:
+    """Named in ``structures``, a kind the model cannot lose refuses the step (above); left at the
+    default, it is left out and its rows say why, and the kinds it can lose are cut (Swin's MLP
+    neurons without its heads, a SwiGLU ViT's heads without its neurons)."""
+    model = make_vit(mlp_layer=timm.layers.SwiGLUPacked)
+    result = SppPruner().prune(context(model), SppParams(ratio=0.3, target="groups", steps=5))
+    rows = {row.layer: row for row in result.rows}
+    assert [name for name, row in rows.items() if row.skipped is None] == ["blocks.0.attn", "blocks.1.attn"]
+    assert rows["blocks.0.mlp"].skipped.startswith("neurons not cut: it is a GluMlp, not timm's Mlp")
+    assert rows["blocks.0.mlp"].params_after == rows["blocks.0.mlp"].params_before
+    assert sum(int(block.attn.num_heads) for block in model.blocks) < 2 * TINY_VIT["num_heads"]
+    mlps_only = context(make_vit(mlp_layer=timm.layers.SwiGLUPacked))
+    mlps_only.layers = [layer for layer in mlps_only.layers if ".mlp." in layer.name]
+    with pytest.raises(RmtpError, match=r"neurons of blocks.0.mlp: it is a .*not timm's Mlp"):
+        SppPruner().prune(mlps_only, SppParams(ratio=0.3, steps=5))  # nothing left to cut: refused

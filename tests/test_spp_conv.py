@@ -285,8 +285,23 @@ def test_unsupported_variants_are_refused_before_the_search(key: str, overrides:
     _, name, kwargs = MODELS[key]
     torch.manual_seed(0)
     model = timm.create_model(name, **TINY, **{**kwargs, **overrides}).eval()
+    structures = ["neurons"] if key == "convnext" else ["channels"]
     with pytest.raises(RmtpError, match=message):
-        SppPruner().prune(context(model, key), SppParams(ratio=0.3, steps=1))
+        SppPruner().prune(context(model, key), SppParams(ratio=0.3, steps=1, structures=structures))
+
+
+def test_by_default_a_resnet_with_blur_pools_loses_the_channels_of_its_other_blocks() -> None:
+    """Left at the default, ``structures`` cuts the units a model can lose and leaves the others
+    (here the blocks whose stride-2 conv is followed by a BlurPool2d), saying why in their rows."""
+    _, name, kwargs = MODELS["resnet-basic"]
+    torch.manual_seed(0)
+    model = timm.create_model(name, **TINY, **{**kwargs, "aa_layer": timm.layers.BlurPool2d}).eval()
+    result = SppPruner().prune(context(model, "resnet-basic"), SppParams(ratio=0.3, steps=1))
+    skipped = {row.layer: row.skipped for row in result.rows if row.skipped}
+    cut = [row.layer for row in result.rows if not row.skipped]
+    assert cut == ["layer1.0.conv1", "layer1.1.conv1", "layer2.1.conv1", "layer3.1.conv1", "layer4.1.conv1"]
+    assert list(skipped) == ["layer2.0.conv1", "layer3.0.conv1", "layer4.0.conv1"]  # the strided first blocks
+    assert all("its aa (BlurPool2d) holds parameters or buffers" in why for why in skipped.values())
 
 
 def test_structures_the_family_lacks_are_refused() -> None:

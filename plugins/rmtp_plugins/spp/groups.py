@@ -45,7 +45,8 @@ _EMPTY = (ConstantBranch, ConstantChannels)
 
 
 def find_units(model: nn.Module, couplings: Sequence[Coupling], layers: list[PrunableLayer],
-               structures: Collection[str], *, arch: Architecture) -> list[Unit]:
+               structures: Collection[str], *, arch: Architecture,
+               left_out: list[tuple[Coupling, str]] | None = None) -> list[Unit]:
     """The units behind the selected layers, in forward order, with their gate offsets.
 
     A coupling the architecture declares (:meth:`~rmtp.contract.architecture.Architecture.couplings`) of a
@@ -54,7 +55,9 @@ def find_units(model: nn.Module, couplings: Sequence[Coupling], layers: list[Pru
     is, a ResNet unit's channels when its producer or consumer conv is. ``arch`` (the model's
     architecture) says whether a coupling's groups can be removed (its attention, its MLP). A unit an earlier spp step
     removed entirely has no groups left and is skipped. Raises :class:`RmtpError` naming the branch
-    when one cannot be handled.
+    when one cannot be handled, unless ``left_out`` is a list (``structures`` left at its default):
+    then a coupling whose groups the architecture or the modules cannot lose (Swin's heads) is
+    appended to it with the reason, and the others are still cut.
     """
     selected = {layer.name for layer in layers}
     wanted = [c for c in couplings if c.kind in structures and c.touches(selected)]
@@ -68,7 +71,8 @@ def find_units(model: nn.Module, couplings: Sequence[Coupling], layers: list[Pru
                 continue  # removed by an earlier spp step, or feeding a removed conv
             problem = arch.removal_problem(model, coupling) or channel_problem(model, coupling)
             if problem:
-                _refuse(kind, coupling.name, problem)
+                _leave_out_or_refuse(left_out, coupling, kind, problem)
+                continue
             units.append(channel_unit(model, coupling, last=coupling.consumer not in consumers_that_produce))
             continue
         module = model.get_submodule(coupling.name)
@@ -77,8 +81,12 @@ def find_units(model: nn.Module, couplings: Sequence[Coupling], layers: list[Pru
         problem = (attention_problem(model, coupling, arch) if kind == "head"
                    else arch.removal_problem(model, coupling) or mlp_problem(module))
         if problem:
-            _refuse(kind, coupling.name, problem)
+            _leave_out_or_refuse(left_out, coupling, kind, problem)
+            continue
         units.append(head_unit(model, coupling, arch) if kind == "head" else neuron_unit(coupling.name, module))
+    if not units and left_out:  # nothing this model can lose: the first reason, as with explicit structures
+        coupling, problem = left_out[0]
+        _refuse(KIND_OF[coupling.kind], coupling.name, problem)
     for unit in units:
         problem = nm_problem(model, unit)
         if problem:
@@ -128,6 +136,13 @@ def nm_problem(model: nn.Module, unit: Unit) -> str | None:
 
 def _at(unit: Unit, offset: int) -> Unit:
     return replace(unit, offset=offset)
+
+
+def _leave_out_or_refuse(left_out: list[tuple[Coupling, str]] | None, coupling: Coupling, kind: str,
+                         problem: str) -> None:
+    if left_out is None:
+        _refuse(kind, coupling.name, problem)
+    left_out.append((coupling, problem))
 
 
 def _refuse(kind: str, path: str, problem: str) -> None:

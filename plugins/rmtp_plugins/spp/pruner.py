@@ -145,7 +145,9 @@ def prune(ctx: PruneContext, params: SppParams) -> PruneResult:
     problem = coupling_problem(ctx.arch, couplings, params.structures)
     if problem:
         raise RmtpError(problem)
-    units = find_units(ctx.model, couplings, ctx.layers, params.structures, arch=ctx.arch)
+    # structures left at the default: what this family cannot lose (Swin's heads) is left out, saying why
+    left_out: list[tuple[Coupling, str]] | None = None if "structures" in params.model_fields_set else []
+    units = find_units(ctx.model, couplings, ctx.layers, params.structures, arch=ctx.arch, left_out=left_out)
     if not units:
         return PruneResult()
     sizes = group_params(units)
@@ -192,7 +194,8 @@ def prune(ctx: PruneContext, params: SppParams) -> PruneResult:
     if ctx.output is not None and path is not None:
         ctx.output.write_json(ctx.output.free_name(PATH_FILE),
                               path_report(units, path, order, sizes, params, results))
-    return PruneResult(final_rows, speed_plan)
+    return PruneResult(final_rows + [_left_out_row(ctx.model, c, problem) for c, problem in left_out or []],
+                       speed_plan)
 
 
 def _summary(ratio: float, remove: torch.Tensor, sizes: torch.Tensor, shared: tuple[Shared, ...],
@@ -240,6 +243,18 @@ def _obs_row(model: nn.Module, unit: Unit, before: tuple, fit: StructuredFit | N
         kept_fraction=kept / unit.count, note=f"{noun} {unit.count} → {kept}" + (gone if kept == 0 else ""),
         detail={noun: f"{unit.count} → {kept}", "output error": error,
                 "target": f"{params.target} {params.kept_level():g}"})
+
+
+def _left_out_row(model: nn.Module, coupling: Coupling, problem: str) -> LayerRow:
+    """The row of a coupling the default ``structures`` left out: its two layers, unchanged, and why."""
+    params = nonzeros = 0
+    for name in (coupling.producer, coupling.consumer):
+        _, n, nz = weight_footprint(model.get_submodule(name))
+        params, nonzeros = params + n, nonzeros + nz
+    shape = tuple(weight_shape(model, coupling.producer))
+    reason = f"it is {problem}" if problem.startswith("a ") else problem
+    return LayerRow(coupling.name, shape, shape, params, params, nonzeros, nonzeros,
+                    skipped=f"{coupling.kind} not cut: {reason}")
 
 
 def unit_footprint(model: nn.Module, unit: Unit) -> tuple[tuple[int, ...], int, int]:
