@@ -248,6 +248,15 @@ def test_eva_qkv_with_outside_biases_is_routed_through_its_module_or_left_out() 
     assert route_qkv_through_module(_eva()) == [], "rmtp's build routes them already"
 
 
+def test_an_eva_block_whose_attention_has_no_projection_to_prune_is_not_the_family() -> None:
+    model = _eva()
+    attention = nn.Module()
+    attention.proj = nn.Linear(32, 32)  # the layout's children are there, but no qkv nor q/k/v_proj
+    model.blocks[0].attn = attention
+    with pytest.raises(PluginError, match="block blocks.0: its attention has neither a fused qkv nor q_proj"):
+        rmtp.infer_architecture(model)
+
+
 def test_svd_mp_replaces_eva02_qkv_and_the_forward_runs_through_the_replacement(tmp_path: Path) -> None:
     model = _eva()
     report = rmtp.prune(model, "svd-mp", calibration=_calibration(32), target_params=0.7, whiten=True)

@@ -83,6 +83,12 @@ class EvaArchitecture(QkvBiasOutside):
             return False
         return super().matches(model_name)
 
+    def block_problem(self, block: nn.Module) -> str | None:
+        attn = block.get_submodule("attn")
+        if getattr(attn, "qkv", None) is None and getattr(attn, "q_proj", None) is None:
+            return "its attention has neither a fused qkv nor q_proj/k_proj/v_proj"
+        return None
+
     def qkv_split(self, layer_name: str, module: nn.Module) -> dict[str, slice] | None:
         """q, k and v as thirds of a fused ``attn.qkv``'s output rows, the order Eva's attentions unbind
         them in (a fused qkv has as many key/value heads as query heads: timm refuses grouped queries there)."""

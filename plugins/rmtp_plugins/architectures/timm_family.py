@@ -273,7 +273,8 @@ def attention_and_mlp_couplings(family: TimmFamily, model: nn.Module) -> list[Co
 
 def bypasses_qkv(attn: nn.Module) -> bool:
     """Whether ``attn`` computes its fused projection as ``F.linear(x, qkv.weight, bias)`` rather
-    than by calling ``qkv``: an ``EvaAttention`` with q/v biases and ``qkv_bias_separate`` off."""
+    than by calling ``qkv``: an attention with q/v biases (Eva's, Swin V2's, BEiT's) and
+    ``qkv_bias_separate`` off."""
     return (getattr(attn, "qkv", None) is not None and getattr(attn, "q_bias", None) is not None
             and not getattr(attn, "qkv_bias_separate", False))
 
@@ -289,9 +290,11 @@ def route_qkv_through_module(model: nn.Module) -> list[str]:
             switched.append(name)
     return switched
 
+
 class QkvBiasOutside(TimmFamily):
     """A family whose attentions may keep their q/v biases outside ``qkv`` and compute
-    ``F.linear(x, qkv.weight, bias)`` (Eva's ``EvaAttention``, Swin V2's ``WindowAttention``), and
+    ``F.linear(x, qkv.weight, bias)`` (Eva's ``EvaAttention``, Swin V2's ``WindowAttention``, BEiT's
+    ``Attention``), and
     whose MLP hidden neurons are its only couplings.
 
     :meth:`create` (every model rmtp builds or reloads) routes such attentions through their ``qkv``
