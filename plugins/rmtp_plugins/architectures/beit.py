@@ -31,6 +31,7 @@ from rmtp.contract.architecture import TokenBlocks
 from rmtp.contract.hookspecs import hookimpl
 from rmtp.errors import PluginError
 from rmtp_plugins.architectures.timm_family import LayerRule, QkvBiasOutside, fused_qkv_split
+from rmtp_plugins.architectures.vit import VitArchitecture
 
 if TYPE_CHECKING:
     from torch import nn
@@ -44,16 +45,10 @@ class BeitArchitecture(QkvBiasOutside):
                    "spp on MLP neurons.")
     model_patterns = ("beit_*", "beitv2_*")
     timm_modules = ("beit",)
-    block_pattern = r"blocks\.\d+"
-    block_children = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
-    layer_rules = (
-        LayerRule(r"patch_embed\.proj", "patch_embed", optional=True),
-        _QKV,
-        LayerRule(r"blocks\.\d+\.attn\.proj", "proj"),
-        LayerRule(r"blocks\.\d+\.mlp\.fc1", "fc1"),
-        LayerRule(r"blocks\.\d+\.mlp\.fc2", "fc2"),
-        LayerRule(r"head", "head", optional=True),
-    )
+    # the ViT's block layout and layer names (its ``head_dist`` rule matches nothing in a BEiT)
+    block_pattern = VitArchitecture.block_pattern
+    block_children = VitArchitecture.block_children
+    layer_rules = VitArchitecture.layer_rules
 
     def qkv_split(self, layer_name: str, module: nn.Module) -> dict[str, slice] | None:
         """q, k and v as thirds of ``attn.qkv``'s output rows, the order BEiT's attention unbinds them in."""
