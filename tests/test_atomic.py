@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 from rmtp.errors import RmtpError
-from rmtp.storage.atomic import check_writable, write_errors, write_json_atomic, write_text_atomic
+from rmtp.storage.atomic import (
+    check_json_report_path,
+    check_writable,
+    write_errors,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 
 def test_json_is_written_with_umask_permissions(tmp_path: Path) -> None:
@@ -83,3 +89,22 @@ def test_a_late_write_failure_is_one_line_naming_the_file(tmp_path: Path) -> Non
                                         r"kept above$"):
         with write_errors("--json", tmp_path / "r.json", consequence="kept above"):
             raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_json_report_replaces_only_a_json_document(tmp_path: Path) -> None:
+    """``--json`` may rerun over its earlier report (or an empty file), never over another kind of
+    file a mistyped path names: the recipe, a checkpoint, a CSV."""
+    check_json_report_path(tmp_path / "new.json")
+    check_json_report_path(write_json_atomic(tmp_path / "old.json", {"schema": "rmtp-run-report/1"}))
+    (tmp_path / "empty.json").write_text("")
+    check_json_report_path(tmp_path / "empty.json")
+    for name, content in [("recipe.yaml", b"model:\n  name: vit_tiny_patch16_224\n"),
+                          ("model.pth", b"PK\x03\x04" + bytes(64)), ("table.csv", b"layer,rank\n")]:
+        path = tmp_path / name
+        path.write_bytes(content)
+        with pytest.raises(RmtpError) as caught:
+            check_json_report_path(path)
+        assert str(caught.value) == (f"--json: {path}: exists and is not a JSON report; rmtp replaces only JSON "
+                                     f"there, so that a mistyped path cannot destroy another file (remove it, "
+                                     f"or give another path)")
+        assert path.read_bytes() == content

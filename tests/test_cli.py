@@ -63,6 +63,15 @@ def test_prune_prints_report_and_writes_json(tmp_path: Path) -> None:
     assert (tmp_path / "out" / "model.safetensors").is_file()
 
 
+def test_json_naming_the_recipe_is_refused_before_the_run_and_the_recipe_kept(tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path / "r.yaml", tiny_recipe([{"prune": "magnitude"}], output=tmp_path / "out"))
+    text = recipe.read_text()
+    result = invoke("prune", str(recipe), "--json", str(recipe))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().startswith(f"error: --json: {recipe}: exists and is not a JSON report")
+    assert recipe.read_text() == text and not (tmp_path / "out").exists()
+
+
 def test_missing_recipe_is_one_line_exit_1(tmp_path: Path) -> None:
     result = invoke("prune", str(tmp_path / "missing.yaml"))
     assert result.exit_code == 1

@@ -19,7 +19,7 @@ from rich.markup import escape
 from rmtp import __version__
 from rmtp.cli.exits import user_errors
 from rmtp.errors import RmtpError
-from rmtp.storage.atomic import check_writable, write_errors, write_json_atomic
+from rmtp.storage.atomic import check_json_report_path, write_errors, write_json_atomic
 
 if TYPE_CHECKING:
     from rmtp.plugins import Plugins
@@ -45,7 +45,8 @@ RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file (model, data, 
 def prune(
     recipe: RecipeArg,
     json_path: Annotated[Path | None, typer.Option(
-        "--json", help="Also write the report as JSON to this file.")] = None,
+        "--json", help="Also write the report as JSON to this file (replacing an earlier JSON report "
+                         "there; any other file there is refused, not overwritten).")] = None,
     quiet: Annotated[bool, typer.Option(
         "--quiet", "-q", help="Print only the summary, not the per-layer tables.")] = False,
     wide: Annotated[bool, typer.Option("--wide", help="Per-layer tables with every column, however wide (by default "
@@ -63,7 +64,7 @@ def prune(
 
     with user_errors():
         if json_path is not None:  # before the run, which may take hours
-            check_writable(json_path, what="--json", is_dir=False)
+            check_json_report_path(json_path)
         loaded = load_recipe(recipe)
     started = time.time()
     with user_errors(interrupted=lambda: _kept_after_interrupt(loaded, started)):

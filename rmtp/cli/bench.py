@@ -39,7 +39,8 @@ def bench(
                        "are refused.",
     )] = False,
     json_path: Annotated[Path | None, typer.Option(
-        "--json", help="Also write the results as JSON (schema rmtp-bench/1).")] = None,
+        "--json", help="Also write the results as JSON (schema rmtp-bench/1; replacing an earlier JSON "
+                         "report there; any other file there is refused, not overwritten).")] = None,
     plot: Annotated[Path | None, typer.Option(
         "--plot", help="Folder to write throughput.png into, and with --eval accuracy_vs_macs.png and "
                        "accuracy_vs_latency.png (Pareto front marked).")] = None,
@@ -51,13 +52,13 @@ def bench(
     """Compare models side by side: latency, throughput, peak memory, MACs, params, nonzeros (and top-1)."""
     from rmtp.bench import benchmark_models, check_plotting, parse_batches, render_bench, write_plots
     from rmtp.reports.render import RichProgress, stderr, stdout
-    from rmtp.storage.atomic import check_writable, write_errors, write_json_atomic
+    from rmtp.storage.atomic import check_json_report_path, check_writable, write_errors, write_json_atomic
 
     with user_errors():
         batches = parse_batches(batch)
         model_kwargs = parse_kwargs(kwargs)
         if json_path is not None:  # before the models are loaded and timed
-            check_writable(json_path, what="--json", is_dir=False)
+            check_json_report_path(json_path)
         if plot is not None:
             check_writable(plot, what="--plot", is_dir=True)
             check_plotting()

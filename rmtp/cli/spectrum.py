@@ -42,7 +42,8 @@ def analyze_spectrum(
     no_split_qkv: Annotated[bool, typer.Option(
         "--no-split-qkv", help="Analyse a fused qkv projection as one matrix instead of its q, k, v blocks.")] = False,
     json_path: Annotated[Path | None, typer.Option(
-        "--json", help="Also write the report as JSON to this file.")] = None,
+        "--json", help="Also write the report as JSON to this file (replacing an earlier JSON report "
+                         "there; any other file there is refused, not overwritten).")] = None,
     csv_path: Annotated[Path | None, typer.Option(
         "--csv", help="Also write the per-layer table as CSV to this file.")] = None,
     plot_dir: Annotated[Path | None, typer.Option(
@@ -76,8 +77,10 @@ def analyze_spectrum(
 
 def _check_destinations(json_path: Path | None, csv_path: Path | None, plot_dir: Path | None) -> None:
     """Refuse unwritable --json/--csv/--plot paths before the model is loaded and analysed."""
-    from rmtp.storage.atomic import check_writable
+    from rmtp.storage.atomic import check_json_report_path, check_writable
 
-    for path, what, is_dir in ((json_path, "--json", False), (csv_path, "--csv", False), (plot_dir, "--plot", True)):
+    if json_path is not None:
+        check_json_report_path(json_path)
+    for path, what, is_dir in ((csv_path, "--csv", False), (plot_dir, "--plot", True)):
         if path is not None:
             check_writable(path, what=what, is_dir=is_dir)

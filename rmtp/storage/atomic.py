@@ -96,6 +96,21 @@ def check_writable(path: Path | str, *, what: str, is_dir: bool) -> None:
     _probe(parent, path, what)
 
 
+def check_json_report_path(path: Path | str, *, what: str = "--json") -> None:
+    """:func:`check_writable` for a JSON report, which may replace only a JSON document: a file there
+    that does not start like one (``{`` or ``[``, the recipe passed twice, a checkpoint, a CSV) is
+    refused before the run, instead of being overwritten by its report when the run ends."""
+    check_writable(path, what=what, is_dir=False)
+    path = Path(path)
+    if not path.is_file():
+        return
+    with open(path, "rb") as handle:
+        start = handle.read(4096).lstrip()
+    if start and start[:1] not in (b"{", b"["):
+        raise RmtpError(f"{what}: {path}: exists and is not a JSON report; rmtp replaces only JSON there, so that "
+                        f"a mistyped path cannot destroy another file (remove it, or give another path)")
+
+
 def _check_existing_kind(path: Path, *, what: str, is_dir: bool) -> None:
     """An existing destination must be what will replace it: a folder for a folder, a regular file
     for a file (renaming a report over a device such as /dev/null would replace the device)."""
