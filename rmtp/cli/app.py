@@ -18,6 +18,7 @@ from rich.markup import escape
 
 from rmtp import __version__
 from rmtp.cli.exits import user_errors
+from rmtp.cli.options import JSON_REPLACES
 from rmtp.errors import RmtpError
 from rmtp.storage.atomic import check_json_report_path, write_errors, write_json_atomic
 
@@ -45,8 +46,7 @@ RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file (model, data, 
 def prune(
     recipe: RecipeArg,
     json_path: Annotated[Path | None, typer.Option(
-        "--json", help="Also write the report as JSON to this file (replacing an earlier JSON report "
-                         "there; any other file there is refused, not overwritten).")] = None,
+        "--json", help=f"Also write the report as JSON to this file ({JSON_REPLACES}).")] = None,
     quiet: Annotated[bool, typer.Option(
         "--quiet", "-q", help="Print only the summary, not the per-layer tables.")] = False,
     wide: Annotated[bool, typer.Option("--wide", help="Per-layer tables with every column, however wide (by default "

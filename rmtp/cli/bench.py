@@ -14,7 +14,7 @@ from rich.markup import escape
 
 from rmtp.bench.defaults import DEFAULT_ROUNDS
 from rmtp.cli.exits import user_errors
-from rmtp.cli.options import KWARGS_HELP, KWARGS_METAVAR, parse_kwargs
+from rmtp.cli.options import JSON_REPLACES, KWARGS_HELP, KWARGS_METAVAR, parse_kwargs
 
 
 def bench(
@@ -39,8 +39,7 @@ def bench(
                        "are refused.",
     )] = False,
     json_path: Annotated[Path | None, typer.Option(
-        "--json", help="Also write the results as JSON (schema rmtp-bench/1; replacing an earlier JSON "
-                         "report there; any other file there is refused, not overwritten).")] = None,
+        "--json", help=f"Also write the results as JSON (schema rmtp-bench/1; {JSON_REPLACES}).")] = None,
     plot: Annotated[Path | None, typer.Option(
         "--plot", help="Folder to write throughput.png into, and with --eval accuracy_vs_macs.png and "
                        "accuracy_vs_latency.png (Pareto front marked).")] = None,

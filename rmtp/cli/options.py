@@ -25,6 +25,9 @@ KWARGS_HELP = ("timm.create_model kwargs, repeatable: key=value (or key=value,ke
                "('{\"img_size\": 32}')")
 
 KWARGS_METAVAR = "KEY=VALUE"
+#: What ``--json`` of prune, bench and analyze-spectrum does to a file already at its path
+#: (:func:`rmtp.storage.atomic.check_json_report_path`).
+JSON_REPLACES = "replacing an earlier JSON report there; any other file there is refused, not overwritten"
 
 #: A comma that starts a new ``key=`` pair (not one inside a value such as ``[1, 2]``).
 _PAIR_SPLIT = re.compile(r",\s*(?=[A-Za-z_][\w.-]*\s*=)")

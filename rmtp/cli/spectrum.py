@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from rmtp.cli.exits import user_errors
-from rmtp.cli.options import KWARGS_HELP, KWARGS_METAVAR, parse_kwargs
+from rmtp.cli.options import JSON_REPLACES, KWARGS_HELP, KWARGS_METAVAR, parse_kwargs
 
 __all__ = ["analyze_spectrum", "parse_kwargs"]
 
@@ -42,8 +42,7 @@ def analyze_spectrum(
     no_split_qkv: Annotated[bool, typer.Option(
         "--no-split-qkv", help="Analyse a fused qkv projection as one matrix instead of its q, k, v blocks.")] = False,
     json_path: Annotated[Path | None, typer.Option(
-        "--json", help="Also write the report as JSON to this file (replacing an earlier JSON report "
-                         "there; any other file there is refused, not overwritten).")] = None,
+        "--json", help=f"Also write the report as JSON to this file ({JSON_REPLACES}).")] = None,
     csv_path: Annotated[Path | None, typer.Option(
         "--csv", help="Also write the per-layer table as CSV to this file.")] = None,
     plot_dir: Annotated[Path | None, typer.Option(

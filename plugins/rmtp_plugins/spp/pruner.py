@@ -247,11 +247,8 @@ def _obs_row(model: nn.Module, unit: Unit, before: tuple, fit: StructuredFit | N
 
 def _left_out_row(model: nn.Module, coupling: Coupling, problem: str) -> LayerRow:
     """The row of a coupling the default ``structures`` left out: its two layers, unchanged, and why."""
-    params = nonzeros = 0
-    for name in (coupling.producer, coupling.consumer):
-        _, n, nz = weight_footprint(model.get_submodule(name))
-        params, nonzeros = params + n, nonzeros + nz
-    shape = tuple(weight_shape(model, coupling.producer))
+    shape, params, nonzeros = modules_footprint(model, (coupling.producer, coupling.consumer), coupling.producer)
+    shape = tuple(shape)
     reason = f"it is {problem}" if problem.startswith("a ") else problem
     return LayerRow(coupling.name, shape, shape, params, params, nonzeros, nonzeros,
                     skipped=f"{coupling.kind} not cut: {reason}")
@@ -259,11 +256,16 @@ def _left_out_row(model: nn.Module, coupling: Coupling, problem: str) -> LayerRo
 
 def unit_footprint(model: nn.Module, unit: Unit) -> tuple[tuple[int, ...], int, int]:
     """(producer weight shape, params, nonzeros) of the modules a unit's report row covers."""
+    return modules_footprint(model, unit.report_modules(), unit.producer)
+
+
+def modules_footprint(model: nn.Module, names: tuple[str, ...], producer: str) -> tuple[tuple[int, ...], int, int]:
+    """(``producer``'s weight shape, params, nonzeros) of the modules ``names``, summed."""
     params = nonzeros = 0
-    for name in unit.report_modules():
+    for name in names:
         _, n, nz = weight_footprint(model.get_submodule(name))
         params, nonzeros = params + n, nonzeros + nz
-    return weight_shape(model, unit.producer), params, nonzeros
+    return weight_shape(model, producer), params, nonzeros
 
 
 def path_report(units: list[Unit], path: SolutionPath, order: list[int], sizes: torch.Tensor, params: SppParams,
