@@ -347,6 +347,28 @@ def test_a_budget_that_cannot_be_had_applies_the_weakest_setting_and_warns(digit
     assert "the model is broken" in report.warnings[1] and "weakest setting broke it" in report.warnings[1]
 
 
+def test_a_budget_the_earlier_steps_spent_says_so_instead_of_blaming_this_pruner(digits) -> None:
+    """A budget counts from the dense model: a second step gets what the first one left. When the
+    model already breaks the budget before the step prunes, the warning says the earlier steps spent
+    it (a gentler setting of this pruner cannot help), not "prune with another method"."""
+    model, calib = digits
+    dense = rmtp.frozen_copy(model)
+    first = copy.deepcopy(model)
+    rmtp.prune(first, "magnitude", sparsity=0.8, calibration=calib)
+    spent = rmtp.prune(copy.deepcopy(first), "magnitude", sparsity=0.9, calibration=calib, dense=dense,
+                       accuracy_budget={"max_drop": 0.02, "evaluations": 3})
+    assert spent.agreement["budget"]["outcome"] == "impossible"
+    assert spent.warnings[0].startswith("accuracy budget max_drop 2% (agreement ≥ 98%) cannot be had with magnitude: "
+                                        "the model as it came to this step already agrees with dense on only ")
+    assert "the steps before this one spent it; sparsity = 0 (the weakest setting)" in spent.warnings[0]
+    assert "give this step a looser budget than the earlier ones" in spent.warnings[0]
+    # the same budget on the dense model is within reach: no such warning
+    fresh = rmtp.prune(copy.deepcopy(model), "magnitude", sparsity=0.9, calibration=calib, dense=dense,
+                       accuracy_budget={"max_drop": 0.02, "evaluations": 3})
+    assert fresh.agreement["budget"]["outcome"] != "impossible"
+    assert not any("spent it" in warning for warning in fresh.warnings)
+
+
 def test_a_broken_model_gets_a_warning_that_says_what_would_recover_it(digits) -> None:
     model, calib = digits
     report = rmtp.prune(copy.deepcopy(model), "magnitude", sparsity=0.9, calibration=calib)

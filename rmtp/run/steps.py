@@ -35,7 +35,7 @@ from rmtp.training.pieces import masked_layers
 
 if TYPE_CHECKING:
     from rmtp.data import DataBundle
-    from rmtp.fidelity.accuracy_budget import AccuracyBudget
+    from rmtp.fidelity.accuracy_budget import AccuracyBudget, SearchResult, StrengthKnob
     from rmtp.fidelity.agreement import DenseReference
     from rmtp.fidelity.blockwise import ReconstructConfig
     from rmtp.latency.cost import CostModel
@@ -213,10 +213,7 @@ def _budget_search(model: nn.Module, pruner_cls: type[Pruner], params: PrunerPar
     warnings = []
     speed = speed_note(knob, budget, result)
     if result.outcome == "impossible":
-        warnings.append(speed or f"accuracy budget {budget.describe()} cannot be had with {name}: even "
-                                 f"{knob.format(result.value)} (the weakest setting) leaves "
-                                 f"{result.chosen.agreement:.1%} agreement, KL {result.chosen.kl:.3g}; it was applied "
-                                 f"anyway: loosen the budget, or prune with another method")
+        warnings.append(speed or _impossible_warning(budget, knob, result, name, reference.score(model)))
     elif speed:  # asked for and not delivered: a warning, not a note
         warnings.append(speed)
     elif result.outcome == "weakest":  # within budget, but only by (nearly) not pruning
@@ -225,6 +222,23 @@ def _budget_search(model: nn.Module, pruner_cls: type[Pruner], params: PrunerPar
                         f"was applied, so the step prunes as little as it can: loosen the budget for a stronger cut")
     return _Budget(params=chosen, budget=budget, fit=fit, reference=reference, where=where, record=record,
                    cost=shared["cost"], notes=notes, warnings=warnings)
+
+
+def _impossible_warning(budget: AccuracyBudget, knob: StrengthKnob, result: SearchResult, name: str,
+                        incoming: tuple[float, float]) -> str:
+    """Why a budget cannot be had. A budget counts from the dense model, so in a later step of a
+    recipe the model may break it before this step prunes at all (``incoming``: its agreement and
+    KL as it came to the step); then the earlier steps spent it, and a weaker setting of this
+    pruner cannot help: say that, not "prune with another method"."""
+    weakest = (f"{knob.format(result.value)} (the weakest setting) leaves {result.chosen.agreement:.1%} agreement, "
+               f"KL {result.chosen.kl:.3g}")
+    if not budget.within(*incoming):
+        return (f"accuracy budget {budget.describe()} cannot be had with {name}: the model as it came to this step "
+                f"already agrees with dense on only {incoming[0]:.1%} (KL {incoming[1]:.3g}), because a budget counts "
+                f"from the dense model and the steps before this one spent it; {weakest} and was applied: give this "
+                f"step a looser budget than the earlier ones, or let them prune less")
+    return (f"accuracy budget {budget.describe()} cannot be had with {name}: even {weakest}; it was applied "
+            f"anyway: loosen the budget, or prune with another method")
 
 
 def _agreement(model: nn.Module, pruner_cls: type[Pruner], params: PrunerParams, *, name: str,
