@@ -99,10 +99,12 @@ def test_there_are_scale_recipes() -> None:
 
 
 def test_every_recipe_is_covered_by_a_test() -> None:
-    """recipes/*.yaml is tests/test_recipes_examples.py's, recipes/imagenet/*.yaml this file's: a
-    recipe anywhere else under recipes/ would be tested by neither."""
+    """recipes/*.yaml is tests/test_recipes_examples.py's, recipes/imagenet/*.yaml this file's,
+    recipes/pretrained/*.yaml tests/test_pretrained_recipes.py's: a recipe anywhere else under
+    recipes/ would be tested by none."""
     everything = set((REPO / "recipes").glob("**/*.yaml"))
-    assert everything == set((REPO / "recipes").glob("*.yaml")) | set(RECIPES)
+    pretrained = set((REPO / "recipes" / "pretrained").glob("*.yaml"))
+    assert everything == set((REPO / "recipes").glob("*.yaml")) | set(RECIPES) | pretrained
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
