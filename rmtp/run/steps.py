@@ -230,15 +230,18 @@ def _impossible_warning(budget: AccuracyBudget, knob: StrengthKnob, result: Sear
     recipe the model may break it before this step prunes at all (``incoming``: its agreement and
     KL as it came to the step); then the earlier steps spent it, and a weaker setting of this
     pruner cannot help: say that, not "prune with another method"."""
-    weakest = (f"{knob.format(result.value)} (the weakest setting) leaves {result.chosen.agreement:.1%} agreement, "
-               f"KL {result.chosen.kl:.3g}")
+    weakest, chosen = knob.format(result.value), result.chosen
+    before, after = f"{incoming[0]:.1%} (KL {incoming[1]:.3g})", f"{chosen.agreement:.1%} (KL {chosen.kl:.3g})"
     if not budget.within(*incoming):
+        applied = (f"{weakest} (the weakest setting) " +
+                   ("was applied" if after == before else f"leaves {after} and was applied"))
         return (f"accuracy budget {budget.describe()} cannot be had with {name}: the model as it came to this step "
-                f"already agrees with dense on only {incoming[0]:.1%} (KL {incoming[1]:.3g}), because a budget counts "
-                f"from the dense model and the steps before this one spent it; {weakest} and was applied: give this "
-                f"step a looser budget than the earlier ones, or let them prune less")
-    return (f"accuracy budget {budget.describe()} cannot be had with {name}: even {weakest}; it was applied "
-            f"anyway: loosen the budget, or prune with another method")
+                f"already agrees with dense on only {before}; a budget counts from "
+                f"the dense model, and what changed the model before this step (a recipe's earlier steps) spent "
+                f"it. {applied}: give this step a looser budget than the earlier ones, or let them prune less")
+    return (f"accuracy budget {budget.describe()} cannot be had with {name}: even {weakest} (the weakest setting) "
+            f"leaves {chosen.agreement:.1%} agreement, KL {chosen.kl:.3g}; it was applied anyway: loosen the "
+            f"budget, or prune with another method")
 
 
 def _agreement(model: nn.Module, pruner_cls: type[Pruner], params: PrunerParams, *, name: str,
