@@ -236,9 +236,9 @@ def _impossible_warning(budget: AccuracyBudget, knob: StrengthKnob, result: Sear
         applied = (f"{weakest} (the weakest setting) " +
                    ("was applied" if after == before else f"leaves {after} and was applied"))
         return (f"accuracy budget {budget.describe()} cannot be had with {name}: the model as it came to this step "
-                f"already agrees with dense on only {before}; a budget counts from "
-                f"the dense model, and what changed the model before this step (a recipe's earlier steps) spent "
-                f"it. {applied}: give this step a looser budget than the earlier ones, or let them prune less")
+                f"already agrees with dense on only {before}; a budget counts from the dense model, and what "
+                f"changed the model before this step (a recipe's earlier steps) spent it. {applied}: give this step "
+                f"a looser budget than the earlier ones, or let them prune less")
     return (f"accuracy budget {budget.describe()} cannot be had with {name}: even {weakest} (the weakest setting) "
             f"leaves {chosen.agreement:.1%} agreement, KL {chosen.kl:.3g}; it was applied anyway: loosen the "
             f"budget, or prune with another method")
