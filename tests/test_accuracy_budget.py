@@ -366,6 +366,8 @@ def test_a_budget_the_earlier_steps_spent_says_so_instead_of_blaming_this_pruner
         f"dense model, and what changed the model before this step (a recipe's earlier steps) spent it. sparsity = 0 "
         f"(the weakest setting) was applied: give this step a looser budget than the earlier ones, or let them prune "
         f"less")
+    assert spent.notes[0].startswith("accuracy budget max_drop 2% (agreement ≥ 98%): sparsity = 0, the weakest "
+                                     "setting: the model broke the budget before this step pruned (")
 
 
 def test_a_broken_model_gets_a_warning_that_says_what_would_recover_it(digits) -> None:

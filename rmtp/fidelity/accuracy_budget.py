@@ -250,9 +250,12 @@ def search(knob: StrengthKnob, budget: AccuracyBudget,
     return SearchResult(good, "weakest" if good == weak else "bisected", trials)
 
 
-def describe_search(knob: StrengthKnob, budget: AccuracyBudget, result: SearchResult, pruner: str) -> str:
+def describe_search(knob: StrengthKnob, budget: AccuracyBudget, result: SearchResult, pruner: str, *,
+                    spent: bool = False) -> str:
     """One line: what the budget chose and what was tried, e.g. ``accuracy budget max_drop 2%
-    (agreement ≥ 98%): r = 9, the strongest within it of 5 tried (r = 16: 91.0% ✗, …)``."""
+    (agreement ≥ 98%): r = 9, the strongest within it of 5 tried (r = 16: 91.0% ✗, …)``.
+    ``spent``: the model broke the budget before the step pruned (an impossible outcome is then
+    not the pruner's doing)."""
     tried = ", ".join(f"{_value(knob, t.value)}: {t.agreement:.1%}/KL {t.kl:.3g} {'✓' if t.within else '✗'}"
                       for t in result.trials)
     head = f"accuracy budget {budget.describe()}: {knob.format(result.value)}"
@@ -262,6 +265,8 @@ def describe_search(knob: StrengthKnob, budget: AccuracyBudget, result: SearchRe
         why = f"the strongest within it of {len(result.trials)} tried"
     elif result.outcome == "weakest":
         why = f"its weakest end, the only setting within it of {len(result.trials)} tried"
+    elif spent:
+        why = "the weakest setting: the model broke the budget before this step pruned"
     else:
         why = f"the weakest setting, and even it breaks the budget: {pruner} cannot stay within it"
     return f"{head}, {why} ({tried})"

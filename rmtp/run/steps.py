@@ -209,11 +209,14 @@ def _budget_search(model: nn.Module, pruner_cls: type[Pruner], params: PrunerPar
     record = {"budget": budget.model_dump(), "knob": knob.param, "weak": knob.weak, "strong": knob.strong,
               "chosen": knob.value(result.value), "outcome": result.outcome,
               "trials": [trial.to_dict() for trial in result.trials]}
-    notes = [describe_search(knob, budget, result, name)]
+    # an impossible budget: was it already broken before this step (by earlier steps)? one more pass
+    incoming = reference.score(model) if result.outcome == "impossible" else None
+    spent = incoming is not None and not budget.within(*incoming)
+    notes = [describe_search(knob, budget, result, name, spent=spent)]
     warnings = []
     speed = speed_note(knob, budget, result)
-    if result.outcome == "impossible":
-        warnings.append(speed or _impossible_warning(budget, knob, result, name, reference.score(model)))
+    if incoming is not None:
+        warnings.append(speed or _impossible_warning(budget, knob, result, name, incoming))
     elif speed:  # asked for and not delivered: a warning, not a note
         warnings.append(speed)
     elif result.outcome == "weakest":  # within budget, but only by (nearly) not pruning
