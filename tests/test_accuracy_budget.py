@@ -368,6 +368,14 @@ def test_a_budget_the_earlier_steps_spent_says_so_instead_of_blaming_this_pruner
         f"less")
     assert spent.notes[0].startswith("accuracy budget max_drop 2% (agreement ≥ 98%): sparsity = 0, the weakest "
                                      "setting: the model broke the budget before this step pruned (")
+    # a speed target keeps its own warning, which now says the same
+    fastest = rmtp.prune(copy.deepcopy(first), "tome", target_speedup=1.5, latency={"cost": "macs"},
+                         calibration=calib, dense=dense, accuracy_budget={"max_drop": 0.02, "evaluations": 3})
+    assert fastest.agreement["budget"]["outcome"] == "impossible"
+    assert fastest.warnings[0].startswith("target_speedup ×1.5 cannot be had within max_drop 2% (agreement ≥ 98%): "
+                                          "even ×1.05 breaks it; the step applied ×1.05; the model as it came to "
+                                          f"this step already agrees with dense on only {incoming[0]:.1%} (KL ")
+    assert fastest.warnings[0].endswith("what changed the model before this step (a recipe's earlier steps) spent it")
 
 
 def test_a_broken_model_gets_a_warning_that_says_what_would_recover_it(digits) -> None:

@@ -216,7 +216,8 @@ def _budget_search(model: nn.Module, pruner_cls: type[Pruner], params: PrunerPar
     warnings = []
     speed = speed_note(knob, budget, result)
     if incoming is not None:
-        warnings.append(speed or _impossible_warning(budget, knob, result, name, incoming))
+        warnings.append(f"{speed}; {_spent_clause(incoming)}" if speed and spent else
+                        speed or _impossible_warning(budget, knob, result, name, incoming))
     elif speed:  # asked for and not delivered: a warning, not a note
         warnings.append(speed)
     elif result.outcome == "weakest":  # within budget, but only by (nearly) not pruning
@@ -234,17 +235,27 @@ def _impossible_warning(budget: AccuracyBudget, knob: StrengthKnob, result: Sear
     KL as it came to the step); then the earlier steps spent it, and a weaker setting of this
     pruner cannot help: say that, not "prune with another method"."""
     weakest, chosen = knob.format(result.value), result.chosen
-    before, after = f"{incoming[0]:.1%} (KL {incoming[1]:.3g})", f"{chosen.agreement:.1%} (KL {chosen.kl:.3g})"
+    before, after = _figures(*incoming), _figures(chosen.agreement, chosen.kl)
     if not budget.within(*incoming):
         applied = (f"{weakest} (the weakest setting) " +
                    ("was applied" if after == before else f"leaves {after} and was applied"))
-        return (f"accuracy budget {budget.describe()} cannot be had with {name}: the model as it came to this step "
-                f"already agrees with dense on only {before}; a budget counts from the dense model, and what "
-                f"changed the model before this step (a recipe's earlier steps) spent it. {applied}: give this step "
-                f"a looser budget than the earlier ones, or let them prune less")
+        return (f"accuracy budget {budget.describe()} cannot be had with {name}: {_spent_clause(incoming)}. "
+                f"{applied}: give this step a looser budget than the earlier ones, or let them prune less")
     return (f"accuracy budget {budget.describe()} cannot be had with {name}: even {weakest} (the weakest setting) "
             f"leaves {chosen.agreement:.1%} agreement, KL {chosen.kl:.3g}; it was applied anyway: loosen the "
             f"budget, or prune with another method")
+
+
+def _figures(agreement: float, kl: float) -> str:
+    """An agreement and KL as every budget line prints them."""
+    return f"{agreement:.1%} (KL {kl:.3g})"
+
+
+def _spent_clause(incoming: tuple[float, float]) -> str:
+    """That the model broke the budget before the step pruned, and why that can happen."""
+    return (f"the model as it came to this step already agrees with dense on only {_figures(*incoming)}; a budget "
+            f"counts from the dense model, and what changed the model before this step (a recipe's earlier steps) "
+            f"spent it")
 
 
 def _agreement(model: nn.Module, pruner_cls: type[Pruner], params: PrunerParams, *, name: str,
