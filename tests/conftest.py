@@ -35,6 +35,17 @@ def write_recipe(path: Path, recipe: dict[str, Any]) -> Path:
     return path
 
 
+def write_png(path: Path, size: tuple[int, int], seed: int) -> None:
+    """A random RGB PNG of ``size`` (width, height) at ``path``, its pixels drawn from ``seed``."""
+    import torch
+    from PIL import Image
+
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.numpy()).save(path)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_thread():
     """Tiny models gain nothing from threads, and on a busy machine thread hand-offs cost 100× the math."""

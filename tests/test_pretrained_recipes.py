@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from conftest import REPO
+from conftest import REPO, write_png
 
 import rmtp
 from rmtp.data import model_input_size
@@ -51,15 +51,10 @@ TINY_MODELS = {"vit_tiny_patch16_224": {"name": "vit_tiny_patch16_224", "pretrai
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     """Three class folders of six random 32×32 PNGs: enough for an accuracy budget's images."""
-    from PIL import Image
-
-    generator = torch.Generator().manual_seed(0)
     root = tmp_path / "images"
-    for name in ("a", "b", "c"):
-        (root / name).mkdir(parents=True)
+    for c, name in enumerate(("a", "b", "c")):
         for index in range(6):
-            pixels = torch.randint(0, 256, (32, 32, 3), generator=generator, dtype=torch.uint8)
-            Image.fromarray(pixels.numpy()).save(root / name / f"{index}.png")
+            write_png(root / name / f"{index}.png", (32, 32), seed=10 * c + index)
     return root
 
 

@@ -15,6 +15,7 @@ from types import ModuleType
 
 import pytest
 import torch
+from conftest import write_png
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "real_pretrained.py"
@@ -55,22 +56,13 @@ def test_split_keeps_images_to_evaluate_on() -> None:
 
 # ------------------------------------------------------------------------------------------ the cache
 
-def _write_png(path: Path, size: tuple[int, int], seed: int) -> None:
-    from PIL import Image
-
-    generator = torch.Generator().manual_seed(seed)
-    pixels = torch.randint(0, 256, (size[1], size[0], 3), generator=generator, dtype=torch.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels.numpy()).save(path)
-
-
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     """Two classes, two small PNGs each (and a hidden folder, which is not a class)."""
     root = tmp_path / "images"
     for c, name in enumerate(("b_class", "a_class")):
         for i in range(2):
-            _write_png(root / name / f"{i}.png", (20 + 3 * i, 24), seed=10 * c + i)
+            write_png(root / name / f"{i}.png", (20 + 3 * i, 24), seed=10 * c + i)
     (root / ".ipynb_checkpoints").mkdir()
     return root
 
@@ -105,14 +97,14 @@ def test_tensor_cache_is_reused_and_matches_a_fresh_decode(image_folder: Path, t
 def test_tensor_cache_is_invalidated_by_a_changed_file_or_transform(image_folder: Path, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     first = bench.image_tensors(image_folder, _transforms(), cache, log=lambda _: None)
-    _write_png(image_folder / "a_class" / "0.png", (31, 29), seed=99)  # rewritten in place
+    write_png(image_folder / "a_class" / "0.png", (31, 29), seed=99)  # rewritten in place
     changed = bench.image_tensors(image_folder, _transforms(), cache, log=lambda _: None)
     assert not changed.from_cache and changed.cache_file != first.cache_file
     assert not torch.equal(changed.images[0], first.images[0])
     assert torch.equal(changed.images[1:], first.images[1:])
     other = bench.image_tensors(image_folder, _transforms(crop_pct=1.0), cache, log=lambda _: None)
     assert not other.from_cache and other.cache_file not in (first.cache_file, changed.cache_file)
-    _write_png(image_folder / "a_class" / "2.png", (20, 20), seed=7)  # an image added
+    write_png(image_folder / "a_class" / "2.png", (20, 20), seed=7)  # an image added
     assert not bench.image_tensors(image_folder, _transforms(), cache, log=lambda _: None).from_cache
 
 

@@ -216,8 +216,7 @@ def _budget_search(model: nn.Module, pruner_cls: type[Pruner], params: PrunerPar
     warnings = []
     speed = speed_note(knob, budget, result)
     if incoming is not None:
-        warnings.append(f"{speed}; {_spent_clause(incoming)}" if speed and spent else
-                        speed or _impossible_warning(budget, knob, result, name, incoming))
+        warnings.append(_impossible_warning(budget, knob, result, name, speed=speed, incoming=incoming, spent=spent))
     elif speed:  # asked for and not delivered: a warning, not a note
         warnings.append(speed)
     elif result.outcome == "weakest":  # within budget, but only by (nearly) not pruning
@@ -228,17 +227,20 @@ def _budget_search(model: nn.Module, pruner_cls: type[Pruner], params: PrunerPar
                    cost=shared["cost"], notes=notes, warnings=warnings)
 
 
-def _impossible_warning(budget: AccuracyBudget, knob: StrengthKnob, result: SearchResult, name: str,
-                        incoming: tuple[float, float]) -> str:
+def _impossible_warning(budget: AccuracyBudget, knob: StrengthKnob, result: SearchResult, name: str, *,
+                        speed: str, incoming: tuple[float, float], spent: bool) -> str:
     """Why a budget cannot be had. A budget counts from the dense model, so in a later step of a
-    recipe the model may break it before this step prunes at all (``incoming``: its agreement and
-    KL as it came to the step); then the earlier steps spent it, and a weaker setting of this
-    pruner cannot help: say that, not "prune with another method"."""
+    recipe the model may break it before this step prunes at all (``spent``; ``incoming``: its
+    agreement and KL as it came to the step); then the earlier steps spent it, and a weaker setting
+    of this pruner cannot help: say that, not "prune with another method". A speed target keeps its
+    own line (``speed``), followed by the same explanation."""
+    if speed:
+        return f"{speed}; {_spent_clause(incoming)}" if spent else speed
     weakest, chosen = knob.format(result.value), result.chosen
-    before, after = _figures(*incoming), _figures(chosen.agreement, chosen.kl)
-    if not budget.within(*incoming):
+    if spent:
+        after = _figures(chosen.agreement, chosen.kl)
         applied = (f"{weakest} (the weakest setting) " +
-                   ("was applied" if after == before else f"leaves {after} and was applied"))
+                   ("was applied" if after == _figures(*incoming) else f"leaves {after} and was applied"))
         return (f"accuracy budget {budget.describe()} cannot be had with {name}: {_spent_clause(incoming)}. "
                 f"{applied}: give this step a looser budget than the earlier ones, or let them prune less")
     return (f"accuracy budget {budget.describe()} cannot be had with {name}: even {weakest} (the weakest setting) "

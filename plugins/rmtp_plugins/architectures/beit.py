@@ -30,13 +30,11 @@ from typing import TYPE_CHECKING
 from rmtp.contract.architecture import TokenBlocks
 from rmtp.contract.hookspecs import hookimpl
 from rmtp.errors import PluginError
-from rmtp_plugins.architectures.timm_family import LayerRule, QkvBiasOutside, fused_qkv_split
+from rmtp_plugins.architectures.timm_family import QkvBiasOutside
 from rmtp_plugins.architectures.vit import VitArchitecture
 
 if TYPE_CHECKING:
     from torch import nn
-
-_QKV = LayerRule(r"blocks\.\d+\.attn\.qkv", "qkv")
 
 
 class BeitArchitecture(QkvBiasOutside):
@@ -50,9 +48,8 @@ class BeitArchitecture(QkvBiasOutside):
     block_children = VitArchitecture.block_children
     layer_rules = VitArchitecture.layer_rules
 
-    def qkv_split(self, layer_name: str, module: nn.Module) -> dict[str, slice] | None:
-        """q, k and v as thirds of ``attn.qkv``'s output rows, the order BEiT's attention unbinds them in."""
-        return fused_qkv_split(_QKV, layer_name, module)
+    # q, k and v as thirds of ``attn.qkv``'s output rows: BEiT's attention unbinds them as timm's ViT does
+    qkv_split = VitArchitecture.qkv_split
 
     def token_blocks(self, model: nn.Module) -> TokenBlocks:
         raise PluginError("BEiT adds a learned relative-position bias laid out for the whole patch grid, which "

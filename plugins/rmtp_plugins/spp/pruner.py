@@ -248,7 +248,6 @@ def _obs_row(model: nn.Module, unit: Unit, before: tuple, fit: StructuredFit | N
 def _left_out_row(model: nn.Module, coupling: Coupling, problem: str) -> LayerRow:
     """The row of a coupling the default ``structures`` left out: its two layers, unchanged, and why."""
     shape, params, nonzeros = modules_footprint(model, (coupling.producer, coupling.consumer), coupling.producer)
-    shape = tuple(shape)
     reason = f"it is {problem}" if problem.startswith("a ") else problem
     return LayerRow(coupling.name, shape, shape, params, params, nonzeros, nonzeros,
                     skipped=f"{coupling.kind} not cut: {reason}")
