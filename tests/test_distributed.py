@@ -54,6 +54,7 @@ def _torchrun(recipe: Path, cwd: Path, *extra: str) -> subprocess.Popen:
 def test_a_killed_torchrun_run_resumes_to_the_uninterrupted_weights(tmp_path: Path) -> None:
     import time
 
+    from rmtp.errors import CheckpointError
     from rmtp.run.resume import checkpoint_root, read_checkpoint
 
     def recipe(name: str) -> Path:
@@ -68,7 +69,10 @@ def test_a_killed_torchrun_run_resumes_to_the_uninterrupted_weights(tmp_path: Pa
     run = _torchrun(recipe("killed"), tmp_path)
     root, deadline = checkpoint_root(tmp_path / "killed"), time.time() + 240
     while time.time() < deadline:
-        state = read_checkpoint(tmp_path / "killed") if (root / "latest.json").is_file() else None
+        try:  # the writer may rotate generations while this reads: retry, as a reader racing a live run must
+            state = read_checkpoint(tmp_path / "killed") if (root / "latest.json").is_file() else None
+        except CheckpointError:
+            state = None
         if state is not None and state.progress.train is not None and state.progress.train.batches_done > 0:
             break
         assert run.poll() is None, "the run finished before a mid-epoch checkpoint was seen"
@@ -77,8 +81,11 @@ def test_a_killed_torchrun_run_resumes_to_the_uninterrupted_weights(tmp_path: Pa
     subprocess.run(["pkill", "-KILL", "-f", str(tmp_path / "killed.yaml")], check=False)
     run.wait(timeout=60)
     time.sleep(1.0)
-    assert not (tmp_path / "killed").exists() and sorted(p.name for p in root.glob("gen-*/train-rank*.pt")) \
-        == ["train-rank1.pt"]
+    # a kill between publishing a generation and removing the previous one leaves both: the one
+    # latest.json names is the checkpoint, and it holds rank 1's mid-epoch training state
+    latest = json.loads((root / "latest.json").read_text())["generation"]
+    assert not (tmp_path / "killed").exists()
+    assert sorted(p.name for p in (root / f"gen-{latest:06d}").glob("train-rank*.pt")) == ["train-rank1.pt"]
     resumed = _torchrun(tmp_path / "killed.yaml", tmp_path, "--resume")
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()[-3000:]
     want, got = rmtp.load(tmp_path / "reference").model.state_dict(), rmtp.load(tmp_path / "killed").model.state_dict()

@@ -197,6 +197,19 @@ def test_the_resume_line_reaches_the_terminal(stopped: Path, monkeypatch: pytest
            in " ".join(result.output.split()), result.output
 
 
+def test_a_generation_published_but_not_yet_named_by_a_kill_does_not_block_the_resume(stopped: Path) -> None:
+    """A kill between renaming a generation into place and replacing latest.json leaves that
+    generation on disk, unnamed: the resume writes the same generation number next and must
+    replace the orphan, not fail on it (or mistake it for its own)."""
+    root = _root(stopped)
+    latest = json.loads((root / LATEST_FILE).read_text())["generation"]
+    orphan = root / f"gen-{latest + 1:06d}"
+    shutil.copytree(root / f"gen-{latest:06d}", orphan)
+    (orphan / "from-the-killed-run").write_text("stale")
+    result = rmtp.run_recipe(rmtp.load_recipe(stopped), resume=True, progress=_Notes(stop=False))
+    assert result.report.steps[-1].stats is not None and not root.exists()
+
+
 # ------------------------------------------------------------------------------- the data's identity
 
 

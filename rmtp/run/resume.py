@@ -154,6 +154,9 @@ class Checkpointer:
         distributed.barrier()
         if distributed.is_main_process():
             final = self.root / f"gen-{generation:06d}"
+            # a kill between this rename and latest.json's leaves an unnamed generation of this
+            # number behind: it is no checkpoint (latest.json names the previous one), so it goes
+            shutil.rmtree(final, ignore_errors=True)
             partial.rename(final)
             model_generation = generation if with_model else self.model_generation
             write_json_atomic(self.root / LATEST_FILE, {"schema": SCHEMA, "generation": generation,
