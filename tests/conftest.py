@@ -46,6 +46,28 @@ def write_png(path: Path, size: tuple[int, int], seed: int) -> None:
     Image.fromarray(pixels.numpy()).save(path)
 
 
+def wait_for_mid_epoch_checkpoint(out_dir: Path, run: Any, timeout: float) -> None:
+    """Poll until the live run ``run`` (a ``subprocess.Popen``) has written a checkpoint in the middle
+    of a fine-tune epoch next to ``out_dir``. The writer rotates generations while this reads (a
+    generation named a moment ago may be gone), so a read that fails is simply retried."""
+    import time
+
+    from rmtp.errors import CheckpointError
+    from rmtp.run.resume import checkpoint_root, read_checkpoint
+
+    latest, deadline = checkpoint_root(out_dir) / "latest.json", time.time() + timeout
+    while time.time() < deadline:
+        try:
+            state = read_checkpoint(out_dir) if latest.is_file() else None
+        except CheckpointError:
+            state = None
+        if state is not None and state.progress.train is not None and state.progress.train.batches_done > 0:
+            return
+        assert run.poll() is None, "the run finished before a mid-epoch checkpoint was seen"
+        time.sleep(0.02)
+    raise AssertionError(f"no mid-epoch checkpoint of {out_dir} within {timeout:.0f} s")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_thread():
     """Tiny models gain nothing from threads, and on a busy machine thread hand-offs cost 100× the math."""

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, tiny_recipe, write_recipe
+from conftest import REPO, tiny_recipe, wait_for_mid_epoch_checkpoint, write_recipe
 
 import rmtp
 
@@ -54,8 +54,7 @@ def _torchrun(recipe: Path, cwd: Path, *extra: str) -> subprocess.Popen:
 def test_a_killed_torchrun_run_resumes_to_the_uninterrupted_weights(tmp_path: Path) -> None:
     import time
 
-    from rmtp.errors import CheckpointError
-    from rmtp.run.resume import checkpoint_root, read_checkpoint
+    from rmtp.run.resume import checkpoint_root
 
     def recipe(name: str) -> Path:
         raw = tiny_recipe([{"prune": "magnitude", "params": {"sparsity": 0.5}},
@@ -67,16 +66,8 @@ def test_a_killed_torchrun_run_resumes_to_the_uninterrupted_weights(tmp_path: Pa
     reference = _torchrun(recipe("reference"), tmp_path)
     assert reference.wait(timeout=300) == 0, reference.stderr.read()[-3000:]
     run = _torchrun(recipe("killed"), tmp_path)
-    root, deadline = checkpoint_root(tmp_path / "killed"), time.time() + 240
-    while time.time() < deadline:
-        try:  # the writer may rotate generations while this reads: retry, as a reader racing a live run must
-            state = read_checkpoint(tmp_path / "killed") if (root / "latest.json").is_file() else None
-        except CheckpointError:
-            state = None
-        if state is not None and state.progress.train is not None and state.progress.train.batches_done > 0:
-            break
-        assert run.poll() is None, "the run finished before a mid-epoch checkpoint was seen"
-        time.sleep(0.05)
+    root = checkpoint_root(tmp_path / "killed")
+    wait_for_mid_epoch_checkpoint(tmp_path / "killed", run, timeout=240)
     # torchrun's workers run in sessions of their own: kill every process of this run by its recipe
     subprocess.run(["pkill", "-KILL", "-f", str(tmp_path / "killed.yaml")], check=False)
     run.wait(timeout=60)

@@ -12,14 +12,13 @@ import pickle
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import timm
 import torch
 import yaml
-from conftest import REPO, TINY_VIT, tiny_recipe
+from conftest import REPO, TINY_VIT, tiny_recipe, wait_for_mid_epoch_checkpoint
 
 import rmtp
 from rmtp.data import DataSpec, build_data
@@ -116,14 +115,7 @@ def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_model(tmp_path: P
 
     run = _cli("prune", str(killed), "--quiet")
     root = checkpoint_root(tmp_path / "killed")
-    deadline = time.time() + 300
-    while time.time() < deadline:  # kill as soon as a mid-epoch checkpoint of the fine-tune exists
-        checkpoint = read_checkpoint(tmp_path / "killed") if (root / "latest.json").is_file() else None
-        if checkpoint is not None and checkpoint.progress.train is not None \
-                and checkpoint.progress.train.batches_done > 0:
-            break
-        assert run.poll() is None, "the run finished before a mid-epoch checkpoint was seen"
-        time.sleep(0.02)
+    wait_for_mid_epoch_checkpoint(tmp_path / "killed", run, timeout=300)  # then kill at once
     run.send_signal(signal.SIGKILL)
     assert run.wait(timeout=60) == -signal.SIGKILL
     assert not (tmp_path / "killed").exists()  # nothing half-written
