@@ -508,3 +508,39 @@ def test_too_few_calibration_images_for_a_budget_are_refused_by_validate(tmp_pat
     recipe["data"]["calibration_size"] = 8
     with pytest.raises(RecipeError, match=r"data.calibration_size: 8 calibration images are too few .* at least 9"):
         load_recipe(write_recipe(tmp_path / "r.yaml", recipe))
+
+
+def test_spp_searches_its_path_once_per_step_and_prunes_as_if_it_searched_per_candidate(digits, monkeypatch) -> None:
+    """A budget's candidates differ only in the level they slice: spp's LBI path (its costly part)
+    is searched once and reused, by every candidate and the final prune, with the weights a search
+    per candidate gives."""
+    import rmtp_plugins.spp.pruner as spp_pruner
+
+    model, calib = digits
+    dense = rmtp.frozen_copy(model)
+    searched: list[int] = []
+    original = spp_pruner.search
+
+    def counting(ctx, units, params):
+        searched.append(len(units))
+        return original(ctx, units, params)
+
+    monkeypatch.setattr(spp_pruner, "search", counting)
+
+    def run() -> tuple[torch.nn.Module, StepReport]:
+        pruned = copy.deepcopy(model)
+        report = rmtp.prune(pruned, "spp", ratio=0.5, steps=6, batch_size=12, calibration=calib, dense=dense,
+                            accuracy_budget={"max_drop": 0.2, "evaluations": 4})
+        return pruned, report
+
+    cached, report = run()
+    assert len(searched) == 1 and len(report.agreement["budget"]["trials"]) >= 2
+    searched.clear()
+    monkeypatch.setattr(spp_pruner, "_step_search", lambda ctx, units, params: counting(ctx, units, params))
+    uncached, again = run()  # the old way: every candidate and the final prune searched
+    assert len(searched) == len(again.agreement["budget"]["trials"]) + 1
+    assert again.agreement == report.agreement
+    want, got = uncached.state_dict(), cached.state_dict()
+    assert want.keys() == got.keys()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=0, rtol=0, msg=key)

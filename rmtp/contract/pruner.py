@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
@@ -171,6 +171,11 @@ class PruneContext:
     #: The step's latency cost model: built from ``latency`` on first use by :meth:`cost_model`, or
     #: given (a table of known costs, a user's own :class:`~rmtp.latency.cost.CostModel`).
     cost: CostModel | None = field(default=None, repr=False)
+    #: Shared by every prune of one step: an accuracy budget's candidates and the step's final prune
+    #: get the same dict. A pruner keeps here work its strength knob does not change (spp's solution
+    #: path), keyed by everything that work depends on, so a budget does not redo it per candidate.
+    #: Nothing in it outlives the step.
+    step_cache: dict[Hashable, Any] = field(default_factory=dict, repr=False)
 
     def cost_model(self) -> CostModel:
         """The step's latency cost model (built on first use, then shared by the step)."""

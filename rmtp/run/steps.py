@@ -111,10 +111,12 @@ def prune_step(model: nn.Module, step: ResolvedPrune, *, arch: Architecture, dev
     selected = select_layers(pruner_cls.candidate_layers(arch, model), layers)
     pruner_data = None if use == "unused" else calibration
 
+    step_cache: dict = {}  # one per step: a budget's candidates and the final prune share it
+
     def context(target: nn.Module, data: DataLoader | None, **extra: object) -> PruneContext:
         return PruneContext(model=target, arch=arch, layers=selected, device=device, seed=seed, dense_model=dense,
                             calibration=data, progress=progress, precision=precision, input_shape=tuple(input_shape),
-                            latency=latency, **extra)
+                            latency=latency, step_cache=step_cache, **extra)
 
     budget = None
     if accuracy_budget is not None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import json
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -117,6 +118,22 @@ def search(ctx: PruneContext, units: list[Unit], params: SppParams) -> SolutionP
         model.train(was_training)
 
 
+#: The params that choose only which level of the path is sliced, never the path itself.
+_LEVEL_PARAMS = frozenset({"ratio", "ratios", "keep", "target", "target_speedup", "target_latency_ms", "fold_gates"})
+
+
+def _step_search(ctx: PruneContext, units: list[Unit], params: SppParams) -> SolutionPath:
+    """:func:`search`, once per step: an accuracy budget's candidates (and the step's final prune,
+    on the same model and calibration images, seeded alike) differ only in the level they slice,
+    so the path the first one searched is the path every other would search again."""
+    rest = params.model_dump(mode="json", exclude=set(_LEVEL_PARAMS))
+    key = ("spp.path", tuple(unit.path for unit in units), json.dumps(rest, sort_keys=True))
+    path = ctx.step_cache.get(key)
+    if path is None:
+        path = ctx.step_cache[key] = search(ctx, units, params)
+    return path
+
+
 class _GateView:
     """Indexable view of the gates the current step evaluates (the hooks read it at forward time)."""
 
@@ -157,7 +174,7 @@ def prune(ctx: PruneContext, params: SppParams) -> PruneResult:
 
         path, order = None, uniform_order(units)
     else:
-        path = search(ctx, units, params)
+        path = _step_search(ctx, units, params)
         order = path.order()
     speed_plan = None
     if params.speed_target_set():
