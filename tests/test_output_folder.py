@@ -297,3 +297,94 @@ def test_a_failed_save_after_the_run_keeps_the_result_elsewhere(tmp_path: Path,
     assert json.loads((rescued / "note.json").read_text()) == {"kept": True}
     assert json.loads((rescued / "report.json").read_text())["output_dir"] == str(rescued)
     assert list((tmp_path / "models").iterdir()) == [], "no output folder, no staging left behind"
+
+
+# ------------------------------------------------------------------ the end of a run: output, extras, checkpoint
+
+
+def _note_recipe(tmp_path: Path, plugins, **output: object):
+    raw = tiny_recipe([{"prune": _WritesANote.name}, {"evaluate": {}}], output=tmp_path / "out")
+    raw["output"].update(overwrite=True, **output)
+    raw["data"] = {"name": "digits", "batch_size": 32, "calibration_size": 32, "eval_limit": 32}
+    return parse_recipe(raw, source=tmp_path / "r.yaml", plugins=plugins)
+
+
+def _note_plugins():
+    import rmtp.plugins
+
+    plugins = rmtp.plugins.load_plugins()
+    plugins.pruners.add(_WritesANote)  # a private registry, passed where it is used
+    return plugins
+
+
+@pytest.mark.parametrize("checkpoints", [True, False])
+def test_the_folder_renamed_into_place_already_holds_the_step_outputs(tmp_path: Path, checkpoints: bool,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Model and step outputs appear in one rename: no kill leaves a new model without its extras
+    (they used to be moved in one by one after the model's rename)."""
+    renamed: list[list[str]] = []
+    real_move = saving.move_into_place
+
+    def watch(staging: Path, out_dir: Path) -> None:
+        if Path(out_dir) == tmp_path / "out":  # not a checkpoint's model
+            renamed.append(sorted(p.name for p in staging.iterdir()))
+        real_move(staging, out_dir)
+
+    monkeypatch.setattr(saving, "move_into_place", watch)
+    plugins = _note_plugins()
+    run_recipe(_note_recipe(tmp_path, plugins, checkpoints=checkpoints), plugins=plugins)
+    assert len(renamed) == 1 and "note.json" in renamed[0] and META_FILE in renamed[0]
+    assert json.loads((tmp_path / "out" / "note.json").read_text()) == {"kept": True}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging, no checkpoint left
+
+
+def test_a_kill_after_the_save_before_the_checkpoint_is_removed_resumes_with_the_step_outputs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Killed once the output was saved (checkpoint and staged extras still there): the resume
+    saves the output again, with the extras the checkpoint records (they used to be gone by then)."""
+    from rmtp.run.resume import Checkpointer, checkpoint_root
+    from rmtp.run.step_output import StagedOutput
+
+    plugins = _note_plugins()
+    with monkeypatch.context() as patch:  # what runs after the save, a kill never runs
+        patch.setattr(Checkpointer, "remove", lambda self: None)
+        patch.setattr(StagedOutput, "discard", lambda self: self._held.close())
+        run_recipe(_note_recipe(tmp_path, plugins), plugins=plugins)
+    assert (tmp_path / "out" / "note.json").is_file() and checkpoint_root(tmp_path / "out").is_dir()
+    with pytest.raises(RmtpError, match="pass --resume to continue it"):
+        run_recipe(_note_recipe(tmp_path, plugins), plugins=plugins)
+    run_recipe(_note_recipe(tmp_path, plugins), plugins=plugins, resume=True)
+    assert json.loads((tmp_path / "out" / "note.json").read_text()) == {"kept": True}
+    assert "note.json" in json.loads((tmp_path / "out" / META_FILE).read_text())["files"]
+    assert not checkpoint_root(tmp_path / "out").exists()
+
+
+def test_a_kill_while_the_checkpoint_is_removed_leaves_no_checkpoint_only_leftovers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """latest.json goes first: a kill in the middle of the removal leaves generations and staged
+    extras the next run replaces, not a checkpoint naming a generation already deleted (which
+    refused every later run as damaged)."""
+    import shutil
+
+    import rmtp.run.resume
+    from rmtp.run.resume import checkpoint_root
+
+    plugins = _note_plugins()
+    real_rmtree = shutil.rmtree
+
+    def killed_midway(path, ignore_errors=False):  # removing the checkpoint: its generations go, then the kill
+        if Path(path) != checkpoint_root(tmp_path / "out"):
+            return real_rmtree(path, ignore_errors=ignore_errors)
+        for generation in sorted(Path(path).glob("gen-*")):
+            real_rmtree(generation)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(rmtp.run.resume.shutil, "rmtree", killed_midway)
+        with pytest.raises(KeyboardInterrupt):
+            run_recipe(_note_recipe(tmp_path, plugins), plugins=plugins)
+    root = checkpoint_root(tmp_path / "out")
+    assert root.is_dir() and (tmp_path / "out" / "note.json").is_file()
+    run_recipe(_note_recipe(tmp_path, plugins), plugins=plugins)  # a plain rerun: nothing to resume
+    assert json.loads((tmp_path / "out" / "note.json").read_text()) == {"kept": True}
+    assert not root.exists()

@@ -28,16 +28,21 @@ def _staged(tmp_path: Path) -> StagedOutput:
                         recipe=recipe)
 
 
-def test_entries_appear_only_when_published(tmp_path: Path) -> None:
+def test_entries_appear_only_with_the_saved_model_and_stay_staged_until_discarded(tmp_path: Path) -> None:
     staged = _staged(tmp_path)
     target = staged.write_json("path.json", {"a": 1})
     staged.write_file("figure.bin", lambda path: path.write_bytes(b"\x00\x01"))
     assert target == tmp_path / "out" / "path.json" and not target.exists()
-    (tmp_path / "out").mkdir()
-    staged.publish()
+    spec = staged.spec
+    saving.save(timm.create_model(spec.name, **spec.kwargs), tmp_path / "out", spec=spec, arch=staged.arch,
+                extras=staged.names, add_extras=staged.place_into)
     assert json.loads(target.read_text()) == {"a": 1}
     assert (tmp_path / "out" / "figure.bin").read_bytes() == b"\x00\x01"
+    assert json.loads((tmp_path / "out" / saving.META_FILE).read_text())["files"][-2:] == ["path.json", "figure.bin"]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] != []  # still staged: a resume needs them
+    staged.discard()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # staging removed
+    assert json.loads(target.read_text()) == {"a": 1}  # the output's own link
 
 
 @pytest.mark.parametrize("name, message", [("../escape", "not a plain file name"), ("a/b", "not a plain file name"),
@@ -90,8 +95,9 @@ def test_published_model_variants_follow_the_umask(tmp_path: Path) -> None:
     previous = os.umask(0o022)
     try:
         staged.save_model("variant", timm.create_model(spec.name, **spec.kwargs), {"level": 1})
-        saving.save(timm.create_model(spec.name, **spec.kwargs), tmp_path / "out", spec=spec, arch=staged.arch)
-        staged.publish()
+        saving.save(timm.create_model(spec.name, **spec.kwargs), tmp_path / "out", spec=spec, arch=staged.arch,
+                    extras=staged.names, add_extras=staged.place_into)
+        staged.discard()
     finally:
         os.umask(previous)
     variant = tmp_path / "out" / "variant"

@@ -187,10 +187,11 @@ def _run(recipe: Recipe, plugins: Plugins, device: torch.device, progress: Progr
         return result
     finally:
         resumable = failed and run.checkpointer is not None and run.checkpointer.generation > 0
-        if run.extras is not None and not resumable:
-            run.extras.discard()  # a failed run with a checkpoint keeps its staged extras for --resume
+        # the checkpoint goes first: while it can still be resumed, the extras it records stay staged
         if run.checkpointer is not None and not resumable:
             run.checkpointer.remove()  # done, or failed before its first checkpoint
+        if run.extras is not None and not resumable:
+            run.extras.discard()  # a failed run with a checkpoint keeps its staged extras for --resume
 
 
 def _checkpoint_to_resume(recipe: Recipe) -> Checkpoint:
@@ -324,11 +325,9 @@ def _save_output(run: _Run, recipe: Recipe, spec: ModelSpec, baseline: ModelSpec
 
     def save_to(folder: Path, overwrite: bool) -> Path:
         report.output_dir = str(folder)
-        saved = saving.save(run.model, folder, spec=spec, arch=run.arch, baseline=baseline, recipe=recipe.to_dict(),
-                            report=report.to_dict(), save_weights=recipe.output.save_model, overwrite=overwrite,
-                            extras=run.extras.names)
-        run.extras.publish(saved)
-        return saved
+        return saving.save(run.model, folder, spec=spec, arch=run.arch, baseline=baseline, recipe=recipe.to_dict(),
+                           report=report.to_dict(), save_weights=recipe.output.save_model, overwrite=overwrite,
+                           extras=run.extras.names, add_extras=run.extras.place_into)
 
     try:
         return save_to(recipe.output.dir, recipe.output.overwrite)

@@ -171,8 +171,11 @@ class Checkpointer:
         distributed.barrier()
 
     def remove(self) -> None:
-        """Drop the checkpoint folder: the run completed and its output is saved."""
+        """Drop the checkpoint folder: the run completed and its output is saved. ``latest.json`` goes
+        first: a kill in the middle of the removal then leaves no checkpoint, only leftovers the next
+        run's checkpoints replace, instead of one that names a generation already deleted."""
         if distributed.is_main_process():
+            (self.root / LATEST_FILE).unlink(missing_ok=True)
             shutil.rmtree(self.root, ignore_errors=True)
 
 

@@ -2,16 +2,19 @@
 
 A step that produces more than the model it hands on (spp's levels and solution path, a token
 map) writes through :class:`StagedOutput`, the pipeline's implementation of
-:class:`rmtp.contract.pruner.StepOutput`. Nothing lands in the output folder before the run's own model is
-saved there, so an interrupted run leaves no half set of artefacts beside an old model. The
-staging folder lives under the output folder's lock (:func:`rmtp.storage.saving.output_lock`), so no other
-rmtp process mistakes it for a dead writer's leftover and clears it.
+:class:`rmtp.contract.pruner.StepOutput`. The entries are placed into the run's output while
+:func:`rmtp.storage.saving.save` still writes it under its temporary name (:meth:`StagedOutput.place_into`),
+so the model and its step outputs appear in one rename: a killed run leaves the previous output or
+the complete new one, never a model without its extras. The staged entries stay until the run ends
+(linked, not moved), so a run killed after its output was saved but before its checkpoint was removed
+still resumes with them. The staging folder lives under the output folder's lock
+(:func:`rmtp.storage.saving.output_lock`), so no other rmtp process mistakes it for a dead writer's
+leftover and clears it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import re
 import shutil
@@ -39,8 +42,8 @@ class StagedOutput:
     """:class:`~rmtp.contract.pruner.StepOutput` of a run with an output folder.
 
     Entries are written into a staging folder next to the output as the steps produce them (so a
-    model variant need not stay in memory) and moved into the output folder by :meth:`publish`,
-    after the run's own model is saved there; :meth:`discard` drops them if the run fails.
+    model variant need not stay in memory) and put into the output folder by :meth:`place_into`
+    while it is saved; :meth:`discard` drops the staging folder when the run ends.
     """
 
     def __init__(self, out_dir: Path, *, spec: ModelSpec, arch: Architecture, baseline: ModelSpec,
@@ -95,14 +98,15 @@ class StagedOutput:
             raise RmtpError(f"step output {name!r}: the writer returned without creating it")
         return self.out_dir / name
 
-    def publish(self, to: Path | None = None) -> None:
-        """Move every entry into the (just saved) output folder, or into ``to`` (where the run's
-        model was rescued to when the output folder could not be written: another file system)."""
+    def place_into(self, folder: Path) -> None:
+        """Put every entry into ``folder``: the run's output while :func:`rmtp.storage.saving.save`
+        still writes it under its temporary name (its ``add_extras``), or a rescue folder. Hard links
+        where the file system allows (the staging folder is the output's sibling), copies elsewhere;
+        the staged entries stay until :meth:`discard`."""
         if self._staging is None:
             return
         for name in self.names:
-            _move(self._staging / name, (to or self.out_dir) / name)
-        self.discard()
+            _link_or_copy(self._staging / name, folder / name)
 
     def discard(self) -> None:
         if self._staging is not None:
@@ -111,10 +115,17 @@ class StagedOutput:
         self._held.close()
 
 
-def _move(source: Path, target: Path) -> None:
+def _link_or_copy(source: Path, target: Path) -> None:
+    """``source`` (a file or a folder) at ``target`` too: hard-linked file by file, copied where
+    links cannot be made (another file system, one without hard links)."""
+    if source.is_dir() and not source.is_symlink():
+        shutil.copytree(source, target, copy_function=_link_file)
+    else:
+        _link_file(source, target)
+
+
+def _link_file(source: str | Path, target: str | Path) -> None:
     try:
-        os.replace(source, target)
-    except OSError as exc:
-        if exc.errno != errno.EXDEV:
-            raise
-        shutil.move(source, target)
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)

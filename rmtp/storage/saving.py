@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
@@ -179,7 +179,8 @@ def infer_spec(model: nn.Module, arch: Architecture) -> ModelSpec:
 def save(model: nn.Module, out_dir: str | Path, *, spec: ModelSpec | None = None,
          arch: Architecture | str | None = None, baseline: ModelSpec | None = None,
          recipe: dict[str, Any] | None = None, report: dict[str, Any] | None = None, save_weights: bool = True,
-         overwrite: bool = False, extras: Sequence[str] = ()) -> Path:
+         overwrite: bool = False, extras: Sequence[str] = (),
+         add_extras: Callable[[Path], None] | None = None) -> Path:
     """Write ``model`` (and optionally its recipe and report) to ``out_dir`` atomically.
 
     ``spec`` (the unpruned timm model the folder is rebuilt from) and ``arch`` (the architecture
@@ -190,8 +191,10 @@ def save(model: nn.Module, out_dir: str | Path, *, spec: ModelSpec | None = None
     processes saving to one folder never interleave: the second gets an :class:`RmtpError`.
     ``overwrite`` replaces only an rmtp output folder with nothing foreign in it and not holding
     the current directory (:mod:`rmtp.storage.overwrite`); anything else is refused and left as it was.
-    ``extras``: the entries the caller adds to the folder once it is saved (a run's step outputs),
-    recorded in ``rmtp_model.json`` so that a later overwrite knows them as rmtp's own.
+    ``extras``: the entries the caller adds to the folder (a run's step outputs), recorded in
+    ``rmtp_model.json`` so that a later overwrite knows them as rmtp's own; ``add_extras(folder)``
+    writes them into the folder before it goes into place, so they appear with the model in one
+    rename.
     """
     out_dir = Path(out_dir)
     if arch is None:
@@ -212,6 +215,8 @@ def save(model: nn.Module, out_dir: str | Path, *, spec: ModelSpec | None = None
         try:
             _write_folder(staging, model, spec=spec, arch=arch, baseline=baseline, recipe=recipe, report=report,
                           save_weights=save_weights, extras=extras)
+            if add_extras is not None:
+                add_extras(staging)
             move_into_place(staging, out_dir)
         except BaseException:
             remove_entry(staging)
