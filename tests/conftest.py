@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ def write_png(path: Path, size: tuple[int, int], seed: int) -> None:
     Image.fromarray(pixels.numpy()).save(path)
 
 
-def wait_for_mid_epoch_checkpoint(out_dir: Path, run: Any, timeout: float) -> None:
+def wait_for_mid_epoch_checkpoint(out_dir: Path, run: subprocess.Popen, timeout: float) -> None:
     """Poll until the live run ``run`` (a ``subprocess.Popen``) has written a checkpoint in the middle
     of a fine-tune epoch next to ``out_dir``. The writer rotates generations while this reads (a
     generation named a moment ago may be gone), so a read that fails is simply retried."""

@@ -379,7 +379,7 @@ def test_a_kill_while_the_checkpoint_is_removed_leaves_no_checkpoint_only_leftov
             real_rmtree(generation)
         raise KeyboardInterrupt
 
-    with monkeypatch.context() as patch:
+    with monkeypatch.context() as patch:  # shutil is one module: every other rmtree passes through
         patch.setattr(rmtp.run.resume.shutil, "rmtree", killed_midway)
         with pytest.raises(KeyboardInterrupt):
             run_recipe(_note_recipe(tmp_path, plugins), plugins=plugins)

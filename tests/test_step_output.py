@@ -39,7 +39,8 @@ def test_entries_appear_only_with_the_saved_model_and_stay_staged_until_discarde
     assert json.loads(target.read_text()) == {"a": 1}
     assert (tmp_path / "out" / "figure.bin").read_bytes() == b"\x00\x01"
     assert json.loads((tmp_path / "out" / saving.META_FILE).read_text())["files"][-2:] == ["path.json", "figure.bin"]
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] != []  # still staged: a resume needs them
+    staging = next(tmp_path.glob(".out.*.extras.partial"))
+    assert json.loads((staging / "path.json").read_text()) == {"a": 1}  # still staged: a resume needs them
     staged.discard()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # staging removed
     assert json.loads(target.read_text()) == {"a": 1}  # the output's own link
@@ -104,3 +105,28 @@ def test_published_model_variants_follow_the_umask(tmp_path: Path) -> None:
     assert stat.S_IMODE(variant.stat().st_mode) == 0o755  # mkdtemp made it 0700
     assert stat.S_IMODE((variant / saving.WEIGHTS_FILE).stat().st_mode) == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_entries_are_copied_where_the_file_system_refuses_hard_links_and_links_stay_links(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    staged = _staged(tmp_path)
+    staged.write_json("path.json", {"a": 1})
+    (tmp_path / "elsewhere.txt").write_text("not rmtp's")
+    staged.write_file("pointer", lambda path: path.symlink_to(tmp_path / "elsewhere.txt"))
+    spec = staged.spec
+    staged.save_model("variant", timm.create_model(spec.name, **spec.kwargs), {"level": 1})
+
+    def no_hard_links(*args, **kwargs):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "link", no_hard_links)
+    saving.save(timm.create_model(spec.name, **spec.kwargs), tmp_path / "out", spec=spec, arch=staged.arch,
+                extras=staged.names, add_extras=staged.place_into)
+    staged.discard()
+    out = tmp_path / "out"
+    assert json.loads((out / "path.json").read_text()) == {"a": 1}
+    assert (out / "pointer").is_symlink() and (out / "pointer").resolve() == tmp_path / "elsewhere.txt"
+    assert (out / "variant" / saving.WEIGHTS_FILE).stat().st_nlink == 1  # a copy, as asked
+    assert (tmp_path / "elsewhere.txt").read_text() == "not rmtp's"

@@ -172,8 +172,9 @@ class PruneContext:
     #: given (a table of known costs, a user's own :class:`~rmtp.latency.cost.CostModel`).
     cost: CostModel | None = field(default=None, repr=False)
     #: Shared by every prune of one step: an accuracy budget's candidates and the step's final prune
-    #: get the same dict. A pruner keeps here work its strength knob does not change (spp's solution
-    #: path), keyed by everything that work depends on, so a budget does not redo it per candidate.
+    #: get the same dict, on the same incoming model, calibration images and seed. A pruner keeps here
+    #: work its strength knob does not change (spp's solution path), keyed by whatever else may differ
+    #: between the step's prunes (its other params), so a budget does not redo it per candidate.
     #: Nothing in it outlives the step.
     step_cache: dict[Hashable, Any] = field(default_factory=dict, repr=False)
 

@@ -187,11 +187,12 @@ def _run(recipe: Recipe, plugins: Plugins, device: torch.device, progress: Progr
         return result
     finally:
         resumable = failed and run.checkpointer is not None and run.checkpointer.generation > 0
-        # the checkpoint goes first: while it can still be resumed, the extras it records stay staged
-        if run.checkpointer is not None and not resumable:
-            run.checkpointer.remove()  # done, or failed before its first checkpoint
-        if run.extras is not None and not resumable:
-            run.extras.discard()  # a failed run with a checkpoint keeps its staged extras for --resume
+        try:  # the checkpoint goes first: while it can still be resumed, the extras it records stay staged
+            if run.checkpointer is not None and not resumable:
+                run.checkpointer.remove()  # done, or failed before its first checkpoint
+        finally:
+            if run.extras is not None and not resumable:
+                run.extras.discard()  # a failed run with a checkpoint keeps its staged extras for --resume
 
 
 def _checkpoint_to_resume(recipe: Recipe) -> Checkpoint:

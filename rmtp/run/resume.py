@@ -32,6 +32,7 @@ file and the field, never a ``KeyError``. Its messages name no option: the run t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Callable, Iterator
@@ -175,7 +176,8 @@ class Checkpointer:
         first: a kill in the middle of the removal then leaves no checkpoint, only leftovers the next
         run's checkpoints replace, instead of one that names a generation already deleted."""
         if distributed.is_main_process():
-            (self.root / LATEST_FILE).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # as rmtree's ignore_errors: the run's output is saved
+                (self.root / LATEST_FILE).unlink(missing_ok=True)
             shutil.rmtree(self.root, ignore_errors=True)
 
 

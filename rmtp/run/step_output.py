@@ -15,6 +15,7 @@ leftover and clears it.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import shutil
@@ -99,10 +100,10 @@ class StagedOutput:
         return self.out_dir / name
 
     def place_into(self, folder: Path) -> None:
-        """Put every entry into ``folder``: the run's output while :func:`rmtp.storage.saving.save`
-        still writes it under its temporary name (its ``add_extras``), or a rescue folder. Hard links
-        where the file system allows (the staging folder is the output's sibling), copies elsewhere;
-        the staged entries stay until :meth:`discard`."""
+        """Put every entry into ``folder``: the run's output (or the folder it is rescued to) while
+        :func:`rmtp.storage.saving.save` still writes it under its temporary name (its ``add_extras``).
+        Hard links where the file system allows (the staging folder is the output's sibling), copies
+        elsewhere; the staged entries stay until :meth:`discard`."""
         if self._staging is None:
             return
         for name in self.names:
@@ -115,17 +116,23 @@ class StagedOutput:
         self._held.close()
 
 
+#: Why ``os.link`` may refuse where a copy works: another file system, or one without hard links.
+_NO_LINK = frozenset({errno.EXDEV, errno.EPERM, errno.ENOTSUP, errno.EMLINK, errno.EACCES})
+
+
 def _link_or_copy(source: Path, target: Path) -> None:
     """``source`` (a file or a folder) at ``target`` too: hard-linked file by file, copied where
-    links cannot be made (another file system, one without hard links)."""
+    links cannot be made. A symbolic link stays a link (to what it pointed at), as a move kept it."""
     if source.is_dir() and not source.is_symlink():
-        shutil.copytree(source, target, copy_function=_link_file)
+        shutil.copytree(source, target, symlinks=True, copy_function=_link_file)
     else:
         _link_file(source, target)
 
 
 def _link_file(source: str | Path, target: str | Path) -> None:
     try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
+        os.link(source, target, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno not in _NO_LINK:
+            raise
+        shutil.copy2(source, target, follow_symlinks=False)

@@ -14,10 +14,10 @@ import copy
 import functools
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from statistics import median
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -111,7 +111,7 @@ def prune_step(model: nn.Module, step: ResolvedPrune, *, arch: Architecture, dev
     selected = select_layers(pruner_cls.candidate_layers(arch, model), layers)
     pruner_data = None if use == "unused" else calibration
 
-    step_cache: dict = {}  # one per step: a budget's candidates and the final prune share it
+    step_cache: dict[Hashable, Any] = {}  # one per step: a budget's candidates and the final prune share it
 
     def context(target: nn.Module, data: DataLoader | None, **extra: object) -> PruneContext:
         return PruneContext(model=target, arch=arch, layers=selected, device=device, seed=seed, dense_model=dense,

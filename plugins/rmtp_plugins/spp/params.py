@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from rmtp_plugins.spp.path import LbiSettings
 
 
-#: The params only the LBI search reads.
+#: The params that matter only with the LBI search (its iteration, and folding its gates); `search: obs` refuses them.
 LBI_ONLY = frozenset({"kappa", "lam", "nu", "lr", "steps", "batch_size", "loss", "fold_gates"})
 
 

@@ -118,15 +118,15 @@ def search(ctx: PruneContext, units: list[Unit], params: SppParams) -> SolutionP
         model.train(was_training)
 
 
-#: The params that choose only which level of the path is sliced, never the path itself.
-_LEVEL_PARAMS = frozenset({"ratio", "ratios", "keep", "target", "target_speedup", "target_latency_ms", "fold_gates"})
+#: The params :func:`search` never reads (they act on the slicing of the path, not on the path).
+_SLICING_PARAMS = frozenset({"ratio", "ratios", "keep", "target", "target_speedup", "target_latency_ms", "fold_gates"})
 
 
 def _step_search(ctx: PruneContext, units: list[Unit], params: SppParams) -> SolutionPath:
     """:func:`search`, once per step: an accuracy budget's candidates (and the step's final prune,
     on the same model and calibration images, seeded alike) differ only in the level they slice,
     so the path the first one searched is the path every other would search again."""
-    rest = params.model_dump(mode="json", exclude=set(_LEVEL_PARAMS))
+    rest = params.model_dump(mode="json", exclude=_SLICING_PARAMS)
     key = ("spp.path", tuple(unit.path for unit in units), json.dumps(rest, sort_keys=True))
     path = ctx.step_cache.get(key)
     if path is None:
