@@ -35,7 +35,7 @@ from rmtp.latency.cost import (
     rank_grid,
     round_up,
 )
-from rmtp.latency.table import CostTable, LatencyError, device_name, module_key, table_path
+from rmtp.latency.table import FORMAT_VERSION, CostTable, LatencyError, device_name, module_key, table_path
 from rmtp.latency.target import speed_target
 from rmtp.plugins import get_plugins
 from rmtp.reports.records import StepReport
@@ -101,6 +101,23 @@ def test_corrupt_table_is_refused_with_its_path(tmp_path: Path) -> None:
     path.write_text(json.dumps({"header": {}, "entries": [1, 2]}), encoding="utf-8")  # parses, wrong shape
     with pytest.raises(LatencyError, match="entries is not a mapping"):
         CostTable.open(path, {})
+
+
+@pytest.mark.parametrize("entry", [0.5, None, {"seconds": None}, {"seconds": "1"}, {"seconds": float("nan")},
+                                   {"seconds": -1.0}, {"seconds": True}, {"what": "x"}])
+def test_a_table_whose_entries_have_the_wrong_shape_is_refused_not_a_traceback(tmp_path: Path, entry) -> None:
+    path = tmp_path / "cpu-fp32-b1-t1.json"
+    path.write_text(json.dumps({"format_version": FORMAT_VERSION, "header": {"device": "cpu"},
+                                "entries": {"good": {"seconds": 1e-3, "what": "x"}, "bad": entry}}), encoding="utf-8")
+    with pytest.raises(LatencyError, match=r"unreadable \(entry 'bad' is not .*delete it to measure again"):
+        CostTable.open(path, {"device": "cpu"})
+
+
+def test_a_table_of_another_format_version_starts_empty(tmp_path: Path) -> None:
+    path = tmp_path / "cpu-fp32-b1-t1.json"
+    path.write_text(json.dumps({"format_version": FORMAT_VERSION + 1, "header": {"device": "cpu"},
+                                "entries": {"k": [1.0, "a later layout"]}}), encoding="utf-8")
+    assert CostTable.open(path, {"device": "cpu"}).entries == {}
 
 
 def test_a_table_that_cannot_be_written_is_one_line_naming_it(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import platform
 import re
 from dataclasses import dataclass, field
@@ -85,8 +86,12 @@ class CostTable:
                 raise TypeError("entries is not a mapping")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise LatencyError(f"latency cost table {path} is unreadable ({exc}); delete it to measure again") from None
-        if data.get("header") != header:
-            return cls(path, header)
+        if data.get("format_version") != FORMAT_VERSION or data.get("header") != header:
+            return cls(path, header)  # another rmtp's layout, or other settings: measured again, overwritten
+        bad = next((key for key, entry in entries.items() if not _valid_entry(entry)), None)
+        if bad is not None:
+            raise LatencyError(f"latency cost table {path} is unreadable (entry {bad!r} is not "
+                               f"{{\"seconds\": <a finite number ≥ 0>, ...}}); delete it to measure again")
         return cls(path, header, entries)
 
     def seconds(self, key: str) -> float | None:
@@ -108,6 +113,12 @@ class CostTable:
             raise LatencyError(f"latency cost table {self.path}: could not write it ({_reason(exc, self.path)}); "
                                f"free some space, or point latency.cache (or RMTP_LATENCY_CACHE) at a writable "
                                f"folder") from None
+
+
+def _valid_entry(entry: Any) -> bool:
+    seconds = entry.get("seconds") if isinstance(entry, dict) else None
+    return isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds) \
+        and seconds >= 0
 
 
 def _reason(exc: OSError, path: Path) -> str:
