@@ -115,6 +115,21 @@ def test_an_export_in_the_output_folder_is_named_and_kept(tmp_path: Path) -> Non
     assert (out / "model.onnx").read_bytes() == b"onnx"
 
 
+def test_what_a_killed_rmtp_write_left_goes_with_the_folder_instead_of_blocking_it(tmp_path: Path) -> None:
+    """A SIGKILL during `rmtp export` (or a writability probe) leaves a hidden temp file in the
+    output folder; it is rmtp's own, and used to block every later overwrite as a user's file."""
+    out = _save(tmp_path / "out")
+    (out / ".model.onnx.p7yz3y9a.tmp").write_bytes(b"half an export")  # replace_atomically's temp name
+    (out / ".rmtp-probe-7o_u0xnc").write_bytes(b"")  # check_writable's probe
+    assert replace_problem(out) is None
+    _save(out, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["model.safetensors", "rmtp_model.json"]
+    for mine in (".notes.tmp", ".model.onnx.tmp", ".model.onnx.p7yz3y9a.tmp.bak", "x.p7yz3y9a.tmp"):
+        (out / mine).write_text("mine")  # not rmtp's pattern: still a user's
+        assert mine in replace_problem(out), mine
+        (out / mine).unlink()
+
+
 def test_a_folder_that_is_not_an_rmtp_output_is_refused(tmp_path: Path) -> None:
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "thesis.tex").write_text("...")

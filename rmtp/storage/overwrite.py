@@ -9,7 +9,8 @@ is never replaced, whatever it contains: ``output.dir: ..`` must not take a git 
 A user's file in an output folder (``rmtp export`` writes ``model.onnx`` there by default) is not
 deleted: the replacement is refused and the message names the file, so the user moves it or picks
 another folder. Keeping it in the new folder instead would put an export of the previous model
-next to the new one.
+next to the new one. The hidden temp file a killed rmtp write leaves (``.model.onnx.<8>.tmp``, a
+``.rmtp-probe-<8>``) is rmtp's own and goes with the folder.
 
 No torch here: ``rmtp validate`` runs these checks before it imports torch.
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -32,6 +34,10 @@ OWN_FILES = (WEIGHTS_FILE, META_FILE, RECIPE_FILE, REPORT_FILE)
 #: How step outputs were named in a folder saved before ``files`` was recorded: one note per step.
 _LEGACY_EXTRAS_NOTE = "also saved in the output folder: "
 _SHOWN = 4
+#: What a killed rmtp write leaves in a folder (``rmtp.storage.atomic``: a file's temp copy before
+#: its rename, a writability probe): rmtp's own, replaced with the folder instead of blocking it.
+#: The 8 characters are ``tempfile.mkstemp``'s.
+_TEMP_LEFTOVER = re.compile(r"\.(?:rmtp-probe-[a-z0-9_]{8}|.+\.[a-z0-9_]{8}\.tmp)")
 
 
 def replace_problem(out_dir: Path | str, *, keep: Mapping[str, Path | str | None] | None = None) -> str | None:
@@ -61,7 +67,7 @@ def replace_problem(out_dir: Path | str, *, keep: Mapping[str, Path | str | None
     own = _own_entries(out_dir)
     if own is None:
         return f"{out_dir / META_FILE} is not an rmtp model description; overwrite replaces only rmtp output folders"
-    foreign = [name for name in entries if name not in own]
+    foreign = [name for name in entries if name not in own and not _TEMP_LEFTOVER.fullmatch(name)]
     if foreign:
         shown = ", ".join(foreign[:_SHOWN]) + (f" and {len(foreign) - _SHOWN} more" if len(foreign) > _SHOWN else "")
         return (f"{out_dir} holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} rmtp did not write "
