@@ -177,3 +177,16 @@ def test_figures_are_written_atomically(tmp_path: Path) -> None:
 def test_token_map_checks_its_destination_before_loading(tmp_path: Path) -> None:
     result = _cli("token-map", str(tmp_path / "no-such-run"), "-o", "/proc/rmtp-nope/map.png")
     _one_error_line(result, "--out", "/proc/rmtp-nope/map.png", "not writable")
+
+
+def test_token_map_of_a_model_without_token_reduction_names_the_folder(tmp_path: Path) -> None:
+    """It used to say "trace_sources needs a token-reduced ViT": an internal name, no folder."""
+    import timm
+    from conftest import TINY_VIT
+
+    import rmtp
+
+    spec = rmtp.ModelSpec(name="vit_tiny_patch16_224", kwargs=dict(TINY_VIT))
+    folder = rmtp.save(timm.create_model(spec.name, **spec.kwargs), tmp_path / "dense", spec=spec, arch="vit")
+    _one_error_line(_cli("token-map", str(folder)), str(folder), "not a token-reduced model", "tome")
+    assert not (folder / "token_map.png").exists()

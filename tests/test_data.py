@@ -293,3 +293,7 @@ def test_validate_names_class_folders_without_images(tmp_path: Path) -> None:
         parse_recipe(recipe)
     assert caught.value.problems == [f"<recipe>: data.root: {root}: no images in class folder(s) c, d, e, f, g "
                                      f"and 1 more (looked for .jpg, .jpeg, .png, .ppm, .bmp, .pgm, .tif, .tiff, .webp)"]
+    recipe["model"]["kwargs"]["num_classes"] = 10  # the count would be wrong too: said once the folders hold images
+    with pytest.raises(RecipeError) as caught:
+        parse_recipe(recipe)
+    assert len(caught.value.problems) == 1 and "no images in class folder(s)" in caught.value.problems[0]

@@ -103,6 +103,15 @@ def test_existing_output_dir_needs_overwrite(tmp_path: Path) -> None:
     assert parse_recipe(recipe, source=tmp_path / "r.yaml").output.overwrite
 
 
+def test_an_output_dir_overwrite_could_not_replace_says_why_instead_of_suggesting_overwrite(tmp_path: Path) -> None:
+    """A file there: "set output.overwrite: true" led to a second refusal ("is a file"); say that at once."""
+    (tmp_path / "afile.txt").write_text("mine")
+    recipe = tiny_recipe([{"evaluate": {}}], output=tmp_path / "afile.txt")
+    with pytest.raises(RecipeError, match=r"output.dir: .*afile.txt is a file, not an rmtp output folder") as info:
+        parse_recipe(recipe, source=tmp_path / "r.yaml")
+    assert "set output.overwrite" not in str(info.value)
+
+
 def test_a_yaml_bomb_is_refused_quickly_by_the_cli() -> None:
     """In a subprocess with a timeout, so a regression fails instead of hanging the suite."""
     import subprocess

@@ -193,13 +193,14 @@ def imagefolder_problems(root: Path, model_kwargs: dict[str, Any], *, unlabeled:
         folders, classes = imagefolder_layout(root)
     except DataError as exc:
         return [*problems, str(exc)]
+    empties = [(folder, [name for name in classes if not _has_image(folder / name)]) for folder in folders]
     num_classes = model_kwargs.get("num_classes")
-    if isinstance(num_classes, int) and not isinstance(num_classes, bool):
+    if isinstance(num_classes, int) and not isinstance(num_classes, bool) and not any(e for _, e in empties):
+        # counted only once every class folder holds images: advice on num_classes from a folder
+        # that is not a class yet (no image in it) would be wrong
         problem = class_count_problem(f"data.root: {root}", len(classes), num_classes)
         problems.extend([problem] if problem else [])
-    for folder in folders:
-        empty = [name for name in classes if not _has_image(folder / name)]
-        problems.extend([_empty_classes_problem(folder, empty)] if empty else [])
+    problems.extend(_empty_classes_problem(folder, empty) for folder, empty in empties if empty)
     return problems
 
 

@@ -311,11 +311,11 @@ def parse_recipe(raw: Any, *, source: Path | None = None, plugins: Plugins | Non
         replaced = replace_problem(output.dir, keep=kept_paths(
             source, base / shape.data.root if shape.data.root else None,
             base / shape.model.checkpoint if shape.model.checkpoint else None))
-        if output.dir.exists() and not output.overwrite:
+        if replaced is not None:  # first: overwrite would not help, so it must not be suggested
+            problems.append(f"{label}: output.dir: {replaced}")
+        elif output.dir.exists() and not output.overwrite:
             problems.append(f"{label}: output.dir: {output.dir} already exists; set output.overwrite: true or "
                             "choose another folder")
-        elif replaced is not None:
-            problems.append(f"{label}: output.dir: {replaced}")
         else:
             try:  # now, not at the end of the run, when its result would have nowhere to go
                 check_writable(output.dir, what="output.dir", is_dir=True)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from rmtp.errors import RmtpError
-from rmtp_plugins.tokens.patch import trace_sources
+from rmtp_plugins.tokens.patch import token_reduction, trace_sources
 
 
 @torch.inference_mode()
@@ -98,6 +98,9 @@ def visualize_run(folder: str | Path, out: str | Path | None = None, images: int
     out = Path(out) if out is not None else folder / "token_map.png"
     check_writable(out, what="--out", is_dir=False)  # before the model is loaded and run
     loaded = load(folder)
+    if token_reduction(loaded.model) is None:
+        raise RmtpError(f"{folder}: not a token-reduced model (its recipe ran no token-cls, token-mean or tome "
+                        f"step), so there is no token map to draw")
     saved = saved_data(folder)  # the folder's recipe.yaml, read as rmtp bench and export read it
     spec = saved.spec if saved is not None else DataSpec()
     val = build_data(spec, loaded.model).val
