@@ -109,6 +109,26 @@ def test_help_names_the_new_options() -> None:
 # ----------------------------------------------------------------------------- --kwargs
 
 
+@pytest.mark.parametrize("args, expected", [
+    (["prunee", "r.yaml"], "No such command 'prunee'. Did you mean 'prune'? (see rmtp --help)"),
+    (["prune"], "Missing argument 'recipe'. (see rmtp prune --help)"),
+    (["prune", "r.yaml", "--jsn", "x.json"], "No such option: --jsn (Possible options: --json) (see rmtp prune"),
+    (["bench", "run", "--rounds", "abc"], "Invalid value for '--rounds'"),
+    (["token-map", "run", "--images", "0"], "Invalid value for '--images' / '-n'"),
+])
+def test_usage_errors_are_one_line_and_exit_1_like_any_bad_input(args: list[str], expected: str) -> None:
+    """Click's way was a framed usage block and exit code 2, unlike every other bad input."""
+    result = runner.invoke(build_app(), args)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == 1 and len(lines) == 1, result.output
+    assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
+
+
+def test_rmtp_alone_still_prints_the_help() -> None:
+    result = runner.invoke(build_app(), [])
+    assert "Usage: rmtp" in result.output and "analyze-spectrum" in result.output and "error" not in result.output
+
+
 def test_parse_kwargs_one_convention() -> None:
     assert parse_kwargs(None) is None and parse_kwargs([]) is None
     assert parse_kwargs(["img_size=32", "drop_rate=1e-1", "act_layer=gelu", "pretrained_cfg_overlay={a: 1}"]) == {

@@ -17,7 +17,7 @@ import typer
 from rich.markup import escape
 
 from rmtp import __version__
-from rmtp.cli.exits import user_errors
+from rmtp.cli.exits import OneLineUsageErrors, user_errors
 from rmtp.cli.options import JSON_REPLACES
 from rmtp.errors import RmtpError
 from rmtp.storage.atomic import check_json_report_path, write_errors, write_json_atomic
@@ -154,6 +154,7 @@ def build_app(plugins: Plugins | None = None) -> typer.Typer:
         no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_enable=False,
+        cls=OneLineUsageErrors,
     )
     app.callback()(_main)
     app.command()(prune)

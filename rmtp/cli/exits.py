@@ -10,17 +10,20 @@ cleanup and line, and exit code 143. Every command, built-in or a plugin's
 from __future__ import annotations
 
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import Any
 
 import typer
 from rich.markup import escape
+from typer.core import TyperGroup
 
 from rmtp.errors import RecipeError, RmtpError
 
-__all__ = ["INTERRUPTED", "Terminated", "user_errors"]
+__all__ = ["INTERRUPTED", "OneLineUsageErrors", "Terminated", "user_errors"]
 
 
 #: What Ctrl-C leaves behind, unless a command knows better: every file rmtp writes is written
@@ -76,3 +79,44 @@ def user_errors(interrupted: str | Callable[[], str] = INTERRUPTED) -> Iterator[
     except RmtpError as exc:
         stderr.print(f"[red]error:[/] {escape(str(exc))}")
         raise typer.Exit(1) from None
+
+
+class OneLineUsageErrors(TyperGroup):
+    """The ``rmtp`` command group, whose usage errors (an unknown command or option, a missing
+    argument, an option value Click refuses) end like every other bad input: one red line saying
+    what is wrong and where the help is, exit code 1. Click's own way is a framed usage block and
+    exit code 2; ``rmtp`` alone still prints the help."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        from rmtp.reports.render import stderr
+
+        errors = _click_exceptions()
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except errors.NoArgsIsHelpError as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except errors.UsageError as exc:
+            where = f"{exc.ctx.command_path} --help" if exc.ctx is not None else "rmtp --help"
+            stderr.print(f"[red]error:[/] {escape(exc.format_message())} (see {where})")
+            sys.exit(1)
+        except errors.ClickException as exc:
+            stderr.print(f"[red]error:[/] {escape(exc.format_message())}")
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            stderr.print("[yellow]aborted[/]")
+            sys.exit(1)
+        # without standalone mode, Click returns an Exit's code, or what the command returned
+        sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)
+
+
+def _click_exceptions() -> Any:
+    """The module of the Click exceptions the installed Typer raises: its own copy of Click
+    (``typer._click``, Typer 0.2x), or Click itself where Typer still uses it."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
