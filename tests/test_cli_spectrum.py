@@ -72,8 +72,9 @@ def test_timm_name_with_kwargs_plots_and_options(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "random init" in result.output and "edge margin TW1 at 0.95" not in result.output  # --quiet: no table
     assert "12 analysed, 2 skipped" in result.output
-    files = sorted(p.name for p in plots.iterdir())
+    files = sorted(p.name for p in plots.iterdir() if p.suffix == ".png")
     assert len(files) == 13 and "overview.png" in files and "001_blocks.0.attn.qkv-q.png" in files
+    assert sorted(json.loads((plots / "rmtp_figures.json").read_text())["files"]) == files
     assert all((plots / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for f in files)
 
 

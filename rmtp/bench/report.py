@@ -12,6 +12,7 @@ a headless machine and leave an interactive session's matplotlib alone.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,10 +24,13 @@ from rmtp.bench.schema import BatchRun, BenchError, BenchModel, BenchReport
 from rmtp.measure import Spread
 from rmtp.reports.render import human, stdout
 from rmtp.storage.atomic import save_figure_atomic
+from rmtp.storage.figure_folder import check_figure_folder, write_figure_folder
 
 THROUGHPUT_PNG = "throughput.png"
 ACCURACY_PNG = "accuracy_vs_macs.png"
 LATENCY_PNG = "accuracy_vs_latency.png"
+#: The plots' names, which tell them apart in a folder written before ``rmtp_figures.json`` listed them.
+PLOT_NAMES = re.compile("|".join(re.escape(name) for name in (THROUGHPUT_PNG, ACCURACY_PNG, LATENCY_PNG)))
 
 
 def _bytes(n: int | None) -> str:
@@ -164,21 +168,30 @@ def write_plots(report: BenchReport, folder: Path) -> tuple[list[Path], list[str
     ``accuracy_vs_latency.png`` (top-1 vs measured latency, a panel per batch size, the Pareto
     front marked) into ``folder``.
 
-    Returns the files written and notes on what was not plotted.
+    They replace ``folder`` whole (:mod:`rmtp.storage.figure_folder`): no plot of an earlier run
+    (an accuracy plot a run without ``--eval`` does not draw) stays beside them, and a killed run
+    leaves the previous set. Returns the files written and notes on what was not plotted.
     """
     check_plotting()
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise BenchError(f"--plot {folder}: not a folder (it names the folder the PNGs go into)")
-    folder.mkdir(parents=True, exist_ok=True)
-    written = [_throughput_plot(report, folder / THROUGHPUT_PNG)]
     notes = []
-    if any(m.top1 is not None for m in report.models):
-        written.append(_accuracy_plot(report, folder / ACCURACY_PNG))
-        written.append(_latency_plot(report, folder / LATENCY_PNG))
-    else:
+    measured_top1 = any(m.top1 is not None for m in report.models)
+    if not measured_top1:
         notes.append(f"{ACCURACY_PNG} and {LATENCY_PNG} not written: accuracy needs --eval")
-    return written, notes
+
+    def render(staging: Path) -> list[Path]:
+        written = [_throughput_plot(report, staging / THROUGHPUT_PNG)]
+        if measured_top1:
+            written.append(_accuracy_plot(report, staging / ACCURACY_PNG))
+            written.append(_latency_plot(report, staging / LATENCY_PNG))
+        return written
+
+    return write_figure_folder(Path(folder), render, what="--plot", legacy=PLOT_NAMES), notes
+
+
+def check_plot_folder(folder: Path) -> None:
+    """Refuse, before any timing, a ``--plot`` folder the plots could not replace (:func:`write_plots`)."""
+    check_plotting()
+    check_figure_folder(Path(folder), what="--plot", legacy=PLOT_NAMES)
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
