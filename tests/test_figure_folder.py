@@ -1,18 +1,15 @@
-"""``--plot`` folders are replaced whole: a killed command leaves the previous figures, a smaller
-run leaves no stale figure, and a folder with a user's file in it is refused before any work."""
+"""``--plot`` folders: figures are drawn aside and moved in at the end, the previous figures rmtp
+listed are replaced (none stale), and nothing of the user's in the folder is ever touched."""
 
 from __future__ import annotations
 
 import json
-import re
+import os
 from pathlib import Path
 
 import pytest
 
-from rmtp.errors import RmtpError
-from rmtp.storage.figure_folder import MANIFEST, check_figure_folder, write_figure_folder
-
-LEGACY = re.compile(r"(?:\d{3}_.+|overview)\.png")
+from rmtp.storage.figure_folder import MANIFEST, write_figure_folder
 
 
 def _render(*names: str, fail_after: int | None = None):
@@ -20,7 +17,7 @@ def _render(*names: str, fail_after: int | None = None):
         written = []
         for index, name in enumerate(names):
             if fail_after is not None and index == fail_after:
-                raise KeyboardInterrupt  # as a kill in the middle of the figures would stop it
+                raise KeyboardInterrupt  # as a kill in the middle of the drawing would stop it
             (staging / name).write_bytes(f"figure {name}".encode())
             written.append(staging / name)
         return written
@@ -28,7 +25,7 @@ def _render(*names: str, fail_after: int | None = None):
 
 
 def _write(folder: Path, *names: str, **kwargs) -> list[Path]:
-    return write_figure_folder(folder, _render(*names, **kwargs), what="--plot", legacy=LEGACY)
+    return write_figure_folder(folder, _render(*names, **kwargs))
 
 
 def _contents(folder: Path) -> dict[str, bytes]:
@@ -42,45 +39,51 @@ def test_a_smaller_run_leaves_no_figure_of_the_earlier_one(tmp_path: Path) -> No
     assert written == [plots / "000_a.png", plots / "overview.png"]
     assert sorted(p.name for p in plots.iterdir()) == ["000_a.png", "overview.png", MANIFEST]
     assert json.loads((plots / MANIFEST).read_text())["files"] == ["000_a.png", "overview.png"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["plots"]  # no staging, no lock left
+    assert (plots / "000_a.png").read_bytes() == b"figure 000_a.png"
 
 
-def test_a_run_stopped_midway_leaves_the_previous_figures_whole(tmp_path: Path) -> None:
+def test_a_run_stopped_while_drawing_leaves_the_previous_figures_and_no_staging(tmp_path: Path) -> None:
     plots = tmp_path / "plots"
     _write(plots, "000_a.png", "overview.png")
     before = _contents(plots)
     with pytest.raises(KeyboardInterrupt):
         _write(plots, "000_new.png", "001_new.png", "overview.png", fail_after=2)
     assert _contents(plots) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["plots"]
 
 
-def test_a_folder_with_a_users_file_is_refused_before_any_work_and_kept(tmp_path: Path) -> None:
+def test_what_a_killed_run_left_is_cleared_by_the_next(tmp_path: Path) -> None:
     plots = tmp_path / "plots"
+    _write(plots, "000_a.png", "001_b.png")
+    dead = plots / ".rmtp-figures.0123456789abcdef.partial"  # a SIGKILL while drawing leaves its staging
+    dead.mkdir()
+    (dead / "000_a.png").write_bytes(b"half")
+    # a kill between the moves: both runs' figures listed, a new one already in place
+    listed = ["000_a.png", "001_b.png", "002_c.png"]
+    (plots / MANIFEST).write_text(json.dumps({"format": "rmtp-figures", "files": listed}))
+    (plots / "002_c.png").write_bytes(b"new")
     _write(plots, "000_a.png")
-    (plots / "thesis.tex").write_text("mine")
-    with pytest.raises(RmtpError, match=r"--plot: .*plots: holds 1 entry rmtp did not write \(thesis.tex\); the "
-                                        r"figures replace the whole folder"):
-        check_figure_folder(plots, what="--plot", legacy=LEGACY)
-    with pytest.raises(RmtpError, match="thesis.tex"):  # and under the lock, if it appeared since the check
-        _write(plots, "000_a.png")
-    assert (plots / "thesis.tex").read_text() == "mine" and (plots / "000_a.png").is_file()
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(RmtpError, match="is a file, not a folder"):
-        check_figure_folder(tmp_path / "file", what="--plot", legacy=LEGACY)
+    assert sorted(p.name for p in plots.iterdir()) == ["000_a.png", MANIFEST]
 
 
-def test_a_folder_written_before_the_list_existed_is_told_by_its_figure_names(tmp_path: Path) -> None:
+def test_the_users_files_are_never_touched_whatever_their_names(tmp_path: Path, monkeypatch) -> None:
     plots = tmp_path / "plots"
     plots.mkdir()
-    for name in ("000_blocks.0.attn.qkv-q.png", "overview.png"):
-        (plots / name).write_bytes(b"old figure")
-    check_figure_folder(plots, what="--plot", legacy=LEGACY)
-    _write(plots, "overview.png")
-    assert sorted(p.name for p in plots.iterdir()) == ["overview.png", MANIFEST]
-    (plots / "999_mine.png").write_bytes(b"a user's figure with a figure's name")  # listed folders: the list rules
-    with pytest.raises(RmtpError, match="999_mine.png"):
-        check_figure_folder(plots, what="--plot", legacy=LEGACY)
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    check_figure_folder(empty, what="--plot", legacy=LEGACY)
+    mine = {"thesis.tex": b"mine", "overview.png": b"my slide", "001_intro.png": b"my slide 1", "report.json": b"{}"}
+    for name, data in mine.items():
+        (plots / name).write_bytes(data)
+    _write(plots, "000_a.png", "overview.png")  # a figure of the same name replaces it: it is the run's output
+    _write(plots, "000_a.png")  # ... and goes when a later run draws none
+    assert _contents(plots) == {"thesis.tex": b"mine", "001_intro.png": b"my slide 1", "report.json": b"{}",
+                                "000_a.png": b"figure 000_a.png", MANIFEST: (plots / MANIFEST).read_bytes()}
+    monkeypatch.chdir(plots)  # --plot .: the current directory stays what it is
+    _write(Path("."), "000_a.png")
+    assert os.getcwd() == str(plots) and (plots / "thesis.tex").read_bytes() == b"mine"
+
+
+def test_a_list_naming_paths_outside_the_folder_removes_nothing_there(tmp_path: Path) -> None:
+    plots = tmp_path / "plots"
+    plots.mkdir()
+    (tmp_path / "precious.txt").write_text("keep")
+    (plots / MANIFEST).write_text(json.dumps({"format": "rmtp-figures", "files": ["../precious.txt", "/etc/passwd"]}))
+    _write(plots, "000_a.png")
+    assert (tmp_path / "precious.txt").read_text() == "keep"

@@ -43,8 +43,7 @@ _EXPORTS = {
     **dict.fromkeys(("TIMM_PREFIX", "Candidate", "load_candidates"), "rmtp.bench.loading"),
     **dict.fromkeys(("DTYPES", "KERNEL_HOOK", "benchmark", "benchmark_models", "parse_batches"),
                     "rmtp.bench.measuring"),
-    **dict.fromkeys(("check_plot_folder", "check_plotting", "pareto_front", "render_bench", "write_plots"),
-                   "rmtp.bench.report"),
+    **dict.fromkeys(("check_plotting", "pareto_front", "render_bench", "write_plots"), "rmtp.bench.report"),
     **dict.fromkeys(("SCHEMA", "BatchResult", "BatchRun", "BenchError", "BenchModel", "BenchReport",
                      "BenchSettings", "EvalData"), "rmtp.bench.schema"),
 }

@@ -12,7 +12,6 @@ a headless machine and leave an interactive session's matplotlib alone.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,13 +23,11 @@ from rmtp.bench.schema import BatchRun, BenchError, BenchModel, BenchReport
 from rmtp.measure import Spread
 from rmtp.reports.render import human, stdout
 from rmtp.storage.atomic import save_figure_atomic
-from rmtp.storage.figure_folder import check_figure_folder, write_figure_folder
+from rmtp.storage.figure_folder import write_figure_folder
 
 THROUGHPUT_PNG = "throughput.png"
 ACCURACY_PNG = "accuracy_vs_macs.png"
 LATENCY_PNG = "accuracy_vs_latency.png"
-#: The plots' names, which tell them apart in a folder written before ``rmtp_figures.json`` listed them.
-PLOT_NAMES = re.compile("|".join(re.escape(name) for name in (THROUGHPUT_PNG, ACCURACY_PNG, LATENCY_PNG)))
 
 
 def _bytes(n: int | None) -> str:
@@ -168,9 +165,10 @@ def write_plots(report: BenchReport, folder: Path) -> tuple[list[Path], list[str
     ``accuracy_vs_latency.png`` (top-1 vs measured latency, a panel per batch size, the Pareto
     front marked) into ``folder``.
 
-    They replace ``folder`` whole (:mod:`rmtp.storage.figure_folder`): no plot of an earlier run
-    (an accuracy plot a run without ``--eval`` does not draw) stays beside them, and a killed run
-    leaves the previous set. Returns the files written and notes on what was not plotted.
+    They are drawn aside and replace the plots rmtp drew in ``folder`` before
+    (:mod:`rmtp.storage.figure_folder`): none of an earlier run (an accuracy plot a run without
+    ``--eval`` does not draw) stays beside them, and a run killed while drawing leaves the previous
+    set. Returns the files written and notes on what was not plotted.
     """
     check_plotting()
     notes = []
@@ -185,13 +183,10 @@ def write_plots(report: BenchReport, folder: Path) -> tuple[list[Path], list[str
             written.append(_latency_plot(report, staging / LATENCY_PNG))
         return written
 
-    return write_figure_folder(Path(folder), render, what="--plot", legacy=PLOT_NAMES), notes
-
-
-def check_plot_folder(folder: Path) -> None:
-    """Refuse, before any timing, a ``--plot`` folder the plots could not replace (:func:`write_plots`)."""
-    check_plotting()
-    check_figure_folder(Path(folder), what="--plot", legacy=PLOT_NAMES)
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise BenchError(f"--plot {folder}: not a folder (it names the folder the PNGs go into)")
+    return write_figure_folder(folder, render), notes
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:

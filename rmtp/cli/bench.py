@@ -49,9 +49,9 @@ def bench(
         "--kwargs", metavar=KWARGS_METAVAR, help=f"{KWARGS_HELP}; for checkpoints and timm:NAME models.")] = None,
 ) -> None:
     """Compare models side by side: latency, throughput, peak memory, MACs, params, nonzeros (and top-1)."""
-    from rmtp.bench import benchmark_models, check_plot_folder, parse_batches, render_bench, write_plots
+    from rmtp.bench import benchmark_models, check_plotting, parse_batches, render_bench, write_plots
     from rmtp.reports.render import RichProgress, stderr, stdout
-    from rmtp.storage.atomic import check_json_report_path, write_errors, write_json_atomic
+    from rmtp.storage.atomic import check_json_report_path, check_writable, write_errors, write_json_atomic
 
     with user_errors():
         batches = parse_batches(batch)
@@ -59,7 +59,8 @@ def bench(
         if json_path is not None:  # before the models are loaded and timed
             check_json_report_path(json_path)
         if plot is not None:
-            check_plot_folder(plot)
+            check_writable(plot, what="--plot", is_dir=True)
+            check_plotting()
         report = benchmark_models(models, device=device, batches=batches, dtype=dtype, compile=compile_model,
                                   channels_last=channels_last, rounds=rounds, threads=threads, evaluate=evaluate,
                                   model_name=model_name, model_kwargs=model_kwargs, progress=RichProgress())

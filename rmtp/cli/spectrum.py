@@ -76,12 +76,10 @@ def analyze_spectrum(
 
 def _check_destinations(json_path: Path | None, csv_path: Path | None, plot_dir: Path | None) -> None:
     """Refuse unwritable --json/--csv/--plot paths before the model is loaded and analysed."""
-    from rmtp.spectral.report import check_plot_folder
     from rmtp.storage.atomic import check_json_report_path, check_writable
 
     if json_path is not None:
         check_json_report_path(json_path)
-    if csv_path is not None:
-        check_writable(csv_path, what="--csv", is_dir=False)
-    if plot_dir is not None:
-        check_plot_folder(plot_dir)
+    for path, what, is_dir in ((csv_path, "--csv", False), (plot_dir, "--plot", True)):
+        if path is not None:
+            check_writable(path, what=what, is_dir=is_dir)

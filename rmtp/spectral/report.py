@@ -26,7 +26,7 @@ from rmtp.spectral.analysis import SpectrumReport
 from rmtp.spectral.layers import LayerSpectrum
 from rmtp.spectral.mp import mp_pdf
 from rmtp.storage.atomic import save_figure_atomic, write_text_atomic
-from rmtp.storage.figure_folder import check_figure_folder, write_figure_folder
+from rmtp.storage.figure_folder import write_figure_folder
 
 CSV_COLUMNS = (
     "name", "module", "role", "optional", "rows_start", "rows_stop", "M", "N", "gamma", "sigma", "sigma2",
@@ -169,20 +169,11 @@ def _figure(width: float = 6.4, height: float = 4.0) -> Any:
     return figure
 
 
-#: The names of ``--plot``'s figures, which tell them apart in a folder written before
-#: ``rmtp_figures.json`` listed them (:mod:`rmtp.storage.figure_folder`).
-PLOT_NAMES = re.compile(r"(?:\d{3}_.+|overview)\.png")
-
-
-def check_plot_folder(folder: Path) -> None:
-    """Refuse, before any work, a ``--plot`` folder the figures could not replace (:func:`write_plots`)."""
-    check_figure_folder(folder, what="--plot", legacy=PLOT_NAMES)
-
-
 def write_plots(report: SpectrumReport, folder: Path, progress: Progress = NULL_PROGRESS) -> list[Path]:
     """Per analysed matrix an ESD histogram with the fitted MP density and the edge; plus
-    ``overview.png``. They replace ``folder`` whole (:mod:`rmtp.storage.figure_folder`): no figure of
-    an earlier run stays beside them, and a killed run leaves the previous set."""
+    ``overview.png``. They are drawn aside and replace the figures rmtp drew in ``folder`` before
+    (:mod:`rmtp.storage.figure_folder`): none of an earlier, larger run stays, a run killed while
+    drawing leaves the previous set, and a file of the user's there is never touched."""
     analysed = [(index, layer) for index, layer in enumerate(report.layers) if layer.fit is not None]
 
     def render(staging: Path) -> list[Path]:
@@ -199,7 +190,7 @@ def write_plots(report: SpectrumReport, folder: Path, progress: Progress = NULL_
             advance()
         return written
 
-    return write_figure_folder(folder, render, what="--plot", legacy=PLOT_NAMES)
+    return write_figure_folder(folder, render)
 
 
 def _plot_layer(layer: LayerSpectrum, path: Path) -> None:

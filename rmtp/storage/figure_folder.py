@@ -1,15 +1,19 @@
-"""Folders of figures (``--plot DIR`` of ``rmtp analyze-spectrum`` and ``rmtp bench``), replaced whole.
+"""Folders of figures (``--plot DIR`` of ``rmtp analyze-spectrum`` and ``rmtp bench``).
 
-A command renders every figure into a temporary folder beside ``DIR`` and swaps it into place in
-one rename, as an output folder is (:func:`rmtp.storage.output_folder.move_into_place`, under the
-folder's lock). A killed command leaves the previous figures or the complete new set, never a
-mix of two runs, and a run with fewer layers leaves no stale figure of an earlier, larger one
-(writing the PNGs one by one into ``DIR`` did both).
+``DIR`` is the user's folder: it may be the current directory, a mount point, a symbolic link, and
+hold their own files, so it is never replaced or deleted. What rmtp owns in it is what
+``DIR/rmtp_figures.json`` lists. A command
 
-Replacing ``DIR`` deletes what is in it, so ``DIR`` must be new, empty, or hold only figures rmtp
-put there: the names its ``rmtp_figures.json`` lists, or, in a folder written before that list
-existed, names the command's own figures have (``legacy``). Anything else refuses the command
-before any work, naming the entries, as ``output.overwrite`` refuses a folder with a user's file.
+1. renders every figure into a hidden staging folder inside ``DIR`` (``.rmtp-figures.<hex>.partial``),
+   so a kill while rendering, the long part, leaves the previous figures as they were;
+2. lists the previous figures and the new ones together (so whatever a kill leaves from here on
+   is known as rmtp's), moves each new figure into place with an atomic rename, removes the
+   previous figures this run did not draw (no stale figure of an earlier, larger run stays), and
+   lists the new ones alone.
+
+Only a kill inside step 2, a few renames, can leave figures of two runs side by side, and the
+next run clears them. The next run also removes a staging folder a killed one left. A file of the
+user's is never touched, whatever its name.
 """
 
 from __future__ import annotations
@@ -17,69 +21,48 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from rmtp.errors import RmtpError
-from rmtp.storage.atomic import check_writable
-from rmtp.storage.output_folder import hold, make_temp_dir, move_into_place, remove_entry
+from rmtp.storage.atomic import write_json_atomic
 
-#: Lists the figures a folder holds, so the next command knows them as rmtp's to replace.
+#: Lists the figures rmtp put in a folder: the only files of it a later run removes.
 MANIFEST = "rmtp_figures.json"
 FORMAT = "rmtp-figures"
-_SHOWN = 4
+_STAGING = re.compile(r"\.rmtp-figures\.[0-9a-f]{16}\.partial")
 
 
-def check_figure_folder(folder: Path, *, what: str, legacy: re.Pattern[str]) -> None:
-    """Raise :class:`RmtpError` (one line, ``"<what>: <folder>: ..."``) unless the figures can
-    replace ``folder``: it must be creatable, and hold nothing rmtp did not write there."""
-    check_writable(folder, what=what, is_dir=True)
-    problem = _replace_problem(Path(folder), legacy)
-    if problem is not None:
-        raise RmtpError(f"{what}: {folder}: {problem}")
-
-
-def write_figure_folder(folder: Path, render: Callable[[Path], list[Path]], *, what: str,
-                        legacy: re.Pattern[str]) -> list[Path]:
-    """``render(staging)`` writes the figures into a fresh folder beside ``folder`` and returns
-    them; the folder then replaces ``folder`` whole. Returns the figures' final paths."""
-    folder = Path(os.path.abspath(folder))
-    with hold(folder, restorable=lambda path: (path / MANIFEST).is_file()):
-        problem = _replace_problem(folder, legacy)  # again under the lock: it may have changed since
-        if problem is not None:
-            raise RmtpError(f"{what}: {folder}: {problem}")
-        staging = make_temp_dir(folder, "partial")
-        try:
-            written = render(staging)
-            names = [path.name for path in written]
-            (staging / MANIFEST).write_text(json.dumps({"format": FORMAT, "files": names}, indent=2) + "\n",
-                                            encoding="utf-8")
-            move_into_place(staging, folder)
-        except BaseException:
-            remove_entry(staging)
-            raise
+def write_figure_folder(folder: Path, render: Callable[[Path], list[Path]]) -> list[Path]:
+    """``render(staging)`` writes the figures into a fresh staging folder inside ``folder`` and
+    returns them; they then replace the figures rmtp put in ``folder`` before. Returns their paths."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    _clear_dead_staging(folder)
+    staging = folder / f".rmtp-figures.{secrets.token_hex(8)}.partial"
+    staging.mkdir()
+    try:
+        names = [path.name for path in render(staging)]
+        previous = _listed(folder)
+        _write_manifest(folder, sorted(previous | set(names)))
+        for name in names:
+            os.replace(staging / name, folder / name)
+        for name in sorted(previous - set(names)):
+            _remove(folder / name)
+        _write_manifest(folder, names)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return [folder / name for name in names]
 
 
-def _replace_problem(folder: Path, legacy: re.Pattern[str]) -> str | None:
-    if not os.path.lexists(folder):
-        return None
-    if folder.is_symlink() or not folder.is_dir():
-        return "is a file, not a folder (it names the folder the figures go into)"
-    own = _listed(folder)
-    foreign = [name for name in sorted(os.listdir(folder))
-               if name != MANIFEST and name not in own and not (own == set() and legacy.fullmatch(name))]
-    if not foreign:
-        return None
-    shown = ", ".join(foreign[:_SHOWN]) + (f" and {len(foreign) - _SHOWN} more" if len(foreign) > _SHOWN else "")
-    return (f"holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} rmtp did not write ({shown}); the "
-            f"figures replace the whole folder, so that none of an earlier run stays beside them: give a new or "
-            f"empty folder")
+def _write_manifest(folder: Path, names: list[str]) -> None:
+    write_json_atomic(folder / MANIFEST, {"format": FORMAT, "files": names})
 
 
 def _listed(folder: Path) -> set[str]:
-    """The figures ``rmtp_figures.json`` lists; empty when there is none (a folder written before
-    the list existed, whose figures are told by their names) or it does not read as one."""
+    """The plain file names ``rmtp_figures.json`` lists; none when there is no list (a folder rmtp
+    never drew in, or drew in before it kept one: its figures stay) or it does not read as one."""
     try:
         manifest = json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -87,4 +70,18 @@ def _listed(folder: Path) -> set[str]:
     files = manifest.get("files") if isinstance(manifest, dict) and manifest.get("format") == FORMAT else None
     if not isinstance(files, list):
         return set()
-    return {name for name in files if isinstance(name, str)}
+    return {name for name in files if isinstance(name, str) and name == os.path.basename(name)
+            and name not in ("", ".", "..", MANIFEST)}
+
+
+def _remove(path: Path) -> None:
+    if path.is_file() or path.is_symlink():
+        path.unlink(missing_ok=True)
+
+
+def _clear_dead_staging(folder: Path) -> None:
+    """Remove the staging folders killed runs left (a live run's would be a concurrent run on the
+    same folder, which rmtp does not support for figures)."""
+    for entry in os.listdir(folder):
+        if _STAGING.fullmatch(entry):
+            shutil.rmtree(folder / entry, ignore_errors=True)
