@@ -127,6 +127,29 @@ def test_usage_errors_are_one_line_and_exit_1_like_any_bad_input(args: list[str]
 def test_rmtp_alone_still_prints_the_help() -> None:
     result = runner.invoke(build_app(), [])
     assert "Usage: rmtp" in result.output and "analyze-spectrum" in result.output and "error" not in result.output
+    assert result.exit_code == 2 and not result.output.endswith("\n\n"), repr(result.output[-40:])
+
+
+def test_a_command_that_returns_a_value_still_exits_0_and_exit_codes_pass_through() -> None:
+    """Usage errors are caught outside Click's standalone mode, where a command's return value
+    would come back as its exit code: a plugin command returning something must still exit 0."""
+    import typer
+
+    from rmtp.cli.exits import OneLineUsageErrors
+
+    app = typer.Typer(cls=OneLineUsageErrors)
+
+    @app.command()
+    def answer() -> int:
+        return 3
+
+    @app.command()
+    def stop(code: int) -> None:
+        raise typer.Exit(code)
+
+    assert runner.invoke(app, ["answer"]).exit_code == 0
+    assert runner.invoke(app, ["stop", "4"]).exit_code == 4
+    assert runner.invoke(app, ["stop", "x"]).exit_code == 1
 
 
 def test_parse_kwargs_one_convention() -> None:

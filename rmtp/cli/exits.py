@@ -95,8 +95,7 @@ class OneLineUsageErrors(TyperGroup):
         errors = _click_exceptions()
         try:
             code = super().main(*args, standalone_mode=False, **kwargs)
-        except errors.NoArgsIsHelpError as exc:
-            exc.show()
+        except getattr(errors, "NoArgsIsHelpError", ()) as exc:  # Click ≥ 8.2: the help is printed already
             sys.exit(exc.exit_code)
         except errors.UsageError as exc:
             where = f"{exc.ctx.command_path} --help" if exc.ctx is not None else "rmtp --help"
@@ -108,15 +107,15 @@ class OneLineUsageErrors(TyperGroup):
         except typer.Abort:
             stderr.print("[yellow]aborted[/]")
             sys.exit(1)
-        # without standalone mode, Click returns an Exit's code, or what the command returned
+        # without standalone mode, Click returns an Exit's code; a command's own return value is
+        # dropped by invoke below, so a plugin command returning something still exits 0
         sys.exit(code if isinstance(code, int) and not isinstance(code, bool) else 0)
+
+    def invoke(self, ctx: Any) -> None:
+        super().invoke(ctx)
 
 
 def _click_exceptions() -> Any:
-    """The module of the Click exceptions the installed Typer raises: its own copy of Click
-    (``typer._click``, Typer 0.2x), or Click itself where Typer still uses it."""
-    try:
-        from typer._click import exceptions
-    except ImportError:
-        from click import exceptions
-    return exceptions
+    """The module of the Click exceptions the installed Typer raises: its own copy of Click (Typer
+    0.2x), or Click itself where Typer still uses it; ``typer.BadParameter`` is one of them."""
+    return sys.modules[typer.BadParameter.__module__]

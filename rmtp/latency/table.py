@@ -81,13 +81,15 @@ class CostTable:
             return cls(path, header)
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(data, dict) and data.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+                return cls(path, header)  # another rmtp's layout: measured again, overwritten
             entries = data["entries"]
             if not isinstance(entries, dict):
                 raise TypeError("entries is not a mapping")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise LatencyError(f"latency cost table {path} is unreadable ({exc}); delete it to measure again") from None
-        if data.get("format_version") != FORMAT_VERSION or data.get("header") != header:
-            return cls(path, header)  # another rmtp's layout, or other settings: measured again, overwritten
+        if data.get("header") != header:
+            return cls(path, header)  # other settings: measured again, overwritten
         bad = next((key for key, entry in entries.items() if not _valid_entry(entry)), None)
         if bad is not None:
             raise LatencyError(f"latency cost table {path} is unreadable (entry {bad!r} is not "
@@ -117,8 +119,12 @@ class CostTable:
 
 def _valid_entry(entry: Any) -> bool:
     seconds = entry.get("seconds") if isinstance(entry, dict) else None
-    return isinstance(seconds, (int, float)) and not isinstance(seconds, bool) and math.isfinite(seconds) \
-        and seconds >= 0
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        return False
+    try:
+        return math.isfinite(float(seconds)) and seconds >= 0
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def _reason(exc: OSError, path: Path) -> str:

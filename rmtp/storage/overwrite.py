@@ -9,8 +9,8 @@ is never replaced, whatever it contains: ``output.dir: ..`` must not take a git 
 A user's file in an output folder (``rmtp export`` writes ``model.onnx`` there by default) is not
 deleted: the replacement is refused and the message names the file, so the user moves it or picks
 another folder. Keeping it in the new folder instead would put an export of the previous model
-next to the new one. The hidden temp file a killed rmtp write leaves (``.model.onnx.<8>.tmp``, a
-``.rmtp-probe-<8>``) is rmtp's own and goes with the folder.
+next to the new one. The hidden temp file a killed rmtp write leaves (``.model.onnx.<8>.tmp`` for a
+file rmtp writes there, a ``.rmtp-probe-<8>``) is rmtp's own and goes with the folder.
 
 No torch here: ``rmtp validate`` runs these checks before it imports torch.
 """
@@ -34,10 +34,13 @@ OWN_FILES = (WEIGHTS_FILE, META_FILE, RECIPE_FILE, REPORT_FILE)
 #: How step outputs were named in a folder saved before ``files`` was recorded: one note per step.
 _LEGACY_EXTRAS_NOTE = "also saved in the output folder: "
 _SHOWN = 4
-#: What a killed rmtp write leaves in a folder (``rmtp.storage.atomic``: a file's temp copy before
-#: its rename, a writability probe): rmtp's own, replaced with the folder instead of blocking it.
-#: The 8 characters are ``tempfile.mkstemp``'s.
-_TEMP_LEFTOVER = re.compile(r"\.(?:rmtp-probe-[a-z0-9_]{8}|.+\.[a-z0-9_]{8}\.tmp)")
+#: What a killed rmtp write leaves in a folder (``rmtp.storage.atomic``): a file's temp copy before
+#: its rename (``.NAME.<8>.tmp``), a writability probe. The 8 characters are ``tempfile.mkstemp``'s.
+_TEMP_COPY = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")
+_PROBE = re.compile(r"\.rmtp-probe-[a-z0-9_]{8}")
+#: Files rmtp's commands write into an output folder by default, besides the folder's own
+#: (``rmtp export``'s model.onnx / model.pt2, ``rmtp token-map``'s token_map.png).
+_WRITTEN_INTO = ("model.onnx", "model.pt2", "token_map.png")
 
 
 def replace_problem(out_dir: Path | str, *, keep: Mapping[str, Path | str | None] | None = None) -> str | None:
@@ -67,7 +70,7 @@ def replace_problem(out_dir: Path | str, *, keep: Mapping[str, Path | str | None
     own = _own_entries(out_dir)
     if own is None:
         return f"{out_dir / META_FILE} is not an rmtp model description; overwrite replaces only rmtp output folders"
-    foreign = [name for name in entries if name not in own and not _TEMP_LEFTOVER.fullmatch(name)]
+    foreign = [name for name in entries if name not in own and not _temp_leftover(out_dir, name, own)]
     if foreign:
         shown = ", ".join(foreign[:_SHOWN]) + (f" and {len(foreign) - _SHOWN} more" if len(foreign) > _SHOWN else "")
         return (f"{out_dir} holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} rmtp did not write "
@@ -81,6 +84,15 @@ def check_replaceable(out_dir: Path | str, *, what: str = "output folder",
     problem = replace_problem(out_dir, keep=keep)
     if problem is not None:
         raise RmtpError(f"{what}: {problem}")
+
+
+def _temp_leftover(out_dir: Path, name: str, own: set[str]) -> bool:
+    """Whether ``name`` is a file a killed rmtp write left in ``out_dir`` (its temp copy of one of
+    the folder's files or of what rmtp's commands write there, or a probe): rmtp's own, replaced
+    with the folder instead of blocking it. A user's hidden file of another name never is."""
+    copy = _TEMP_COPY.fullmatch(name)
+    ours = _PROBE.fullmatch(name) or (copy is not None and (copy.group(1) in own or copy.group(1) in _WRITTEN_INTO))
+    return bool(ours) and (out_dir / name).is_file() and not (out_dir / name).is_symlink()
 
 
 def _holds(folder: Path, path: Path) -> bool:

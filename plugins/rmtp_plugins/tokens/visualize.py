@@ -99,8 +99,8 @@ def visualize_run(folder: str | Path, out: str | Path | None = None, images: int
     check_writable(out, what="--out", is_dir=False)  # before the model is loaded and run
     loaded = load(folder)
     if token_reduction(loaded.model) is None:
-        raise RmtpError(f"{folder}: not a token-reduced model (its recipe ran no token-cls, token-mean or tome "
-                        f"step), so there is no token map to draw")
+        raise RmtpError(f"{folder}: not a token-reduced model (no token-cls, token-mean or tome patch is applied "
+                        f"to it), so there is no token map to draw")
     saved = saved_data(folder)  # the folder's recipe.yaml, read as rmtp bench and export read it
     spec = saved.spec if saved is not None else DataSpec()
     val = build_data(spec, loaded.model).val
