@@ -190,3 +190,19 @@ def test_token_map_of_a_model_without_token_reduction_names_the_folder(tmp_path:
     folder = rmtp.save(timm.create_model(spec.name, **spec.kwargs), tmp_path / "dense", spec=spec, arch="vit")
     _one_error_line(_cli("token-map", str(folder)), str(folder), "not a token-reduced model", "tome")
     assert not (folder / "token_map.png").exists()
+
+
+def test_validate_of_a_cuda_recipe_without_cuda_says_prune_would_refuse_it(tmp_path: Path) -> None:
+    """`ok` alone, then `rmtp prune` refused the same recipe: validating on a login node for a GPU
+    job is fine, so it stays valid, with a warning saying what happens here."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: nothing to warn about")
+    recipe = tiny_recipe([{"evaluate": {}}])
+    recipe["device"] = "cuda"
+    path = write_recipe(tmp_path / "gpu.yaml", recipe)
+    result = _cli("validate", str(path))
+    assert result.exit_code == 0, result.output
+    assert "warning:" in result.output and "device: cuda, and this machine has no CUDA" in result.output
+    assert "ok " in result.output

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from rmtp.contract.architecture import Architecture, ModelSpec
@@ -48,6 +49,9 @@ def preflight(recipe: Recipe, *, plugins: Plugins | None = None) -> Preflight:
     if refused:
         raise RecipeError(refused)
     result = Preflight()
+    if recipe.device == "cuda" and not torch.cuda.is_available():  # validated on a login node, run on a GPU one
+        result.warnings.append(f"{label}: device: cuda, and this machine has no CUDA: the recipe is valid, but "
+                               f"`rmtp prune` refuses it here; run it where a GPU is")
     if recipe.data.name == "imagefolder" and recipe.data.root is not None and not recipe.data.unlabeled:
         _check_classes(label, recipe.data.root, model)
     for index, step in enumerate(recipe.plan):
