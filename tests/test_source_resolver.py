@@ -10,6 +10,7 @@ to go through it, by counting calls. Tiny models, no network, no training.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -312,7 +313,7 @@ def test_a_recipe_takes_a_weights_file_from_its_card(tmp_path: Path, model: nn.M
         load_recipe(write_recipe(tmp_path / "r.yaml", recipe))
 
 
-def test_export_and_token_map_read_the_saved_data_through_it(calls: dict[str, int], saved: Path,
+def test_export_and_token_map_read_the_saved_data_through_it(calls: dict[str, int], saved: Path, model: nn.Module,
                                                              tmp_path: Path) -> None:
     from rmtp.export import export_model
 
@@ -321,6 +322,14 @@ def test_export_and_token_map_read_the_saved_data_through_it(calls: dict[str, in
     assert report.input_shape == (1, 16, 16)  # the saved data's image size
     from rmtp_plugins.tokens.visualize import visualize_run
 
-    with pytest.raises(RmtpError):  # a dense ViT has no token map; its data was read first, through the resolver
+    with pytest.raises(RmtpError, match="not a token-reduced model"):  # refused before any data is read
         visualize_run(saved, tmp_path / "map.png", images=2)
-    assert calls["saved_data"] == 2
+    assert calls["saved_data"] == 1
+    merged = copy.deepcopy(model)
+    rmtp.prune(merged, "tome", r=2)
+    spec = ModelSpec(name=NAME, kwargs=dict(TINY_VIT))
+    folder = rmtp.save(merged, tmp_path / "merged", spec=spec, arch=get_plugins().architecture_for(NAME),
+                       baseline=spec, recipe={"model": {"name": NAME, "kwargs": dict(TINY_VIT)}, "seed": 5,
+                                              "data": dict(DATA)})
+    visualize_run(folder, tmp_path / "map.png", images=2)
+    assert calls["saved_data"] == 2 and (tmp_path / "map.png").is_file()
