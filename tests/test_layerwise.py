@@ -62,6 +62,21 @@ def test_low_precision_inputs_are_summed_in_float64() -> None:
     assert inputs.gram.dtype == torch.float64 and float(inputs.gram[0, 0]) == 4.0
 
 
+def test_the_gram_is_float32_under_autocast_not_the_autocast_dtype() -> None:
+    """Calibration passes run under the step's precision; autocast ran the Gram's float32 matmul in
+    bf16/fp16 (an fp16 Gram overflowed to inf over a ResNet layer's rows, and n:m, svd-mp whitening
+    and spp obs then failed on CUDA). Checked with bf16 on the CPU, the autocast rmtp uses there."""
+    torch.manual_seed(0)
+    columns = torch.randn(4096, 48) * 6.0
+    plain, autocast = LayerInputs(), LayerInputs()
+    plain.add(columns, images=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast.add(columns, images=8)
+    torch.testing.assert_close(autocast.gram, plain.gram, rtol=0, atol=0)
+    exact = columns.double().T @ columns.double()
+    torch.testing.assert_close(plain.gram, exact, rtol=1e-5, atol=1e-3)  # float32 products, float64 sums
+
+
 def test_each_layer_sees_the_inputs_of_the_already_compressed_model() -> None:
     """Compressing ``first`` (zeroing half its rows) changes what ``second`` receives: its Gram is
     the one of the compressed model, not of the dense one."""

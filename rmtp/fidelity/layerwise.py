@@ -73,8 +73,10 @@ class LayerInputs:
         """Accumulate one batch of GEMM input rows ``columns`` (rows × K) from ``images`` images.
 
         Each batch's Gram is computed in float32 (float64 if the activations are float64;
-        low-precision activations under autocast are widened first) and summed in float64, so
-        the totals do not drift over many batches; squares are float64 throughout."""
+        low-precision activations under autocast are widened first, and autocast is off for the
+        product, which it would otherwise run in fp16/bf16: an fp16 Gram overflows to inf over a
+        ResNet's 50k rows per batch) and summed in float64, so the totals do not drift over many
+        batches; squares are float64 throughout."""
         work = torch.float64 if columns.dtype == torch.float64 else torch.float32
         cols = columns.detach().to(work)
         self.count += cols.shape[0]
@@ -84,7 +86,8 @@ class LayerInputs:
             part = cols.double().pow(2).sum(0)  # cheap (rows × K): exact squares of the activations
             self.sq_norms = part if self.sq_norms is None else self.sq_norms + part
         if gram:
-            part = (cols.T @ cols).double()
+            with torch.autocast(cols.device.type, enabled=False):
+                part = (cols.T @ cols).double()
             self.gram = part if self.gram is None else self.gram + part
             total = cols.double().sum(0)
             self.sums = total if self.sums is None else self.sums + total
