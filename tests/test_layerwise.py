@@ -77,6 +77,28 @@ def test_the_gram_is_float32_under_autocast_not_the_autocast_dtype() -> None:
     torch.testing.assert_close(plain.gram, exact, rtol=1e-5, atol=1e-3)  # float32 products, float64 sums
 
 
+def test_the_calibration_loader_is_read_once_not_once_per_layer() -> None:
+    """Each layer's pass reused the loader, decoding an image folder again for every layer (49
+    times for ViT-B's blocks); the batches are read once and reused, with the same statistics."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 5), nn.ReLU(), nn.Linear(5, 3)).eval()
+    batches = [(torch.randn(7, 6), torch.zeros(7)) for _ in range(3)]
+
+    class Counting:
+        reads = 0
+
+        def __iter__(self):
+            Counting.reads += 1
+            return iter(batches)
+
+    seen: dict[str, torch.Tensor] = {}
+    compress_sequentially(model, ["0", "2", "4"], Counting(), torch.device("cpu"),
+                          compress=lambda name, module, inputs: seen.update({name: inputs.gram}))
+    assert Counting.reads == 1 and list(seen) == ["0", "2", "4"]
+    hidden = torch.cat([model[1](model[0](images)) for images, _ in batches])
+    torch.testing.assert_close(seen["2"], (hidden.T @ hidden).double())
+
+
 def test_each_layer_sees_the_inputs_of_the_already_compressed_model() -> None:
     """Compressing ``first`` (zeroing half its rows) changes what ``second`` receives: its Gram is
     the one of the compressed model, not of the dense one."""

@@ -235,10 +235,15 @@ def compress_sequentially(model: nn.Module, layer_names: Sequence[str], calibrat
     each is collected after the ones before it were compressed. A layer called more than once per
     forward pass (a shared module) contributes its first call only.
 
-    Cost: one stopped forward pass per layer over the calibration data (module docstring).
+    Cost: one stopped forward pass per layer over the calibration data (module docstring). The
+    loader is read once and its images kept (on its device, the CPU for rmtp's loaders), so an image
+    folder is decoded once, not once per layer.
     """
     if not layer_names:
         return
+    # read once, batch by batch as the loader gives them (so every batch's Gram is what it was):
+    # each layer's pass reuses them instead of decoding the images again, layer after layer
+    calibration = [batch_images(batch) for batch in calibration]
     names = _forward_order(model, layer_names, calibration, device, precision)
     with progress.task(description, total=len(names)) as advance:
         for name in names:
