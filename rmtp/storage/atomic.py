@@ -16,6 +16,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,13 +24,30 @@ from typing import Any
 
 from rmtp.errors import RmtpError
 
+#: How what a killed write leaves is named (the 8 characters are ``tempfile.mkstemp``'s): a file's
+#: temp copy ``.NAME.<8>.tmp`` before its rename over NAME, and a writability probe.
+_TEMP_SUFFIX = ".tmp"
+_PROBE_PREFIX = ".rmtp-probe-"
+_TEMP_COPY = re.compile(r"\.(.+)\.[a-z0-9_]{8}" + re.escape(_TEMP_SUFFIX))
+_PROBE = re.compile(re.escape(_PROBE_PREFIX) + r"[a-z0-9_]{8}")
+
+
+def leftover_of(name: str) -> str | None:
+    """What an entry named ``name`` was, when a killed write of this module left it: the name of
+    the file its temp copy was to replace (``.model.onnx.p7yz3y9a.tmp`` → ``model.onnx``), ``""``
+    for a writability probe; None for any other name."""
+    if _PROBE.fullmatch(name):
+        return ""
+    copy = _TEMP_COPY.fullmatch(name)
+    return copy.group(1) if copy else None
+
 
 def replace_atomically(path: Path | str, write: Callable[[str], object]) -> Path:
     """Call ``write(temp_path)`` on a fresh temp file in ``path``'s folder, then rename it over
     ``path`` with the umask's permissions; on any failure the temp file goes and ``path`` is as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=_TEMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -134,7 +152,7 @@ def _probe(folder: Path, path: Path, what: str) -> None:
     if not os.access(folder, os.W_OK | os.X_OK):
         raise RmtpError(f"{where} (permission denied)")
     try:
-        fd, probe = tempfile.mkstemp(prefix=".rmtp-probe-", dir=folder)
+        fd, probe = tempfile.mkstemp(prefix=_PROBE_PREFIX, dir=folder)
     except OSError as exc:  # /proc answers ENOENT, sysfs EACCES, a read-only mount EROFS
         reason = "it takes no new files" if exc.errno == errno.ENOENT else (exc.strerror or str(exc))
         raise RmtpError(f"{where} ({reason})") from None

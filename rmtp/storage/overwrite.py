@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
 from rmtp.errors import RmtpError
+from rmtp.storage.atomic import leftover_of
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "rmtp_model.json"
@@ -34,10 +34,6 @@ OWN_FILES = (WEIGHTS_FILE, META_FILE, RECIPE_FILE, REPORT_FILE)
 #: How step outputs were named in a folder saved before ``files`` was recorded: one note per step.
 _LEGACY_EXTRAS_NOTE = "also saved in the output folder: "
 _SHOWN = 4
-#: What a killed rmtp write leaves in a folder (``rmtp.storage.atomic``): a file's temp copy before
-#: its rename (``.NAME.<8>.tmp``), a writability probe. The 8 characters are ``tempfile.mkstemp``'s.
-_TEMP_COPY = re.compile(r"\.(.+)\.[a-z0-9_]{8}\.tmp")
-_PROBE = re.compile(r"\.rmtp-probe-[a-z0-9_]{8}")
 #: Files rmtp's commands write into an output folder by default, besides the folder's own
 #: (``rmtp export``'s model.onnx / model.pt2, ``rmtp token-map``'s token_map.png).
 _WRITTEN_INTO = ("model.onnx", "model.pt2", "token_map.png")
@@ -90,9 +86,9 @@ def _temp_leftover(out_dir: Path, name: str, own: set[str]) -> bool:
     """Whether ``name`` is a file a killed rmtp write left in ``out_dir`` (its temp copy of one of
     the folder's files or of what rmtp's commands write there, or a probe): rmtp's own, replaced
     with the folder instead of blocking it. A user's hidden file of another name never is."""
-    copy = _TEMP_COPY.fullmatch(name)
-    ours = _PROBE.fullmatch(name) or (copy is not None and (copy.group(1) in own or copy.group(1) in _WRITTEN_INTO))
-    return bool(ours) and (out_dir / name).is_file() and not (out_dir / name).is_symlink()
+    target = leftover_of(name)
+    ours = target == "" or (target is not None and (target in own or target in _WRITTEN_INTO))
+    return ours and (out_dir / name).is_file() and not (out_dir / name).is_symlink()
 
 
 def _holds(folder: Path, path: Path) -> bool:
