@@ -17,7 +17,7 @@ import typer
 from rich.markup import escape
 
 from rmtp import __version__
-from rmtp.cli.exits import OneLineUsageErrors, user_errors
+from rmtp.cli.exits import OneLineUsageErrors, print_error, user_errors
 from rmtp.cli.options import JSON_REPLACES
 from rmtp.errors import RmtpError
 from rmtp.storage.atomic import check_json_report_path, write_errors, write_json_atomic
@@ -173,11 +173,9 @@ def build_app(plugins: Plugins | None = None) -> typer.Typer:
 
 def main() -> None:
     """Entry point of the ``rmtp`` script."""
-    from rmtp.reports.render import stderr
-
     try:
         app = build_app()
     except RmtpError as exc:  # a broken plugin: say which, do not crash with a traceback
-        stderr.print(f"[red]error:[/] {escape(str(exc))}")
+        print_error(str(exc))
         raise SystemExit(1) from None
     app()

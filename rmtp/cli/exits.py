@@ -23,7 +23,7 @@ from typer.core import TyperGroup
 
 from rmtp.errors import RecipeError, RmtpError
 
-__all__ = ["INTERRUPTED", "OneLineUsageErrors", "Terminated", "user_errors"]
+__all__ = ["INTERRUPTED", "OneLineUsageErrors", "Terminated", "print_error", "user_errors"]
 
 
 #: What Ctrl-C leaves behind, unless a command knows better: every file rmtp writes is written
@@ -55,6 +55,13 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def print_error(message: str) -> None:
+    """One red ``error:`` line on stderr, as every command ends on bad input."""
+    from rmtp.reports.render import stderr
+
+    stderr.print(f"[red]error:[/] {escape(message)}")
+
+
 @contextmanager
 def user_errors(interrupted: str | Callable[[], str] = INTERRUPTED) -> Iterator[None]:
     """Turn library errors into red lines on stderr and exit code 1, and Ctrl-C into one line
@@ -74,10 +81,10 @@ def user_errors(interrupted: str | Callable[[], str] = INTERRUPTED) -> Iterator[
         raise typer.Exit(128 + signal.SIGTERM if isinstance(exc, Terminated) else 130) from None
     except RecipeError as exc:
         for problem in exc.problems:
-            stderr.print(f"[red]error:[/] {escape(problem)}")
+            print_error(problem)
         raise typer.Exit(1) from None
     except RmtpError as exc:
-        stderr.print(f"[red]error:[/] {escape(str(exc))}")
+        print_error(str(exc))
         raise typer.Exit(1) from None
 
 
@@ -99,10 +106,10 @@ class OneLineUsageErrors(TyperGroup):
             sys.exit(exc.exit_code)
         except errors.UsageError as exc:
             where = f"{exc.ctx.command_path} --help" if exc.ctx is not None else "rmtp --help"
-            stderr.print(f"[red]error:[/] {escape(exc.format_message())} (see {where})")
+            print_error(f"{exc.format_message()} (see {where})")
             sys.exit(1)
         except errors.ClickException as exc:
-            stderr.print(f"[red]error:[/] {escape(exc.format_message())}")
+            print_error(exc.format_message())
             sys.exit(exc.exit_code)
         except typer.Abort:
             stderr.print("[yellow]aborted[/]")
