@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from rmtp.contract.architecture import Architecture, ModelSpec
-from rmtp.errors import CheckpointError, RecipeError, RmtpError
+from rmtp.errors import CheckpointError, DeviceError, RecipeError, RmtpError
 from rmtp.plugins import Plugins, get_plugins
+from rmtp.run.device import resolve_device
 from rmtp.run.layer_filter import select_layers
 from rmtp.run.recipe import Recipe, ReconstructStep, ResolvedPrune, step_label
 
@@ -49,9 +49,11 @@ def preflight(recipe: Recipe, *, plugins: Plugins | None = None) -> Preflight:
     if refused:
         raise RecipeError(refused)
     result = Preflight()
-    if recipe.device == "cuda" and not torch.cuda.is_available():  # validated on a login node, run on a GPU one
-        result.warnings.append(f"{label}: device: cuda, and this machine has no CUDA: the recipe is valid, but "
-                               f"`rmtp prune` refuses it here; run it where a GPU is")
+    try:
+        resolve_device(recipe.device)  # as the run will: a recipe for a GPU job, validated on a login node
+    except DeviceError:
+        result.warnings.append(f"{label}: device: {recipe.device}, and this machine has no CUDA: the recipe is "
+                               f"valid, but `rmtp prune` refuses it here; run it where a GPU is")
     if recipe.data.name == "imagefolder" and recipe.data.root is not None and not recipe.data.unlabeled:
         _check_classes(label, recipe.data.root, model)
     for index, step in enumerate(recipe.plan):
