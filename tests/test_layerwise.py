@@ -74,7 +74,9 @@ def test_the_gram_is_float32_under_autocast_not_the_autocast_dtype() -> None:
         autocast.add(columns, images=8)
     torch.testing.assert_close(autocast.gram, plain.gram, rtol=0, atol=0)
     exact = columns.double().T @ columns.double()
-    torch.testing.assert_close(plain.gram, exact, rtol=1e-5, atol=1e-3)  # float32 products, float64 sums
+    # A float32 GEMM over 4096 rows of products ~36 is off the float64 sum by 1e-3 to 3e-2 depending
+    # on the BLAS kernel's summation order (both seen on x86 CPUs); a bf16 Gram is off by ~500.
+    torch.testing.assert_close(plain.gram, exact, rtol=1e-5, atol=0.1)
 
 
 def test_the_calibration_loader_is_read_once_not_once_per_layer() -> None:
