@@ -190,6 +190,16 @@ METHODS: tuple[Method, ...] = (
     Method("spp-obs-0.25+rc+tome-r13", f"spp obs 25% of MLP neurons + {_RC_LABEL}, then tome r=13", "spp",
            _SPP_OBS, calibrate=True, reconstruct=_RC, after=(("tome", {"r": 13}),),
            pending="spp search: obs (issue 21 item 4)"),
+    # int8 weights (not pruning: every weight kept in 8 bits), the layers whose quantization alone moves the
+    # predictions on calibration images kept in float; alone, then with token merging
+    Method("int8", "int8 (sensitive layers in float)", "int8", {}, calibrate=True),
+    Method("int8+tome-r8", "int8, then tome r=8", "int8", {}, calibrate=True, then=(("tome", {"r": 8}),)),
+    Method("int8+tome-r13", "int8, then tome r=13", "int8", {}, calibrate=True, then=(("tome", {"r": 13}),)),
+    # the screening on all 256 calibration images instead of the first 64 (4× its time): extra rows
+    Method("int8-s256", "int8, screened on 256 images", "int8", {"screen_images": 256}, calibrate=True,
+           default=False),
+    Method("int8-s256+tome-r8", "int8 screened on 256 images, then tome r=8", "int8", {"screen_images": 256},
+           calibrate=True, then=(("tome", {"r": 8}),), default=False),
 )
 
 

@@ -178,7 +178,7 @@ def test_every_built_in_pruner_has_the_one_layout() -> None:
     graph = import_graph(type_checking=True)
     packages = {cls.__module__ for _, cls in load_plugins(disabled=()).pruners.items()
                 if cls.__module__.startswith("rmtp_plugins.")}
-    assert packages == {f"rmtp_plugins.{family}" for family in ("magnitude", "nm", "spp", "svd_mp", "tokens")}
+    assert packages == {f"rmtp_plugins.{family}" for family in ("int8", "magnitude", "nm", "spp", "svd_mp", "tokens")}
     for package in sorted(packages):
         assert ROOTS["rmtp_plugins"].joinpath(*package.split(".")[1:], "__init__.py").is_file(), package
         assert {f"{package}.params", f"{package}.pruner"} <= set(graph), f"{package}: no params.py or pruner.py"

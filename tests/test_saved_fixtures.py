@@ -33,7 +33,10 @@ EXPECTED_FILE = "expected.safetensors"
 NAMES = ["magnitude-vit", "nm-resnet", "nm-vit", "spp-convnext", "spp-resnet", "spp-tome-vit", "spp-vit",
          "svd-mp-resnet", "svd-mp-vit", "token-cls-vit", "tome-vit"]
 #: Folders of format 3 (type ids), written later: records that name their architecture (``arch``).
-NAMES_FORMAT_3 = ["spp-tome-deit"]
+NAMES_FORMAT_3 = ["spp-tome-deit", "int8-vit"]
+#: Fixtures whose logits come from PyTorch's x86 int8 kernel: another quantized engine (qnnpack on
+#: ARM) rounds the activations its own way, so there only the structure is compared.
+X86_INT8_LOGITS = {"int8-vit"}
 
 
 def test_every_fixture_is_there() -> None:
@@ -52,6 +55,8 @@ def test_a_folder_saved_by_an_earlier_rmtp_loads_to_its_outputs(name: str) -> No
     for path, cls_name in json.loads(notes["classes"]).items():
         assert type(loaded.model.get_submodule(path)).__qualname__ == cls_name, path
     assert [type(p).__qualname__ for p in patches_of(loaded.model)] == json.loads(notes["patches"])
+    if name in X86_INT8_LOGITS and torch.backends.quantized.engine not in ("x86", "fbgemm"):
+        pytest.skip(f"{name}'s logits are the x86 int8 kernel's; this torch runs {torch.backends.quantized.engine}")
     with torch.no_grad():
         logits = loaded.model(expected["input"])
     assert expected["logits"].abs().max() < 4

@@ -55,7 +55,7 @@ LEGACY_NAMES: dict[str, dict[str, str]] = {
     },
 }
 #: Built-in types added after ids (they never had an import-path name to alias).
-NEW_SINCE_IDS: set[str] = set()
+NEW_SINCE_IDS: set[str] = {"int8.linear"}
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "saved"
 
 

@@ -219,6 +219,9 @@ class Pruner(ABC):
     #: Also offered the layers a pruner already replaced (under their original names), e.g. so a
     #: second svd-mp round can cut the rank of a split layer further.
     revisits_replaced_layers: ClassVar[bool] = False
+    #: False for a pruner whose replacement layers pass no gradient (int8's kernel): a recipe that
+    #: trains after such a step (finetune, distill, reconstruct) is refused when it is validated.
+    passes_gradients: ClassVar[bool] = True
 
     @abstractmethod
     def prune(self, ctx: PruneContext, params: PrunerParams) -> PruneResult | list[LayerRow]:

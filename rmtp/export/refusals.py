@@ -53,6 +53,13 @@ def export_problems(model: nn.Module, format: str = "onnx") -> list[str]:
         elif tensor.is_floating_point() and tensor.dtype != torch.float32:
             dtypes.setdefault(str(tensor.dtype).replace("torch.", ""), name)
     problems = []
+    # A replacement layer that runs a kernel no exporter carries says so (int8's ``export_refusal``).
+    refused: dict[str, list[str]] = {}
+    for name, module in model.named_modules():
+        why = getattr(type(module), "export_refusal", None)
+        if isinstance(why, str):
+            refused.setdefault(why, []).append(name)
+    problems.extend(f"{_few(names)}: {why}" for why, names in refused.items())
     if semi:
         problems.append(f"{_few(semi)} hold 2:4 semi-structured sparse weights (torch.sparse), which run only on "
                         f"CUDA sparse tensor cores and which neither ONNX nor torch.export can write; export the "

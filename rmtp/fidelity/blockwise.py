@@ -160,7 +160,7 @@ def _train(block: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *, con
            generator: torch.Generator, deadline: float | None, progress: Progress, label: str) -> int:
     """Adam on the block's parameters, mean squared error of its output; exact zeros kept zero.
     Returns the steps taken (fewer than ``config.steps`` when ``deadline`` came first)."""
-    params = [p for p in block.parameters()]
+    params = [p for p in block.parameters() if p.is_floating_point()]  # int8 weights are stored, not trained
     flags = [p.requires_grad for p in params]
     masks = zero_masks(block, masked_layers(block))  # a pruner's exact zeros: no step revives them
     optimizer = torch.optim.Adam(params, lr=config.lr)

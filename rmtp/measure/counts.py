@@ -157,11 +157,25 @@ def _missing_attention_formulas() -> dict[Any, Callable[..., int]]:
             op = getattr(_aten, name, None)
             if op is not None:
                 mapping[op] = formula
+    quantized = getattr(torch.ops, "quantized", None)
+    try:  # int8's layers (rmtp_plugins.int8): PyTorch's dynamic int8 Linear kernel, where this torch has it
+        mapping[quantized.linear_dynamic] = _int8_linear_flops  # type: ignore[union-attr]
+    except (AttributeError, RuntimeError):
+        pass
     return mapping
 
 
+def _int8_linear_flops(input_shape, packed_weight, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """FLOPs of the dynamic int8 Linear kernel: 2·rows·in·out, as for the float Linear it replaces
+    (int8 changes how fast a multiply-add runs, not how many there are)."""
+    rows = 1
+    for size in input_shape[:-1]:
+        rows *= size
+    return 2 * rows * input_shape[-1] * out_shape[-1]
+
+
 #: FlopCounterMode ``custom_mapping`` for the SDPA kernels PyTorch's flop registry leaves out (CPU fused
-#: attention among them); anything counting FLOPs the way rmtp does passes it.
+#: attention among them) and for the int8 Linear kernel; anything counting FLOPs the way rmtp does passes it.
 FLOP_FORMULAS = _missing_attention_formulas()
 
 #: Ops whose FLOPs are attention, i.e. products of two activations (QKᵀ and AV), as opposed

@@ -92,9 +92,9 @@ class PruneStep(_Strict):
                                                               "next timed evaluate step's)")
     accuracy_budget: AccuracyBudget | None = Field(
         None, description="choose the strongest setting of the pruner's strength (svd-mp target_params, n:m "
-                          "target_macs, spp ratio, tome r, token-cls/token-mean r_max, magnitude sparsity; with "
-                          "target_speedup: the speed target) whose result stays within max_drop / max_kl of the "
-                          "dense model on held-out calibration images")
+                          "target_macs, spp ratio, tome r, token-cls/token-mean r_max, magnitude sparsity, int8 "
+                          "max_layer_kl; with target_speedup: the speed target) whose result stays within "
+                          "max_drop / max_kl of the dense model on held-out calibration images")
 
 
 class _StepWithSettings(_Strict):
@@ -340,6 +340,7 @@ def parse_recipe(raw: Any, *, source: Path | None = None, plugins: Plugins | Non
                                                                                    unlabeled=data.unlabeled))
     if data.unlabeled:
         problems.extend(f"{label}: {problem}" for problem in _unlabeled_problems(steps, resolved))
+    problems.extend(f"{label}: {problem}" for problem in _training_after_frozen_problems(steps, resolved))
     problems.extend(f"{label}: {problem}" for problem in _budget_image_problems(resolved, data.calibration_size))
 
     for index, step in enumerate(steps):  # timm's training transform works on PIL images
@@ -382,6 +383,22 @@ def _budget_image_problems(resolved: dict[int, ResolvedPrune], calibration_size:
                             f"steps[{index}].accuracy_budget, which scores on {held} of them"
                             + (f" and leaves the rest to {prune.pruner_cls.name}" if calibrates else "")
                             + f"; give at least {held + calibrates}")
+    return problems
+
+
+def _training_after_frozen_problems(steps: list[Step], resolved: dict[int, ResolvedPrune]) -> list[str]:
+    """A step that trains (finetune, distill, reconstruct) after a prune step whose layers pass no
+    gradient (``passes_gradients = False``: int8) would train nothing before those layers, or fail
+    at its first backward pass: refused now."""
+    problems = []
+    frozen: int | None = None
+    for index, step in enumerate(steps):
+        if index in resolved and not resolved[index].pruner_cls.passes_gradients and frozen is None:
+            frozen = index
+        elif frozen is not None and isinstance(step, (FinetuneStep, ReconstructStep)):
+            problems.append(f"steps[{index}]: {step_label(step)} trains after steps[{frozen}] "
+                            f"({resolved[frozen].pruner_cls.name}), whose layers pass no gradient; "
+                            f"move steps[{frozen}] after it")
     return problems
 
 
