@@ -230,3 +230,39 @@ def test_a_recipe_that_trains_after_int8_is_refused_before_it_runs(tmp_path: Pat
                for p in info.value.problems), info.value.problems
     path = write_recipe(tmp_path / "ok.yaml", tiny_recipe([after, {"prune": "int8"}]))
     load_recipe(path)  # int8 last: accepted
+
+
+@pytest.mark.parametrize("pruner", [{"prune": "n:m"}, {"prune": "magnitude", "params": {"sparsity": 0.5}}])
+def test_a_recipe_that_cuts_weights_after_int8_is_refused_and_tokens_after_it_are_not(tmp_path: Path,
+                                                                                      pruner: dict) -> None:
+    """n:m and magnitude select plain Linear layers: after int8 they found none and reported an
+    empty cut. The recipe is refused with the order that works; token merging after int8 is fine."""
+    path = write_recipe(tmp_path / "recipe.yaml", tiny_recipe([{"prune": "int8"}, pruner]))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(path)
+    assert any("steps[1]" in p and "cuts weights after steps[0] (int8)" in p for p in info.value.problems), \
+        info.value.problems
+    load_recipe(write_recipe(tmp_path / "ok.yaml", tiny_recipe([pruner, {"prune": "int8"}])))
+    load_recipe(write_recipe(tmp_path / "tokens.yaml", tiny_recipe([{"prune": "int8"}, {"prune": "tome",
+                                                                                       "params": {"r": 1}}])))
+
+
+def test_a_half_precision_cast_keeps_the_scales_exact() -> None:
+    """``model.half()`` casts every float buffer; the per-row steps stay float32, unrounded."""
+    torch.manual_seed(2)
+    layer = Int8Linear.from_linear(torch.nn.Linear(16, 8))
+    exact = layer.scale.clone()
+    for cast in (torch.nn.Module.half, torch.nn.Module.bfloat16):
+        copied = cast(copy.deepcopy(layer))
+        assert copied.scale.dtype == torch.float32 and torch.equal(copied.scale, exact)
+        assert copied.weight.dtype == torch.int8
+
+
+def test_validate_warns_that_int8_on_a_gpu_is_not_faster(tmp_path: Path) -> None:
+    from rmtp.run.preflight import preflight
+
+    on_gpu = load_recipe(write_recipe(tmp_path / "gpu.yaml", tiny_recipe([{"prune": "int8"}], device="cuda")))
+    warnings = preflight(on_gpu).warnings
+    assert any("steps[0] (int8) on cuda" in w and "no faster than float" in w for w in warnings), warnings
+    on_cpu = load_recipe(write_recipe(tmp_path / "cpu.yaml", tiny_recipe([{"prune": "int8"}], device="cpu")))
+    assert not any("int8" in w for w in preflight(on_cpu).warnings)

@@ -220,7 +220,8 @@ class Pruner(ABC):
     #: second svd-mp round can cut the rank of a split layer further.
     revisits_replaced_layers: ClassVar[bool] = False
     #: False for a pruner whose replacement layers pass no gradient (int8's kernel): a recipe that
-    #: trains after such a step (finetune, distill, reconstruct) is refused when it is validated.
+    #: trains after such a step (finetune, distill, reconstruct), or runs a weight pruner after it
+    #: (which would find no plain layers left to cut), is refused when it is validated.
     passes_gradients: ClassVar[bool] = True
 
     @abstractmethod
@@ -285,6 +286,14 @@ class Pruner(ABC):
         refuses (token pruners on windowed or rotary attention, spp with nothing to gate) is
         refused before hours of the steps ahead of it. Answer from the structure alone: the model
         an earlier step leaves has the same architecture. Default: ``None``."""
+        return None
+
+    @classmethod
+    def device_warning(cls, device: str, params: PrunerParams) -> str | None:
+        """What a user running this step on ``device`` (the recipe's ``device:``, ``"cpu"`` or
+        ``"cuda"``) should know before it runs, in one clause, or ``None``: not a refusal (the step
+        works there) but a result that differs from what the step is for. ``rmtp validate`` prints
+        it as a warning. Default: ``None``."""
         return None
 
     @classmethod

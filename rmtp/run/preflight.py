@@ -34,7 +34,8 @@ def preflight(recipe: Recipe, *, plugins: Plugins | None = None) -> Preflight:
     Raises :class:`RecipeError` when timm cannot build the model from the recipe's kwargs or a
     prune step's pruner refuses its structure (:func:`structure_refusals`); returns a warning for
     every prune step whose layer filter selects no layer (the run would prune nothing there and
-    say so). ``plugins`` default to those the recipe was validated against.
+    say so), and each pruner's :meth:`~rmtp.contract.pruner.Pruner.device_warning` for the device
+    the run would use. ``plugins`` default to those the recipe was validated against.
     """
     if plugins is None:
         plugins = recipe.plugins if recipe.plugins is not None else get_plugins()
@@ -49,15 +50,21 @@ def preflight(recipe: Recipe, *, plugins: Plugins | None = None) -> Preflight:
     if refused:
         raise RecipeError(refused)
     result = Preflight()
-    try:
-        resolve_device(recipe.device)  # as the run will: a recipe for a GPU job, validated on a login node
+    device = recipe.device
+    try:  # as the run will: a recipe for a GPU job, validated on a login node
+        device = resolve_device(recipe.device).type  # "auto": the device it picks here
     except DeviceError:
         result.warnings.append(f"{label}: device: {recipe.device}, and this machine has no CUDA: the recipe is "
                                f"valid, but `rmtp prune` refuses it here; run it where a GPU is")
     if recipe.data.name == "imagefolder" and recipe.data.root is not None and not recipe.data.unlabeled:
         _check_classes(label, recipe.data.root, model)
     for index, step in enumerate(recipe.plan):
-        if not isinstance(step, ResolvedPrune) or step.layers is None:
+        if not isinstance(step, ResolvedPrune):
+            continue
+        note = step.pruner_cls.device_warning(device, step.params)
+        if note:
+            result.warnings.append(f"{label}: steps[{index}] ({step.label}) on {device}: {note}")
+        if step.layers is None:
             continue
         candidates = step.pruner_cls.candidate_layers(arch, model)
         if not select_layers(candidates, step.layers):

@@ -389,7 +389,9 @@ def _budget_image_problems(resolved: dict[int, ResolvedPrune], calibration_size:
 def _training_after_frozen_problems(steps: list[Step], resolved: dict[int, ResolvedPrune]) -> list[str]:
     """A step that trains (finetune, distill, reconstruct) after a prune step whose layers pass no
     gradient (``passes_gradients = False``: int8) would train nothing before those layers, or fail
-    at its first backward pass: refused now."""
+    at its first backward pass; a weight or mask pruner after it would find those layers no longer plain
+    Linear layers and cut nothing, or only the few left in float. Both refused now: the order that
+    works is to prune and train first and quantize last (token steps may follow)."""
     problems = []
     frozen: int | None = None
     for index, step in enumerate(steps):
@@ -399,6 +401,10 @@ def _training_after_frozen_problems(steps: list[Step], resolved: dict[int, Resol
             problems.append(f"steps[{index}]: {step_label(step)} trains after steps[{frozen}] "
                             f"({resolved[frozen].pruner_cls.name}), whose layers pass no gradient; "
                             f"move steps[{frozen}] after it")
+        elif frozen is not None and index in resolved and resolved[index].pruner_cls.kind != "token":
+            problems.append(f"steps[{index}]: {step_label(step)} cuts weights after steps[{frozen}] "
+                            f"({resolved[frozen].pruner_cls.name}) replaced its layers, so it would find "
+                            f"nothing to cut; move steps[{frozen}] after it")
     return problems
 
 

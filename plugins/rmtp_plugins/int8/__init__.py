@@ -62,6 +62,14 @@ class Int8Pruner(Pruner):
                              "to search; screen the layers (screen: true) or drop the accuracy budget")
         return StrengthKnob("max_layer_kl", weak=0.0, strong=0.1, resolution=0.0005)
 
+    @classmethod
+    def device_warning(cls, device: str, params: PrunerParams) -> str | None:
+        """Off the CPU the int8 layers compute in float ops (the kernel's arithmetic, emulated)."""
+        if device == "cpu":
+            return None
+        return ("int8 layers run emulated in float off the CPU, as accurate as on the CPU and no faster than "
+                "float: the speed-up is the CPU's (rmtp bench --device cpu); a saved model runs the int8 kernel there")
+
     def prune(self, ctx: PruneContext, params: Int8Params) -> PruneResult:
         from rmtp_plugins.int8.pruner import prune  # the screening and the int8 layers (torch), imported when run
 

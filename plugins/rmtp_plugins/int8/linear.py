@@ -130,9 +130,16 @@ class Int8Linear(nn.Module):
                 self._packed = (key, torch.ops.quantized.linear_prepack(qweight, bias))
         return self._packed[1]
 
-    def _apply(self, fn, recurse=True):  # .to(), .cpu(), .half(): repack from the moved tensors
+    def _apply(self, fn, recurse=True):
+        """``.to()``, ``.cuda()``, ``.half()``: repack from the moved tensors, and keep ``scale`` in
+        float32: a model-wide ``.half()`` or ``.to(torch.bfloat16)`` would otherwise round every
+        row's step (fp16 keeps 11 bits of it), and the kernel takes float32 scales anyway."""
         self._packed = None
-        return super()._apply(fn, recurse)
+        scale = self.scale
+        result = super()._apply(fn, recurse)
+        if self.scale.dtype != torch.float32:
+            self.scale = scale.to(device=self.scale.device)
+        return result
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         self._packed = None
