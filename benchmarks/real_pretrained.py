@@ -139,6 +139,12 @@ METHODS: tuple[Method, ...] = (
     Method("svd-mp-whitened-1p-p0.9", "svd-mp whitened (one pass), target_params 0.9", "svd-mp",
            {"target_params": 0.9, "whiten": True, "sequential": False}, calibrate=True,
            pending="svd-mp with calibration data (issue 21 item 2)"),
+    # ranks by each layer's measured sensitivity (ASVD's measurement: 48 layers × 9 shares, 64 images each)
+    Method("svd-mp-whitened-sens-p0.9", "svd-mp whitened, ranks by measured sensitivity, target_params 0.9",
+           "svd-mp", {"target_params": 0.9, "whiten": True, "allocation": "sensitivity"}, calibrate=True),
+    Method("svd-mp-whitened-sens128-p0.9", "svd-mp whitened, ranks by sensitivity on 128 images, target_params 0.9",
+           "svd-mp", {"target_params": 0.9, "whiten": True, "allocation": "sensitivity", "sensitivity_images": 128},
+           calibrate=True, default=False),
     # layer by layer: ~24 passes over the calibration images for ViT-Ti's 48 Linears (rmtp.fidelity.layerwise),
     # about 10× the one pass; an extra row (svd-mp's docs: no better on this model)
     Method("svd-mp-whitened-seq-p0.9", "svd-mp whitened (layer by layer), target_params 0.9", "svd-mp",
@@ -182,6 +188,9 @@ METHODS: tuple[Method, ...] = (
            default=False),
     Method("svd-mp-whitened-1p-p0.9+rc", f"svd-mp whitened, target_params 0.9 + {_RC_LABEL}", "svd-mp",
            {"target_params": 0.9, "whiten": True, "sequential": False}, calibrate=True, reconstruct=_RC),
+    Method("svd-mp-whitened-sens-p0.9+rc", f"svd-mp whitened, ranks by sensitivity, target_params 0.9 + {_RC_LABEL}",
+           "svd-mp", {"target_params": 0.9, "whiten": True, "allocation": "sensitivity"}, calibrate=True,
+           reconstruct=_RC, default=False),
     Method("spp-obs-0.25+rc", f"spp obs, 25% of MLP neurons + {_RC_LABEL}", "spp", _SPP_OBS, calibrate=True,
            reconstruct=_RC, pending="spp search: obs (issue 21 item 4)"),
     # distillation from dense on the calibration images: the recovery a token pruner can have

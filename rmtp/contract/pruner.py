@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import contextlib
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # torch is imported where a pruner runs, so `rmtp list` and `
     from rmtp.latency.settings import LatencySettings
 
 PrunerKind = Literal["weight", "mask", "token"]
+T = TypeVar("T")
 #: How a pruner uses calibration data (:meth:`Pruner.calibration_use`).
 CalibrationUse = Literal["required", "optional", "unused"]
 
@@ -174,9 +175,23 @@ class PruneContext:
     #: Shared by every prune of one step: an accuracy budget's candidates and the step's final prune
     #: get the same dict, on the same incoming model, calibration images and seed. A pruner keeps here
     #: work its strength knob does not change (spp's solution path), keyed by whatever else may differ
-    #: between the step's prunes (its other params), so a budget does not redo it per candidate.
-    #: Nothing in it outlives the step.
+    #: between the step's prunes (its other params), so a budget does not redo it per candidate
+    #: (:meth:`step_cached` builds that key). Nothing in it outlives the step.
     step_cache: dict[Hashable, Any] = field(default_factory=dict, repr=False)
+
+    def step_cached(self, name: str, layers: Iterable[str], params: PrunerParams, *, varies: Iterable[str],
+                    compute: Callable[[], T]) -> T:
+        """``compute()`` once per step (:attr:`step_cache`): the first prune of the step computes it,
+        every later one (a budget's other candidates, the final prune) gets the same object. The
+        key is ``name``, the ``layers`` it covers and every param but those in ``varies`` (the
+        params the step's prunes differ in and ``compute`` does not read)."""
+        import json
+
+        rest = json.dumps(params.model_dump(mode="json", exclude=set(varies)), sort_keys=True)
+        key = (name, tuple(layers), rest)
+        if key not in self.step_cache:
+            self.step_cache[key] = compute()
+        return self.step_cache[key]
 
     def cost_model(self) -> CostModel:
         """The step's latency cost model (built on first use, then shared by the step)."""

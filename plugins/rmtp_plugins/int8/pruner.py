@@ -5,8 +5,6 @@ place of the others."""
 
 from __future__ import annotations
 
-import json
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -49,12 +47,11 @@ def prune(ctx: PruneContext, params: Int8Params) -> PruneResult:
 def _step_sensitivities(ctx: PruneContext, names: list[str], params: Int8Params) -> dict[str, float]:
     """:func:`sensitivities`, once per step: an accuracy budget's candidates differ only in
     ``max_layer_kl``, the threshold applied to the same measurements."""
-    key = ("int8.kl", tuple(names), json.dumps(params.model_dump(mode="json", exclude={"max_layer_kl"}),
-                                                sort_keys=True))
-    if key not in ctx.step_cache:
+    def measure() -> dict[str, float]:
         images = _screen_images(ctx.calibration, params.screen_images)
-        ctx.step_cache[key] = sensitivities(ctx.model, names, images, ctx.device, ctx.progress)
-    return ctx.step_cache[key]
+        return sensitivities(ctx.model, names, images, ctx.device, ctx.progress)
+
+    return ctx.step_cached("int8.kl", names, params, varies={"max_layer_kl"}, compute=measure)
 
 
 def _screen_images(loader, count: int) -> torch.Tensor:

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import math
 from collections.abc import Iterator
 from typing import Any
@@ -126,12 +125,8 @@ def _step_search(ctx: PruneContext, units: list[Unit], params: SppParams) -> Sol
     """:func:`search`, once per step: an accuracy budget's candidates (and the step's final prune,
     on the same model and calibration images, seeded alike) differ only in the level they slice,
     so the path the first one searched is the path every other would search again."""
-    rest = params.model_dump(mode="json", exclude=_SLICING_PARAMS)
-    key = ("spp.path", tuple(unit.path for unit in units), json.dumps(rest, sort_keys=True))
-    path = ctx.step_cache.get(key)
-    if path is None:
-        path = ctx.step_cache[key] = search(ctx, units, params)
-    return path
+    return ctx.step_cached("spp.path", (unit.path for unit in units), params, varies=_SLICING_PARAMS,
+                           compute=lambda: search(ctx, units, params))
 
 
 class _GateView:

@@ -11,6 +11,9 @@ bulk's edge s₊ (times ``margin``) carry signal; the rest is treated as noise a
   singular direction is scored by how far it stands above its own layer's edge (s / s₊), and the
   best-scored directions are kept until the selected layers hold ``target_params`` of their
   original weight count. Layers whose split would not pay count at their dense size.
+  ``allocation: sensitivity`` (calibration data) measures instead how far cutting each layer alone
+  moves the model's predictions, and takes the shares with the least summed effect
+  (:mod:`.sensitivity`: ASVD's measurement, a knapsack allocation).
 * When k·(M+N) < M·N the layer is replaced by two thin layers (:mod:`rmtp_plugins.svd_mp.lowrank`), so params and
   MACs really drop; otherwise it stays dense and, by default, the rank-k reconstruction is written
   back (``when_split_does_not_pay: keep`` leaves it untouched; the default with calibration data,
@@ -40,7 +43,8 @@ This package is the plugin (entry point ``svd-mp``), laid out as every built-in 
 (``docs/pruner-contract.md``, "Where the pruner's code is imported"): the pruner's declaration
 here; :mod:`.params` (``SvdMpParams``, no torch); :mod:`.pruner`, the work, which ``prune`` imports
 when it runs, so that ``rmtp list`` and ``rmtp validate`` load no torch; :mod:`.plan`, the
-per-layer records :mod:`.pruner` and :mod:`.speed` share; :mod:`.speed` and :mod:`.whitening`.
+per-layer records :mod:`.pruner` and :mod:`.speed` share; :mod:`.speed`, :mod:`.whitening` and
+:mod:`.sensitivity`.
 """
 
 from __future__ import annotations
@@ -62,10 +66,13 @@ class SvdMpPruner(Pruner):
 
     @classmethod
     def calibration_use(cls, params: PrunerParams | None = None) -> CalibrationUse:
-        """svd-mp works with or without data: ``whiten: true`` requires it (a recipe step loads it),
-        the default uses it when a caller passes it, ``whiten: false`` never sees it."""
+        """svd-mp works with or without data: ``whiten: true`` and ``allocation: sensitivity`` require
+        it (a recipe step loads it), the default uses it when a caller passes it, ``whiten: false``
+        never sees it."""
         whiten = getattr(params, "whiten", None)
-        return "required" if whiten is True else "unused" if whiten is False else "optional"
+        if whiten is True or getattr(params, "allocation", None) == "sensitivity":
+            return "required"
+        return "unused" if whiten is False else "optional"
 
     @classmethod
     def strength_knob(cls, params: PrunerParams, model=None) -> StrengthKnob | None:

@@ -37,9 +37,14 @@ class SvdMpParams(PrunerParams):
                                                           "under target_params (a params budget)")
     target_speedup: float | None = target_speedup_field("ranks (best s/s₊ first)")
     target_latency_ms: float | None = target_latency_ms_field()
-    allocation: Literal["global", "uniform"] = Field(
-        "global", description="with target_params: rank by score across all selected layers (global), or "
-                              "every matrix keeps target_params of its own weights (uniform)")
+    allocation: Literal["global", "uniform", "sensitivity"] = Field(
+        "global", description="with target_params: rank by score across all selected layers (global), "
+                              "every matrix keeps target_params of its own weights (uniform), or each layer's "
+                              "share of its weights chosen for the least summed change of the predictions on "
+                              "calibration images, each layer's cut measured alone (sensitivity: ASVD's "
+                              "measurement; needs calibration data; 9 passes per layer, minutes)")
+    sensitivity_images: int = Field(64, ge=1, description="allocation: sensitivity: calibration images each "
+                                                          "layer's truncation is scored on")
     whiten: bool | None = Field(
         None, description="choose and write the factors on the activation-whitened matrix W·S (S·Sᵀ = "
                           "E[x·xᵀ] of the layer's calibration inputs), so a cut removes the least output "
@@ -60,8 +65,12 @@ class SvdMpParams(PrunerParams):
             raise ValueError(f"give one budget, not {' and '.join(budgets)}")
         if self.only_if_faster is False and budgets and budgets[0] != "target_params":
             raise ValueError(f"{budgets[0]} splits only layers that are faster; drop only_if_faster: false")
-        if self.allocation == "uniform" and self.target_params is None:
-            raise ValueError("allocation: uniform shares target_params across the matrices; give target_params")
+        if self.allocation != "global" and self.target_params is None:
+            raise ValueError(f"allocation: {self.allocation} shares target_params across the layers; give "
+                             f"target_params")
+        if self.allocation == "sensitivity" and self.whiten is False:
+            raise ValueError("allocation: sensitivity measures each layer on calibration images and fits the "
+                             "whitened factors; drop whiten: false")
         return self
 
     def faster_only(self) -> bool:

@@ -58,6 +58,9 @@ class LayerPlan:
     whitening: str = ""
     #: Whether this step whitens (calibration data given): set before any layer is fitted.
     fits_data: bool = False
+    #: ``allocation: sensitivity``: KL(model ‖ model with this layer alone at its chosen ranks) on
+    #: the screening images (:mod:`.sensitivity`); None when not measured or kept dense.
+    sensitivity: float | None = None
 
     @property
     def already_split(self) -> bool:
@@ -94,4 +97,20 @@ class LayerPlan:
         return min(self.split_cost(), self.dense_cost())
 
 
-__all__ = ["LayerPlan", "Matrix"]
+def write_reconstruction(weight: torch.Tensor, matrices: list[Matrix]) -> None:
+    """Write each matrix's rank-k reconstruction U_k·S_k·V_kᵀ into ``weight``'s rows, in place.
+
+    Built on a copy of the (out, in·kh·kw) matrix and written back with ``copy_`` into the
+    parameter itself: ``weight_matrix`` is a view only of a contiguous weight, and a channels_last
+    conv's reshape is a copy, so assigning into it used to drop the reconstruction silently while
+    the report said it was written. ``copy_`` goes by logical index, whatever the strides.
+    """
+    with torch.no_grad():
+        matrix = weight_matrix(weight).clone()
+        for m in matrices:
+            approx = (m.u[:, :m.rank] * m.s[:m.rank]) @ m.vh[:m.rank]
+            matrix[m.rows] = approx.to(device=matrix.device, dtype=matrix.dtype)
+        weight.copy_(matrix.reshape(weight.shape))
+
+
+__all__ = ["LayerPlan", "Matrix", "write_reconstruction"]

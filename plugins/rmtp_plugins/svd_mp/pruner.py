@@ -18,7 +18,8 @@ from torch import nn
 from rmtp.contract.pruner import LayerRow, PruneContext, PruneResult, weight_footprint
 from rmtp.spectral.mp import fit_mp, weight_matrix
 from rmtp_plugins.svd_mp.lowrank import LOW_RANK_TYPES, factor_svds, refactorize
-from rmtp_plugins.svd_mp.plan import LayerPlan, Matrix
+from rmtp_plugins.svd_mp.plan import LayerPlan, Matrix, write_reconstruction
+from rmtp_plugins.svd_mp.sensitivity import allocate_by_sensitivity
 from rmtp_plugins.svd_mp.speed import factorized, plan_in_time, uses_time
 from rmtp_plugins.svd_mp.whitening import (
     input_root,
@@ -39,7 +40,9 @@ def prune(ctx: PruneContext, params: SvdMpParams) -> PruneResult:
     plans = _plan(ctx, params, roots)
     for plan in plans:
         plan.fits_data = whiten
-    if params.target_params is not None:
+    if params.target_params is not None and params.allocation == "sensitivity":
+        allocate_by_sensitivity(ctx, plans, params, _clamp)
+    elif params.target_params is not None:
         (_allocate_uniformly if params.allocation == "uniform" else _allocate_globally)(plans, params)
     speed_plan = plan_in_time(ctx, plans, params, _clamp) if uses_time(params) else None
     budgets = (params.target_params, params.target_speedup, params.target_latency_ms)
@@ -79,7 +82,7 @@ def _ranks_need_data(params: SvdMpParams) -> bool:
     """Whether the ranks depend on the whitened spectra of every layer at once (a global params
     budget, a speed target), so the dense model's inputs are measured first; the MP edge and a
     uniform share need no data to set ranks."""
-    global_params = params.target_params is not None and params.allocation == "global"
+    global_params = params.target_params is not None and params.allocation in ("global", "sensitivity")
     return global_params or params.target_speedup is not None or params.target_latency_ms is not None
 
 
@@ -244,7 +247,7 @@ def _apply(ctx: PruneContext, plan: LayerPlan, params: SvdMpParams) -> LayerRow:
     elif plan.dense_reason is not None:
         new, mode = plan.module, f"dense, unchanged ({plan.dense_reason})"
     elif _reconstructs(plan, params):
-        _write_reconstruction(plan.module.weight, plan.matrices)
+        write_reconstruction(plan.module.weight, plan.matrices)
         new, mode = plan.module, "dense, rank-k reconstruction"
     else:
         new, mode = plan.module, "dense, unchanged (split would not pay)"
@@ -267,7 +270,8 @@ def _apply(ctx: PruneContext, plan: LayerPlan, params: SvdMpParams) -> LayerRow:
                 **({"output error": f"{error:.1%}"} if error is not None and "unchanged" not in mode else {}),
                 "edge s₊": edges[0] if len(edges) == 1 else "/".join(f"{e:.3g}" for e in edges),
                 "MACs/pos": f"{macs_before} → {macs_after}",
-                **({"split speed": f"×{plan.layer_speedup:.2f}"} if plan.layer_speedup is not None else {})},
+                **({"split speed": f"×{plan.layer_speedup:.2f}"} if plan.layer_speedup is not None else {}),
+                **({"KL alone": float(f"{plan.sensitivity:.3g}")} if plan.sensitivity is not None else {})},
     )
 
 
@@ -320,22 +324,6 @@ def _allocate_globally(plans: list[LayerPlan], params: SvdMpParams) -> None:
         else:
             lo = mid + 1
     set_threshold(candidates[lo] if lo < len(candidates) else math.inf)
-
-
-def _write_reconstruction(weight: torch.Tensor, matrices: list[Matrix]) -> None:
-    """Write each matrix's rank-k reconstruction U_k·S_k·V_kᵀ into ``weight``'s rows, in place.
-
-    Built on a copy of the (out, in·kh·kw) matrix and written back with ``copy_`` into the
-    parameter itself: ``weight_matrix`` is a view only of a contiguous weight, and a channels_last
-    conv's reshape is a copy, so assigning into it used to drop the reconstruction silently while
-    the report said it was written. ``copy_`` goes by logical index, whatever the strides.
-    """
-    with torch.no_grad():
-        matrix = weight_matrix(weight).clone()
-        for m in matrices:
-            approx = (m.u[:, :m.rank] * m.s[:m.rank]) @ m.vh[:m.rank]
-            matrix[m.rows] = approx.to(device=matrix.device, dtype=matrix.dtype)
-        weight.copy_(matrix.reshape(weight.shape))
 
 
 def _prune_coefficients(module: nn.Module, fraction: float) -> None:
