@@ -1,10 +1,10 @@
-"""svd-mp ``allocation: sensitivity`` (ASVD's rank search): the threshold search on an injected
-sensitivity table, the measurement on a tiny ViT (weights restored, a planted sensitive layer kept
-larger), the params budget met, once per step under an accuracy budget, and the refusals."""
+"""svd-mp ``allocation: sensitivity`` (ASVD's measurement, a knapsack allocation): the allocation
+against enumeration on an injected table, the measurement on a tiny ViT (weights restored, a
+planted inert branch cut first), the params budget met, once per step under an accuracy budget,
+the notes and the refusals."""
 
 from __future__ import annotations
 
-import copy
 import itertools
 import math
 import zlib
@@ -86,29 +86,57 @@ def test_the_allocation_has_the_least_kl_sum_of_any_as_cheap(monkeypatch, seed: 
     chosen = [options[name][0] if row.detail["mode"] == "dense"
               else next(o for o in options[name][1:] if o[2] == row.kept_rank) for name, row in rows.items()]
     chosen_kl, chosen_cost = sum(o[0] for o in chosen), sum(o[1] for o in chosen)
-    assert chosen_cost <= target * sum(o[0][1] for o in options.values())
+    budget = target * sum(o[0][1] for o in options.values())
+    assert chosen_cost <= budget
+    # and it spends the budget: at most one layer's switch short of it (not every layer at its cheapest)
+    assert chosen_cost > budget - max(o[0][1] - o[1][1] for o in options.values())
     best = min(sum(o[0] for o in combo) for combo in itertools.product(*options.values())
                if sum(o[1] for o in combo) <= chosen_cost)
     assert chosen_kl <= best + 1e-12, (chosen_kl, best)
 
 
-def test_the_measurement_restores_every_weight_and_keeps_the_params_budget() -> None:
+def test_the_measurement_restores_every_weight_and_keeps_the_params_budget(monkeypatch) -> None:
+    """After the measurement (before any layer is split) the model is the dense model bit for bit,
+    also when scoring fails part-way; the result holds at most target_params of the weights."""
     model = _tiny_vit()
-    dense = copy.deepcopy(model)
-    params = SvdMpParams(target_params=0.6, allocation="sensitivity", min_dim=16, sensitivity_images=32)
-    from rmtp.contract.pruner import PruneContext  # noqa: F401 - the context rmtp.prune builds
-    report = rmtp.prune(model, "svd-mp", calibration=_loader(), **params.model_dump(exclude_unset=True))
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    measure = sensitivity_module.measure
+    after_measuring = []
+
+    def checked(ctx, plans, params, clamp):
+        table = measure(ctx, plans, params, clamp)
+        after_measuring.append(all(torch.equal(v, dense[k]) for k, v in ctx.model.state_dict().items()))
+        return table
+
+    monkeypatch.setattr(sensitivity_module, "measure", checked)
+    report = rmtp.prune(model, "svd-mp", calibration=_loader(), target_params=0.6, allocation="sensitivity",
+                        min_dim=16, sensitivity_images=32)
+    assert after_measuring == [True]
     selected = [row for row in report.rows if not row.skipped]
-    weights_before = sum(dense.get_submodule(row.layer).weight.numel() for row in selected)
+    weights_before = sum(row.shape_before[0] * row.shape_before[1] for row in selected)
     weights_after = sum(p.numel() for row in selected
                         for name, p in model.get_submodule(row.layer).named_parameters() if not name.endswith("bias"))
     assert weights_after <= 0.6 * weights_before
-    # a layer left dense is the dense layer, bit for bit: the measurement's write-backs were undone
-    for row in selected:
-        if row.detail["mode"] == "dense":
-            assert torch.equal(model.get_submodule(row.layer).weight, dense.get_submodule(row.layer).weight)
-    # and the chosen share of every split layer had its KL measured and reported
     assert all(isinstance(row.detail.get("KL alone"), float) for row in selected if row.detail["mode"] == "split")
+
+    # scoring that fails part-way (the third pass) leaves the weight it had written restored
+    failing = _tiny_vit()
+    dense = {k: v.clone() for k, v in failing.state_dict().items()}
+    score = sensitivity_module.DenseReference.score
+    calls = []
+
+    def flaky(self, model):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("scoring failed")
+        return score(self, model)
+
+    monkeypatch.setattr(sensitivity_module, "measure", measure)
+    monkeypatch.setattr(sensitivity_module.DenseReference, "score", flaky)
+    with pytest.raises(RuntimeError, match="scoring failed"):
+        rmtp.prune(failing, "svd-mp", calibration=_loader(), target_params=0.6, allocation="sensitivity", min_dim=16,
+                   sensitivity_images=32)
+    assert all(torch.equal(v, dense[k]) for k, v in failing.state_dict().items())
 
 
 class _Damped(nn.Module):
@@ -156,9 +184,33 @@ def test_an_accuracy_budget_measures_once_per_step(monkeypatch) -> None:
     assert len(calls) == 1 and "budget" in report.agreement
 
 
+class _Notes(rmtp.run.progress.Progress):
+    def __init__(self) -> None:
+        self.notes: list[str] = []
+
+    def note(self, message: str) -> None:
+        self.notes.append(message)
+
+
+def test_a_budget_below_every_layers_smallest_share_is_applied_with_a_note(monkeypatch) -> None:
+    monkeypatch.setattr(sensitivity_module, "measure", _injected_table(0))
+    progress = _Notes()
+    report = rmtp.prune(_tiny_vit(depth=1), "svd-mp", calibration=_loader(), target_params=0.05,
+                        allocation="sensitivity", min_dim=16, progress=progress)
+    assert all(row.detail["mode"] == "split" for row in report.rows)
+    assert any("target_params 0.05 is below what allocation: sensitivity can reach" in n for n in progress.notes), \
+        progress.notes
+    quiet = _Notes()
+    rmtp.prune(_tiny_vit(depth=1), "svd-mp", calibration=_loader(), target_params=0.6, allocation="sensitivity",
+               min_dim=16, progress=quiet)
+    assert quiet.notes == []
+
+
 def test_sensitivity_needs_target_params_and_data_and_whitening() -> None:
     with pytest.raises(ValueError, match="allocation: sensitivity shares target_params"):
         SvdMpParams(allocation="sensitivity")
+    with pytest.raises(ValueError, match="drop only_if_faster"):
+        SvdMpParams(allocation="sensitivity", target_params=0.5, only_if_faster=True)
     with pytest.raises(ValueError, match="drop whiten: false"):
         SvdMpParams(allocation="sensitivity", target_params=0.5, whiten=False)
     assert SvdMpPruner.calibration_use(SvdMpParams(allocation="sensitivity", target_params=0.5)) == "required"

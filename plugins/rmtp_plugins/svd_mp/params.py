@@ -68,6 +68,9 @@ class SvdMpParams(PrunerParams):
         if self.allocation != "global" and self.target_params is None:
             raise ValueError(f"allocation: {self.allocation} shares target_params across the layers; give "
                              f"target_params")
+        if self.allocation == "sensitivity" and self.only_if_faster:
+            raise ValueError("allocation: sensitivity chooses each layer's ranks by their measured effect, and "
+                             "only_if_faster would change them after; drop only_if_faster")
         if self.allocation == "sensitivity" and self.whiten is False:
             raise ValueError("allocation: sensitivity measures each layer on calibration images and fits the "
                              "whitened factors; drop whiten: false")

@@ -59,15 +59,22 @@ Clamp = Callable[[int, Matrix, SvdMpParams], int]
 
 def allocate_by_sensitivity(ctx: PruneContext, plans: list[LayerPlan], params: SvdMpParams, clamp: Clamp) -> None:
     """Set every plan's ranks so the selected layers keep at most ``target_params`` of their dense
-    weights with the least sum of measured KLs (Lagrangian relaxation, see the module). Layers
-    already split keep their ranks; a layer whose every share costs more than it saves at the
-    price found stays dense (full ranks, so it is not split)."""
+    weights, by Lagrangian relaxation (see the module): the sum of measured KLs is the least of any
+    allocation holding no more weights than the one chosen, which may leave part of the budget
+    unspent where the price steps over several layers at once. Layers already split keep their
+    ranks (a later round re-cuts them with ``allocation: global``); a layer whose every share costs
+    more than it saves at the price found stays dense (full ranks, so it is not split). When even
+    every layer at its smallest share (0.1) holds more than the budget, that is what is applied,
+    and a note says so."""
     active = [plan for plan in plans if not plan.skipped]
     candidates = [plan for plan in active if not plan.already_split and plan.matrices]
-    for plan in active:
-        if plan.already_split:
-            for m in plan.matrices:
-                m.rank = m.s.numel()
+    split = [plan for plan in active if plan.already_split]
+    for plan in split:
+        for m in plan.matrices:
+            m.rank = m.s.numel()
+    if split:
+        ctx.progress.note(f"svd-mp: allocation: sensitivity keeps the {len(split)} layers an earlier step split at "
+                          f"their ranks; to cut those again use allocation: global")
     budget = (params.target_params * sum(plan.dense_cost() for plan in plans)
               - sum(plan.current_cost() for plan in plans if plan.skipped)
               - sum(plan.cost() for plan in active if plan.already_split))
@@ -98,6 +105,13 @@ def allocate_by_sensitivity(ctx: PruneContext, plans: list[LayerPlan], params: S
         else:
             low = middle
     chosen = picks(high)
+    if candidates and total(chosen) > budget:
+        dense_total = max(sum(plan.dense_cost() for plan in plans), 1)
+        fixed = params.target_params * dense_total - budget  # what the skipped and split layers hold
+        held = (total(chosen) + fixed) / dense_total
+        ctx.progress.note(f"svd-mp: target_params {params.target_params:g} is below what allocation: sensitivity "
+                          f"can reach (every layer at {RATIOS[0]:g} of its weights holds {held:.1%} of the selected "
+                          f"weights); applied that. For a deeper cut use allocation: global")
     for plan in candidates:
         option = chosen[plan.name]
         for m, rank in zip(plan.matrices, option.ranks if option else [min(m.shape) for m in plan.matrices]):
