@@ -235,7 +235,7 @@ class Pruner(ABC):
     #: second svd-mp round can cut the rank of a split layer further.
     revisits_replaced_layers: ClassVar[bool] = False
     #: False for a pruner whose replacement layers pass no gradient (int8's kernel): a recipe that
-    #: trains after such a step (finetune, distill, reconstruct), or runs a weight pruner after it
+    #: trains after such a step (finetune, distill, reconstruct), or runs a weight or mask pruner after it
     #: (which would find no plain layers left to cut), is refused when it is validated.
     passes_gradients: ClassVar[bool] = True
 
