@@ -29,6 +29,7 @@ from torch.utils.data import (
 from rmtp.data.bundle import batch_images, has_length
 from rmtp.data.spec import UNLABELED
 from rmtp.errors import RmtpError
+from rmtp.measure.running import evaluating
 from rmtp.run.precision import autocast
 
 #: Calibration images a step without a budget scores its result on (the first ones, in loader order).
@@ -107,17 +108,13 @@ class DenseReference:
 
     @torch.no_grad()
     def _log_probs(self, model: nn.Module) -> torch.Tensor:
-        was_training = model.training
-        model.eval()
         out = []
-        try:
+        with evaluating(model):  # each module's own train/eval flag back after
             for start in range(0, len(self.images), self.batch):
                 x = self.images[start:start + self.batch].to(self.device)
                 with autocast(self.precision, self.device):
                     logits = model(x)
                 out.append(torch.log_softmax(logits.float(), dim=1).cpu())
-        finally:
-            model.train(was_training)
         return torch.cat(out)
 
     def score(self, model: nn.Module) -> tuple[float, float]:

@@ -6,13 +6,12 @@ place of the others."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rmtp.contract.pruner import LayerRow, PruneContext, PruneResult, weight_footprint
 from rmtp.errors import DataError, RmtpError
+from rmtp.fidelity.agreement import DenseReference
 from rmtp.fidelity.blockwise import calibration_images
-from rmtp.measure.running import evaluating
 from rmtp.run.progress import NULL_PROGRESS, Progress
 from rmtp_plugins.int8.linear import Int8Linear
 from rmtp_plugins.int8.params import Int8Params
@@ -67,24 +66,21 @@ def _screen_images(loader, count: int) -> torch.Tensor:
 def sensitivities(model: nn.Module, names: list[str], images: torch.Tensor, device: torch.device,
                   progress: Progress = NULL_PROGRESS, batch: int = 32) -> dict[str, float]:
     """Per layer, KL(model ‖ model with that layer alone int8) of the predicted class distributions,
-    mean over ``images``: how far that one layer's quantization moves the output the user sees.
-    Measured on the model as it comes (earlier steps included), in eval mode (each module's own
-    flag restored after)."""
-    with evaluating(model):
-        chunks = [images[i:i + batch].to(device) for i in range(0, len(images), batch)]
-        reference = [F.log_softmax(model(x).float(), dim=-1) for x in chunks]
-        kls = {}
-        with progress.task("int8: layer sensitivity", total=len(names)) as advance:
-            for name in names:
-                original = model.get_submodule(name)
-                model.set_submodule(name, Int8Linear.from_linear(original))
-                try:
-                    total = sum(F.kl_div(F.log_softmax(model(x).float(), dim=-1), ref, log_target=True,
-                                         reduction="sum").item() for x, ref in zip(chunks, reference))
-                finally:
-                    model.set_submodule(name, original)
-                kls[name] = total / len(images)
-                advance()
+    mean over ``images`` (:class:`~rmtp.fidelity.agreement.DenseReference`, in fp32): how far that
+    one layer's quantization moves the output the user sees. Measured on the model as it comes
+    (earlier steps included), in eval mode, ``batch`` images per call: the kernel quantizes each
+    call's input with one scale, so the batches are part of what is measured."""
+    reference = DenseReference(model, images, device=device, batch=batch)
+    kls = {}
+    with progress.task("int8: layer sensitivity", total=len(names)) as advance:
+        for name in names:
+            original = model.get_submodule(name)
+            model.set_submodule(name, Int8Linear.from_linear(original))
+            try:
+                kls[name] = reference.score(model)[1]
+            finally:
+                model.set_submodule(name, original)
+            advance()
     return kls
 
 
